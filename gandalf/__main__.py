@@ -1,0 +1,3 @@
+from gandalf.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""KeyManager: create, list and revoke API keys.
+
+The plaintext key exists only in the return value of :meth:`KeyManager.create`;
+storage sees its SHA-256 hex and an 8-character display prefix.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from gandalf.auth.apikey import display_prefix, generate_key, hash_key
+from gandalf.domain import ROLES, ApiKey
+from gandalf.errors import InvalidRequest
+
+
+class KeyStore(Protocol):
+    async def create_key(self, key: ApiKey) -> None: ...
+
+    async def list_keys(self, org_id: str | None = None) -> list[ApiKey]: ...
+
+    async def revoke_key(self, key_id: str) -> bool: ...
+
+    async def ensure_org(self, org_id: str, name: str) -> None: ...
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+class KeyManager:
+    __slots__ = ("_clock", "_store")
+
+    def __init__(self, store: KeyStore, *, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def create(
+        self,
+        *,
+        name: str,
+        role: str = "member",
+        org_id: str = "default",
+        team_id: str | None = None,
+        allowed_models: Sequence[str] | None = None,
+        expires_at: float | None = None,
+        source: str = "cli",
+    ) -> tuple[ApiKey, str]:
+        """Store a new key; returns it and its plaintext (shown once, never stored)."""
+        if not name.strip():
+            raise InvalidRequest("A key needs a non-empty name.", param="name")
+        if role not in ROLES:
+            raise InvalidRequest(
+                f"Unknown role '{role}'; use one of {', '.join(ROLES)}.", param="role"
+            )
+        now = self._clock()
+        if expires_at is not None and expires_at <= now:
+            raise InvalidRequest("expires_at is in the past.", param="expires_at")
+        plaintext = generate_key()
+        key = ApiKey(
+            id=new_key_id(),
+            name=name,
+            key_hash=hash_key(plaintext),
+            prefix=display_prefix(plaintext),
+            org_id=org_id,
+            team_id=team_id,
+            role=role,
+            allowed_models=tuple(allowed_models) if allowed_models is not None else None,
+            expires_at=expires_at,
+            created_at=now,
+            source=source,
+        )
+        await self._store.ensure_org(org_id, org_id)
+        await self._store.create_key(key)
+        return key, plaintext
+
+    async def list(self, org_id: str | None = None) -> list[ApiKey]:
+        return await self._store.list_keys(org_id)
+
+    async def revoke(self, key_id: str) -> bool:
+        return await self._store.revoke_key(key_id)

@@ -1,0 +1,80 @@
+"""RouteTable: model alias -> the ordered targets that can serve it.
+
+Built once from routes and the provider registry, then only read; a new
+configuration builds a new table and swaps it whole. Failover across targets
+(a later issue) walks ``RouteEntry.targets`` in order: the seam is here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from gandalf.domain import Provider, Route, Target
+from gandalf.errors import ModelNotFound, ProviderUnavailable
+
+
+class RouteEntry:
+    """One alias, resolved: (target, provider) pairs for its enabled targets, by priority."""
+
+    __slots__ = ("alias", "targets", "unavailable")
+
+    def __init__(
+        self,
+        alias: str,
+        targets: tuple[tuple[Target, Provider], ...],
+        unavailable: str | None,
+    ) -> None:
+        self.alias = alias
+        self.targets = targets
+        self.unavailable = unavailable
+
+
+class RouteTable:
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Mapping[str, RouteEntry]) -> None:
+        self._entries = dict(entries)
+
+    @classmethod
+    def build(
+        cls,
+        routes: Iterable[Route],
+        providers: Mapping[str, Provider],
+        disabled: Mapping[str, str],
+    ) -> RouteTable:
+        """``providers``: enabled adapters by name; ``disabled``: name -> why it is off."""
+        entries: dict[str, RouteEntry] = {}
+        for route in routes:
+            ordered = sorted(route.targets, key=lambda t: t.priority)
+            live = tuple((t, providers[t.provider]) for t in ordered if t.provider in providers)
+            unavailable = None
+            if not live:
+                reasons = sorted(
+                    {
+                        f"provider '{t.provider}' is disabled "
+                        f"({disabled.get(t.provider, 'unknown provider')})"
+                        for t in ordered
+                    }
+                )
+                unavailable = (
+                    f"No provider is available for model '{route.model_alias}': "
+                    + "; ".join(reasons)
+                    + "."
+                )
+            entries[route.model_alias] = RouteEntry(route.model_alias, live, unavailable)
+        return cls(entries)
+
+    def resolve(self, alias: str) -> RouteEntry:
+        """The entry for ``alias``; ModelNotFound or ProviderUnavailable otherwise."""
+        entry = self._entries.get(alias)
+        if entry is None:
+            raise ModelNotFound(f"The model '{alias}' does not exist.", param="model")
+        if entry.unavailable is not None:
+            raise ProviderUnavailable(entry.unavailable)
+        return entry
+
+    def aliases(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, alias: object) -> bool:
+        return alias in self._entries

@@ -1,0 +1,171 @@
+"""API keys: the credential format, hashing, and the dict-plus-expiry cache.
+
+Key format: ``gnd_`` + base64url(32 random bytes) (43 characters). Only the
+SHA-256 hex of a key is ever stored or cached. The hot path calls
+:meth:`KeyCache.cached` (a dict get and a float compare, no await); only a miss
+awaits :meth:`KeyCache.load`, which goes to the :class:`KeyLookup` once per
+hash however many requests miss at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from gandalf.domain import ApiKey, Identity
+from gandalf.errors import AuthenticationError
+
+KEY_PREFIX = "gnd_"
+_KEY_SHAPE = re.compile(r"gnd_[A-Za-z0-9_-]{20,128}")
+_BEARER = b"bearer "
+
+
+class KeyLookup(Protocol):
+    """What the cache needs from storage."""
+
+    async def get_key_by_hash(self, key_hash: str) -> ApiKey | None: ...
+
+
+def generate_key() -> str:
+    """A new secret key. Shown to its owner once; never stored."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    return key[:8]
+
+
+def is_key_shaped(key: str) -> bool:
+    return _KEY_SHAPE.fullmatch(key) is not None
+
+
+def credential(authorization: bytes | None, api_key: bytes | None) -> str:
+    """The key a request carries, from ``Authorization: Bearer`` or ``x-api-key``.
+
+    Raises AuthenticationError when there is none or it is not a gnd_ key.
+    """
+    if authorization is not None:
+        if authorization[:7].lower() != _BEARER:
+            raise AuthenticationError("Authorization header must be 'Bearer gnd_...'.")
+        raw = authorization[7:].strip()
+    elif api_key is not None:
+        raw = api_key.strip()
+    else:
+        raise AuthenticationError(
+            "Missing API key: send 'Authorization: Bearer gnd_...' or 'x-api-key: gnd_...'."
+        )
+    try:
+        key = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise AuthenticationError("Malformed API key.") from None
+    if _KEY_SHAPE.fullmatch(key) is None:
+        raise AuthenticationError("Malformed API key: Gandalf keys look like 'gnd_...'.")
+    return key
+
+
+_INVALID = "Invalid API key."
+_EXPIRED = "API key has expired."
+
+
+class KeyCache:
+    """Hash -> (identity or None, valid-until) with a bounded size.
+
+    Positive entries live ``ttl`` seconds, so a key revoked elsewhere stops
+    working within ``ttl``; negative entries (unknown, revoked or expired keys)
+    live ``negative_ttl`` seconds so a bad key cannot hammer the database.
+    """
+
+    __slots__ = ("_clock", "_entries", "_inflight", "_lookup", "_max", "_neg_ttl", "_ttl", "_wall")
+
+    def __init__(
+        self,
+        lookup: KeyLookup,
+        *,
+        ttl: float = 30.0,
+        negative_ttl: float = 5.0,
+        max_size: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._lookup = lookup
+        self._ttl = ttl
+        self._neg_ttl = negative_ttl
+        self._max = max_size
+        self._clock = clock
+        self._wall = wall_clock
+        self._entries: dict[str, tuple[Identity | None, float]] = {}
+        self._inflight: dict[str, asyncio.Future[Identity | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def cached(self, key: str) -> Identity | None:
+        """The identity for ``key`` if the cache knows it; None on a miss.
+
+        Raises AuthenticationError for a key the cache knows to be bad.
+        """
+        key_hash = hashlib.sha256(key.encode()).hexdigest()
+        entry = self._entries.get(key_hash)
+        if entry is None or self._clock() >= entry[1]:
+            return None
+        return self._check(entry[0], key_hash)
+
+    async def load(self, key: str) -> Identity:
+        """Look ``key`` up in storage (once per hash at a time) and cache the answer."""
+        key_hash = hashlib.sha256(key.encode()).hexdigest()
+        pending = self._inflight.get(key_hash)
+        if pending is not None:
+            return self._check(await asyncio.shield(pending), key_hash)
+        future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key_hash] = future
+        try:
+            stored = await self._lookup.get_key_by_hash(key_hash)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._inflight[key_hash]
+        identity = self._admit(stored)
+        self._store(key_hash, identity)
+        future.set_result(identity)
+        return self._check(identity, key_hash)
+
+    def invalidate(self, key_hash: str | None = None) -> None:
+        if key_hash is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(key_hash, None)
+
+    def _admit(self, stored: ApiKey | None) -> Identity | None:
+        if stored is None or stored.revoked:
+            return None
+        if stored.expires_at is not None and self._wall() >= stored.expires_at:
+            return None
+        return Identity.from_key(stored)
+
+    def _store(self, key_hash: str, identity: Identity | None) -> None:
+        entries = self._entries
+        if key_hash not in entries and len(entries) >= self._max:
+            # Oldest insertion first: dicts keep insertion order.
+            del entries[next(iter(entries))]
+        ttl = self._ttl if identity is not None else self._neg_ttl
+        entries[key_hash] = (identity, self._clock() + ttl)
+
+    def _check(self, identity: Identity | None, key_hash: str) -> Identity:
+        if identity is None or not hmac.compare_digest(identity.key_hash, key_hash):
+            raise AuthenticationError(_INVALID)
+        expires = identity.expires_at
+        if expires is not None and self._wall() >= expires:
+            raise AuthenticationError(_EXPIRED)
+        return identity

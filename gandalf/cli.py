@@ -1,0 +1,276 @@
+"""Command line: ``gandalf serve`` and ``gandalf keys create|list|revoke``.
+
+Exit codes scripts can rely on: 0 success, 1 runtime failure (database,
+port, server), 2 bad usage or bad configuration, 3 not found (``keys revoke``).
+Errors are one line on stderr, prefixed ``gandalf: error:``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from gandalf import __version__
+from gandalf.config import GandalfConfig, default_config_path, load_config
+from gandalf.errors import ConfigError, GatewayError
+from gandalf.storage.sqlite import SqliteStore
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gandalf", description="Gandalf LLM gateway")
+    parser.add_argument("--version", action="version", version=f"gandalf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve the gateway on granian")
+    serve.add_argument("--config", help="config file (default: $GANDALF_CONFIG, ./gandalf.yaml)")
+    serve.add_argument("--addr", help="HOST:PORT to listen on (overrides server.addr)")
+    serve.add_argument("--host", help="host to listen on (overrides server.addr's host)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides server.addr's port)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
+    serve.add_argument("--no-access-log", action="store_true", help="switch the access log off")
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", required=True)
+    create.add_argument(
+        "--role", default="member", choices=["admin", "member", "viewer", "service_account"]
+    )
+    create.add_argument("--org", default="default", help="organization id")
+    create.add_argument("--team", default=None, help="team id")
+    create.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated model aliases the key may use (default: all)",
+    )
+    create.add_argument("--expires-in", default=None, help="lifetime, e.g. 30d, 12h, 2w")
+    list_ = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    list_.add_argument("--org", default=None)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id")
+    for p in (create, list_, revoke):
+        p.add_argument("--config", help="config file (default: $GANDALF_CONFIG, ./gandalf.yaml)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return asyncio.run(_keys(args))
+    except CliError as exc:
+        print(f"gandalf: error: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
+        print(f"gandalf: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _load(path_arg: str | None) -> GandalfConfig:
+    path = path_arg or default_config_path(os.environ)
+    return load_config(path)
+
+
+async def _open_store(config: GandalfConfig) -> SqliteStore:
+    store = SqliteStore(config.database.dsn, readers=1)
+    try:
+        await store.open()
+    except Exception as exc:
+        raise CliError(f"cannot open database {config.database.dsn!r}: {exc}") from None
+    return store
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    host, port = config.server.host, config.server.port
+    if args.addr:
+        host, _, port_text = args.addr.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise CliError(f"--addr must be HOST:PORT, got {args.addr!r}", EXIT_USAGE)
+        port = int(port_text)
+    if args.host:
+        host = args.host
+    if args.port is not None:
+        port = args.port
+    if not 0 < port < 65536:
+        raise CliError(f"port must be 1-65535, got {port}", EXIT_USAGE)
+    workers = args.workers if args.workers is not None else config.server.workers
+    if workers < 1:
+        raise CliError("--workers must be at least 1", EXIT_USAGE)
+    access_log = config.server.access_log and not args.no_access_log
+
+    _check_port(host, port)  # before a first admin key is made and shown
+    admin_key = asyncio.run(_prepare(config))
+    for warning in config.warnings:
+        print(f"gandalf: warning: {warning}", file=sys.stderr)
+    _banner(config, host, port, workers, admin_key)
+
+    from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
+    from granian.server import Server
+
+    os.environ["GANDALF_CONFIG"] = str(Path(config.source).resolve())
+    os.environ["GANDALF_ACCESS_LOG"] = "1" if access_log else "0"
+    server = Server(
+        "gandalf.wiring:worker_app",
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        loop=Loops.uvloop,
+        factory=True,
+        log_access=False,
+        backlog=2048,
+        http1_settings=HTTP1Settings(
+            header_read_timeout=int(config.server.read_timeout * 1000)
+        ),
+        workers_kill_timeout=int(config.server.shutdown_timeout) + 5,
+    )
+    server.serve()
+    return EXIT_OK
+
+
+async def _prepare(config: GandalfConfig) -> str | None:
+    """Reconcile config into the DB once, before workers start; the first admin
+    key (if one had to be made) is returned for the banner."""
+    from gandalf import bootstrap
+
+    store = await _open_store(config)
+    try:
+        await bootstrap.reconcile(store, config)
+        return await bootstrap.first_admin_key(store)
+    finally:
+        await store.close()
+
+
+def _banner(
+    config: GandalfConfig, host: str, port: int, workers: int, admin_key: str | None
+) -> None:
+    enabled = [p.name for p in config.providers if p.enabled]
+    disabled = [
+        f"{p.name} ({p.disabled_reason or 'disabled'})" for p in config.providers if not p.enabled
+    ]
+    lines = [
+        f"gandalf {__version__} serving on http://{host}:{port}/v1",
+        f"  config:    {config.source}",
+        f"  database:  {config.database.dsn}",
+        f"  providers: {', '.join(enabled) or 'none'}"
+        + (f"; disabled: {', '.join(disabled)}" if disabled else ""),
+        f"  routes:    {', '.join(r.model_alias for r in config.routes) or 'none'}",
+        f"  workers:   {workers}",
+    ]
+    if admin_key:
+        lines += [
+            "",
+            "  First start: created an admin API key. It is shown only this once:",
+            f"    {admin_key}",
+            f"  Try: curl http://{host}:{port}/v1/chat/completions \\",
+            f"         -H 'Authorization: Bearer {admin_key}' \\",
+            "         -H 'content-type: application/json' \\",
+            '         -d \'{"model":"fake-model","messages":[{"role":"user","content":"hi"}]}\'',
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def _expires(text: str | None, now: float) -> float | None:
+    if text is None:
+        return None
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise CliError(f"--expires-in must look like 30d, 12h or 2w, got {text!r}", EXIT_USAGE)
+    return now + sum(int(n) * _UNIT[u] for n, u in parts)
+
+
+async def _keys(args: argparse.Namespace) -> int:
+    from gandalf.app.keys import KeyManager
+
+    config = _load(args.config)
+    store = await _open_store(config)
+    try:
+        manager = KeyManager(store)
+        if args.keys_command == "create":
+            models = None
+            if args.models is not None:
+                models = [m.strip() for m in args.models.split(",") if m.strip()]
+            try:
+                key, plaintext = await manager.create(
+                    name=args.name,
+                    role=args.role,
+                    org_id=args.org,
+                    team_id=args.team,
+                    allowed_models=models,
+                    expires_at=_expires(args.expires_in, time.time()),
+                )
+            except GatewayError as exc:
+                raise CliError(exc.message, EXIT_USAGE) from None
+            print(plaintext)
+            print(
+                f"created key {key.id} ({key.name}, role {key.role}); "
+                "the key above is shown only once",
+                file=sys.stderr,
+            )
+            return EXIT_OK
+        if args.keys_command == "list":
+            rows = await manager.list(args.org)
+            print(f"{'ID':<22} {'PREFIX':<9} {'NAME':<20} {'ROLE':<16} {'ORG':<10} STATUS")
+            now = time.time()
+            for k in rows:
+                status = (
+                    "revoked"
+                    if k.revoked
+                    else (
+                        "expired" if k.expires_at is not None and k.expires_at <= now else "active"
+                    )
+                )
+                print(f"{k.id:<22} {k.prefix:<9} {k.name:<20} {k.role:<16} {k.org_id:<10} {status}")
+            return EXIT_OK
+        if not await manager.revoke(args.id):
+            raise CliError(f"no key with id {args.id!r}", EXIT_NOT_FOUND)
+        print(
+            f"revoked {args.id} (running servers stop accepting it within their key-cache TTL)",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    finally:
+        await store.close()

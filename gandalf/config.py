@@ -1,0 +1,791 @@
+"""Load ``gandalf.yaml`` into frozen, validated structs.
+
+Pipeline: read file -> ``yaml.safe_load`` -> expand ``${VAR}`` / ``${VAR:-default}`` in every
+string scalar -> normalise durations and expiry times -> ``msgspec.convert`` into
+``forbid_unknown_fields`` structs -> cross-checks (types, URLs, duplicate names, route targets,
+key formats).
+
+Contract:
+
+* Every problem raises :class:`gandalf.errors.ConfigError` with exactly one line,
+  ``"<file>: <key.path>: <what is wrong>"`` (file-level problems omit the key path; YAML syntax
+  errors give ``line N, column M`` instead). Secrets (provider ``api_key``, key values, the
+  admin key) never appear in an error message or a warning.
+* Expansion happens after parsing, so a variable's value can never inject YAML structure.
+  ``$$`` is a literal ``$``; a ``$`` followed by anything else is kept as is. An unset variable
+  without a default expands to ``""``; ``${VAR:-default}`` uses the default when ``VAR`` is
+  unset *or empty* (shell semantics). The default runs up to the first ``}`` and is not itself
+  expanded.
+* Because environment variables are strings, a string scalar is accepted where a number or a
+  boolean is expected when it spells one (``workers: "${WORKERS:-2}"``).
+* Non-fatal findings (a provider disabled for want of a key, a bootstrap key skipped because
+  it expanded to empty) are returned in :attr:`GandalfConfig.warnings`; this module never logs.
+* A top-level section whose value is null (e.g. ``keys:`` with every entry commented out) is
+  treated as absent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+from gandalf.domain import (
+    PROVIDER_TYPES,
+    ROLES,
+    TYPES_NEEDING_KEY,
+    ProviderConfig,
+    Route,
+    Target,
+)
+from gandalf.errors import ConfigError
+
+__all__ = [
+    "AuthConfig",
+    "DatabaseConfig",
+    "GandalfConfig",
+    "KeyEntry",
+    "ServerConfig",
+    "default_config_path",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "split_addr",
+]
+
+DEFAULT_CONFIG_PATH = "gandalf.yaml"
+
+DEFAULT_BASE_URLS: Mapping[str, str] = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com",
+    "ollama": "http://127.0.0.1:11434",
+    "fake": "",
+}
+
+KEY_PATTERN = re.compile(r"gnd_[A-Za-z0-9_-]{20,128}")
+_KEY_FORMAT = "expected 'gnd_' followed by 20-128 characters from A-Z, a-z, 0-9, '_' and '-'"
+
+_DURATION_HINT = "use e.g. 500ms, 30s, 2m, 1h"
+_DURATION_PARTS = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# "$$", a complete "${...}", or a "${" that is never closed.
+_REFERENCE = re.compile(r"\$(?:\$|\{([^}]*)\}|\{)")
+_PURE_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}")
+_SECRET_KEYS = frozenset({"api_key", "key", "admin_key"})
+_MAX_DEPTH = 32
+
+
+# --------------------------------------------------------------------------- result structs
+
+
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The HTTP listener. Durations are float seconds (> 0).
+
+    ``addr`` is ``host:port`` (IPv6 as ``[::1]:8080``) and is validated by the loader;
+    ``host`` and ``port`` split it (they raise ``ValueError`` on a hand-built invalid addr).
+    """
+
+    addr: str = "127.0.0.1:8080"
+    read_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    write_timeout: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    shutdown_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    max_body_bytes: Annotated[int, msgspec.Meta(gt=0)] = 4_194_304
+    access_log: bool = True
+    workers: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+    @property
+    def host(self) -> str:
+        """The host part of ``addr``, without IPv6 brackets."""
+        return split_addr(self.addr)[0]
+
+    @property
+    def port(self) -> int:
+        """The port part of ``addr`` (1-65535)."""
+        return split_addr(self.addr)[1]
+
+
+class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """SQLite location. After loading, a relative file path has been made absolute against the
+    config file's directory; ``:memory:`` and ``file:`` URIs are left unchanged."""
+
+    dsn: str = "gandalf.db"
+
+
+class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Key checking. ``admin_key`` is ``""`` for none, else a valid ``gnd_`` key (also merged
+    into :attr:`GandalfConfig.keys` as the entry named ``admin``). TTLs are float seconds."""
+
+    admin_key: str = ""
+    key_cache_ttl: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    negative_cache_ttl: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    key_cache_size: Annotated[int, msgspec.Meta(gt=0)] = 10_000
+
+    def __repr__(self) -> str:
+        secret = "'***'" if self.admin_key else "''"
+        return (
+            f"AuthConfig(admin_key={secret}, key_cache_ttl={self.key_cache_ttl!r}, "
+            f"negative_cache_ttl={self.negative_cache_ttl!r}, "
+            f"key_cache_size={self.key_cache_size!r})"
+        )
+
+
+class KeyEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A bootstrap API key from ``keys`` (or ``auth.admin_key``), seeded idempotently.
+
+    ``key`` is the plaintext secret (always a valid ``gnd_`` key); ``expires_at`` is unix
+    seconds or ``None``; ``allowed_models`` is ``None`` for every route. ``repr`` hides ``key``.
+    """
+
+    name: str
+    key: str
+    org_id: str = "default"
+    team_id: str | None = None
+    role: str = "member"
+    allowed_models: tuple[str, ...] | None = None
+    expires_at: float | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyEntry(name={self.name!r}, key='***', org_id={self.org_id!r}, "
+            f"team_id={self.team_id!r}, role={self.role!r}, "
+            f"allowed_models={self.allowed_models!r}, expires_at={self.expires_at!r})"
+        )
+
+
+class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The whole validated configuration.
+
+    ``providers`` keep file order; disabled ones carry ``disabled_reason``. ``routes`` keep
+    file order, each route's targets sorted by priority (stable). ``keys`` holds the ``keys``
+    entries in file order (empty ones skipped), then the admin key unless one of them already
+    has the same key. ``warnings`` are one-line, secret-free strings for the caller to log.
+    """
+
+    source: str = "<memory>"
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    providers: tuple[ProviderConfig, ...] = ()
+    routes: tuple[Route, ...] = ()
+    keys: tuple[KeyEntry, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- YAML-facing shapes
+
+
+class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    type: str | None = None
+    base_url: str | None = None
+    api_key: str = ""
+    models: tuple[str, ...] = ()
+    priority: int = 1
+    timeout_ms: Annotated[int, msgspec.Meta(gt=0)] = 30_000
+    enabled: bool = True
+    latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class _TargetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    provider: str
+    model: str
+    priority: int = 1
+    weight: Annotated[int, msgspec.Meta(ge=0)] = 1
+
+
+class _RouteIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    model_alias: str
+    targets: Annotated[tuple[_TargetIn, ...], msgspec.Meta(min_length=1)]
+    strategy: str = "priority"
+
+
+class _KeyIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    key: str
+    org_id: str = "default"
+    team_id: str | None = None
+    role: str = "member"
+    allowed_models: tuple[str, ...] | None = None
+    expires_at: float | None = None  # normalised from ISO-8601 / unix seconds beforehand
+
+
+class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    providers: tuple[_ProviderIn, ...] = ()
+    routes: tuple[_RouteIn, ...] = ()
+    keys: tuple[_KeyIn, ...] = ()
+
+
+# Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
+_SHAPES: Mapping[str, type[msgspec.Struct]] = {
+    "": _ConfigIn,
+    "server": ServerConfig,
+    "database": DatabaseConfig,
+    "auth": AuthConfig,
+    "providers[]": _ProviderIn,
+    "routes[]": _RouteIn,
+    "routes[].targets[]": _TargetIn,
+    "keys[]": _KeyIn,
+}
+_DURATION_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "server": ("read_timeout", "write_timeout", "shutdown_timeout"),
+    "auth": ("key_cache_ttl", "negative_cache_ttl"),
+}
+_TYPE_WORDS = {
+    "object": "mapping",
+    "array": "list",
+    "str": "string",
+    "int": "integer",
+    "float": "number",
+    "bool": "boolean",
+}
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> str:
+    """``$GANDALF_CONFIG`` when set and non-empty, else ``gandalf.yaml`` (in the current
+    directory). ``env`` defaults to ``os.environ``."""
+    env = os.environ if env is None else env
+    return env.get("GANDALF_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> GandalfConfig:
+    """Read and validate the config file at ``path`` (see :func:`parse_config`).
+
+    The file is named in messages as given. Raises ``ConfigError`` when it is missing,
+    unreadable or not UTF-8. ``env`` defaults to ``os.environ``.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{source}: cannot read config file: not valid UTF-8 (byte {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            _one_line(f"{source}: cannot read config file: {exc.strerror or exc}")
+        ) from None
+    return parse_config(text, source=source, env=env)
+
+
+def parse_config(text: str, *, source: str, env: Mapping[str, str] | None = None) -> GandalfConfig:
+    """Validate YAML ``text``; ``source`` names it in messages and in the result, and its
+    directory anchors a relative ``database.dsn``. ``env`` defaults to ``os.environ``.
+
+    Raises ``ConfigError`` (one line, see the module docstring) on any problem, including an
+    empty document ("no configuration") or a top level that is not a mapping.
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        # ``from None``: a YAML exception's context may quote a line holding a secret.
+        raise ConfigError(_one_line(f"{source}: {_yaml_problem(exc)}")) from None
+    if raw is None:
+        raise ConfigError(f"{source}: no configuration (the file is empty)")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of sections at the top level, got {_kind(raw)}"
+        )
+    env = os.environ if env is None else env
+    return _Loader(source, env).load(raw)
+
+
+def parse_duration(value: object) -> float:
+    """``500ms``, ``30s``, ``2m``, ``1h``, ``1m30s``, or a number of seconds (int, float or
+    numeric string) -> float seconds. Raises ``ValueError`` with a ready-to-show message unless
+    the result is finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a duration such as 30s, got {_kind(value)}")
+    if isinstance(value, str):
+        text = value.strip()
+        if _PLAIN_NUMBER.fullmatch(text):
+            seconds = float(text)
+        elif _DURATION_PARTS.fullmatch(text):
+            seconds = sum(
+                float(m.group(1)) * _UNIT_SECONDS[m.group(2)] for m in _DURATION_PART.finditer(text)
+            )
+        else:
+            raise ValueError(f"invalid duration {value!r} ({_DURATION_HINT})")
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"duration must be greater than 0, got {value!r}")
+    return seconds
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ``ValueError`` if malformed."""
+    hint = f"invalid address {addr!r} (expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080)"
+    if addr.startswith("["):
+        end = addr.find("]")
+        if end < 0 or addr[end + 1 : end + 2] != ":":
+            raise ValueError(hint)
+        host, port_text = addr[1:end], addr[end + 2 :]
+    else:
+        host, sep, port_text = addr.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(hint)
+    if not host or any(c.isspace() or c in "[]/" for c in host):
+        raise ValueError(hint)
+    if not re.fullmatch(r"[0-9]{1,5}", port_text):
+        raise ValueError(hint)
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 1-65535 in {addr!r}")
+    return host, port
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class _Loader:
+    """One load: holds the source name, env and collected warnings."""
+
+    def __init__(self, source: str, env: Mapping[str, str]) -> None:
+        self.source = source
+        self.env = env
+        self.warnings: list[str] = []
+
+    def error(self, path: str, problem: str) -> ConfigError:
+        where = f"{path}: " if path else ""
+        return ConfigError(_one_line(f"{self.source}: {where}{problem}"))
+
+    def fail(self, path: str, problem: str) -> NoReturn:
+        raise self.error(path, problem)
+
+    def warn(self, path: str, problem: str) -> None:
+        self.warnings.append(_one_line(f"{self.source}: {path}: {problem}"))
+
+    # ---- stages
+
+    def load(self, raw: dict[Any, Any]) -> GandalfConfig:
+        raw = {k: v for k, v in raw.items() if not (isinstance(k, str) and v is None)}
+        data = self.expand(raw, "", 0)
+        self.normalise(data)
+        try:
+            parsed = msgspec.convert(data, type=_ConfigIn, strict=False)
+        except msgspec.ValidationError as exc:
+            raise self.error(*_translate_validation_error(str(exc))) from None
+        server = self.check_server(parsed.server)
+        database = self.resolve_database(parsed.database)
+        providers = self.build_providers(parsed.providers, raw.get("providers"))
+        routes = self.build_routes(parsed.routes, {p.name for p in providers})
+        keys = self.build_keys(parsed.keys, raw.get("keys"), parsed.auth, routes)
+        return GandalfConfig(
+            source=self.source,
+            server=server,
+            database=database,
+            auth=parsed.auth,
+            providers=providers,
+            routes=routes,
+            keys=keys,
+            warnings=tuple(self.warnings),
+        )
+
+    def expand(self, node: Any, path: str, depth: int) -> Any:
+        """Expand references in every string scalar; reject non-string mapping keys."""
+        if depth > _MAX_DEPTH:
+            self.fail(path, "nested too deeply")
+        if isinstance(node, str):
+            return self.expand_string(node, path)
+        if isinstance(node, dict):
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    self.fail(path, f"invalid key {key!r} (keys must be strings)")
+                out[key] = self.expand(value, _join(path, key), depth + 1)
+            return out
+        if isinstance(node, list):
+            return [self.expand(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node)]
+        return node
+
+    def expand_string(self, value: str, path: str) -> str:
+        if "$" not in value:
+            return value
+
+        def replace(match: re.Match[str]) -> str:
+            token = match.group(0)
+            if token == "$$":
+                return "$"
+            body = match.group(1)
+            if body is None:
+                self.fail(path, "unterminated '${' (write '$$' for a literal '$')")
+            name, has_default, default = body.partition(":-")
+            if not _VAR_NAME.fullmatch(name):
+                shown = "" if _is_secret_path(path) else f" {token!r}"
+                self.fail(
+                    path,
+                    f"malformed variable reference{shown} "
+                    "(use ${NAME} or ${NAME:-default}; '$$' for a literal '$')",
+                )
+            got = self.env.get(name, "")
+            if not got and has_default:
+                return default
+            return got
+
+        return _REFERENCE.sub(replace, value)
+
+    def normalise(self, data: dict[str, Any]) -> None:
+        """Turn durations and expiry times into float seconds, in place, where the shape
+        allows (a wrong shape is left for msgspec to report)."""
+        for section, fields in _DURATION_FIELDS.items():
+            block = data.get(section)
+            if not isinstance(block, dict):
+                continue
+            for field in fields:
+                if field in block:
+                    try:
+                        block[field] = parse_duration(block[field])
+                    except ValueError as exc:
+                        raise self.error(f"{section}.{field}", str(exc)) from None
+        keys = data.get("keys")
+        if isinstance(keys, list):
+            for i, entry in enumerate(keys):
+                if isinstance(entry, dict) and "expires_at" in entry:
+                    try:
+                        entry["expires_at"] = _parse_expiry(entry["expires_at"])
+                    except ValueError as exc:
+                        raise self.error(f"keys[{i}].expires_at", str(exc)) from None
+
+    def check_server(self, server: ServerConfig) -> ServerConfig:
+        try:
+            split_addr(server.addr)
+        except ValueError as exc:
+            raise self.error("server.addr", str(exc)) from None
+        return server
+
+    def resolve_database(self, database: DatabaseConfig) -> DatabaseConfig:
+        dsn = database.dsn
+        if not dsn:
+            self.fail("database.dsn", "must not be empty")
+        if dsn == ":memory:" or dsn.startswith("file:"):
+            return database
+        dsn = os.path.expanduser(dsn)
+        if not os.path.isabs(dsn):
+            base = os.path.dirname(os.path.abspath(self.source))
+            dsn = os.path.normpath(os.path.join(base, dsn))
+        return DatabaseConfig(dsn=dsn)
+
+    def build_providers(
+        self, entries: tuple[_ProviderIn, ...], raw: Any
+    ) -> tuple[ProviderConfig, ...]:
+        seen: dict[str, int] = {}
+        out: list[ProviderConfig] = []
+        for i, p in enumerate(entries):
+            path = f"providers[{i}]"
+            if not p.name.strip():
+                self.fail(f"{path}.name", "must not be empty")
+            if p.name in seen:
+                self.fail(
+                    f"{path}.name",
+                    f"duplicate provider name {p.name!r} (also providers[{seen[p.name]}])",
+                )
+            seen[p.name] = i
+            ptype = self.provider_type(p, path)
+            base_url = self.base_url(p, ptype, path)
+
+            raw_key = _raw_field(raw, i, "api_key")
+            ref = _PURE_REFERENCE.fullmatch(raw_key) if raw_key else None
+            # Only the variable's name is kept: a ${VAR:-default} default could be a secret.
+            api_key_ref = f"${{{ref.group(1)}}}" if ref is not None else None
+            enabled = p.enabled
+            reason: str | None = None
+            if not enabled:
+                reason = f"disabled in config ({path}.enabled)"
+            elif ptype in TYPES_NEEDING_KEY and not p.api_key:
+                names = _referenced_vars(raw_key)
+                reason = "set " + (" or ".join(names) if names else f"{path}.api_key")
+                enabled = False
+                self.warn(f"{path}.api_key", f"empty, provider {p.name!r} disabled ({reason})")
+            out.append(
+                ProviderConfig(
+                    name=p.name,
+                    type=ptype,
+                    base_url=base_url,
+                    api_key=p.api_key,
+                    api_key_ref=api_key_ref,
+                    models=p.models,
+                    priority=p.priority,
+                    timeout_ms=p.timeout_ms,
+                    enabled=enabled,
+                    latency_ms=p.latency_ms,
+                    disabled_reason=reason,
+                    source="config",
+                )
+            )
+        return tuple(out)
+
+    def provider_type(self, p: _ProviderIn, path: str) -> str:
+        types = ", ".join(PROVIDER_TYPES)
+        if p.type is None:
+            if p.name in PROVIDER_TYPES:
+                return p.name
+            self.fail(
+                f"{path}.type",
+                f"required because name {p.name!r} is not a provider type (one of {types})",
+            )
+        if p.type not in PROVIDER_TYPES:
+            self.fail(f"{path}.type", f"expected one of {types}, got {p.type!r}")
+        return p.type
+
+    def base_url(self, p: _ProviderIn, ptype: str, path: str) -> str:
+        # An empty base_url (e.g. an unset ${VAR}) means "the type's default".
+        url = p.base_url or DEFAULT_BASE_URLS[ptype]
+        if ptype == "fake":
+            return url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            self.fail(f"{path}.base_url", f"expected an http:// or https:// URL, got {url!r}")
+        return url.rstrip("/")
+
+    def build_routes(self, entries: tuple[_RouteIn, ...], providers: set[str]) -> tuple[Route, ...]:
+        seen: dict[str, int] = {}
+        out: list[Route] = []
+        for i, r in enumerate(entries):
+            path = f"routes[{i}]"
+            alias = r.model_alias
+            if not alias.strip():
+                self.fail(f"{path}.model_alias", "must not be empty")
+            if alias in seen:
+                self.fail(
+                    f"{path}.model_alias",
+                    f"duplicate model alias {alias!r} (also routes[{seen[alias]}])",
+                )
+            seen[alias] = i
+            if r.strategy != "priority":
+                self.fail(
+                    f"{path}.strategy",
+                    f"expected 'priority', got {r.strategy!r} "
+                    "(strategies weighted and least_latency are not available yet)",
+                )
+            targets: list[Target] = []
+            for j, t in enumerate(r.targets):
+                tpath = f"{path}.targets[{j}]"
+                if t.provider not in providers:
+                    self.fail(f"{tpath}.provider", f"unknown provider {t.provider!r}")
+                if not t.model.strip():
+                    self.fail(f"{tpath}.model", "must not be empty")
+                targets.append(
+                    Target(provider=t.provider, model=t.model, priority=t.priority, weight=t.weight)
+                )
+            targets.sort(key=lambda t: t.priority)  # list.sort is stable
+            out.append(
+                Route(
+                    model_alias=alias, targets=tuple(targets), strategy=r.strategy, source="config"
+                )
+            )
+        return tuple(out)
+
+    def build_keys(
+        self,
+        entries: tuple[_KeyIn, ...],
+        raw: Any,
+        auth: AuthConfig,
+        routes: tuple[Route, ...],
+    ) -> tuple[KeyEntry, ...]:
+        aliases = {r.model_alias for r in routes}
+        seen: dict[str, int] = {}
+        out: list[KeyEntry] = []
+        for i, k in enumerate(entries):
+            path = f"keys[{i}]"
+            if not k.name.strip():
+                self.fail(f"{path}.name", "must not be empty")
+            if not k.key:
+                names = _referenced_vars(_raw_field(raw, i, "key"))
+                why = f" ({' or '.join(names)} is not set)" if names else ""
+                self.warn(f"{path}.key", f"empty{why}, key {k.name!r} skipped")
+                continue
+            if not KEY_PATTERN.fullmatch(k.key):
+                self.fail(f"{path}.key", f"not a valid gandalf key ({_KEY_FORMAT})")
+            if k.key in seen:
+                self.fail(f"{path}.key", f"same key as keys[{seen[k.key]}]")
+            seen[k.key] = i
+            if not k.org_id.strip():
+                self.fail(f"{path}.org_id", "must not be empty")
+            if k.role not in ROLES:
+                self.fail(f"{path}.role", f"expected one of {', '.join(ROLES)}, got {k.role!r}")
+            for model in k.allowed_models or ():
+                if model not in aliases:
+                    self.warn(f"{path}.allowed_models", f"no route has model alias {model!r}")
+            out.append(
+                KeyEntry(
+                    name=k.name,
+                    key=k.key,
+                    org_id=k.org_id,
+                    team_id=k.team_id or None,
+                    role=k.role,
+                    allowed_models=k.allowed_models,
+                    expires_at=k.expires_at,
+                )
+            )
+        admin_key = auth.admin_key
+        if admin_key:
+            if not KEY_PATTERN.fullmatch(admin_key):
+                self.fail("auth.admin_key", f"not a valid gandalf key ({_KEY_FORMAT})")
+            if admin_key not in seen:
+                out.append(KeyEntry(name="admin", key=admin_key, org_id="default", role="admin"))
+        return tuple(out)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _is_secret_path(path: str) -> bool:
+    return path.rsplit(".", 1)[-1] in _SECRET_KEYS
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, list | tuple):
+        return "list"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return type(value).__name__
+
+
+def _raw_field(raw: Any, index: int, field: str) -> str | None:
+    """The unexpanded string at ``raw[index][field]``, if there is one."""
+    if isinstance(raw, list) and index < len(raw) and isinstance(raw[index], dict):
+        value = raw[index].get(field)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _referenced_vars(raw: str | None) -> list[str]:
+    """Variable names referenced in ``raw``, in order, without duplicates."""
+    names: list[str] = []
+    for match in _REFERENCE.finditer(raw or ""):
+        body = match.group(1)
+        if body is not None:
+            name = body.partition(":-")[0]
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _parse_expiry(value: object) -> float | None:
+    """ISO-8601 datetime (string or YAML timestamp; naive means UTC), a date (midnight UTC),
+    unix seconds, or null / empty string -> unix seconds or None."""
+    hint = "use an ISO-8601 datetime such as 2030-01-31T00:00:00Z, or unix seconds"
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"expected a datetime, got boolean ({hint})")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, dt.datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        seconds = moment.timestamp()
+    elif isinstance(value, dt.date):
+        seconds = dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC).timestamp()
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if _PLAIN_NUMBER.fullmatch(text):
+            seconds = float(text)
+        else:
+            try:
+                parsed = dt.datetime.fromisoformat(text)
+            except ValueError:
+                raise ValueError(f"invalid datetime {value!r} ({hint})") from None
+            moment = parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+            seconds = moment.timestamp()
+    else:
+        raise ValueError(f"expected a datetime, got {_kind(value)} ({hint})")
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid datetime {value!r} ({hint})")
+    return seconds
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        if exc.problem and exc.context:
+            problem = f"{problem} ({exc.context})"
+        if mark is not None:
+            return f"line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {problem}"
+        return f"invalid YAML: {problem}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        char = exc.character
+        code = ord(char) if isinstance(char, str) else int(char)
+        return f"invalid YAML: {exc.reason} (character #x{code:04x} at offset {exc.position})"
+    return f"invalid YAML: {exc}"
+
+
+def _translate_validation_error(text: str) -> tuple[str, str]:
+    """msgspec's ``"Problem - at `$.a[0].b`"`` -> ``("a[0].b", "problem")``."""
+    problem, _, where = text.partition(" - at `")
+    path = ""
+    if where:
+        where = where.rstrip("`")
+        if where.startswith("key` in `"):  # a mapping key, not a value
+            where = where[len("key` in `") :]
+            problem += " as a key"
+        path = where[1:].lstrip(".") if where.startswith("$") else where
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", problem)
+    if unknown:
+        field = unknown.group(1)
+        return _join(path, field), "unknown key" + _known_keys_hint(path, field)
+    missing = re.fullmatch(r"Object missing required field `(.*)`", problem)
+    if missing:
+        return _join(path, missing.group(1)), "required but missing"
+    if problem == "Expected `array` of length >= 1":
+        return path, "must not be empty"
+    problem = re.sub(r"`([^`]*)`", _type_words, problem)
+    return path, problem[:1].lower() + problem[1:]
+
+
+def _type_words(match: re.Match[str]) -> str:
+    return " | ".join(_TYPE_WORDS.get(t.strip(), t.strip()) for t in match.group(1).split("|"))
+
+
+def _known_keys_hint(path: str, field: str) -> str:
+    shape = _SHAPES.get(re.sub(r"\[\d+\]", "[]", path))
+    if shape is None:
+        return ""
+    fields = shape.__struct_fields__
+    close = difflib.get_close_matches(field, fields, n=1, cutoff=0.75)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (expected one of: {', '.join(fields)})"

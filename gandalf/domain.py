@@ -1,0 +1,237 @@
+"""Domain types shared by every layer.
+
+This module imports nothing from gandalf: transport, services, adapters and
+storage all depend on it, never the other way round. Per-request objects are
+msgspec Structs (``__slots__``-backed, cheap to build); configuration-shaped
+objects are frozen.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal, Protocol
+
+import msgspec
+
+# --------------------------------------------------------------------------- roles
+
+Role = Literal["admin", "member", "viewer", "service_account"]
+ROLES: tuple[str, ...] = ("admin", "member", "viewer", "service_account")
+
+
+class Permission(enum.IntFlag):
+    """What a key may do. Roles are fixed unions of these bits."""
+
+    CALL_MODELS = 1  # chat, embeddings, passthrough
+    READ_MODELS = 2  # GET /v1/models
+    READ_USAGE = 4  # own usage
+    MANAGE_KEYS = 8
+    MANAGE_CONFIG = 16  # providers, routes, orgs, teams
+    READ_ALL_USAGE = 32
+
+
+ROLE_PERMISSIONS: dict[str, Permission] = {
+    "admin": Permission(0b111111),
+    "member": Permission.CALL_MODELS | Permission.READ_MODELS | Permission.READ_USAGE,
+    "service_account": Permission.CALL_MODELS | Permission.READ_MODELS,
+    "viewer": Permission.READ_MODELS | Permission.READ_USAGE,
+}
+
+
+# --------------------------------------------------------------------------- keys
+
+
+class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored API key. Only the SHA-256 hex of the secret is ever kept."""
+
+    id: str
+    name: str
+    key_hash: str
+    prefix: str  # first 8 characters of the key, for display
+    org_id: str = "default"
+    team_id: str | None = None
+    role: str = "member"
+    allowed_models: tuple[str, ...] | None = None  # None: every route
+    expires_at: float | None = None  # unix seconds
+    revoked: bool = False
+    created_at: float = 0.0
+    source: str = "cli"  # "config" for bootstrap keys, "cli"/"api" otherwise
+
+
+class Identity(msgspec.Struct, frozen=True, kw_only=True):
+    """The authenticated caller, as the hot path sees it (built once per cache fill)."""
+
+    key_id: str
+    key_hash: str
+    name: str
+    org_id: str
+    team_id: str | None
+    role: str
+    permissions: Permission
+    allowed_models: frozenset[str] | None
+    expires_at: float | None
+
+    def can(self, permission: Permission) -> bool:
+        return (self.permissions & permission) == permission
+
+    def may_use(self, model_alias: str) -> bool:
+        allowed = self.allowed_models
+        return allowed is None or model_alias in allowed
+
+    @classmethod
+    def from_key(cls, key: ApiKey) -> Identity:
+        return cls(
+            key_id=key.id,
+            key_hash=key.key_hash,
+            name=key.name,
+            org_id=key.org_id,
+            team_id=key.team_id,
+            role=key.role,
+            permissions=ROLE_PERMISSIONS.get(key.role, Permission(0)),
+            allowed_models=None if key.allowed_models is None else frozenset(key.allowed_models),
+            expires_at=key.expires_at,
+        )
+
+
+class Organization(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    created_at: float = 0.0
+
+
+class Team(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    org_id: str
+    name: str
+    created_at: float = 0.0
+
+
+# --------------------------------------------------------------------------- providers and routes
+
+ProviderType = Literal["openai", "anthropic", "gemini", "ollama", "fake"]
+PROVIDER_TYPES: tuple[str, ...] = ("openai", "anthropic", "gemini", "ollama", "fake")
+TYPES_NEEDING_KEY: frozenset[str] = frozenset({"openai", "anthropic", "gemini"})
+
+
+class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One upstream provider instance.
+
+    ``api_key`` holds the resolved secret in memory only; storage keeps
+    ``api_key_ref`` (the unexpanded ``${ENV}`` reference) and never the secret.
+    """
+
+    name: str
+    type: str
+    base_url: str = ""
+    api_key: str = ""
+    api_key_ref: str | None = None
+    models: tuple[str, ...] = ()
+    priority: int = 1
+    timeout_ms: int = 30000
+    enabled: bool = True
+    latency_ms: int = 0  # fake provider only: simulated upstream latency
+    disabled_reason: str | None = None  # why enabled is False, shown in 503s and logs
+    source: str = "config"
+
+    def __repr__(self) -> str:  # never show the secret
+        return (
+            f"ProviderConfig(name={self.name!r}, type={self.type!r}, base_url={self.base_url!r}, "
+            f"api_key={'***' if self.api_key else ''!r}, enabled={self.enabled!r})"
+        )
+
+
+class Target(msgspec.Struct, frozen=True, kw_only=True):
+    provider: str
+    model: str
+    priority: int = 1
+    weight: int = 1
+
+
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    model_alias: str
+    targets: tuple[Target, ...]
+    strategy: str = "priority"
+    source: str = "config"
+
+
+# --------------------------------------------------------------------------- requests
+
+
+_NULL = msgspec.Raw(b"null")
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    """Only what the gateway validates; content stays undecoded (any JSON value)."""
+
+    role: str
+    content: msgspec.Raw = _NULL
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    """The view of a chat completion body the gateway routes on.
+
+    Unknown fields are ignored by the decoder and forwarded untouched from the
+    original bytes.
+    """
+
+    model: str
+    messages: list[ChatMessage]
+    stream: bool = False
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCall(msgspec.Struct, kw_only=True):
+    """What an adapter gets: the original body, its decoded view and the target."""
+
+    body: bytes
+    request: ChatRequest
+    alias: str
+    target: Target
+    request_id: str
+
+
+class ProviderReply(msgspec.Struct, kw_only=True):
+    """A successful upstream answer: body bytes relayed as-is, usage extracted."""
+
+    body: bytes
+    usage: Usage
+    status: int = 200
+
+
+class UsageRecord(msgspec.Struct, array_like=True):
+    """One finished request. ``array_like`` keeps it cheap to build and queue."""
+
+    request_id: str
+    key_id: str | None
+    org_id: str | None
+    model_alias: str
+    target_model: str | None
+    provider: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    latency_ms: float
+    status: int
+    created_at: float
+    endpoint: str = "chat"
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+class Provider(Protocol):
+    """An upstream adapter. Errors are raised as gandalf GatewayError subclasses."""
+
+    name: str
+    config: ProviderConfig
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def chat(self, call: ChatCall) -> ProviderReply: ...

@@ -1,0 +1,64 @@
+"""Provider registry: name -> started adapter, built once at start-up.
+
+Disabled providers (no api_key, ``enabled: false``, or a type without an
+adapter yet) are not instantiated; the registry remembers why, so a request
+routed only to them gets a 503 that says what to set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import msgspec
+
+from gandalf.domain import Provider, ProviderConfig
+from gandalf.provider.fake import FakeProvider
+from gandalf.provider.openai import OpenAIProvider
+
+
+def _ollama(config: ProviderConfig) -> Provider:
+    # Ollama serves the OpenAI wire format under /v1.
+    base = config.base_url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    return OpenAIProvider(msgspec.structs.replace(config, base_url=base))
+
+
+ADAPTERS: Mapping[str, Callable[[ProviderConfig], Provider]] = {
+    "openai": OpenAIProvider,
+    "fake": FakeProvider,
+    "ollama": _ollama,
+}
+
+
+class ProviderRegistry:
+    __slots__ = ("disabled", "providers")
+
+    def __init__(self, providers: dict[str, Provider], disabled: dict[str, str]) -> None:
+        self.providers = providers
+        self.disabled = disabled
+
+    @classmethod
+    def build(cls, configs: Iterable[ProviderConfig]) -> ProviderRegistry:
+        providers: dict[str, Provider] = {}
+        disabled: dict[str, str] = {}
+        for config in configs:
+            factory = ADAPTERS.get(config.type)
+            if not config.enabled:
+                disabled[config.name] = config.disabled_reason or "enabled: false"
+            elif factory is None:
+                disabled[config.name] = f"no adapter for type '{config.type}' in this version"
+            else:
+                providers[config.name] = factory(config)
+        return cls(providers, disabled)
+
+    async def start(self) -> None:
+        for provider in self.providers.values():
+            await provider.start()
+
+    async def close(self) -> None:
+        for provider in self.providers.values():
+            await provider.close()
+
+    def get(self, name: str) -> Provider | None:
+        return self.providers.get(name)

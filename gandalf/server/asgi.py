@@ -1,0 +1,291 @@
+"""The ASGI callable: lifespan, the dispatch table, and the one error boundary.
+
+Import has no side effects: all state is built by the ``build`` coroutine at
+``lifespan.startup`` (once per worker process) and torn down at shutdown,
+after in-flight requests have drained (bounded by ``shutdown_timeout``).
+
+Per request: one pass over the headers, one dict lookup to dispatch, one
+capped body read, the handler, and one start + one body message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from gandalf.errors import BodyTooLarge, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gandalf.server.handlers import Endpoint
+from gandalf.server.types import Receive, Scope, Send
+from gandalf.server.wire import (
+    JSON_CT,
+    JSON_HEADERS,
+    Request,
+    Response,
+    sane_request_id,
+    uuid7,
+)
+
+logger = logging.getLogger("gandalf.server")
+access_logger = logging.getLogger("gandalf.access")
+
+_INTERNAL = GatewayError("The gateway hit an internal error; it has been logged.")
+_NOT_READY_BODY = GatewayError("Gandalf is starting or stopping.").body()
+_START = "http.response.start"
+_BODY = "http.response.body"
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body arrived."""
+
+
+class Runtime:
+    """What lifespan startup builds: the endpoints and how to close everything."""
+
+    __slots__ = ("close", "endpoints")
+
+    def __init__(
+        self, endpoints: dict[str, Endpoint], close: Callable[[], Awaitable[None]]
+    ) -> None:
+        self.endpoints = endpoints
+        self.close = close
+
+
+class GandalfApp:
+    """``await app(scope, receive, send)``. One instance per worker process."""
+
+    def __init__(
+        self,
+        build: Callable[[], Awaitable[Runtime]],
+        *,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        shutdown_timeout: float = 30.0,
+        access_log: bool = True,
+    ) -> None:
+        self._build = build
+        self._max_body = max_body_bytes
+        self._shutdown_timeout = shutdown_timeout
+        self._access_log = access_log
+        self._endpoints: dict[str, Endpoint] | None = None
+        self._runtime: Runtime | None = None
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # ------------------------------------------------------------------ http
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        caller_id = authorization = api_key = length = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                length = value
+            elif name == b"x-api-key":
+                api_key = value
+            elif name == b"x-request-id":
+                caller_id = value
+        request_id = (caller_id is not None and sane_request_id(caller_id)) or uuid7()
+        endpoints = self._endpoints
+        if endpoints is None:
+            await _send(send, 503, _NOT_READY_BODY, JSON_HEADERS, request_id)
+            return
+        self._inflight += 1
+        try:
+            response = await self._dispatch(
+                endpoints, scope, receive, request_id, authorization, api_key, length, started
+            )
+        except GatewayError as exc:
+            extra = exc.headers()
+            response = Response(
+                exc.status, exc.body(), (JSON_CT, *extra) if extra else JSON_HEADERS
+            )
+        except ClientDisconnected:
+            response = None
+        except Exception:
+            logger.exception(
+                "internal error handling %s %s (request %s)",
+                scope["method"],
+                scope["path"],
+                request_id,
+            )
+            response = Response(500, _INTERNAL.body())
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0 and self._idle is not None:
+                self._idle.set()
+        if response is None:
+            return
+        try:  # noqa: SIM105 - cheaper than contextlib.suppress on the hot path
+            await _send(send, response.status, response.body, response.headers, request_id)
+        except OSError:
+            pass  # the client went away; nothing left to tell it
+        if self._access_log:
+            access_logger.info(
+                "%s",
+                orjson.dumps(
+                    {
+                        "ts": round(time.time(), 3),
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": response.status,
+                        "ms": round((time.perf_counter() - started) * 1000.0, 2),
+                        "request_id": request_id,
+                    }
+                ).decode(),
+            )
+
+    async def _dispatch(
+        self,
+        endpoints: dict[str, Endpoint],
+        scope: Scope,
+        receive: Receive,
+        request_id: str,
+        authorization: bytes | None,
+        api_key: bytes | None,
+        length: bytes | None,
+        started: float,
+    ) -> Response:
+        path: str = scope["path"]
+        endpoint = endpoints.get(path)
+        if endpoint is None:
+            raise NotFound(f"Unknown path: {path[:200]}")
+        method: str = scope["method"]
+        handler = endpoint.methods.get(method)
+        if handler is None:
+            raise MethodNotAllowed(
+                f"Method {method} is not allowed on {path}; use {endpoint.allow}.",
+                allow=endpoint.allow,
+            )
+        body = await self._read_body(receive, length) if endpoint.reads_body else b""
+        return await handler(
+            Request(
+                method,
+                path,
+                scope["headers"],
+                body,
+                request_id,
+                authorization,
+                api_key,
+                scope.get("query_string", b""),
+                started,
+            )
+        )
+
+    async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
+        limit = self._max_body
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise InvalidRequest("Invalid Content-Length header.") from None
+            if declared > limit:
+                raise _too_large(limit)
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnected
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > limit:
+                raise _too_large(limit)
+            return body
+        chunks = [body]
+        size = len(body)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    # ------------------------------------------------------------------ lifespan
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "lifespan.startup":
+                try:
+                    runtime = await self._build()
+                except BaseException as exc:
+                    logger.error("start-up failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    raise
+                self._runtime = runtime
+                self._endpoints = runtime.endpoints
+                await send({"type": "lifespan.startup.complete"})
+            elif kind == "lifespan.shutdown":
+                try:
+                    await self.shutdown()
+                except Exception as exc:
+                    logger.exception("shutdown failed")
+                    await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        """Build state without a server (tests, benchmarks)."""
+        runtime = await self._build()
+        self._runtime = runtime
+        self._endpoints = runtime.endpoints
+
+    async def shutdown(self) -> None:
+        """Wait for in-flight requests (bounded), then close everything. Idempotent."""
+        runtime = self._runtime
+        if runtime is None:
+            return
+        if self._inflight:
+            self._idle = asyncio.Event()
+            logger.info("draining %d in-flight request(s)", self._inflight)
+            try:
+                await asyncio.wait_for(self._idle.wait(), self._shutdown_timeout)
+            except TimeoutError:
+                logger.warning("shutdown timeout: %d request(s) still in flight", self._inflight)
+        self._runtime = None
+        self._endpoints = None
+        await runtime.close()
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+
+
+async def _send(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: tuple[tuple[bytes, bytes], ...],
+    request_id: str,
+) -> None:
+    await send(
+        {
+            "type": _START,
+            "status": status,
+            "headers": [
+                *headers,
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode()),
+            ],
+        }
+    )
+    await send({"type": _BODY, "body": body})

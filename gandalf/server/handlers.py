@@ -1,0 +1,112 @@
+"""HTTP handlers: decode -> call a service -> encode. Thin on purpose.
+
+A handler takes a :class:`~gandalf.server.wire.Request` and returns a
+:class:`~gandalf.server.wire.Response`; it raises GatewayError subclasses for
+every failure and leaves turning them into responses to the error boundary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import msgspec
+
+from gandalf.app.proxy import ProxyService
+from gandalf.auth.apikey import KeyCache, credential
+from gandalf.domain import ChatRequest, Permission
+from gandalf.errors import InvalidRequest, NotReady, PermissionDenied
+from gandalf.server.wire import HEALTH_OK, READY_OK, Request, Response
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Readiness(Protocol):
+    """Whatever /readyz asks: storage answers True when it can serve."""
+
+    async def ping(self) -> bool: ...
+
+
+class Endpoint:
+    """One path: its handlers by method, and whether they read a body."""
+
+    __slots__ = ("allow", "methods", "reads_body")
+
+    def __init__(self, methods: dict[str, Handler], *, reads_body: bool) -> None:
+        self.methods = methods
+        self.reads_body = reads_body
+        self.allow = ", ".join(sorted(methods))
+
+
+_chat_decoder = msgspec.json.Decoder(ChatRequest)
+_AT = re.compile(r" - at `\$(.*)`$")
+
+
+def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> InvalidRequest:
+    """A 400 naming the offending field, from msgspec's error text."""
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        return InvalidRequest(
+            "We could not parse the JSON body of your request: it is not valid JSON."
+        )
+    text = str(exc)
+    param: str | None = None
+    match = _AT.search(text)
+    if match is not None:
+        param = match.group(1).lstrip(".") or None
+        text = text[: match.start()]
+    missing = re.match(r"Object missing required field `([^`]+)`", text)
+    if missing is not None:
+        field = missing.group(1)
+        param = f"{param}.{field}" if param else field
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    where = f" at '{param}'" if param else ""
+    return InvalidRequest(f"Invalid request body{where}: {text}.", param=param)
+
+
+class Api:
+    """The endpoints of the public HTTP surface."""
+
+    __slots__ = ("_keys", "_proxy", "_ready")
+
+    def __init__(self, proxy: ProxyService, keys: KeyCache, ready: Readiness) -> None:
+        self._proxy = proxy
+        self._keys = keys
+        self._ready = ready
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        return {
+            "/v1/chat/completions": Endpoint({"POST": self.chat_completions}, reads_body=True),
+            "/healthz": Endpoint({"GET": self.healthz}, reads_body=False),
+            "/readyz": Endpoint({"GET": self.readyz}, reads_body=False),
+        }
+
+    async def chat_completions(self, request: Request) -> Response:
+        key = credential(request.authorization, request.api_key)
+        identity = self._keys.cached(key) or await self._keys.load(key)
+        if not identity.can(Permission.CALL_MODELS):
+            raise PermissionDenied(f"Keys with role '{identity.role}' cannot call models.")
+        try:
+            chat = _chat_decoder.decode(request.body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise validation_error(exc) from None
+        if not chat.messages:
+            raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+        if chat.stream:
+            raise InvalidRequest(
+                "Streaming ('stream': true) is not supported by this Gandalf version yet; "
+                "send the request without it.",
+                param="stream",
+            )
+        reply = await self._proxy.chat(
+            identity, chat, request.body, request.request_id, request.started
+        )
+        return Response(200, reply.body)
+
+    async def healthz(self, request: Request) -> Response:
+        return Response(200, HEALTH_OK)
+
+    async def readyz(self, request: Request) -> Response:
+        if await self._ready.ping():
+            return Response(200, READY_OK)
+        raise NotReady("Not ready: the database does not answer.")

@@ -1,0 +1,799 @@
+"""The SQLite store: one writer task, a pool of readers, usage batched off the hot path.
+
+Connections
+    ``open()`` makes one writer connection (the only connection that ever
+    writes) and ``readers`` reader connections (``PRAGMA query_only``). File
+    databases run in WAL mode, so readers never block the writer nor the writer
+    the readers, in this process or in another one sharing the file. ``":memory:"``
+    becomes a shared-cache in-memory database private to this store; its readers
+    run ``read_uncommitted`` (shared-cache table locks would otherwise fail reads
+    made while a write is in progress), so there a read may see a write that is
+    still in flight. That mode is meant for tests and single-process use.
+
+Writes
+    Every write goes through one bounded-by-policy ``asyncio.Queue`` drained by
+    the writer task, in order. Usage records are batched (everything available,
+    up to ``batch_size``, one ``executemany`` in one transaction); every other
+    write is an operation whose result or exception is handed back to the
+    awaiting caller. Each write transaction starts with ``BEGIN IMMEDIATE`` so
+    that, with several processes on one file, contention waits on
+    ``busy_timeout`` instead of failing on a lock upgrade.
+
+Usage
+    ``record_usage`` never blocks and never raises: when ``queue_size`` items are
+    already waiting the record is dropped and counted. ``close`` drains the
+    queue before closing (flush on shutdown).
+
+Migrations
+    ``MIGRATIONS[i]`` brings a database from version ``i`` to ``i + 1``;
+    ``MIGRATIONS[0]`` is ``gandalf/schema.sql``. Released migrations are never
+    edited: a schema change appends one. ``open()`` applies the missing ones in
+    a single transaction and refuses a database newer than this code.
+
+Errors
+    SQLite errors surface as ``StorageError``; nothing else from ``sqlite3`` or
+    ``aiosqlite`` leaks to callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from operator import attrgetter
+from typing import Any, Final, TypeVar
+
+import aiosqlite
+import msgspec
+
+from gandalf.domain import ApiKey, Organization, ProviderConfig, Route, Target, Team, UsageRecord
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "StorageError"]
+
+logger = logging.getLogger("gandalf.storage")
+
+_T = TypeVar("_T")
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
+)
+SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
+
+BUSY_TIMEOUT_MS: Final = 5000
+PING_TIMEOUT: Final = 2.0  # seconds
+_DROP_WARNING_INTERVAL: Final = 1.0  # seconds between "usage dropped" warnings
+
+
+class StorageError(Exception):
+    """The store cannot do what was asked (not open, constraint violated, SQLite error)."""
+
+
+# --------------------------------------------------------------------------- codecs
+
+_ENCODER: Final = msgspec.json.Encoder()
+_STRINGS: Final = msgspec.json.Decoder(tuple[str, ...])
+_TARGETS: Final = msgspec.json.Decoder(tuple[Target, ...])
+_BY_PRIORITY: Final = attrgetter("priority")
+
+
+def _json(value: object) -> str:
+    return _ENCODER.encode(value).decode()
+
+
+def _upsert_sql(table: str, columns: tuple[str, ...], key: str) -> str:
+    """INSERT ... ON CONFLICT(key) DO UPDATE, touching the row only if a value changed.
+
+    The last column is the ``updated_at`` stamp: it is written but not compared,
+    so re-applying identical values leaves the row (and its stamp) alone.
+    """
+    updated = [c for c in columns if c != key]
+    compared = updated[:-1]
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in updated)
+        + f" WHERE ({', '.join(f'{table}.{c}' for c in compared)})"
+        f" IS NOT ({', '.join(f'excluded.{c}' for c in compared)})"
+    )
+
+
+# usage_records: columns in UsageRecord field order, so a record's astuple() is its row.
+_USAGE_FIELDS: Final = UsageRecord.__struct_fields__
+_USAGE_INSERT: Final = (
+    f"INSERT INTO usage_records ({', '.join(_USAGE_FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(_USAGE_FIELDS))})"
+)
+_USAGE_SELECT: Final = (
+    f"SELECT {', '.join(_USAGE_FIELDS)} FROM "
+    "(SELECT * FROM usage_records ORDER BY id DESC LIMIT ?) ORDER BY id"
+)
+_as_row: Final = msgspec.structs.astuple
+
+# api_keys
+_KEY_COLUMNS: Final = (
+    "id", "name", "key_hash", "prefix", "org_id", "team_id", "role",
+    "allowed_models", "expires_at", "revoked", "created_at", "source",
+)  # fmt: skip
+_KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys"
+_KEY_INSERT: Final = (
+    f"INSERT INTO api_keys ({', '.join(_KEY_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_KEY_COLUMNS))})"
+)
+_KEY_INSERT_IF_ABSENT: Final = _KEY_INSERT + " ON CONFLICT (key_hash) DO NOTHING"
+# Config may change what a bootstrap key is; never its identity or its revocation.
+_KEY_UPDATE_FROM_CONFIG: Final = (
+    "UPDATE api_keys SET name = ?, prefix = ?, org_id = ?, team_id = ?, role = ?, "
+    "allowed_models = ?, expires_at = ? WHERE key_hash = ?"
+)
+
+
+def _key_row(key: ApiKey, now: float) -> tuple[object, ...]:
+    allowed = key.allowed_models
+    return (
+        key.id, key.name, key.key_hash, key.prefix, key.org_id, key.team_id, key.role,
+        None if allowed is None else _json(allowed), key.expires_at, int(key.revoked),
+        key.created_at or now, key.source,
+    )  # fmt: skip
+
+
+def _key_from_row(row: Sequence[Any]) -> ApiKey:
+    allowed = row[7]
+    return ApiKey(
+        id=row[0],
+        name=row[1],
+        key_hash=row[2],
+        prefix=row[3],
+        org_id=row[4],
+        team_id=row[5],
+        role=row[6],
+        allowed_models=None if allowed is None else _STRINGS.decode(allowed),
+        expires_at=row[8],
+        revoked=bool(row[9]),
+        created_at=row[10],
+        source=row[11],
+    )
+
+
+# providers
+_PROVIDER_COLUMNS: Final = (
+    "name", "type", "base_url", "api_key_ref", "models", "priority", "timeout_ms",
+    "enabled", "latency_ms", "source", "updated_at",
+)  # fmt: skip
+_PROVIDER_SELECT: Final = (
+    f"SELECT {', '.join(_PROVIDER_COLUMNS[:-1])} FROM providers ORDER BY priority, name"
+)
+_PROVIDER_UPSERT: Final = _upsert_sql("providers", _PROVIDER_COLUMNS, "name")
+_PROVIDER_PRUNE: Final = (
+    "DELETE FROM providers WHERE source = 'config' AND name NOT IN (SELECT value FROM json_each(?))"
+)
+
+
+def _safe_key_ref(provider: ProviderConfig) -> str | None:
+    """The ``${ENV}`` reference to store, or None.
+
+    A reference that is not a ``${...}`` expansion, or that equals the resolved
+    key, would put a plaintext secret in the database: it is not stored.
+    """
+    ref = provider.api_key_ref
+    if ref is None or "${" not in ref or ref == provider.api_key:
+        return None
+    return ref
+
+
+def _provider_row(p: ProviderConfig, source: str, now: float) -> tuple[object, ...]:
+    # p.api_key is deliberately absent: the secret never reaches the database.
+    return (
+        p.name, p.type, p.base_url, _safe_key_ref(p), _json(p.models), p.priority,
+        p.timeout_ms, int(p.enabled), p.latency_ms, source, now,
+    )  # fmt: skip
+
+
+def _provider_from_row(row: Sequence[Any]) -> ProviderConfig:
+    return ProviderConfig(
+        name=row[0],
+        type=row[1],
+        base_url=row[2],
+        api_key_ref=row[3],
+        models=_STRINGS.decode(row[4]),
+        priority=row[5],
+        timeout_ms=row[6],
+        enabled=bool(row[7]),
+        latency_ms=row[8],
+        source=row[9],
+    )
+
+
+# routes
+_ROUTE_COLUMNS: Final = ("model_alias", "targets", "strategy", "source", "updated_at")
+_ROUTE_SELECT: Final = (
+    "SELECT model_alias, targets, strategy, source FROM routes ORDER BY model_alias"
+)
+_ROUTE_UPSERT: Final = _upsert_sql("routes", _ROUTE_COLUMNS, "model_alias")
+_ROUTE_PRUNE: Final = (
+    "DELETE FROM routes WHERE source = 'config' "
+    "AND model_alias NOT IN (SELECT value FROM json_each(?))"
+)
+
+
+def _route_row(r: Route, source: str, now: float) -> tuple[object, ...]:
+    return (r.model_alias, _json(r.targets), r.strategy, source, now)
+
+
+def _route_from_row(row: Sequence[Any]) -> Route:
+    targets = tuple(sorted(_TARGETS.decode(row[1]), key=_BY_PRIORITY))
+    return Route(model_alias=row[0], targets=targets, strategy=row[2], source=row[3])
+
+
+# organizations and teams
+_ORG_INSERT: Final = "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?)"
+_TEAM_INSERT: Final = "INSERT INTO teams (id, org_id, name, created_at) VALUES (?, ?, ?, ?)"
+_TEAM_SELECT: Final = "SELECT id, org_id, name, created_at FROM teams"
+
+
+# --------------------------------------------------------------------------- writer queue items
+
+
+class _WriteOp:
+    """One write: ``fn`` runs on the writer connection inside its own transaction."""
+
+    __slots__ = ("fn", "future")
+
+    def __init__(
+        self,
+        fn: Callable[[aiosqlite.Connection], Awaitable[Any]],
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.fn = fn
+        self.future = future
+
+
+class _Stop:
+    """The shutdown sentinel: the writer exits once everything before it is done."""
+
+    __slots__ = ()
+
+
+_STOP: Final = _Stop()
+
+_Item = UsageRecord | _WriteOp | _Stop
+
+
+def _statements(script: str) -> list[str]:
+    """Split an SQL script into statements; semicolons in comments and strings are safe."""
+    statements: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\r\n;"):
+                statements.append(pending)
+            pending = ""
+    if pending.strip(" \t\r\n;"):
+        statements.append(pending)  # incomplete: executing it lets SQLite name the problem
+    return statements
+
+
+async def _rollback_quietly(conn: aiosqlite.Connection) -> None:
+    try:
+        await conn.rollback()
+    except (sqlite3.Error, ValueError):
+        logger.warning("rollback failed", exc_info=True)
+
+
+async def _noop(conn: aiosqlite.Connection) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class SqliteStore:
+    """Gandalf's persistent state in one SQLite database.
+
+    Lifecycle: construct, ``await open()``, use, ``await close()``. Each process
+    owns its own store; several stores (processes) may share one database file.
+    All methods must be called from the event loop that ran ``open()``.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        readers: int = 2,
+        queue_size: int = 10000,
+        batch_size: int = 512,
+        clock: Callable[[], float] = time.time,
+        migrations: Sequence[str] = MIGRATIONS,
+    ) -> None:
+        """``dsn`` is a file path or ``":memory:"``; ``migrations`` exists for upgrade tests."""
+        if readers < 1 or queue_size < 1 or batch_size < 1:
+            raise ValueError("readers, queue_size and batch_size must be at least 1")
+        self._dsn = dsn
+        self._memory = dsn == ":memory:"
+        self._database = (
+            f"file:gandalf-mem-{uuid.uuid4().hex}?mode=memory&cache=shared" if self._memory else dsn
+        )
+        self._reader_count = readers
+        self._queue_size = queue_size
+        self._batch_size = batch_size
+        self._clock = clock
+        self._migrations = tuple(migrations)
+        # Unbounded on purpose: write operations and the stop sentinel must
+        # always get in; record_usage enforces queue_size for usage records.
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._writer_conn: aiosqlite.Connection | None = None
+        self._reader_conns: list[aiosqlite.Connection] = []
+        self._pool: asyncio.Queue[aiosqlite.Connection] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self._accepting = True
+        self._dropped = 0
+        self._written = 0
+        self._failed = 0
+        self._last_drop_warning = float("-inf")
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        """Connect, apply missing migrations, start the writer task.
+
+        Raises StorageError if the database cannot be opened, a migration
+        fails, or the database's schema version is newer than this code knows.
+        May be called once.
+        """
+        if self._writer_conn is not None or self._close_task is not None:
+            raise StorageError("store already opened")
+        if not self._memory:
+            # Fail fast, and without leaving an aiosqlite thread behind, when the
+            # file cannot be opened at all (missing directory, permissions).
+            try:
+                sqlite3.connect(self._database).close()
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot open database {self._dsn!r}: {exc}") from exc
+        opened: list[aiosqlite.Connection] = []
+        try:
+            writer = await self._connect(opened)
+            if not self._memory:
+                cur = await writer.execute("PRAGMA journal_mode=WAL")
+                mode = await cur.fetchone()
+                if mode is None or str(mode[0]).lower() != "wal":
+                    logger.warning("database %s is not in WAL mode (%s)", self._dsn, mode)
+            await self._migrate(writer)
+            for _ in range(self._reader_count):
+                reader = await self._connect(opened)
+                await reader.execute("PRAGMA query_only=ON")
+                if self._memory:
+                    await reader.execute("PRAGMA read_uncommitted=ON")
+        except BaseException as exc:
+            for conn in opened:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"cannot open database {self._dsn!r}: {exc}") from exc
+            raise
+        self._writer_conn = writer
+        self._reader_conns = opened[1:]
+        pool: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        for reader in self._reader_conns:
+            pool.put_nowait(reader)
+        self._pool = pool
+        self._writer_task = asyncio.create_task(self._run_writer(writer), name="gandalf-storage")
+
+    async def _connect(self, opened: list[aiosqlite.Connection]) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self._database, uri=self._memory, isolation_level=None)
+        opened.append(conn)
+        await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        await conn.execute("PRAGMA synchronous=NORMAL")
+        await conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        target = len(self._migrations)
+        # IMMEDIATE: a second process starting at the same time waits, then
+        # sees the version this one recorded and applies nothing.
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = await _schema_version(conn)
+            if current > target:
+                raise StorageError(
+                    f"database {self._dsn!r} has schema version {current}, newer than the "
+                    f"{target} this version of gandalf knows; upgrade gandalf"
+                )
+            for script in self._migrations[current:]:
+                for statement in _statements(script):
+                    await conn.execute(statement)
+            if current != target:
+                await conn.execute("DELETE FROM schema_version")
+                await conn.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
+            await conn.commit()
+        except BaseException:
+            await _rollback_quietly(conn)
+            raise
+        if current != target:
+            logger.info("database %s migrated from version %d to %d", self._dsn, current, target)
+
+    async def close(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 bounds the drain
+        """Flush queued writes, stop the writer, close every connection. Idempotent.
+
+        Everything queued before the call is written, unless that takes longer
+        than ``timeout`` seconds: then the rest is abandoned (operations fail
+        with StorageError, usage records count as dropped) and logged.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.create_task(self._shutdown(drain_seconds=timeout))
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self, drain_seconds: float) -> None:
+        self._accepting = False
+        task = self._writer_task
+        if task is not None:
+            self._queue.put_nowait(_STOP)
+            done, _ = await asyncio.wait({task}, timeout=drain_seconds)
+            if not done:
+                logger.error(
+                    "storage writer did not drain within %.1fs; abandoning %d queued items",
+                    drain_seconds,
+                    self._queue.qsize(),
+                )
+                task.cancel()
+                await asyncio.wait({task})
+            elif not task.cancelled():
+                task.exception()  # already logged by the writer; retrieved here
+        self._abandon_queued()
+        conns = [c for c in (self._writer_conn, *self._reader_conns) if c is not None]
+        self._pool = None
+        for conn in conns:
+            try:
+                await conn.close()
+            except Exception:
+                logger.warning("closing a database connection failed", exc_info=True)
+
+    def _abandon_queued(self) -> None:
+        lost = 0
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, UsageRecord):
+                lost += 1
+            elif isinstance(item, _WriteOp) and not item.future.done():
+                item.future.set_exception(StorageError("store closed before the write ran"))
+        if lost:
+            self._dropped += lost
+            logger.error("store closed with %d usage records unwritten", lost)
+
+    async def ping(self) -> bool:
+        """True if the store is open, its writer alive and a reader answers ``SELECT 1``.
+
+        Gives up (False) after ``PING_TIMEOUT`` seconds, e.g. when every reader is busy.
+        """
+        task = self._writer_task
+        if task is None or task.done() or not self._accepting:
+            return False
+        try:
+            rows = await asyncio.wait_for(self._fetchall("SELECT 1", ()), PING_TIMEOUT)
+        except Exception:
+            return False
+        return rows == [(1,)]
+
+    # ----------------------------------------------------------------- usage
+
+    def record_usage(self, rec: UsageRecord) -> None:
+        """Queue one usage record for the writer. Never blocks, never raises.
+
+        When ``queue_size`` items are already waiting (or the store is closing)
+        the record is dropped and counted in ``dropped_usage``.
+        """
+        queue = self._queue
+        if self._accepting and queue.qsize() < self._queue_size:
+            queue.put_nowait(rec)
+        else:
+            self._drop_usage()
+
+    def _drop_usage(self) -> None:
+        self._dropped += 1
+        now = self._clock()
+        if abs(now - self._last_drop_warning) >= _DROP_WARNING_INTERVAL:
+            self._last_drop_warning = now
+            logger.warning(
+                "usage queue full or closed: %d usage records dropped so far", self._dropped
+            )
+
+    @property
+    def dropped_usage(self) -> int:
+        """Usage records dropped because the queue was full or the store closed."""
+        return self._dropped
+
+    @property
+    def usage_written(self) -> int:
+        """Usage records committed to the database by this store."""
+        return self._written
+
+    @property
+    def usage_failed(self) -> int:
+        """Usage records lost because their batch failed to commit (each failure is logged)."""
+        return self._failed
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call has been written (or failed)."""
+        await self._write(_noop)
+
+    async def list_usage(self, limit: int = 1000) -> list[UsageRecord]:
+        """The newest ``limit`` committed usage records, oldest first (newest last)."""
+        rows = await self._fetchall(_USAGE_SELECT, (limit,))
+        return msgspec.convert(rows, list[UsageRecord])
+
+    # ----------------------------------------------------------------- keys
+
+    async def get_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        """The key whose SHA-256 hex is ``key_hash`` (revoked and expired included)."""
+        rows = await self._fetchall(_KEY_SELECT + " WHERE key_hash = ?", (key_hash,))
+        return _key_from_row(rows[0]) if rows else None
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        rows = await self._fetchall(_KEY_SELECT + " WHERE id = ?", (key_id,))
+        return _key_from_row(rows[0]) if rows else None
+
+    async def create_key(self, key: ApiKey) -> None:
+        """Insert a key; ``created_at`` 0 means now. StorageError if its id or hash exists."""
+        row = _key_row(key, self._clock())
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            try:
+                await conn.execute(_KEY_INSERT, row)
+            except sqlite3.IntegrityError as exc:
+                raise StorageError(f"an API key with this id or hash exists: {exc}") from exc
+
+        await self._write(op)
+
+    async def list_keys(self, org_id: str | None = None) -> list[ApiKey]:
+        """Every key (or those of ``org_id``), oldest first."""
+        if org_id is None:
+            rows = await self._fetchall(_KEY_SELECT + " ORDER BY created_at, id", ())
+        else:
+            sql = _KEY_SELECT + " WHERE org_id = ? ORDER BY created_at, id"
+            rows = await self._fetchall(sql, (org_id,))
+        return [_key_from_row(row) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Mark a key revoked. False if there is no such key (True if already revoked)."""
+
+        async def op(conn: aiosqlite.Connection) -> bool:
+            cur = await conn.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?", (key_id,))
+            return cur.rowcount > 0
+
+        return await self._write(op)
+
+    async def count_keys(self) -> int:
+        rows = await self._fetchall("SELECT count(*) FROM api_keys", ())
+        return int(rows[0][0])
+
+    async def upsert_config_key(self, key: ApiKey) -> bool:
+        """Seed a bootstrap key, idempotently by ``key_hash``.
+
+        Absent: insert it and return True. Present: return False, keeping its
+        id, created_at, revoked and source, and updating name, prefix, org_id,
+        team_id, role, allowed_models and expires_at to the given values.
+        """
+        row = _key_row(key, self._clock())
+        allowed = row[7]
+        update = (
+            key.name, key.prefix, key.org_id, key.team_id, key.role, allowed,
+            key.expires_at, key.key_hash,
+        )  # fmt: skip
+
+        async def op(conn: aiosqlite.Connection) -> bool:
+            try:
+                cur = await conn.execute(_KEY_INSERT_IF_ABSENT, row)
+            except sqlite3.IntegrityError as exc:
+                raise StorageError(f"an API key with id {key.id!r} already exists") from exc
+            if cur.rowcount > 0:
+                return True
+            await conn.execute(_KEY_UPDATE_FROM_CONFIG, update)
+            return False
+
+        return await self._write(op)
+
+    # ----------------------------------------------------------------- providers and routes
+
+    async def reconcile(self, providers: Sequence[ProviderConfig], routes: Sequence[Route]) -> None:
+        """Make the config-sourced rows exactly ``providers`` and ``routes``, atomically.
+
+        Every given provider and route is upserted with source 'config' (taking
+        over a same-named row of another source); config rows not given are
+        deleted; rows of other sources are left alone. Only ``api_key_ref`` is
+        stored, never ``api_key``.
+        """
+        now = self._clock()
+        provider_rows = [_provider_row(p, "config", now) for p in providers]
+        route_rows = [_route_row(r, "config", now) for r in routes]
+        provider_names = _json([p.name for p in providers])
+        route_aliases = _json([r.model_alias for r in routes])
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(_PROVIDER_UPSERT, provider_rows)
+            await conn.execute(_PROVIDER_PRUNE, (provider_names,))
+            await conn.executemany(_ROUTE_UPSERT, route_rows)
+            await conn.execute(_ROUTE_PRUNE, (route_aliases,))
+
+        await self._write(op)
+
+    async def list_providers(self) -> list[ProviderConfig]:
+        """Stored providers by priority then name; ``api_key`` is always empty."""
+        return [_provider_from_row(row) for row in await self._fetchall(_PROVIDER_SELECT, ())]
+
+    async def upsert_provider(self, p: ProviderConfig) -> None:
+        """Insert or replace a provider by name, keeping ``p.source``; never stores ``api_key``."""
+        row = _provider_row(p, p.source, self._clock())
+        await self._execute(_PROVIDER_UPSERT, row)
+
+    async def delete_provider(self, name: str) -> bool:
+        return await self._execute("DELETE FROM providers WHERE name = ?", (name,)) > 0
+
+    async def list_routes(self) -> list[Route]:
+        """Stored routes by alias, each route's targets ordered by priority."""
+        return [_route_from_row(row) for row in await self._fetchall(_ROUTE_SELECT, ())]
+
+    async def upsert_route(self, r: Route) -> None:
+        """Insert or replace a route by alias, keeping ``r.source``."""
+        await self._execute(_ROUTE_UPSERT, _route_row(r, r.source, self._clock()))
+
+    async def delete_route(self, alias: str) -> bool:
+        return await self._execute("DELETE FROM routes WHERE model_alias = ?", (alias,)) > 0
+
+    # ----------------------------------------------------------------- organizations and teams
+
+    async def ensure_org(self, org_id: str, name: str) -> None:
+        """Create the organization unless one with this id exists (then leave it alone)."""
+        await self._execute(
+            "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (id) DO NOTHING",
+            (org_id, name, self._clock()),
+        )
+
+    async def create_org(self, org: Organization) -> None:
+        """Insert an organization (``created_at`` 0 means now); StorageError if the id exists."""
+        await self._execute(_ORG_INSERT, (org.id, org.name, org.created_at or self._clock()))
+
+    async def list_orgs(self) -> list[Organization]:
+        rows = await self._fetchall(
+            "SELECT id, name, created_at FROM organizations ORDER BY created_at, id", ()
+        )
+        return [Organization(id=r[0], name=r[1], created_at=r[2]) for r in rows]
+
+    async def create_team(self, team: Team) -> None:
+        """Insert a team; StorageError if the id exists or its organization does not."""
+        row = (team.id, team.org_id, team.name, team.created_at or self._clock())
+        await self._execute(_TEAM_INSERT, row)
+
+    async def list_teams(self, org_id: str | None = None) -> list[Team]:
+        if org_id is None:
+            rows = await self._fetchall(_TEAM_SELECT + " ORDER BY created_at, id", ())
+        else:
+            sql = _TEAM_SELECT + " WHERE org_id = ? ORDER BY created_at, id"
+            rows = await self._fetchall(sql, (org_id,))
+        return [Team(id=r[0], org_id=r[1], name=r[2], created_at=r[3]) for r in rows]
+
+    async def delete_team(self, team_id: str) -> bool:
+        return await self._execute("DELETE FROM teams WHERE id = ?", (team_id,)) > 0
+
+    # ----------------------------------------------------------------- reads
+
+    @contextlib.asynccontextmanager
+    async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        pool = self._pool
+        if pool is None:
+            raise StorageError("store is not open")
+        conn = await pool.get()
+        try:
+            yield conn
+        finally:
+            pool.put_nowait(conn)
+
+    async def _fetchall(self, sql: str, params: Iterable[object]) -> list[Any]:
+        async with self._reader() as conn:
+            try:
+                return list(await conn.execute_fetchall(sql, params))
+            except (sqlite3.Error, ValueError) as exc:  # ValueError: closed underneath us
+                raise StorageError(str(exc)) from exc
+
+    # ----------------------------------------------------------------- writes
+
+    async def _write(self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]) -> _T:
+        """Run ``fn`` on the writer connection in its own transaction; its result or error."""
+        if self._writer_task is None or not self._accepting:
+            raise StorageError("store is not open")
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_WriteOp(fn, future))
+        return await future
+
+    async def _execute(self, sql: str, params: Iterable[object]) -> int:
+        """One statement through the writer; the number of rows it changed."""
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(sql, params)
+            return cur.rowcount
+
+        return await self._write(op)
+
+    async def _run_writer(self, conn: aiosqlite.Connection) -> None:
+        """Drain the queue in order until the stop sentinel; survive every failing item."""
+        queue = self._queue
+        batch_size = self._batch_size
+        item: _Item | None = None
+        try:
+            while True:
+                if item is None:
+                    item = await queue.get()
+                if isinstance(item, UsageRecord):
+                    batch = [item]
+                    item = None
+                    while len(batch) < batch_size and not queue.empty():
+                        following = queue.get_nowait()
+                        if isinstance(following, UsageRecord):
+                            batch.append(following)
+                        else:
+                            item = following  # keeps order: handled right after the batch
+                            break
+                    await self._write_usage(conn, batch)
+                elif isinstance(item, _WriteOp):
+                    await self._run_op(conn, item)
+                    item = None
+                else:
+                    return
+        except Exception:
+            logger.exception("storage writer crashed")
+            raise
+        finally:
+            if isinstance(item, _WriteOp) and not item.future.done():
+                item.future.set_exception(StorageError("store closed before the write ran"))
+
+    async def _write_usage(self, conn: aiosqlite.Connection, batch: list[UsageRecord]) -> None:
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            await conn.executemany(_USAGE_INSERT, map(_as_row, batch))
+            await conn.commit()
+        except Exception:
+            await _rollback_quietly(conn)
+            self._failed += len(batch)
+            logger.exception("writing a batch of %d usage records failed", len(batch))
+        else:
+            self._written += len(batch)
+
+    async def _run_op(self, conn: aiosqlite.Connection, op: _WriteOp) -> None:
+        future = op.future
+        if future.done():  # the caller was cancelled before its turn
+            return
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = await op.fn(conn)
+                await conn.commit()
+            except BaseException:
+                await _rollback_quietly(conn)
+                raise
+        except sqlite3.Error as exc:
+            error = StorageError(str(exc))
+            error.__cause__ = exc
+            if not future.done():
+                future.set_exception(error)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)
+
+
+async def _schema_version(conn: aiosqlite.Connection) -> int:
+    cur = await conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    )
+    if await cur.fetchone() is None:
+        return 0
+    cur = await conn.execute("SELECT max(version) FROM schema_version")
+    row = await cur.fetchone()
+    return 0 if row is None or row[0] is None else int(row[0])

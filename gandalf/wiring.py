@@ -1,0 +1,95 @@
+"""The composition root: the only module that imports every layer.
+
+``create_app(config)`` returns the ASGI app; nothing is built until lifespan
+startup, so each granian worker process builds its own store, writer task,
+key cache and upstream sessions. ``worker_app`` is granian's factory target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from gandalf import bootstrap
+from gandalf.app.proxy import ProxyService
+from gandalf.app.router import RouteTable
+from gandalf.auth.apikey import KeyCache
+from gandalf.config import GandalfConfig, default_config_path, load_config
+from gandalf.provider.registry import ProviderRegistry
+from gandalf.server.asgi import GandalfApp, Runtime
+from gandalf.server.handlers import Api
+from gandalf.storage.sqlite import SqliteStore
+
+logger = logging.getLogger("gandalf")
+
+ENV_ACCESS_LOG = "GANDALF_ACCESS_LOG"
+
+
+def create_app(config: GandalfConfig, *, access_log: bool | None = None) -> GandalfApp:
+    """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config."""
+
+    async def build() -> Runtime:
+        store = SqliteStore(config.database.dsn)
+        await store.open()
+        registry: ProviderRegistry | None = None
+        try:
+            await bootstrap.reconcile(store, config)
+            routes = await store.list_routes()
+            providers = bootstrap.runtime_providers(config, await store.list_providers())
+            registry = ProviderRegistry.build(providers)
+            await registry.start()
+            table = RouteTable.build(routes, registry.providers, registry.disabled)
+            auth = config.auth
+            keys = KeyCache(
+                store,
+                ttl=auth.key_cache_ttl,
+                negative_ttl=auth.negative_cache_ttl,
+                max_size=auth.key_cache_size,
+            )
+            api = Api(ProxyService(table, store), keys, store)
+        except BaseException:
+            if registry is not None:
+                await registry.close()
+            await store.close()
+            raise
+        started_registry = registry
+
+        async def close() -> None:
+            try:
+                await started_registry.close()
+            finally:
+                await store.close()
+                if store.dropped_usage:
+                    logger.warning(
+                        "%d usage record(s) were dropped (queue full)", store.dropped_usage
+                    )
+
+        return Runtime(api.endpoints(), close)
+
+    server = config.server
+    return GandalfApp(
+        build,
+        max_body_bytes=server.max_body_bytes,
+        shutdown_timeout=server.shutdown_timeout,
+        access_log=server.access_log if access_log is None else access_log,
+    )
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    root = logging.getLogger("gandalf")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def worker_app() -> GandalfApp:
+    """granian factory: one app per worker, configured from the environment
+    (``GANDALF_CONFIG``, ``GANDALF_ACCESS_LOG``) set by ``gandalf serve``."""
+    configure_logging()
+    config = load_config(default_config_path(os.environ))
+    flag = os.environ.get(ENV_ACCESS_LOG)
+    return create_app(config, access_log=None if flag is None else flag == "1")

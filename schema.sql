@@ -1,0 +1,1 @@
+gandalf/schema.sql
