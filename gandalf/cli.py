@@ -147,9 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         factory=True,
         log_access=False,
         backlog=2048,
-        http1_settings=HTTP1Settings(
-            header_read_timeout=int(config.server.read_timeout * 1000)
-        ),
+        http1_settings=HTTP1Settings(header_read_timeout=int(config.server.read_timeout * 1000)),
         workers_kill_timeout=int(config.server.shutdown_timeout) + 5,
     )
     server.serve()

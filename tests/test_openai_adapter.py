@@ -72,15 +72,19 @@ def test_replace_model_keeps_every_other_byte() -> None:
     assert b'"unknown_field":true' in out
 
 
-def test_extract_usage_tolerates_missing_or_bad_usage() -> None:
-    assert (
-        extract_usage(
-            b'{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
-        ).total_tokens
-        == 7
-    )
-    assert extract_usage(b'{"id":"x"}').total_tokens == 0
-    assert extract_usage(b"not json").total_tokens == 0
+def test_extract_usage_tolerates_missing_usage_and_flags_non_json() -> None:
+    usage = extract_usage(b'{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}')
+    assert usage is not None and usage.total_tokens == 7
+    missing = extract_usage(b'{"id":"x"}')
+    assert missing is not None and missing.total_tokens == 0
+    assert extract_usage(b"not json") is None
+    assert extract_usage(b"[1]") is None
+
+
+def test_a_2xx_that_is_not_json_is_502(upstream: MockUpstream) -> None:
+    body = orjson.dumps({"model": "a", "messages": [{"role": "user", "content": "x"}]})
+    reply = run_call(upstream.base_url, chat_call(body, "badjson"))
+    assert type(reply) is UpstreamError and reply.status == 502
 
 
 def test_body_forwarded_as_sent_with_model_and_key_replaced(upstream: MockUpstream) -> None:

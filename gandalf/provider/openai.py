@@ -33,11 +33,13 @@ def replace_model(body: bytes, model: str) -> bytes:
     return _encoder.encode(fields)
 
 
-def extract_usage(body: bytes) -> Usage:
+def extract_usage(body: bytes) -> Usage | None:
+    """The ``usage`` of a completion body (zeros when absent); None when the
+    body is not a JSON object at all."""
     try:
         usage = _usage_decoder.decode(body).usage
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return _ZERO
+        return None
     return usage if usage is not None else _ZERO
 
 
@@ -78,4 +80,9 @@ class OpenAIProvider:
                 retry_after = resp.headers.get("Retry-After") if status >= 400 else None
         if status >= 300:
             raise transport.http_status_error(self.name, status, data, retry_after)
-        return ProviderReply(body=data, usage=extract_usage(data), status=status)
+        usage = extract_usage(data)
+        if usage is None:
+            raise UpstreamError(
+                f"Upstream provider '{self.name}' returned a response that is not a JSON object."
+            )
+        return ProviderReply(body=data, usage=usage, status=status)
