@@ -1,0 +1,368 @@
+"""Process and measurement helpers shared by ``load.py`` and ``soak.py``.
+
+Every server is started in its own session (process group), so stopping it takes its
+granian worker children along. :class:`ProcGroup` remembers what was started and stops all
+of it on exit, including on Ctrl-C. CPU and memory come from ``/proc``: utime+stime of a
+process and all its descendants (granian workers are child processes), and VmHWM/VmRSS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from mock_upstream import read_listen_line, start_mock
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+# A fixed bench-only key (gnd_ + base64url of 32 random bytes); it guards nothing real.
+BENCH_KEY = "gnd_IY49Wh5N3sQuzxfZ6uvP2Q3pT9aDl96ojR-2hEmU9qU"
+MODEL_ALIAS = "bench-model"
+CHAT_BODY = (
+    b'{"model":"bench-model","messages":[{"role":"user","content":"Hello, how are you today?"}]}'
+)
+STREAM_BODY = (
+    b'{"model":"bench-model","messages":[{"role":"user",'
+    b'"content":"Hello, how are you today?"}],"stream":true}'
+)
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    """A started server: its process (a session leader), port and log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, limit: int = 3000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_bytes()[-limit:].decode(errors="replace")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 8.0) -> None:
+    """SIGTERM the process group, wait, then SIGKILL whatever is left of it."""
+    if proc.poll() is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # orphaned workers, if any
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(2.0)
+
+
+@dataclass
+class ProcGroup:
+    """Context manager: every process added is stopped on exit, newest first."""
+
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def add(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> ProcGroup:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # A second Ctrl-C (or a SIGTERM) while cleaning up must not leave servers behind.
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            for proc in reversed(self.procs):
+                stop_process(proc)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM raises SystemExit and SIGINT KeyboardInterrupt, so ProcGroup always cleans up.
+
+    SIGINT is set explicitly because a shell starts background jobs with it ignored.
+    """
+
+    def _handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# -- pinning -------------------------------------------------------------------------------
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def taskset(cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus] if cpus is not None else []
+
+
+# -- /proc measurements --------------------------------------------------------------------
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its living descendants."""
+    children = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        out.append(cur)
+        todo.extend(children.get(cur, ()))
+    return out
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The processes doing the serving: the descendants of ``pid``, else ``pid`` itself.
+
+    Skips ``taskset`` wrappers (they exec, so none survive) and granian's master process.
+    """
+    tree = tree_pids(pid)
+    return tree[1:] or tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """Sum of utime+stime of ``pids`` (processes that vanished count as zero)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return ticks / _CLK_TCK
+
+
+def _status_kb(pid: int, key: bytes) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """Max VmHWM (peak resident set) over ``pids``, in MB."""
+    return max((_status_kb(p, b"VmHWM:") for p in pids), default=0) / 1024.0
+
+
+def rss_mb(pids: list[int]) -> list[float]:
+    """Current VmRSS of each of ``pids``, in MB."""
+    return [_status_kb(p, b"VmRSS:") / 1024.0 for p in pids]
+
+
+# -- HTTP helpers (stdlib only; off the measured path) -------------------------------------
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, bytes, str]:
+    """One request on a fresh connection; returns (status, body, content-type)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), resp.getheader("content-type", "")
+    finally:
+        conn.close()
+
+
+def chat_headers() -> dict[str, str]:
+    return {"Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}"}
+
+
+def wait_http_ok(server: Server, path: str, timeout: float) -> None:
+    """Poll ``GET path`` until 200; raise with the server's log tail on timeout or exit."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"{server.name} exited with {server.proc.returncode} before "
+                f"it was ready.\n--- its output ---\n{server.log_tail()}"
+            )
+        try:
+            status, _, _ = http_request(server.port, "GET", path, timeout=1.0)
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"{server.name} not ready on {server.url}{path} after {timeout:.0f}s "
+        f"({last}).\n--- its output ---\n{server.log_tail()}"
+    )
+
+
+def wait_port(server: Server, timeout: float) -> None:
+    """Poll until a POST to an unknown-to-us state answers at all (any status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited early.\n{server.log_tail()}")
+        try:
+            http_request(server.port, "GET", "/healthz", timeout=1.0)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{server.name} did not accept connections.\n{server.log_tail()}")
+
+
+# -- starting things -----------------------------------------------------------------------
+
+
+def launch_mock(group: ProcGroup, *, chunks: int, cpus: str | None) -> Server:
+    proc, port = start_mock(0, chunks=chunks, cpus=cpus)
+    group.add(proc)
+    server = Server("mock", proc, port)
+    wait_port(server, 10.0)
+    return server
+
+
+def launch_baseline(
+    group: ProcGroup, upstream: str, log_dir: Path, *, workers: int, cpus: str | None
+) -> Server:
+    log_path = log_dir / "baseline.log"
+    cmd = [
+        *taskset(cpus),
+        sys.executable,
+        str(BENCH_DIR / "baseline.py"),
+        "--port",
+        "0",
+        "--upstream",
+        upstream,
+        "--workers",
+        str(workers),
+    ]
+    with open(log_path, "wb") as log:
+        proc = group.add(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+        )
+    port = read_listen_line(proc, 15.0, "baseline")
+    server = Server("baseline", proc, port, log_path)
+    wait_port(server, 15.0)
+    return server
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_gandalf_config(tmpdir: Path, port: int, mock_port: int) -> Path:
+    """The bench config: one openai-type provider pointing at the mock, one route, one key."""
+    path = tmpdir / "gandalf.yaml"
+    path.write_text(
+        f'server: {{addr: "127.0.0.1:{port}", access_log: false}}\n'
+        f'database: {{dsn: "{tmpdir / "bench.db"}"}}\n'
+        "providers:\n"
+        f'  - {{name: mock, type: openai, base_url: "http://127.0.0.1:{mock_port}/v1", '
+        'api_key: "sk-bench"}\n'
+        "routes:\n"
+        f"  - {{model_alias: {MODEL_ALIAS}, targets: [{{provider: mock, model: {MODEL_ALIAS}}}]}}\n"
+        "keys:\n"
+        f'  - {{name: bench, key: "{BENCH_KEY}", org_id: default, role: service_account}}\n'
+    )
+    return path
+
+
+def launch_gandalf(
+    group: ProcGroup,
+    tmpdir: Path,
+    mock_port: int,
+    *,
+    workers: int,
+    cpus: str | None,
+    ready_timeout: float = 20.0,
+) -> Server:
+    """``python -m gandalf serve --config <tmpdir>/gandalf.yaml``; waits for /healthz."""
+    port = free_port()
+    config = write_gandalf_config(tmpdir, port, mock_port)
+    log_path = tmpdir / "gandalf.log"
+    cmd = [
+        *taskset(cpus),
+        sys.executable,
+        "-m",
+        "gandalf",
+        "serve",
+        "--config",
+        str(config),
+        "--workers",
+        str(workers),
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH")]))
+    with open(log_path, "wb") as log:
+        proc = group.add(
+            subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmpdir,
+                env=env,
+                start_new_session=True,
+            )
+        )
+    server = Server("gandalf", proc, port, log_path)
+    wait_http_ok(server, "/healthz", ready_timeout)
+    return server
