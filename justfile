@@ -52,4 +52,4 @@ soak *ARGS: _wrk
 
 # pyinstrument over an in-process run against the mock upstream; HTML + text in bench/results/
 profile *ARGS:
-    {{python}} bench/profile.py {{ARGS}}
+    {{python}} bench/profiler.py {{ARGS}}

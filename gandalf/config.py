@@ -103,6 +103,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     write_timeout: Annotated[float, msgspec.Meta(gt=0)] = 120.0
     shutdown_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     max_body_bytes: Annotated[int, msgspec.Meta(gt=0)] = 4_194_304
+    stream_keepalive: Annotated[float, msgspec.Meta(gt=0)] = 15.0
     access_log: bool = True
     workers: Annotated[int, msgspec.Meta(ge=1)] = 1
 
@@ -197,6 +198,8 @@ class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     timeout_ms: Annotated[int, msgspec.Meta(gt=0)] = 30_000
     enabled: bool = True
     latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    ttft_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    tokens_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class _TargetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -243,7 +246,7 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "keys[]": _KeyIn,
 }
 _DURATION_FIELDS: Mapping[str, tuple[str, ...]] = {
-    "server": ("read_timeout", "write_timeout", "shutdown_timeout"),
+    "server": ("read_timeout", "write_timeout", "shutdown_timeout", "stream_keepalive"),
     "auth": ("key_cache_ttl", "negative_cache_ttl"),
 }
 _TYPE_WORDS = {
@@ -530,6 +533,8 @@ class _Loader:
                     timeout_ms=p.timeout_ms,
                     enabled=enabled,
                     latency_ms=p.latency_ms,
+                    ttft_ms=p.ttft_ms,
+                    tokens_per_second=p.tokens_per_second,
                     disabled_reason=reason,
                     source="config",
                 )

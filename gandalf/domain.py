@@ -9,6 +9,7 @@ objects are frozen.
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator
 from typing import Literal, Protocol
 
 import msgspec
@@ -130,6 +131,8 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     timeout_ms: int = 30000
     enabled: bool = True
     latency_ms: int = 0  # fake provider only: simulated upstream latency
+    ttft_ms: int = 0  # fake provider only: time to first streamed token
+    tokens_per_second: float = 0.0  # fake provider only: stream pace (0: as fast as possible)
     disabled_reason: str | None = None  # why enabled is False, shown in 503s and logs
     source: str = "config"
 
@@ -167,6 +170,10 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     content: msgspec.Raw = _NULL
 
 
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
 class ChatRequest(msgspec.Struct, kw_only=True):
     """The view of a chat completion body the gateway routes on.
 
@@ -177,6 +184,22 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     model: str
     messages: list[ChatMessage]
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def wants_usage(self) -> bool:
+        """Did the client ask for the final usage-only stream event itself?"""
+        options = self.stream_options
+        return options is not None and options.include_usage
+
+
+class EmbeddingsRequest(msgspec.Struct, kw_only=True):
+    """The view of an embeddings body: ``input`` stays undecoded."""
+
+    model: str
+    input: msgspec.Raw
+    encoding_format: str | None = None
+    dimensions: int | None = None
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -190,6 +213,14 @@ class ChatCall(msgspec.Struct, kw_only=True):
 
     body: bytes
     request: ChatRequest
+    alias: str
+    target: Target
+    request_id: str
+
+
+class EmbeddingsCall(msgspec.Struct, kw_only=True):
+    body: bytes
+    request: EmbeddingsRequest
     alias: str
     target: Target
     request_id: str
@@ -223,9 +254,35 @@ class UsageRecord(msgspec.Struct, array_like=True):
 
 # --------------------------------------------------------------------------- protocols
 
+# Messages a cancelled stream task carries (``task.cancel(msg)``), so whoever
+# accounts for the stream knows why it ended.
+CANCEL_DISCONNECT = "client disconnected"
+CANCEL_SHUTDOWN = "server shutting down"
+
+
+class ChatStream(Protocol):
+    """A streamed chat completion, already accepted by the upstream.
+
+    Iterating yields OpenAI-format SSE bytes exactly as the client must see
+    them. ``usage`` is set once the upstream reported it; ``events`` counts
+    the data events relayed (an estimate of completion tokens when the stream
+    is cut short). ``aclose`` releases the upstream connection; idempotent.
+    """
+
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def events(self) -> int: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
 
 class Provider(Protocol):
-    """An upstream adapter. Errors are raised as gandalf GatewayError subclasses."""
+    """An upstream adapter. Errors are raised as gandalf GatewayError subclasses;
+    ``stream`` raises them before returning when the upstream refuses the request."""
 
     name: str
     config: ProviderConfig
@@ -235,3 +292,7 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
     async def chat(self, call: ChatCall) -> ProviderReply: ...
+
+    async def stream(self, call: ChatCall) -> ChatStream: ...
+
+    async def embeddings(self, call: EmbeddingsCall) -> ProviderReply: ...

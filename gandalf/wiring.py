@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from gandalf import bootstrap
 from gandalf.app.proxy import ProxyService
@@ -46,7 +47,7 @@ def create_app(config: GandalfConfig, *, access_log: bool | None = None) -> Gand
                 negative_ttl=auth.negative_cache_ttl,
                 max_size=auth.key_cache_size,
             )
-            api = Api(ProxyService(table, store), keys, store)
+            api = Api(ProxyService(table, store), keys, store, created=int(time.time()))
         except BaseException:
             if registry is not None:
                 await registry.close()
@@ -72,6 +73,7 @@ def create_app(config: GandalfConfig, *, access_log: bool | None = None) -> Gand
         max_body_bytes=server.max_body_bytes,
         shutdown_timeout=server.shutdown_timeout,
         access_log=server.access_log if access_log is None else access_log,
+        stream_keepalive=server.stream_keepalive,
     )
 
 

@@ -398,7 +398,7 @@ def test_body_over_the_limit_is_413(http: httpx.Client) -> None:
 def test_unknown_path_is_404_and_wrong_method_405(http: httpx.Client) -> None:
     assert_error(http.get("/v1/nope", headers=auth(MEMBER)), 404, "invalid_request_error")
     assert_error(
-        http.post("/v1/embeddings", headers=auth(MEMBER), json={}), 404, "invalid_request_error"
+        http.post("/v1/completions", headers=auth(MEMBER), json={}), 404, "invalid_request_error"
     )
     response = http.get(CHAT_PATH, headers=auth(MEMBER))
     assert_error(response, 405, "invalid_request_error")
@@ -587,19 +587,14 @@ def test_errors_map_to_sdk_exceptions(
         assert error["param"] == "model"
 
 
-def test_wrong_message_type_stream_and_size_through_the_sdk(sdk: Callable[[str], OpenAI]) -> None:
+def test_wrong_message_type_and_size_through_the_sdk(sdk: Callable[[str], OpenAI]) -> None:
     client = sdk(MEMBER)
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model="fake-model", messages="hi")  # type: ignore[arg-type]
     assert bad.value.param == "messages" and bad.value.type == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError) as stream:
-        client.chat.completions.create(model="fake-model", messages=user("s"), stream=True)
-    assert stream.value.param == "stream"
     with pytest.raises(openai.APIStatusError) as big:
         client.chat.completions.create(model="fake-model", messages=user("y" * 100_000))
     assert big.value.status_code == 413 and big.value.type == "invalid_request_error"
-    with pytest.raises(openai.NotFoundError):
-        client.models.list()  # /v1/models does not exist yet: an unknown path
 
 
 def test_upstream_200_with_a_body_that_is_not_json_is_502(http: httpx.Client) -> None:

@@ -18,6 +18,8 @@ from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry, ServerConfig
 from gandalf.domain import (
     ApiKey,
     ChatCall,
+    ChatStream,
+    EmbeddingsCall,
     ProviderConfig,
     ProviderReply,
     Route,
@@ -188,7 +190,7 @@ def test_invalid_bodies_get_400_naming_the_field(body: bytes, param: str | None)
     with_app(scenario)
 
 
-def test_stream_true_is_a_clear_400_until_streaming_lands() -> None:
+def test_stream_with_the_fake_provider() -> None:
     async def scenario(app: GandalfApp) -> None:
         reply = await call(
             app,
@@ -197,8 +199,30 @@ def test_stream_true_is_a_clear_400_until_streaming_lands() -> None:
             headers=bearer(MEMBER),
             json={**CHAT, "stream": True},
         )
-        error = assert_error(reply, 400, "invalid_request_error")
-        assert error["param"] == "stream" and "stream" in error["message"].lower()
+        assert reply.status == 200
+        assert reply.header("content-type") == "text/event-stream"
+        assert reply.header("cache-control") == "no-cache"
+        assert reply.header("x-accel-buffering") == "no"
+        assert reply.header("x-request-id")
+        assert reply.header("content-length") is None
+        events = [e for e in reply.body.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        chunks = [orjson.loads(e[6:]) for e in events[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text == "Hello there"
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        assert all("usage" not in c for c in chunks)  # not asked for: not sent
+        reply = await call(
+            app,
+            "POST",
+            "/v1/chat/completions",
+            headers=bearer(MEMBER),
+            json={**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+        )
+        events = [e for e in reply.body.split(b"\n\n") if e]
+        usage_event = orjson.loads(events[-2][6:])
+        assert usage_event["choices"] == [] and usage_event["usage"]["total_tokens"] > 0
 
     with_app(scenario)
 
@@ -327,6 +351,12 @@ class _Exploding:
     async def close(self) -> None: ...
 
     async def chat(self, call: ChatCall) -> ProviderReply:
+        raise RuntimeError("secret internals: sk-live-123")
+
+    async def stream(self, call: ChatCall) -> ChatStream:
+        raise RuntimeError("secret internals: sk-live-123")
+
+    async def embeddings(self, call: EmbeddingsCall) -> ProviderReply:
         raise RuntimeError("secret internals: sk-live-123")
 
 

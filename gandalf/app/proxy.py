@@ -2,23 +2,147 @@
 
 Every request that reaches the service leaves exactly one UsageRecord, whatever
 its outcome; the record is handed over with a synchronous ``put_nowait`` and
-never awaited.
+never awaited. A stream's record is written when the stream ends: its status
+says how (200, an upstream error's status, 499 client gone, 503 shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from gandalf.app.router import RouteTable
-from gandalf.domain import ChatCall, ChatRequest, Identity, ProviderReply, UsageRecord
+from gandalf.app.router import RouteEntry, RouteTable
+from gandalf.domain import (
+    CANCEL_SHUTDOWN,
+    ChatCall,
+    ChatRequest,
+    ChatStream,
+    EmbeddingsCall,
+    EmbeddingsRequest,
+    Identity,
+    Provider,
+    ProviderReply,
+    Target,
+    Usage,
+    UsageRecord,
+)
 from gandalf.errors import GatewayError, PermissionDenied
 
 
 class UsageSink(Protocol):
     def record_usage(self, record: UsageRecord) -> None: ...
+
+
+class _Accounting:
+    """What one request's usage record needs, captured once."""
+
+    __slots__ = ("alias", "endpoint", "identity", "request_id", "sink", "started", "wall")
+
+    def __init__(
+        self,
+        sink: UsageSink,
+        identity: Identity,
+        alias: str,
+        request_id: str,
+        started: float,
+        endpoint: str,
+        wall: Callable[[], float],
+    ) -> None:
+        self.sink = sink
+        self.identity = identity
+        self.alias = alias
+        self.request_id = request_id
+        self.started = started
+        self.endpoint = endpoint
+        self.wall = wall
+
+    def record(
+        self, target: Target | None, provider: str | None, usage: Usage | None, status: int
+    ) -> None:
+        identity = self.identity
+        if usage is not None:
+            prompt, completion, total = (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
+            )
+        else:
+            prompt = completion = total = 0
+        self.sink.record_usage(
+            UsageRecord(
+                self.request_id,
+                identity.key_id,
+                identity.org_id,
+                self.alias,
+                target.model if target is not None else None,
+                provider,
+                prompt,
+                completion,
+                total,
+                (time.perf_counter() - self.started) * 1000.0,
+                status,
+                self.wall(),
+                self.endpoint,
+            )
+        )
+
+
+def _failure_status(exc: BaseException) -> int:
+    if isinstance(exc, GatewayError):
+        return exc.status
+    # 499: the client went away and the request was cancelled (nginx's convention).
+    return 499 if isinstance(exc, asyncio.CancelledError) else 500
+
+
+class RecordedStream:
+    """A provider's ChatStream that records its usage exactly once, when it ends."""
+
+    __slots__ = ("_accounting", "_done", "_provider", "_stream", "_target")
+
+    def __init__(
+        self, stream: ChatStream, accounting: _Accounting, target: Target, provider: str
+    ) -> None:
+        self._stream = stream
+        self._accounting = accounting
+        self._target = target
+        self._provider = provider
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._relay()
+
+    async def _relay(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except GatewayError as exc:
+            self._finish(exc.status)
+            raise
+        except asyncio.CancelledError as exc:
+            self._finish(503 if exc.args and exc.args[0] == CANCEL_SHUTDOWN else 499)
+            raise
+        except Exception:
+            self._finish(500)
+            raise
+        self._finish(200)
+
+    def _finish(self, status: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        stream = self._stream
+        usage = stream.usage
+        if usage is None and stream.events:
+            # Cut short before the upstream reported usage: count what was relayed
+            # (one content event is about one token).
+            usage = Usage(completion_tokens=stream.events, total_tokens=stream.events)
+        self._accounting.record(self._target, self._provider, usage, status)
+
+    async def aclose(self, status: int) -> None:
+        self._finish(status)
+        await self._stream.aclose()
 
 
 class ProxyService:
@@ -35,6 +159,18 @@ class ProxyService:
         self._sink = sink
         self._clock = clock
 
+    def _resolve(self, identity: Identity, alias: str) -> RouteEntry:
+        entry = self.routes.resolve(alias)
+        if not identity.may_use(alias):
+            raise PermissionDenied(
+                f"This API key is not allowed to use model '{alias}'.", param="model"
+            )
+        return entry
+
+    def _pick(self, entry: RouteEntry) -> tuple[Target, Provider]:
+        # Failover across entry.targets comes later; today the first live target serves.
+        return entry.targets[0]
+
     async def chat(
         self,
         identity: Identity,
@@ -44,87 +180,88 @@ class ProxyService:
         started: float,
     ) -> ProviderReply:
         """Serve one chat completion. ``started`` is ``time.perf_counter()`` at arrival."""
-        alias = request.model
-        target = None
-        provider_name = None
+        accounting = _Accounting(
+            self._sink, identity, request.model, request_id, started, "chat", self._clock
+        )
+        target = provider = None
         try:
-            entry = self.routes.resolve(alias)
-            if not identity.may_use(alias):
-                raise PermissionDenied(
-                    f"This API key is not allowed to use model '{alias}'.", param="model"
-                )
-            # Failover across entry.targets comes later; today the first live target serves.
-            target, provider = entry.targets[0]
-            provider_name = provider.name
+            target, provider = self._pick(self._resolve(identity, request.model))
             reply = await provider.chat(
                 ChatCall(
-                    body=body, request=request, alias=alias, target=target, request_id=request_id
+                    body=body,
+                    request=request,
+                    alias=request.model,
+                    target=target,
+                    request_id=request_id,
                 )
             )
-        except GatewayError as exc:
-            self._record(
-                identity,
-                alias,
-                target.model if target else None,
-                provider_name,
-                None,
-                exc.status,
-                request_id,
-                started,
-            )
-            raise
         except BaseException as exc:
-            # 499: the client went away and the request was cancelled (nginx's convention).
-            status = 499 if isinstance(exc, asyncio.CancelledError) else 500
-            self._record(
-                identity,
-                alias,
-                target.model if target else None,
-                provider_name,
-                None,
-                status,
-                request_id,
-                started,
+            accounting.record(
+                target, provider.name if provider else None, None, _failure_status(exc)
             )
             raise
-        self._record(
-            identity, alias, target.model, provider_name, reply, reply.status, request_id, started
-        )
+        accounting.record(target, provider.name, reply.usage, reply.status)
         return reply
 
-    def _record(
+    async def chat_stream(
         self,
         identity: Identity,
-        alias: str,
-        target_model: str | None,
-        provider: str | None,
-        reply: ProviderReply | None,
-        status: int,
+        request: ChatRequest,
+        body: bytes,
         request_id: str,
         started: float,
-    ) -> None:
-        if reply is not None:
-            usage = reply.usage
-            prompt, completion, total = (
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.total_tokens,
-            )
-        else:
-            prompt = completion = total = 0
-        self._sink.record_usage(
-            UsageRecord(
-                request_id,
-                identity.key_id,
-                identity.org_id,
-                alias,
-                target_model,
-                provider,
-                prompt,
-                completion,
-                total,
-                (time.perf_counter() - started) * 1000.0,
-                status,
-                self._clock(),
-            )
+    ) -> RecordedStream:
+        """Open a streamed chat completion. Failures before the upstream accepted
+        the request raise (and are recorded); later ones end the stream."""
+        accounting = _Accounting(
+            self._sink, identity, request.model, request_id, started, "chat", self._clock
         )
+        target = provider = None
+        try:
+            target, provider = self._pick(self._resolve(identity, request.model))
+            stream = await provider.stream(
+                ChatCall(
+                    body=body,
+                    request=request,
+                    alias=request.model,
+                    target=target,
+                    request_id=request_id,
+                )
+            )
+        except BaseException as exc:
+            accounting.record(
+                target, provider.name if provider else None, None, _failure_status(exc)
+            )
+            raise
+        return RecordedStream(stream, accounting, target, provider.name)
+
+    async def embeddings(
+        self,
+        identity: Identity,
+        request: EmbeddingsRequest,
+        body: bytes,
+        request_id: str,
+        started: float,
+    ) -> ProviderReply:
+        accounting = _Accounting(
+            self._sink, identity, request.model, request_id, started, "embeddings", self._clock
+        )
+        target = provider = None
+        try:
+            target, provider = self._pick(self._resolve(identity, request.model))
+            reply = await provider.embeddings(
+                EmbeddingsCall(
+                    body=body,
+                    request=request,
+                    alias=request.model,
+                    target=target,
+                    request_id=request_id,
+                )
+            )
+        except BaseException as exc:
+            accounting.record(
+                target, provider.name if provider else None, None, _failure_status(exc)
+            )
+            raise
+        accounting.record(target, provider.name, reply.usage, reply.status)
+        return reply

@@ -76,5 +76,14 @@ class RouteTable:
     def aliases(self) -> list[str]:
         return list(self._entries)
 
+    def models(self) -> list[tuple[str, str]]:
+        """(alias, owner) for every alias that can serve now; the owner is the
+        provider of its first target."""
+        return [
+            (alias, entry.targets[0][1].name)
+            for alias, entry in sorted(self._entries.items())
+            if entry.unavailable is None
+        ]
+
     def __contains__(self, alias: object) -> bool:
         return alias in self._entries

@@ -8,11 +8,23 @@ box. ``latency_ms`` simulates upstream latency.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import math
+import struct
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 
-from gandalf.domain import ChatCall, ChatMessage, ProviderConfig, ProviderReply, Usage
+from gandalf.domain import (
+    ChatCall,
+    ChatMessage,
+    EmbeddingsCall,
+    ProviderConfig,
+    ProviderReply,
+    Usage,
+)
 
 _any = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -69,13 +81,111 @@ def prompt_chars(messages: list[ChatMessage]) -> int:
     return sum(len(message.content) for message in messages)
 
 
+def text_pieces(text: str) -> list[str]:
+    """The reply cut into ~4-character "tokens", as many as the usage estimate counts."""
+    return [text[i : i + 4] for i in range(0, len(text), 4)]
+
+
+def input_texts(raw: msgspec.Raw) -> list[str]:
+    """An embeddings ``input`` as strings: a string, strings, or token arrays."""
+    value = _any.decode(raw)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return [" ".join(map(str, value))]
+        return [v if isinstance(v, str) else " ".join(map(str, v)) for v in value]
+    return [str(value)]
+
+
+def fake_vector(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit vector for ``text``: the same input, the same vector."""
+    seed = hashlib.sha256(text.encode()).digest()
+    raw = b"".join(
+        hashlib.blake2b(seed + i.to_bytes(4, "little"), digest_size=64).digest()
+        for i in range((dimensions * 4 + 63) // 64)
+    )
+    values = [v / 2_147_483_648.0 for v in struct.unpack(f"<{dimensions}i", raw[: dimensions * 4])]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+class FakeStream:
+    """OpenAI-format chunks of the echoed reply, paced by ttft_ms and tokens_per_second."""
+
+    __slots__ = (
+        "_closed",
+        "_delay",
+        "_head",
+        "_include_usage",
+        "_pieces",
+        "_ttft",
+        "_usage",
+        "events",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        head: bytes,
+        pieces: list[str],
+        usage: Usage,
+        include_usage: bool,
+        ttft: float,
+        delay: float,
+    ) -> None:
+        self._head = head
+        self._pieces = pieces
+        self._usage = usage
+        self._include_usage = include_usage
+        self._ttft = ttft
+        self._delay = delay
+        self._closed = False
+        self.usage: Usage | None = None
+        self.events = 0
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        head = self._head
+        tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        if self._ttft:
+            await asyncio.sleep(self._ttft)
+        yield head + b'{"role":"assistant","content":""' + tail
+        for i, piece in enumerate(self._pieces):
+            if self._closed:
+                return
+            if self._delay and i:
+                await asyncio.sleep(self._delay)
+            self.events += 1
+            yield head + b'{"content":' + _encoder.encode(piece) + tail
+        final = head + b'{},"logprobs":null,"finish_reason":"stop"}]}\n\n'
+        if self._include_usage:
+            final += (
+                head.split(b'"choices":[', 1)[0]
+                + b'"choices":[],"usage":'
+                + _encoder.encode(self._usage)
+                + b"}\n\n"
+            )
+        self.usage = self._usage
+        yield final + b"data: [DONE]\n\n"
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+
 class FakeProvider:
-    __slots__ = ("_delay", "config", "name")
+    __slots__ = ("_delay", "_dimensions", "_token_delay", "_ttft", "config", "name")
 
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
         self.config = config
         self._delay = config.latency_ms / 1000.0
+        self._ttft = config.ttft_ms / 1000.0
+        tps = config.tokens_per_second
+        self._token_delay = 1.0 / tps if tps > 0 else 0.0
+        self._dimensions = 1536
 
     async def start(self) -> None:
         return None
@@ -102,5 +212,56 @@ class FakeProvider:
                 choices=[_Choice(0, _Message("assistant", text), None, "stop")],
                 usage=usage,
             )
+        )
+        return ProviderReply(body=body, usage=usage)
+
+    async def stream(self, call: ChatCall) -> FakeStream:
+        if self._delay:
+            await asyncio.sleep(self._delay)
+        messages = call.request.messages
+        text = reply_text(messages)
+        prompt = estimate_tokens(prompt_chars(messages))
+        completion = estimate_tokens(len(text))
+        usage = Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+        head = (
+            b'data: {"id":"chatcmpl-'
+            + call.request_id.replace("-", "").encode()
+            + b'","object":"chat.completion.chunk","created":'
+            + str(int(time.time())).encode()
+            + b',"model":'
+            + _encoder.encode(call.target.model)
+            + b',"choices":[{"index":0,"delta":'
+        )
+        return FakeStream(
+            head, text_pieces(text), usage, call.request.wants_usage, self._ttft, self._token_delay
+        )
+
+    async def embeddings(self, call: EmbeddingsCall) -> ProviderReply:
+        if self._delay:
+            await asyncio.sleep(self._delay)
+        request = call.request
+        texts = input_texts(request.input)
+        dimensions = request.dimensions or self._dimensions
+        as_base64 = request.encoding_format == "base64"
+        data = []
+        for index, text in enumerate(texts):
+            vector = fake_vector(text, dimensions)
+            embedding: object = (
+                base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+                if as_base64
+                else vector
+            )
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = estimate_tokens(sum(len(t) for t in texts))
+        usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
+        body = _encoder.encode(
+            {
+                "object": "list",
+                "data": data,
+                "model": call.target.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
         )
         return ProviderReply(body=body, usage=usage)

@@ -1,18 +1,23 @@
 """The OpenAI adapter: the body goes upstream as the client sent it.
 
-Only two things change on the way out: the model (when the route's target
-names a different one) and the credentials (the provider's key replaces the
-caller's). The answer comes back as bytes; only ``usage`` is decoded from it.
+Only these change on the way out: the model (when the route's target names a
+different one), ``stream_options.include_usage`` (set on streams so usage can
+be recorded; the usage-only event is then dropped before the client sees it
+unless the client asked for it), and the credentials (the provider's key
+replaces the caller's). Answers come back as bytes; only ``usage`` is decoded.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import aiohttp
 import msgspec
 
-from gandalf.domain import ChatCall, ProviderConfig, ProviderReply, Usage
+from gandalf.domain import ChatCall, EmbeddingsCall, ProviderConfig, ProviderReply, Usage
 from gandalf.errors import UpstreamError
 from gandalf.provider import transport
+from gandalf.provider.sse import EventRelay
 
 
 class _UsageOnly(msgspec.Struct):
@@ -23,14 +28,26 @@ _usage_decoder = msgspec.json.Decoder(_UsageOnly)
 _fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encoder = msgspec.json.Encoder()
 _ZERO = Usage()
+_TRUE = msgspec.Raw(b"true")
+
+
+def rewrite_body(body: bytes, *, model: str | None = None, include_usage: bool = False) -> bytes:
+    """``body`` with its top-level ``model`` replaced and/or
+    ``stream_options.include_usage`` set; every other value keeps its exact
+    original bytes (numbers, escapes, unknown fields)."""
+    fields = _fields_decoder.decode(body)
+    if model is not None:
+        fields["model"] = msgspec.Raw(_encoder.encode(model))
+    if include_usage:
+        raw = fields.get("stream_options")
+        options = _fields_decoder.decode(raw) if raw is not None and bytes(raw) != b"null" else {}
+        options["include_usage"] = _TRUE
+        fields["stream_options"] = msgspec.Raw(_encoder.encode(options))
+    return _encoder.encode(fields)
 
 
 def replace_model(body: bytes, model: str) -> bytes:
-    """``body`` with its top-level ``model`` set to ``model``; every other value
-    keeps its exact original bytes (numbers, escapes, unknown fields)."""
-    fields = _fields_decoder.decode(body)
-    fields["model"] = msgspec.Raw(_encoder.encode(model))
-    return _encoder.encode(fields)
+    return rewrite_body(body, model=model)
 
 
 def extract_usage(body: bytes) -> Usage | None:
@@ -43,20 +60,88 @@ def extract_usage(body: bytes) -> Usage | None:
     return usage if usage is not None else _ZERO
 
 
+class OpenAIChatStream:
+    """An accepted upstream stream, relayed event by event (see provider/sse.py)."""
+
+    __slots__ = ("_errors", "_name", "_relay", "_resp")
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        relay: EventRelay,
+        errors: transport.UpstreamErrors,
+        name: str,
+    ) -> None:
+        self._resp = resp
+        self._relay = relay
+        self._errors = errors
+        self._name = name
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._relay.usage
+
+    @property
+    def events(self) -> int:
+        return self._relay.events
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        resp = self._resp
+        relay = self._relay
+        complete = False
+        try:
+            with self._errors:
+                async for chunk in resp.content.iter_any():
+                    out = relay.feed(chunk)
+                    if out:
+                        yield out
+            rest = relay.finish()
+            if rest:
+                yield rest
+            if not relay.done:
+                raise UpstreamError(
+                    f"Upstream provider '{self._name}' ended the stream before [DONE]."
+                )
+            complete = True
+        finally:
+            if complete:
+                resp.release()  # fully read: the connection goes back to the pool
+            else:
+                resp.close()  # cut short: drop the connection, the upstream sees it close
+
+    async def aclose(self) -> None:
+        self._resp.close()
+
+
 class OpenAIProvider:
     """Any OpenAI-compatible upstream (OpenAI itself, vLLM, the bench mock, ...)."""
 
-    __slots__ = ("_chat_url", "_errors", "_headers", "_session", "config", "name")
+    __slots__ = (
+        "_chat_url",
+        "_embeddings_url",
+        "_errors",
+        "_headers",
+        "_session",
+        "_stream_timeout",
+        "config",
+        "name",
+    )
 
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
         self.config = config
-        self._chat_url = config.base_url.rstrip("/") + "/chat/completions"
+        base = config.base_url.rstrip("/")
+        self._chat_url = base + "/chat/completions"
+        self._embeddings_url = base + "/embeddings"
         headers = {"Content-Type": "application/json"}
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
         self._headers = headers
         self._errors = transport.UpstreamErrors(config.name, config.timeout_ms)
+        self._stream_timeout = transport.stream_timeout(config)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -67,14 +152,26 @@ class OpenAIProvider:
             await self._session.close()
             self._session = None
 
-    async def chat(self, call: ChatCall) -> ProviderReply:
+    def _live_session(self) -> aiohttp.ClientSession:
         session = self._session
         if session is None:
             raise UpstreamError(f"Provider '{self.name}' is not started.")
+        return session
+
+    async def chat(self, call: ChatCall) -> ProviderReply:
         model = call.target.model
-        body = call.body if model == call.request.model else replace_model(call.body, model)
+        body = call.body if model == call.request.model else rewrite_body(call.body, model=model)
+        return await self._post(self._chat_url, body)
+
+    async def embeddings(self, call: EmbeddingsCall) -> ProviderReply:
+        model = call.target.model
+        body = call.body if model == call.request.model else rewrite_body(call.body, model=model)
+        return await self._post(self._embeddings_url, body)
+
+    async def _post(self, url: str, body: bytes) -> ProviderReply:
+        session = self._live_session()
         with self._errors:
-            async with session.post(self._chat_url, data=body, headers=self._headers) as resp:
+            async with session.post(url, data=body, headers=self._headers) as resp:
                 data = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After") if status >= 400 else None
@@ -86,3 +183,36 @@ class OpenAIProvider:
                 f"Upstream provider '{self.name}' returned a response that is not a JSON object."
             )
         return ProviderReply(body=data, usage=usage, status=status)
+
+    async def stream(self, call: ChatCall) -> OpenAIChatStream:
+        session = self._live_session()
+        model = call.target.model
+        wants_usage = call.request.wants_usage
+        if model == call.request.model and wants_usage:
+            body = call.body
+        else:
+            body = rewrite_body(
+                call.body,
+                model=None if model == call.request.model else model,
+                include_usage=not wants_usage,
+            )
+        with self._errors:
+            resp = await session.post(
+                self._chat_url, data=body, headers=self._headers, timeout=self._stream_timeout
+            )
+            status = resp.status
+            if status >= 300 or not resp.content_type.startswith("text/event-stream"):
+                try:
+                    data = await resp.read()
+                    retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+                finally:
+                    resp.release()
+                if status >= 300:
+                    raise transport.http_status_error(self.name, status, data, retry_after)
+                raise UpstreamError(
+                    f"Upstream provider '{self.name}' answered a streaming request with "
+                    f"'{resp.content_type}' instead of an event stream."
+                )
+        return OpenAIChatStream(
+            resp, EventRelay(drop_usage=not wants_usage), self._errors, self.name
+        )

@@ -53,8 +53,18 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=total, sock_connect=min(total, CONNECT_TIMEOUT_CAP)),
         cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent",),
+        # No Accept-Encoding: LLM answers are small, and gzip would cost CPU both ways.
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
         raise_for_status=False,
+    )
+
+
+def stream_timeout(config: ProviderConfig) -> aiohttp.ClientTimeout:
+    """For streams ``timeout_ms`` bounds the silence between two reads, not the
+    whole answer: a long completion may stream for minutes."""
+    read = config.timeout_ms / 1000.0
+    return aiohttp.ClientTimeout(
+        total=None, sock_read=read, sock_connect=min(read, CONNECT_TIMEOUT_CAP)
     )
 
 

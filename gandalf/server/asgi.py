@@ -19,6 +19,7 @@ import orjson
 
 from gandalf.errors import BodyTooLarge, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gandalf.server.handlers import Endpoint
+from gandalf.server.stream import SHUTDOWN, relay
 from gandalf.server.types import Receive, Scope, Send
 from gandalf.server.wire import (
     JSON_CT,
@@ -64,11 +65,14 @@ class GandalfApp:
         max_body_bytes: int = 4 * 1024 * 1024,
         shutdown_timeout: float = 30.0,
         access_log: bool = True,
+        stream_keepalive: float = 15.0,
     ) -> None:
         self._build = build
         self._max_body = max_body_bytes
         self._shutdown_timeout = shutdown_timeout
         self._access_log = access_log
+        self._keepalive = stream_keepalive
+        self._streams: set[asyncio.Task[None]] = set()
         self._endpoints: dict[str, Endpoint] | None = None
         self._runtime: Runtime | None = None
         self._inflight = 0
@@ -106,85 +110,72 @@ class GandalfApp:
             return
         self._inflight += 1
         try:
-            response = await self._dispatch(
-                endpoints, scope, receive, request_id, authorization, api_key, length, started
-            )
-        except GatewayError as exc:
-            extra = exc.headers()
-            response = Response(
-                exc.status, exc.body(), (JSON_CT, *extra) if extra else JSON_HEADERS
-            )
-        except ClientDisconnected:
-            response = None
-        except Exception:
-            logger.exception(
-                "internal error handling %s %s (request %s)",
-                scope["method"],
-                scope["path"],
-                request_id,
-            )
-            response = Response(500, _INTERNAL.body())
+            path: str = scope["path"]
+            method: str = scope["method"]
+            try:
+                endpoint = endpoints.get(path)
+                if endpoint is None:
+                    raise NotFound(f"Unknown path: {path[:200]}")
+                handler = endpoint.methods.get(method)
+                if handler is None:
+                    raise MethodNotAllowed(
+                        f"Method {method} is not allowed on {path}; use {endpoint.allow}.",
+                        allow=endpoint.allow,
+                    )
+                body = await self._read_body(receive, length) if endpoint.reads_body else b""
+                response = await handler(
+                    Request(
+                        method,
+                        path,
+                        scope["headers"],
+                        body,
+                        request_id,
+                        authorization,
+                        api_key,
+                        scope.get("query_string", b""),
+                        started,
+                    )
+                )
+            except GatewayError as exc:
+                extra = exc.headers()
+                response = Response(
+                    exc.status, exc.body(), (JSON_CT, *extra) if extra else JSON_HEADERS
+                )
+            except ClientDisconnected:
+                return
+            except Exception:
+                logger.exception(
+                    "internal error handling %s %s (request %s)", method, path, request_id
+                )
+                response = Response(500, _INTERNAL.body())
+            if response.stream is None:
+                status = response.status
+                try:  # noqa: SIM105 - cheaper than contextlib.suppress on the hot path
+                    await _send(send, status, response.body, response.headers, request_id)
+                except OSError:
+                    pass  # the client went away; nothing left to tell it
+            else:
+                status = await relay(
+                    send, receive, response, request_id.encode(), self._keepalive, self._streams
+                )
         finally:
             self._inflight -= 1
             if self._inflight == 0 and self._idle is not None:
                 self._idle.set()
-        if response is None:
-            return
-        try:  # noqa: SIM105 - cheaper than contextlib.suppress on the hot path
-            await _send(send, response.status, response.body, response.headers, request_id)
-        except OSError:
-            pass  # the client went away; nothing left to tell it
         if self._access_log:
             access_logger.info(
                 "%s",
                 orjson.dumps(
                     {
                         "ts": round(time.time(), 3),
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "status": response.status,
+                        "method": method,
+                        "path": path,
+                        "status": status,
                         "ms": round((time.perf_counter() - started) * 1000.0, 2),
                         "request_id": request_id,
                     }
                 ).decode(),
             )
-
-    async def _dispatch(
-        self,
-        endpoints: dict[str, Endpoint],
-        scope: Scope,
-        receive: Receive,
-        request_id: str,
-        authorization: bytes | None,
-        api_key: bytes | None,
-        length: bytes | None,
-        started: float,
-    ) -> Response:
-        path: str = scope["path"]
-        endpoint = endpoints.get(path)
-        if endpoint is None:
-            raise NotFound(f"Unknown path: {path[:200]}")
-        method: str = scope["method"]
-        handler = endpoint.methods.get(method)
-        if handler is None:
-            raise MethodNotAllowed(
-                f"Method {method} is not allowed on {path}; use {endpoint.allow}.",
-                allow=endpoint.allow,
-            )
-        body = await self._read_body(receive, length) if endpoint.reads_body else b""
-        return await handler(
-            Request(
-                method,
-                path,
-                scope["headers"],
-                body,
-                request_id,
-                authorization,
-                api_key,
-                scope.get("query_string", b""),
-                started,
-            )
-        )
 
     async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
         limit = self._max_body
@@ -260,7 +251,16 @@ class GandalfApp:
             try:
                 await asyncio.wait_for(self._idle.wait(), self._shutdown_timeout)
             except TimeoutError:
-                logger.warning("shutdown timeout: %d request(s) still in flight", self._inflight)
+                logger.warning(
+                    "shutdown timeout: %d request(s) still in flight; ending %d stream(s)",
+                    self._inflight,
+                    len(self._streams),
+                )
+                streams = list(self._streams)
+                for task in streams:
+                    task.cancel(SHUTDOWN)
+                if streams:  # each ends with an error event, bounded
+                    await asyncio.wait(streams, timeout=5.0)
         self._runtime = None
         self._endpoints = None
         await runtime.close()

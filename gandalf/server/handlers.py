@@ -15,9 +15,9 @@ import msgspec
 
 from gandalf.app.proxy import ProxyService
 from gandalf.auth.apikey import KeyCache, credential
-from gandalf.domain import ChatRequest, Permission
+from gandalf.domain import ChatRequest, EmbeddingsRequest, Identity, Permission
 from gandalf.errors import InvalidRequest, NotReady, PermissionDenied
-from gandalf.server.wire import HEALTH_OK, READY_OK, Request, Response
+from gandalf.server.wire import HEALTH_OK, READY_OK, SSE_HEADERS, Request, Response
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -40,6 +40,7 @@ class Endpoint:
 
 
 _chat_decoder = msgspec.json.Decoder(ChatRequest)
+_embeddings_decoder = msgspec.json.Decoder(EmbeddingsRequest)
 _AT = re.compile(r" - at `\$(.*)`$")
 
 
@@ -64,22 +65,55 @@ def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Inva
     return InvalidRequest(f"Invalid request body{where}: {text}.", param=param)
 
 
+class _Model(msgspec.Struct):
+    id: str
+    created: int
+    owned_by: str
+    object: str = "model"
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_Model]
+    object: str = "list"
+
+
+_encoder = msgspec.json.Encoder()
+
+
 class Api:
     """The endpoints of the public HTTP surface."""
 
-    __slots__ = ("_keys", "_proxy", "_ready")
+    __slots__ = ("_all_models", "_keys", "_models", "_proxy", "_ready")
 
-    def __init__(self, proxy: ProxyService, keys: KeyCache, ready: Readiness) -> None:
+    def __init__(
+        self, proxy: ProxyService, keys: KeyCache, ready: Readiness, *, created: int = 0
+    ) -> None:
         self._proxy = proxy
         self._keys = keys
         self._ready = ready
+        # Built once: the route table does not change while it serves.
+        self._models = [
+            _Model(id=alias, created=created, owned_by=owner)
+            for alias, owner in proxy.routes.models()
+        ]
+        self._all_models = _encoder.encode(_ModelList(data=self._models))
 
     def endpoints(self) -> dict[str, Endpoint]:
         return {
             "/v1/chat/completions": Endpoint({"POST": self.chat_completions}, reads_body=True),
+            "/v1/embeddings": Endpoint({"POST": self.embeddings}, reads_body=True),
+            "/v1/models": Endpoint({"GET": self.models}, reads_body=False),
             "/healthz": Endpoint({"GET": self.healthz}, reads_body=False),
             "/readyz": Endpoint({"GET": self.readyz}, reads_body=False),
         }
+
+    async def _identity(self, request: Request, needs: Permission) -> Identity:
+        key = credential(request.authorization, request.api_key)
+        identity = self._keys.cached(key) or await self._keys.load(key)
+        if not identity.can(needs):
+            what = "call models" if needs is Permission.CALL_MODELS else "list models"
+            raise PermissionDenied(f"Keys with role '{identity.role}' cannot {what}.")
+        return identity
 
     async def chat_completions(self, request: Request) -> Response:
         key = credential(request.authorization, request.api_key)
@@ -93,15 +127,38 @@ class Api:
         if not chat.messages:
             raise InvalidRequest("'messages' must contain at least one message.", param="messages")
         if chat.stream:
-            raise InvalidRequest(
-                "Streaming ('stream': true) is not supported by this Gandalf version yet; "
-                "send the request without it.",
-                param="stream",
+            stream = await self._proxy.chat_stream(
+                identity, chat, request.body, request.request_id, request.started
             )
+            return Response(200, headers=SSE_HEADERS, stream=stream)
         reply = await self._proxy.chat(
             identity, chat, request.body, request.request_id, request.started
         )
         return Response(200, reply.body)
+
+    async def embeddings(self, request: Request) -> Response:
+        identity = await self._identity(request, Permission.CALL_MODELS)
+        try:
+            embed = _embeddings_decoder.decode(request.body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise validation_error(exc) from None
+        if bytes(embed.input) in (b"null", b'""', b"[]"):
+            raise InvalidRequest("'input' must not be empty.", param="input")
+        if embed.dimensions is not None and embed.dimensions < 1:
+            raise InvalidRequest("'dimensions' must be at least 1.", param="dimensions")
+        reply = await self._proxy.embeddings(
+            identity, embed, request.body, request.request_id, request.started
+        )
+        return Response(200, reply.body)
+
+    async def models(self, request: Request) -> Response:
+        identity = await self._identity(request, Permission.READ_MODELS)
+        allowed = identity.allowed_models
+        if allowed is None:
+            return Response(200, self._all_models)
+        return Response(
+            200, _encoder.encode(_ModelList(data=[m for m in self._models if m.id in allowed]))
+        )
 
     async def healthz(self, request: Request) -> Response:
         return Response(200, HEALTH_OK)

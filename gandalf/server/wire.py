@@ -7,9 +7,11 @@ Handlers never speak ASGI: they get a :class:`Request` and return a
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -20,6 +22,8 @@ SSE_HEADERS: Headers = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
+
+KEEPALIVE = b": keep-alive\n\n"
 
 HEALTH_OK = b'{"status":"ok"}'
 READY_OK = b'{"status":"ready"}'
@@ -69,11 +73,24 @@ class Request:
         self.started = started  # time.perf_counter() at arrival
 
 
-class Response:
-    """A handler's answer: status, extra header pairs and a body (bytes or a stream).
+class ByteStream(Protocol):
+    """A streamed response body.
 
-    ``content-type``, ``content-length`` and ``x-request-id`` are added by the ASGI
-    layer; ``headers`` carries only what is specific to this response.
+    Iterating yields the bytes to send. ``aclose(status)`` ends it early (or
+    confirms its end) and says how it ended for accounting: 499 client gone,
+    503 server shutting down. Closing twice is harmless.
+    """
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self, status: int) -> None: ...
+
+
+class Response:
+    """A handler's answer: status, header pairs and a body (bytes or a stream).
+
+    ``content-length`` (for bytes bodies) and ``x-request-id`` are added by the
+    ASGI layer; ``headers`` carries the rest (content-type included).
     """
 
     __slots__ = ("body", "headers", "status", "stream")
@@ -83,7 +100,7 @@ class Response:
         status: int,
         body: bytes = b"",
         headers: Headers = JSON_HEADERS,
-        stream: AsyncIterator[bytes] | None = None,
+        stream: ByteStream | None = None,
     ) -> None:
         self.status = status
         self.body = body
@@ -98,13 +115,26 @@ def sane_request_id(value: bytes) -> str | None:
     return value.decode("ascii")
 
 
+_random = random.Random(os.urandom(32))  # seeded once; ids need uniqueness, not secrecy
+_getrandbits = _random.getrandbits
+# Forked workers must not share one sequence.
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))
+_VERSION_VARIANT = 0x7 << 76 | 0b10 << 62
+
+
 def uuid7() -> str:
-    """A UUIDv7 string: 48-bit unix milliseconds, version 7, variant 10, random rest."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    # 12 bits rand_a, then 62 bits rand_b
-    rand_a = rand >> 68 & 0xFFF
-    rand_b = rand & 0x3FFF_FFFF_FFFF_FFFF
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
-    h = f"{value:032x}"
+    """A UUIDv7 string: 48-bit unix milliseconds, version 7, variant 10, 74 random bits.
+
+    The random bits come from a PRNG seeded from os.urandom at import: a
+    getrandom() syscall per request measured ~5 us on this VM, more than the
+    rest of the id.
+    """
+    rand = _getrandbits(74)
+    value = (
+        (time.time_ns() // 1_000_000) << 80
+        | _VERSION_VARIANT
+        | (rand >> 62) << 64
+        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    )
+    h = "%032x" % value  # noqa: UP031 - measurably faster than format() here
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

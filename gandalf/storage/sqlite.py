@@ -307,10 +307,16 @@ class SqliteStore:
         readers: int = 2,
         queue_size: int = 10000,
         batch_size: int = 512,
+        usage_linger: float = 0.05,
         clock: Callable[[], float] = time.time,
         migrations: Sequence[str] = MIGRATIONS,
     ) -> None:
-        """``dsn`` is a file path or ``":memory:"``; ``migrations`` exists for upgrade tests."""
+        """``dsn`` is a file path or ``":memory:"``; ``migrations`` exists for upgrade tests.
+
+        ``usage_linger``: under sustained traffic, usage batches are written at
+        most this often (seconds), so each transaction carries many records
+        instead of one; an idle writer writes a new record at once.
+        """
         if readers < 1 or queue_size < 1 or batch_size < 1:
             raise ValueError("readers, queue_size and batch_size must be at least 1")
         self._dsn = dsn
@@ -321,6 +327,7 @@ class SqliteStore:
         self._reader_count = readers
         self._queue_size = queue_size
         self._batch_size = batch_size
+        self._linger = usage_linger
         self._clock = clock
         self._migrations = tuple(migrations)
         # Unbounded on purpose: write operations and the stop sentinel must
@@ -723,12 +730,20 @@ class SqliteStore:
         """Drain the queue in order until the stop sentinel; survive every failing item."""
         queue = self._queue
         batch_size = self._batch_size
+        linger = self._linger
+        loop = asyncio.get_running_loop()
+        last_batch = float("-inf")
         item: _Item | None = None
         try:
             while True:
                 if item is None:
                     item = await queue.get()
                 if isinstance(item, UsageRecord):
+                    # Each transaction costs several thread hand-offs: under load,
+                    # let records gather for up to `linger` since the last batch.
+                    wait = last_batch + linger - loop.time()
+                    if wait > 0 and queue.qsize() < batch_size:
+                        await asyncio.sleep(wait)
                     batch = [item]
                     item = None
                     while len(batch) < batch_size and not queue.empty():
@@ -739,6 +754,7 @@ class SqliteStore:
                             item = following  # keeps order: handled right after the batch
                             break
                     await self._write_usage(conn, batch)
+                    last_batch = loop.time()
                 elif isinstance(item, _WriteOp):
                     await self._run_op(conn, item)
                     item = None

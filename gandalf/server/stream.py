@@ -1,0 +1,140 @@
+"""The SSE writer: relays a ByteStream to the client, chunk by chunk.
+
+Per stream, one watcher task waits on ``receive()``: granian answers it with
+``http.disconnect`` the moment the client goes away, and the watcher cancels
+the relay (so the upstream read is abandoned and its connection closed at
+once). The same watcher sends a ``: keep-alive`` comment whenever nothing was
+sent for ``keepalive`` seconds. After the headers went out, an error can only
+be told in-band: one ``data: {"error": {...}}`` event, then the end of the
+body. A stream never ends silently on an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
+from gandalf.errors import GatewayError
+from gandalf.server.types import Message, Receive, Send
+from gandalf.server.wire import KEEPALIVE, Response
+
+logger = logging.getLogger("gandalf.server")
+
+DISCONNECT = CANCEL_DISCONNECT
+SHUTDOWN = CANCEL_SHUTDOWN
+
+_BODY = "http.response.body"
+_END: Message = {"type": _BODY, "body": b"", "more_body": False}
+_SHUTDOWN_EVENT = (
+    b'data: {"error":{"message":"Gandalf is shutting down; the stream was ended before it '
+    b'finished.","type":"service_unavailable","param":null,"code":"server_shutdown"}}\n\n'
+)
+_INTERNAL_EVENT = (
+    b'data: {"error":{"message":"The gateway hit an internal error; it has been logged.",'
+    b'"type":"internal_error","param":null,"code":"internal_error"}}\n\n'
+)
+
+
+class _Watch:
+    """Shared between the relay and its watcher task."""
+
+    __slots__ = ("disconnected", "last_sent", "lock")
+
+    def __init__(self, now: float) -> None:
+        self.disconnected = False
+        self.last_sent = now
+        self.lock = asyncio.Lock()  # only taken for keep-alive sends and when one is under way
+
+
+async def _watch(
+    receive: Receive, send: Send, relay: asyncio.Task[None], watch: _Watch, keepalive: float
+) -> None:
+    loop = asyncio.get_running_loop()
+    pending = asyncio.ensure_future(receive())
+    try:
+        while True:
+            if keepalive > 0:
+                timeout = max(0.0, watch.last_sent + keepalive - loop.time())
+                await asyncio.wait((pending,), timeout=timeout)
+            else:
+                await asyncio.wait((pending,))
+            if pending.done():
+                if pending.result()["type"] == "http.disconnect":
+                    watch.disconnected = True
+                    relay.cancel(DISCONNECT)
+                    return
+                pending = asyncio.ensure_future(receive())  # stray body message: keep listening
+                continue
+            if loop.time() - watch.last_sent >= keepalive and not watch.lock.locked():
+                async with watch.lock:
+                    await send({"type": _BODY, "body": KEEPALIVE, "more_body": True})
+                    watch.last_sent = loop.time()
+    finally:
+        pending.cancel()
+
+
+async def relay(
+    send: Send,
+    receive: Receive,
+    response: Response,
+    request_id: bytes,
+    keepalive: float,
+    active: set[asyncio.Task[None]],
+) -> int:
+    """Send ``response`` (which has a stream) and return the status it ended with:
+    its own on success, the error's after a failure, 499 or 503 when cut short."""
+    stream = response.stream
+    assert stream is not None
+    task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
+    loop = asyncio.get_running_loop()
+    watch = _Watch(loop.time())
+    watcher = asyncio.create_task(_watch(receive, send, task, watch, keepalive))
+    active.add(task)
+    status = response.status
+    closing = status
+    try:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*response.headers, (b"x-request-id", request_id)],
+            }
+        )
+        lock = watch.lock
+        async for chunk in stream:
+            if lock.locked():  # a keep-alive is being written: let it finish first
+                async with lock:
+                    pass
+            await send({"type": _BODY, "body": chunk, "more_body": True})
+            watch.last_sent = loop.time()
+        await send(_END)
+    except asyncio.CancelledError as exc:
+        reason = exc.args[0] if exc.args else None
+        if reason not in (DISCONNECT, SHUTDOWN):
+            closing = 499
+            raise  # not ours: the server is tearing the task down
+        task.uncancel()
+        if reason == DISCONNECT:
+            closing = 499
+        else:
+            closing = 503
+            await _end_with(send, _SHUTDOWN_EVENT)
+    except GatewayError as exc:
+        closing = exc.status
+        await _end_with(send, b"data: " + exc.body() + b"\n\n")
+    except Exception:
+        logger.exception("internal error while streaming (request %s)", request_id.decode())
+        closing = 500
+        await _end_with(send, _INTERNAL_EVENT)
+    finally:
+        active.discard(task)
+        watcher.cancel()
+        await stream.aclose(closing)
+    return closing
+
+
+async def _end_with(send: Send, event: bytes) -> None:
+    with contextlib.suppress(OSError):  # the client may be gone too
+        await send({"type": _BODY, "body": event, "more_body": False})
