@@ -68,11 +68,11 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     org_id: str
     team_id: str | None
     role: str
-    permissions: Permission
+    permissions: int  # Permission bits as a plain int: IntFlag arithmetic is slow Python
     allowed_models: frozenset[str] | None
     expires_at: float | None
 
-    def can(self, permission: Permission) -> bool:
+    def can(self, permission: int) -> bool:
         return (self.permissions & permission) == permission
 
     def may_use(self, model_alias: str) -> bool:
@@ -88,7 +88,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
             org_id=key.org_id,
             team_id=key.team_id,
             role=key.role,
-            permissions=ROLE_PERMISSIONS.get(key.role, Permission(0)),
+            permissions=int(ROLE_PERMISSIONS.get(key.role, Permission(0))),
             allowed_models=None if key.allowed_models is None else frozenset(key.allowed_models),
             expires_at=key.expires_at,
         )

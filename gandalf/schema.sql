@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE INDEX IF NOT EXISTS api_keys_org_id ON api_keys (org_id);
 
 CREATE TABLE IF NOT EXISTS usage_records (
-    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                INTEGER PRIMARY KEY,  -- rowid alias: no AUTOINCREMENT bookkeeping per insert
     request_id        TEXT NOT NULL,
     key_id            TEXT,
     org_id            TEXT,

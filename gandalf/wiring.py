@@ -26,8 +26,11 @@ logger = logging.getLogger("gandalf")
 ENV_ACCESS_LOG = "GANDALF_ACCESS_LOG"
 
 
-def create_app(config: GandalfConfig, *, access_log: bool | None = None) -> GandalfApp:
-    """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config."""
+def create_app(
+    config: GandalfConfig, *, access_log: bool | None = None, handle_signals: bool = False
+) -> GandalfApp:
+    """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config;
+    ``handle_signals`` is for server workers (see GandalfApp)."""
 
     async def build() -> Runtime:
         store = SqliteStore(config.database.dsn)
@@ -74,6 +77,7 @@ def create_app(config: GandalfConfig, *, access_log: bool | None = None) -> Gand
         shutdown_timeout=server.shutdown_timeout,
         access_log=server.access_log if access_log is None else access_log,
         stream_keepalive=server.stream_keepalive,
+        handle_signals=handle_signals,
     )
 
 
@@ -94,4 +98,4 @@ def worker_app() -> GandalfApp:
     configure_logging()
     config = load_config(default_config_path(os.environ))
     flag = os.environ.get(ENV_ACCESS_LOG)
-    return create_app(config, access_log=None if flag is None else flag == "1")
+    return create_app(config, access_log=None if flag is None else flag == "1", handle_signals=True)

@@ -92,12 +92,16 @@ class _Accounting:
 def _failure_status(exc: BaseException) -> int:
     if isinstance(exc, GatewayError):
         return exc.status
-    # 499: the client went away and the request was cancelled (nginx's convention).
-    return 499 if isinstance(exc, asyncio.CancelledError) else 500
+    if isinstance(exc, asyncio.CancelledError):
+        # 503: cut off by the shutdown deadline; 499: the client went away (nginx's code).
+        return 503 if exc.args and exc.args[0] == CANCEL_SHUTDOWN else 499
+    return 500
 
 
 class RecordedStream:
-    """A provider's ChatStream that records its usage exactly once, when it ends."""
+    """A provider's ChatStream whose usage is recorded once, when the server
+    closes it with the status it ended with. Iterating it iterates the
+    provider's stream directly: no extra layer per chunk."""
 
     __slots__ = ("_accounting", "_done", "_provider", "_stream", "_target")
 
@@ -111,37 +115,18 @@ class RecordedStream:
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._relay()
-
-    async def _relay(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._stream:
-                yield chunk
-        except GatewayError as exc:
-            self._finish(exc.status)
-            raise
-        except asyncio.CancelledError as exc:
-            self._finish(503 if exc.args and exc.args[0] == CANCEL_SHUTDOWN else 499)
-            raise
-        except Exception:
-            self._finish(500)
-            raise
-        self._finish(200)
-
-    def _finish(self, status: int) -> None:
-        if self._done:
-            return
-        self._done = True
-        stream = self._stream
-        usage = stream.usage
-        if usage is None and stream.events:
-            # Cut short before the upstream reported usage: count what was relayed
-            # (one content event is about one token).
-            usage = Usage(completion_tokens=stream.events, total_tokens=stream.events)
-        self._accounting.record(self._target, self._provider, usage, status)
+        return self._stream.__aiter__()
 
     async def aclose(self, status: int) -> None:
-        self._finish(status)
+        if not self._done:
+            self._done = True
+            stream = self._stream
+            usage = stream.usage
+            if usage is None and stream.events:
+                # Cut short before the upstream reported usage: count what was
+                # relayed (one content event is about one token).
+                usage = Usage(completion_tokens=stream.events, total_tokens=stream.events)
+            self._accounting.record(self._target, self._provider, usage, status)
         await self._stream.aclose()
 
 
@@ -179,28 +164,60 @@ class ProxyService:
         request_id: str,
         started: float,
     ) -> ProviderReply:
-        """Serve one chat completion. ``started`` is ``time.perf_counter()`` at arrival."""
-        accounting = _Accounting(
-            self._sink, identity, request.model, request_id, started, "chat", self._clock
-        )
+        """Serve one chat completion. ``started`` is ``time.perf_counter()`` at arrival.
+
+        The hot path: written out flat (no helper objects or calls) on purpose.
+        """
+        alias = request.model
         target = provider = None
         try:
-            target, provider = self._pick(self._resolve(identity, request.model))
+            entry = self.routes.resolve(alias)
+            if not identity.may_use(alias):
+                raise PermissionDenied(
+                    f"This API key is not allowed to use model '{alias}'.", param="model"
+                )
+            # Failover across entry.targets comes later; today the first live target serves.
+            target, provider = entry.targets[0]
             reply = await provider.chat(
                 ChatCall(
-                    body=body,
-                    request=request,
-                    alias=request.model,
-                    target=target,
-                    request_id=request_id,
+                    body=body, request=request, alias=alias, target=target, request_id=request_id
                 )
             )
         except BaseException as exc:
-            accounting.record(
-                target, provider.name if provider else None, None, _failure_status(exc)
+            self._sink.record_usage(
+                UsageRecord(
+                    request_id,
+                    identity.key_id,
+                    identity.org_id,
+                    alias,
+                    target.model if target is not None else None,
+                    provider.name if provider is not None else None,
+                    0,
+                    0,
+                    0,
+                    (time.perf_counter() - started) * 1000.0,
+                    _failure_status(exc),
+                    self._clock(),
+                )
             )
             raise
-        accounting.record(target, provider.name, reply.usage, reply.status)
+        usage = reply.usage
+        self._sink.record_usage(
+            UsageRecord(
+                request_id,
+                identity.key_id,
+                identity.org_id,
+                alias,
+                target.model,
+                provider.name,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
+                (time.perf_counter() - started) * 1000.0,
+                reply.status,
+                self._clock(),
+            )
+        )
         return reply
 
     async def chat_stream(

@@ -109,6 +109,27 @@ class KeyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def from_headers(self, authorization: bytes | None, api_key: bytes | None) -> Identity | None:
+        """The hot path: the identity for a request's credential if the cache
+        knows it, else None (then call :func:`credential` and :meth:`load`).
+
+        Hashes the header bytes as they are: only well-formed keys ever enter
+        the cache, so a malformed credential is always a miss.
+        """
+        if authorization is not None:
+            if authorization[:7].lower() != _BEARER:
+                return None
+            raw = authorization[7:].strip()
+        elif api_key is not None:
+            raw = api_key.strip()
+        else:
+            return None
+        key_hash = hashlib.sha256(raw).hexdigest()
+        entry = self._entries.get(key_hash)
+        if entry is None or self._clock() >= entry[1]:
+            return None
+        return self._check(entry[0], key_hash)
+
     def cached(self, key: str) -> Identity | None:
         """The identity for ``key`` if the cache knows it; None on a miss.
 

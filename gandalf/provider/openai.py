@@ -29,6 +29,7 @@ _fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encoder = msgspec.json.Encoder()
 _ZERO = Usage()
 _TRUE = msgspec.Raw(b"true")
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
 
 def rewrite_body(body: bytes, *, model: str | None = None, include_usage: bool = False) -> bytes:
@@ -161,7 +162,23 @@ class OpenAIProvider:
     async def chat(self, call: ChatCall) -> ProviderReply:
         model = call.target.model
         body = call.body if model == call.request.model else rewrite_body(call.body, model=model)
-        return await self._post(self._chat_url, body)
+        session = self._session
+        if session is None:
+            raise UpstreamError(f"Provider '{self.name}' is not started.")
+        # The hot path: the same steps as _post, written out to save a coroutine hop.
+        with self._errors:
+            async with session.post(self._chat_url, data=body, headers=self._headers) as resp:
+                data = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+        if status >= 300:
+            raise transport.http_status_error(self.name, status, data, retry_after)
+        usage = extract_usage(data)
+        if usage is None:
+            raise UpstreamError(
+                f"Upstream provider '{self.name}' returned a response that is not a JSON object."
+            )
+        return ProviderReply(body=data, usage=usage, status=status)
 
     async def embeddings(self, call: EmbeddingsCall) -> ProviderReply:
         model = call.target.model
@@ -188,8 +205,15 @@ class OpenAIProvider:
         session = self._live_session()
         model = call.target.model
         wants_usage = call.request.wants_usage
+        body = call.body
         if model == call.request.model and wants_usage:
-            body = call.body
+            pass
+        elif model == call.request.model and b'"stream_options"' not in body:
+            # The common case: splice the option in rather than re-encode the body.
+            # The body is a JSON object with at least model and messages, so a
+            # member followed by a comma right after its "{" keeps it valid.
+            brace = body.index(b"{")
+            body = body[: brace + 1] + _INCLUDE_USAGE + body[brace + 1 :]
         else:
             body = rewrite_body(
                 call.body,

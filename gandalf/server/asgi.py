@@ -11,12 +11,18 @@ capped body read, the handler, and one start + one body message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any
 
 import orjson
 
+from gandalf.domain import CANCEL_DISCONNECT
 from gandalf.errors import BodyTooLarge, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gandalf.server.handlers import Endpoint
 from gandalf.server.stream import SHUTDOWN, relay
@@ -34,6 +40,10 @@ logger = logging.getLogger("gandalf.server")
 access_logger = logging.getLogger("gandalf.access")
 
 _INTERNAL = GatewayError("The gateway hit an internal error; it has been logged.")
+_SHUTDOWN_BODY = (
+    b'{"error":{"message":"Gandalf is shutting down and could not finish this request in '
+    b'time.","type":"service_unavailable","param":null,"code":"server_shutdown"}}'
+)
 _NOT_READY_BODY = GatewayError("Gandalf is starting or stopping.").body()
 _START = "http.response.start"
 _BODY = "http.response.body"
@@ -66,21 +76,27 @@ class GandalfApp:
         shutdown_timeout: float = 30.0,
         access_log: bool = True,
         stream_keepalive: float = 15.0,
+        handle_signals: bool = False,
     ) -> None:
+        """``handle_signals``: in a server worker, start the drain deadline on
+        SIGTERM/SIGINT (granian keeps serving in-flight requests until they end,
+        so the app itself must bound them by ``shutdown_timeout``)."""
         self._build = build
         self._max_body = max_body_bytes
         self._shutdown_timeout = shutdown_timeout
         self._access_log = access_log
         self._keepalive = stream_keepalive
-        self._streams: set[asyncio.Task[None]] = set()
+        self._active: set[asyncio.Task[Any]] = set()  # every request in flight
+        self._handle_signals = handle_signals
+        self._previous_handlers: dict[int, Any] = {}
+        self._deadline: asyncio.TimerHandle | None = None
         self._endpoints: dict[str, Endpoint] | None = None
         self._runtime: Runtime | None = None
-        self._inflight = 0
         self._idle: asyncio.Event | None = None
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        return len(self._active)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -108,7 +124,10 @@ class GandalfApp:
         if endpoints is None:
             await _send(send, 503, _NOT_READY_BODY, JSON_HEADERS, request_id)
             return
-        self._inflight += 1
+        task = asyncio.current_task()
+        assert task is not None
+        active = self._active
+        active.add(task)
         try:
             path: str = scope["path"]
             method: str = scope["method"]
@@ -134,6 +153,7 @@ class GandalfApp:
                         api_key,
                         scope.get("query_string", b""),
                         started,
+                        receive,
                     )
                 )
             except GatewayError as exc:
@@ -143,6 +163,15 @@ class GandalfApp:
                 )
             except ClientDisconnected:
                 return
+            except asyncio.CancelledError as exc:
+                reason = exc.args[0] if exc.args else None
+                if reason == CANCEL_DISCONNECT:
+                    task.uncancel()  # the client is gone: nobody to answer
+                    return
+                if reason != SHUTDOWN:
+                    raise
+                task.uncancel()  # the shutdown deadline passed: answer, then stop
+                response = Response(503, _SHUTDOWN_BODY)
             except Exception:
                 logger.exception(
                     "internal error handling %s %s (request %s)", method, path, request_id
@@ -150,17 +179,27 @@ class GandalfApp:
                 response = Response(500, _INTERNAL.body())
             if response.stream is None:
                 status = response.status
-                try:  # noqa: SIM105 - cheaper than contextlib.suppress on the hot path
-                    await _send(send, status, response.body, response.headers, request_id)
+                body = response.body
+                try:
+                    await send(
+                        {
+                            "type": _START,
+                            "status": status,
+                            "headers": [
+                                *response.headers,
+                                (b"content-length", b"%d" % len(body)),
+                                (b"x-request-id", request_id.encode()),
+                            ],
+                        }
+                    )
+                    await send({"type": _BODY, "body": body})
                 except OSError:
                     pass  # the client went away; nothing left to tell it
             else:
-                status = await relay(
-                    send, receive, response, request_id.encode(), self._keepalive, self._streams
-                )
+                status = await relay(send, receive, response, request_id.encode(), self._keepalive)
         finally:
-            self._inflight -= 1
-            if self._inflight == 0 and self._idle is not None:
+            active.discard(task)
+            if not active and self._idle is not None:
                 self._idle.set()
         if self._access_log:
             access_logger.info(
@@ -223,6 +262,8 @@ class GandalfApp:
                     raise
                 self._runtime = runtime
                 self._endpoints = runtime.endpoints
+                if self._handle_signals:
+                    self._install_signal_drain()
                 await send({"type": "lifespan.startup.complete"})
             elif kind == "lifespan.shutdown":
                 try:
@@ -240,27 +281,68 @@ class GandalfApp:
         self._runtime = runtime
         self._endpoints = runtime.endpoints
 
+    def _install_signal_drain(self) -> None:
+        """Chain a Python-level SIGTERM/SIGINT handler in front of the event
+        loop's: the loop's own handlers (granian's) still run, through the
+        signal wakeup fd and the previous handler, which is called too."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            self._previous_handlers[signum] = previous
+
+            def handler(num: int, frame: FrameType | None, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self.begin_drain)
+                if callable(previous):
+                    previous(num, frame)
+
+            signal.signal(signum, handler)
+
+    def _restore_signals(self) -> None:
+        for signum, previous in self._previous_handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, previous)
+        self._previous_handlers.clear()
+
+    def begin_drain(self) -> None:
+        """The server stopped accepting: in-flight requests get ``shutdown_timeout``
+        to finish; after that, streams end with an error event and other
+        requests are answered 503."""
+        if self._deadline is None:
+            loop = asyncio.get_running_loop()
+            logger.info(
+                "draining %d in-flight request(s), at most %.1fs",
+                len(self._active),
+                self._shutdown_timeout,
+            )
+            self._deadline = loop.call_later(self._shutdown_timeout, self._cut_off)
+
+    def _cut_off(self) -> None:
+        if self._active:
+            logger.warning(
+                "shutdown timeout: ending %d request(s) still in flight", len(self._active)
+            )
+        for task in list(self._active):
+            task.cancel(SHUTDOWN)
+
     async def shutdown(self) -> None:
         """Wait for in-flight requests (bounded), then close everything. Idempotent."""
         runtime = self._runtime
         if runtime is None:
             return
-        if self._inflight:
+        self._restore_signals()
+        if self._active:
+            self.begin_drain()
             self._idle = asyncio.Event()
-            logger.info("draining %d in-flight request(s)", self._inflight)
             try:
-                await asyncio.wait_for(self._idle.wait(), self._shutdown_timeout)
+                await asyncio.wait_for(self._idle.wait(), self._shutdown_timeout + 5.0)
             except TimeoutError:
-                logger.warning(
-                    "shutdown timeout: %d request(s) still in flight; ending %d stream(s)",
-                    self._inflight,
-                    len(self._streams),
+                logger.error(
+                    "%d request(s) did not end after the shutdown timeout", len(self._active)
                 )
-                streams = list(self._streams)
-                for task in streams:
-                    task.cancel(SHUTDOWN)
-                if streams:  # each ends with an error event, bounded
-                    await asyncio.wait(streams, timeout=5.0)
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._runtime = None
         self._endpoints = None
         await runtime.close()

@@ -7,6 +7,7 @@ every failure and leaves turning them into responses to the error boundary.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -17,7 +18,14 @@ from gandalf.app.proxy import ProxyService
 from gandalf.auth.apikey import KeyCache, credential
 from gandalf.domain import ChatRequest, EmbeddingsRequest, Identity, Permission
 from gandalf.errors import InvalidRequest, NotReady, PermissionDenied
-from gandalf.server.wire import HEALTH_OK, READY_OK, SSE_HEADERS, Request, Response
+from gandalf.server.wire import (
+    HEALTH_OK,
+    READY_OK,
+    SSE_HEADERS,
+    ClientWatch,
+    Request,
+    Response,
+)
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -78,6 +86,7 @@ class _ModelList(msgspec.Struct):
 
 
 _encoder = msgspec.json.Encoder()
+_CALL_MODELS = int(Permission.CALL_MODELS)
 
 
 class Api:
@@ -108,17 +117,19 @@ class Api:
         }
 
     async def _identity(self, request: Request, needs: Permission) -> Identity:
-        key = credential(request.authorization, request.api_key)
-        identity = self._keys.cached(key) or await self._keys.load(key)
+        identity = self._keys.from_headers(request.authorization, request.api_key)
+        if identity is None:
+            identity = await self._keys.load(credential(request.authorization, request.api_key))
         if not identity.can(needs):
             what = "call models" if needs is Permission.CALL_MODELS else "list models"
             raise PermissionDenied(f"Keys with role '{identity.role}' cannot {what}.")
         return identity
 
     async def chat_completions(self, request: Request) -> Response:
-        key = credential(request.authorization, request.api_key)
-        identity = self._keys.cached(key) or await self._keys.load(key)
-        if not identity.can(Permission.CALL_MODELS):
+        identity = self._keys.from_headers(request.authorization, request.api_key)
+        if identity is None:
+            identity = await self._keys.load(credential(request.authorization, request.api_key))
+        if not identity.permissions & _CALL_MODELS:
             raise PermissionDenied(f"Keys with role '{identity.role}' cannot call models.")
         try:
             chat = _chat_decoder.decode(request.body)
@@ -127,10 +138,22 @@ class Api:
         if not chat.messages:
             raise InvalidRequest("'messages' must contain at least one message.", param="messages")
         if chat.stream:
-            stream = await self._proxy.chat_stream(
-                identity, chat, request.body, request.request_id, request.started
-            )
-            return Response(200, headers=SSE_HEADERS, stream=stream)
+            watch = None
+            if request.receive is not None:
+                # Watch for a disconnect from now on: a client that gives up before
+                # the first byte must cancel the upstream call too.
+                task = asyncio.current_task()
+                assert task is not None
+                watch = ClientWatch(request.receive, task)
+            try:
+                stream = await self._proxy.chat_stream(
+                    identity, chat, request.body, request.request_id, request.started
+                )
+            except BaseException:
+                if watch is not None:
+                    watch.stop()
+                raise
+            return Response(200, headers=SSE_HEADERS, stream=stream, watch=watch)
         reply = await self._proxy.chat(
             identity, chat, request.body, request.request_id, request.started
         )

@@ -18,7 +18,7 @@ import logging
 from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
 from gandalf.errors import GatewayError
 from gandalf.server.types import Message, Receive, Send
-from gandalf.server.wire import KEEPALIVE, Response
+from gandalf.server.wire import ClientWatch, Response
 
 logger = logging.getLogger("gandalf.server")
 
@@ -37,51 +37,12 @@ _INTERNAL_EVENT = (
 )
 
 
-class _Watch:
-    """Shared between the relay and its watcher task."""
-
-    __slots__ = ("disconnected", "last_sent", "lock")
-
-    def __init__(self, now: float) -> None:
-        self.disconnected = False
-        self.last_sent = now
-        self.lock = asyncio.Lock()  # only taken for keep-alive sends and when one is under way
-
-
-async def _watch(
-    receive: Receive, send: Send, relay: asyncio.Task[None], watch: _Watch, keepalive: float
-) -> None:
-    loop = asyncio.get_running_loop()
-    pending = asyncio.ensure_future(receive())
-    try:
-        while True:
-            if keepalive > 0:
-                timeout = max(0.0, watch.last_sent + keepalive - loop.time())
-                await asyncio.wait((pending,), timeout=timeout)
-            else:
-                await asyncio.wait((pending,))
-            if pending.done():
-                if pending.result()["type"] == "http.disconnect":
-                    watch.disconnected = True
-                    relay.cancel(DISCONNECT)
-                    return
-                pending = asyncio.ensure_future(receive())  # stray body message: keep listening
-                continue
-            if loop.time() - watch.last_sent >= keepalive and not watch.lock.locked():
-                async with watch.lock:
-                    await send({"type": _BODY, "body": KEEPALIVE, "more_body": True})
-                    watch.last_sent = loop.time()
-    finally:
-        pending.cancel()
-
-
 async def relay(
     send: Send,
     receive: Receive,
     response: Response,
     request_id: bytes,
     keepalive: float,
-    active: set[asyncio.Task[None]],
 ) -> int:
     """Send ``response`` (which has a stream) and return the status it ended with:
     its own on success, the error's after a failure, 499 or 503 when cut short."""
@@ -89,9 +50,8 @@ async def relay(
     assert stream is not None
     task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
     loop = asyncio.get_running_loop()
-    watch = _Watch(loop.time())
-    watcher = asyncio.create_task(_watch(receive, send, task, watch, keepalive))
-    active.add(task)
+    watch = response.watch or ClientWatch(receive, task)
+    watch.keep_alive(send, keepalive)
     status = response.status
     closing = status
     try:
@@ -102,11 +62,9 @@ async def relay(
                 "headers": [*response.headers, (b"x-request-id", request_id)],
             }
         )
-        lock = watch.lock
         async for chunk in stream:
-            if lock.locked():  # a keep-alive is being written: let it finish first
-                async with lock:
-                    pass
+            if watch.sending is not None:  # a keep-alive is being written: let it finish
+                await watch.sending
             await send({"type": _BODY, "body": chunk, "more_body": True})
             watch.last_sent = loop.time()
         await send(_END)
@@ -129,8 +87,7 @@ async def relay(
         closing = 500
         await _end_with(send, _INTERNAL_EVENT)
     finally:
-        active.discard(task)
-        watcher.cancel()
+        watch.stop()
         await stream.aclose(closing)
     return closing
 

@@ -6,12 +6,16 @@ Handlers never speak ASGI: they get a :class:`Request` and return a
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
+
+from gandalf.domain import CANCEL_DISCONNECT
+from gandalf.server.types import Message, Receive, Send
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -46,6 +50,7 @@ class Request:
         "method",
         "path",
         "query",
+        "receive",
         "request_id",
         "started",
     )
@@ -61,6 +66,7 @@ class Request:
         api_key: bytes | None = None,
         query: bytes = b"",
         started: float = 0.0,
+        receive: Receive | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -71,6 +77,7 @@ class Request:
         self.api_key = api_key
         self.query = query
         self.started = started  # time.perf_counter() at arrival
+        self.receive = receive  # for handlers that must learn of a disconnect (streams)
 
 
 class ByteStream(Protocol):
@@ -86,6 +93,89 @@ class ByteStream(Protocol):
     async def aclose(self, status: int) -> None: ...
 
 
+class ClientWatch:
+    """Learns the moment a client goes away, and keeps a silent stream alive.
+
+    Started by a streaming handler before it calls the upstream, so a client
+    that gives up even before the first byte cancels the upstream call at
+    once: granian answers ``receive()`` with ``http.disconnect`` as soon as the
+    connection closes, and the watch cancels the request task with
+    CANCEL_DISCONNECT. Once the response is streaming, :meth:`keep_alive` adds
+    a timer that sends ``: keep-alive`` whenever nothing went out for a while.
+    Callback-driven: one receive task and one timer per stream.
+    """
+
+    __slots__ = (
+        "_keepalive",
+        "_loop",
+        "_pending",
+        "_receive",
+        "_send",
+        "_task",
+        "_timer",
+        "disconnected",
+        "last_sent",
+        "sending",
+    )
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._receive = receive
+        self._task = task
+        self._send: Send | None = None
+        self._keepalive = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.disconnected = False
+        self.last_sent = 0.0
+        self.sending: asyncio.Task[None] | None = None
+        self._pending = self._listen()
+
+    def _listen(self) -> asyncio.Future[Message]:
+        pending = asyncio.ensure_future(self._receive())
+        pending.add_done_callback(self._received)
+        return pending
+
+    def _received(self, pending: asyncio.Future[Message]) -> None:
+        if pending.cancelled() or pending.exception() is not None:
+            return
+        if pending.result()["type"] == "http.disconnect":
+            self.disconnected = True
+            self._task.cancel(CANCEL_DISCONNECT)
+        else:  # a stray body message: keep listening
+            self._pending = self._listen()
+
+    def keep_alive(self, send: Send, interval: float) -> None:
+        self._send = send
+        self._keepalive = interval
+        self.last_sent = self._loop.time()
+        if interval > 0:
+            self._timer = self._loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        keepalive = self._keepalive
+        idle = self._loop.time() - self.last_sent
+        if idle >= keepalive and self.sending is None:
+            self.sending = self._loop.create_task(self._send_keepalive())
+            idle = 0.0
+        self._timer = self._loop.call_later(keepalive - idle, self._tick)
+
+    async def _send_keepalive(self) -> None:
+        assert self._send is not None
+        try:
+            await self._send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+            self.last_sent = self._loop.time()
+        except OSError:
+            pass  # the client is gone: the receive side will say so
+        finally:
+            self.sending = None
+
+    def stop(self) -> None:
+        self._pending.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class Response:
     """A handler's answer: status, header pairs and a body (bytes or a stream).
 
@@ -93,7 +183,7 @@ class Response:
     ASGI layer; ``headers`` carries the rest (content-type included).
     """
 
-    __slots__ = ("body", "headers", "status", "stream")
+    __slots__ = ("body", "headers", "status", "stream", "watch")
 
     def __init__(
         self,
@@ -101,11 +191,13 @@ class Response:
         body: bytes = b"",
         headers: Headers = JSON_HEADERS,
         stream: ByteStream | None = None,
+        watch: ClientWatch | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.headers = headers
         self.stream = stream
+        self.watch = watch
 
 
 def sane_request_id(value: bytes) -> str | None:

