@@ -61,8 +61,10 @@ async def drive(port: int, db: str, requests: int, concurrency: int, profile: bo
         profiler = Profiler(interval=0.0005, async_mode="disabled")
         profiler.start()
     started = time.perf_counter()
+    cpu_started = time.process_time()
     await asyncio.gather(*(d.run(per_driver) for d in drivers))
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     if profiler is not None:
         profiler.stop()
         RESULTS.mkdir(exist_ok=True)
@@ -73,8 +75,9 @@ async def drive(port: int, db: str, requests: int, concurrency: int, profile: bo
     for d in drivers:
         for status, count in d.statuses.items():
             statuses[status] = statuses.get(status, 0) + count
-    print(f"statuses: {statuses}")
-    return per_driver * concurrency / elapsed
+    done = per_driver * concurrency
+    print(f"statuses: {statuses}; CPU per request: {cpu / done * 1e6:.1f} us (all threads)")
+    return done / elapsed
 
 
 def main() -> int:

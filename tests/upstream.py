@@ -12,19 +12,50 @@ there), which lets one mock serve every scenario at once:
 - ``gate``: waits until the test opens the gate (graceful drain)
 - ``badjson``: 200 with a body that is not JSON
 
+Chat bodies with ``"stream": true`` get server-sent events (OpenAI's chunk
+format; a final usage-only event only when the body asked for
+``stream_options.include_usage``, then ``data: [DONE]``):
+
+- ``stream-N``: N content chunks, ``"w0 "``, ``"w1 "``, ...
+- ``slow-stream``: :data:`SLOW_CHUNKS` chunks; each one after the first waits
+  for a permit the test grants with :meth:`MockUpstream.release`
+- ``stream-silent``: one chunk, then nothing until one permit is granted, then
+  one more chunk and the end
+- ``stream-then-die``: two chunks, then the connection is closed (no [DONE])
+- ``stream-late``: nothing at all (not even headers) until one permit is granted,
+  then as ``stream-silent``
+- ``stream-status-NNN``: HTTP NNN with an OpenAI-shaped error, before any event
+- any other model that would succeed: the echoed text as one chunk
+  (``hang``/``gate``/``status-NNN``/``text-NNN`` behave as without streaming)
+
+Each streamed request is tracked by a :class:`StreamLog` keyed by its last user
+message (``mock.stream_log(text)``): chunks sent, whether it finished, the usage
+it reported, and whether the client (Gandalf) closed the connection before the
+end. ``POST /v1/embeddings`` answers echo-style: one :func:`mock_vector`
+per input (``dimensions`` honoured, ``encoding_format: base64`` gives
+little-endian float32 in base64); ``status-NNN`` models fail as for chat.
+
 Every request is recorded (path, headers, body) in ``received``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
+
+SLOW_CHUNKS = 3
+DEFAULT_DIMENSIONS = 8
+_CREATED = 1700000000
+_T = TypeVar("_T")
+_SILENT = ("stream-silent", "stream-late")
 
 
 class Received:
@@ -38,6 +69,87 @@ class Received:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    @property
+    def include_usage(self) -> bool:
+        """Did this body ask for ``stream_options.include_usage``?"""
+        try:
+            payload = self.json()
+        except ValueError:
+            return False
+        return isinstance(payload, dict) and wants_usage(payload)
+
+
+def wants_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def mock_vector(text: str, dimensions: int) -> list[float]:
+    """The mock's embedding of ``text``: exact in float32 (so base64 round-trips)."""
+    return [float(len(text))] + [j * 0.25 for j in range(1, dimensions)]
+
+
+def chunk_event(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    chunk = {
+        "id": "chatcmpl-mockstream",
+        "object": "chat.completion.chunk",
+        "created": _CREATED,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _error_body(status: int) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": f"mock says {status}",
+            "type": "mock_error",
+            "param": None,
+            "code": f"mock_{status}",
+        }
+    }
+
+
+def _last_text(payload: dict[str, Any]) -> str:
+    messages = payload.get("messages") or [{}]
+    last = messages[-1] if isinstance(messages[-1], dict) else {}
+    text = last.get("content", "")
+    return text if isinstance(text, str) else json.dumps(text)
+
+
+class StreamLog:
+    """What the mock did on one streamed request (keyed by its last user message).
+
+    Written on the mock's loop, read by the test thread (plain attributes).
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0  # streamed requests that arrived with this key
+        self.include_usage = False  # what the last one asked for
+        self.sent = 0  # content chunks written (counted just before each write)
+        self.done = False  # data: [DONE] written (set just before the write)
+        self.closed = False  # the client closed the connection before the end
+        self.usage: dict[str, int] | None = None  # the usage the mock reported
+        self._permits = 0
+        self._changed: asyncio.Event | None = None
+
+    def _event(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _grant(self, count: int) -> None:
+        self._permits += count
+        self._event().set()
+
+    async def _permit(self) -> None:
+        changed = self._event()
+        while self._permits <= 0:
+            changed.clear()
+            await changed.wait()
+        self._permits -= 1
+
 
 class MockUpstream:
     def __init__(self) -> None:
@@ -50,6 +162,8 @@ class MockUpstream:
         self._gate: asyncio.Event | None = None
         self._release: asyncio.Event | None = None
         self.waiting = 0  # requests parked at the gate
+        self.streams: dict[str, StreamLog] = {}  # touched on the mock's loop only
+        self._stopping = False
 
     @property
     def base_url(self) -> str:
@@ -68,6 +182,9 @@ class MockUpstream:
             assert self._release is not None and self._gate is not None
             self._release.set()
             self._gate.set()
+            self._stopping = True
+            for log in self.streams.values():  # no handler stays parked
+                log._grant(1_000_000)
             if self._runner is not None:
                 await self._runner.cleanup()
 
@@ -87,7 +204,9 @@ class MockUpstream:
         self._release = asyncio.Event()
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        # Cancel a handler when its client goes away: a parked stream learns at once.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -107,6 +226,30 @@ class MockUpstream:
     def clear(self) -> None:
         self.received.clear()
 
+    def _on_loop(self, fn: Callable[[], _T]) -> _T:
+        async def call() -> _T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
+
+    def stream_log(self, key: str) -> StreamLog:
+        """The log of the streamed request(s) whose last user message is ``key``
+        (created empty if none arrived yet)."""
+        return self._on_loop(lambda: self._log(key))
+
+    def release(self, key: str, count: int = 1) -> None:
+        """Let the stream(s) keyed ``key`` send ``count`` more gated chunk(s);
+        permits granted before the request arrives are kept for it."""
+        self._on_loop(lambda: self._log(key)._grant(count))
+
+    def _log(self, key: str) -> StreamLog:
+        log = self.streams.get(key)
+        if log is None:
+            log = self.streams[key] = StreamLog()
+            if self._stopping:
+                log._grant(1_000_000)
+        return log
+
     # ------------------------------------------------------------ handlers
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -117,21 +260,13 @@ class MockUpstream:
         except ValueError:
             return web.json_response({"error": {"message": "bad json"}}, status=400)
         model = str(payload.get("model", ""))
+        if model.startswith("stream-status-"):
+            status = int(model.rsplit("-", 1)[1])
+            return web.json_response(_error_body(status), status=status)
         if model.startswith("status-"):
             status = int(model.split("-", 1)[1])
             headers = {"retry-after": "7"} if status == 429 else {}
-            return web.json_response(
-                {
-                    "error": {
-                        "message": f"mock says {status}",
-                        "type": "mock_error",
-                        "param": None,
-                        "code": f"mock_{status}",
-                    }
-                },
-                status=status,
-                headers=headers,
-            )
+            return web.json_response(_error_body(status), status=status, headers=headers)
         if model.startswith("text-"):
             return web.Response(status=int(model.split("-", 1)[1]), text="plain failure")
         if model == "hang":
@@ -143,6 +278,8 @@ class MockUpstream:
             await self._gate.wait()
         if model == "badjson":
             return web.Response(status=200, text="not json", content_type="application/json")
+        if payload.get("stream") is True:
+            return await self._stream(request, payload, model)
         messages = payload.get("messages") or [{}]
         text = messages[-1].get("content", "")
         if not isinstance(text, str):
@@ -168,6 +305,106 @@ class MockUpstream:
                     "completion_tokens": completion,
                     "total_tokens": prompt + completion,
                 },
+            }
+        )
+
+    async def _stream(
+        self, request: web.Request, payload: dict[str, Any], model: str
+    ) -> web.StreamResponse:
+        key = _last_text(payload)
+        log = self._log(key)
+        log.requests += 1
+        include_usage = wants_usage(payload)
+        log.include_usage = include_usage
+        if model.startswith("stream-") and model[7:].isdigit():
+            pieces = [f"w{i} " for i in range(int(model[7:]))]
+        elif model == "slow-stream":
+            pieces = [f"w{i} " for i in range(SLOW_CHUNKS)]
+        elif model in ("stream-silent", "stream-then-die", "stream-late"):
+            pieces = ["w0 ", "w1 "]
+        else:
+            pieces = [key]
+        messages = payload.get("messages") or []
+        prompt = sum(len(json.dumps(m)) for m in messages) // 4
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": len(pieces),
+            "total_tokens": prompt + len(pieces),
+        }
+        resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream"})
+        try:
+            if model == "stream-late":
+                await log._permit()  # no status line, no headers until the test says so
+            await resp.prepare(request)
+            for index, piece in enumerate(pieces):
+                if index and (model == "slow-stream" or (index == 1 and model in _SILENT)):
+                    await log._permit()
+                delta: dict[str, Any] = {"content": piece}
+                if index == 0:
+                    delta = {"role": "assistant", "content": piece}
+                log.sent += 1  # before the write: the client can never be ahead of the log
+                await resp.write(chunk_event(model, delta))
+                if model == "stream-then-die" and index == 1:
+                    assert request.transport is not None
+                    request.transport.close()  # mid-body: the client sees a cut chunked body
+                    await asyncio.Event().wait()  # cancelled once the connection is gone
+            tail = chunk_event(model, {}, "stop")
+            if include_usage:
+                log.usage = usage
+                final = {
+                    "id": "chatcmpl-mockstream",
+                    "object": "chat.completion.chunk",
+                    "created": _CREATED,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+                tail += b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n"
+            log.done = True
+            await resp.write(tail + b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            if model != "stream-then-die":
+                log.closed = True
+            raise
+        return resp
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return web.json_response({"error": {"message": "bad json"}}, status=400)
+        model = str(payload.get("model", ""))
+        if model.startswith("status-"):
+            status = int(model.split("-", 1)[1])
+            return web.json_response(_error_body(status), status=status)
+        raw = payload.get("input", "")
+        if isinstance(raw, str):
+            texts = [raw]
+        elif raw and all(isinstance(v, int) for v in raw):
+            texts = [" ".join(map(str, raw))]
+        else:
+            texts = [v if isinstance(v, str) else " ".join(map(str, v)) for v in raw]
+        dimensions = int(payload.get("dimensions") or DEFAULT_DIMENSIONS)
+        as_base64 = payload.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(texts):
+            vector = mock_vector(text, dimensions)
+            embedding: Any = (
+                base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+                if as_base64
+                else vector
+            )
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = max(1, sum(len(t) for t in texts) // 4)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
 

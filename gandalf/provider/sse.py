@@ -61,10 +61,10 @@ class EventRelay:
         else:
             self._carry = data[end:]
             complete = data[:end]
-        self.events += complete.count(b"data:")
+        self.events += _count_events(complete)
         if _USAGE_MARKS[0] in complete or _USAGE_MARKS[1] in complete:
             complete = self._take_usage(complete)
-        if not self.done and _DONE in complete:
+        if not self.done and _has_done(complete):
             self.done = True
         return complete
 
@@ -72,8 +72,8 @@ class EventRelay:
         """Whatever is left when the upstream closes (an unterminated last event)."""
         rest, self._carry = self._carry, b""
         if rest:
-            self.events += rest.count(b"data:")
-            if _DONE in rest:
+            self.events += _count_events(rest)
+            if _has_done(rest):
                 self.done = True
         return rest
 
@@ -97,6 +97,17 @@ class EventRelay:
                             continue
             kept.append(event)
         return b"".join(event + sep for event in kept)
+
+
+# Whole events only: JSON text cannot hold a raw newline, so "data:" right after a
+# newline (or at the start of a block, which always starts an event) is framing,
+# never a model quoting the SSE format in its output.
+def _count_events(block: bytes) -> int:
+    return block.count(b"\ndata:") + block.startswith(b"data:")
+
+
+def _has_done(block: bytes) -> bool:
+    return block.startswith(_DONE) or b"\n" + _DONE in block
 
 
 def _data_of(event: bytes) -> bytes | None:
