@@ -476,3 +476,67 @@ def test_lifespan_startup_and_shutdown_messages() -> None:
 
     asyncio.run(scenario())
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_a_finished_stream_leaves_nothing_reachable_from_the_receive_future() -> None:
+    """granian's receive future may keep its done-callbacks after a cancel, in
+    native memory the cycle collector cannot see: after a stream, nothing the
+    future still references may lead back to the request (a leak per stream)."""
+    import gc
+    import weakref
+
+    held: list[asyncio.Future[Any]] = []  # stands for granian's native side
+
+    class Sticky(asyncio.Future[Any]):
+        """A future whose cancel() neither resolves it nor drops its callbacks."""
+
+        def cancel(self, msg: Any = None) -> bool:
+            return False
+
+    class Protocol:
+        """One request's receive side, like granian's ASGIHTTPProtocol."""
+
+        def __init__(self, body: bytes) -> None:
+            self.body: bytes | None = body
+
+        def receive(self) -> asyncio.Future[dict[str, Any]]:
+            future: asyncio.Future[dict[str, Any]] = Sticky()
+            if self.body is not None:
+                body, self.body = self.body, None
+                future.set_result({"type": "http.request", "body": body, "more_body": False})
+            else:
+                held.append(future)  # never resolved: its callbacks stay attached
+            return future
+
+    async def scenario(app: GandalfApp) -> weakref.ref[Protocol]:
+        protocol = Protocol(orjson.dumps({**CHAT, "stream": True}))
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+            await asyncio.sleep(0)  # a real server's send may suspend
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": [(b"authorization", f"Bearer {MEMBER}".encode())],
+            "query_string": b"",
+        }
+        await app(scope, protocol.receive, send)
+        assert sent[0]["status"] == 200 and sent[-1].get("more_body") is False
+        ref = weakref.ref(protocol)
+        del protocol, send
+        return ref
+
+    refs: list[weakref.ref[Any]] = []
+
+    async def run(app: GandalfApp) -> None:
+        refs.append(await scenario(app))
+        for _ in range(3):
+            await asyncio.sleep(0)  # let the cancelled receive task finish
+        gc.collect()
+        assert refs[0]() is None, gc.get_referrers(refs[0]())
+        assert held  # the stand-in for granian still holds its futures
+
+    with_app(run)

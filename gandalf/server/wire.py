@@ -128,7 +128,7 @@ class ClientWatch:
         self.disconnected = False
         self.last_sent = 0.0
         self.sending: asyncio.Task[None] | None = None
-        self._pending = self._listen()
+        self._pending: asyncio.Future[Message] | None = self._listen()
 
     def _listen(self) -> asyncio.Future[Message]:
         pending = asyncio.ensure_future(self._receive())
@@ -136,7 +136,7 @@ class ClientWatch:
         return pending
 
     def _received(self, pending: asyncio.Future[Message]) -> None:
-        if pending.cancelled() or pending.exception() is not None:
+        if self._pending is None or pending.cancelled() or pending.exception() is not None:
             return
         if pending.result()["type"] == "http.disconnect":
             self.disconnected = True
@@ -170,10 +170,18 @@ class ClientWatch:
             self.sending = None
 
     def stop(self) -> None:
-        self._pending.cancel()
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        pending.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        # granian's receive future may keep its done-callbacks (our bound method)
+        # in native code the cycle collector cannot see: drop every reference to
+        # the request (its receive, send and task) so that no cycle survives.
+        self._receive = self._send = self._task = None  # type: ignore[assignment]
 
 
 class Response:
