@@ -31,9 +31,15 @@ from gandalf.wiring import create_app
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BODY = b'{"model":"bench-model","messages":[{"role":"user","content":"Hello, how are you today?"}]}'
+STREAM_BODY = (
+    b'{"model":"bench-model","stream":true,'
+    b'"messages":[{"role":"user","content":"Hello, how are you today?"}]}'
+)
 
 
-async def drive(port: int, db: str, requests: int, concurrency: int, profile: bool) -> float:
+async def drive(
+    port: int, db: str, requests: int, concurrency: int, profile: bool, stream: bool = False
+) -> float:
     config = GandalfConfig(
         server=ServerConfig(access_log=False),
         database=DatabaseConfig(dsn=db),
@@ -51,7 +57,8 @@ async def drive(port: int, db: str, requests: int, concurrency: int, profile: bo
     )
     app = create_app(config, access_log=False)
     await app.startup()
-    drivers = [Driver(app, "POST", "/v1/chat/completions", BODY) for _ in range(concurrency)]
+    body = STREAM_BODY if stream else BODY
+    drivers = [Driver(app, "POST", "/v1/chat/completions", body) for _ in range(concurrency)]
     await asyncio.gather(*(d.run(20) for d in drivers))  # warm the pool and the key cache
     per_driver = max(1, requests // concurrency)
     profiler = None
@@ -85,16 +92,19 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--no-profile", action="store_true", help="only time the run")
+    parser.add_argument("--stream", action="store_true", help="streaming chat completions")
     args = parser.parse_args()
     cpus = "1" if (os.cpu_count() or 1) >= 2 else None
     if cpus:
         os.sched_setaffinity(0, {0})
+    import uvloop
+
     proc, port = start_mock(cpus=cpus)
     try:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            rate = asyncio.run(
+            rate = uvloop.run(
                 drive(
                     port,
                     os.path.join(tmp, "p.db"),

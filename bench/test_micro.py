@@ -92,22 +92,36 @@ class Driver:
         }
         self.request: Message = {"type": "http.request", "body": body, "more_body": False}
         self.statuses: dict[int, int] = {}
+        self.chunks = 0  # body messages sent, over every run
 
     async def run(self, n: int) -> None:
         app, template, request = self.app, self.template, self.request
         status = 0
+        chunks = 0
+        loop = asyncio.get_running_loop()
+        delivered = False
 
         async def receive() -> Message:
+            # Like granian: the body once, then nothing until the client leaves
+            # (which it never does here).
+            nonlocal delivered
+            if delivered:
+                return await loop.create_future()  # type: ignore[no-any-return]
+            delivered = True
             return request
 
         async def send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, chunks
             if message["type"] == "http.response.start":
                 status = message["status"]
+            else:
+                chunks += 1
 
         for _ in range(n):
+            delivered = False
             await app(dict(template), receive, send)
         self.statuses[status] = self.statuses.get(status, 0) + n
+        self.chunks += chunks
 
 
 async def null_app(scope: Any, receive: Any, send: Any) -> None:

@@ -16,7 +16,7 @@ import msgspec
 from gandalf.domain import Usage
 
 _DONE = b"data: [DONE]"
-_USAGE_MARKS = (b'"usage":{', b'"usage": {')
+_DONE_EVENT = b"\ndata: [DONE]\n\n"
 
 
 class _UsageEvent(msgspec.Struct):
@@ -50,23 +50,27 @@ class EventRelay:
         self._carry = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._carry + chunk if self._carry else chunk
-        end = _boundary(data)
-        if end == 0:
-            self._carry = data
-            return b""
-        if end == len(data):
+        # Runs once per upstream read: written flat, C-level bytes methods only.
+        if self._carry:
+            chunk = self._carry + chunk
             self._carry = b""
-            complete = data
-        else:
-            self._carry = data[end:]
-            complete = data[:end]
-        self.events += _count_events(complete)
-        if _USAGE_MARKS[0] in complete or _USAGE_MARKS[1] in complete:
-            complete = self._take_usage(complete)
-        if not self.done and _has_done(complete):
+        if not chunk.endswith(b"\n\n"):  # the read ended inside an event (or CRLF framing)
+            end = _boundary(chunk)
+            if end == 0:
+                self._carry = chunk
+                return b""
+            if end < len(chunk):
+                self._carry = chunk[end:]
+                chunk = chunk[:end]
+        self.events += chunk.count(b"\ndata:") + chunk.startswith(b"data:")
+        # The usage object rides in the last event that carries one (the
+        # usage-only event right before [DONE]): look from the end, where it is.
+        mark = chunk.rfind(b'"usage":')
+        if mark >= 0 and chunk[mark + 8 : mark + 10].lstrip()[:1] == b"{":
+            chunk = self._take_usage(chunk, mark)
+        if chunk.endswith(_DONE_EVENT) or (b"[DONE]" in chunk and _has_done(chunk)):
             self.done = True
-        return complete
+        return chunk
 
     def finish(self) -> bytes:
         """Whatever is left when the upstream closes (an unterminated last event)."""
@@ -77,26 +81,29 @@ class EventRelay:
                 self.done = True
         return rest
 
-    def _take_usage(self, complete: bytes) -> bytes:
-        sep = b"\r\n\r\n" if b"\r\n\r\n" in complete else b"\n\n"
-        kept: list[bytes] = []
-        for event in complete.split(sep):
-            if not event:
-                continue
-            if _USAGE_MARKS[0] in event or _USAGE_MARKS[1] in event:
-                payload = _data_of(event)
-                if payload is not None:
-                    try:
-                        parsed = _usage_event.decode(payload)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        parsed = None
-                    if parsed is not None and parsed.usage is not None:
-                        self.usage = parsed.usage
-                        if self.drop_usage and not parsed.choices:
-                            self.events -= 1
-                            continue
-            kept.append(event)
-        return b"".join(event + sep for event in kept)
+    def _take_usage(self, complete: bytes, mark: int) -> bytes:
+        """Read the usage out of the event around ``mark``; drop that event when
+        it is usage-only and Gandalf (not the client) asked for it."""
+        # A block always ends with its framing's separator: no scan needed.
+        sep = b"\r\n\r\n" if complete.endswith(b"\r\n\r\n") else b"\n\n"
+        begin = complete.rfind(sep, 0, mark)
+        begin = 0 if begin < 0 else begin + len(sep)
+        end = complete.find(sep, mark)
+        end = len(complete) if end < 0 else end + len(sep)
+        payload = _data_of(complete[begin:end].rstrip())
+        if payload is None:
+            return complete
+        try:
+            parsed = _usage_event.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return complete
+        if parsed.usage is None:
+            return complete
+        self.usage = parsed.usage
+        if self.drop_usage and not parsed.choices:
+            self.events -= 1
+            return complete[:begin] + complete[end:]
+        return complete
 
 
 # Whole events only: JSON text cannot hold a raw newline, so "data:" right after a
