@@ -13,6 +13,8 @@ What is measured:
 - ``chat_fake``: the whole non-streaming hot path with the built-in fake
   provider: header scan, key cache hit, msgspec decode, route lookup, the fake
   adapter's answer, usage record queued (and written by the writer task).
+- ``stream_fake``: a whole streamed completion with the fake provider: the same,
+  plus the disconnect watch, the SSE relay and 9 body messages per request.
 
 Allocations per request are counted by memray (``trace_python_allocators``:
 every pymalloc and malloc call, from every thread, so the usage writer's work
@@ -49,6 +51,13 @@ BATCH = 1000
 KEY = "gnd_" + "m" * 43
 CHAT_BODY = orjson.dumps(
     {"model": "bench-model", "messages": [{"role": "user", "content": "Hello, how are you today?"}]}
+)
+STREAM_BODY = orjson.dumps(
+    {
+        "model": "bench-model",
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hello, how are you today?"}],
+    }
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -181,6 +190,11 @@ def test_chat_fake(benchmark: Any, loop: asyncio.AbstractEventLoop, app: Gandalf
     _bench(benchmark, loop, Driver(app, "POST", "/v1/chat/completions", CHAT_BODY), "chat_fake")
 
 
+def test_stream_fake(benchmark: Any, loop: asyncio.AbstractEventLoop, app: GandalfApp) -> None:
+    """A whole streamed completion (9 SSE events from the fake provider) per request."""
+    _bench(benchmark, loop, Driver(app, "POST", "/v1/chat/completions", STREAM_BODY), "stream_fake")
+
+
 # ---------------------------------------------------------------------------- allocations
 
 
@@ -213,6 +227,7 @@ def _retained_bytes(loop: asyncio.AbstractEventLoop, run: Callable[[int], None],
         ("null_app", "GET", "/", b""),
         ("healthz", "GET", "/healthz", b""),
         ("chat_fake", "POST", "/v1/chat/completions", CHAT_BODY),
+        ("stream_fake", "POST", "/v1/chat/completions", STREAM_BODY),
     ],
 )
 def test_allocations_per_request(

@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (overrides server.addr's port)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
     serve.add_argument("--no-access-log", action="store_true", help="switch the access log off")
+    serve.add_argument(
+        "--interface",
+        choices=["asgi", "rsgi"],
+        help="granian interface (default: server.interface, asgi); rsgi is faster",
+    )
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -129,7 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
     admin_key = asyncio.run(_prepare(config))
     for warning in config.warnings:
         print(f"gandalf: warning: {warning}", file=sys.stderr)
-    _banner(config, host, port, workers, admin_key)
+    interface = args.interface or config.server.interface
+    _banner(config, host, port, workers, interface, admin_key)
 
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
@@ -137,11 +143,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     os.environ["GANDALF_CONFIG"] = str(Path(config.source).resolve())
     os.environ["GANDALF_ACCESS_LOG"] = "1" if access_log else "0"
+    interface = args.interface or config.server.interface
     server = Server(
-        "gandalf.wiring:worker_app",
+        "gandalf.wiring:rsgi_worker_app" if interface == "rsgi" else "gandalf.wiring:worker_app",
         address=host,
         port=port,
-        interface=Interfaces.ASGI,
+        interface=Interfaces.RSGI if interface == "rsgi" else Interfaces.ASGI,
+        websockets=False,
         workers=workers,
         loop=Loops.uvloop,
         factory=True,
@@ -168,7 +176,12 @@ async def _prepare(config: GandalfConfig) -> str | None:
 
 
 def _banner(
-    config: GandalfConfig, host: str, port: int, workers: int, admin_key: str | None
+    config: GandalfConfig,
+    host: str,
+    port: int,
+    workers: int,
+    interface: str,
+    admin_key: str | None,
 ) -> None:
     enabled = [p.name for p in config.providers if p.enabled]
     disabled = [
@@ -181,7 +194,7 @@ def _banner(
         f"  providers: {', '.join(enabled) or 'none'}"
         + (f"; disabled: {', '.join(disabled)}" if disabled else ""),
         f"  routes:    {', '.join(r.model_alias for r in config.routes) or 'none'}",
-        f"  workers:   {workers}",
+        f"  workers:   {workers} ({interface})",
     ]
     if admin_key:
         lines += [

@@ -32,7 +32,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 import msgspec
@@ -106,6 +106,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     stream_keepalive: Annotated[float, msgspec.Meta(gt=0)] = 15.0
     access_log: bool = True
     workers: Annotated[int, msgspec.Meta(ge=1)] = 1
+    interface: Literal["asgi", "rsgi"] = "asgi"  # granian's; rsgi is faster, asgi portable
 
     @property
     def host(self) -> str:

@@ -19,6 +19,7 @@ from gandalf.config import GandalfConfig, default_config_path, load_config
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp, Runtime
 from gandalf.server.handlers import Api
+from gandalf.server.rsgi import RSGIApp
 from gandalf.storage.sqlite import SqliteStore
 
 logger = logging.getLogger("gandalf")
@@ -99,3 +100,8 @@ def worker_app() -> GandalfApp:
     config = load_config(default_config_path(os.environ))
     flag = os.environ.get(ENV_ACCESS_LOG)
     return create_app(config, access_log=None if flag is None else flag == "1", handle_signals=True)
+
+
+def rsgi_worker_app() -> RSGIApp:
+    """granian factory (RSGI): the same app behind granian's native interface."""
+    return RSGIApp(worker_app())

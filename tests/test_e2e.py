@@ -123,14 +123,17 @@ def dead_port() -> Iterator[int]:
         yield holder.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["asgi", "rsgi"])
 def gateway(
-    mock: MockUpstream, dead_port: int, tmp_path_factory: pytest.TempPathFactory
+    mock: MockUpstream,
+    dead_port: int,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[GandalfServer]:
-    tmp = tmp_path_factory.mktemp("gateway")
-    with GandalfServer(
-        tmp, gateway_config(mock, dead_port, access_log=False), unset=[UNSET_VAR]
-    ) as server:
+    """One gateway per granian interface: every test runs against both."""
+    tmp = tmp_path_factory.mktemp(f"gateway-{request.param}")
+    config = gateway_config(mock, dead_port, access_log=False, interface=request.param)
+    with GandalfServer(tmp, config, unset=[UNSET_VAR]) as server:
         yield server
 
 
@@ -712,11 +715,12 @@ def test_usage_rows_are_written_by_shutdown(
             assert row["total_tokens"] == 0
 
 
-def test_sigterm_drains_in_flight_requests(dead_port: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("interface", ["asgi", "rsgi"])
+def test_sigterm_drains_in_flight_requests(dead_port: int, tmp_path: Path, interface: str) -> None:
     parked = 20
     with running_upstream() as gate_mock:
         db = tmp_path / "drain.db"
-        config = gateway_config(gate_mock, dead_port)
+        config = gateway_config(gate_mock, dead_port, interface=interface)
         config["database"] = {"dsn": str(db)}
         server = GandalfServer(tmp_path, config, unset=[UNSET_VAR])
         with (

@@ -140,12 +140,17 @@ def dead_port() -> Iterator[int]:
         yield holder.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["asgi", "rsgi"])
 def gateway(
-    mock: MockUpstream, dead_port: int, tmp_path_factory: pytest.TempPathFactory
+    mock: MockUpstream,
+    dead_port: int,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[GandalfServer]:
-    tmp = tmp_path_factory.mktemp("streaming")
-    with GandalfServer(tmp, gateway_config(mock, dead_port), unset=[UNSET_VAR]) as server:
+    """One gateway per granian interface: every test runs against both."""
+    tmp = tmp_path_factory.mktemp(f"streaming-{request.param}")
+    config = gateway_config(mock, dead_port, interface=request.param)
+    with GandalfServer(tmp, config, unset=[UNSET_VAR]) as server:
         yield server
 
 
@@ -837,19 +842,26 @@ def read_all(chunks: Iterator[bytes]) -> tuple[bytes, str | None]:
 
 
 @contextlib.contextmanager
-def shutdown_server(tmp: Path, dead_port: int) -> Iterator[tuple[GandalfServer, MockUpstream]]:
+def shutdown_server(
+    tmp: Path, dead_port: int, interface: str
+) -> Iterator[tuple[GandalfServer, MockUpstream]]:
     with running_upstream() as own_mock:
-        config = gateway_config(own_mock, dead_port, shutdown_timeout=f"{SHUTDOWN_TIMEOUT:g}s")
+        config = gateway_config(
+            own_mock, dead_port, shutdown_timeout=f"{SHUTDOWN_TIMEOUT:g}s", interface=interface
+        )
         with GandalfServer(tmp, config, unset=[UNSET_VAR], name="shutdown") as server:
             yield server, own_mock
 
 
-def test_sigterm_lets_an_in_flight_stream_finish(dead_port: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("interface", ["asgi", "rsgi"])
+def test_sigterm_lets_an_in_flight_stream_finish(
+    dead_port: int, tmp_path: Path, interface: str
+) -> None:
     """SIGTERM while a stream is held by its upstream: the listener closes, and the
     stream, released well within shutdown_timeout, ends normally; then the process exits 0."""
     text = unique("finishing")
     with (
-        shutdown_server(tmp_path, dead_port) as (server, own_mock),
+        shutdown_server(tmp_path, dead_port, interface) as (server, own_mock),
         gated(own_mock, text),
         httpx.Client(base_url=server.url, timeout=READ_TIMEOUT) as client,
         client.stream("POST", CHAT, headers=auth(MEMBER), json=stream_body("up-slow", text)) as r,
@@ -873,15 +885,16 @@ def test_sigterm_lets_an_in_flight_stream_finish(dead_port: int, tmp_path: Path)
     assert usage_row(tmp_path / "gandalf.db", request_id)["status"] == 200
 
 
+@pytest.mark.parametrize("interface", ["asgi", "rsgi"])
 def test_sigterm_ends_a_stream_that_outlives_the_shutdown_timeout(
-    dead_port: int, tmp_path: Path
+    dead_port: int, tmp_path: Path, interface: str
 ) -> None:
     """A stream whose upstream never finishes: after shutdown_timeout the client gets one
     ``server_shutdown`` error event and a clean end of the body, the usage row says 503,
     and the process exits 0."""
     text = unique("endless")
     with (
-        shutdown_server(tmp_path, dead_port) as (server, own_mock),
+        shutdown_server(tmp_path, dead_port, interface) as (server, own_mock),
         gated(own_mock, text),
         httpx.Client(base_url=server.url, timeout=READ_TIMEOUT) as client,
         client.stream("POST", CHAT, headers=auth(MEMBER), json=stream_body("up-silent", text)) as r,

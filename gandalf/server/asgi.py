@@ -120,63 +120,32 @@ class GandalfApp:
             elif name == b"x-request-id":
                 caller_id = value
         request_id = (caller_id is not None and sane_request_id(caller_id)) or uuid7()
-        endpoints = self._endpoints
-        if endpoints is None:
+        if self._endpoints is None:
             await _send(send, 503, _NOT_READY_BODY, JSON_HEADERS, request_id)
             return
+        method: str = scope["method"]
+        path: str = scope["path"]
         task = asyncio.current_task()
         assert task is not None
         active = self._active
         active.add(task)
         try:
-            path: str = scope["path"]
-            method: str = scope["method"]
-            try:
-                endpoint = endpoints.get(path)
-                if endpoint is None:
-                    raise NotFound(f"Unknown path: {path[:200]}")
-                handler = endpoint.methods.get(method)
-                if handler is None:
-                    raise MethodNotAllowed(
-                        f"Method {method} is not allowed on {path}; use {endpoint.allow}.",
-                        allow=endpoint.allow,
-                    )
-                body = await self._read_body(receive, length) if endpoint.reads_body else b""
-                response = await handler(
-                    Request(
-                        method,
-                        path,
-                        scope["headers"],
-                        body,
-                        request_id,
-                        authorization,
-                        api_key,
-                        scope.get("query_string", b""),
-                        started,
-                        receive,
-                    )
-                )
-            except GatewayError as exc:
-                extra = exc.headers()
-                response = Response(
-                    exc.status, exc.body(), (JSON_CT, *extra) if extra else JSON_HEADERS
-                )
-            except ClientDisconnected:
+            response = await self._respond(
+                task,
+                method,
+                path,
+                scope["headers"],
+                request_id,
+                authorization,
+                api_key,
+                length,
+                scope.get("query_string", b""),
+                started,
+                self._read_body,
+                receive,
+            )
+            if response is None:
                 return
-            except asyncio.CancelledError as exc:
-                reason = exc.args[0] if exc.args else None
-                if reason == CANCEL_DISCONNECT:
-                    task.uncancel()  # the client is gone: nobody to answer
-                    return
-                if reason != SHUTDOWN:
-                    raise
-                task.uncancel()  # the shutdown deadline passed: answer, then stop
-                response = Response(503, _SHUTDOWN_BODY)
-            except Exception:
-                logger.exception(
-                    "internal error handling %s %s (request %s)", method, path, request_id
-                )
-                response = Response(500, _INTERNAL.body())
             if response.stream is None:
                 status = response.status
                 body = response.body
@@ -202,19 +171,86 @@ class GandalfApp:
             if not active and self._idle is not None:
                 self._idle.set()
         if self._access_log:
-            access_logger.info(
-                "%s",
-                orjson.dumps(
-                    {
-                        "ts": round(time.time(), 3),
-                        "method": method,
-                        "path": path,
-                        "status": status,
-                        "ms": round((time.perf_counter() - started) * 1000.0, 2),
-                        "request_id": request_id,
-                    }
-                ).decode(),
+            self._log_access(method, path, status, started, request_id)
+
+    async def _respond(
+        self,
+        task: asyncio.Task[Any],
+        method: str,
+        path: str,
+        headers: Any,
+        request_id: str,
+        authorization: bytes | None,
+        api_key: bytes | None,
+        length: bytes | None,
+        query: bytes,
+        started: float,
+        read_body: Callable[[Any, bytes | None], Awaitable[bytes]],
+        receive: Receive,
+    ) -> Response | None:
+        """Dispatch, run the handler and turn every failure into a response.
+        Shared by the ASGI and RSGI entry points; None: the client is gone."""
+        endpoints = self._endpoints
+        assert endpoints is not None
+        try:
+            endpoint = endpoints.get(path)
+            if endpoint is None:
+                raise NotFound(f"Unknown path: {path[:200]}")
+            handler = endpoint.methods.get(method)
+            if handler is None:
+                raise MethodNotAllowed(
+                    f"Method {method} is not allowed on {path}; use {endpoint.allow}.",
+                    allow=endpoint.allow,
+                )
+            body = await read_body(receive, length) if endpoint.reads_body else b""
+            return await handler(
+                Request(
+                    method,
+                    path,
+                    [],
+                    body,
+                    request_id,
+                    authorization,
+                    api_key,
+                    query,
+                    started,
+                    receive,
+                )
             )
+        except GatewayError as exc:
+            extra = exc.headers()
+            return Response(exc.status, exc.body(), (JSON_CT, *extra) if extra else JSON_HEADERS)
+        except ClientDisconnected:
+            return None
+        except asyncio.CancelledError as exc:
+            reason = exc.args[0] if exc.args else None
+            if reason == CANCEL_DISCONNECT:
+                task.uncancel()  # the client is gone: nobody to answer
+                return None
+            if reason != SHUTDOWN:
+                raise
+            task.uncancel()  # the shutdown deadline passed: answer, then stop
+            return Response(503, _SHUTDOWN_BODY)
+        except Exception:
+            logger.exception("internal error handling %s %s (request %s)", method, path, request_id)
+            return Response(500, _INTERNAL.body())
+
+    def _log_access(
+        self, method: str, path: str, status: int, started: float, request_id: str
+    ) -> None:
+        access_logger.info(
+            "%s",
+            orjson.dumps(
+                {
+                    "ts": round(time.time(), 3),
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "ms": round((time.perf_counter() - started) * 1000.0, 2),
+                    "request_id": request_id,
+                }
+            ).decode(),
+        )
 
     async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
         limit = self._max_body
@@ -263,7 +299,7 @@ class GandalfApp:
                 self._runtime = runtime
                 self._endpoints = runtime.endpoints
                 if self._handle_signals:
-                    self._install_signal_drain()
+                    self._install_signal_drain(asyncio.get_running_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif kind == "lifespan.shutdown":
                 try:
@@ -281,13 +317,18 @@ class GandalfApp:
         self._runtime = runtime
         self._endpoints = runtime.endpoints
 
-    def _install_signal_drain(self) -> None:
+    def start_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Build state on ``loop`` before it runs (RSGI's ``__rsgi_init__``)."""
+        loop.run_until_complete(self.startup())
+        if self._handle_signals:
+            self._install_signal_drain(loop)
+
+    def _install_signal_drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Chain a Python-level SIGTERM/SIGINT handler in front of the event
         loop's: the loop's own handlers (granian's) still run, through the
         signal wakeup fd and the previous handler, which is called too."""
         if threading.current_thread() is not threading.main_thread():
             return
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous = signal.getsignal(signum)
             self._previous_handlers[signum] = previous

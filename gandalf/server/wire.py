@@ -59,7 +59,7 @@ class Request:
         self,
         method: str,
         path: str,
-        headers: list[tuple[bytes, bytes]],
+        headers: Any,  # ASGI: list of (bytes, bytes); RSGI: granian's headers mapping
         body: bytes,
         request_id: str,
         authorization: bytes | None = None,
