@@ -162,23 +162,7 @@ class OpenAIProvider:
     async def chat(self, call: ChatCall) -> ProviderReply:
         model = call.target.model
         body = call.body if model == call.request.model else rewrite_body(call.body, model=model)
-        session = self._session
-        if session is None:
-            raise UpstreamError(f"Provider '{self.name}' is not started.")
-        # The hot path: the same steps as _post, written out to save a coroutine hop.
-        with self._errors:
-            async with session.post(self._chat_url, data=body, headers=self._headers) as resp:
-                data = await resp.read()
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After") if status >= 400 else None
-        if status >= 300:
-            raise transport.http_status_error(self.name, status, data, retry_after)
-        usage = extract_usage(data)
-        if usage is None:
-            raise UpstreamError(
-                f"Upstream provider '{self.name}' returned a response that is not a JSON object."
-            )
-        return ProviderReply(body=data, usage=usage, status=status)
+        return await self._post(self._chat_url, body)
 
     async def embeddings(self, call: EmbeddingsCall) -> ProviderReply:
         model = call.target.model
