@@ -954,3 +954,51 @@ def test_port_in_use_is_exit_1(tmp_path: Path) -> None:
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0].lower(), lines[0]
     assert "gnd_" not in result.stdout  # no first admin key made and lost
     assert not db.exists()
+
+
+# ============================================================================ workers
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:  # pragma: no cover - not Linux
+        return []
+
+
+def test_two_workers_share_the_database(dead_port: int, tmp_path: Path) -> None:
+    """--workers 2: each worker builds its own store, writer task and key cache on the
+    same WAL database; every request is answered and every usage record lands."""
+    with running_upstream() as own_mock:
+        config = gateway_config(own_mock, dead_port, workers=2)
+        config["keys"] = []  # the first start must create exactly one admin key
+        db = tmp_path / "workers.db"
+        config["database"] = {"dsn": str(db)}
+        server = GandalfServer(tmp_path, config, unset=[UNSET_VAR])
+        with server:
+            assert server.process is not None
+            wait_until(lambda: len(_children(server.process.pid)) == 2, 10, "two workers")
+            keys = server.printed_keys()
+            assert len(keys) == 1, server.stdout()
+            texts = [unique("w") for _ in range(200)]
+
+            async def many() -> list[str]:
+                async with AsyncOpenAI(
+                    base_url=server.base_url, api_key=keys[0], max_retries=0, timeout=30.0
+                ) as client:
+                    replies = await asyncio.gather(
+                        *(
+                            client.chat.completions.create(model="up-ok", messages=user(text))
+                            for text in texts
+                        )
+                    )
+                return [r.choices[0].message.content or "" for r in replies]
+
+            assert asyncio.run(many()) == texts
+            assert server.terminate() == 0
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM usage_records WHERE status = 200").fetchone()
+        (key_count,) = conn.execute("SELECT count(*) FROM api_keys").fetchone()
+    assert rows == 200
+    assert key_count == 1
