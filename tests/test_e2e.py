@@ -977,8 +977,9 @@ def test_two_workers_share_the_database(dead_port: int, tmp_path: Path) -> None:
         config["database"] = {"dsn": str(db)}
         server = GandalfServer(tmp_path, config, unset=[UNSET_VAR])
         with server:
-            assert server.process is not None
-            wait_until(lambda: len(_children(server.process.pid)) == 2, 10, "two workers")
+            process = server.process
+            assert process is not None
+            wait_until(lambda: len(_children(process.pid)) == 2, 10, "two workers")
             keys = server.printed_keys()
             assert len(keys) == 1, server.stdout()
             texts = [unique("w") for _ in range(200)]
