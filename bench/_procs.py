@@ -276,9 +276,17 @@ def launch_mock(group: ProcGroup, *, chunks: int, cpus: str | None) -> Server:
 
 
 def launch_baseline(
-    group: ProcGroup, upstream: str, log_dir: Path, *, workers: int, cpus: str | None
+    group: ProcGroup,
+    upstream: str,
+    log_dir: Path,
+    *,
+    workers: int,
+    cpus: str | None,
+    interface: str = "asgi",
 ) -> Server:
-    log_path = log_dir / "baseline.log"
+    """``bench/baseline.py --interface asgi|rsgi``; named ``baseline`` / ``baseline-rsgi``."""
+    name = "baseline" if interface == "asgi" else f"baseline-{interface}"
+    log_path = log_dir / f"{name}.log"
     cmd = [
         *taskset(cpus),
         sys.executable,
@@ -289,13 +297,15 @@ def launch_baseline(
         upstream,
         "--workers",
         str(workers),
+        "--interface",
+        interface,
     ]
     with open(log_path, "wb") as log:
         proc = group.add(
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         )
-    port = read_listen_line(proc, 15.0, "baseline")
-    server = Server("baseline", proc, port, log_path)
+    port = read_listen_line(proc, 15.0, name)
+    server = Server(name, proc, port, log_path)
     wait_port(server, 15.0)
     return server
 
@@ -309,12 +319,15 @@ def free_port() -> int:
         return port
 
 
-def write_gandalf_config(tmpdir: Path, port: int, mock_port: int) -> Path:
-    """The bench config: one openai-type provider pointing at the mock, one route, one key."""
-    path = tmpdir / "gandalf.yaml"
+def write_gandalf_config(tmpdir: Path, port: int, mock_port: int, name: str = "gandalf") -> Path:
+    """The bench config: one openai-type provider pointing at the mock, one route, one key.
+
+    Written to ``<tmpdir>/<name>.yaml`` with its own SQLite file ``<tmpdir>/<name>.db``.
+    """
+    path = tmpdir / f"{name}.yaml"
     path.write_text(
         f'server: {{addr: "127.0.0.1:{port}", access_log: false}}\n'
-        f'database: {{dsn: "{tmpdir / "bench.db"}"}}\n'
+        f'database: {{dsn: "{tmpdir / f"{name}.db"}"}}\n'
         "providers:\n"
         f'  - {{name: mock, type: openai, base_url: "http://127.0.0.1:{mock_port}/v1", '
         'api_key: "sk-bench"}\n'
@@ -333,12 +346,15 @@ def launch_gandalf(
     *,
     workers: int,
     cpus: str | None,
+    interface: str = "asgi",
     ready_timeout: float = 20.0,
 ) -> Server:
-    """``python -m gandalf serve --config <tmpdir>/gandalf.yaml``; waits for /healthz."""
+    """``python -m gandalf serve --config <tmpdir>/<name>.yaml --interface I``; waits for
+    /healthz. Named ``gandalf`` for ASGI, ``gandalf-rsgi`` for RSGI."""
+    name = "gandalf" if interface == "asgi" else f"gandalf-{interface}"
     port = free_port()
-    config = write_gandalf_config(tmpdir, port, mock_port)
-    log_path = tmpdir / "gandalf.log"
+    config = write_gandalf_config(tmpdir, port, mock_port, name)
+    log_path = tmpdir / f"{name}.log"
     cmd = [
         *taskset(cpus),
         sys.executable,
@@ -349,6 +365,8 @@ def launch_gandalf(
         str(config),
         "--workers",
         str(workers),
+        "--interface",
+        interface,
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH")]))
@@ -363,6 +381,6 @@ def launch_gandalf(
                 start_new_session=True,
             )
         )
-    server = Server("gandalf", proc, port, log_path)
+    server = Server(name, proc, port, log_path)
     wait_http_ok(server, "/healthz", ready_timeout)
     return server

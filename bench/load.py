@@ -1,16 +1,19 @@
 """Load bench: the mock alone, the thinnest passthrough (baseline) and ``gandalf serve``.
 
-Starts the mock upstream, the baseline and Gandalf, drives each with ``wrk`` through the same
-scenarios (targets interleaved per scenario so drift hits all alike), measures req/s, latency,
-errors, CPU per request and peak RSS, checks the speed budgets, prints a markdown table and
-writes ``bench/results/latest.json`` and ``latest.md``.
+Starts the mock upstream, the baseline and Gandalf (each on granian's ASGI and RSGI
+interfaces: ``baseline``, ``baseline-rsgi``, ``gandalf``, ``gandalf-rsgi``), drives each with
+``wrk`` through the same scenarios (targets interleaved per scenario so drift hits all alike),
+measures req/s, latency, errors, CPU per request and peak RSS, checks the speed budgets for
+three pairs (gandalf vs baseline, gandalf-rsgi vs baseline, gandalf-rsgi vs baseline-rsgi),
+prints a markdown table and writes ``bench/results/latest.json`` and ``latest.md``.
 
     python bench/load.py                 # full run, < 5 minutes
     python bench/load.py --quick         # < 1 minute
     python bench/load.py --targets mock,baseline --duration 5
 
-Exit status: 0 when every budget that could be checked passed, 1 when one failed, 2 when
-``wrk`` is missing or a server failed to start.
+Exit status: 0 when gandalf or gandalf-rsgi meets every budget it could be checked on against
+the ASGI baseline (or nothing could be checked), 1 otherwise, 2 when ``wrk`` is missing or a
+server failed to start. The like-for-like RSGI pair is reported but does not decide the exit.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from _procs import (
 )
 from _wrk import INSTALL_HINT, have_wrk, run_wrk, write_script
 
-ALL_TARGETS = ("mock", "baseline", "gandalf")
+ALL_TARGETS = ("mock", "baseline", "baseline-rsgi", "gandalf", "gandalf-rsgi")
 FULL_SCENARIOS = (("chat", 1), ("chat", 16), ("chat", 64), ("stream", 16), ("stream", 64))
 QUICK_SCENARIOS = (("chat", 1), ("chat", 64), ("stream", 64))
 CHAT_PATH = "/v1/chat/completions"
@@ -60,6 +63,13 @@ MAX_P99_RATIO = 1.3
 MAX_P50_OVERHEAD_MS = 1.0
 MAX_RSS_MB = 110.0
 
+# Budget sets: (gandalf target, baseline target, label, decides the exit status).
+BUDGET_SETS = (
+    ("gandalf", "baseline", "gandalf vs baseline (ASGI vs ASGI, portable)", True),
+    ("gandalf-rsgi", "baseline", "gandalf-rsgi vs baseline (RSGI vs ASGI reference)", True),
+    ("gandalf-rsgi", "baseline-rsgi", "gandalf-rsgi vs baseline-rsgi (like for like, info)", False),
+)
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -67,13 +77,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="fewer scenarios, 2 s each (< 1 minute)"
     )
     parser.add_argument(
-        "--duration", type=int, default=None, help="seconds per measurement (default 8, quick 2)"
+        "--duration", type=int, default=None, help="seconds per measurement (default 6, quick 2)"
     )
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per run")
     parser.add_argument(
         "--targets",
         default=",".join(ALL_TARGETS),
-        help="comma-separated subset of mock,baseline,gandalf",
+        help="comma-separated subset of " + ",".join(ALL_TARGETS),
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="granian workers for gandalf and the baseline"
@@ -92,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--targets: unknown {sorted(unknown)}; choose from {ALL_TARGETS}")
     args.target_list = [t for t in ALL_TARGETS if t in targets]
     if args.duration is None:
-        args.duration = 2 if args.quick else 8
+        args.duration = 2 if args.quick else 6
     return args
 
 
@@ -216,56 +226,95 @@ def _find(rows: list[dict[str, Any]], target: str, mode: str, conns: int) -> dic
     return None
 
 
-def evaluate(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Ratios and budget verdicts; a budget whose inputs are missing is ``skipped``."""
+def _key(target: str) -> str:
+    return target.replace("-", "_")
+
+
+def _check(pair: str, name: str, value: float | None, op: str, limit: float) -> dict[str, Any]:
+    """One budget row: ``value op limit`` (op ``>=`` or ``<=``); SKIP when value is missing."""
+    if value is None:
+        verdict = "SKIP"
+    else:
+        ok = value >= limit if op == ">=" else value <= limit
+        verdict = "PASS" if ok else "FAIL"
+    return {
+        "set": pair,
+        "budget": name,
+        "value": value,
+        "limit": f"{op} {limit:g}",
+        "verdict": verdict,
+    }
+
+
+def evaluate(
+    rows: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Ratios, budget rows and one verdict per budget set (see BUDGET_SETS).
+
+    A budget whose inputs are missing is SKIP; a set is FAIL with any FAIL, PASS with at
+    least one PASS and no FAIL, SKIP when nothing could be checked.
+    """
     ratios: dict[str, Any] = {}
-    budgets: list[dict[str, Any]] = []
-
-    def budget(name: str, value: float | None, limit: str, ok: bool | None) -> None:
-        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
-        budgets.append({"budget": name, "value": value, "limit": limit, "verdict": verdict})
-
-    for mode in ("chat", "stream"):
-        g, b = _find(rows, "gandalf", mode, 64), _find(rows, "baseline", mode, 64)
-        rps_ratio = round(g["rps"] / b["rps"], 3) if g and b and b["rps"] else None
-        p99_ratio = round(g["p99_ms"] / b["p99_ms"], 3) if g and b and b["p99_ms"] else None
-        ratios[f"{mode}_c64_rps_gandalf_over_baseline"] = rps_ratio
-        ratios[f"{mode}_c64_p99_gandalf_over_baseline"] = p99_ratio
-        budget(
-            f"{mode} 64 clients: gandalf/baseline req/s",
-            rps_ratio,
-            f">= {MIN_RPS_RATIO}",
-            None if rps_ratio is None else rps_ratio >= MIN_RPS_RATIO,
+    m1 = _find(rows, "mock", "chat", 1)
+    for target in ALL_TARGETS[1:]:
+        t1 = _find(rows, target, "chat", 1)
+        ratios[f"chat_c1_p50_{_key(target)}_minus_mock_ms"] = (
+            round(t1["p50_ms"] - m1["p50_ms"], 3) if t1 and m1 else None
         )
-        if mode == "chat":
-            budget(
-                "chat 64 clients: gandalf/baseline p99",
-                p99_ratio,
-                f"<= {MAX_P99_RATIO}",
-                None if p99_ratio is None else p99_ratio <= MAX_P99_RATIO,
+    budgets: list[dict[str, Any]] = []
+    sets: list[dict[str, Any]] = []
+    for gname, bname, label, gates in BUDGET_SETS:
+        checks: list[dict[str, Any]] = []
+        pair = f"{gname}/{bname}"
+        for mode in ("chat", "stream"):
+            g, b = _find(rows, gname, mode, 64), _find(rows, bname, mode, 64)
+            rps = round(g["rps"] / b["rps"], 3) if g and b and b["rps"] else None
+            p99 = round(g["p99_ms"] / b["p99_ms"], 3) if g and b and b["p99_ms"] else None
+            ratios[f"{mode}_c64_rps_{_key(gname)}_over_{_key(bname)}"] = rps
+            ratios[f"{mode}_c64_p99_{_key(gname)}_over_{_key(bname)}"] = p99
+            checks.append(
+                _check(label, f"{mode} 64 clients: {pair} req/s", rps, ">=", MIN_RPS_RATIO)
             )
-    g1, m1 = _find(rows, "gandalf", "chat", 1), _find(rows, "mock", "chat", 1)
-    overhead = round(g1["p50_ms"] - m1["p50_ms"], 3) if g1 and m1 else None
-    ratios["chat_c1_p50_gandalf_minus_mock_ms"] = overhead
-    budget(
-        "chat 1 client: gandalf p50 - mock p50 (ms)",
-        overhead,
-        f"<= {MAX_P50_OVERHEAD_MS}",
-        None if overhead is None else overhead <= MAX_P50_OVERHEAD_MS,
-    )
-    b1 = _find(rows, "baseline", "chat", 1)
-    ratios["chat_c1_p50_baseline_minus_mock_ms"] = (
-        round(b1["p50_ms"] - m1["p50_ms"], 3) if b1 and m1 else None
-    )
-    g_rss = [r["peak_rss_mb"] for r in rows if r["target"] == "gandalf" and r["status"] == "ok"]
-    peak = max(g_rss) if g_rss else None
-    budget(
-        "gandalf peak RSS per worker (MB)",
-        peak,
-        f"<= {MAX_RSS_MB:.0f}",
-        None if peak is None else peak <= MAX_RSS_MB,
-    )
-    return ratios, budgets
+            if mode == "chat":
+                checks.append(
+                    _check(label, f"chat 64 clients: {pair} p99", p99, "<=", MAX_P99_RATIO)
+                )
+        if gates:  # the baseline-independent budgets, once per gandalf interface
+            overhead = ratios[f"chat_c1_p50_{_key(gname)}_minus_mock_ms"]
+            name = f"chat 1 client: {gname} p50 - mock p50 (ms)"
+            checks.append(_check(label, name, overhead, "<=", MAX_P50_OVERHEAD_MS))
+            rss = [r["peak_rss_mb"] for r in rows if r["target"] == gname and r["status"] == "ok"]
+            name = f"{gname} peak RSS per worker (MB)"
+            checks.append(_check(label, name, max(rss) if rss else None, "<=", MAX_RSS_MB))
+        counts = {v: sum(c["verdict"] == v for c in checks) for v in ("PASS", "FAIL", "SKIP")}
+        verdict = "FAIL" if counts["FAIL"] else ("PASS" if counts["PASS"] else "SKIP")
+        sets.append(
+            {
+                "set": label,
+                "gandalf": gname,
+                "baseline": bname,
+                "gates_exit": gates,
+                "verdict": verdict,
+                "counts": counts,
+            }
+        )
+        budgets.extend(checks)
+    return ratios, budgets, sets
+
+
+def overall(sets: list[dict[str, Any]]) -> tuple[int, str]:
+    """Exit status and a one-line explanation: 0 when a gating set passed or none was checked."""
+    gating = [x for x in sets if x["gates_exit"]]
+    passed = [x["gandalf"] for x in gating if x["verdict"] == "PASS"]
+    if passed:
+        verb = "meets" if len(passed) == 1 else "meet"
+        return (
+            0,
+            f"PASS: {' and '.join(passed)} {verb} every budget checked against the ASGI baseline",
+        )
+    if all(x["verdict"] == "SKIP" for x in gating):
+        return 0, "SKIP: no budget could be checked (gandalf, gandalf-rsgi or baseline not run)"
+    return 1, "FAIL: neither gandalf nor gandalf-rsgi meets every budget against the ASGI baseline"
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -298,10 +347,22 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def budgets_table(budgets: list[dict[str, Any]]) -> str:
-    out = ["| budget | value | limit | verdict |", "|---|---|---|---|"]
+def budgets_table(budgets: list[dict[str, Any]], sets: list[dict[str, Any]], summary: str) -> str:
+    out = ["| pair | budget | value | limit | verdict |", "|---|---|---|---|---|"]
     for b in budgets:
-        out.append(f"| {b['budget']} | {_fmt(b['value'], 3)} | {b['limit']} | {b['verdict']} |")
+        out.append(
+            f"| {b['set']} | {b['budget']} | {_fmt(b['value'], 3)} | {b['limit']} "
+            f"| {b['verdict']} |"
+        )
+    out.append("")
+    for x in sets:
+        role = "decides the exit status" if x["gates_exit"] else "information only"
+        n = x["counts"]
+        out.append(
+            f"- {x['set']}: **{x['verdict']}** ({n['PASS']} passed, {n['FAIL']} failed, "
+            f"{n['SKIP']} skipped; {role})"
+        )
+    out.append(f"- overall (exit 0 if either gandalf interface passes): **{summary}**")
     return "\n".join(out)
 
 
@@ -321,7 +382,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             results_table(report["results"]),
             "",
-            budgets_table(report["budgets"]),
+            budgets_table(report["budgets"], report["budget_sets"], report["overall"]),
             "",
         ]
     )
@@ -338,14 +399,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmpdir = Path(tmp)
         mock = launch_mock(group, chunks=args.chunks, cpus=client_cpus)
         servers: dict[str, Server] = {"mock": mock}
-        if "baseline" in args.target_list:
-            servers["baseline"] = launch_baseline(
-                group, mock.url, tmpdir, workers=args.workers, cpus=server_cpus
-            )
-        if "gandalf" in args.target_list:
-            servers["gandalf"] = launch_gandalf(
-                group, tmpdir, mock.port, workers=args.workers, cpus=server_cpus
-            )
+        for name in args.target_list:
+            interface = "rsgi" if name.endswith("-rsgi") else "asgi"
+            if name.startswith("baseline"):
+                servers[name] = launch_baseline(
+                    group,
+                    mock.url,
+                    tmpdir,
+                    workers=args.workers,
+                    cpus=server_cpus,
+                    interface=interface,
+                )
+            elif name.startswith("gandalf"):
+                servers[name] = launch_gandalf(
+                    group,
+                    tmpdir,
+                    mock.port,
+                    workers=args.workers,
+                    cpus=server_cpus,
+                    interface=interface,
+                )
         streaming: dict[str, bool] = {}
         for name in args.target_list:
             server = servers[name]
@@ -375,7 +448,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "status": NOT_SUPPORTED,
                         }
                     )
-                    print(f"  {mode:6} c={conns:<3} {name:9} {NOT_SUPPORTED}", flush=True)
+                    print(f"  {mode:6} c={conns:<3} {name:13} {NOT_SUPPORTED}", flush=True)
                     continue
                 row = measure(
                     servers[name],
@@ -390,12 +463,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 rows.append(row)
                 print(
-                    f"  {mode:6} c={conns:<3} {name:9} {row['rps']:>9,.0f} req/s  "
+                    f"  {mode:6} c={conns:<3} {name:13} {row['rps']:>9,.0f} req/s  "
                     f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
                     f"errors {row['errors']}  cpu {row['cpu_ms_per_req']:.3f} ms/req",
                     flush=True,
                 )
-    ratios, budgets = evaluate(rows)
+    ratios, budgets, sets = evaluate(rows)
+    exit_code, summary = overall(sets)
     return {
         "mode": "quick" if args.quick else "full",
         "duration_s": args.duration,
@@ -406,6 +480,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": rows,
         "ratios": ratios,
         "budgets": budgets,
+        "budget_sets": sets,
+        "overall": summary,
+        "exit_code": exit_code,
     }
 
 
@@ -440,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} in {report['elapsed_s']} s"
     )
-    return 1 if any(b["verdict"] == "FAIL" for b in report["budgets"]) else 0
+    code: int = report["exit_code"]
+    return code
 
 
 if __name__ == "__main__":
