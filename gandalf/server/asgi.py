@@ -32,6 +32,7 @@ from gandalf.server.wire import (
     JSON_HEADERS,
     Request,
     Response,
+    StreamWatcher,
     sane_request_id,
     uuid7,
 )
@@ -86,6 +87,7 @@ class GandalfApp:
         self._shutdown_timeout = shutdown_timeout
         self._access_log = access_log
         self._keepalive = stream_keepalive
+        self._stream_watcher = StreamWatcher(tick=min(0.2, stream_keepalive / 2))
         self._active: set[asyncio.Task[Any]] = set()  # every request in flight
         self._handle_signals = handle_signals
         self._previous_handlers: dict[int, Any] = {}
@@ -165,7 +167,14 @@ class GandalfApp:
                 except OSError:
                     pass  # the client went away; nothing left to tell it
             else:
-                status = await relay(send, receive, response, request_id.encode(), self._keepalive)
+                status = await relay(
+                    send,
+                    receive,
+                    response,
+                    request_id.encode(),
+                    self._keepalive,
+                    self._stream_watcher,
+                )
         finally:
             active.discard(task)
             if not active and self._idle is not None:
@@ -207,7 +216,7 @@ class GandalfApp:
                 Request(
                     method,
                     path,
-                    [],
+                    headers,
                     body,
                     request_id,
                     authorization,
@@ -215,6 +224,7 @@ class GandalfApp:
                     query,
                     started,
                     receive,
+                    self._stream_watcher,
                 )
             )
         except GatewayError as exc:

@@ -22,7 +22,6 @@ from gandalf.server.wire import (
     HEALTH_OK,
     READY_OK,
     SSE_HEADERS,
-    ClientWatch,
     Request,
     Response,
 )
@@ -139,12 +138,12 @@ class Api:
             raise InvalidRequest("'messages' must contain at least one message.", param="messages")
         if chat.stream:
             watch = None
-            if request.receive is not None:
+            if request.receive is not None and request.streams is not None:
                 # Watch for a disconnect from now on: a client that gives up before
                 # the first byte must cancel the upstream call too.
                 task = asyncio.current_task()
                 assert task is not None
-                watch = ClientWatch(request.receive, task)
+                watch = request.streams.watch(request.receive, task)
             try:
                 stream = await self._proxy.chat_stream(
                     identity, chat, request.body, request.request_id, request.started

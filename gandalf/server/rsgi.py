@@ -146,6 +146,7 @@ class RSGIApp:
                     response,
                     request_id.encode(),
                     app._keepalive,
+                    app._stream_watcher,
                 )
         finally:
             active.discard(task)

@@ -18,7 +18,7 @@ import logging
 from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
 from gandalf.errors import GatewayError
 from gandalf.server.types import Message, Receive, Send
-from gandalf.server.wire import ClientWatch, Response
+from gandalf.server.wire import Response, StreamWatcher
 
 logger = logging.getLogger("gandalf.server")
 
@@ -43,6 +43,7 @@ async def relay(
     response: Response,
     request_id: bytes,
     keepalive: float,
+    streams: StreamWatcher,
 ) -> int:
     """Send ``response`` (which has a stream) and return the status it ended with:
     its own on success, the error's after a failure, 499 or 503 when cut short."""
@@ -50,7 +51,7 @@ async def relay(
     assert stream is not None
     task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
     loop = asyncio.get_running_loop()
-    watch = response.watch or ClientWatch(receive, task)
+    watch = response.watch or streams.watch(receive, task)
     watch.keep_alive(send, keepalive)
     status = response.status
     closing = status

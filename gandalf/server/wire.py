@@ -53,6 +53,7 @@ class Request:
         "receive",
         "request_id",
         "started",
+        "streams",
     )
 
     def __init__(
@@ -67,6 +68,7 @@ class Request:
         query: bytes = b"",
         started: float = 0.0,
         receive: Receive | None = None,
+        streams: StreamWatcher | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -78,6 +80,7 @@ class Request:
         self.query = query
         self.started = started  # time.perf_counter() at arrival
         self.receive = receive  # for handlers that must learn of a disconnect (streams)
+        self.streams = streams  # the worker's StreamWatcher
 
 
 class ByteStream(Protocol):
@@ -93,71 +96,114 @@ class ByteStream(Protocol):
     async def aclose(self, status: int) -> None: ...
 
 
-class ClientWatch:
-    """Learns the moment a client goes away, and keeps a silent stream alive.
+class StreamWatcher:
+    """One per worker: looks after every open stream with a single timer.
 
-    Started by a streaming handler before it calls the upstream, so a client
-    that gives up even before the first byte cancels the upstream call at
-    once: granian answers ``receive()`` with ``http.disconnect`` as soon as the
-    connection closes, and the watch cancels the request task with
-    CANCEL_DISCONNECT. Once the response is streaming, :meth:`keep_alive` adds
-    a timer that sends ``: keep-alive`` whenever nothing went out for a while.
-    Callback-driven: one receive task and one timer per stream.
+    Each tick (every ``tick`` seconds, only while streams are open) it starts
+    the disconnect watch of streams older than ``listen_after`` and sends
+    ``: keep-alive`` on streams silent for their interval. A stream that ends
+    within ``listen_after`` (most of a benchmark's, few of a model's) never
+    pays for a receive task or a timer of its own; a client that leaves is
+    still noticed within ``listen_after + tick`` seconds (well under 1 s).
+    """
+
+    __slots__ = ("_handle", "_loop", "_watches", "listen_after", "tick")
+
+    def __init__(self, *, listen_after: float = 0.3, tick: float = 0.2) -> None:
+        self.listen_after = listen_after
+        self.tick = tick
+        self._watches: set[ClientWatch] = set()
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, receive: Receive, task: asyncio.Task[Any]) -> ClientWatch:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        watch = ClientWatch(self, receive, task, loop)
+        self._watches.add(watch)
+        if self.listen_after <= 0:
+            watch.check(watch.started, watch.started)
+        if self._handle is None:
+            self._handle = loop.call_later(self.tick, self._tick)
+        return watch
+
+    def discard(self, watch: ClientWatch) -> None:
+        self._watches.discard(watch)
+
+    def _tick(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        listen_from = now - self.listen_after
+        for watch in list(self._watches):
+            watch.check(now, listen_from)
+        self._handle = self._loop.call_later(self.tick, self._tick) if self._watches else None
+
+
+class ClientWatch:
+    """One stream's link to its client: learns the moment the client goes away
+    (granian answers ``receive()`` with ``http.disconnect``; the watch then
+    cancels the request task with CANCEL_DISCONNECT, which cancels the upstream
+    call) and keeps a silent stream alive. Driven by its StreamWatcher.
+
+    Created by a streaming handler before it calls the upstream, so a client
+    that gives up even before the first byte is noticed too.
     """
 
     __slots__ = (
-        "_keepalive",
+        "_interval",
         "_loop",
+        "_owner",
         "_pending",
         "_receive",
         "_send",
         "_task",
-        "_timer",
         "disconnected",
         "last_sent",
         "sending",
+        "started",
     )
 
-    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(
+        self,
+        owner: StreamWatcher,
+        receive: Receive,
+        task: asyncio.Task[Any],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._owner = owner
+        self._loop = loop
         self._receive = receive
         self._task = task
         self._send: Send | None = None
-        self._keepalive = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._interval = 0.0
+        self._pending: asyncio.Future[Message] | None = None
+        self.started = self.last_sent = loop.time()
         self.disconnected = False
-        self.last_sent = 0.0
         self.sending: asyncio.Task[None] | None = None
-        self._pending: asyncio.Future[Message] | None = self._listen()
 
-    def _listen(self) -> asyncio.Future[Message]:
-        pending = asyncio.ensure_future(self._receive())
-        pending.add_done_callback(self._received)
-        return pending
+    def keep_alive(self, send: Send, interval: float) -> None:
+        """The response started: send keep-alives on ``send`` when idle ``interval`` s."""
+        self._send = send
+        self._interval = interval
+        self.last_sent = self._loop.time()
+
+    def check(self, now: float, listen_from: float) -> None:
+        if self._pending is None and self.started <= listen_from and self._receive is not None:
+            self._pending = pending = asyncio.ensure_future(self._receive())
+            pending.add_done_callback(self._received)
+        interval = self._interval
+        if interval > 0 and self.sending is None and now - self.last_sent >= interval:
+            self.sending = self._loop.create_task(self._send_keepalive())
 
     def _received(self, pending: asyncio.Future[Message]) -> None:
-        if self._pending is None or pending.cancelled() or pending.exception() is not None:
+        if self._pending is not pending or pending.cancelled() or pending.exception() is not None:
             return
         if pending.result()["type"] == "http.disconnect":
             self.disconnected = True
             self._task.cancel(CANCEL_DISCONNECT)
-        else:  # a stray body message: keep listening
-            self._pending = self._listen()
-
-    def keep_alive(self, send: Send, interval: float) -> None:
-        self._send = send
-        self._keepalive = interval
-        self.last_sent = self._loop.time()
-        if interval > 0:
-            self._timer = self._loop.call_later(interval, self._tick)
-
-    def _tick(self) -> None:
-        keepalive = self._keepalive
-        idle = self._loop.time() - self.last_sent
-        if idle >= keepalive and self.sending is None:
-            self.sending = self._loop.create_task(self._send_keepalive())
-            idle = 0.0
-        self._timer = self._loop.call_later(keepalive - idle, self._tick)
+        else:  # a stray body message: listen again at the next tick
+            self._pending = None
 
     async def _send_keepalive(self) -> None:
         assert self._send is not None
@@ -170,17 +216,14 @@ class ClientWatch:
             self.sending = None
 
     def stop(self) -> None:
+        self._owner.discard(self)
         pending = self._pending
-        if pending is None:
-            return
-        self._pending = None
-        pending.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if pending is not None:
+            pending.cancel()
         # granian's receive future may keep its done-callbacks (our bound method)
-        # in native code the cycle collector cannot see: drop every reference to
-        # the request (its receive, send and task) so that no cycle survives.
+        # in native memory the cycle collector cannot see: drop every reference
+        # to the request (its receive, send and task) so that no cycle survives.
+        self._pending = None
         self._receive = self._send = self._task = None  # type: ignore[assignment]
 
 
