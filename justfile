@@ -34,7 +34,7 @@ fmt:
 _wrk:
     @command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null) || (echo "install wrk (e.g. apt-get install wrk)" >&2; exit 2)
 
-# full load bench: mock vs baseline vs gandalf (< 5 minutes); writes bench/results/
+# full load bench: mock, baseline (ASGI, RSGI), gandalf (ASGI, RSGI); < 5 minutes; writes bench/results/
 bench *ARGS: _wrk
     {{python}} bench/load.py {{ARGS}}
 

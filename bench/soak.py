@@ -33,6 +33,7 @@ from typing import Any
 from _procs import (
     CHAT_BODY,
     RESULTS_DIR,
+    STREAM_BODY,
     ProcGroup,
     Server,
     chat_headers,
@@ -69,6 +70,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="abort (and fail) when the soak runs longer than this",
     )
     parser.add_argument("--target", choices=("gandalf", "baseline"), default="gandalf")
+    parser.add_argument(
+        "--stream", action="store_true", help="streaming requests (20-chunk SSE answers)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "soak.json")
     return parser.parse_args(argv)
 
@@ -104,14 +108,15 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             server = launch_baseline(
                 group, mock.url, tmpdir, workers=args.workers, cpus=server_cpus
             )
+        body = STREAM_BODY if args.stream else CHAT_BODY
         status, data, _ = http_request(
-            server.port, "POST", "/v1/chat/completions", CHAT_BODY, chat_headers()
+            server.port, "POST", "/v1/chat/completions", body, chat_headers()
         )
         if status != 200:
             raise RuntimeError(
                 f"{server.name}: probe answered {status}: {data[:500]!r}\n{server.log_tail()}"
             )
-        script = write_script(tmpdir / "chat.lua", CHAT_BODY, chat_headers())
+        script = write_script(tmpdir / "chat.lua", body, chat_headers())
         url = server.url + "/v1/chat/completions"
         total, errors, rate, wall = 0, 0, 0.0, 0.0
         samples.append(_sample(server, total, started))
@@ -168,6 +173,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "target": args.target,
+        "stream": args.stream,
         "workers": args.workers,
         "connections": args.connections,
         "requests": total,
