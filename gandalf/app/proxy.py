@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from gandalf.app.router import RouteEntry, RouteTable
 from gandalf.domain import (
@@ -29,6 +29,8 @@ from gandalf.domain import (
     UsageRecord,
 )
 from gandalf.errors import GatewayError, PermissionDenied
+
+_T = TypeVar("_T")
 
 
 class UsageSink(Protocol):
@@ -233,10 +235,9 @@ class ProxyService:
         accounting = _Accounting(
             self._sink, identity, request.model, request_id, started, "chat", self._clock
         )
-        target = provider = None
-        try:
-            target, provider = self._pick(self._resolve(identity, request.model))
-            stream = await provider.stream(
+        stream, target, provider = await self._call(
+            accounting,
+            lambda provider, target: provider.stream(
                 ChatCall(
                     body=body,
                     request=request,
@@ -244,12 +245,8 @@ class ProxyService:
                     target=target,
                     request_id=request_id,
                 )
-            )
-        except BaseException as exc:
-            accounting.record(
-                target, provider.name if provider else None, None, _failure_status(exc)
-            )
-            raise
+            ),
+        )
         return RecordedStream(stream, accounting, target, provider.name)
 
     async def embeddings(
@@ -263,10 +260,9 @@ class ProxyService:
         accounting = _Accounting(
             self._sink, identity, request.model, request_id, started, "embeddings", self._clock
         )
-        target = provider = None
-        try:
-            target, provider = self._pick(self._resolve(identity, request.model))
-            reply = await provider.embeddings(
+        reply, target, provider = await self._call(
+            accounting,
+            lambda provider, target: provider.embeddings(
                 EmbeddingsCall(
                     body=body,
                     request=request,
@@ -274,11 +270,24 @@ class ProxyService:
                     target=target,
                     request_id=request_id,
                 )
-            )
+            ),
+        )
+        accounting.record(target, provider.name, reply.usage, reply.status)
+        return reply
+
+    async def _call(
+        self,
+        accounting: _Accounting,
+        invoke: Callable[[Provider, Target], Awaitable[_T]],
+    ) -> tuple[_T, Target, Provider]:
+        """Resolve the alias, check the key, call ``invoke`` on the serving target;
+        a failure is recorded (with whatever target was reached) and re-raised."""
+        target = provider = None
+        try:
+            target, provider = self._pick(self._resolve(accounting.identity, accounting.alias))
+            return await invoke(provider, target), target, provider
         except BaseException as exc:
             accounting.record(
                 target, provider.name if provider else None, None, _failure_status(exc)
             )
             raise
-        accounting.record(target, provider.name, reply.usage, reply.status)
-        return reply
