@@ -26,7 +26,7 @@ import orjson
 from gandalf.domain import CANCEL_DISCONNECT
 from gandalf.errors import BodyTooLarge, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gandalf.server.handlers import Endpoint
-from gandalf.server.stream import SHUTDOWN, relay
+from gandalf.server.stream import SHUTDOWN, ASGIWriter, relay
 from gandalf.server.types import Receive, Scope, Send
 from gandalf.server.wire import (
     JSON_CT,
@@ -169,7 +169,7 @@ class GandalfApp:
                     pass  # the client went away; nothing left to tell it
             else:
                 status = await relay(
-                    send,
+                    ASGIWriter(send),
                     receive,
                     response,
                     request_id.encode(),

@@ -13,9 +13,11 @@ relay, which talks to RSGI's stream transport through a small ASGI-style
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from granian import rsgi as granian_rsgi
 
 from gandalf.errors import BodyTooLarge, InvalidRequest
 from gandalf.server.asgi import GandalfApp
@@ -24,6 +26,8 @@ from gandalf.server.types import Message
 from gandalf.server.wire import JSON_HEADERS, Headers, sane_request_id, uuid7
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
+# What a stream write raises once the client has gone.
+_CLOSED: type[BaseException] = granian_rsgi.ProtocolClosed  # type: ignore[attr-defined]
 _str_headers: dict[int, list[tuple[str, str]]] = {}
 
 
@@ -51,26 +55,32 @@ class _Receive:
         return _DISCONNECT
 
 
-class _StreamSend:
-    """ASGI-style ``send`` over RSGI's stream transport, for the SSE relay."""
+async def _not_started(chunk: bytes) -> None:
+    raise RuntimeError("stream written before it started")
 
-    __slots__ = ("protocol", "transport")
+
+class _RSGIWriter:
+    """Streams straight into RSGI's transport: no message dicts per chunk."""
+
+    __slots__ = ("protocol", "transport", "write")
+
+    gone: tuple[type[BaseException], ...] = (_CLOSED, OSError)
 
     def __init__(self, protocol: Any) -> None:
         self.protocol = protocol
         self.transport: Any = None
+        self.write: Callable[[bytes], Awaitable[None]] = _not_started
 
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
-            self.transport = self.protocol.response_stream(message["status"], headers)
-            return
-        body = message.get("body")
-        if body:
-            # RSGIProtocolClosed (a RuntimeError): the client is gone, and the
-            # disconnect watch cancels the stream.
-            with contextlib.suppress(RuntimeError):
-                await self.transport.send_bytes(body)
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.transport = self.protocol.response_stream(
+            status, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+        )
+        self.write = self.transport.send_bytes  # the relay looks it up once, after start
+
+    async def end(self, last: bytes = b"") -> None:
+        if last:
+            await self.transport.send_bytes(last)
+        # the response ends when __rsgi__ returns
 
 
 class RSGIApp:
@@ -141,7 +151,7 @@ class RSGIApp:
                 )
             else:
                 status = await relay(
-                    _StreamSend(protocol),
+                    _RSGIWriter(protocol),
                     receive,
                     response,
                     request_id.encode(),

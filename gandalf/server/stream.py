@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
 from gandalf.errors import GatewayError
@@ -37,8 +39,42 @@ _INTERNAL_EVENT = (
 )
 
 
+class BodyWriter(Protocol):
+    """Where a stream's bytes go: one per interface (ASGI messages, RSGI transport).
+
+    ``write`` is looked up once per stream and called per chunk; ``gone`` lists
+    the exceptions a write raises when the client has left.
+    """
+
+    gone: tuple[type[BaseException], ...]
+    write: Callable[[bytes], Awaitable[None]]  # valid once start() returned
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    async def end(self, last: bytes = b"") -> None: ...
+
+
+class ASGIWriter:
+    __slots__ = ("send", "write")
+
+    gone: tuple[type[BaseException], ...] = (OSError,)
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.write: Callable[[bytes], Awaitable[None]] = self._write
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def _write(self, chunk: bytes) -> None:
+        await self.send({"type": _BODY, "body": chunk, "more_body": True})
+
+    async def end(self, last: bytes = b"") -> None:
+        await self.send({"type": _BODY, "body": last, "more_body": False} if last else _END)
+
+
 async def relay(
-    send: Send,
+    writer: BodyWriter,
     receive: Receive,
     response: Response,
     request_id: bytes,
@@ -52,23 +88,18 @@ async def relay(
     task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
     loop = asyncio.get_running_loop()
     watch = response.watch or streams.watch(receive, task)
-    watch.keep_alive(send, keepalive)
     status = response.status
     closing = status
     try:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [*response.headers, (b"x-request-id", request_id)],
-            }
-        )
+        await writer.start(status, [*response.headers, (b"x-request-id", request_id)])
+        write = writer.write
+        watch.keep_alive(write, keepalive)
         async for chunk in stream:
             if watch.sending is not None:  # a keep-alive is being written: let it finish
                 await watch.sending
-            await send({"type": _BODY, "body": chunk, "more_body": True})
+            await write(chunk)
             watch.last_sent = loop.time()
-        await send(_END)
+        await writer.end()
     except asyncio.CancelledError as exc:
         reason = exc.args[0] if exc.args else None
         if reason not in (DISCONNECT, SHUTDOWN):
@@ -79,20 +110,23 @@ async def relay(
             closing = 499
         else:
             closing = 503
-            await _end_with(send, _SHUTDOWN_EVENT)
+            await _end_with(writer, _SHUTDOWN_EVENT)
     except GatewayError as exc:
         closing = exc.status
-        await _end_with(send, b"data: " + exc.body() + b"\n\n")
-    except Exception:
-        logger.exception("internal error while streaming (request %s)", request_id.decode())
-        closing = 500
-        await _end_with(send, _INTERNAL_EVENT)
+        await _end_with(writer, b"data: " + exc.body() + b"\n\n")
+    except Exception as exc:
+        if isinstance(exc, writer.gone):
+            closing = 499  # the client left; the watch may not have noticed yet
+        else:
+            logger.exception("internal error while streaming (request %s)", request_id.decode())
+            closing = 500
+            await _end_with(writer, _INTERNAL_EVENT)
     finally:
         watch.stop()
         await stream.aclose(closing)
     return closing
 
 
-async def _end_with(send: Send, event: bytes) -> None:
-    with contextlib.suppress(OSError):  # the client may be gone too
-        await send({"type": _BODY, "body": event, "more_body": False})
+async def _end_with(writer: BodyWriter, event: bytes) -> None:
+    with contextlib.suppress(Exception):  # the client may be gone too
+        await writer.end(event)

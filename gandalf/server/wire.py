@@ -11,11 +11,11 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from gandalf.domain import CANCEL_DISCONNECT
-from gandalf.server.types import Message, Receive, Send
+from gandalf.server.types import Message, Receive
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -175,16 +175,16 @@ class ClientWatch:
         self._loop = loop
         self._receive = receive
         self._task = task
-        self._send: Send | None = None
+        self._send: Callable[[bytes], Awaitable[None]] | None = None
         self._interval = 0.0
         self._pending: asyncio.Future[Message] | None = None
         self.started = self.last_sent = loop.time()
         self.disconnected = False
         self.sending: asyncio.Task[None] | None = None
 
-    def keep_alive(self, send: Send, interval: float) -> None:
-        """The response started: send keep-alives on ``send`` when idle ``interval`` s."""
-        self._send = send
+    def keep_alive(self, write: Callable[[bytes], Awaitable[None]], interval: float) -> None:
+        """The response started: ``write`` keep-alives when idle ``interval`` s."""
+        self._send = write
         self._interval = interval
         self.last_sent = self._loop.time()
 
@@ -208,7 +208,7 @@ class ClientWatch:
     async def _send_keepalive(self) -> None:
         assert self._send is not None
         try:
-            await self._send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+            await self._send(KEEPALIVE)
             self.last_sent = self._loop.time()
         except OSError:
             pass  # the client is gone: the receive side will say so
