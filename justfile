@@ -44,7 +44,7 @@ bench-quick *ARGS: _wrk
 
 # in-process micro-benchmarks: microseconds and allocations per request
 bench-micro *ARGS:
-    {{python}} -m pytest bench/test_micro.py -p no:cacheprovider --benchmark-only -q {{ARGS}}
+    {{python}} -m pytest bench/test_micro.py -p no:cacheprovider -q -s {{ARGS}}
 
 # 500,000 requests through gandalf serve, RSS sampled (leak check)
 soak *ARGS: _wrk
