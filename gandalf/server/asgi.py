@@ -271,14 +271,14 @@ class GandalfApp:
             except ValueError:
                 raise InvalidRequest("Invalid Content-Length header.") from None
             if declared > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
         message = await receive()
         if message["type"] != "http.request":
             raise ClientDisconnected
         body: bytes = message.get("body", b"")
         if not message.get("more_body", False):
             if len(body) > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             return body
         chunks = [body]
         size = len(body)
@@ -289,7 +289,7 @@ class GandalfApp:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -408,7 +408,8 @@ class GandalfApp:
         await runtime.close()
 
 
-def _too_large(limit: int) -> BodyTooLarge:
+def too_large(limit: int) -> BodyTooLarge:
+    """The 413 for a body over ``limit`` bytes (both entry points)."""
     return BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from granian import rsgi as granian_rsgi
 
-from gandalf.errors import BodyTooLarge, InvalidRequest
-from gandalf.server.asgi import GandalfApp
+from gandalf.errors import InvalidRequest
+from gandalf.server.asgi import GandalfApp, too_large
 from gandalf.server.stream import relay
 from gandalf.server.types import Message
 from gandalf.server.wire import JSON_HEADERS, Headers, sane_request_id, uuid7
@@ -173,20 +173,16 @@ class RSGIApp:
             except ValueError:
                 raise InvalidRequest("Invalid Content-Length header.") from None
             if declared > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             body: bytes = await receive.protocol()
             if len(body) > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             return body
         chunks = []
         size = 0
         async for chunk in receive.protocol:
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-def _too_large(limit: int) -> BodyTooLarge:
-    return BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
