@@ -277,3 +277,35 @@ class GandalfServer:
     ) -> None:
         if self.running:
             self.terminate()
+
+
+def scenario_providers(
+    base_url: str, dead_port: int, secret: str, unset_var: str
+) -> list[dict[str, Any]]:
+    """The providers the end-to-end modules route their scenarios to: ``fake``; ``up``
+    (the mock upstream at ``base_url``); ``dead`` (``dead_port`` refuses connections);
+    ``slow`` (the mock with a 300 ms timeout); ``nokey`` (disabled: its key is the
+    unset ``unset_var``)."""
+    return [
+        {"name": "fake", "type": "fake"},
+        {"name": "up", "type": "openai", "base_url": base_url, "api_key": secret},
+        {
+            "name": "dead",
+            "type": "openai",
+            "base_url": f"http://127.0.0.1:{dead_port}/v1",
+            "api_key": "sk-dead",
+        },
+        {
+            "name": "slow",
+            "type": "openai",
+            "base_url": base_url,
+            "api_key": secret,
+            "timeout_ms": 300,
+        },
+        {
+            "name": "nokey",
+            "type": "openai",
+            "base_url": base_url,
+            "api_key": "${" + unset_var + "}",
+        },
+    ]

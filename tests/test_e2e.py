@@ -25,7 +25,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from gandalf.auth.apikey import generate_key
-from tests.serve import GandalfServer, free_port, run_cli, wait_until
+from tests.serve import GandalfServer, free_port, run_cli, scenario_providers, wait_until
 from tests.upstream import MockUpstream, running_upstream
 
 UPSTREAM_SECRET = "sk-upstream-secret"
@@ -65,29 +65,7 @@ def gateway_config(mock: MockUpstream, dead_port: int, **server: Any) -> dict[st
     ``dead_port`` refuses connections."""
     return {
         "server": {"max_body_bytes": 65536, "shutdown_timeout": "20s", **server},
-        "providers": [
-            {"name": "fake", "type": "fake"},
-            {"name": "up", "type": "openai", "base_url": mock.base_url, "api_key": UPSTREAM_SECRET},
-            {
-                "name": "dead",
-                "type": "openai",
-                "base_url": f"http://127.0.0.1:{dead_port}/v1",
-                "api_key": "sk-dead",
-            },
-            {
-                "name": "slow",
-                "type": "openai",
-                "base_url": mock.base_url,
-                "api_key": UPSTREAM_SECRET,
-                "timeout_ms": 300,
-            },
-            {
-                "name": "nokey",
-                "type": "openai",
-                "base_url": mock.base_url,
-                "api_key": "${" + UNSET_VAR + "}",
-            },
-        ],
+        "providers": scenario_providers(mock.base_url, dead_port, UPSTREAM_SECRET, UNSET_VAR),
         "routes": [
             route("fake-model", "fake", "fake-1"),
             route("up-ok", "up", "ok-model"),

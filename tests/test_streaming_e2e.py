@@ -30,7 +30,7 @@ import pytest
 from openai import OpenAI
 
 from gandalf.auth.apikey import generate_key
-from tests.serve import GandalfServer, wait_until
+from tests.serve import GandalfServer, scenario_providers, wait_until
 from tests.upstream import SLOW_CHUNKS, MockUpstream, chunk_event, mock_vector, running_upstream
 
 UPSTREAM_SECRET = "sk-upstream-secret"
@@ -90,29 +90,7 @@ def gateway_config(mock: MockUpstream, dead_port: int, **server: Any) -> dict[st
             "access_log": False,
             **server,
         },
-        "providers": [
-            {"name": "fake", "type": "fake"},
-            {"name": "up", "type": "openai", "base_url": mock.base_url, "api_key": UPSTREAM_SECRET},
-            {
-                "name": "dead",
-                "type": "openai",
-                "base_url": f"http://127.0.0.1:{dead_port}/v1",
-                "api_key": "sk-dead",
-            },
-            {
-                "name": "slow",
-                "type": "openai",
-                "base_url": mock.base_url,
-                "api_key": UPSTREAM_SECRET,
-                "timeout_ms": 300,
-            },
-            {
-                "name": "nokey",
-                "type": "openai",
-                "base_url": mock.base_url,
-                "api_key": "${" + UNSET_VAR + "}",
-            },
-        ],
+        "providers": scenario_providers(mock.base_url, dead_port, UPSTREAM_SECRET, UNSET_VAR),
         "routes": ROUTES,
         "keys": [
             {"name": "admin", "key": ADMIN, "role": "admin"},

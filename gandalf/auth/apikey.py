@@ -124,18 +124,16 @@ class KeyCache:
             raw = api_key.strip()
         else:
             return None
-        key_hash = hashlib.sha256(raw).hexdigest()
-        entry = self._entries.get(key_hash)
-        if entry is None or self._clock() >= entry[1]:
-            return None
-        return self._check(entry[0], key_hash)
+        return self._known(hashlib.sha256(raw).hexdigest())
 
     def cached(self, key: str) -> Identity | None:
         """The identity for ``key`` if the cache knows it; None on a miss.
 
         Raises AuthenticationError for a key the cache knows to be bad.
         """
-        key_hash = hashlib.sha256(key.encode()).hexdigest()
+        return self._known(hashlib.sha256(key.encode()).hexdigest())
+
+    def _known(self, key_hash: str) -> Identity | None:
         entry = self._entries.get(key_hash)
         if entry is None or self._clock() >= entry[1]:
             return None

@@ -46,7 +46,7 @@ _SHUTDOWN_BODY = (
     b'{"error":{"message":"Gandalf is shutting down and could not finish this request in '
     b'time.","type":"service_unavailable","param":null,"code":"server_shutdown"}}'
 )
-_NOT_READY_BODY = GatewayError("Gandalf is starting or stopping.").body()
+NOT_READY_BODY = GatewayError("Gandalf is starting or stopping.").body()
 _START = "http.response.start"
 _BODY = "http.response.body"
 
@@ -124,7 +124,7 @@ class GandalfApp:
                 caller_id = value
         request_id = (caller_id is not None and sane_request_id(caller_id)) or uuid7()
         if self._endpoints is None:
-            await _send(send, 503, _NOT_READY_BODY, JSON_HEADERS, request_id)
+            await _send(send, 503, NOT_READY_BODY, JSON_HEADERS, request_id)
             return
         method: str = scope["method"]
         path: str = scope["path"]

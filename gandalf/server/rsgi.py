@@ -20,7 +20,7 @@ from typing import Any
 from granian import rsgi as granian_rsgi
 
 from gandalf.errors import InvalidRequest
-from gandalf.server.asgi import GandalfApp, too_large
+from gandalf.server.asgi import NOT_READY_BODY, GandalfApp, too_large
 from gandalf.server.stream import relay
 from gandalf.server.types import Message
 from gandalf.server.wire import JSON_HEADERS, Headers, sane_request_id, uuid7
@@ -112,10 +112,7 @@ class RSGIApp:
         ) or uuid7()
         if app._endpoints is None:
             protocol.response_bytes(
-                503,
-                [*str_headers(JSON_HEADERS), ("x-request-id", request_id)],
-                b'{"error":{"message":"Gandalf is starting or stopping.","type":"internal_error",'
-                b'"param":null,"code":"internal_error"}}',
+                503, [*str_headers(JSON_HEADERS), ("x-request-id", request_id)], NOT_READY_BODY
             )
             return
         method: str = scope.method
