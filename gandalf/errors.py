@@ -16,7 +16,9 @@
     └── UpstreamError                    502 upstream_error
         ├── UpstreamAuthError            502 upstream_auth_error
         ├── UpstreamTimeout              504 upstream_timeout
+        ├── UpstreamOverloaded           503 upstream_overloaded (retry later)
         └── UpstreamClientError          upstream's own 4xx status, body relayed
+                                         or translated to OpenAI's shape
 
 Raise these anywhere; the single error boundary in ``server/asgi.py`` turns
 them into ``{"error": {...}}`` responses. Anything else becomes a 500 whose
@@ -25,6 +27,9 @@ message never includes the exception text.
 
 from __future__ import annotations
 
+import re
+
+import msgspec
 import orjson
 
 
@@ -59,6 +64,31 @@ class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+
+
+_AT = re.compile(r" - at `\$(.*)`$")
+_MISSING = re.compile(r"Object missing required field `([^`]+)`")
+
+
+def invalid_body(exc: msgspec.ValidationError | msgspec.DecodeError) -> InvalidRequest:
+    """A 400 naming the offending field, from msgspec's error text."""
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        return InvalidRequest(
+            "We could not parse the JSON body of your request: it is not valid JSON."
+        )
+    text = str(exc)
+    param: str | None = None
+    match = _AT.search(text)
+    if match is not None:
+        param = match.group(1).lstrip(".") or None
+        text = text[: match.start()]
+    missing = _MISSING.match(text)
+    if missing is not None:
+        field = missing.group(1)
+        param = f"{param}.{field}" if param else field
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    where = f" at '{param}'" if param else ""
+    return InvalidRequest(f"Invalid request body{where}: {text}.", param=param)
 
 
 class BodyTooLarge(InvalidRequest):
@@ -140,8 +170,27 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class UpstreamOverloaded(UpstreamError):
+    """The upstream is overloaded or unavailable for now (Anthropic's
+    overloaded_error, HTTP 503/529): worth retrying later, elsewhere."""
+
+    status = 503
+    code = "upstream_overloaded"
+
+    def __init__(self, message: str, *, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        if self.retry_after:
+            return ((b"retry-after", self.retry_after.encode("latin-1")),)
+        return ()
+
+
 class UpstreamClientError(UpstreamError):
-    """An upstream 4xx relayed with its own status and (OpenAI-shaped) body."""
+    """An upstream 4xx relayed with its own status: the upstream's body when it
+    is already OpenAI-shaped (``raw_body``), else one built from the message,
+    with the error type and code the adapter translated."""
 
     type = "invalid_request_error"
     code = None
@@ -153,11 +202,19 @@ class UpstreamClientError(UpstreamError):
         status: int,
         raw_body: bytes | None = None,
         retry_after: str | None = None,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.raw_body = raw_body
         self.retry_after = retry_after
+        self.param = param
+        if error_type is not None:
+            self.type = error_type
+        if error_code is not None:
+            self.code = error_code
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         if self.retry_after:

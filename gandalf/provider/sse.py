@@ -123,3 +123,50 @@ def _data_of(event: bytes) -> bytes | None:
     if not lines:
         return None
     return b"\n".join(line[5:].lstrip(b" ") for line in lines)
+
+
+class EventParser:
+    """Splits an upstream event stream into ``(event, data)`` pairs, for adapters
+    that translate events rather than relay them. Reads may cut anywhere; LF and
+    CRLF framing both work; comments (``: ping``) and ``id:``/``retry:`` lines
+    are skipped; several ``data:`` lines of one event are joined with newlines.
+    An event without an ``event:`` line has the name ``b""``."""
+
+    __slots__ = ("_carry",)
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        data = self._carry + chunk if self._carry else chunk
+        end = _boundary(data)
+        if end == 0:
+            self._carry = data
+            return []
+        self._carry = data[end:]
+        return _parse_events(data[:end])
+
+    def finish(self) -> list[tuple[bytes, bytes]]:
+        """The last event when the upstream closed without its blank line."""
+        rest, self._carry = self._carry, b""
+        return _parse_events(rest) if rest.strip() else []
+
+
+def _parse_events(block: bytes) -> list[tuple[bytes, bytes]]:
+    if b"\r" in block:
+        block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    out: list[tuple[bytes, bytes]] = []
+    for raw in block.split(b"\n\n"):
+        if not raw:
+            continue
+        name = b""
+        data: list[bytes] = []
+        for line in raw.split(b"\n"):
+            if line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value[:1] == b" " else value)
+            elif line.startswith(b"event:"):
+                name = line[6:].strip()
+        if data:
+            out.append((name, b"\n".join(data)))
+    return out

@@ -12,12 +12,14 @@ Failure mapping (the contract's error table):
 - HTTP 401/403 from the upstream  -> UpstreamAuthError (502): the gateway's own
   credentials were rejected, never the caller's
 - other HTTP 4xx                   -> UpstreamClientError (same status, OpenAI-shaped body)
+- HTTP 503/529, "overloaded"       -> UpstreamOverloaded (503; only adapters that classify)
 - HTTP 5xx                         -> UpstreamError (502)
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Literal
 
@@ -30,6 +32,7 @@ from gandalf.errors import (
     UpstreamAuthError,
     UpstreamClientError,
     UpstreamError,
+    UpstreamOverloaded,
     UpstreamTimeout,
 )
 
@@ -145,3 +148,115 @@ def http_status_error(
             detail.error.message, status=status, raw_body=body, retry_after=retry_after
         )
     return UpstreamError(f"Upstream provider '{provider}' returned HTTP {status}.")
+
+
+ErrorMapper = Callable[[int, bytes, "str | None"], GatewayError]
+"""``(status, body, retry_after) -> error`` for a non-2xx upstream answer."""
+
+
+async def post_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    errors: UpstreamErrors,
+    on_error: ErrorMapper,
+) -> bytes:
+    """POST ``body``; the answer's bytes, or ``on_error``'s exception."""
+    with errors:
+        async with session.post(url, data=body, headers=headers) as resp:
+            data = await resp.read()
+            status = resp.status
+            retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+    if status >= 300:
+        raise on_error(status, data, retry_after)
+    return data
+
+
+async def get_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: Mapping[str, str],
+    errors: UpstreamErrors,
+    on_error: ErrorMapper,
+) -> bytes:
+    with errors:
+        async with session.get(url, headers=headers) as resp:
+            data = await resp.read()
+            status = resp.status
+    if status >= 300:
+        raise on_error(status, data, None)
+    return data
+
+
+async def open_event_stream(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    read_timeout: aiohttp.ClientTimeout,
+    errors: UpstreamErrors,
+    on_error: ErrorMapper,
+) -> aiohttp.ClientResponse:
+    """POST ``body`` and return the response once the upstream accepted it as
+    an event stream; refusals raise ``on_error``'s exception (before any byte
+    reached the client, so the caller can still answer with a JSON error)."""
+    with errors:
+        resp = await session.post(url, data=body, headers=headers, timeout=read_timeout)
+        status = resp.status
+        if status >= 300 or not resp.content_type.startswith("text/event-stream"):
+            try:
+                data = await resp.read()
+                retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+            finally:
+                resp.release()
+            if status >= 300:
+                raise on_error(status, data, retry_after)
+            raise UpstreamError(
+                f"Upstream provider '{errors.provider}' answered a streaming request with "
+                f"'{resp.content_type}' instead of an event stream."
+            )
+    return resp
+
+
+def status_error(
+    provider: str,
+    status: int,
+    message: str,
+    retry_after: str | None,
+    *,
+    overloaded: bool = False,
+    error_type: str | None = None,
+    error_code: str | None = None,
+) -> GatewayError:
+    """The gateway error for a non-2xx answer from an upstream whose error body
+    is not OpenAI's (the adapter extracted ``message`` and classified it):
+    401/403 -> UpstreamAuthError; 429 -> 429 rate_limit_exceeded; other 4xx ->
+    the same status in OpenAI's shape; overloaded/503/529 -> UpstreamOverloaded;
+    other 5xx -> UpstreamError."""
+    if status in (401, 403):
+        return UpstreamAuthError(
+            f"Upstream provider '{provider}' rejected the gateway's credentials "
+            f"(HTTP {status}); check the provider's api_key."
+        )
+    if overloaded or status in (503, 529):
+        return UpstreamOverloaded(
+            f"Upstream provider '{provider}' is overloaded: {message}", retry_after=retry_after
+        )
+    if status == 429:
+        return UpstreamClientError(
+            message,
+            status=429,
+            retry_after=retry_after,
+            error_type=error_type or "rate_limit_exceeded",
+            error_code=error_code or "rate_limit_exceeded",
+        )
+    if 400 <= status < 500:
+        return UpstreamClientError(
+            message,
+            status=status,
+            retry_after=retry_after,
+            error_type=error_type,
+            error_code=error_code,
+        )
+    return UpstreamError(f"Upstream provider '{provider}' returned HTTP {status}: {message}")

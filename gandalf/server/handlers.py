@@ -8,7 +8,6 @@ every failure and leaves turning them into responses to the error boundary.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -17,7 +16,7 @@ import msgspec
 from gandalf.app.proxy import ProxyService
 from gandalf.auth.apikey import KeyCache, credential
 from gandalf.domain import ChatRequest, EmbeddingsRequest, Identity, Permission
-from gandalf.errors import InvalidRequest, NotReady, PermissionDenied
+from gandalf.errors import InvalidRequest, NotReady, PermissionDenied, invalid_body
 from gandalf.server.wire import (
     HEALTH_OK,
     READY_OK,
@@ -48,28 +47,6 @@ class Endpoint:
 
 _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _embeddings_decoder = msgspec.json.Decoder(EmbeddingsRequest)
-_AT = re.compile(r" - at `\$(.*)`$")
-
-
-def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> InvalidRequest:
-    """A 400 naming the offending field, from msgspec's error text."""
-    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
-        return InvalidRequest(
-            "We could not parse the JSON body of your request: it is not valid JSON."
-        )
-    text = str(exc)
-    param: str | None = None
-    match = _AT.search(text)
-    if match is not None:
-        param = match.group(1).lstrip(".") or None
-        text = text[: match.start()]
-    missing = re.match(r"Object missing required field `([^`]+)`", text)
-    if missing is not None:
-        field = missing.group(1)
-        param = f"{param}.{field}" if param else field
-        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
-    where = f" at '{param}'" if param else ""
-    return InvalidRequest(f"Invalid request body{where}: {text}.", param=param)
 
 
 class _Model(msgspec.Struct):
@@ -133,7 +110,7 @@ class Api:
         try:
             chat = _chat_decoder.decode(request.body)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise validation_error(exc) from None
+            raise invalid_body(exc) from None
         if not chat.messages:
             raise InvalidRequest("'messages' must contain at least one message.", param="messages")
         if chat.stream:
@@ -163,7 +140,7 @@ class Api:
         try:
             embed = _embeddings_decoder.decode(request.body)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise validation_error(exc) from None
+            raise invalid_body(exc) from None
         if bytes(embed.input) in (b"null", b'""', b"[]"):
             raise InvalidRequest("'input' must not be empty.", param="input")
         if embed.dimensions is not None and embed.dimensions < 1:
