@@ -201,6 +201,7 @@ class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     ttft_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     tokens_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    max_tokens: Annotated[int, msgspec.Meta(gt=0)] | None = None
 
 
 class _TargetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -536,6 +537,7 @@ class _Loader:
                     latency_ms=p.latency_ms,
                     ttft_ms=p.ttft_ms,
                     tokens_per_second=p.tokens_per_second,
+                    max_tokens=p.max_tokens,
                     disabled_reason=reason,
                     source="config",
                 )

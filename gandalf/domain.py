@@ -133,6 +133,9 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: int = 0  # fake provider only: simulated upstream latency
     ttft_ms: int = 0  # fake provider only: time to first streamed token
     tokens_per_second: float = 0.0  # fake provider only: stream pace (0: as fast as possible)
+    # Output-token limit sent when a request sets none and the provider requires
+    # one (Anthropic); None: the adapter's default.
+    max_tokens: int | None = None
     disabled_reason: str | None = None  # why enabled is False, shown in 503s and logs
     source: str = "config"
 
