@@ -7,15 +7,17 @@ key cache and upstream sessions. ``worker_app`` is granian's factory target.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 
 from gandalf import bootstrap
 from gandalf.app.proxy import ProxyService
-from gandalf.app.router import RouteTable
+from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
 from gandalf.config import GandalfConfig, default_config_path, load_config
+from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp, Runtime
 from gandalf.server.handlers import Api
@@ -43,6 +45,8 @@ def create_app(
             providers = bootstrap.runtime_providers(config, await store.list_providers())
             registry = ProviderRegistry.build(providers)
             await registry.start()
+            discovered = await discover_models(registry)
+            routes = [*routes, *offered_routes(routes, providers, discovered)]
             table = RouteTable.build(routes, registry.providers, registry.disabled)
             auth = config.auth
             keys = KeyCache(
@@ -80,6 +84,25 @@ def create_app(
         stream_keepalive=server.stream_keepalive,
         handle_signals=handle_signals,
     )
+
+
+DISCOVERY_TIMEOUT = 3.0
+
+
+async def discover_models(registry: ProviderRegistry) -> dict[str, list[str]]:
+    """Ask providers that can list their models and have none configured (Ollama)
+    what they serve. A provider that does not answer in time only logs a warning:
+    its models stay reachable through explicit routes."""
+    found: dict[str, list[str]] = {}
+    for name, provider in registry.providers.items():
+        if provider.config.models or not isinstance(provider, ModelLister):
+            continue
+        try:
+            async with asyncio.timeout(DISCOVERY_TIMEOUT):
+                found[name] = await provider.list_models()
+        except (GatewayError, TimeoutError) as exc:
+            logger.warning("could not list the models of provider %r: %s", name, exc)
+    return found
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -31,7 +31,9 @@ format; a final usage-only event only when the body asked for
 Each streamed request is tracked by a :class:`StreamLog` keyed by its last user
 message (``mock.stream_log(text)``): chunks sent, whether it finished, the usage
 it reported, and whether the client (Gandalf) closed the connection before the
-end. ``POST /v1/embeddings`` answers echo-style: one :func:`mock_vector`
+end. ``GET /api/tags`` lists :attr:`MockUpstream.tags` the way Ollama does (the mock
+doubles as an Ollama server: Ollama serves OpenAI's format under ``/v1``).
+``POST /v1/embeddings`` answers echo-style: one :func:`mock_vector`
 per input (``dimensions`` honoured, ``encoding_format: base64`` gives
 little-endian float32 in base64); ``status-NNN`` models fail as for chat.
 
@@ -164,6 +166,7 @@ class MockUpstream:
         self.waiting = 0  # requests parked at the gate
         self.streams: dict[str, StreamLog] = {}  # touched on the mock's loop only
         self._stopping = False
+        self.tags: list[str] = ["llama3.2:1b", "ok-local"]  # what GET /api/tags lists
 
     @property
     def base_url(self) -> str:
@@ -205,6 +208,7 @@ class MockUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/api/tags", self._tags)
         # Cancel a handler when its client goes away: a parked stream learns at once.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
@@ -368,6 +372,11 @@ class MockUpstream:
                 log.closed = True
             raise
         return resp
+
+    async def _tags(self, request: web.Request) -> web.StreamResponse:
+        self.received.append(Received(request.path, dict(request.headers), b""))
+        models = [{"name": name, "model": name, "size": 1} for name in self.tags]
+        return web.json_response({"models": models})
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()

@@ -7,10 +7,42 @@ configuration builds a new table and swaps it whole. Failover across targets
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
-from gandalf.domain import Provider, Route, Target
+from gandalf.domain import Provider, ProviderConfig, Route, Target
 from gandalf.errors import ModelNotFound, ProviderUnavailable
+
+
+@runtime_checkable
+class ModelLister(Protocol):
+    """A provider that can say which models it serves (Ollama's /api/tags)."""
+
+    async def list_models(self) -> list[str]: ...
+
+
+def offered_routes(
+    routes: Sequence[Route],
+    providers: Iterable[ProviderConfig],
+    discovered: Mapping[str, Sequence[str]],
+) -> list[Route]:
+    """Routes for the models providers offer that no route names: each such
+    model is an alias of itself, served by every provider that offers it (by
+    provider priority). A provider offers its config's ``models``, or what
+    ``discovered`` found for it when that list is empty. Explicit routes win."""
+    named = {route.model_alias for route in routes}
+    targets: dict[str, list[Target]] = {}
+    for config in sorted(providers, key=lambda p: p.priority):
+        for model in config.models or discovered.get(config.name, ()):
+            if model in named:
+                continue
+            offers = targets.setdefault(model, [])
+            if all(t.provider != config.name for t in offers):
+                offers.append(Target(provider=config.name, model=model, priority=config.priority))
+    return [
+        Route(model_alias=model, targets=tuple(offers), source="provider")
+        for model, offers in targets.items()
+    ]
 
 
 class RouteEntry:

@@ -15,7 +15,7 @@ import aiohttp
 import msgspec
 
 from gandalf.domain import ChatCall, EmbeddingsCall, ProviderConfig, ProviderReply, Usage
-from gandalf.errors import UpstreamError
+from gandalf.errors import GatewayError, UpstreamError
 from gandalf.provider import transport
 from gandalf.provider.sse import EventRelay
 
@@ -168,6 +168,15 @@ class OpenAIProvider:
         model = call.target.model
         body = call.body if model == call.request.model else rewrite_body(call.body, model=model)
         return await self._post(self._embeddings_url, body)
+
+    async def get(self, url: str) -> bytes:
+        """GET ``url`` with the provider's credentials (model listings)."""
+        return await transport.get_json(
+            self._live_session(), url, self._headers, self._errors, self._status_error
+        )
+
+    def _status_error(self, status: int, body: bytes, retry_after: str | None) -> GatewayError:
+        return transport.http_status_error(self.name, status, body, retry_after)
 
     async def _post(self, url: str, body: bytes) -> ProviderReply:
         session = self._live_session()

@@ -9,25 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-import msgspec
-
 from gandalf.domain import Provider, ProviderConfig
 from gandalf.provider.fake import FakeProvider
+from gandalf.provider.ollama import OllamaProvider
 from gandalf.provider.openai import OpenAIProvider
-
-
-def _ollama(config: ProviderConfig) -> Provider:
-    # Ollama serves the OpenAI wire format under /v1.
-    base = config.base_url.rstrip("/")
-    if not base.endswith("/v1"):
-        base += "/v1"
-    return OpenAIProvider(msgspec.structs.replace(config, base_url=base))
-
 
 ADAPTERS: Mapping[str, Callable[[ProviderConfig], Provider]] = {
     "openai": OpenAIProvider,
     "fake": FakeProvider,
-    "ollama": _ollama,
+    "ollama": OllamaProvider,
 }
 
 
