@@ -159,7 +159,9 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
 
 class EmbeddingsInput(msgspec.Struct, kw_only=True):
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    # Strings, or token arrays (a list of ints, or of such lists) that only
+    # OpenAI-compatible upstreams accept.
+    input: str | list[str | int | list[int]]
     encoding_format: str | None = None
     dimensions: int | None = None
     user: str | None = None
