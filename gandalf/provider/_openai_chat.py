@@ -27,7 +27,7 @@ import msgspec
 import orjson
 
 from gandalf.domain import Usage
-from gandalf.errors import InvalidRequest, invalid_body
+from gandalf.errors import GatewayError, InvalidRequest, invalid_body
 from gandalf.provider import transport
 from gandalf.provider.sse import EventParser
 
@@ -386,6 +386,24 @@ class StreamTranslator(Protocol):
     def finish(self) -> bytes: ...
 
 
+class _Failed(Exception):
+    def __init__(self, error: GatewayError, sent: bytes) -> None:
+        self.error = error
+        self.sent = sent
+
+
+def _translate(translator: StreamTranslator, events: list[tuple[bytes, bytes]]) -> bytes:
+    """The output for ``events``; on a translator error, _Failed with the output
+    of the events before it."""
+    out: list[bytes] = []
+    try:
+        for name, data in events:
+            out.append(translator.feed(name, data))
+    except GatewayError as exc:
+        raise _Failed(exc, b"".join(out)) from None
+    return b"".join(out)
+
+
 class TranslatedStream:
     """An accepted upstream event stream, translated as each read arrives:
     nothing waits for the end of the answer."""
@@ -421,16 +439,19 @@ class TranslatedStream:
         try:
             with self._errors:
                 async for chunk in resp.content.iter_any():
-                    out = b"".join(
-                        [translator.feed(name, data) for name, data in parser.feed(chunk)]
-                    )
+                    out = _translate(translator, parser.feed(chunk))
                     if out:
                         yield out
-            out = b"".join([translator.feed(name, data) for name, data in parser.finish()])
-            out += translator.finish()
+            out = _translate(translator, parser.finish()) + translator.finish()
             complete = True
             if out:
                 yield out
+        except _Failed as failed:
+            # What the events before the failing one produced still reaches the
+            # client, ahead of the error event the server adds.
+            if failed.sent:
+                yield failed.sent
+            raise failed.error from None
         finally:
             if complete:
                 resp.release()
