@@ -1,8 +1,8 @@
 """Provider registry: name -> started adapter, built once at start-up.
 
-Disabled providers (no api_key, ``enabled: false``, or a type without an
-adapter yet) are not instantiated; the registry remembers why, so a request
-routed only to them gets a 503 that says what to set.
+Disabled providers (no api_key, ``enabled: false``) are not instantiated; the
+registry remembers why, so a request routed only to them gets a 503 that says
+what to set.
 """
 
 from __future__ import annotations
@@ -10,14 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from gandalf.domain import Provider, ProviderConfig
+from gandalf.provider.anthropic import AnthropicProvider
 from gandalf.provider.fake import FakeProvider
+from gandalf.provider.gemini import GeminiProvider
 from gandalf.provider.ollama import OllamaProvider
 from gandalf.provider.openai import OpenAIProvider
 
 ADAPTERS: Mapping[str, Callable[[ProviderConfig], Provider]] = {
     "openai": OpenAIProvider,
-    "fake": FakeProvider,
+    "anthropic": AnthropicProvider,
+    "gemini": GeminiProvider,
     "ollama": OllamaProvider,
+    "fake": FakeProvider,
 }
 
 
