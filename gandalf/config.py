@@ -41,8 +41,11 @@ import yaml
 from gandalf.domain import (
     PROVIDER_TYPES,
     ROLES,
+    STRATEGIES,
     TYPES_NEEDING_KEY,
+    BreakerPolicy,
     ProviderConfig,
+    Resilience,
     Route,
     Target,
 )
@@ -184,9 +187,30 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     routes: tuple[Route, ...] = ()
     keys: tuple[KeyEntry, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Retry, backoff and breaker defaults; each provider's ``breaker`` has
+    # already been merged over ``resilience.breaker``.
+    resilience: Resilience = msgspec.field(default_factory=Resilience)
 
 
 # --------------------------------------------------------------------------- YAML-facing shapes
+
+
+class _BreakerIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Unset fields take the enclosing default (resilience.breaker, then BreakerPolicy's)."""
+
+    error_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    min_samples: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    open_for: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None  # seconds
+    window: Annotated[float, msgspec.Meta(ge=1, le=3600)] | None = None  # seconds
+
+
+class _ResilienceIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    backoff_base: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.1  # seconds
+    backoff_cap: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0  # seconds
+    retry_budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
+    retry_budget_min_per_second: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    breaker: _BreakerIn = msgspec.field(default_factory=_BreakerIn)
 
 
 class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -202,6 +226,9 @@ class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     ttft_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     tokens_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     max_tokens: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    connect_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] = 5_000
+    first_byte_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    breaker: _BreakerIn | None = None
 
 
 class _TargetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -215,6 +242,8 @@ class _RouteIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     model_alias: str
     targets: Annotated[tuple[_TargetIn, ...], msgspec.Meta(min_length=1)]
     strategy: str = "priority"
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] | None = None
+    coalesce: bool = False
 
 
 class _KeyIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -234,6 +263,7 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     providers: tuple[_ProviderIn, ...] = ()
     routes: tuple[_RouteIn, ...] = ()
     keys: tuple[_KeyIn, ...] = ()
+    resilience: _ResilienceIn = msgspec.field(default_factory=_ResilienceIn)
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -246,11 +276,16 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "routes[]": _RouteIn,
     "routes[].targets[]": _TargetIn,
     "keys[]": _KeyIn,
+    "resilience": _ResilienceIn,
+    "resilience.breaker": _BreakerIn,
+    "providers[].breaker": _BreakerIn,
 }
 _DURATION_FIELDS: Mapping[str, tuple[str, ...]] = {
     "server": ("read_timeout", "write_timeout", "shutdown_timeout", "stream_keepalive"),
     "auth": ("key_cache_ttl", "negative_cache_ttl"),
+    "resilience": ("backoff_base", "backoff_cap"),
 }
+_BREAKER_DURATIONS = ("open_for", "window")
 _TYPE_WORDS = {
     "object": "mapping",
     "array": "list",
@@ -394,7 +429,8 @@ class _Loader:
             raise self.error(*_translate_validation_error(str(exc))) from None
         server = self.check_server(parsed.server)
         database = self.resolve_database(parsed.database)
-        providers = self.build_providers(parsed.providers, raw.get("providers"))
+        resilience = self.build_resilience(parsed.resilience)
+        providers = self.build_providers(parsed.providers, raw.get("providers"), resilience)
         routes = self.build_routes(parsed.routes, {p.name for p in providers})
         keys = self.build_keys(parsed.keys, raw.get("keys"), parsed.auth, routes)
         return GandalfConfig(
@@ -406,6 +442,7 @@ class _Loader:
             routes=routes,
             keys=keys,
             warnings=tuple(self.warnings),
+            resilience=resilience,
         )
 
     def expand(self, node: Any, path: str, depth: int) -> Any:
@@ -464,6 +501,14 @@ class _Loader:
                         block[field] = parse_duration(block[field])
                     except ValueError as exc:
                         raise self.error(f"{section}.{field}", str(exc)) from None
+        resilience = data.get("resilience")
+        if isinstance(resilience, dict):
+            self.normalise_breaker(resilience.get("breaker"), "resilience.breaker")
+        providers = data.get("providers")
+        if isinstance(providers, list):
+            for i, entry in enumerate(providers):
+                if isinstance(entry, dict):
+                    self.normalise_breaker(entry.get("breaker"), f"providers[{i}].breaker")
         keys = data.get("keys")
         if isinstance(keys, list):
             for i, entry in enumerate(keys):
@@ -472,6 +517,31 @@ class _Loader:
                         entry["expires_at"] = _parse_expiry(entry["expires_at"])
                     except ValueError as exc:
                         raise self.error(f"keys[{i}].expires_at", str(exc)) from None
+
+    def normalise_breaker(self, block: Any, path: str) -> None:
+        if not isinstance(block, dict):
+            return
+        for field in _BREAKER_DURATIONS:
+            if field in block:
+                try:
+                    block[field] = parse_duration(block[field])
+                except ValueError as exc:
+                    raise self.error(f"{path}.{field}", str(exc)) from None
+
+    def build_resilience(self, r: _ResilienceIn) -> Resilience:
+        if r.backoff_cap < r.backoff_base:
+            self.fail(
+                "resilience.backoff_cap",
+                f"must be at least backoff_base ({r.backoff_base:g}s), got {r.backoff_cap:g}s",
+            )
+        return Resilience(
+            max_attempts=r.max_attempts,
+            backoff_base=r.backoff_base,
+            backoff_cap=r.backoff_cap,
+            retry_budget_ratio=r.retry_budget_ratio,
+            retry_budget_min_per_second=r.retry_budget_min_per_second,
+            breaker=_merge_breaker(BreakerPolicy(), r.breaker),
+        )
 
     def check_server(self, server: ServerConfig) -> ServerConfig:
         try:
@@ -493,7 +563,7 @@ class _Loader:
         return DatabaseConfig(dsn=dsn)
 
     def build_providers(
-        self, entries: tuple[_ProviderIn, ...], raw: Any
+        self, entries: tuple[_ProviderIn, ...], raw: Any, resilience: Resilience
     ) -> tuple[ProviderConfig, ...]:
         seen: dict[str, int] = {}
         out: list[ProviderConfig] = []
@@ -540,6 +610,11 @@ class _Loader:
                     max_tokens=p.max_tokens,
                     disabled_reason=reason,
                     source="config",
+                    connect_timeout_ms=min(p.connect_timeout_ms, p.timeout_ms),
+                    first_byte_timeout_ms=p.first_byte_timeout_ms,
+                    breaker=_merge_breaker(resilience.breaker, p.breaker)
+                    if p.breaker is not None
+                    else None,
                 )
             )
         return tuple(out)
@@ -581,12 +656,13 @@ class _Loader:
                     f"duplicate model alias {alias!r} (also routes[{seen[alias]}])",
                 )
             seen[alias] = i
-            if r.strategy != "priority":
+            if r.strategy not in STRATEGIES:
                 self.fail(
                     f"{path}.strategy",
-                    f"expected 'priority', got {r.strategy!r} "
-                    "(strategies weighted and least_latency are not available yet)",
+                    f"expected one of {', '.join(STRATEGIES)}, got {r.strategy!r}",
                 )
+            if r.strategy == "weighted" and all(t.weight == 0 for t in r.targets):
+                self.fail(f"{path}.targets", "a weighted route needs a target of weight > 0")
             targets: list[Target] = []
             for j, t in enumerate(r.targets):
                 tpath = f"{path}.targets[{j}]"
@@ -600,7 +676,12 @@ class _Loader:
             targets.sort(key=lambda t: t.priority)  # list.sort is stable
             out.append(
                 Route(
-                    model_alias=alias, targets=tuple(targets), strategy=r.strategy, source="config"
+                    model_alias=alias,
+                    targets=tuple(targets),
+                    strategy=r.strategy,
+                    source="config",
+                    max_attempts=r.max_attempts,
+                    coalesce=r.coalesce,
                 )
             )
         return tuple(out)
@@ -657,6 +738,16 @@ class _Loader:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _merge_breaker(base: BreakerPolicy, given: _BreakerIn) -> BreakerPolicy:
+    """``base`` with the fields ``given`` sets."""
+    return BreakerPolicy(
+        error_rate=base.error_rate if given.error_rate is None else given.error_rate,
+        min_samples=base.min_samples if given.min_samples is None else given.min_samples,
+        open_for=base.open_for if given.open_for is None else given.open_for,
+        window=base.window if given.window is None else given.window,
+    )
 
 
 def _one_line(text: str) -> str:

@@ -113,6 +113,40 @@ ProviderType = Literal["openai", "anthropic", "gemini", "ollama", "fake"]
 PROVIDER_TYPES: tuple[str, ...] = ("openai", "anthropic", "gemini", "ollama", "fake")
 TYPES_NEEDING_KEY: frozenset[str] = frozenset({"openai", "anthropic", "gemini"})
 
+# How a route orders its targets within a priority tier (app/balancer.py).
+STRATEGIES: tuple[str, ...] = ("priority", "weighted", "least_latency")
+
+
+class BreakerPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """When a provider's circuit breaker opens (app/breaker.py).
+
+    It opens when, over the last ``window`` seconds, the weighted failure rate
+    reaches ``error_rate`` with at least ``min_samples`` outcomes; it stays open
+    ``open_for`` seconds, then lets one probe request through.
+    """
+
+    error_rate: float = 0.5
+    min_samples: int = 20
+    open_for: float = 30.0
+    window: float = 60.0
+
+
+class Resilience(msgspec.Struct, frozen=True, kw_only=True):
+    """Gateway-wide retry and breaker defaults; routes and providers override.
+
+    Durations are float seconds. A retry (another attempt on a provider this
+    request already tried) waits a full-jitter backoff, and is allowed only
+    while that provider's retries stay under ``retry_budget_ratio`` of its
+    recent requests (or ``retry_budget_min_per_second``, whichever is more).
+    """
+
+    max_attempts: int = 3
+    backoff_base: float = 0.1
+    backoff_cap: float = 10.0
+    retry_budget_ratio: float = 0.2
+    retry_budget_min_per_second: float = 1.0
+    breaker: BreakerPolicy = msgspec.field(default_factory=BreakerPolicy)
+
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One upstream provider instance.
@@ -138,6 +172,12 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int | None = None
     disabled_reason: str | None = None  # why enabled is False, shown in 503s and logs
     source: str = "config"
+    # Timeouts (provider/transport.py): connecting (capped at timeout_ms), and
+    # until the response headers arrive (None: timeout_ms). ``timeout_ms`` bounds
+    # a whole non-streamed answer, and the silence between two reads of a stream.
+    connect_timeout_ms: int = 5000
+    first_byte_timeout_ms: int | None = None
+    breaker: BreakerPolicy | None = None  # None: the gateway-wide Resilience.breaker
 
     def __repr__(self) -> str:  # never show the secret
         return (
@@ -156,8 +196,10 @@ class Target(msgspec.Struct, frozen=True, kw_only=True):
 class Route(msgspec.Struct, frozen=True, kw_only=True):
     model_alias: str
     targets: tuple[Target, ...]
-    strategy: str = "priority"
+    strategy: str = "priority"  # one of STRATEGIES
     source: str = "config"
+    max_attempts: int | None = None  # upstream attempts per request; None: Resilience's
+    coalesce: bool = False  # share one upstream call among identical deterministic requests
 
 
 # --------------------------------------------------------------------------- requests
@@ -230,11 +272,18 @@ class EmbeddingsCall(msgspec.Struct, kw_only=True):
 
 
 class ProviderReply(msgspec.Struct, kw_only=True):
-    """A successful upstream answer: body bytes relayed as-is, usage extracted."""
+    """A successful upstream answer: body bytes relayed as-is, usage extracted.
+
+    ``provider`` and ``attempts`` are filled in by the routing layer: who served
+    it, and how many upstream attempts it took (0: it shared another request's
+    call).
+    """
 
     body: bytes
     usage: Usage
     status: int = 200
+    provider: str | None = None
+    attempts: int = 1
 
 
 class UsageRecord(msgspec.Struct, array_like=True):
@@ -253,6 +302,7 @@ class UsageRecord(msgspec.Struct, array_like=True):
     status: int
     created_at: float
     endpoint: str = "chat"
+    attempts: int = 1  # upstream attempts made; 0: served by a coalesced call
 
 
 # --------------------------------------------------------------------------- protocols

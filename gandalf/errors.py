@@ -12,6 +12,7 @@
     ├── PermissionDenied                 403 permission_denied
     ├── RateLimited                      429 rate_limit_exceeded
     ├── ProviderUnavailable              503 provider_unavailable
+    │   └── CircuitOpen                  503 circuit_open (+ retry-after)
     ├── NotReady                         503 not_ready (/readyz)
     └── UpstreamError                    502 upstream_error
         ├── UpstreamAuthError            502 upstream_auth_error
@@ -21,7 +22,10 @@
                                          or translated to OpenAI's shape
 
 Raise these anywhere; the single error boundary in ``server/asgi.py`` turns
-them into ``{"error": {...}}`` responses. Anything else becomes a 500 whose
+them into ``{"error": {...}}`` responses, with ``headers()``. An error that
+came from an upstream attempt carries ``upstream`` and ``attempts`` (set by the
+routing layer), which ``headers()`` turns into ``x-gandalf-provider`` and
+``x-gandalf-attempts``. Anything else becomes a 500 whose
 message never includes the exception text.
 """
 
@@ -32,11 +36,23 @@ import re
 import msgspec
 import orjson
 
+_CONTROL = bytes(range(32)) + b"\x7f"
+_SAFE = bytes.maketrans(_CONTROL, b"?" * len(_CONTROL))
+
+
+def header_value(text: str) -> bytes:
+    """``text`` as a header value that cannot break the header block (a
+    provider name from the config, for example): latin-1, controls as '?'."""
+    return text.encode("latin-1", "replace").translate(_SAFE)
+
 
 class GatewayError(Exception):
     status: int = 500
     type: str = "internal_error"
     code: str | None = "internal_error"
+    # Set by the routing layer on errors an upstream attempt produced.
+    upstream: str | None = None  # the provider that answered (or failed) last
+    attempts: int = 0  # upstream attempts made for the request
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -44,8 +60,18 @@ class GatewayError(Exception):
         self.param = param
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        """Extra response headers (e.g. retry-after)."""
-        return ()
+        """Extra response headers (e.g. retry-after), then the routing headers."""
+        return self.routing_headers()
+
+    def routing_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """``x-gandalf-provider`` / ``x-gandalf-attempts`` when an upstream was tried."""
+        upstream = self.upstream
+        if upstream is None:
+            return ()
+        return (
+            (b"x-gandalf-provider", header_value(upstream)),
+            (b"x-gandalf-attempts", b"%d" % self.attempts),
+        )
 
     def body(self) -> bytes:
         return orjson.dumps(
@@ -110,7 +136,7 @@ class MethodNotAllowed(InvalidRequest):
         self.allow = allow
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        return ((b"allow", self.allow.encode()),)
+        return ((b"allow", self.allow.encode()), *self.routing_headers())
 
 
 class ModelNotFound(InvalidRequest):
@@ -140,13 +166,27 @@ class RateLimited(GatewayError):
         self.retry_after = retry_after
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        return ((b"retry-after", str(self.retry_after).encode()),)
+        return ((b"retry-after", str(self.retry_after).encode()), *self.routing_headers())
 
 
 class ProviderUnavailable(GatewayError):
     status = 503
     type = "provider_unavailable"
     code = "provider_unavailable"
+
+
+class CircuitOpen(ProviderUnavailable):
+    """Every target of the route is skipped because its provider's circuit
+    breaker is open (it failed too often lately): nothing was sent upstream."""
+
+    code = "circuit_open"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return ((b"retry-after", str(self.retry_after).encode()), *self.routing_headers())
 
 
 class NotReady(GatewayError):
@@ -183,8 +223,8 @@ class UpstreamOverloaded(UpstreamError):
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         if self.retry_after:
-            return ((b"retry-after", self.retry_after.encode("latin-1")),)
-        return ()
+            return ((b"retry-after", self.retry_after.encode("latin-1")), *self.routing_headers())
+        return self.routing_headers()
 
 
 class UpstreamClientError(UpstreamError):
@@ -218,8 +258,8 @@ class UpstreamClientError(UpstreamError):
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         if self.retry_after:
-            return ((b"retry-after", self.retry_after.encode("latin-1")),)
-        return ()
+            return ((b"retry-after", self.retry_after.encode("latin-1")), *self.routing_headers())
+        return self.routing_headers()
 
     def body(self) -> bytes:
         if self.raw_body is not None:

@@ -13,6 +13,7 @@ import os
 import time
 
 from gandalf import bootstrap
+from gandalf.app.health import HealthRegistry
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
@@ -47,7 +48,12 @@ def create_app(
             await registry.start()
             discovered = await discover_models(registry)
             routes = [*routes, *offered_routes(routes, providers, discovered)]
-            table = RouteTable.build(routes, registry.providers, registry.disabled)
+            table = RouteTable.build(
+                routes,
+                registry.providers,
+                registry.disabled,
+                health=HealthRegistry(config.resilience),
+            )
             auth = config.auth
             keys = KeyCache(
                 store,

@@ -80,6 +80,9 @@ def gateway_config(mock: MockUpstream, dead_port: int, **server: Any) -> dict[st
             route("nokey", "nokey", "ok-model"),
         ],
         "keys": bootstrap_keys(),
+        # These scenarios check how one upstream answer is relayed: one attempt each,
+        # and no breaker (the mock's failing models would open the breaker of 'up').
+        "resilience": {"max_attempts": 1, "breaker": {"min_samples": 1_000_000}},
     }
 
 

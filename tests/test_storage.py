@@ -98,7 +98,7 @@ def test_schema_applied_and_version_recorded(db_file: str) -> None:
     conn.close()
     expected = {"schema_version", "organizations", "teams", "providers", "routes", "api_keys"}
     assert expected | {"usage_records"} <= tables
-    assert versions == [(SCHEMA_VERSION,)] == [(1,)]
+    assert versions == [(SCHEMA_VERSION,)] == [(len(MIGRATIONS),)]
     assert mode == ("wal",)
 
 
@@ -113,7 +113,7 @@ def test_reopen_keeps_data_and_migration_is_idempotent(db_file: str) -> None:
     run(read, db_file)
     run(read, db_file)
     with sqlite3.connect(db_file) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     conn.close()
 
 
@@ -129,7 +129,9 @@ def test_missing_migrations_are_applied_without_losing_data(db_file: str) -> Non
     run(write, db_file)
     run(read, db_file, migrations=(*MIGRATIONS, upgrade))
     with sqlite3.connect(db_file) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (SCHEMA_VERSION + 1,)
+        ]
         assert conn.execute("SELECT note FROM api_keys").fetchall() == [(None,)]
     conn.close()
 

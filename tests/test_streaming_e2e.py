@@ -98,6 +98,9 @@ def gateway_config(mock: MockUpstream, dead_port: int, **server: Any) -> dict[st
             {"name": "viewer", "key": VIEWER, "role": "viewer"},
             {"name": "limited", "key": LIMITED, "role": "member", "allowed_models": LIMITED_MODELS},
         ],
+        # These scenarios check how one upstream answer is relayed: one attempt each,
+        # and no breaker (the mock's failing models would open the breaker of 'up').
+        "resilience": {"max_attempts": 1, "breaker": {"min_samples": 1_000_000}},
     }
 
 

@@ -1,18 +1,50 @@
-"""ProxyService: resolve the alias, call the provider, emit one usage record.
+"""ProxyService: resolve the alias, route across its targets, emit one usage record.
 
-Every request that reaches the service leaves exactly one UsageRecord, whatever
-its outcome; the record is handed over with a synchronous ``put_nowait`` and
-never awaited. A stream's record is written when the stream ends: its status
-says how (200, an upstream error's status, 499 client gone, 503 shutdown).
+Routing (app/failover.py). A request tries its route's targets in the order
+the route's strategy gives (app/balancer.py: priority tiers first), skipping
+any whose provider's circuit breaker is open (app/breaker.py); a failure that
+another target may answer (app/health.py) moves on to the next target, and
+targets are retried within ``max_attempts``, after a backoff, within their
+provider's retry budget (app/retry.py). A stream fails over only while it is
+being opened: once the provider returned it, its bytes may have reached the
+client. Identical deterministic requests on a ``coalesce`` route share one
+upstream call (app/coalesce.py). The healthy first attempt is made inline
+here (the hot path); everything else is the failover loop's.
+
+The answer says who served it: ``ProviderReply.provider`` / ``attempts``
+(``RecordedStream.provider`` / ``attempts``), and an upstream error carries
+``upstream`` / ``attempts``; the server turns them into ``x-gandalf-provider``
+and ``x-gandalf-attempts`` headers.
+
+Accounting. Every request that reaches the service leaves exactly one
+UsageRecord, whatever its outcome; the record is handed over with a
+synchronous ``put_nowait`` and never awaited. It names the provider that served
+(or failed last) and the number of upstream attempts (0 for a request that
+shared a coalesced call). A stream's record is written when the stream ends:
+its status says how (200, an upstream error's status, 499 client gone, 503
+shutdown).
+
+Time and chance are injected: ``monotonic`` (breakers, budgets, latency),
+``clock`` (wall time for usage records and HTTP-date Retry-After), ``rng``
+(backoff jitter, weighted and P2C picks) and ``sleep`` (the backoff waits), so
+tests run the whole policy without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
+import msgspec
+
+from gandalf.app.balancer import Slot
+from gandalf.app.breaker import BreakerSnapshot
+from gandalf.app.coalesce import Coalescer, is_deterministic
+from gandalf.app.failover import Attempts, Failover, observe
+from gandalf.app.retry import Backoff
 from gandalf.app.router import RouteEntry, RouteTable
 from gandalf.domain import (
     CANCEL_SHUTDOWN,
@@ -22,7 +54,6 @@ from gandalf.domain import (
     EmbeddingsCall,
     EmbeddingsRequest,
     Identity,
-    Provider,
     ProviderReply,
     Target,
     Usage,
@@ -61,7 +92,12 @@ class _Accounting:
         self.wall = wall
 
     def record(
-        self, target: Target | None, provider: str | None, usage: Usage | None, status: int
+        self,
+        target: Target | None,
+        provider: str | None,
+        usage: Usage | None,
+        status: int,
+        attempts: int = 1,
     ) -> None:
         identity = self.identity
         if usage is not None:
@@ -87,6 +123,7 @@ class _Accounting:
                 status,
                 self.wall(),
                 self.endpoint,
+                attempts,
             )
         )
 
@@ -100,20 +137,35 @@ def _failure_status(exc: BaseException) -> int:
     return 500
 
 
+# A stream that fails after it was opened still tells on its provider's health.
+_STREAM_FAILURE_WEIGHTS = {502: 1.0, 504: 1.5}
+
+
 class RecordedStream:
     """A provider's ChatStream whose usage is recorded once, when the server
     closes it with the status it ended with. Iterating it iterates the
-    provider's stream directly: no extra layer per chunk."""
+    provider's stream directly: no extra layer per chunk.
 
-    __slots__ = ("_accounting", "_done", "_provider", "_stream", "_target")
+    ``provider`` served it after ``attempts`` upstream attempts. An upstream
+    failure that ends it early (502, 504) counts against the provider's breaker.
+    """
+
+    __slots__ = ("_accounting", "_done", "_monotonic", "_slot", "_stream", "attempts", "provider")
 
     def __init__(
-        self, stream: ChatStream, accounting: _Accounting, target: Target, provider: str
+        self,
+        stream: ChatStream,
+        accounting: _Accounting,
+        slot: Slot,
+        attempts: int,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stream = stream
         self._accounting = accounting
-        self._target = target
-        self._provider = provider
+        self._slot = slot
+        self._monotonic = monotonic
+        self.provider = slot.name
+        self.attempts = attempts
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -128,12 +180,26 @@ class RecordedStream:
                 # Cut short before the upstream reported usage: count what was
                 # relayed (one content event is about one token).
                 usage = Usage(completion_tokens=stream.events, total_tokens=stream.events)
-            self._accounting.record(self._target, self._provider, usage, status)
+            slot = self._slot
+            self._accounting.record(slot.target, slot.name, usage, status, self.attempts)
+            weight = _STREAM_FAILURE_WEIGHTS.get(status)
+            if weight is not None:
+                slot.breaker.record(weight, self._monotonic())
         await self._stream.aclose()
 
 
 class ProxyService:
-    __slots__ = ("_clock", "_sink", "routes")
+    """Chat completions, streams and embeddings, routed with failover."""
+
+    __slots__ = (
+        "_clock",
+        "_coalescer",
+        "_failover",
+        "_monotonic",
+        "_rng",
+        "_sink",
+        "routes",
+    )
 
     def __init__(
         self,
@@ -141,10 +207,33 @@ class ProxyService:
         sink: UsageSink,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
+        """``clock``: wall time (usage records, HTTP-date Retry-After);
+        ``monotonic``: breakers, budgets and latency; ``rng``: jitter and
+        picks (default: a new ``random.Random()``); ``sleep``: backoff waits.
+        Backoff base and cap come from ``routes.health.resilience``."""
         self.routes = routes
         self._sink = sink
         self._clock = clock
+        self._monotonic = monotonic
+        self._rng = rng if rng is not None else random.Random()
+        resilience = routes.health.resilience
+        self._failover = Failover(
+            Backoff(resilience.backoff_base, resilience.backoff_cap),
+            monotonic=monotonic,
+            clock=clock,
+            rng=self._rng,
+            sleep=sleep,
+        )
+        self._coalescer: Coalescer[Attempts[ProviderReply]] = Coalescer()
+
+    def breakers(self) -> list[BreakerSnapshot]:
+        """Every provider's circuit breaker now, by provider name (for the admin
+        API and metrics)."""
+        return self.routes.health.snapshot(self._monotonic())
 
     def _resolve(self, identity: Identity, alias: str) -> RouteEntry:
         entry = self.routes.resolve(alias)
@@ -153,10 +242,6 @@ class ProxyService:
                 f"This API key is not allowed to use model '{alias}'.", param="model"
             )
         return entry
-
-    def _pick(self, entry: RouteEntry) -> tuple[Target, Provider]:
-        # Failover across entry.targets comes later; today the first live target serves.
-        return entry.targets[0]
 
     async def chat(
         self,
@@ -168,23 +253,84 @@ class ProxyService:
     ) -> ProviderReply:
         """Serve one chat completion. ``started`` is ``time.perf_counter()`` at arrival.
 
-        The hot path: written out flat (no helper objects or calls) on purpose.
+        The hot path: written out flat on purpose. When the route's first
+        choice (fixed for ``priority``, one draw for ``weighted``, one P2C pick
+        for ``least_latency``) has a closed breaker, the first attempt costs a
+        clock read, a flag test and a success count over a plain call; a
+        failure hands over to ``Failover.route``, which fails over and retries.
         """
         alias = request.model
-        target = provider = None
+        slot: Slot | None = None
+        attempts = 0
         try:
             entry = self.routes.resolve(alias)
             if not identity.may_use(alias):
                 raise PermissionDenied(
                     f"This API key is not allowed to use model '{alias}'.", param="model"
                 )
-            # Failover across entry.targets comes later; today the first live target serves.
-            target, provider = entry.targets[0]
-            reply = await provider.chat(
-                ChatCall(
-                    body=body, request=request, alias=alias, target=target, request_id=request_id
+            if entry.coalesce and is_deterministic(body):
+                flight, leader = await self._coalescer.join(
+                    (alias, body), lambda: self._chat_flight(entry, request, body, request_id)
                 )
-            )
+                slot = flight.slot
+                attempts = flight.attempts if leader else 0
+                if flight.error is not None:
+                    raise flight.error
+                reply = flight.result
+                assert reply is not None and slot is not None
+                if not leader:
+                    reply = msgspec.structs.replace(reply, attempts=0)
+            else:
+                now = self._monotonic()
+                slot = entry.fast or entry.pick(now, self._rng)
+                if slot is not None and (slot.breaker.closed or slot.breaker.allows(now)):
+                    attempts = 1
+                    track = entry.tracks_latency
+                    if track:
+                        slot.latency.outstanding += 1
+                    try:
+                        reply = await slot.provider.chat(
+                            ChatCall(
+                                body=body,
+                                request=request,
+                                alias=alias,
+                                target=slot.target,
+                                request_id=request_id,
+                            )
+                        )
+                    except GatewayError as exc:
+                        if track:
+                            slot.latency.outstanding -= 1
+                        run: Attempts[ProviderReply] = Attempts(slot, 1)
+                        try:
+                            reply = await self._failover.route(
+                                entry, _chat_invoker(request, body, request_id), run, now, exc
+                            )
+                        finally:
+                            slot, attempts = run.slot, run.attempts
+                        assert slot is not None
+                        reply.attempts = attempts
+                    except BaseException:
+                        if track:
+                            slot.latency.outstanding -= 1
+                        slot.breaker.release(now)
+                        raise
+                    else:
+                        if track:
+                            observe(slot, now, self._monotonic())
+                        slot.breaker.record_success(now)
+                    reply.provider = slot.name
+                else:
+                    run = Attempts()
+                    try:
+                        reply = await self._failover.route(
+                            entry, _chat_invoker(request, body, request_id), run, now
+                        )
+                    finally:
+                        slot, attempts = run.slot, run.attempts
+                    assert slot is not None
+                    reply.provider = slot.name
+                    reply.attempts = attempts
         except BaseException as exc:
             self._sink.record_usage(
                 UsageRecord(
@@ -192,14 +338,16 @@ class ProxyService:
                     identity.key_id,
                     identity.org_id,
                     alias,
-                    target.model if target is not None else None,
-                    provider.name if provider is not None else None,
+                    slot.target.model if slot is not None else None,
+                    slot.name if slot is not None else None,
                     0,
                     0,
                     0,
                     (time.perf_counter() - started) * 1000.0,
                     _failure_status(exc),
                     self._clock(),
+                    "chat",
+                    attempts,
                 )
             )
             raise
@@ -210,17 +358,38 @@ class ProxyService:
                 identity.key_id,
                 identity.org_id,
                 alias,
-                target.model,
-                provider.name,
+                slot.target.model,
+                slot.name,
                 usage.prompt_tokens,
                 usage.completion_tokens,
                 usage.total_tokens,
                 (time.perf_counter() - started) * 1000.0,
                 reply.status,
                 self._clock(),
+                "chat",
+                attempts,
             )
         )
         return reply
+
+    async def _chat_flight(
+        self, entry: RouteEntry, request: ChatRequest, body: bytes, request_id: str
+    ) -> Attempts[ProviderReply]:
+        """A coalesced call: its outcome, shared by every waiter, never raised
+        (except a cancellation, when no waiter is left)."""
+        run: Attempts[ProviderReply] = Attempts()
+        try:
+            reply = await self._failover.serve(
+                entry, _chat_invoker(request, body, request_id), run, self._monotonic()
+            )
+        except GatewayError as exc:
+            run.error = exc
+            return run
+        assert run.slot is not None
+        reply.provider = run.slot.name
+        reply.attempts = run.attempts
+        run.result = reply
+        return run
 
     async def chat_stream(
         self,
@@ -231,23 +400,72 @@ class ProxyService:
         started: float,
     ) -> RecordedStream:
         """Open a streamed chat completion. Failures before the upstream accepted
-        the request raise (and are recorded); later ones end the stream."""
+        the request fail over, then raise (and are recorded); later ones end the
+        stream."""
+        alias = request.model
         accounting = _Accounting(
-            self._sink, identity, request.model, request_id, started, "chat", self._clock
+            self._sink, identity, alias, request_id, started, "chat", self._clock
         )
-        stream, target, provider = await self._call(
-            accounting,
-            lambda provider, target: provider.stream(
-                ChatCall(
-                    body=body,
-                    request=request,
-                    alias=request.model,
-                    target=target,
-                    request_id=request_id,
-                )
-            ),
-        )
-        return RecordedStream(stream, accounting, target, provider.name)
+        slot: Slot | None = None
+        attempts = 0
+        try:
+            entry = self._resolve(identity, alias)
+            now = self._monotonic()
+            slot = entry.fast or entry.pick(now, self._rng)
+            if slot is not None and (slot.breaker.closed or slot.breaker.allows(now)):
+                # The healthy case, as in chat: straight to the first choice.
+                attempts = 1
+                track = entry.tracks_latency
+                if track:
+                    slot.latency.outstanding += 1
+                try:
+                    stream = await slot.provider.stream(
+                        ChatCall(
+                            body=body,
+                            request=request,
+                            alias=alias,
+                            target=slot.target,
+                            request_id=request_id,
+                        )
+                    )
+                except GatewayError as exc:
+                    if track:
+                        slot.latency.outstanding -= 1
+                    run: Attempts[ChatStream] = Attempts(slot, 1)
+                    try:
+                        stream = await self._failover.route(
+                            entry, _stream_invoker(request, body, request_id), run, now, exc
+                        )
+                    finally:
+                        slot, attempts = run.slot, run.attempts
+                except BaseException:
+                    if track:
+                        slot.latency.outstanding -= 1
+                    slot.breaker.release(now)
+                    raise
+                else:
+                    if track:
+                        observe(slot, now, self._monotonic())
+                    slot.breaker.record_success(now)
+            else:
+                run = Attempts()
+                try:
+                    stream = await self._failover.route(
+                        entry, _stream_invoker(request, body, request_id), run, now
+                    )
+                finally:
+                    slot, attempts = run.slot, run.attempts
+        except BaseException as exc:
+            accounting.record(
+                slot.target if slot is not None else None,
+                slot.name if slot is not None else None,
+                None,
+                _failure_status(exc),
+                attempts,
+            )
+            raise
+        assert slot is not None
+        return RecordedStream(stream, accounting, slot, attempts, self._monotonic)
 
     async def embeddings(
         self,
@@ -257,37 +475,74 @@ class ProxyService:
         request_id: str,
         started: float,
     ) -> ProviderReply:
+        alias = request.model
         accounting = _Accounting(
-            self._sink, identity, request.model, request_id, started, "embeddings", self._clock
+            self._sink, identity, alias, request_id, started, "embeddings", self._clock
         )
-        reply, target, provider = await self._call(
-            accounting,
-            lambda provider, target: provider.embeddings(
-                EmbeddingsCall(
-                    body=body,
-                    request=request,
-                    alias=request.model,
-                    target=target,
-                    request_id=request_id,
-                )
-            ),
-        )
-        accounting.record(target, provider.name, reply.usage, reply.status)
+        run: Attempts[ProviderReply] = Attempts()
+        try:
+            entry = self._resolve(identity, alias)
+            reply = await self._failover.serve(
+                entry,
+                lambda slot: slot.provider.embeddings(
+                    EmbeddingsCall(
+                        body=body,
+                        request=request,
+                        alias=alias,
+                        target=slot.target,
+                        request_id=request_id,
+                    )
+                ),
+                run,
+                self._monotonic(),
+            )
+        except BaseException as exc:
+            self._record_failure(accounting, run, exc)
+            raise
+        slot = run.slot
+        assert slot is not None
+        reply.provider = slot.name
+        reply.attempts = run.attempts
+        accounting.record(slot.target, slot.name, reply.usage, reply.status, run.attempts)
         return reply
 
-    async def _call(
-        self,
-        accounting: _Accounting,
-        invoke: Callable[[Provider, Target], Awaitable[_T]],
-    ) -> tuple[_T, Target, Provider]:
-        """Resolve the alias, check the key, call ``invoke`` on the serving target;
-        a failure is recorded (with whatever target was reached) and re-raised."""
-        target = provider = None
-        try:
-            target, provider = self._pick(self._resolve(accounting.identity, accounting.alias))
-            return await invoke(provider, target), target, provider
-        except BaseException as exc:
-            accounting.record(
-                target, provider.name if provider else None, None, _failure_status(exc)
+    @staticmethod
+    def _record_failure(accounting: _Accounting, run: Attempts[_T], exc: BaseException) -> None:
+        slot = run.slot
+        accounting.record(
+            slot.target if slot is not None else None,
+            slot.name if slot is not None else None,
+            None,
+            _failure_status(exc),
+            run.attempts,
+        )
+
+
+def _stream_invoker(
+    request: ChatRequest, body: bytes, request_id: str
+) -> Callable[[Slot], Awaitable[ChatStream]]:
+    alias = request.model
+
+    def invoke(slot: Slot) -> Awaitable[ChatStream]:
+        return slot.provider.stream(
+            ChatCall(
+                body=body, request=request, alias=alias, target=slot.target, request_id=request_id
             )
-            raise
+        )
+
+    return invoke
+
+
+def _chat_invoker(
+    request: ChatRequest, body: bytes, request_id: str
+) -> Callable[[Slot], Awaitable[ProviderReply]]:
+    alias = request.model
+
+    def invoke(slot: Slot) -> Awaitable[ProviderReply]:
+        return slot.provider.chat(
+            ChatCall(
+                body=body, request=request, alias=alias, target=slot.target, request_id=request_id
+            )
+        )
+
+    return invoke

@@ -1,16 +1,25 @@
 """RouteTable: model alias -> the ordered targets that can serve it.
 
 Built once from routes and the provider registry, then only read; a new
-configuration builds a new table and swaps it whole. Failover across targets
-(a later issue) walks ``RouteEntry.targets`` in order: the seam is here.
+configuration builds a new table and swaps it whole. Each entry carries its
+targets resolved into :class:`~gandalf.app.balancer.Slot` objects (provider,
+breaker, retry budget, latency stats) grouped into priority tiers, and the
+route's policy (strategy, max attempts, coalescing), so serving a request
+needs no lookup beyond the alias. Provider health lives in a
+:class:`~gandalf.app.health.HealthRegistry` that outlives any one table.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
-from gandalf.domain import Provider, ProviderConfig, Route, Target
+from gandalf.app.balancer import LatencyStats, Slot, p2c_pick, tiers_of
+from gandalf.app.health import HealthRegistry
+from gandalf.domain import STRATEGIES, Provider, ProviderConfig, Route, Target
 from gandalf.errors import ModelNotFound, ProviderUnavailable
 
 
@@ -46,26 +55,85 @@ def offered_routes(
 
 
 class RouteEntry:
-    """One alias, resolved: (target, provider) pairs for its enabled targets, by priority."""
+    """One alias, resolved: (target, provider) pairs for its enabled targets, by
+    priority, and the same as slots grouped in tiers, with the route's policy.
 
-    __slots__ = ("alias", "targets", "unavailable")
+    ``order`` is the fixed order of the slots when the strategy does not vary
+    it per request (``priority``, or a single target per tier), else None;
+    ``fast`` is its first slot (the target a request tries first when its
+    breaker allows). Routes that choose per request choose their first target
+    with :meth:`pick`.
+    """
+
+    __slots__ = (
+        "_cumulative",
+        "alias",
+        "coalesce",
+        "fast",
+        "max_attempts",
+        "order",
+        "slots",
+        "strategy",
+        "targets",
+        "tiers",
+        "tracks_latency",
+        "unavailable",
+    )
 
     def __init__(
         self,
         alias: str,
         targets: tuple[tuple[Target, Provider], ...],
         unavailable: str | None,
+        *,
+        slots: tuple[Slot, ...] = (),
+        strategy: str = "priority",
+        max_attempts: int = 1,
+        coalesce: bool = False,
     ) -> None:
         self.alias = alias
         self.targets = targets
         self.unavailable = unavailable
+        self.slots = slots
+        self.tiers = tiers_of(slots)
+        # Config validates these; a route stored by other means falls back to safe values.
+        strategy = strategy if strategy in STRATEGIES else "priority"
+        self.strategy = strategy
+        self.max_attempts = max(1, max_attempts)
+        self.coalesce = coalesce
+        self.tracks_latency = strategy == "least_latency" and len(slots) > 1
+        fixed = strategy == "priority" or all(len(tier) == 1 for tier in self.tiers)
+        self.order: tuple[Slot, ...] | None = (
+            tuple(slot for tier in self.tiers for slot in tier) if fixed else None
+        )
+        self.fast: Slot | None = self.order[0] if self.order else None
+        first_tier = self.tiers[0] if self.tiers else ()
+        # weighted: running totals of the first tier's weights, for one bisect a pick
+        self._cumulative = tuple(itertools.accumulate(max(0, s.target.weight) for s in first_tier))
+
+    def pick(self, now: float, rng: random.Random) -> Slot | None:
+        """The first target to try, for a route without a fixed order: a
+        weighted draw from the first tier (``weighted``), or the power-of-two
+        choice among its targets whose breaker admits one (``least_latency``)."""
+        if self.strategy == "weighted":
+            cumulative = self._cumulative
+            total = cumulative[-1] if cumulative else 0
+            if total <= 0:
+                return self.tiers[0][0] if self.tiers else None
+            return self.tiers[0][bisect.bisect_right(cumulative, rng.random() * total)]
+        if self.tiers:
+            return p2c_pick(self.tiers[0], now, rng)
+        return None
 
 
 class RouteTable:
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "health")
 
-    def __init__(self, entries: Mapping[str, RouteEntry]) -> None:
+    def __init__(
+        self, entries: Mapping[str, RouteEntry], health: HealthRegistry | None = None
+    ) -> None:
         self._entries = dict(entries)
+        self.health = health if health is not None else HealthRegistry()
 
     @classmethod
     def build(
@@ -73,12 +141,24 @@ class RouteTable:
         routes: Iterable[Route],
         providers: Mapping[str, Provider],
         disabled: Mapping[str, str],
+        *,
+        health: HealthRegistry | None = None,
     ) -> RouteTable:
-        """``providers``: enabled adapters by name; ``disabled``: name -> why it is off."""
+        """``providers``: enabled adapters by name; ``disabled``: name -> why it is
+        off; ``health``: the providers' breakers and budgets (and the resilience
+        defaults) to keep using, else a new registry with the default policy."""
+        health = health if health is not None else HealthRegistry()
+        resilience = health.resilience
+        latency: dict[tuple[str, str], LatencyStats] = {}
         entries: dict[str, RouteEntry] = {}
         for route in routes:
             ordered = sorted(route.targets, key=lambda t: t.priority)
             live = tuple((t, providers[t.provider]) for t in ordered if t.provider in providers)
+            slots: list[Slot] = []
+            for target, provider in live:
+                state = health.provider(provider.name, provider.config.breaker)
+                stats = latency.setdefault((provider.name, target.model), LatencyStats())
+                slots.append(Slot(target, provider, state.breaker, state.budget, stats))
             unavailable = None
             if not live:
                 reasons = sorted(
@@ -93,8 +173,16 @@ class RouteTable:
                     + "; ".join(reasons)
                     + "."
                 )
-            entries[route.model_alias] = RouteEntry(route.model_alias, live, unavailable)
-        return cls(entries)
+            entries[route.model_alias] = RouteEntry(
+                route.model_alias,
+                live,
+                unavailable,
+                slots=tuple(slots),
+                strategy=route.strategy,
+                max_attempts=route.max_attempts or resilience.max_attempts,
+                coalesce=route.coalesce,
+            )
+        return cls(entries, health)
 
     def resolve(self, alias: str) -> RouteEntry:
         """The entry for ``alias``; ModelNotFound or ProviderUnavailable otherwise."""

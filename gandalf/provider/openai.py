@@ -141,7 +141,7 @@ class OpenAIProvider:
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
         self._headers = headers
-        self._errors = transport.UpstreamErrors(config.name, config.timeout_ms)
+        self._errors = transport.UpstreamErrors.for_config(config)
         self._stream_timeout = transport.stream_timeout(config)
         self._session: aiohttp.ClientSession | None = None
 
@@ -180,8 +180,11 @@ class OpenAIProvider:
 
     async def _post(self, url: str, body: bytes) -> ProviderReply:
         session = self._live_session()
-        with self._errors:
+        errors = self._errors
+        with errors:
             async with session.post(url, data=body, headers=self._headers) as resp:
+                if errors.lift_first_byte:
+                    transport.headers_arrived(resp, None)
                 data = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After") if status >= 400 else None
@@ -215,7 +218,10 @@ class OpenAIProvider:
             )
         with self._errors:
             resp = await session.post(
-                self._chat_url, data=body, headers=self._headers, timeout=self._stream_timeout
+                self._chat_url,
+                data=body,
+                headers=self._headers,
+                timeout=self._stream_timeout,
             )
             status = resp.status
             if status >= 300 or not resp.content_type.startswith("text/event-stream"):
@@ -230,6 +236,10 @@ class OpenAIProvider:
                     f"Upstream provider '{self.name}' answered a streaming request with "
                     f"'{resp.content_type}' instead of an event stream."
                 )
+        errors = self._errors
+        if errors.first_byte_ms != errors.timeout_ms:
+            # The stream started: from now on timeout_ms bounds each silence.
+            transport.headers_arrived(resp, errors.timeout_s)
         return OpenAIChatStream(
-            resp, EventRelay(drop_usage=not wants_usage), self._errors, self.name
+            resp, EventRelay(drop_usage=not wants_usage), errors.stream_body, self.name
         )

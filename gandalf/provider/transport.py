@@ -5,9 +5,22 @@ granian proxy did ~3,000 req/s at 64 concurrent requests with aiohttp and ~45
 with httpx (its pool degrades under concurrency; see DESIGN.md). Keeping the
 client behind this module lets the bench re-decide without touching adapters.
 
+Timeouts, per provider (:func:`request_timeout`, :func:`stream_timeout`):
+
+- ``connect_timeout_ms`` (default 5000, at most ``timeout_ms``): to open the
+  TCP (and TLS) connection;
+- ``first_byte_timeout_ms`` (default ``timeout_ms``): until the response
+  headers arrive;
+- ``timeout_ms``: the whole non-streamed answer; for a stream, the longest
+  silence between two reads once it started (a long completion may stream for
+  minutes).
+
+Each has its own message (:class:`UpstreamErrors`), so an operator can tell a
+dark host (connect) from a stuck model (first byte) from a slow answer (total).
+
 Failure mapping (the contract's error table):
 
-- connect/read timeouts           -> UpstreamTimeout (504)
+- connect/first-byte/total timeouts -> UpstreamTimeout (504)
 - refused, reset, DNS, bad payload -> UpstreamError (502)
 - HTTP 401/403 from the upstream  -> UpstreamAuthError (502): the gateway's own
   credentials were rejected, never the caller's
@@ -39,12 +52,58 @@ from gandalf.errors import (
 # Far above anything one worker serves at once; the point is no artificial cap.
 CONNECTION_LIMIT = 4096
 KEEPALIVE_SECONDS = 75.0
-CONNECT_TIMEOUT_CAP = 10.0
+DEFAULT_CONNECT_TIMEOUT_MS = 5000
+
+
+def _connect_ms(config: ProviderConfig) -> int:
+    return min(config.connect_timeout_ms, config.timeout_ms)
+
+
+def _first_byte_ms(config: ProviderConfig) -> int:
+    first = config.first_byte_timeout_ms
+    return config.timeout_ms if first is None else first
+
+
+def request_timeout(config: ProviderConfig) -> aiohttp.ClientTimeout:
+    """A non-streamed request: ``timeout_ms`` in all, ``connect_timeout_ms`` to
+    connect, and ``first_byte_timeout_ms`` for the headers when it is the
+    shorter (aiohttp's ``sock_read``; :func:`headers_arrived` lifts it once
+    they came, leaving the body to the total)."""
+    total = config.timeout_ms
+    first = _first_byte_ms(config)
+    return aiohttp.ClientTimeout(
+        total=total / 1000.0,
+        sock_connect=_connect_ms(config) / 1000.0,
+        sock_read=first / 1000.0 if first < total else None,
+    )
+
+
+def stream_timeout(config: ProviderConfig) -> aiohttp.ClientTimeout:
+    """For streams ``timeout_ms`` bounds the silence between two reads, not the
+    whole answer: a long completion may stream for minutes. The headers get
+    ``first_byte_timeout_ms``: when it differs, :func:`headers_arrived` (called
+    by :func:`open_event_stream`) switches to ``timeout_ms`` once they came."""
+    return aiohttp.ClientTimeout(
+        total=None,
+        sock_read=_first_byte_ms(config) / 1000.0,
+        sock_connect=_connect_ms(config) / 1000.0,
+    )
+
+
+def headers_arrived(resp: aiohttp.ClientResponse, read_timeout: float | None) -> None:
+    """From now on, bound the silence between two reads of ``resp`` by
+    ``read_timeout`` seconds (None: no bound) instead of the first-byte timeout,
+    and restart that clock."""
+    connection = resp.connection
+    if connection is not None:
+        protocol = connection.protocol
+        if protocol is not None:
+            protocol.read_timeout = read_timeout
+            protocol.start_timeout()
 
 
 def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
     """A pooled keep-alive session for one provider. Call inside a running loop."""
-    total = config.timeout_ms / 1000.0
     connector = aiohttp.TCPConnector(
         limit=CONNECTION_LIMIT,
         limit_per_host=0,
@@ -54,7 +113,7 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=aiohttp.ClientTimeout(total=total, sock_connect=min(total, CONNECT_TIMEOUT_CAP)),
+        timeout=request_timeout(config),
         cookie_jar=aiohttp.DummyCookieJar(),
         # No Accept-Encoding: LLM answers are small, and gzip would cost CPU both ways.
         skip_auto_headers=("User-Agent", "Accept-Encoding"),
@@ -62,26 +121,83 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
     )
 
 
-def stream_timeout(config: ProviderConfig) -> aiohttp.ClientTimeout:
-    """For streams ``timeout_ms`` bounds the silence between two reads, not the
-    whole answer: a long completion may stream for minutes."""
-    read = config.timeout_ms / 1000.0
-    return aiohttp.ClientTimeout(
-        total=None, sock_read=read, sock_connect=min(read, CONNECT_TIMEOUT_CAP)
-    )
-
-
 class UpstreamErrors:
-    """``with UpstreamErrors(name):`` turns client exceptions into gateway errors.
+    """``with errors:`` turns client exceptions into gateway errors.
 
-    One instance per provider, reused by every request (it holds no state).
+    One instance per provider (and one for reading stream bodies,
+    :attr:`stream_body`), reused by every request (it holds no state). Build
+    it with :meth:`for_config` so timeout messages quote the provider's
+    settings; ``UpstreamErrors(name, timeout_ms)`` assumes the defaults for
+    the connect and first-byte timeouts.
     """
 
-    __slots__ = ("provider", "timeout_s")
+    __slots__ = (
+        "connect_ms",
+        "first_byte_ms",
+        "lift_first_byte",
+        "provider",
+        "stream_body",
+        "timeout_ms",
+        "timeout_s",
+    )
 
-    def __init__(self, provider: str, timeout_ms: int) -> None:
+    def __init__(
+        self,
+        provider: str,
+        timeout_ms: int,
+        *,
+        connect_timeout_ms: int | None = None,
+        first_byte_timeout_ms: int | None = None,
+        streaming: bool = False,
+    ) -> None:
         self.provider = provider
+        self.timeout_ms = timeout_ms
         self.timeout_s = timeout_ms / 1000.0
+        self.connect_ms = min(
+            timeout_ms,
+            DEFAULT_CONNECT_TIMEOUT_MS if connect_timeout_ms is None else connect_timeout_ms,
+        )
+        self.first_byte_ms = timeout_ms if first_byte_timeout_ms is None else first_byte_timeout_ms
+        # A non-streamed request bounds its headers by a first-byte timeout
+        # shorter than the total (request_timeout): lift it once they came.
+        self.lift_first_byte = self.first_byte_ms < timeout_ms
+        # Use while reading a stream's body: a read timeout there is silence
+        # (timeout_ms), not a missing first byte.
+        self.stream_body: UpstreamErrors = (
+            self
+            if streaming
+            else UpstreamErrors(
+                provider,
+                timeout_ms,
+                connect_timeout_ms=self.connect_ms,
+                first_byte_timeout_ms=self.first_byte_ms,
+                streaming=True,
+            )
+        )
+
+    @classmethod
+    def for_config(cls, config: ProviderConfig) -> UpstreamErrors:
+        return cls(
+            config.name,
+            config.timeout_ms,
+            connect_timeout_ms=config.connect_timeout_ms,
+            first_byte_timeout_ms=config.first_byte_timeout_ms,
+        )
+
+    def timeout_message(self, exc: BaseException) -> str:
+        """What timed out, naming the setting that bounded it."""
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            what = f"connecting (connect_timeout_ms={self.connect_ms})"
+        elif isinstance(exc, aiohttp.SocketTimeoutError):
+            if self.stream_body is self:
+                what = (
+                    f"waiting for the stream to continue (timeout_ms={self.timeout_ms} of silence)"
+                )
+            else:
+                what = f"waiting for the first byte (first_byte_timeout_ms={self.first_byte_ms})"
+        else:
+            what = f"after timeout_ms={self.timeout_ms} (total)"
+        return f"Upstream provider '{self.provider}' timed out {what}."
 
     def __enter__(self) -> UpstreamErrors:
         return self
@@ -96,13 +212,7 @@ class UpstreamErrors:
             return False
         # TimeoutError first: in Python 3.11 it is also an OSError.
         if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
-            if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                what = "connecting"
-            else:
-                what = f"waiting for a response (timeout {self.timeout_s:g}s)"
-            raise UpstreamTimeout(
-                f"Upstream provider '{self.provider}' timed out {what}."
-            ) from None
+            raise UpstreamTimeout(self.timeout_message(exc)) from None
         if isinstance(exc, aiohttp.ClientConnectorError):
             raise UpstreamError(
                 f"Upstream provider '{self.provider}' is unreachable: connection failed."
@@ -165,6 +275,8 @@ async def post_json(
     """POST ``body``; the answer's bytes, or ``on_error``'s exception."""
     with errors:
         async with session.post(url, data=body, headers=headers) as resp:
+            if errors.lift_first_byte:
+                headers_arrived(resp, None)
             data = await resp.read()
             status = resp.status
             retry_after = resp.headers.get("Retry-After") if status >= 400 else None
@@ -216,6 +328,8 @@ async def open_event_stream(
                 f"Upstream provider '{errors.provider}' answered a streaming request with "
                 f"'{resp.content_type}' instead of an event stream."
             )
+    if read_timeout.sock_read != errors.timeout_s:
+        headers_arrived(resp, errors.timeout_s)  # from the first byte on: silence bound
     return resp
 
 

@@ -16,11 +16,13 @@ import msgspec
 from gandalf.app.proxy import ProxyService
 from gandalf.auth.apikey import KeyCache, credential
 from gandalf.domain import ChatRequest, EmbeddingsRequest, Identity, Permission
-from gandalf.errors import InvalidRequest, NotReady, PermissionDenied, invalid_body
+from gandalf.errors import InvalidRequest, NotReady, PermissionDenied, header_value, invalid_body
 from gandalf.server.wire import (
     HEALTH_OK,
+    JSON_HEADERS,
     READY_OK,
     SSE_HEADERS,
+    Headers,
     Request,
     Response,
 )
@@ -63,12 +65,45 @@ class _ModelList(msgspec.Struct):
 
 _encoder = msgspec.json.Encoder()
 _CALL_MODELS = int(Permission.CALL_MODELS)
+_MAX_SERVED = 1024  # distinct providers whose prebuilt headers are kept
+
+
+class ServedHeaders:
+    """``base`` headers plus ``x-gandalf-provider`` (who served) and
+    ``x-gandalf-attempts`` (how many upstream attempts it took). Answers that
+    took one attempt, nearly all of them, get a prebuilt tuple per provider."""
+
+    __slots__ = ("_base", "first")
+
+    def __init__(self, base: Headers) -> None:
+        self._base = base
+        self.first: dict[str | None, Headers] = {}  # provider -> headers for one attempt
+
+    def build(self, provider: str | None, attempts: int) -> Headers:
+        if provider is None:
+            return self._base
+        headers = (
+            *self._base,
+            (b"x-gandalf-provider", header_value(provider)),
+            (b"x-gandalf-attempts", b"%d" % attempts),
+        )
+        if attempts == 1 and len(self.first) < _MAX_SERVED:
+            self.first[provider] = headers
+        return headers
 
 
 class Api:
     """The endpoints of the public HTTP surface."""
 
-    __slots__ = ("_all_models", "_keys", "_models", "_proxy", "_ready")
+    __slots__ = (
+        "_all_models",
+        "_json_served",
+        "_keys",
+        "_models",
+        "_proxy",
+        "_ready",
+        "_sse_served",
+    )
 
     def __init__(
         self, proxy: ProxyService, keys: KeyCache, ready: Readiness, *, created: int = 0
@@ -82,6 +117,8 @@ class Api:
             for alias, owner in proxy.routes.models()
         ]
         self._all_models = _encoder.encode(_ModelList(data=self._models))
+        self._json_served = ServedHeaders(JSON_HEADERS)
+        self._sse_served = ServedHeaders(SSE_HEADERS)
 
     def endpoints(self) -> dict[str, Endpoint]:
         return {
@@ -129,11 +166,19 @@ class Api:
                 if watch is not None:
                     watch.stop()
                 raise
-            return Response(200, headers=SSE_HEADERS, stream=stream, watch=watch)
+            served = self._sse_served
+            headers = served.first.get(stream.provider) if stream.attempts == 1 else None
+            if headers is None:
+                headers = served.build(stream.provider, stream.attempts)
+            return Response(200, headers=headers, stream=stream, watch=watch)
         reply = await self._proxy.chat(
             identity, chat, request.body, request.request_id, request.started
         )
-        return Response(200, reply.body)
+        served = self._json_served
+        headers = served.first.get(reply.provider) if reply.attempts == 1 else None
+        if headers is None:
+            headers = served.build(reply.provider, reply.attempts)
+        return Response(200, reply.body, headers)
 
     async def embeddings(self, request: Request) -> Response:
         identity = await self._identity(request, Permission.CALL_MODELS)
@@ -148,7 +193,11 @@ class Api:
         reply = await self._proxy.embeddings(
             identity, embed, request.body, request.request_id, request.started
         )
-        return Response(200, reply.body)
+        served = self._json_served
+        headers = served.first.get(reply.provider) if reply.attempts == 1 else None
+        if headers is None:
+            headers = served.build(reply.provider, reply.attempts)
+        return Response(200, reply.body, headers)
 
     async def models(self, request: Request) -> Response:
         identity = await self._identity(request, Permission.READ_MODELS)

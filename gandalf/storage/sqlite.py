@@ -61,8 +61,18 @@ logger = logging.getLogger("gandalf.storage")
 
 _T = TypeVar("_T")
 
+# Migration 2: routing and resilience. Usage records count the upstream attempts
+# a request made (0: it shared a coalesced call); routes keep their retry and
+# coalescing policy (NULL max_attempts: the gateway-wide resilience default).
+_MIGRATION_2: Final = """
+ALTER TABLE usage_records ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE routes ADD COLUMN max_attempts INTEGER;
+ALTER TABLE routes ADD COLUMN coalesce INTEGER NOT NULL DEFAULT 0;
+"""
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
+    _MIGRATION_2,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
@@ -222,10 +232,10 @@ def _provider_from_row(row: Sequence[Any]) -> ProviderConfig:
 
 
 # routes
-_ROUTE_COLUMNS: Final = ("model_alias", "targets", "strategy", "source", "updated_at")
-_ROUTE_SELECT: Final = (
-    "SELECT model_alias, targets, strategy, source FROM routes ORDER BY model_alias"
-)
+_ROUTE_COLUMNS: Final = (
+    "model_alias", "targets", "strategy", "source", "max_attempts", "coalesce", "updated_at",
+)  # fmt: skip
+_ROUTE_SELECT: Final = f"SELECT {', '.join(_ROUTE_COLUMNS[:-1])} FROM routes ORDER BY model_alias"
 _ROUTE_UPSERT: Final = _upsert_sql("routes", _ROUTE_COLUMNS, "model_alias")
 _ROUTE_PRUNE: Final = (
     "DELETE FROM routes WHERE source = 'config' "
@@ -234,12 +244,21 @@ _ROUTE_PRUNE: Final = (
 
 
 def _route_row(r: Route, source: str, now: float) -> tuple[object, ...]:
-    return (r.model_alias, _json(r.targets), r.strategy, source, now)
+    return (
+        r.model_alias, _json(r.targets), r.strategy, source, r.max_attempts, int(r.coalesce), now,
+    )  # fmt: skip
 
 
 def _route_from_row(row: Sequence[Any]) -> Route:
     targets = tuple(sorted(_TARGETS.decode(row[1]), key=_BY_PRIORITY))
-    return Route(model_alias=row[0], targets=targets, strategy=row[2], source=row[3])
+    return Route(
+        model_alias=row[0],
+        targets=targets,
+        strategy=row[2],
+        source=row[3],
+        max_attempts=row[4],
+        coalesce=bool(row[5]),
+    )
 
 
 # organizations and teams
