@@ -418,7 +418,8 @@ class TranslatedStream:
     ) -> None:
         self._resp = resp
         self._translator = translator
-        self._errors = errors
+        # Reading the body: a read timeout now is silence, not a missing first byte.
+        self._errors = errors.stream_body
 
     @property
     def usage(self) -> Usage | None:

@@ -844,7 +844,7 @@ class AnthropicProvider:
             "content-type": "application/json",
         }
         self._max_tokens = config.max_tokens or DEFAULT_MAX_TOKENS
-        self._errors = transport.UpstreamErrors(config.name, config.timeout_ms)
+        self._errors = transport.UpstreamErrors.for_config(config)
         self._stream_timeout = transport.stream_timeout(config)
         self._session: aiohttp.ClientSession | None = None
 

@@ -866,7 +866,7 @@ class GeminiProvider:
             # A header, never ?key=: URLs end up in logs.
             headers["x-goog-api-key"] = config.api_key
         self._headers = headers
-        self._errors = transport.UpstreamErrors(config.name, config.timeout_ms)
+        self._errors = transport.UpstreamErrors.for_config(config)
         self._stream_timeout = transport.stream_timeout(config)
         self._urls: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
