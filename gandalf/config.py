@@ -71,6 +71,7 @@ DEFAULT_BASE_URLS: Mapping[str, str] = {
     "anthropic": "https://api.anthropic.com",
     "gemini": "https://generativelanguage.googleapis.com",
     "ollama": "http://127.0.0.1:11434",
+    "azure": "",  # per resource: https://<resource>.openai.azure.com
     "fake": "",
 }
 
@@ -226,6 +227,7 @@ class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     ttft_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     tokens_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     max_tokens: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    api_version: str = ""
     connect_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] = 5_000
     first_byte_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
     breaker: _BreakerIn | None = None
@@ -608,6 +610,7 @@ class _Loader:
                     ttft_ms=p.ttft_ms,
                     tokens_per_second=p.tokens_per_second,
                     max_tokens=p.max_tokens,
+                    api_version=p.api_version,
                     disabled_reason=reason,
                     source="config",
                     connect_timeout_ms=min(p.connect_timeout_ms, p.timeout_ms),
@@ -637,6 +640,11 @@ class _Loader:
         url = p.base_url or DEFAULT_BASE_URLS[ptype]
         if ptype == "fake":
             return url
+        if not url:
+            self.fail(
+                f"{path}.base_url",
+                f"required for type {ptype!r} (https://<resource>.openai.azure.com)",
+            )
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             self.fail(f"{path}.base_url", f"expected an http:// or https:// URL, got {url!r}")

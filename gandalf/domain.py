@@ -109,9 +109,9 @@ class Team(msgspec.Struct, frozen=True, kw_only=True):
 
 # --------------------------------------------------------------------------- providers and routes
 
-ProviderType = Literal["openai", "anthropic", "gemini", "ollama", "fake"]
-PROVIDER_TYPES: tuple[str, ...] = ("openai", "anthropic", "gemini", "ollama", "fake")
-TYPES_NEEDING_KEY: frozenset[str] = frozenset({"openai", "anthropic", "gemini"})
+ProviderType = Literal["openai", "anthropic", "gemini", "ollama", "azure", "fake"]
+PROVIDER_TYPES: tuple[str, ...] = ("openai", "anthropic", "gemini", "ollama", "azure", "fake")
+TYPES_NEEDING_KEY: frozenset[str] = frozenset({"openai", "anthropic", "gemini", "azure"})
 
 # How a route orders its targets within a priority tier (app/balancer.py).
 STRATEGIES: tuple[str, ...] = ("priority", "weighted", "least_latency")
@@ -170,6 +170,7 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Output-token limit sent when a request sets none and the provider requires
     # one (Anthropic); None: the adapter's default.
     max_tokens: int | None = None
+    api_version: str = ""  # azure: the api-version query parameter ("" = the adapter's default)
     disabled_reason: str | None = None  # why enabled is False, shown in 503s and logs
     source: str = "config"
     # Timeouts (provider/transport.py): connecting (capped at timeout_ms), and

@@ -565,15 +565,15 @@ def test_bad_base_url(url: str) -> None:
 
 def test_bad_provider_type() -> None:
     assert error(MINIMAL_PROVIDERS + "  - { name: x, type: foo }\n") == (
-        "gandalf.yaml: providers[2].type: expected one of openai, anthropic, gemini, ollama, fake, "
-        "got 'foo'"
+        "gandalf.yaml: providers[2].type: expected one of "
+        "openai, anthropic, gemini, ollama, azure, fake, got 'foo'"
     )
 
 
 def test_type_required_when_name_is_not_a_type() -> None:
     assert error("providers: [{ name: my-gpt }]\n") == (
         "gandalf.yaml: providers[0].type: required because name 'my-gpt' is not a provider type "
-        "(one of openai, anthropic, gemini, ollama, fake)"
+        "(one of openai, anthropic, gemini, ollama, azure, fake)"
     )
 
 
@@ -1106,3 +1106,22 @@ def test_result_is_frozen() -> None:
     cfg = parse("{}")
     with pytest.raises(AttributeError):
         cfg.server.addr = "x"  # type: ignore[misc]
+
+
+def test_provider_output_limit_and_azure_settings() -> None:
+    cfg = parse(
+        "providers:\n"
+        "  - { name: claude, type: anthropic, api_key: k, max_tokens: 8192 }\n"
+        "  - { name: az, type: azure, api_key: k, base_url: 'https://r.openai.azure.com/',"
+        " api_version: '2025-01-01' }\n"
+    )
+    claude, az = cfg.providers
+    assert claude.max_tokens == 8192 and claude.base_url == "https://api.anthropic.com"
+    assert (az.base_url, az.api_version) == ("https://r.openai.azure.com", "2025-01-01")
+    assert error("providers: [{ name: az, type: azure, api_key: k }]\n") == (
+        "gandalf.yaml: providers[0].base_url: required for type 'azure' "
+        "(https://<resource>.openai.azure.com)"
+    )
+    assert "providers[0].max_tokens" in error(
+        "providers: [{ name: anthropic, api_key: k, max_tokens: 0 }]\n"
+    )

@@ -32,7 +32,10 @@ Each streamed request is tracked by a :class:`StreamLog` keyed by its last user
 message (``mock.stream_log(text)``): chunks sent, whether it finished, the usage
 it reported, and whether the client (Gandalf) closed the connection before the
 end. ``GET /api/tags`` lists :attr:`MockUpstream.tags` the way Ollama does (the mock
-doubles as an Ollama server: Ollama serves OpenAI's format under ``/v1``).
+doubles as an Ollama server: Ollama serves OpenAI's format under ``/v1``). And as an
+Azure OpenAI resource: ``POST /openai/deployments/{deployment}/chat/completions``
+(or ``/embeddings``) behaves as ``/v1`` with the deployment as the model, and
+answers 404 without an ``api-version`` query.
 ``POST /v1/embeddings`` answers echo-style: one :func:`mock_vector`
 per input (``dimensions`` honoured, ``encoding_format: base64`` gives
 little-endian float32 in base64); ``status-NNN`` models fail as for chat.
@@ -209,6 +212,7 @@ class MockUpstream:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/api/tags", self._tags)
+        app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._azure)
         # Cancel a handler when its client goes away: a parked stream learns at once.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
@@ -256,13 +260,17 @@ class MockUpstream:
 
     # ------------------------------------------------------------ handlers
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _chat(
+        self, request: web.Request, model_from_path: str | None = None
+    ) -> web.StreamResponse:
         body = await request.read()
-        self.received.append(Received(request.path, dict(request.headers), body))
+        self.received.append(Received(request.path_qs, dict(request.headers), body))
         try:
             payload = json.loads(body)
         except ValueError:
             return web.json_response({"error": {"message": "bad json"}}, status=400)
+        if model_from_path is not None:
+            payload["model"] = model_from_path
         model = str(payload.get("model", ""))
         if model.startswith("stream-status-"):
             status = int(model.rsplit("-", 1)[1])
@@ -373,18 +381,36 @@ class MockUpstream:
             raise
         return resp
 
+    async def _azure(self, request: web.Request) -> web.StreamResponse:
+        """Azure OpenAI: the deployment in the path picks the behaviour (as the
+        model does on /v1); ``api-version`` is required, as Azure requires it."""
+        if "api-version" not in request.query:
+            body = await request.read()
+            self.received.append(Received(request.path_qs, dict(request.headers), body))
+            return web.json_response(
+                {"error": {"code": "404", "message": "Resource not found"}}, status=404
+            )
+        deployment = request.match_info["deployment"]
+        if request.match_info["operation"] == "embeddings":
+            return await self._embeddings(request, deployment)
+        return await self._chat(request, deployment)
+
     async def _tags(self, request: web.Request) -> web.StreamResponse:
         self.received.append(Received(request.path, dict(request.headers), b""))
         models = [{"name": name, "model": name, "size": 1} for name in self.tags]
         return web.json_response({"models": models})
 
-    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+    async def _embeddings(
+        self, request: web.Request, model_from_path: str | None = None
+    ) -> web.StreamResponse:
         body = await request.read()
-        self.received.append(Received(request.path, dict(request.headers), body))
+        self.received.append(Received(request.path_qs, dict(request.headers), body))
         try:
             payload = json.loads(body)
         except ValueError:
             return web.json_response({"error": {"message": "bad json"}}, status=400)
+        if model_from_path is not None:
+            payload["model"] = model_from_path
         model = str(payload.get("model", ""))
         if model.startswith("status-"):
             status = int(model.split("-", 1)[1])

@@ -197,7 +197,8 @@ class OpenAIProvider:
             )
         return ProviderReply(body=data, usage=usage, status=status)
 
-    async def stream(self, call: ChatCall) -> OpenAIChatStream:
+    async def stream(self, call: ChatCall, url: str | None = None) -> OpenAIChatStream:
+        """Open a stream (at ``url``, default the provider's chat URL)."""
         session = self._live_session()
         model = call.target.model
         wants_usage = call.request.wants_usage
@@ -218,7 +219,7 @@ class OpenAIProvider:
             )
         with self._errors:
             resp = await session.post(
-                self._chat_url,
+                url or self._chat_url,
                 data=body,
                 headers=self._headers,
                 timeout=self._stream_timeout,

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from gandalf.domain import Provider, ProviderConfig
 from gandalf.provider.anthropic import AnthropicProvider
+from gandalf.provider.azure import AzureOpenAIProvider
 from gandalf.provider.fake import FakeProvider
 from gandalf.provider.gemini import GeminiProvider
 from gandalf.provider.ollama import OllamaProvider
@@ -21,6 +22,7 @@ ADAPTERS: Mapping[str, Callable[[ProviderConfig], Provider]] = {
     "anthropic": AnthropicProvider,
     "gemini": GeminiProvider,
     "ollama": OllamaProvider,
+    "azure": AzureOpenAIProvider,
     "fake": FakeProvider,
 }
 
