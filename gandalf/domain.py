@@ -350,3 +350,57 @@ class Provider(Protocol):
     async def stream(self, call: ChatCall) -> ChatStream: ...
 
     async def embeddings(self, call: EmbeddingsCall) -> ProviderReply: ...
+
+
+# --------------------------------------------------------------------------- native passthrough
+
+
+class NativeRequest(msgspec.Struct, kw_only=True):
+    """A provider-native request to relay. ``path`` (the routed model already in
+    it, the query string without the caller's key) is appended to the
+    provider's base URL; ``body_model`` replaces the body's top-level ``model``
+    when set (every other byte kept); ``api`` names the wire format the usage
+    is read from: anthropic | gemini | azure | ollama."""
+
+    api: str
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    stream: bool = False
+    body_model: str | None = None
+
+
+class NativeStream(Protocol):
+    """A native answer streamed as it arrives; ``usage`` once it was seen."""
+
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def chunks(self) -> int: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class NativeReply:
+    """A provider's native answer: status, relayable headers, a body (with its
+    usage when it succeeded) or a stream."""
+
+    __slots__ = ("body", "headers", "status", "stream", "usage")
+
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes = b"",
+        stream: NativeStream | None = None,
+        usage: Usage | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.stream = stream
+        self.usage = usage

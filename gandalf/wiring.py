@@ -14,6 +14,7 @@ import time
 
 from gandalf import bootstrap
 from gandalf.app.health import HealthRegistry
+from gandalf.app.passthrough import PassthroughService
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
@@ -22,6 +23,7 @@ from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp, Runtime
 from gandalf.server.handlers import Api
+from gandalf.server.native import NativeApi
 from gandalf.server.rsgi import RSGIApp
 from gandalf.storage.sqlite import SqliteStore
 
@@ -61,7 +63,14 @@ def create_app(
                 negative_ttl=auth.negative_cache_ttl,
                 max_size=auth.key_cache_size,
             )
-            api = Api(ProxyService(table, store), keys, store, created=int(time.time()))
+            created = int(time.time())
+            api = Api(ProxyService(table, store), keys, store, created=created)
+            native = NativeApi(
+                PassthroughService(table, registry.natives, store), keys, created=created
+            )
+            endpoints = api.endpoints()
+            native_exact, prefixes = native.endpoints()
+            endpoints.update(native_exact)
         except BaseException:
             if registry is not None:
                 await registry.close()
@@ -79,7 +88,7 @@ def create_app(
                         "%d usage record(s) were dropped (queue full)", store.dropped_usage
                     )
 
-        return Runtime(api.endpoints(), close)
+        return Runtime(endpoints, close, prefixes)
 
     server = config.server
     return GandalfApp(

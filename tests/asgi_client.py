@@ -38,6 +38,7 @@ async def call(
     body: bytes = b"",
     chunks: Sequence[bytes] | None = None,
     json: Any = None,
+    query: str = "",
 ) -> Reply:
     """One request through ``app``. ``chunks`` sends the body in several messages."""
     if json is not None:
@@ -52,7 +53,7 @@ async def call(
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "headers": raw_headers,
         "client": ("127.0.0.1", 5000),
         "server": ("127.0.0.1", 8080),

@@ -53,6 +53,9 @@ empty one). Streaming-only models:
 - ``claude-stream-cut``: the same without the error event: the body just
   ends before ``message_stop``.
 
+``POST /v1/messages/count_tokens`` answers ``{"input_tokens": N}``, N the
+prompt tokens :func:`mock_usage` counts. Answers carry a ``request-id`` header.
+
 Every request is recorded (path, headers, body) in ``received``.
 """
 
@@ -401,6 +404,7 @@ class MockAnthropic:
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -435,18 +439,32 @@ class MockAnthropic:
             return web.Response(status=int(model.rsplit("-", 1)[1]), text="plain failure")
         self._count += 1
         message_id = f"msg_mock_{self._count:04d}"
+        # Anthropic names each answer in a request-id header; clients log it.
+        ids = {"request-id": f"req_mock_{self._count:04d}"}
         if payload.get("stream") is not True:
-            return web.json_response(answer(payload, message_id))  # stream failures: an echo
+            return web.json_response(answer(payload, message_id), headers=ids)  # failures: an echo
         if model in _STREAM_FAILURES:
             events = _failing_stream(answer(payload, message_id), _STREAM_FAILURES[model])
         else:
             events = stream_events(answer(payload, message_id))
-        resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream"})
+        resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream", **ids})
         await resp.prepare(request)
         for item in events:
             await resp.write(item)
         await resp.write_eof()
         return resp
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """``/v1/messages/count_tokens``: the prompt's tokens as the usage counts them."""
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.received.append(Received(request.path, headers, body))
+        if "x-api-key" not in headers:
+            return _error(401, "authentication_error", "x-api-key header is required")
+        payload = json.loads(body)
+        usage = mock_usage(payload, 0)
+        total = usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
+        return web.json_response({"input_tokens": total})
 
 
 def _error(

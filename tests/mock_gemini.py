@@ -52,7 +52,9 @@ Behaviour is chosen by the model in the path:
 - ``gemini-stream-cut``: streamed, the chunks of ``gemini-ok`` without any
   ``finishReason``; non-streamed as ``gemini-ok``.
 
-``:batchEmbedContents`` answers one :func:`mock_vector` per request
+``:embedContent`` answers one :func:`mock_vector`; ``:countTokens`` answers
+``{"totalTokens": prompt_tokens(body)}``. ``:batchEmbedContents`` answers one
+:func:`mock_vector` per request
 (``outputDimensionality`` honoured, default :data:`DEFAULT_DIMENSIONS`) and,
 like Gemini, no token counts; each request's ``model`` must be
 ``models/<model of the path>``. ``gemini-status-NNN`` fails as for chat.
@@ -318,6 +320,12 @@ class MockGemini:
             return _error(400, "Invalid JSON payload received.")
         if method == "batchEmbedContents":
             return self._embeddings(model, payload)
+        if method == "embedContent":
+            text = "".join(p.get("text", "") for p in payload["content"]["parts"])
+            dimensions = int(payload.get("outputDimensionality") or DEFAULT_DIMENSIONS)
+            return web.json_response({"embedding": {"values": mock_vector(text, dimensions)}})
+        if method == "countTokens":
+            return web.json_response({"totalTokens": prompt_tokens(payload)})
         if method not in ("generateContent", "streamGenerateContent"):
             return _error(404, f"Method {method} not found.")
         script = self._script(model, payload)

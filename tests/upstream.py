@@ -31,8 +31,10 @@ format; a final usage-only event only when the body asked for
 Each streamed request is tracked by a :class:`StreamLog` keyed by its last user
 message (``mock.stream_log(text)``): chunks sent, whether it finished, the usage
 it reported, and whether the client (Gandalf) closed the connection before the
-end. ``GET /api/tags`` lists :attr:`MockUpstream.tags` the way Ollama does (the mock
-doubles as an Ollama server: Ollama serves OpenAI's format under ``/v1``). And as an
+end. The mock doubles as an Ollama server (Ollama serves OpenAI's format under ``/v1``):
+``GET /api/tags`` lists :attr:`MockUpstream.tags`; ``POST /api/chat`` and
+``/api/generate`` answer in Ollama's own format (NDJSON unless ``"stream": false``,
+counts in the last line); ``POST /api/embed`` returns ``embeddings``. And as an
 Azure OpenAI resource: ``POST /openai/deployments/{deployment}/chat/completions``
 (or ``/embeddings``) behaves as ``/v1`` with the deployment as the model, and
 answers 404 without an ``api-version`` query.
@@ -212,6 +214,9 @@ class MockUpstream:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/api/tags", self._tags)
+        app.router.add_post("/api/chat", self._ollama)
+        app.router.add_post("/api/generate", self._ollama)
+        app.router.add_post("/api/embed", self._ollama_embed)
         app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._azure)
         # Cancel a handler when its client goes away: a parked stream learns at once.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -394,6 +399,61 @@ class MockUpstream:
         if request.match_info["operation"] == "embeddings":
             return await self._embeddings(request, deployment)
         return await self._chat(request, deployment)
+
+    async def _ollama(self, request: web.Request) -> web.StreamResponse:
+        """Ollama's native /api/chat and /api/generate: NDJSON unless ``stream``
+        is false; the answer echoes the last message (or the prompt) in
+        ``stream-N``-many pieces like the OpenAI mock."""
+        body = await request.read()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        payload = json.loads(body)
+        model = str(payload.get("model", ""))
+        if model.startswith("status-"):
+            status = int(model.split("-", 1)[1])
+            return web.json_response({"error": f"mock status {status}"}, status=status)
+        chat = request.path == "/api/chat"
+        text = _last_text(payload) if chat else str(payload.get("prompt", ""))
+        pieces = (
+            [f"w{i} " for i in range(int(model[7:]))]
+            if model.startswith("stream-") and model[7:].isdigit()
+            else [text]
+        )
+        prompt_count = max(1, len(json.dumps(payload)) // 4)
+
+        def line(piece: str, done: bool) -> dict[str, Any]:
+            out: dict[str, Any] = {"model": model, "created_at": "2024-01-01T00:00:00Z"}
+            if chat:
+                out["message"] = {"role": "assistant", "content": piece}
+            else:
+                out["response"] = piece
+            out["done"] = done
+            if done:
+                out.update(done_reason="stop", prompt_eval_count=prompt_count)
+                out["eval_count"] = len(pieces)
+            return out
+
+        if payload.get("stream") is False:
+            return web.json_response(line("".join(pieces), True))
+        response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+        await response.prepare(request)
+        for piece in pieces:
+            await response.write(json.dumps(line(piece, False)).encode() + b"\n")
+        await response.write(json.dumps(line("", True)).encode() + b"\n")
+        await response.write_eof()
+        return response
+
+    async def _ollama_embed(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        payload = json.loads(body)
+        inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
+        return web.json_response(
+            {
+                "model": payload["model"],
+                "embeddings": [mock_vector(text, DEFAULT_DIMENSIONS) for text in inputs],
+                "prompt_eval_count": sum(max(1, len(text) // 4) for text in inputs),
+            }
+        )
 
     async def _tags(self, request: web.Request) -> web.StreamResponse:
         self.received.append(Received(request.path, dict(request.headers), b""))

@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -58,13 +58,19 @@ class ClientDisconnected(Exception):
 class Runtime:
     """What lifespan startup builds: the endpoints and how to close everything."""
 
-    __slots__ = ("close", "endpoints")
+    __slots__ = ("close", "endpoints", "prefixes")
 
     def __init__(
-        self, endpoints: dict[str, Endpoint], close: Callable[[], Awaitable[None]]
+        self,
+        endpoints: dict[str, Endpoint],
+        close: Callable[[], Awaitable[None]],
+        prefixes: Sequence[tuple[str, Endpoint]] = (),
     ) -> None:
         self.endpoints = endpoints
         self.close = close
+        # Paths that carry a value (Gemini's /v1beta/models/{model}:method), tried
+        # in order only when no exact path matched.
+        self.prefixes = tuple(prefixes)
 
 
 class GandalfApp:
@@ -183,6 +189,14 @@ class GandalfApp:
         if self._access_log:
             self._log_access(method, path, status, started, request_id)
 
+    def _prefixed(self, path: str) -> Endpoint:
+        runtime = self._runtime
+        if runtime is not None:
+            for prefix, endpoint in runtime.prefixes:
+                if path.startswith(prefix):
+                    return endpoint
+        raise NotFound(f"Unknown path: {path[:200]}")
+
     async def _respond(
         self,
         task: asyncio.Task[Any],
@@ -205,7 +219,7 @@ class GandalfApp:
         try:
             endpoint = endpoints.get(path)
             if endpoint is None:
-                raise NotFound(f"Unknown path: {path[:200]}")
+                endpoint = self._prefixed(path)
             handler = endpoint.methods.get(method)
             if handler is None:
                 raise MethodNotAllowed(

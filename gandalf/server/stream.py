@@ -93,7 +93,7 @@ async def relay(
     try:
         await writer.start(status, [*response.headers, (b"x-request-id", request_id)])
         write = writer.write
-        watch.keep_alive(write, keepalive)
+        watch.keep_alive(write, keepalive if response.keepalive else 0.0)
         async for chunk in stream:
             if watch.sending is not None:  # a keep-alive is being written: let it finish
                 await watch.sending
@@ -113,7 +113,10 @@ async def relay(
             await _end_with(writer, _SHUTDOWN_EVENT)
     except GatewayError as exc:
         closing = exc.status
-        await _end_with(writer, b"data: " + exc.body() + b"\n\n")
+        in_band = response.error_event
+        await _end_with(
+            writer, in_band(exc) if in_band is not None else b"data: " + exc.body() + b"\n\n"
+        )
     except Exception as exc:
         if isinstance(exc, writer.gone):
             closing = 499  # the client left; the watch may not have noticed yet

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from gandalf.domain import CANCEL_DISCONNECT
+from gandalf.errors import GatewayError
 from gandalf.server.types import Message, Receive
 
 Headers = tuple[tuple[bytes, bytes], ...]
@@ -234,7 +235,7 @@ class Response:
     ASGI layer; ``headers`` carries the rest (content-type included).
     """
 
-    __slots__ = ("body", "headers", "status", "stream", "watch")
+    __slots__ = ("body", "error_event", "headers", "keepalive", "status", "stream", "watch")
 
     def __init__(
         self,
@@ -243,12 +244,19 @@ class Response:
         headers: Headers = JSON_HEADERS,
         stream: ByteStream | None = None,
         watch: ClientWatch | None = None,
+        error_event: Callable[[GatewayError], bytes] | None = None,
+        keepalive: bool = True,
     ) -> None:
         self.status = status
         self.body = body
         self.headers = headers
         self.stream = stream
         self.watch = watch
+        # A stream's in-band error after the headers went out (default: an
+        # OpenAI-shaped ``data:`` event); ``keepalive`` False for formats where an
+        # SSE comment would corrupt the body (NDJSON, JSON arrays).
+        self.error_event = error_event
+        self.keepalive = keepalive
 
 
 def sane_request_id(value: bytes) -> str | None:

@@ -1,0 +1,192 @@
+"""PassthroughService: native provider APIs (Anthropic, Gemini, Azure OpenAI,
+Ollama) relayed through Gandalf's routing, permissions and accounting.
+
+The model a client names (in the body or the path) is a route alias like any
+other: the route table resolves it, the key's ``allowed_models`` applies, and
+the first live target whose provider speaks the caller's API serves it (the
+request is relayed untouched, so only a provider of that very type can).
+Every request that reaches the service leaves one usage record, as for
+``/v1/chat/completions``; a stream's record is written when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol
+
+from gandalf.app.proxy import UsageSink
+from gandalf.app.router import RouteTable
+from gandalf.domain import (
+    CANCEL_SHUTDOWN,
+    Identity,
+    NativeReply,
+    NativeRequest,
+    NativeStream,
+    ProviderConfig,
+    Target,
+    Usage,
+    UsageRecord,
+)
+from gandalf.errors import GatewayError, InvalidRequest, PermissionDenied
+
+
+def _failure_status(exc: BaseException) -> int:
+    if isinstance(exc, GatewayError):
+        return exc.status
+    if isinstance(exc, asyncio.CancelledError):
+        return 503 if exc.args and exc.args[0] == CANCEL_SHUTDOWN else 499
+    return 500
+
+
+class NativeUpstream(Protocol):
+    """One provider's native API (provider/native.py's NativeClient)."""
+
+    name: str
+    config: ProviderConfig
+
+    async def send(self, request: NativeRequest) -> NativeReply: ...
+
+
+class _Record:
+    """The parts of one request's usage record known before the answer."""
+
+    __slots__ = ("alias", "endpoint", "identity", "provider", "request_id", "started", "target")
+
+    def __init__(
+        self, identity: Identity, alias: str, endpoint: str, request_id: str, started: float
+    ) -> None:
+        self.identity = identity
+        self.alias = alias
+        self.endpoint = endpoint
+        self.request_id = request_id
+        self.started = started
+        self.target: Target | None = None
+        self.provider: str | None = None
+
+
+class RecordedNativeStream:
+    """A native stream whose usage is recorded when the server closes it."""
+
+    __slots__ = ("_done", "_record", "_service", "_stream")
+
+    def __init__(self, stream: NativeStream, service: PassthroughService, record: _Record) -> None:
+        self._stream = stream
+        self._service = service
+        self._record = record
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._stream.__aiter__()
+
+    async def aclose(self, status: int) -> None:
+        if not self._done:
+            self._done = True
+            self._service._write(self._record, self._stream.usage, status)
+        await self._stream.aclose()
+
+
+class PassthroughService:
+    __slots__ = ("_clock", "_natives", "_sink", "routes")
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        natives: Mapping[str, NativeUpstream],
+        sink: UsageSink,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.routes = routes
+        self._natives = natives
+        self._sink = sink
+        self._clock = clock
+
+    def apis(self) -> set[str]:
+        """The native APIs some configured provider speaks."""
+        return {native.config.type for native in self._natives.values()}
+
+    def models(self, identity: Identity, api: str) -> list[str]:
+        """The aliases ``identity`` may call through ``api``, sorted."""
+        return [
+            alias
+            for alias, _ in self.routes.models()
+            if identity.may_use(alias) and self._target(alias, api) is not None
+        ]
+
+    def _target(self, alias: str, api: str) -> tuple[Target, NativeUpstream] | None:
+        entry = self.routes.resolve(alias)
+        for target, _ in entry.targets:
+            native = self._natives.get(target.provider)
+            if native is not None and native.config.type == api:
+                return target, native
+        return None
+
+    def resolve(self, identity: Identity, alias: str, api: str) -> tuple[Target, NativeUpstream]:
+        """The target serving ``alias`` for a caller of ``api``: ModelNotFound,
+        ProviderUnavailable, PermissionDenied or InvalidRequest (no target of
+        that API) otherwise."""
+        self.routes.resolve(alias)
+        if not identity.may_use(alias):
+            raise PermissionDenied(
+                f"This API key is not allowed to use model '{alias}'.", param="model"
+            )
+        found = self._target(alias, api)
+        if found is None:
+            raise InvalidRequest(
+                f"Model '{alias}' is not served by a provider of type '{api}', so it cannot be "
+                f"called through the {api} API; call it through /v1/chat/completions instead.",
+                param="model",
+            )
+        return found
+
+    async def forward(
+        self,
+        identity: Identity,
+        api: str,
+        alias: str,
+        endpoint: str,
+        build: Callable[[Target], NativeRequest],
+        request_id: str,
+        started: float,
+    ) -> tuple[NativeReply, RecordedNativeStream | None]:
+        """Resolve ``alias``, build the upstream request for the serving target
+        and relay it: the reply, and its stream (if any) wrapped so that its
+        usage is recorded when the server closes it."""
+        record = _Record(identity, alias, endpoint, request_id, started)
+        try:
+            target, native = self.resolve(identity, alias, api)
+            record.target = target
+            record.provider = native.name
+            reply = await native.send(build(target))
+        except BaseException as exc:
+            self._write(record, None, _failure_status(exc))
+            raise
+        if reply.stream is not None:
+            return reply, RecordedNativeStream(reply.stream, self, record)
+        self._write(record, reply.usage, reply.status)
+        return reply, None
+
+    def _write(self, record: _Record, usage: Usage | None, status: int) -> None:
+        identity = record.identity
+        target = record.target
+        prompt = usage.prompt_tokens if usage is not None else 0
+        completion = usage.completion_tokens if usage is not None else 0
+        self._sink.record_usage(
+            UsageRecord(
+                record.request_id,
+                identity.key_id,
+                identity.org_id,
+                record.alias,
+                target.model if target is not None else None,
+                record.provider,
+                prompt,
+                completion,
+                prompt + completion,
+                (time.perf_counter() - record.started) * 1000.0,
+                status,
+                self._clock(),
+                record.endpoint,
+            )
+        )

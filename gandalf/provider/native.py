@@ -1,0 +1,346 @@
+"""Native passthrough: a provider's own API relayed byte for byte.
+
+Clients that speak Anthropic, Gemini, Azure OpenAI or Ollama natively send
+their requests to Gandalf; the app layer decides where they go, and a
+:class:`NativeClient` (one per provider of those types) sends them upstream
+with the provider's credentials in place of the caller's. Bodies and answers
+are not decoded on the way through; only the usage is read out of them, per
+wire format (:data:`USAGE_READERS`), from the answer or from the head and tail
+of a stream (usage sits in the first and last events of every format here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from gandalf.domain import NativeReply, NativeRequest, ProviderConfig, Usage
+from gandalf.errors import UpstreamAuthError, UpstreamError
+from gandalf.provider import transport
+from gandalf.provider.openai import replace_model
+from gandalf.provider.sse import EventParser
+
+# Response headers never relayed: hop-by-hop ones, the framing this server sets
+# itself, and cookies (a gateway must not let an upstream set cookies on callers).
+_DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "date",
+        "server",
+        "set-cookie",
+        "alt-svc",
+        "x-request-id",
+        "via",
+    }
+)
+
+# Credentials, per wire format: the provider's key goes in the header its API reads.
+_CREDENTIAL_HEADER: Mapping[str, str] = {
+    "anthropic": "x-api-key",
+    "gemini": "x-goog-api-key",
+    "azure": "api-key",
+    "ollama": "authorization",
+}
+
+NATIVE_TYPES = frozenset(_CREDENTIAL_HEADER)
+
+HEAD_BYTES = 8192
+TAIL_BYTES = 16384
+
+
+# --------------------------------------------------------------------------- usage readers
+
+_any = msgspec.json.Decoder()
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _usage(prompt: int, completion: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def _json_objects(data: bytes) -> list[Any]:
+    try:
+        value = _any.decode(data)
+    except msgspec.DecodeError:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def anthropic_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
+    """Anthropic counts input (plus cache reads and writes) in ``message_start``
+    and output, cumulatively, in each ``message_delta``."""
+    if not streamed:
+        objects = _json_objects(head)
+        usage = objects[0].get("usage") if objects and isinstance(objects[0], dict) else None
+        if not isinstance(usage, dict):
+            return None
+        return _usage(_anthropic_input(usage), _int(usage.get("output_tokens")))
+    prompt = completion = 0
+    found = False
+    for name, data in _events(head):
+        if name == b"message_start":
+            message = _decode_dict(data).get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                prompt = _anthropic_input(usage)
+                completion = _int(usage.get("output_tokens"))
+                found = True
+            break
+    for name, data in _events(tail):
+        if name == b"message_delta":
+            usage = _decode_dict(data).get("usage")
+            if isinstance(usage, dict):
+                completion = _int(usage.get("output_tokens")) or completion
+                if usage.get("input_tokens") is not None:
+                    prompt = _anthropic_input(usage) or prompt
+                found = True
+    return _usage(prompt, completion) if found else None
+
+
+def _anthropic_input(usage: dict[str, Any]) -> int:
+    return (
+        _int(usage.get("input_tokens"))
+        + _int(usage.get("cache_read_input_tokens"))
+        + _int(usage.get("cache_creation_input_tokens"))
+    )
+
+
+def gemini_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
+    """Gemini's ``usageMetadata`` is cumulative: the last one counts."""
+    data = head if not streamed else tail
+    mark = data.rfind(b'"usageMetadata"')
+    if mark < 0:
+        return None
+    meta = _object_after(data, data.find(b"{", mark))
+    if meta is None:
+        return None
+    prompt = _int(meta.get("promptTokenCount"))
+    completion = _int(meta.get("candidatesTokenCount")) + _int(meta.get("thoughtsTokenCount"))
+    return _usage(prompt, completion)
+
+
+def openai_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
+    """OpenAI's format (Azure): ``usage`` in the body, or in the last event that
+    carries one (only when the client asked for ``include_usage``)."""
+    data = head if not streamed else tail
+    mark = data.rfind(b'"usage"')
+    if mark < 0:
+        return None
+    usage = _object_after(data, data.find(b"{", mark))
+    if usage is None:
+        return None
+    return _usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+
+
+def ollama_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
+    """Ollama reports ``prompt_eval_count``/``eval_count`` in its answer, or in
+    the last line (``"done": true``) of a streamed one."""
+    data = head if not streamed else tail
+    lines = data.strip().rsplit(b"\n", 1)
+    last = _decode_dict(lines[-1])
+    if "prompt_eval_count" not in last and "eval_count" not in last:
+        return None
+    return _usage(_int(last.get("prompt_eval_count")), _int(last.get("eval_count")))
+
+
+UsageReader = Callable[[bytes, bytes, bool], "Usage | None"]
+USAGE_READERS: Mapping[str, UsageReader] = {
+    "anthropic": anthropic_usage,
+    "gemini": gemini_usage,
+    "azure": openai_usage,
+    "ollama": ollama_usage,
+}
+
+
+def _decode_dict(data: bytes) -> dict[str, Any]:
+    try:
+        value = _any.decode(data)
+    except msgspec.DecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _events(data: bytes) -> list[tuple[bytes, bytes]]:
+    parser = EventParser()
+    # Start at an event boundary: a tail may begin inside an event.
+    return parser.feed(data) + parser.finish()
+
+
+def _object_after(data: bytes, start: int) -> dict[str, Any] | None:
+    """The JSON object that starts at ``data[start]`` (a ``{``), or None."""
+    if start < 0:
+        return None
+    depth = 0
+    in_string = escaped = False
+    for i in range(start, len(data)):
+        c = data[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                value = _decode_dict(data[start : i + 1])
+                return value or None
+    return None
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class NativeStream:
+    """An upstream stream relayed as it arrives, its head and tail kept for the
+    usage reader. Failures raise gateway errors (the server tells them in the
+    caller's format)."""
+
+    __slots__ = ("_errors", "_head", "_reader", "_resp", "_tail", "chunks")
+
+    def __init__(
+        self, resp: aiohttp.ClientResponse, errors: transport.UpstreamErrors, reader: UsageReader
+    ) -> None:
+        self._resp = resp
+        self._errors = errors.stream_body  # a read timeout now is silence, not a first byte
+        self._reader = reader
+        self._head = bytearray()
+        self._tail = bytearray()
+        self.chunks = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._reader(bytes(self._head), bytes(self._tail), True)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        resp = self._resp
+        head = self._head
+        tail = self._tail
+        complete = False
+        try:
+            with self._errors:
+                async for chunk in resp.content.iter_any():
+                    if len(head) < HEAD_BYTES:
+                        head += chunk[: HEAD_BYTES - len(head)]
+                    tail += chunk
+                    if len(tail) > 2 * TAIL_BYTES:
+                        del tail[:-TAIL_BYTES]
+                    self.chunks += 1
+                    yield chunk
+            complete = True
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.close()
+
+    async def aclose(self) -> None:
+        self._resp.close()
+
+
+class NativeClient:
+    """One provider's native API: its base URL, its credentials, its session."""
+
+    __slots__ = ("_credentials", "_errors", "_session", "_stream_timeout", "base", "config", "name")
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self.config = config
+        # Native paths carry their API version (/v1/messages, /v1beta/models/...,
+        # /api/chat): a base_url that ends with one must not double it.
+        base = config.base_url.rstrip("/")
+        for suffix in ("/v1beta", "/v1"):
+            base = base.removesuffix(suffix)
+        self.base = base
+        header = _CREDENTIAL_HEADER.get(config.type, "authorization")
+        credentials: dict[str, str] = {}
+        if config.api_key:
+            secret = config.api_key
+            credentials[header] = f"Bearer {secret}" if header == "authorization" else secret
+        self._credentials = credentials
+        self._errors = transport.UpstreamErrors.for_config(config)
+        self._stream_timeout = transport.stream_timeout(config)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = transport.new_session(self.config)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, request: NativeRequest) -> NativeReply:
+        """Relay ``request``. Upstream answers of any status come back as they
+        are (they are in the caller's API already), except 401/403: the
+        upstream refused Gandalf's own credentials, which is never the
+        caller's fault (UpstreamAuthError)."""
+        session = self._session
+        if session is None:
+            raise UpstreamError(f"Provider '{self.name}' is not started.")
+        reader = USAGE_READERS[request.api]
+        headers = {**request.headers, **self._credentials}
+        body = request.body
+        if request.body_model is not None:
+            body = replace_model(body, request.body_model)
+        url = self.base + request.path
+        with self._errors:
+            if request.stream:
+                resp = await session.request(
+                    request.method, url, data=body, headers=headers, timeout=self._stream_timeout
+                )
+            else:
+                resp = await session.request(
+                    request.method, url, data=body or None, headers=headers
+                )
+            status = resp.status
+            # The headers came: from now on the first-byte bound no longer applies.
+            if request.stream:
+                transport.headers_arrived(resp, self._errors.timeout_s)
+            elif self._errors.lift_first_byte:
+                transport.headers_arrived(resp, None)
+            relayed = [
+                (lower.encode("latin-1"), value.encode("latin-1"))
+                for name, value in resp.headers.items()
+                if (lower := name.lower()) not in _DROPPED_RESPONSE_HEADERS
+            ]
+            streaming = request.stream and status < 300
+            if not streaming:
+                try:
+                    body = await resp.read()
+                finally:
+                    resp.release()
+        if status in (401, 403):
+            raise UpstreamAuthError(
+                f"Upstream provider '{self.name}' rejected the gateway's credentials "
+                f"(HTTP {status}); check the provider's api_key."
+            )
+        if not streaming:
+            usage = reader(body, b"", False) if status < 300 else None
+            return NativeReply(status, relayed, body, usage=usage)
+        return NativeReply(status, relayed, stream=NativeStream(resp, self._errors, reader))

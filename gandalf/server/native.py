@@ -1,0 +1,414 @@
+"""Native API endpoints: Anthropic, Gemini, Azure OpenAI and Ollama clients
+pointed at Gandalf, answered in their own wire format.
+
+Each API is mounted only when a provider of its type is configured. A handler
+authenticates the caller (with the credential header that API's clients
+send), reads the model from the body or the path, and hands the request to
+the PassthroughService, which relays it untouched. Errors raised here are
+rendered in the calling API's own error shape, as JSON before the answer
+started and in-band (an SSE error event or an NDJSON error line) after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from urllib.parse import parse_qsl, quote, urlencode
+
+import msgspec
+import orjson
+
+from gandalf.app.passthrough import PassthroughService
+from gandalf.auth.apikey import KeyCache, credential
+from gandalf.domain import Identity, NativeRequest, Permission, Target
+from gandalf.errors import GatewayError, InvalidRequest, NotFound, PermissionDenied
+from gandalf.server.handlers import Endpoint, Handler
+from gandalf.server.wire import JSON_HEADERS, Headers, Request, Response
+
+# Request headers relayed upstream, per API; everything else (the caller's
+# credentials, cookies, hop-by-hop headers) stays here.
+_FORWARDED: dict[str, tuple[bytes, ...]] = {
+    "anthropic": (b"content-type", b"accept", b"anthropic-version", b"anthropic-beta"),
+    "gemini": (b"content-type", b"accept", b"x-goog-api-client"),
+    "azure": (b"content-type", b"accept"),
+    "ollama": (b"content-type", b"accept"),
+}
+_ANTHROPIC_VERSION = "2023-06-01"
+
+
+class _ModelBody(msgspec.Struct):
+    model: str
+    stream: bool | None = None
+
+
+_model_body = msgspec.json.Decoder(_ModelBody)
+
+
+# --------------------------------------------------------------------------- error shapes
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "INVALID_ARGUMENT",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def anthropic_error(exc: GatewayError) -> bytes:
+    kind = _ANTHROPIC_TYPES.get(exc.status, "api_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": exc.message}})
+
+
+def google_error(exc: GatewayError) -> bytes:
+    status = _GOOGLE_STATUS.get(exc.status, "INTERNAL")
+    return orjson.dumps({"error": {"code": exc.status, "message": exc.message, "status": status}})
+
+
+def ollama_error(exc: GatewayError) -> bytes:
+    return orjson.dumps({"error": exc.message})
+
+
+def openai_error(exc: GatewayError) -> bytes:
+    return exc.body()
+
+
+ERROR_BODIES: dict[str, Callable[[GatewayError], bytes]] = {
+    "anthropic": anthropic_error,
+    "gemini": google_error,
+    "azure": openai_error,
+    "ollama": ollama_error,
+}
+
+
+def in_band_error(api: str, streamed_as: bytes) -> Callable[[GatewayError], bytes]:
+    """How a failure after the first byte is told, by the stream's format."""
+    body = ERROR_BODIES[api]
+    if streamed_as.startswith(b"text/event-stream"):
+        if api == "anthropic":
+            return lambda exc: b"event: error\ndata: " + body(exc) + b"\n\n"
+        return lambda exc: b"data: " + body(exc) + b"\n\n"
+    if api == "ollama":
+        return lambda exc: body(exc) + b"\n"
+    return lambda exc: b""  # a JSON array cut short: the client's parser tells
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def header(request: Request, name: bytes) -> bytes | None:
+    """One request header, whichever interface delivered the request."""
+    headers = request.headers
+    if isinstance(headers, list):
+        for key, value in headers:
+            if key == name:
+                return value  # type: ignore[no-any-return]
+        return None
+    value = headers.get(name.decode("latin-1"))  # RSGI: a mapping of str
+    return value.encode("latin-1") if value is not None else None
+
+
+def _query_without_key(query: bytes) -> tuple[str, bytes | None]:
+    """The query string minus ``key=`` (a Gemini client's credential), and that key."""
+    if not query:
+        return "", None
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    key = next((v for k, v in pairs if k == "key"), None)
+    rest = urlencode([(k, v) for k, v in pairs if k != "key"])
+    return ("?" + rest if rest else ""), (key.encode("latin-1") if key is not None else None)
+
+
+def _relayed_headers(request: Request, api: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in _FORWARDED[api]:
+        value = header(request, name)
+        if value is not None:
+            out[name.decode()] = value.decode("latin-1")
+    if api == "anthropic" and "anthropic-version" not in out:
+        out["anthropic-version"] = _ANTHROPIC_VERSION
+    out.setdefault("content-type", "application/json")
+    return out
+
+
+def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.lower()
+    return b""
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+class NativeApi:
+    """The native endpoints, built once at start-up for the configured APIs."""
+
+    __slots__ = ("_keys", "_service", "created")
+
+    def __init__(self, service: PassthroughService, keys: KeyCache, *, created: int) -> None:
+        self._service = service
+        self._keys = keys
+        self.created = created
+
+    def endpoints(self) -> tuple[dict[str, Endpoint], list[tuple[str, Endpoint]]]:
+        """Exact paths and path prefixes (Gemini and Azure put the model in the
+        path) for the APIs some configured provider speaks."""
+        apis = self._service.apis()
+        exact: dict[str, Endpoint] = {}
+        prefixed: list[tuple[str, Endpoint]] = []
+
+        def mount(api: str, method: str, handler: Handler, *, body: bool = True) -> Endpoint:
+            return Endpoint({method: self._guard(api, handler)}, reads_body=body)
+
+        if "anthropic" in apis:
+            exact["/v1/messages"] = mount("anthropic", "POST", self.anthropic_messages)
+            exact["/v1/messages/count_tokens"] = mount(
+                "anthropic", "POST", self.anthropic_count_tokens
+            )
+        if "gemini" in apis:
+            exact["/v1beta/models"] = mount("gemini", "GET", self.gemini_models, body=False)
+            prefixed.append(("/v1beta/models/", mount("gemini", "POST", self.gemini_call)))
+        if "azure" in apis:
+            prefixed.append(("/openai/deployments/", mount("azure", "POST", self.azure_call)))
+        if "ollama" in apis:
+            for path in ("/api/chat", "/api/generate", "/api/embed"):
+                exact[path] = mount("ollama", "POST", self.ollama_call)
+            exact["/api/tags"] = mount("ollama", "GET", self.ollama_tags, body=False)
+        return exact, prefixed
+
+    # ------------------------------------------------------------ common
+
+    async def _identity(self, request: Request, api: str) -> Identity:
+        authorization = request.authorization
+        api_key = request.api_key
+        if authorization is None and api_key is None:
+            if api == "gemini":
+                api_key = header(request, b"x-goog-api-key")
+                if api_key is None:
+                    api_key = _query_without_key(request.query)[1]
+            elif api == "azure":
+                api_key = header(request, b"api-key")
+        identity = self._keys.from_headers(authorization, api_key)
+        if identity is None:
+            identity = await self._keys.load(credential(authorization, api_key))
+        if not identity.can(Permission.CALL_MODELS):
+            raise PermissionDenied(f"Keys with role '{identity.role}' cannot call models.")
+        return identity
+
+    async def _relay(
+        self,
+        request: Request,
+        api: str,
+        endpoint: str,
+        alias: str,
+        build: Callable[[Target], NativeRequest],
+        stream: bool,
+    ) -> Response:
+        identity = await self._identity(request, api)
+        watch = None
+        if stream and request.receive is not None and request.streams is not None:
+            task = asyncio.current_task()
+            assert task is not None
+            watch = request.streams.watch(request.receive, task)
+        try:
+            reply, recorded = await self._service.forward(
+                identity, api, alias, endpoint, build, request.request_id, request.started
+            )
+        except BaseException:
+            if watch is not None:
+                watch.stop()
+            raise
+        headers: Headers = tuple(reply.headers)
+        if recorded is None:
+            if watch is not None:
+                watch.stop()
+            return Response(reply.status, reply.body, headers)
+        streamed_as = _content_type(reply.headers)
+        return Response(
+            reply.status,
+            headers=headers,
+            stream=recorded,
+            watch=watch,
+            error_event=in_band_error(api, streamed_as),
+            keepalive=streamed_as.startswith(b"text/event-stream"),
+        )
+
+    def _guard(self, api: str, handler: Handler) -> Handler:
+        """``handler`` with its errors in ``api``'s shape."""
+        render = ERROR_BODIES[api]
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except GatewayError as exc:
+                return Response(exc.status, render(exc), (*JSON_HEADERS, *exc.headers()))
+
+        return guarded
+
+    # ------------------------------------------------------------ anthropic
+
+    async def anthropic_messages(self, request: Request) -> Response:
+        return await self._anthropic(request, "/v1/messages", "anthropic.messages")
+
+    async def anthropic_count_tokens(self, request: Request) -> Response:
+        return await self._anthropic(request, "/v1/messages/count_tokens", "anthropic.count_tokens")
+
+    async def _anthropic(self, request: Request, path: str, endpoint: str) -> Response:
+        body = _decode_model_body(request.body)
+        stream = bool(body.stream) and endpoint == "anthropic.messages"
+        headers = _relayed_headers(request, "anthropic")
+
+        def build(target: Target) -> NativeRequest:
+            return NativeRequest(
+                api="anthropic",
+                method="POST",
+                path=path,
+                headers=headers,
+                body=request.body,
+                stream=stream,
+                body_model=target.model if target.model != body.model else None,
+            )
+
+        return await self._relay(request, "anthropic", endpoint, body.model, build, stream)
+
+    # ------------------------------------------------------------ gemini
+
+    async def gemini_call(self, request: Request) -> Response:
+        rest = request.path[len("/v1beta/models/") :]
+        alias, sep, method = rest.rpartition(":")
+        if not sep or not alias or method not in _GEMINI_METHODS:
+            raise NotFound(f"Unknown path: {request.path[:200]}")
+        query, _ = _query_without_key(request.query)
+        stream = method == "streamGenerateContent"
+        headers = _relayed_headers(request, "gemini")
+
+        def build(target: Target) -> NativeRequest:
+            model = target.model.removeprefix("models/")
+            return NativeRequest(
+                api="gemini",
+                method="POST",
+                path=f"/v1beta/models/{quote(model, safe='')}:{method}{query}",
+                headers=headers,
+                body=request.body,
+                stream=stream,
+            )
+
+        return await self._relay(request, "gemini", f"gemini.{method}", alias, build, stream)
+
+    async def gemini_models(self, request: Request) -> Response:
+        identity = await self._identity(request, "gemini")
+        models = [
+            {
+                "name": f"models/{alias}",
+                "displayName": alias,
+                "supportedGenerationMethods": sorted(_GEMINI_METHODS),
+            }
+            for alias in self._service.models(identity, "gemini")
+        ]
+        return Response(200, orjson.dumps({"models": models}))
+
+    # ------------------------------------------------------------ azure
+
+    async def azure_call(self, request: Request) -> Response:
+        rest = request.path[len("/openai/deployments/") :]
+        alias, sep, operation = rest.partition("/")
+        if not sep or not alias or operation not in ("chat/completions", "embeddings"):
+            raise NotFound(f"Unknown path: {request.path[:200]}")
+        query = "?" + request.query.decode("latin-1") if request.query else ""
+        stream = operation == "chat/completions" and bool(_stream_flag(request.body))
+        headers = _relayed_headers(request, "azure")
+        endpoint = "azure.chat" if operation == "chat/completions" else "azure.embeddings"
+
+        def build(target: Target) -> NativeRequest:
+            return NativeRequest(
+                api="azure",
+                method="POST",
+                path=f"/openai/deployments/{quote(target.model, safe='')}/{operation}{query}",
+                headers=headers,
+                body=request.body,
+                stream=stream,
+            )
+
+        return await self._relay(request, "azure", endpoint, alias, build, stream)
+
+    # ------------------------------------------------------------ ollama
+
+    async def ollama_call(self, request: Request) -> Response:
+        body = _decode_model_body(request.body)
+        path = request.path
+        # Ollama streams chat and generate unless told not to; embed never streams.
+        stream = path != "/api/embed" and body.stream is not False
+        headers = _relayed_headers(request, "ollama")
+
+        def build(target: Target) -> NativeRequest:
+            return NativeRequest(
+                api="ollama",
+                method="POST",
+                path=path,
+                headers=headers,
+                body=request.body,
+                stream=stream,
+                body_model=target.model if target.model != body.model else None,
+            )
+
+        endpoint = "ollama." + path.rsplit("/", 1)[1]
+        return await self._relay(request, "ollama", endpoint, body.model, build, stream)
+
+    async def ollama_tags(self, request: Request) -> Response:
+        identity = await self._identity(request, "ollama")
+        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+        models = [
+            {"name": alias, "model": alias, "modified_at": modified, "size": 0, "digest": ""}
+            for alias in self._service.models(identity, "ollama")
+        ]
+        return Response(200, orjson.dumps({"models": models}))
+
+
+_GEMINI_METHODS = frozenset(
+    {"generateContent", "streamGenerateContent", "embedContent", "countTokens"}
+)
+
+
+class _StreamFlag(msgspec.Struct):
+    stream: bool | None = None
+
+
+_stream_decoder = msgspec.json.Decoder(_StreamFlag)
+
+
+def _stream_flag(body: bytes) -> bool | None:
+    try:
+        return _stream_decoder.decode(body).stream
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request: it is not valid JSON."
+        ) from None
+
+
+def _decode_model_body(body: bytes) -> _ModelBody:
+    try:
+        return _model_body.decode(body)
+    except msgspec.ValidationError as exc:
+        if "missing required field `model`" in str(exc):
+            raise InvalidRequest("Missing required parameter: 'model'.", param="model") from None
+        raise InvalidRequest(f"Invalid request body: {exc}.") from None
+    except msgspec.DecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request: it is not valid JSON."
+        ) from None
