@@ -348,10 +348,14 @@ def launch_gandalf(
     cpus: str | None,
     interface: str = "asgi",
     ready_timeout: float = 20.0,
+    repo: Path = REPO_DIR,
+    name: str | None = None,
 ) -> Server:
-    """``python -m gandalf serve --config <tmpdir>/<name>.yaml --interface I``; waits for
-    /healthz. Named ``gandalf`` for ASGI, ``gandalf-rsgi`` for RSGI."""
-    name = "gandalf" if interface == "asgi" else f"gandalf-{interface}"
+    """``python -m gandalf serve --config <tmpdir>/<name>.yaml --interface I``, the
+    ``gandalf`` package imported from ``repo``; waits for /healthz. Named ``gandalf``
+    for ASGI, ``gandalf-rsgi`` for RSGI, unless ``name`` says otherwise."""
+    if name is None:
+        name = "gandalf" if interface == "asgi" else f"gandalf-{interface}"
     port = free_port()
     config = write_gandalf_config(tmpdir, port, mock_port, name)
     log_path = tmpdir / f"{name}.log"
@@ -369,7 +373,7 @@ def launch_gandalf(
         interface,
     ]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     with open(log_path, "wb") as log:
         proc = group.add(
             subprocess.Popen(

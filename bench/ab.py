@@ -1,0 +1,145 @@
+"""A/B load: this checkout of Gandalf against another revision, interleaved.
+
+Answers "did this change cost anything measurable?" the only way a shared
+2-core machine allows: both versions run in the same session, round after
+round (A, B, A, B, ...), against the same mock, with the same wrk scenario, one
+worker pinned to its own core; the verdict compares medians, and the spread
+between rounds of one version is the noise to compare against.
+
+    python bench/ab.py --base 1a2b3c4               # chat at 64 connections, 4 rounds
+    python bench/ab.py --base HEAD~3 --mode stream --rounds 6
+
+The other revision is checked out with ``git worktree`` into a temporary
+directory (removed afterwards); both import their own ``gandalf`` package.
+Exit status: 0, or 2 when wrk is missing or a server did not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from _procs import (
+    CHAT_BODY,
+    REPO_DIR,
+    STREAM_BODY,
+    ProcGroup,
+    chat_headers,
+    install_signal_handlers,
+    launch_gandalf,
+    launch_mock,
+    stop_process,
+    usable_cpus,
+)
+from _wrk import INSTALL_HINT, have_wrk, run_wrk, write_script
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--base", required=True, help="git revision to compare against (B)")
+    parser.add_argument("--mode", choices=("chat", "stream"), default="chat")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", type=int, default=6, help="seconds per measurement")
+    parser.add_argument("--interface", choices=("asgi", "rsgi"), default="asgi")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not have_wrk():
+        print(INSTALL_HINT, file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    two_cores = usable_cpus() >= 2
+    server_cpus = "0" if two_cores else None
+    client_cpus = "1" if two_cores else None
+    with tempfile.TemporaryDirectory(prefix="gandalf-ab-") as tmp:
+        tmpdir = Path(tmp)
+        base_dir = tmpdir / "base"
+        subprocess.run(
+            ["git", "-C", str(REPO_DIR), "worktree", "add", "--detach", str(base_dir), args.base],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            return compare(args, tmpdir, base_dir, server_cpus, client_cpus)
+        finally:
+            subprocess.run(
+                ["git", "-C", str(REPO_DIR), "worktree", "remove", "--force", str(base_dir)],
+                check=False,
+                capture_output=True,
+            )
+
+
+def compare(
+    args: argparse.Namespace,
+    tmpdir: Path,
+    base_dir: Path,
+    server_cpus: str | None,
+    client_cpus: str | None,
+) -> int:
+    body = STREAM_BODY if args.mode == "stream" else CHAT_BODY
+    script = write_script(tmpdir / "ab.lua", body, chat_headers())
+    threads = 1 if args.connections == 1 else 2
+    results: dict[str, list[float]] = {"A (this checkout)": [], f"B ({args.base})": []}
+    with ProcGroup() as group:
+        mock = launch_mock(group, chunks=20, cpus=client_cpus)
+        versions = ((next(iter(results)), REPO_DIR), (list(results)[1], base_dir))
+        for round_no in range(args.rounds):
+            for label, repo in versions if round_no % 2 == 0 else versions[::-1]:
+                server = launch_gandalf(
+                    group,
+                    tmpdir,
+                    mock.port,
+                    workers=1,
+                    cpus=server_cpus,
+                    interface=args.interface,
+                    repo=repo,
+                    name=f"ab-{round_no}-{'a' if repo == REPO_DIR else 'b'}",
+                )
+                url = server.url + CHAT_PATH
+                run_wrk(
+                    url,
+                    script,
+                    connections=args.connections,
+                    threads=threads,
+                    duration_s=1,
+                    cpus=client_cpus,
+                )
+                res = run_wrk(
+                    url,
+                    script,
+                    connections=args.connections,
+                    threads=threads,
+                    duration_s=args.duration,
+                    cpus=client_cpus,
+                )
+                stop_process(server.proc)
+                results[label].append(res.rps)
+                print(f"round {round_no + 1} {label}: {res.rps:,.0f} req/s", flush=True)
+    a, b = (statistics.median(v) for v in results.values())
+    print()
+    print(f"| {args.mode} c={args.connections} {args.interface} | median req/s | rounds |")
+    print("|---|---|---|")
+    for label, values in results.items():
+        rounds = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"| {label} | {statistics.median(values):,.0f} | {rounds} |")
+    spread = (
+        max((max(v) - min(v)) / statistics.median(v) for v in results.values() if len(v) > 1)
+        if args.rounds > 1
+        else 0.0
+    )
+    print(f"\nA/B = {a / b:.3f}; spread between rounds of one version up to {spread:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
