@@ -130,13 +130,24 @@ def test_shipped_config_serves_without_env() -> None:
     assert cfg.server.addr == "127.0.0.1:8080"
     assert cfg.database.dsn == str(REPO / "gandalf.db")
     assert cfg.keys == ()
+    assert not providers["anthropic"].enabled and not providers["gemini"].enabled
+    assert providers["anthropic"].disabled_reason == "set ANTHROPIC_API_KEY"
+    assert providers["gemini"].api_key_ref == "${GEMINI_API_KEY}"
     assert cfg.warnings == (
         f"{path}: providers[1].api_key: empty, provider 'openai' disabled (set OPENAI_API_KEY)",
+        f"{path}: providers[2].api_key: empty, provider 'anthropic' disabled "
+        "(set ANTHROPIC_API_KEY)",
+        f"{path}: providers[3].api_key: empty, provider 'gemini' disabled (set GEMINI_API_KEY)",
     )
 
 
 def test_shipped_config_with_env() -> None:
-    env = {"OPENAI_API_KEY": SECRET, "GANDALF_ADMIN_KEY": KEY_A}
+    env = {
+        "OPENAI_API_KEY": SECRET,
+        "ANTHROPIC_API_KEY": SECRET,
+        "GEMINI_API_KEY": SECRET,
+        "GANDALF_ADMIN_KEY": KEY_A,
+    }
     cfg = load_config(REPO / "gandalf.yaml", env=env)
     assert all(p.enabled for p in cfg.providers)
     assert cfg.warnings == ()
