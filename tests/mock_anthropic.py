@@ -61,14 +61,14 @@ Every request is recorded (path, headers, body) in ``received``.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
+
+from tests.background import BackgroundServer
 
 PIECE = 6  # characters per streamed text delta / tool-input fragment
 TOOL_CALLS: list[tuple[str, str, dict[str, Any]]] = [
@@ -362,14 +362,12 @@ def _failing_stream(message: dict[str, Any], failure: str | None) -> list[bytes]
     return events
 
 
-class MockAnthropic:
+class MockAnthropic(BackgroundServer):
+    name = "mock anthropic"
+
     def __init__(self) -> None:
+        super().__init__()
         self.received: list[Received] = []
-        self.port = 0
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
         self._count = 0
 
     @property
@@ -377,41 +375,15 @@ class MockAnthropic:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> MockAnthropic:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("mock anthropic did not start")
+        super().start()
         return self
-
-    def stop(self) -> None:
-        async def _stop() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
     def clear(self) -> None:
         self.received.clear()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.close()
-
-    async def _start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()

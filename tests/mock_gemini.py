@@ -64,15 +64,15 @@ Every request is recorded in ``received`` (path, raw path, query, headers, body)
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
+
+from tests.background import BackgroundServer
 
 DEFAULT_DIMENSIONS = 8
 SIGNATURE = "c2lnbmF0dXJlLW9uZQ+/+w=="  # standard base64 with + / and padding, on purpose
@@ -231,15 +231,13 @@ def _usage(prompt: int, output: int, **extra: int) -> dict[str, int]:
     return usage
 
 
-class MockGemini:
+class MockGemini(BackgroundServer):
+    name = "mock gemini"
+
     def __init__(self, api_key: str | None = None) -> None:
+        super().__init__()
         self.api_key = api_key
         self.received: list[Received] = []
-        self.port = 0
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
 
     @property
     def base_url(self) -> str:
@@ -249,40 +247,14 @@ class MockGemini:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> MockGemini:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("mock gemini did not start")
+        super().start()
         return self
-
-    def stop(self) -> None:
-        async def _stop() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
     def clear(self) -> None:
         self.received.clear()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.close()
-
-    async def _start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1beta/models/{target}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------ handlers
 

@@ -51,12 +51,13 @@ import asyncio
 import base64
 import json
 import struct
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from aiohttp import web
+
+from tests.background import BackgroundServer
 
 SLOW_CHUNKS = 3
 DEFAULT_DIMENSIONS = 8
@@ -158,14 +159,12 @@ class StreamLog:
         self._permits -= 1
 
 
-class MockUpstream:
+class MockUpstream(BackgroundServer):
+    name = "mock upstream"
+
     def __init__(self) -> None:
+        super().__init__()
         self.received: list[Received] = []
-        self.port = 0
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
         self._gate: asyncio.Event | None = None
         self._release: asyncio.Event | None = None
         self.waiting = 0  # requests parked at the gate
@@ -180,37 +179,14 @@ class MockUpstream:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> MockUpstream:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("mock upstream did not start")
+        super().start()
         return self
 
-    def stop(self) -> None:
-        async def _stop() -> None:
-            assert self._release is not None and self._gate is not None
-            self._release.set()
-            self._gate.set()
-            self._stopping = True
-            for log in self.streams.values():  # no handler stays parked
-                log._grant(1_000_000)
-            if self._runner is not None:
-                await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.close()
-
-    async def _start(self) -> None:
+    async def prepare(self) -> None:
         self._gate = asyncio.Event()
         self._release = asyncio.Event()
-        app = web.Application()
+
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/api/tags", self._tags)
@@ -218,14 +194,14 @@ class MockUpstream:
         app.router.add_post("/api/generate", self._ollama)
         app.router.add_post("/api/embed", self._ollama_embed)
         app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._azure)
-        # Cancel a handler when its client goes away: a parked stream learns at once.
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def before_stop(self) -> None:
+        assert self._release is not None and self._gate is not None
+        self._release.set()
+        self._gate.set()
+        self._stopping = True
+        for log in self.streams.values():  # no handler stays parked
+            log._grant(1_000_000)
 
     # ------------------------------------------------------------ controls
 
@@ -239,21 +215,15 @@ class MockUpstream:
     def clear(self) -> None:
         self.received.clear()
 
-    def _on_loop(self, fn: Callable[[], _T]) -> _T:
-        async def call() -> _T:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
-
     def stream_log(self, key: str) -> StreamLog:
         """The log of the streamed request(s) whose last user message is ``key``
         (created empty if none arrived yet)."""
-        return self._on_loop(lambda: self._log(key))
+        return self.on_loop(lambda: self._log(key))
 
     def release(self, key: str, count: int = 1) -> None:
         """Let the stream(s) keyed ``key`` send ``count`` more gated chunk(s);
         permits granted before the request arrives are kept for it."""
-        self._on_loop(lambda: self._log(key)._grant(count))
+        self.on_loop(lambda: self._log(key)._grant(count))
 
     def _log(self, key: str) -> StreamLog:
         log = self.streams.get(key)

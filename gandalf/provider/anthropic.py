@@ -38,7 +38,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import aiohttp
 import msgspec
 import orjson
 
@@ -819,23 +818,13 @@ def messages_url(base_url: str) -> str:
     return base + ("/messages" if base.endswith("/v1") else "/v1/messages")
 
 
-class AnthropicProvider:
+class AnthropicProvider(transport.UpstreamClient):
     """Anthropic's Messages API behind the OpenAI chat-completions format."""
 
-    __slots__ = (
-        "_errors",
-        "_headers",
-        "_max_tokens",
-        "_session",
-        "_stream_timeout",
-        "_url",
-        "config",
-        "name",
-    )
+    __slots__ = ("_headers", "_max_tokens", "_url")
 
     def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.config = config
+        super().__init__(config)
         self._url = messages_url(config.base_url)
         # Only the provider's key goes upstream; the caller's never reaches an adapter.
         self._headers = {
@@ -844,23 +833,6 @@ class AnthropicProvider:
             "content-type": "application/json",
         }
         self._max_tokens = config.max_tokens or DEFAULT_MAX_TOKENS
-        self._errors = transport.UpstreamErrors.for_config(config)
-        self._stream_timeout = transport.stream_timeout(config)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = transport.new_session(self.config)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _live_session(self) -> aiohttp.ClientSession:
-        session = self._session
-        if session is None:
-            raise UpstreamError(f"Provider '{self.name}' is not started.")
-        return session
 
     def _error(self, status: int, body: bytes, retry_after: str | None) -> GatewayError:
         return anthropic_error(self.name, status, body, retry_after)

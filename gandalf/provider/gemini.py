@@ -63,7 +63,6 @@ from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import quote
 
-import aiohttp
 import msgspec
 import orjson
 
@@ -842,53 +841,25 @@ def api_base(base_url: str) -> str:
     return base if base.endswith(API_VERSION) else base + API_VERSION
 
 
-class GeminiProvider:
+class GeminiProvider(transport.UpstreamClient):
     """Google's Gemini API, spoken to in its own wire format."""
 
-    __slots__ = (
-        "_base",
-        "_errors",
-        "_headers",
-        "_on_error",
-        "_session",
-        "_stream_timeout",
-        "_urls",
-        "config",
-        "name",
-    )
+    __slots__ = ("_base", "_headers", "_on_error", "_urls")
 
     def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.config = config
+        super().__init__(config)
         self._base = api_base(config.base_url)
         headers = {"Content-Type": "application/json"}
         if config.api_key:
             # A header, never ?key=: URLs end up in logs.
             headers["x-goog-api-key"] = config.api_key
         self._headers = headers
-        self._errors = transport.UpstreamErrors.for_config(config)
-        self._stream_timeout = transport.stream_timeout(config)
         self._urls: dict[str, str] = {}
-        self._session: aiohttp.ClientSession | None = None
 
         def on_error(status: int, body: bytes, retry_after: str | None) -> GatewayError:
             return gemini_error(config.name, status, body, retry_after)
 
         self._on_error: transport.ErrorMapper = on_error
-
-    async def start(self) -> None:
-        self._session = transport.new_session(self.config)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _live_session(self) -> aiohttp.ClientSession:
-        session = self._session
-        if session is None:
-            raise UpstreamError(f"Provider '{self.name}' is not started.")
-        return session
 
     def url(self, model: str, method: str) -> str:
         """The URL of ``method`` (``generateContent``, ...) for ``model``."""

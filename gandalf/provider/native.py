@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 
 from gandalf.domain import NativeReply, NativeRequest, ProviderConfig, Usage
-from gandalf.errors import UpstreamAuthError, UpstreamError
+from gandalf.errors import UpstreamAuthError
 from gandalf.provider import transport
 from gandalf.provider.openai import replace_model
 from gandalf.provider.sse import EventParser
@@ -263,14 +263,13 @@ class NativeStream:
         self._resp.close()
 
 
-class NativeClient:
+class NativeClient(transport.UpstreamClient):
     """One provider's native API: its base URL, its credentials, its session."""
 
-    __slots__ = ("_credentials", "_errors", "_session", "_stream_timeout", "base", "config", "name")
+    __slots__ = ("_credentials", "base")
 
     def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.config = config
+        super().__init__(config)
         # Native paths carry their API version (/v1/messages, /v1beta/models/...,
         # /api/chat): a base_url that ends with one must not double it.
         base = config.base_url.rstrip("/")
@@ -283,26 +282,13 @@ class NativeClient:
             secret = config.api_key
             credentials[header] = f"Bearer {secret}" if header == "authorization" else secret
         self._credentials = credentials
-        self._errors = transport.UpstreamErrors.for_config(config)
-        self._stream_timeout = transport.stream_timeout(config)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = transport.new_session(self.config)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def send(self, request: NativeRequest) -> NativeReply:
         """Relay ``request``. Upstream answers of any status come back as they
         are (they are in the caller's API already), except 401/403: the
         upstream refused Gandalf's own credentials, which is never the
         caller's fault (UpstreamAuthError)."""
-        session = self._session
-        if session is None:
-            raise UpstreamError(f"Provider '{self.name}' is not started.")
+        session = self._live_session()
         reader = USAGE_READERS[request.api]
         headers = {**request.headers, **self._credentials}
         body = request.body

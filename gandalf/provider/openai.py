@@ -117,23 +117,13 @@ class OpenAIChatStream:
         self._resp.close()
 
 
-class OpenAIProvider:
+class OpenAIProvider(transport.UpstreamClient):
     """Any OpenAI-compatible upstream (OpenAI itself, vLLM, the bench mock, ...)."""
 
-    __slots__ = (
-        "_chat_url",
-        "_embeddings_url",
-        "_errors",
-        "_headers",
-        "_session",
-        "_stream_timeout",
-        "config",
-        "name",
-    )
+    __slots__ = ("_chat_url", "_embeddings_url", "_headers")
 
     def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.config = config
+        super().__init__(config)
         base = config.base_url.rstrip("/")
         self._chat_url = base + "/chat/completions"
         self._embeddings_url = base + "/embeddings"
@@ -141,23 +131,6 @@ class OpenAIProvider:
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
         self._headers = headers
-        self._errors = transport.UpstreamErrors.for_config(config)
-        self._stream_timeout = transport.stream_timeout(config)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = transport.new_session(self.config)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _live_session(self) -> aiohttp.ClientSession:
-        session = self._session
-        if session is None:
-            raise UpstreamError(f"Provider '{self.name}' is not started.")
-        return session
 
     async def chat(self, call: ChatCall) -> ProviderReply:
         model = call.target.model

@@ -121,6 +121,35 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
     )
 
 
+class UpstreamClient:
+    """What every adapter that speaks HTTP to its provider holds: the config,
+    the error mapping (:class:`UpstreamErrors`), the stream timeout and one
+    pooled session, opened by ``start`` in the worker's loop."""
+
+    __slots__ = ("_errors", "_session", "_stream_timeout", "config", "name")
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self.config = config
+        self._errors = UpstreamErrors.for_config(config)
+        self._stream_timeout = stream_timeout(config)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = new_session(self.config)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _live_session(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None:
+            raise UpstreamError(f"Provider '{self.name}' is not started.")
+        return session
+
+
 class UpstreamErrors:
     """``with errors:`` turns client exceptions into gateway errors.
 
