@@ -11,15 +11,13 @@ Every request that reaches the service leaves one usage record, as for
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
-from gandalf.app.proxy import UsageSink
+from gandalf.app.proxy import UsageSink, failure_status
 from gandalf.app.router import RouteTable
 from gandalf.domain import (
-    CANCEL_SHUTDOWN,
     Identity,
     NativeReply,
     NativeRequest,
@@ -29,15 +27,7 @@ from gandalf.domain import (
     Usage,
     UsageRecord,
 )
-from gandalf.errors import GatewayError, InvalidRequest, PermissionDenied
-
-
-def _failure_status(exc: BaseException) -> int:
-    if isinstance(exc, GatewayError):
-        return exc.status
-    if isinstance(exc, asyncio.CancelledError):
-        return 503 if exc.args and exc.args[0] == CANCEL_SHUTDOWN else 499
-    return 500
+from gandalf.errors import InvalidRequest, PermissionDenied
 
 
 class NativeUpstream(Protocol):
@@ -161,7 +151,7 @@ class PassthroughService:
             record.provider = native.name
             reply = await native.send(build(target))
         except BaseException as exc:
-            self._write(record, None, _failure_status(exc))
+            self._write(record, None, failure_status(exc))
             raise
         if reply.stream is not None:
             return reply, RecordedNativeStream(reply.stream, self, record)

@@ -128,7 +128,8 @@ class _Accounting:
         )
 
 
-def _failure_status(exc: BaseException) -> int:
+def failure_status(exc: BaseException) -> int:
+    """The status a request's usage record gets when ``exc`` ended it."""
     if isinstance(exc, GatewayError):
         return exc.status
     if isinstance(exc, asyncio.CancelledError):
@@ -344,7 +345,7 @@ class ProxyService:
                     0,
                     0,
                     (time.perf_counter() - started) * 1000.0,
-                    _failure_status(exc),
+                    failure_status(exc),
                     self._clock(),
                     "chat",
                     attempts,
@@ -460,7 +461,7 @@ class ProxyService:
                 slot.target if slot is not None else None,
                 slot.name if slot is not None else None,
                 None,
-                _failure_status(exc),
+                failure_status(exc),
                 attempts,
             )
             raise
@@ -513,7 +514,7 @@ class ProxyService:
             slot.target if slot is not None else None,
             slot.name if slot is not None else None,
             None,
-            _failure_status(exc),
+            failure_status(exc),
             run.attempts,
         )
 
