@@ -114,6 +114,13 @@ def gateway(
             _route("gemini-json", "gem", "gemini-json"),
             _route("gemini-unavailable", "gem", "gemini-unavailable"),
             _route("gemini-embed", "gem", "text-embedding-004"),
+            {
+                "model_alias": "claude-else-gemini",
+                "targets": [
+                    {"provider": "claude", "model": "claude-overloaded", "priority": 1},
+                    {"provider": "gem", "model": "gemini-ok", "priority": 2},
+                ],
+            },
         ],
         "keys": [{"name": "app", "key": KEY, "role": "member"}],
     }
@@ -420,6 +427,31 @@ def test_gemini_json_errors_and_embeddings(client: OpenAI) -> None:
     # Without encoding_format the SDK asks for base64 and decodes it itself.
     as_base64 = client.embeddings.create(model="gemini-embed", input="one", dimensions=4)
     assert as_base64.data[0].embedding == pytest.approx(vectors.data[0].embedding, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- across providers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_failover_from_an_overloaded_anthropic_to_gemini(
+    client: OpenAI, gateway: GandalfServer, stream: bool
+) -> None:
+    messages: list[Any] = [{"role": "user", "content": "anyone there"}]
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            model="claude-else-gemini", messages=messages, stream=True
+        ) as raw:
+            headers = raw.headers
+            text, _, finish, _ = assemble(raw.parse())
+    else:
+        raw_reply = client.chat.completions.with_raw_response.create(
+            model="claude-else-gemini", messages=messages
+        )
+        headers = raw_reply.headers
+        reply = raw_reply.parse()
+        text, finish = reply.choices[0].message.content or "", reply.choices[0].finish_reason
+    assert (text, finish) == ("anyone there", "stop")  # Gemini's answer, in OpenAI's format
+    assert headers["x-gandalf-provider"] == "gem" and headers["x-gandalf-attempts"] == "2"
 
 
 # ---------------------------------------------------------------------------- ollama
