@@ -307,6 +307,14 @@ def test_gemini_errors_are_in_googles_shape(http: httpx.Client) -> None:
         "/v1beta/models/gemini:frobnicate", json=body, headers={"x-goog-api-key": KEY}
     )
     assert reply.status_code == 404 and reply.json()["error"]["status"] == "NOT_FOUND"
+    limited = {"x-goog-api-key": LIMITED}
+    reply = http.post("/v1beta/models/claude:generateContent", json=body, headers=limited)
+    assert reply.status_code == 403 and reply.json()["error"]["status"] == "PERMISSION_DENIED"
+    reply = http.post(
+        "/v1beta/models/claude:generateContent", json=body, headers={"x-goog-api-key": KEY}
+    )
+    assert reply.status_code == 400 and reply.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert "type 'gemini'" in reply.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------------- azure, ollama
@@ -328,6 +336,13 @@ def test_azure_client(
     assert seen.path == "/openai/deployments/ok-model/chat/completions?api-version=2024-10-21"
     assert seen.headers["api-key"] == AZURE_SECRET
     assert usage_row(gateway, "azure.chat", before)[:3] == ("az-chat", "az", "ok-model")
+    denied = http.post(
+        "/openai/deployments/az-chat/chat/completions",
+        params={"api-version": "2024-10-21"},
+        headers={"api-key": LIMITED},
+        json={"messages": [{"role": "user", "content": "x"}]},
+    )
+    assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_denied"
 
 
 def test_ollama_client(http: httpx.Client, gateway: GandalfServer) -> None:
