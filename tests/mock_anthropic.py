@@ -388,7 +388,7 @@ class MockAnthropic(BackgroundServer):
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
-        self.received.append(Received(request.path, headers, body))
+        self.received.append(Received(request.path_qs, headers, body))
         try:
             payload = json.loads(body)
         except ValueError:
@@ -430,7 +430,7 @@ class MockAnthropic(BackgroundServer):
         """``/v1/messages/count_tokens``: the prompt's tokens as the usage counts them."""
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
-        self.received.append(Received(request.path, headers, body))
+        self.received.append(Received(request.path_qs, headers, body))
         if "x-api-key" not in headers:
             return _error(401, "authentication_error", "x-api-key header is required")
         payload = json.loads(body)

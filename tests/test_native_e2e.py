@@ -213,8 +213,14 @@ def test_anthropic_headers_relayed_raw(http: httpx.Client, anthropic_mock: MockA
     seen = anthropic_mock.received[-1].headers
     assert (seen["anthropic-version"], seen["anthropic-beta"]) == ("2023-01-01", "b-1")
     assert "cookie" not in seen and seen["x-api-key"] == ANTHROPIC_SECRET
-    reply = http.post("/v1/messages", json=body, headers={"authorization": f"Bearer {KEY}"})
-    assert reply.status_code == 200, reply.text  # Claude Code's ANTHROPIC_AUTH_TOKEN style
+    reply = http.post(
+        "/v1/messages",
+        params={"beta": "true"},
+        json=body,
+        headers={"authorization": f"Bearer {KEY}"},
+    )
+    assert reply.status_code == 200, reply.text  # as Claude Code calls it (ANTHROPIC_AUTH_TOKEN)
+    assert anthropic_mock.received[-1].path == "/v1/messages?beta=true"
     assert anthropic_mock.received[-1].headers["anthropic-version"] == "2023-06-01"  # defaulted
 
 

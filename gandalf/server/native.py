@@ -273,6 +273,8 @@ class NativeApi:
         body = _decode_model_body(request.body)
         stream = bool(body.stream) and endpoint == "anthropic.messages"
         headers = _relayed_headers(request, "anthropic")
+        if request.query:  # e.g. Claude Code's ?beta=true
+            path += "?" + request.query.decode("latin-1")
 
         def build(target: Target) -> NativeRequest:
             return NativeRequest(
