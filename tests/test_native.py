@@ -248,6 +248,21 @@ def test_ollama_errors_are_in_ollamas_shape(upstream: MockUpstream) -> None:
     run(upstream, scenario)
 
 
+def test_errors_before_the_handler_are_in_the_apis_shape_too(upstream: MockUpstream) -> None:
+    async def scenario(app: GandalfApp) -> None:
+        auth = [("authorization", f"Bearer {KEY}")]
+        huge = b'{"model":"ol-echo","prompt":"' + b"x" * 4_200_000 + b'"}'
+        reply = await call(app, "POST", "/api/generate", headers=auth, body=huge)
+        assert reply.status == 413 and set(reply.json()) == {"error"}  # Ollama's shape
+        reply = await call(app, "GET", "/api/chat", headers=auth)
+        assert reply.status == 405 and set(reply.json()) == {"error"}
+        assert reply.header("allow") == "POST"
+        reply = await call(app, "POST", "/openai/deployments/az-chat/nothing", headers=auth)
+        assert reply.status == 404 and reply.json()["error"]["code"] == "not_found"
+
+    run(upstream, scenario)
+
+
 def test_unconfigured_apis_are_not_mounted(upstream: MockUpstream) -> None:
     async def scenario(app: GandalfApp) -> None:
         auth = [("authorization", f"Bearer {KEY}")]

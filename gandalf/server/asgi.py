@@ -216,6 +216,7 @@ class GandalfApp:
         Shared by the ASGI and RSGI entry points; None: the client is gone."""
         endpoints = self._endpoints
         assert endpoints is not None
+        endpoint = None
         try:
             endpoint = endpoints.get(path)
             if endpoint is None:
@@ -244,7 +245,12 @@ class GandalfApp:
             )
         except GatewayError as exc:
             extra = exc.headers()
-            return Response(exc.status, exc.body(), (JSON_CT, *extra) if extra else JSON_HEADERS)
+            render = endpoint.render if endpoint is not None else None
+            return Response(
+                exc.status,
+                exc.body() if render is None else render(exc),
+                (JSON_CT, *extra) if extra else JSON_HEADERS,
+            )
         except ClientDisconnected:
             return None
         except asyncio.CancelledError as exc:

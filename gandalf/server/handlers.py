@@ -16,7 +16,14 @@ import msgspec
 from gandalf.app.proxy import ProxyService
 from gandalf.auth.apikey import KeyCache, credential
 from gandalf.domain import ChatRequest, EmbeddingsRequest, Identity, Permission
-from gandalf.errors import InvalidRequest, NotReady, PermissionDenied, header_value, invalid_body
+from gandalf.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotReady,
+    PermissionDenied,
+    header_value,
+    invalid_body,
+)
 from gandalf.server.wire import (
     HEALTH_OK,
     JSON_HEADERS,
@@ -37,13 +44,22 @@ class Readiness(Protocol):
 
 
 class Endpoint:
-    """One path: its handlers by method, and whether they read a body."""
+    """One path: its handlers by method, whether they read a body, and how its
+    errors are written (``render``: None for OpenAI's shape; native APIs have
+    their own)."""
 
-    __slots__ = ("allow", "methods", "reads_body")
+    __slots__ = ("allow", "methods", "reads_body", "render")
 
-    def __init__(self, methods: dict[str, Handler], *, reads_body: bool) -> None:
+    def __init__(
+        self,
+        methods: dict[str, Handler],
+        *,
+        reads_body: bool,
+        render: Callable[[GatewayError], bytes] | None = None,
+    ) -> None:
         self.methods = methods
         self.reads_body = reads_body
+        self.render = render
         self.allow = ", ".join(sorted(methods))
 
 

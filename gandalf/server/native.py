@@ -24,7 +24,7 @@ from gandalf.auth.apikey import KeyCache, credential
 from gandalf.domain import Identity, NativeRequest, Permission, Target
 from gandalf.errors import GatewayError, InvalidRequest, NotFound, PermissionDenied
 from gandalf.server.handlers import Endpoint, Handler
-from gandalf.server.wire import JSON_HEADERS, Headers, Request, Response
+from gandalf.server.wire import Headers, Request, Response
 
 # Request headers relayed upstream, per API; everything else (the caller's
 # credentials, cookies, hop-by-hop headers) stays here.
@@ -174,7 +174,8 @@ class NativeApi:
         prefixed: list[tuple[str, Endpoint]] = []
 
         def mount(api: str, method: str, handler: Handler, *, body: bool = True) -> Endpoint:
-            return Endpoint({method: self._guard(api, handler)}, reads_body=body)
+            # Errors on these paths (a body too large included) in the API's own shape.
+            return Endpoint({method: handler}, reads_body=body, render=ERROR_BODIES[api])
 
         if "anthropic" in apis:
             exact["/v1/messages"] = mount("anthropic", "POST", self.anthropic_messages)
@@ -248,18 +249,6 @@ class NativeApi:
             error_event=in_band_error(api, streamed_as),
             keepalive=streamed_as.startswith(b"text/event-stream"),
         )
-
-    def _guard(self, api: str, handler: Handler) -> Handler:
-        """``handler`` with its errors in ``api``'s shape."""
-        render = ERROR_BODIES[api]
-
-        async def guarded(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except GatewayError as exc:
-                return Response(exc.status, render(exc), (*JSON_HEADERS, *exc.headers()))
-
-        return guarded
 
     # ------------------------------------------------------------ anthropic
 
