@@ -407,66 +407,18 @@ class ProxyService:
         accounting = _Accounting(
             self._sink, identity, alias, request_id, started, "chat", self._clock
         )
-        slot: Slot | None = None
-        attempts = 0
+        run: Attempts[ChatStream] = Attempts()
         try:
             entry = self._resolve(identity, alias)
-            now = self._monotonic()
-            slot = entry.fast or entry.pick(now, self._rng)
-            if slot is not None and (slot.breaker.closed or slot.breaker.allows(now)):
-                # The healthy case, as in chat: straight to the first choice.
-                attempts = 1
-                track = entry.tracks_latency
-                if track:
-                    slot.latency.outstanding += 1
-                try:
-                    stream = await slot.provider.stream(
-                        ChatCall(
-                            body=body,
-                            request=request,
-                            alias=alias,
-                            target=slot.target,
-                            request_id=request_id,
-                        )
-                    )
-                except GatewayError as exc:
-                    if track:
-                        slot.latency.outstanding -= 1
-                    run: Attempts[ChatStream] = Attempts(slot, 1)
-                    try:
-                        stream = await self._failover.route(
-                            entry, _stream_invoker(request, body, request_id), run, now, exc
-                        )
-                    finally:
-                        slot, attempts = run.slot, run.attempts
-                except BaseException:
-                    if track:
-                        slot.latency.outstanding -= 1
-                    slot.breaker.release(now)
-                    raise
-                else:
-                    if track:
-                        observe(slot, now, self._monotonic())
-                    slot.breaker.record_success(now)
-            else:
-                run = Attempts()
-                try:
-                    stream = await self._failover.route(
-                        entry, _stream_invoker(request, body, request_id), run, now
-                    )
-                finally:
-                    slot, attempts = run.slot, run.attempts
-        except BaseException as exc:
-            accounting.record(
-                slot.target if slot is not None else None,
-                slot.name if slot is not None else None,
-                None,
-                failure_status(exc),
-                attempts,
+            stream = await self._failover.serve(
+                entry, _stream_invoker(request, body, request_id), run, self._monotonic()
             )
+        except BaseException as exc:
+            self._record_failure(accounting, run, exc)
             raise
+        slot = run.slot
         assert slot is not None
-        return RecordedStream(stream, accounting, slot, attempts, self._monotonic)
+        return RecordedStream(stream, accounting, slot, run.attempts, self._monotonic)
 
     async def embeddings(
         self,
