@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import msgspec
 import orjson
@@ -20,15 +19,9 @@ from gandalf.domain import (
 )
 from gandalf.errors import UpstreamClientError
 from gandalf.provider.azure import DEFAULT_API_VERSION, AzureOpenAIProvider
-from tests.upstream import MockUpstream, running_upstream
+from tests.upstream import MockUpstream
 
 SECRET = "azure-secret"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[MockUpstream]:
-    with running_upstream() as mock:
-        yield mock
 
 
 def _chat(body: dict[str, object], deployment: str) -> ChatCall:

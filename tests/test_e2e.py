@@ -90,12 +90,6 @@ def gateway_config(mock: MockUpstream, dead_port: int, **server: Any) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def mock() -> Iterator[MockUpstream]:
-    with running_upstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def dead_port() -> Iterator[int]:
     """A port bound but not listening: connections to it are refused, and no server
     started by these tests can be given it meanwhile."""

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import orjson
-import pytest
 
 from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry
 from gandalf.domain import ProviderConfig, Route, Target, Usage
@@ -21,19 +20,13 @@ from gandalf.server.asgi import GandalfApp
 from gandalf.server.native import anthropic_error, google_error, ollama_error
 from gandalf.wiring import create_app
 from tests.asgi_client import Reply, call
-from tests.upstream import MockUpstream, running_upstream
+from tests.upstream import MockUpstream
 
 KEY = "gnd_" + "n" * 40
 LIMITED = "gnd_" + "l" * 40
 AZURE_SECRET = "azure-provider-secret"
 OLLAMA_SECRET = "ollama-proxy-secret"
 VERSION = "api-version=2024-10-21"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[MockUpstream]:
-    with running_upstream() as mock:
-        yield mock
 
 
 def _config(mock: MockUpstream, db: str) -> GandalfConfig:

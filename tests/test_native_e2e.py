@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from gandalf.auth.apikey import generate_key
-from tests.mock_anthropic import MockAnthropic, running_anthropic
-from tests.mock_gemini import MockGemini, running_gemini
+from tests.mock_anthropic import MockAnthropic
+from tests.mock_gemini import MockGemini
 from tests.serve import GandalfServer, wait_until
 from tests.upstream import MockUpstream, running_upstream
 
@@ -30,18 +30,6 @@ AZURE_SECRET = "azure-native-secret"
 
 def _route(alias: str, provider: str, model: str) -> dict[str, Any]:
     return {"model_alias": alias, "targets": [{"provider": provider, "model": model}]}
-
-
-@pytest.fixture(scope="module")
-def anthropic_mock() -> Iterator[MockAnthropic]:
-    with running_anthropic() as mock:
-        yield mock
-
-
-@pytest.fixture(scope="module")
-def gemini_mock() -> Iterator[MockGemini]:
-    with running_gemini() as mock:
-        yield mock
 
 
 @pytest.fixture(scope="module")

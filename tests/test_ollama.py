@@ -4,7 +4,6 @@ routes Gandalf derives from the models providers offer."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import msgspec
 import orjson
@@ -25,15 +24,9 @@ from gandalf.errors import UpstreamError
 from gandalf.provider.ollama import OllamaProvider, native_base, parse_tags
 from gandalf.wiring import create_app
 from tests.asgi_client import call
-from tests.upstream import MockUpstream, running_upstream
+from tests.upstream import MockUpstream
 
 KEY = "gnd_" + "o" * 40
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[MockUpstream]:
-    with running_upstream() as mock:
-        yield mock
 
 
 def root_of(mock: MockUpstream) -> str:

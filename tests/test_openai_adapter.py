@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 
 import msgspec
 import orjson
@@ -19,15 +18,9 @@ from gandalf.errors import (
     UpstreamTimeout,
 )
 from gandalf.provider.openai import OpenAIProvider, extract_usage, replace_model
-from tests.upstream import MockUpstream, running_upstream
+from tests.upstream import MockUpstream
 
 _decoder = msgspec.json.Decoder(ChatRequest)
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[MockUpstream]:
-    with running_upstream() as mock:
-        yield mock
 
 
 def chat_call(body: bytes, target_model: str) -> ChatCall:

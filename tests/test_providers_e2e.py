@@ -21,8 +21,8 @@ import pytest
 from openai import OpenAI
 
 from gandalf.auth.apikey import generate_key
-from tests.mock_anthropic import MockAnthropic, running_anthropic
-from tests.mock_gemini import SIGNATURE, MockGemini, running_gemini
+from tests.mock_anthropic import MockAnthropic
+from tests.mock_gemini import SIGNATURE, MockGemini
 from tests.serve import GandalfServer, wait_until
 from tests.upstream import MockUpstream, running_upstream
 
@@ -56,18 +56,6 @@ WEATHER_TOOLS: list[Any] = [
 
 def _route(alias: str, provider: str, model: str) -> dict[str, Any]:
     return {"model_alias": alias, "targets": [{"provider": provider, "model": model}]}
-
-
-@pytest.fixture(scope="module")
-def anthropic_mock() -> Iterator[MockAnthropic]:
-    with running_anthropic() as mock:
-        yield mock
-
-
-@pytest.fixture(scope="module")
-def gemini_mock() -> Iterator[MockGemini]:
-    with running_gemini() as mock:
-        yield mock
 
 
 @pytest.fixture(scope="module")

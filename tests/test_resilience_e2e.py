@@ -26,7 +26,7 @@ from openai import OpenAI
 
 from gandalf.auth.apikey import generate_key
 from tests.serve import GandalfServer, wait_until
-from tests.upstream import MockUpstream, running_upstream
+from tests.upstream import MockUpstream
 
 KEY = generate_key()
 CHAT_PATH = "/v1/chat/completions"
@@ -34,12 +34,6 @@ CHAT_PATH = "/v1/chat/completions"
 
 def target(provider: str, model: str, priority: int) -> dict[str, Any]:
     return {"provider": provider, "model": model, "priority": priority}
-
-
-@pytest.fixture(scope="module")
-def mock() -> Iterator[MockUpstream]:
-    with running_upstream() as upstream:
-        yield upstream
 
 
 @pytest.fixture(scope="module")

@@ -108,12 +108,6 @@ def gateway_config(mock: MockUpstream, dead_port: int, **server: Any) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def mock() -> Iterator[MockUpstream]:
-    with running_upstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def dead_port() -> Iterator[int]:
     """Bound but not listening: connections are refused, and no one else gets the port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:

@@ -22,13 +22,7 @@ from gandalf.domain import ChatCall, ChatRequest, ProviderConfig, Target
 from gandalf.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gandalf.provider import transport
 from gandalf.provider.openai import OpenAIProvider
-from tests.upstream import MockUpstream, running_upstream
-
-
-@pytest.fixture(scope="module")
-def mock() -> Iterator[MockUpstream]:
-    with running_upstream() as upstream:
-        yield upstream
+from tests.upstream import MockUpstream
 
 
 @pytest.fixture
