@@ -844,7 +844,7 @@ def api_base(base_url: str) -> str:
 class GeminiProvider(transport.UpstreamClient):
     """Google's Gemini API, spoken to in its own wire format."""
 
-    __slots__ = ("_base", "_headers", "_on_error", "_urls")
+    __slots__ = ("_base", "_headers", "_on_error")
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
@@ -854,7 +854,6 @@ class GeminiProvider(transport.UpstreamClient):
             # A header, never ?key=: URLs end up in logs.
             headers["x-goog-api-key"] = config.api_key
         self._headers = headers
-        self._urls: dict[str, str] = {}
 
         def on_error(status: int, body: bytes, retry_after: str | None) -> GatewayError:
             return gemini_error(config.name, status, body, retry_after)
@@ -863,13 +862,7 @@ class GeminiProvider(transport.UpstreamClient):
 
     def url(self, model: str, method: str) -> str:
         """The URL of ``method`` (``generateContent``, ...) for ``model``."""
-        key = model + "\0" + method
-        url = self._urls.get(key)
-        if url is None:
-            if len(self._urls) > 1024:  # models come from routes: a handful
-                self._urls.clear()
-            url = self._urls[key] = f"{self._base}/{model_path(model)}:{method}"
-        return url
+        return f"{self._base}/{model_path(model)}:{method}"
 
     async def chat(self, call: ChatCall) -> ProviderReply:
         session = self._live_session()
