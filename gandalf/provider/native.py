@@ -75,20 +75,11 @@ def _usage(prompt: int, completion: int) -> Usage:
     )
 
 
-def _json_objects(data: bytes) -> list[Any]:
-    try:
-        value = _any.decode(data)
-    except msgspec.DecodeError:
-        return []
-    return value if isinstance(value, list) else [value]
-
-
 def anthropic_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
     """Anthropic counts input (plus cache reads and writes) in ``message_start``
     and output, cumulatively, in each ``message_delta``."""
     if not streamed:
-        objects = _json_objects(head)
-        usage = objects[0].get("usage") if objects and isinstance(objects[0], dict) else None
+        usage = _decode_dict(head).get("usage")
         if not isinstance(usage, dict):
             return None
         return _usage(_anthropic_input(usage), _int(usage.get("output_tokens")))

@@ -43,6 +43,20 @@ class Readiness(Protocol):
     async def ping(self) -> bool: ...
 
 
+async def authenticate(
+    keys: KeyCache, authorization: bytes | None, api_key: bytes | None, needs: Permission
+) -> Identity:
+    """The caller's identity (the key cache first, the store on a miss), or
+    AuthenticationError; PermissionDenied when its role lacks ``needs``."""
+    identity = keys.from_headers(authorization, api_key)
+    if identity is None:
+        identity = await keys.load(credential(authorization, api_key))
+    if not identity.can(needs):
+        what = "call models" if needs is Permission.CALL_MODELS else "list models"
+        raise PermissionDenied(f"Keys with role '{identity.role}' cannot {what}.")
+    return identity
+
+
 class Endpoint:
     """One path: its handlers by method, whether they read a body, and how its
     errors are written (``render``: None for OpenAI's shape; native APIs have
@@ -146,13 +160,7 @@ class Api:
         }
 
     async def _identity(self, request: Request, needs: Permission) -> Identity:
-        identity = self._keys.from_headers(request.authorization, request.api_key)
-        if identity is None:
-            identity = await self._keys.load(credential(request.authorization, request.api_key))
-        if not identity.can(needs):
-            what = "call models" if needs is Permission.CALL_MODELS else "list models"
-            raise PermissionDenied(f"Keys with role '{identity.role}' cannot {what}.")
-        return identity
+        return await authenticate(self._keys, request.authorization, request.api_key, needs)
 
     async def chat_completions(self, request: Request) -> Response:
         identity = self._keys.from_headers(request.authorization, request.api_key)

@@ -20,10 +20,10 @@ import msgspec
 import orjson
 
 from gandalf.app.passthrough import PassthroughService
-from gandalf.auth.apikey import KeyCache, credential
+from gandalf.auth.apikey import KeyCache
 from gandalf.domain import Identity, NativeRequest, Permission, Target
-from gandalf.errors import GatewayError, InvalidRequest, NotFound, PermissionDenied
-from gandalf.server.handlers import Endpoint, Handler
+from gandalf.errors import GatewayError, InvalidRequest, NotFound
+from gandalf.server.handlers import Endpoint, Handler, authenticate
 from gandalf.server.wire import Headers, Request, Response
 
 # Request headers relayed upstream, per API; everything else (the caller's
@@ -205,12 +205,7 @@ class NativeApi:
                     api_key = _query_without_key(request.query)[1]
             elif api == "azure":
                 api_key = header(request, b"api-key")
-        identity = self._keys.from_headers(authorization, api_key)
-        if identity is None:
-            identity = await self._keys.load(credential(authorization, api_key))
-        if not identity.can(Permission.CALL_MODELS):
-            raise PermissionDenied(f"Keys with role '{identity.role}' cannot call models.")
-        return identity
+        return await authenticate(self._keys, authorization, api_key, Permission.CALL_MODELS)
 
     async def _relay(
         self,
