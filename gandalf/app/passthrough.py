@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
-from gandalf.app.proxy import UsageSink, failure_status
+from gandalf.app.proxy import Accounting, UsageSink, failure_status
 from gandalf.app.router import RouteTable
 from gandalf.domain import (
     Identity,
@@ -24,8 +24,6 @@ from gandalf.domain import (
     NativeStream,
     ProviderConfig,
     Target,
-    Usage,
-    UsageRecord,
 )
 from gandalf.errors import InvalidRequest, PermissionDenied
 
@@ -39,32 +37,18 @@ class NativeUpstream(Protocol):
     async def send(self, request: NativeRequest) -> NativeReply: ...
 
 
-class _Record:
-    """The parts of one request's usage record known before the answer."""
-
-    __slots__ = ("alias", "endpoint", "identity", "provider", "request_id", "started", "target")
-
-    def __init__(
-        self, identity: Identity, alias: str, endpoint: str, request_id: str, started: float
-    ) -> None:
-        self.identity = identity
-        self.alias = alias
-        self.endpoint = endpoint
-        self.request_id = request_id
-        self.started = started
-        self.target: Target | None = None
-        self.provider: str | None = None
-
-
 class RecordedNativeStream:
     """A native stream whose usage is recorded when the server closes it."""
 
-    __slots__ = ("_done", "_record", "_service", "_stream")
+    __slots__ = ("_accounting", "_done", "_provider", "_stream", "_target")
 
-    def __init__(self, stream: NativeStream, service: PassthroughService, record: _Record) -> None:
+    def __init__(
+        self, stream: NativeStream, accounting: Accounting, target: Target, provider: str
+    ) -> None:
         self._stream = stream
-        self._service = service
-        self._record = record
+        self._accounting = accounting
+        self._target = target
+        self._provider = provider
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -73,7 +57,7 @@ class RecordedNativeStream:
     async def aclose(self, status: int) -> None:
         if not self._done:
             self._done = True
-            self._service._write(self._record, self._stream.usage, status)
+            self._accounting.record(self._target, self._provider, self._stream.usage, status)
         await self._stream.aclose()
 
 
@@ -144,39 +128,19 @@ class PassthroughService:
         """Resolve ``alias``, build the upstream request for the serving target
         and relay it: the reply, and its stream (if any) wrapped so that its
         usage is recorded when the server closes it."""
-        record = _Record(identity, alias, endpoint, request_id, started)
+        accounting = Accounting(
+            self._sink, identity, alias, request_id, started, endpoint, self._clock
+        )
+        target: Target | None = None
+        provider: str | None = None
         try:
             target, native = self.resolve(identity, alias, api)
-            record.target = target
-            record.provider = native.name
+            provider = native.name
             reply = await native.send(build(target))
         except BaseException as exc:
-            self._write(record, None, failure_status(exc))
+            accounting.record(target, provider, None, failure_status(exc))
             raise
         if reply.stream is not None:
-            return reply, RecordedNativeStream(reply.stream, self, record)
-        self._write(record, reply.usage, reply.status)
+            return reply, RecordedNativeStream(reply.stream, accounting, target, native.name)
+        accounting.record(target, provider, reply.usage, reply.status)
         return reply, None
-
-    def _write(self, record: _Record, usage: Usage | None, status: int) -> None:
-        identity = record.identity
-        target = record.target
-        prompt = usage.prompt_tokens if usage is not None else 0
-        completion = usage.completion_tokens if usage is not None else 0
-        self._sink.record_usage(
-            UsageRecord(
-                record.request_id,
-                identity.key_id,
-                identity.org_id,
-                record.alias,
-                target.model if target is not None else None,
-                record.provider,
-                prompt,
-                completion,
-                prompt + completion,
-                (time.perf_counter() - record.started) * 1000.0,
-                status,
-                self._clock(),
-                record.endpoint,
-            )
-        )

@@ -68,7 +68,7 @@ class UsageSink(Protocol):
     def record_usage(self, record: UsageRecord) -> None: ...
 
 
-class _Accounting:
+class Accounting:
     """What one request's usage record needs, captured once."""
 
     __slots__ = ("alias", "endpoint", "identity", "request_id", "sink", "started", "wall")
@@ -156,7 +156,7 @@ class RecordedStream:
     def __init__(
         self,
         stream: ChatStream,
-        accounting: _Accounting,
+        accounting: Accounting,
         slot: Slot,
         attempts: int,
         monotonic: Callable[[], float] = time.monotonic,
@@ -404,7 +404,7 @@ class ProxyService:
         the request fail over, then raise (and are recorded); later ones end the
         stream."""
         alias = request.model
-        accounting = _Accounting(
+        accounting = Accounting(
             self._sink, identity, alias, request_id, started, "chat", self._clock
         )
         run: Attempts[ChatStream] = Attempts()
@@ -429,7 +429,7 @@ class ProxyService:
         started: float,
     ) -> ProviderReply:
         alias = request.model
-        accounting = _Accounting(
+        accounting = Accounting(
             self._sink, identity, alias, request_id, started, "embeddings", self._clock
         )
         run: Attempts[ProviderReply] = Attempts()
@@ -460,7 +460,7 @@ class ProxyService:
         return reply
 
     @staticmethod
-    def _record_failure(accounting: _Accounting, run: Attempts[_T], exc: BaseException) -> None:
+    def _record_failure(accounting: Accounting, run: Attempts[_T], exc: BaseException) -> None:
         slot = run.slot
         accounting.record(
             slot.target if slot is not None else None,
