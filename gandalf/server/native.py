@@ -22,7 +22,7 @@ import orjson
 from gandalf.app.passthrough import PassthroughService
 from gandalf.auth.apikey import KeyCache
 from gandalf.domain import Identity, NativeRequest, Permission, Target
-from gandalf.errors import GatewayError, InvalidRequest, NotFound
+from gandalf.errors import GatewayError, NotFound, invalid_body
 from gandalf.server.handlers import Endpoint, Handler, authenticate
 from gandalf.server.wire import Headers, Request, Response
 
@@ -381,20 +381,12 @@ _stream_decoder = msgspec.json.Decoder(_StreamFlag)
 def _stream_flag(body: bytes) -> bool | None:
     try:
         return _stream_decoder.decode(body).stream
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request: it is not valid JSON."
-        ) from None
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise invalid_body(exc) from None
 
 
 def _decode_model_body(body: bytes) -> _ModelBody:
     try:
         return _model_body.decode(body)
-    except msgspec.ValidationError as exc:
-        if "missing required field `model`" in str(exc):
-            raise InvalidRequest("Missing required parameter: 'model'.", param="model") from None
-        raise InvalidRequest(f"Invalid request body: {exc}.") from None
-    except msgspec.DecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request: it is not valid JSON."
-        ) from None
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise invalid_body(exc) from None
