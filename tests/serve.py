@@ -309,3 +309,8 @@ def scenario_providers(
             "api_key": "${" + unset_var + "}",
         },
     ]
+
+
+def route(alias: str, provider: str, model: str) -> dict[str, Any]:
+    """A config route sending ``alias`` to one target."""
+    return {"model_alias": alias, "targets": [{"provider": provider, "model": model}]}

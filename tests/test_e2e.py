@@ -25,7 +25,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from gandalf.auth.apikey import generate_key
-from tests.serve import GandalfServer, free_port, run_cli, scenario_providers, wait_until
+from tests.serve import GandalfServer, free_port, route, run_cli, scenario_providers, wait_until
 from tests.upstream import MockUpstream, running_upstream
 
 UPSTREAM_SECRET = "sk-upstream-secret"
@@ -44,10 +44,6 @@ UNCHECKED: Any = object()
 
 
 # ---------------------------------------------------------------------------- config
-
-
-def route(alias: str, provider: str, model: str) -> dict[str, Any]:
-    return {"model_alias": alias, "targets": [{"provider": provider, "model": model}]}
 
 
 def bootstrap_keys() -> list[dict[str, Any]]:

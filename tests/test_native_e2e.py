@@ -18,7 +18,7 @@ import pytest
 from gandalf.auth.apikey import generate_key
 from tests.mock_anthropic import MockAnthropic
 from tests.mock_gemini import MockGemini
-from tests.serve import GandalfServer, wait_until
+from tests.serve import GandalfServer, route, wait_until
 from tests.upstream import MockUpstream, running_upstream
 
 KEY = generate_key()
@@ -26,10 +26,6 @@ LIMITED = generate_key()  # may use "gemini" only
 ANTHROPIC_SECRET = "sk-ant-native-secret"
 GEMINI_SECRET = "gemini-native-secret"
 AZURE_SECRET = "azure-native-secret"
-
-
-def _route(alias: str, provider: str, model: str) -> dict[str, Any]:
-    return {"model_alias": alias, "targets": [{"provider": provider, "model": model}]}
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +63,13 @@ def gateway(
             {"name": "fake", "type": "fake"},
         ],
         "routes": [
-            _route("claude", "claude", "claude-ok"),
-            _route("claude-tools", "claude", "claude-tools"),
-            _route("claude-429", "claude", "claude-status-429"),
-            _route("gemini", "gem", "gemini-ok"),
-            _route("az-chat", "az", "ok-model"),
-            _route("ol-chat", "local", "stream-2"),
-            _route("fake-model", "fake", "fake-1"),
+            route("claude", "claude", "claude-ok"),
+            route("claude-tools", "claude", "claude-tools"),
+            route("claude-429", "claude", "claude-status-429"),
+            route("gemini", "gem", "gemini-ok"),
+            route("az-chat", "az", "ok-model"),
+            route("ol-chat", "local", "stream-2"),
+            route("fake-model", "fake", "fake-1"),
         ],
         "keys": [
             {"name": "app", "key": KEY, "role": "member"},

@@ -23,7 +23,7 @@ from openai import OpenAI
 from gandalf.auth.apikey import generate_key
 from tests.mock_anthropic import MockAnthropic
 from tests.mock_gemini import SIGNATURE, MockGemini
-from tests.serve import GandalfServer, wait_until
+from tests.serve import GandalfServer, route, wait_until
 from tests.upstream import MockUpstream, running_upstream
 
 KEY = generate_key()
@@ -52,10 +52,6 @@ WEATHER_TOOLS: list[Any] = [
         },
     },
 ]
-
-
-def _route(alias: str, provider: str, model: str) -> dict[str, Any]:
-    return {"model_alias": alias, "targets": [{"provider": provider, "model": model}]}
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +86,18 @@ def gateway(
             {"name": "local", "type": "ollama", "base_url": f"http://127.0.0.1:{ollama_mock.port}"},
         ],
         "routes": [
-            _route("claude", "claude", "claude-ok"),
-            _route("claude-tools", "claude", "claude-tools"),
-            _route("claude-json", "claude", "claude-json"),
-            _route("claude-overloaded", "claude", "claude-overloaded"),
-            _route("claude-400", "claude", "claude-status-400"),
-            _route("claude-stream-error", "claude", "claude-stream-error"),
-            _route("gemini", "gem", "gemini-ok"),
-            _route("gemini-thinking", "gem", "gemini-thinking"),
-            _route("gemini-tools", "gem", "gemini-tools"),
-            _route("gemini-json", "gem", "gemini-json"),
-            _route("gemini-unavailable", "gem", "gemini-unavailable"),
-            _route("gemini-embed", "gem", "text-embedding-004"),
+            route("claude", "claude", "claude-ok"),
+            route("claude-tools", "claude", "claude-tools"),
+            route("claude-json", "claude", "claude-json"),
+            route("claude-overloaded", "claude", "claude-overloaded"),
+            route("claude-400", "claude", "claude-status-400"),
+            route("claude-stream-error", "claude", "claude-stream-error"),
+            route("gemini", "gem", "gemini-ok"),
+            route("gemini-thinking", "gem", "gemini-thinking"),
+            route("gemini-tools", "gem", "gemini-tools"),
+            route("gemini-json", "gem", "gemini-json"),
+            route("gemini-unavailable", "gem", "gemini-unavailable"),
+            route("gemini-embed", "gem", "text-embedding-004"),
             {
                 "model_alias": "claude-else-gemini",
                 "targets": [

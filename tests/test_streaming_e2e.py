@@ -30,7 +30,7 @@ import pytest
 from openai import OpenAI
 
 from gandalf.auth.apikey import generate_key
-from tests.serve import GandalfServer, scenario_providers, wait_until
+from tests.serve import GandalfServer, route, scenario_providers, wait_until
 from tests.upstream import SLOW_CHUNKS, MockUpstream, chunk_event, mock_vector, running_upstream
 
 UPSTREAM_SECRET = "sk-upstream-secret"
@@ -57,10 +57,6 @@ READ_TIMEOUT = 10.0  # bounds every read that waits on the gateway
 
 
 # ---------------------------------------------------------------------------- config
-
-
-def route(alias: str, provider: str, model: str) -> dict[str, Any]:
-    return {"model_alias": alias, "targets": [{"provider": provider, "model": model}]}
 
 
 ROUTES = [
