@@ -9,12 +9,40 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 _T = TypeVar("_T")
+
+
+@web.middleware
+async def _unreadable_is_400(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A request the mock cannot read (bad JSON, wrong types) gets a 400, as a real
+    API answers it: a mock's own crash must not look like the gateway's 500."""
+    try:
+        return await handler(request)
+    except (web.HTTPException, asyncio.CancelledError):
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        message = f"the mock could not read the request: {type(exc).__name__}"
+        return web.json_response(_error_shape(request.path, message), status=400)
+
+
+def _error_shape(path: str, message: str) -> dict[str, Any]:
+    """A 400 in the shape of the API the path belongs to."""
+    if path.startswith("/v1/messages"):
+        return {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    if path.startswith(("/v1beta/", "/v1/models/")):
+        return {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
+    if path.startswith("/api/"):
+        return {"error": message}
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    }
 
 
 class BackgroundServer:
@@ -72,7 +100,7 @@ class BackgroundServer:
 
     async def _listen(self) -> None:
         await self.prepare()
-        app = web.Application()
+        app = web.Application(middlewares=[_unreadable_is_400])
         self.routes(app)
         # Cancel a handler when its client goes away: a parked stream learns at once.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

@@ -92,6 +92,11 @@ def wants_usage(payload: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
+_BAD_JSON = {
+    "error": {"message": "bad json", "type": "invalid_request_error", "param": None, "code": None}
+}
+
+
 def mock_vector(text: str, dimensions: int) -> list[float]:
     """The mock's embedding of ``text``: exact in float32 (so base64 round-trips)."""
     return [float(len(text))] + [j * 0.25 for j in range(1, dimensions)]
@@ -243,7 +248,7 @@ class MockUpstream(BackgroundServer):
         try:
             payload = json.loads(body)
         except ValueError:
-            return web.json_response({"error": {"message": "bad json"}}, status=400)
+            return web.json_response(_BAD_JSON, status=400)
         if model_from_path is not None:
             payload["model"] = model_from_path
         model = str(payload.get("model", ""))
@@ -438,7 +443,7 @@ class MockUpstream(BackgroundServer):
         try:
             payload = json.loads(body)
         except ValueError:
-            return web.json_response({"error": {"message": "bad json"}}, status=400)
+            return web.json_response(_BAD_JSON, status=400)
         if model_from_path is not None:
             payload["model"] = model_from_path
         model = str(payload.get("model", ""))
