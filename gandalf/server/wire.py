@@ -1,7 +1,8 @@
 """Wire-level building blocks: prebuilt headers, request/response values, ids.
 
-Handlers never speak ASGI: they get a :class:`Request` and return a
-:class:`Response`. ``server/asgi.py`` translates both ways.
+Handlers never speak ASGI or RSGI: they get a :class:`Request` and return a
+:class:`Response`. ``server/asgi.py`` and ``server/rsgi.py`` translate both
+ways; ``server/core.py`` does everything in between.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from gandalf.domain import CANCEL_DISCONNECT
+from gandalf.domain import CANCEL_DISCONNECT, Identity
 from gandalf.errors import GatewayError
 from gandalf.server.types import Message, Receive
 
@@ -37,10 +38,15 @@ _SANE_ID = re.compile(rb"[A-Za-z0-9._:+=/-]{1,128}")
 
 
 class Request:
-    """What a handler sees: method, path, the raw header pairs and the body bytes.
+    """What a handler sees: method, path, the header pairs, the body bytes and
+    (on endpoints that authenticate) the caller's identity.
 
-    ``authorization`` and ``api_key`` are picked out of the headers by the ASGI
-    layer in the same single pass that finds ``x-request-id``.
+    Headers are read through :meth:`header` only, whichever interface
+    delivered the request: an adapter whose headers are not lower-case bytes
+    pairs subclasses this and overrides :meth:`header`. ``authorization`` and
+    ``api_key`` are picked out by the adapter in its one pass over the headers.
+    ``body`` and ``identity`` are filled in by the server core: the identity
+    first, the body only once the caller is known.
     """
 
     __slots__ = (
@@ -48,6 +54,7 @@ class Request:
         "authorization",
         "body",
         "headers",
+        "identity",
         "method",
         "path",
         "query",
@@ -61,7 +68,7 @@ class Request:
         self,
         method: str,
         path: str,
-        headers: Any,  # ASGI: list of (bytes, bytes); RSGI: granian's headers mapping
+        headers: Sequence[tuple[bytes, bytes]],  # lower-case names, as ASGI gives them
         body: bytes,
         request_id: str,
         authorization: bytes | None = None,
@@ -80,8 +87,28 @@ class Request:
         self.api_key = api_key
         self.query = query
         self.started = started  # time.perf_counter() at arrival
-        self.receive = receive  # for handlers that must learn of a disconnect (streams)
+        self.receive = receive  # for handlers that must learn of a disconnect
         self.streams = streams  # the worker's StreamWatcher
+        self.identity: Identity | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower-case bytes), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def watch(self) -> ClientWatch | None:
+        """Start watching for the client leaving (the watch cancels this task
+        with CANCEL_DISCONNECT, which cancels the upstream call); the caller
+        must ``stop()`` it. None when the request has no receive side (tests)."""
+        receive = self.receive
+        streams = self.streams
+        if receive is None or streams is None:
+            return None
+        task = asyncio.current_task()
+        assert task is not None
+        return streams.watch(receive, task)
 
 
 class ByteStream(Protocol):
