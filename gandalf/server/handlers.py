@@ -216,10 +216,10 @@ class Api:
         if not chat.messages:
             raise InvalidRequest("'messages' must contain at least one message.", param="messages")
         # Watch for a disconnect from now on: a client that gives up before the
-        # answer (or its first byte) must cancel the upstream call too. The watch
-        # costs no task or timer unless the call outlives ``listen_after``.
-        watch = request.watch()
+        # answer (or its first byte) must cancel the upstream call too. Neither
+        # costs a task or a timer unless the call outlives ``listen_after``.
         if chat.stream:
+            watch = request.watch()
             try:
                 stream = await self._proxy.chat_stream(
                     identity, chat, request.body, request.request_id, request.started
@@ -233,13 +233,13 @@ class Api:
             if headers is None:
                 headers = served.build(stream.provider, stream.attempts)
             return Response(200, headers=headers, stream=stream, watch=watch)
+        request.track()
         try:
             reply = await self._proxy.chat(
                 identity, chat, request.body, request.request_id, request.started
             )
         finally:
-            if watch is not None:
-                watch.stop()
+            request.untrack()
         served = self._json_served
         headers = served.first.get(reply.provider) if reply.attempts == 1 else None
         if headers is None:
@@ -257,14 +257,13 @@ class Api:
             raise InvalidRequest("'input' must not be empty.", param="input")
         if embed.dimensions is not None and embed.dimensions < 1:
             raise InvalidRequest("'dimensions' must be at least 1.", param="dimensions")
-        watch = request.watch()
+        request.track()
         try:
             reply = await self._proxy.embeddings(
                 identity, embed, request.body, request.request_id, request.started
             )
         finally:
-            if watch is not None:
-                watch.stop()
+            request.untrack()
         served = self._json_served
         headers = served.first.get(reply.provider) if reply.attempts == 1 else None
         if headers is None:

@@ -218,7 +218,9 @@ class NativeApi:
         identity = request.identity  # authenticated by the core before the body was read
         assert identity is not None
         # Streamed or not, a client that leaves cancels the upstream call (499).
-        watch = request.watch()
+        watch = request.watch() if stream else None
+        if not stream:
+            request.track()
         try:
             reply, recorded = await self._service.forward(
                 identity, api, alias, endpoint, build, request.request_id, request.started
@@ -227,6 +229,9 @@ class NativeApi:
             if watch is not None:
                 watch.stop()
             raise
+        finally:
+            if not stream:
+                request.untrack()
         headers: Headers = tuple(reply.headers)
         if recorded is None:
             if watch is not None:

@@ -99,9 +99,10 @@ class Request:
         return None
 
     def watch(self) -> ClientWatch | None:
-        """Start watching for the client leaving (the watch cancels this task
-        with CANCEL_DISCONNECT, which cancels the upstream call); the caller
-        must ``stop()`` it. None when the request has no receive side (tests)."""
+        """A stream's watch for the client leaving (it cancels this task with
+        CANCEL_DISCONNECT, which cancels the upstream call, and keeps the
+        stream alive); the caller must ``stop()`` it, or hand it to the relay
+        in ``Response.watch``. None when the request has no receive side."""
         receive = self.receive
         streams = self.streams
         if receive is None or streams is None:
@@ -109,6 +110,23 @@ class Request:
         task = asyncio.current_task()
         assert task is not None
         return streams.watch(receive, task)
+
+    def track(self) -> None:
+        """Watch a non-streamed call for the client leaving (a dict entry
+        until it outlives ``listen_after``); end with :meth:`untrack`."""
+        receive = self.receive
+        streams = self.streams
+        if receive is not None and streams is not None:
+            task = asyncio.current_task()
+            assert task is not None
+            streams.track(receive, task)
+
+    def untrack(self) -> None:
+        streams = self.streams
+        if streams is not None:
+            task = asyncio.current_task()
+            assert task is not None
+            streams.untrack(task)
 
 
 class ByteStream(Protocol):
@@ -133,14 +151,28 @@ class StreamWatcher:
     within ``listen_after`` (most of a benchmark's, few of a model's) never
     pays for a receive task or a timer of its own; a client that leaves is
     still noticed within ``listen_after + tick`` seconds (well under 1 s).
+
+    Non-streamed calls are tracked even more cheaply (:meth:`track`: a dict
+    entry) and get a :class:`ClientWatch` only once they outlive
+    ``listen_after``: a client that leaves a slow completion cancels it too.
     """
 
-    __slots__ = ("_handle", "_loop", "_watches", "listen_after", "tick")
+    __slots__ = (
+        "_calls",
+        "_handle",
+        "_loop",
+        "_promoted",
+        "_watches",
+        "listen_after",
+        "tick",
+    )
 
     def __init__(self, *, listen_after: float = 0.3, tick: float = 0.2) -> None:
         self.listen_after = listen_after
         self.tick = tick
         self._watches: set[ClientWatch] = set()
+        self._calls: dict[asyncio.Task[Any], tuple[Receive, float]] = {}  # not watched yet
+        self._promoted: dict[asyncio.Task[Any], ClientWatch] = {}  # tracked calls now watched
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -159,13 +191,43 @@ class StreamWatcher:
     def discard(self, watch: ClientWatch) -> None:
         self._watches.discard(watch)
 
+    def track(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        """Watch a non-streamed call for its client leaving, until :meth:`untrack`."""
+        if self.listen_after <= 0:
+            self._promoted[task] = self.watch(receive, task)
+            return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._calls[task] = (receive, loop.time())
+        if self._handle is None:
+            self._handle = loop.call_later(self.tick, self._tick)
+
+    def untrack(self, task: asyncio.Task[Any]) -> None:
+        if self._calls.pop(task, None) is None:
+            watch = self._promoted.pop(task, None)
+            if watch is not None:
+                watch.stop()
+
     def _tick(self) -> None:
-        assert self._loop is not None
-        now = self._loop.time()
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
         listen_from = now - self.listen_after
+        calls = self._calls
+        if calls:
+            for task, (receive, started) in [
+                (task, entry) for task, entry in calls.items() if entry[1] <= listen_from
+            ]:
+                del calls[task]
+                watch = ClientWatch(self, receive, task, loop)
+                watch.started = started
+                self._watches.add(watch)
+                self._promoted[task] = watch
         for watch in list(self._watches):
             watch.check(now, listen_from)
-        self._handle = self._loop.call_later(self.tick, self._tick) if self._watches else None
+        more = self._watches or calls
+        self._handle = loop.call_later(self.tick, self._tick) if more else None
 
 
 class ClientWatch:
