@@ -321,7 +321,7 @@ class Response:
     """A handler's answer: status, header pairs and a body (bytes or a stream).
 
     ``content-length`` (for bytes bodies) and ``x-request-id`` are added by the
-    ASGI layer; ``headers`` carries the rest (content-type included).
+    adapter (ASGI or RSGI); ``headers`` carries the rest (content-type included).
     """
 
     __slots__ = ("body", "error_event", "headers", "keepalive", "status", "stream", "watch")
