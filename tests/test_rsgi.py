@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from gandalf.domain import CANCEL_DISCONNECT
 from gandalf.errors import RateLimited
 from gandalf.server.asgi import GandalfApp, Runtime
 from gandalf.server.handlers import Endpoint
@@ -352,3 +353,50 @@ def test_a_path_in_an_error_message_cannot_forge_lines() -> None:
         assert message == "Unknown path: /x\\x0d\\x0aSet-Cookie: a=b\\x1b[2J\\x85"
 
     _both_full(scenario)
+
+
+def test_a_tracked_call_is_cancelled_once_its_client_leaves() -> None:
+    """A non-streamed call pays a dict entry; once it outlives listen_after it is
+    watched, and a client that left cancels it (the handler sees the cancel)."""
+    cancelled: list[str] = []
+
+    async def slow(request: Request) -> Response:
+        request.track()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError as exc:
+            cancelled.append(str(exc.args[0]) if exc.args else "")
+            raise
+        finally:
+            request.untrack()
+        raise AssertionError("unreachable")
+
+    async def build() -> Runtime:
+        async def close() -> None: ...
+
+        return Runtime({"/slow": Endpoint({"GET": slow}, reads_body=False)}, close)
+
+    async def main() -> None:
+        app = GandalfApp(build, access_log=False)
+        await app.startup()
+        watcher = app.core.watcher
+        watcher.listen_after, watcher.tick = 0.02, 0.01
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/slow", "headers": []}
+        await asyncio.wait_for(app(scope, receive, send), 5.0)  # a failure bound
+        gone = FakeProtocol([b""])
+        gone.gone.set()
+        await asyncio.wait_for(RSGIApp(app).__rsgi__(FakeScope("GET", "/slow", "", []), gone), 5.0)
+        assert sent == [] and gone.status is None  # nobody left to answer
+        assert app.inflight == 0
+        await app.shutdown()
+
+    asyncio.run(main())
+    assert cancelled == [CANCEL_DISCONNECT, CANCEL_DISCONNECT]
