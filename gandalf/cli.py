@@ -137,7 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     interface = args.interface or config.server.interface
     _banner(config, host, port, workers, interface, admin_key)
 
-    from granian.constants import Interfaces, Loops
+    from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.server import Server
 
@@ -155,6 +155,11 @@ def _serve(args: argparse.Namespace) -> int:
         factory=True,
         log_access=False,
         backlog=2048,
+        # HTTP/1.1 only: in "auto" mode granian first waits, without any timeout,
+        # for the bytes that tell HTTP/1 from HTTP/2, so a connection that never
+        # sends one stayed open forever. In HTTP/1 mode header_read_timeout covers
+        # that wait too, and the idle wait between keep-alive requests.
+        http=HTTPModes.http1,
         http1_settings=HTTP1Settings(header_read_timeout=int(config.server.read_timeout * 1000)),
         workers_kill_timeout=int(config.server.shutdown_timeout) + 5,
     )

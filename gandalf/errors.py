@@ -7,6 +7,8 @@
     │   ├── BodyTooLarge                 413
     │   ├── NotFound                     404
     │   ├── MethodNotAllowed             405
+    │   ├── RequestTimeout               408 request_timeout (+ connection: close)
+    │   ├── IncompleteBody               400 incomplete_body (+ connection: close)
     │   └── ModelNotFound                404 model_not_found
     ├── AuthenticationError              401 invalid_api_key
     ├── PermissionDenied                 403 permission_denied
@@ -21,7 +23,7 @@
         └── UpstreamClientError          upstream's own 4xx status, body relayed
                                          or translated to OpenAI's shape
 
-Raise these anywhere; the single error boundary in ``server/asgi.py`` turns
+Raise these anywhere; the single error boundary in ``server/core.py`` turns
 them into ``{"error": {...}}`` responses, with ``headers()``. An error that
 came from an upstream attempt carries ``upstream`` and ``attempts`` (set by the
 routing layer), which ``headers()`` turns into ``x-gandalf-provider`` and
@@ -44,6 +46,17 @@ def header_value(text: str) -> bytes:
     """``text`` as a header value that cannot break the header block (a
     provider name from the config, for example): latin-1, controls as '?'."""
     return text.encode("latin-1", "replace").translate(_SAFE)
+
+
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))}
+_ESCAPES[ord("\\")] = "\\\\"
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` (a client's path, say) cut to ``limit`` characters, with control
+    characters and backslashes escaped (``\\x0a``, ``\\\\``), so it cannot
+    forge log lines or terminal escapes wherever it is written."""
+    return text[:limit].translate(_ESCAPES)
 
 
 class GatewayError(Exception):
@@ -137,6 +150,30 @@ class MethodNotAllowed(InvalidRequest):
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         return ((b"allow", self.allow.encode()), *self.routing_headers())
+
+
+_CLOSE = ((b"connection", b"close"),)
+
+
+class RequestTimeout(InvalidRequest):
+    """The request (its body) did not arrive within ``server.read_timeout``:
+    the connection is closed after the answer, the rest of the body unread."""
+
+    status = 408
+    code = "request_timeout"
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return _CLOSE
+
+
+class IncompleteBody(InvalidRequest):
+    """The client stopped sending before the body it announced was complete
+    (``content-length`` larger than what came): answered, then closed."""
+
+    code = "incomplete_body"
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return _CLOSE
 
 
 class ModelNotFound(InvalidRequest):

@@ -21,7 +21,8 @@ from gandalf.auth.apikey import KeyCache
 from gandalf.config import GandalfConfig, default_config_path, load_config
 from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
-from gandalf.server.asgi import GandalfApp, Runtime
+from gandalf.server.asgi import GandalfApp
+from gandalf.server.core import Runtime
 from gandalf.server.handlers import Api
 from gandalf.server.native import NativeApi
 from gandalf.server.rsgi import RSGIApp
@@ -94,6 +95,7 @@ def create_app(
     return GandalfApp(
         build,
         max_body_bytes=server.max_body_bytes,
+        read_timeout=server.read_timeout,
         shutdown_timeout=server.shutdown_timeout,
         access_log=server.access_log if access_log is None else access_log,
         stream_keepalive=server.stream_keepalive,

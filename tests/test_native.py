@@ -24,6 +24,7 @@ from tests.upstream import MockUpstream
 
 KEY = "gnd_" + "n" * 40
 LIMITED = "gnd_" + "l" * 40
+VIEWER = "gnd_" + "v" * 40
 AZURE_SECRET = "azure-provider-secret"
 OLLAMA_SECRET = "ollama-proxy-secret"
 VERSION = "api-version=2024-10-21"
@@ -37,6 +38,7 @@ def _config(mock: MockUpstream, db: str) -> GandalfConfig:
             ProviderConfig(name="az", type="azure", base_url=root, api_key=AZURE_SECRET),
             ProviderConfig(name="ol", type="ollama", base_url=root + "/v1", api_key=OLLAMA_SECRET),
             ProviderConfig(name="up", type="openai", base_url=root + "/v1", api_key="sk-up"),
+            ProviderConfig(name="gem", type="gemini", base_url=root, api_key="gemini-secret"),
         ),
         routes=(
             Route(model_alias="az-chat", targets=(Target(provider="az", model="ok-model"),)),
@@ -47,10 +49,12 @@ def _config(mock: MockUpstream, db: str) -> GandalfConfig:
             Route(model_alias="ol-echo", targets=(Target(provider="ol", model="echo"),)),
             Route(model_alias="ol-500", targets=(Target(provider="ol", model="status-500"),)),
             Route(model_alias="gpt", targets=(Target(provider="up", model="ok-model"),)),
+            Route(model_alias="gem", targets=(Target(provider="gem", model="gemini-ok"),)),
         ),
         keys=(
             KeyEntry(name="admin", key=KEY, role="admin"),
             KeyEntry(name="limited", key=LIMITED, role="member", allowed_models=("gpt",)),
+            KeyEntry(name="viewer", key=VIEWER, role="viewer"),
         ),
     )
 
@@ -256,10 +260,55 @@ def test_errors_before_the_handler_are_in_the_apis_shape_too(upstream: MockUpstr
     run(upstream, scenario)
 
 
+def test_a_viewer_key_lists_models_on_every_api_but_calls_none(upstream: MockUpstream) -> None:
+    """Listing models needs READ_MODELS everywhere, as on /v1/models (a viewer
+    got 403 on Gemini's and Ollama's lists)."""
+
+    async def scenario(app: GandalfApp) -> None:
+        viewer = [("authorization", f"Bearer {VIEWER}")]
+        reply = await call(app, "GET", "/v1/models", headers=viewer)
+        assert reply.status == 200, reply.body
+        reply = await call(app, "GET", "/v1beta/models", headers=[("x-goog-api-key", VIEWER)])
+        assert reply.status == 200, reply.body
+        assert "models/gem" in [m["name"] for m in reply.json()["models"]]
+        reply = await call(app, "GET", "/api/tags", headers=viewer)
+        assert reply.status == 200, reply.body
+        assert "ol-chat" in [m["name"] for m in reply.json()["models"]]
+        chat = {"model": "ol-echo", "messages": [], "stream": False}
+        reply = await call(app, "POST", "/api/chat", headers=viewer, json=chat)
+        assert reply.status == 403 and set(reply.json()) == {"error"}
+        reply = await call(app, "POST", "/v1beta/models/gem:generateContent", headers=viewer)
+        assert reply.status == 403 and reply.json()["error"]["status"] == "PERMISSION_DENIED"
+
+    run(upstream, scenario)
+
+
+def test_native_endpoints_check_the_key_before_the_body(upstream: MockUpstream) -> None:
+    """A keyless (or badly keyed) bad body is a 401 in the API's shape, not a 400:
+    the key is checked from the headers before the body is read."""
+
+    async def scenario(app: GandalfApp) -> None:
+        stranger = [("authorization", "Bearer gnd_" + "s" * 40)]
+        for headers in ([], stranger, [("api-key", "gnd_" + "s" * 40)]):
+            reply = await call(app, "POST", "/api/chat", headers=headers, body=b"{")
+            assert reply.status == 401 and set(reply.json()) == {"error"}, reply.body
+            reply = await call(
+                app, "POST", "/openai/deployments/az-chat/chat/completions", headers=headers
+            )
+            assert reply.status == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+        for query in ("", "key=gnd_" + "s" * 40):
+            reply = await call(
+                app, "POST", "/v1beta/models/gem:generateContent", body=b"{", query=query
+            )
+            assert reply.status == 401 and reply.json()["error"]["status"] == "UNAUTHENTICATED"
+
+    run(upstream, scenario)
+
+
 def test_unconfigured_apis_are_not_mounted(upstream: MockUpstream) -> None:
     async def scenario(app: GandalfApp) -> None:
         auth = [("authorization", f"Bearer {KEY}")]
-        for path in ("/v1/messages", "/v1beta/models/gpt:generateContent"):
+        for path in ("/v1/messages",):
             reply: Reply = await call(app, "POST", path, headers=auth, json={"model": "gpt"})
             assert reply.status == 404 and reply.json()["error"]["code"] == "not_found"
 

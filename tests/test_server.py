@@ -532,7 +532,7 @@ def test_a_finished_stream_leaves_nothing_reachable_from_the_receive_future() ->
     refs: list[weakref.ref[Any]] = []
 
     async def run(app: GandalfApp) -> None:
-        app._stream_watcher.listen_after = 0  # watch from the first byte, as a long stream would
+        app.core.watcher.listen_after = 0  # watch from the first byte, as a long stream would
         refs.append(await scenario(app))
         for _ in range(3):
             await asyncio.sleep(0)  # let the cancelled receive task finish

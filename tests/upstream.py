@@ -132,7 +132,7 @@ def _last_text(payload: dict[str, Any]) -> str:
 
 
 class StreamLog:
-    """What the mock did on one streamed request (keyed by its last user message).
+    """What the mock did on one streamed (or "late") request, keyed by its last user message.
 
     Written on the mock's loop, read by the test thread (plain attributes).
     """
@@ -268,6 +268,16 @@ class MockUpstream(BackgroundServer):
             assert self._gate is not None
             self.waiting += 1
             await self._gate.wait()
+        if model == "late" and payload.get("stream") is not True:
+            # A non-streamed answer held until the test releases it (keyed by the
+            # last user message); the log says whether the caller hung up first.
+            log = self._log(_last_text(payload))
+            log.requests += 1
+            try:
+                await log._permit()
+            except asyncio.CancelledError:
+                log.closed = True
+                raise
         if model == "badjson":
             return web.Response(status=200, text="not json", content_type="application/json")
         if payload.get("stream") is True:

@@ -7,7 +7,6 @@ every failure and leaves turning them into responses to the error boundary.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -43,26 +42,69 @@ class Readiness(Protocol):
     async def ping(self) -> bool: ...
 
 
-async def authenticate(
-    keys: KeyCache, authorization: bytes | None, api_key: bytes | None, needs: Permission
-) -> Identity:
-    """The caller's identity (the key cache first, the store on a miss), or
-    AuthenticationError; PermissionDenied when its role lacks ``needs``."""
-    identity = keys.from_headers(authorization, api_key)
-    if identity is None:
-        identity = await keys.load(credential(authorization, api_key))
-    if not identity.can(needs):
+def _permitted(identity: Identity, needs: Permission, bits: int) -> Identity:
+    """``identity`` if its role has every bit of ``needs``, else PermissionDenied."""
+    if identity.permissions & bits != bits:
         what = "call models" if needs is Permission.CALL_MODELS else "list models"
         raise PermissionDenied(f"Keys with role '{identity.role}' cannot {what}.")
     return identity
 
 
-class Endpoint:
-    """One path: its handlers by method, whether they read a body, and how its
-    errors are written (``render``: None for OpenAI's shape; native APIs have
-    their own)."""
+# Where a request's key may be besides ``Authorization`` / ``x-api-key``: an
+# API's own header (Gemini's x-goog-api-key, Azure's api-key) or, for Gemini,
+# the ``key`` query parameter. Returns the credential bytes or None.
+CredentialFinder = Callable[["Request"], "bytes | None"]
 
-    __slots__ = ("allow", "methods", "reads_body", "render")
+
+class KeyAuth:
+    """How an endpoint authenticates: an API key with permission ``needs``,
+    from ``Authorization: Bearer`` or ``x-api-key`` (picked out by the adapter),
+    else from ``also`` (an API's own credential header or query parameter).
+
+    The server core calls :meth:`cached` (no await: a dict get) and, on a
+    miss, :meth:`load`, before it reads the body: a caller without a valid key
+    never gets a byte of its body read.
+    """
+
+    __slots__ = ("also", "bits", "keys", "needs")
+
+    def __init__(
+        self, keys: KeyCache, needs: Permission, also: CredentialFinder | None = None
+    ) -> None:
+        self.keys = keys
+        self.needs = needs
+        self.bits = int(needs)  # IntFlag arithmetic is slow Python
+        self.also = also
+
+    def _credentials(self, request: Request) -> tuple[bytes | None, bytes | None]:
+        authorization = request.authorization
+        api_key = request.api_key
+        if authorization is None and api_key is None and self.also is not None:
+            api_key = self.also(request)
+        return authorization, api_key
+
+    def cached(self, request: Request) -> Identity | None:
+        """The identity if the key cache knows the credential, else None.
+        Raises AuthenticationError / PermissionDenied for a known bad key."""
+        if self.also is None:
+            identity = self.keys.from_headers(request.authorization, request.api_key)
+        else:
+            identity = self.keys.from_headers(*self._credentials(request))
+        return None if identity is None else _permitted(identity, self.needs, self.bits)
+
+    async def load(self, request: Request) -> Identity:
+        """The identity from the store (a cache miss), or the 401 / 403."""
+        identity = await self.keys.load(credential(*self._credentials(request)))
+        return _permitted(identity, self.needs, self.bits)
+
+
+class Endpoint:
+    """One path: its handlers by method, whether they read a body, how the
+    caller authenticates (``auth``: None for open endpoints like /healthz) and
+    how its errors are written (``render``: None for OpenAI's shape; native
+    APIs have their own)."""
+
+    __slots__ = ("allow", "auth", "methods", "reads_body", "render")
 
     def __init__(
         self,
@@ -70,10 +112,12 @@ class Endpoint:
         *,
         reads_body: bool,
         render: Callable[[GatewayError], bytes] | None = None,
+        auth: KeyAuth | None = None,
     ) -> None:
         self.methods = methods
         self.reads_body = reads_body
         self.render = render
+        self.auth = auth
         self.allow = ", ".join(sorted(methods))
 
 
@@ -94,7 +138,6 @@ class _ModelList(msgspec.Struct):
 
 
 _encoder = msgspec.json.Encoder()
-_CALL_MODELS = int(Permission.CALL_MODELS)
 _MAX_SERVED = 1024  # distinct providers whose prebuilt headers are kept
 
 
@@ -151,37 +194,32 @@ class Api:
         self._sse_served = ServedHeaders(SSE_HEADERS)
 
     def endpoints(self) -> dict[str, Endpoint]:
+        call = KeyAuth(self._keys, Permission.CALL_MODELS)
+        read = KeyAuth(self._keys, Permission.READ_MODELS)
         return {
-            "/v1/chat/completions": Endpoint({"POST": self.chat_completions}, reads_body=True),
-            "/v1/embeddings": Endpoint({"POST": self.embeddings}, reads_body=True),
-            "/v1/models": Endpoint({"GET": self.models}, reads_body=False),
+            "/v1/chat/completions": Endpoint(
+                {"POST": self.chat_completions}, reads_body=True, auth=call
+            ),
+            "/v1/embeddings": Endpoint({"POST": self.embeddings}, reads_body=True, auth=call),
+            "/v1/models": Endpoint({"GET": self.models}, reads_body=False, auth=read),
             "/healthz": Endpoint({"GET": self.healthz}, reads_body=False),
             "/readyz": Endpoint({"GET": self.readyz}, reads_body=False),
         }
 
-    async def _identity(self, request: Request, needs: Permission) -> Identity:
-        return await authenticate(self._keys, request.authorization, request.api_key, needs)
-
     async def chat_completions(self, request: Request) -> Response:
-        identity = self._keys.from_headers(request.authorization, request.api_key)
-        if identity is None:
-            identity = await self._keys.load(credential(request.authorization, request.api_key))
-        if not identity.permissions & _CALL_MODELS:
-            raise PermissionDenied(f"Keys with role '{identity.role}' cannot call models.")
+        identity = request.identity  # authenticated by the core before the body was read
+        assert identity is not None
         try:
             chat = _chat_decoder.decode(request.body)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise invalid_body(exc) from None
         if not chat.messages:
             raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+        # Watch for a disconnect from now on: a client that gives up before the
+        # answer (or its first byte) must cancel the upstream call too. Neither
+        # costs a task or a timer unless the call outlives ``listen_after``.
         if chat.stream:
-            watch = None
-            if request.receive is not None and request.streams is not None:
-                # Watch for a disconnect from now on: a client that gives up before
-                # the first byte must cancel the upstream call too.
-                task = asyncio.current_task()
-                assert task is not None
-                watch = request.streams.watch(request.receive, task)
+            watch = request.watch()
             try:
                 stream = await self._proxy.chat_stream(
                     identity, chat, request.body, request.request_id, request.started
@@ -195,9 +233,13 @@ class Api:
             if headers is None:
                 headers = served.build(stream.provider, stream.attempts)
             return Response(200, headers=headers, stream=stream, watch=watch)
-        reply = await self._proxy.chat(
-            identity, chat, request.body, request.request_id, request.started
-        )
+        request.track()
+        try:
+            reply = await self._proxy.chat(
+                identity, chat, request.body, request.request_id, request.started
+            )
+        finally:
+            request.untrack()
         served = self._json_served
         headers = served.first.get(reply.provider) if reply.attempts == 1 else None
         if headers is None:
@@ -205,7 +247,8 @@ class Api:
         return Response(200, reply.body, headers)
 
     async def embeddings(self, request: Request) -> Response:
-        identity = await self._identity(request, Permission.CALL_MODELS)
+        identity = request.identity
+        assert identity is not None
         try:
             embed = _embeddings_decoder.decode(request.body)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -214,9 +257,13 @@ class Api:
             raise InvalidRequest("'input' must not be empty.", param="input")
         if embed.dimensions is not None and embed.dimensions < 1:
             raise InvalidRequest("'dimensions' must be at least 1.", param="dimensions")
-        reply = await self._proxy.embeddings(
-            identity, embed, request.body, request.request_id, request.started
-        )
+        request.track()
+        try:
+            reply = await self._proxy.embeddings(
+                identity, embed, request.body, request.request_id, request.started
+            )
+        finally:
+            request.untrack()
         served = self._json_served
         headers = served.first.get(reply.provider) if reply.attempts == 1 else None
         if headers is None:
@@ -224,7 +271,8 @@ class Api:
         return Response(200, reply.body, headers)
 
     async def models(self, request: Request) -> Response:
-        identity = await self._identity(request, Permission.READ_MODELS)
+        identity = request.identity
+        assert identity is not None
         allowed = identity.allowed_models
         if allowed is None:
             return Response(200, self._all_models)

@@ -11,7 +11,6 @@ started and in-band (an SSE error event or an NDJSON error line) after.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from urllib.parse import parse_qsl, quote, urlencode
@@ -21,9 +20,9 @@ import orjson
 
 from gandalf.app.passthrough import PassthroughService
 from gandalf.auth.apikey import KeyCache
-from gandalf.domain import Identity, NativeRequest, Permission, Target
-from gandalf.errors import GatewayError, NotFound, invalid_body
-from gandalf.server.handlers import Endpoint, Handler, authenticate
+from gandalf.domain import NativeRequest, Permission, Target
+from gandalf.errors import GatewayError, NotFound, invalid_body, printable
+from gandalf.server.handlers import Endpoint, Handler, KeyAuth
 from gandalf.server.wire import Headers, Request, Response
 
 # Request headers relayed upstream, per API; everything else (the caller's
@@ -52,6 +51,8 @@ _ANTHROPIC_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
     413: "request_too_large",
     429: "rate_limit_error",
     503: "overloaded_error",
@@ -63,6 +64,7 @@ _GOOGLE_STATUS = {
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     405: "INVALID_ARGUMENT",
+    408: "DEADLINE_EXCEEDED",
     413: "INVALID_ARGUMENT",
     429: "RESOURCE_EXHAUSTED",
     499: "CANCELLED",
@@ -112,16 +114,14 @@ def in_band_error(api: str, streamed_as: bytes) -> Callable[[GatewayError], byte
 # --------------------------------------------------------------------------- helpers
 
 
-def header(request: Request, name: bytes) -> bytes | None:
-    """One request header, whichever interface delivered the request."""
-    headers = request.headers
-    if isinstance(headers, list):
-        for key, value in headers:
-            if key == name:
-                return value  # type: ignore[no-any-return]
-        return None
-    value = headers.get(name.decode("latin-1"))  # RSGI: a mapping of str
-    return value.encode("latin-1") if value is not None else None
+def _gemini_key(request: Request) -> bytes | None:
+    """A Gemini client's key: the x-goog-api-key header, else ``?key=``."""
+    key = request.header(b"x-goog-api-key")
+    return key if key is not None else _query_without_key(request.query)[1]
+
+
+def _azure_key(request: Request) -> bytes | None:
+    return request.header(b"api-key")
 
 
 def _query_without_key(query: bytes) -> tuple[str, bytes | None]:
@@ -137,7 +137,7 @@ def _query_without_key(query: bytes) -> tuple[str, bytes | None]:
 def _relayed_headers(request: Request, api: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in _FORWARDED[api]:
-        value = header(request, name)
+        value = request.header(name)
         if value is not None:
             out[name.decode()] = value.decode("latin-1")
     if api == "anthropic" and "anthropic-version" not in out:
@@ -173,9 +173,20 @@ class NativeApi:
         exact: dict[str, Endpoint] = {}
         prefixed: list[tuple[str, Endpoint]] = []
 
+        also = {"gemini": _gemini_key, "azure": _azure_key}
+        keys = self._keys
+
         def mount(api: str, method: str, handler: Handler, *, body: bool = True) -> Endpoint:
-            # Errors on these paths (a body too large included) in the API's own shape.
-            return Endpoint({method: handler}, reads_body=body, render=ERROR_BODIES[api])
+            # Errors on these paths (a body too large included) in the API's own
+            # shape. Calls need CALL_MODELS; listing models (no body) READ_MODELS,
+            # as on /v1/models.
+            needs = Permission.CALL_MODELS if body else Permission.READ_MODELS
+            return Endpoint(
+                {method: handler},
+                reads_body=body,
+                render=ERROR_BODIES[api],
+                auth=KeyAuth(keys, needs, also.get(api)),
+            )
 
         if "anthropic" in apis:
             exact["/v1/messages"] = mount("anthropic", "POST", self.anthropic_messages)
@@ -195,18 +206,6 @@ class NativeApi:
 
     # ------------------------------------------------------------ common
 
-    async def _identity(self, request: Request, api: str) -> Identity:
-        authorization = request.authorization
-        api_key = request.api_key
-        if authorization is None and api_key is None:
-            if api == "gemini":
-                api_key = header(request, b"x-goog-api-key")
-                if api_key is None:
-                    api_key = _query_without_key(request.query)[1]
-            elif api == "azure":
-                api_key = header(request, b"api-key")
-        return await authenticate(self._keys, authorization, api_key, Permission.CALL_MODELS)
-
     async def _relay(
         self,
         request: Request,
@@ -216,12 +215,12 @@ class NativeApi:
         build: Callable[[Target], NativeRequest],
         stream: bool,
     ) -> Response:
-        identity = await self._identity(request, api)
-        watch = None
-        if stream and request.receive is not None and request.streams is not None:
-            task = asyncio.current_task()
-            assert task is not None
-            watch = request.streams.watch(request.receive, task)
+        identity = request.identity  # authenticated by the core before the body was read
+        assert identity is not None
+        # Streamed or not, a client that leaves cancels the upstream call (499).
+        watch = request.watch() if stream else None
+        if not stream:
+            request.track()
         try:
             reply, recorded = await self._service.forward(
                 identity, api, alias, endpoint, build, request.request_id, request.started
@@ -230,6 +229,9 @@ class NativeApi:
             if watch is not None:
                 watch.stop()
             raise
+        finally:
+            if not stream:
+                request.untrack()
         headers: Headers = tuple(reply.headers)
         if recorded is None:
             if watch is not None:
@@ -279,7 +281,7 @@ class NativeApi:
         rest = request.path[len("/v1beta/models/") :]
         alias, sep, method = rest.rpartition(":")
         if not sep or not alias or method not in _GEMINI_METHODS:
-            raise NotFound(f"Unknown path: {request.path[:200]}")
+            raise NotFound(f"Unknown path: {printable(request.path)}")
         query, _ = _query_without_key(request.query)
         stream = method == "streamGenerateContent"
         headers = _relayed_headers(request, "gemini")
@@ -298,7 +300,8 @@ class NativeApi:
         return await self._relay(request, "gemini", f"gemini.{method}", alias, build, stream)
 
     async def gemini_models(self, request: Request) -> Response:
-        identity = await self._identity(request, "gemini")
+        identity = request.identity
+        assert identity is not None
         models = [
             {
                 "name": f"models/{alias}",
@@ -315,7 +318,7 @@ class NativeApi:
         rest = request.path[len("/openai/deployments/") :]
         alias, sep, operation = rest.partition("/")
         if not sep or not alias or operation not in ("chat/completions", "embeddings"):
-            raise NotFound(f"Unknown path: {request.path[:200]}")
+            raise NotFound(f"Unknown path: {printable(request.path)}")
         query = "?" + request.query.decode("latin-1") if request.query else ""
         stream = operation == "chat/completions" and bool(_stream_flag(request.body))
         headers = _relayed_headers(request, "azure")
@@ -357,7 +360,8 @@ class NativeApi:
         return await self._relay(request, "ollama", endpoint, body.model, build, stream)
 
     async def ollama_tags(self, request: Request) -> Response:
-        identity = await self._identity(request, "ollama")
+        identity = request.identity
+        assert identity is not None
         modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
         models = [
             {"name": alias, "model": alias, "modified_at": modified, "size": 0, "digest": ""}

@@ -1,13 +1,16 @@
-"""The RSGI entry point: granian's native interface, with the same handlers.
+"""The RSGI adapter: granian's native interface, with the same core and handlers.
 
 RSGI hands the app granian's own request objects instead of ASGI's message
 dicts (no scope dict per request, headers looked up by name, the response
 written in one call), which measured ~20-35% less CPU per request for a bare
-passthrough. Everything past header parsing is shared with the ASGI app:
-dispatch, handlers, the error boundary (``GandalfApp._respond``) and the SSE
-relay, which talks to RSGI's stream transport through a small ASGI-style
-``send`` adapter. ASGI stays the portable interface; ``gandalf serve
---interface rsgi`` opts in.
+passthrough. This module only translates: granian's scope into a
+``wire.Request`` (whose :meth:`header` looks names up in granian's str
+mapping), the body out of the protocol, and a ``wire.Response`` into
+``response_bytes`` / ``response_stream`` with str header pairs, converted per
+response (no cache: a cache keyed by anything but the headers' value would
+hand one request's headers to another). Dispatch, authentication, the error
+boundary and the access log are the :class:`~gandalf.server.core.ServerCore`'s.
+ASGI stays the portable interface; ``gandalf serve --interface rsgi`` opts in.
 """
 
 from __future__ import annotations
@@ -19,31 +22,78 @@ from typing import Any
 
 from granian import rsgi as granian_rsgi
 
-from gandalf.errors import InvalidRequest
-from gandalf.server.asgi import NOT_READY_BODY, GandalfApp, too_large
+from gandalf.errors import GatewayError, IncompleteBody
+from gandalf.server.asgi import GandalfApp
+from gandalf.server.core import (
+    DUPLICATE_CREDENTIALS,
+    NOT_READY_BODY,
+    ServerCore,
+    declared_length,
+    too_large,
+)
+from gandalf.server.lifecycle import Lifecycle
 from gandalf.server.stream import relay
 from gandalf.server.types import Message
-from gandalf.server.wire import JSON_HEADERS, Headers, sane_request_id, uuid7
+from gandalf.server.wire import JSON_HEADERS, Headers, Request, sane_request_id, uuid7
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
-# What a stream write raises once the client has gone.
+# What a body read or a stream write raises once the client has gone.
 _CLOSED: type[BaseException] = granian_rsgi.ProtocolClosed  # type: ignore[attr-defined]
-_str_headers: dict[int, list[tuple[str, str]]] = {}
+_INCOMPLETE = "The request body ended before the announced Content-Length arrived."
+_NOT_READY_HEADERS = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in JSON_HEADERS]
 
 
-def str_headers(headers: Headers) -> list[tuple[str, str]]:
-    """RSGI wants str header pairs: the constant tuples are converted once."""
-    cached = _str_headers.get(id(headers))
-    if cached is None:
-        cached = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
-        if len(_str_headers) < 64:  # module constants only, in practice
-            _str_headers[id(headers)] = cached
-    return cached
+def str_headers(headers: Headers, request_id: str) -> list[tuple[str, str]]:
+    """RSGI wants str header pairs: ``headers`` plus ``x-request-id``."""
+    out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+    out.append(("x-request-id", request_id))
+    return out
+
+
+class RSGIRequest(Request):
+    """A request whose headers are granian's mapping of lower-case str names."""
+
+    __slots__ = ("protocol", "str_headers")
+
+    def __init__(
+        self,
+        str_headers: Any,
+        protocol: Any,
+        method: str,
+        path: str,
+        request_id: str,
+        authorization: bytes | None,
+        api_key: bytes | None,
+        query: bytes,
+        started: float,
+        receive: _Receive,
+        core: ServerCore,
+    ) -> None:
+        super().__init__(
+            method,
+            path,
+            (),
+            b"",
+            request_id,
+            authorization,
+            api_key,
+            query,
+            started,
+            receive,
+            core.watcher,
+        )
+        self.str_headers = str_headers
+        self.protocol = protocol
+
+    def header(self, name: bytes) -> bytes | None:
+        value = self.str_headers.get(name.decode("latin-1"))
+        return value.encode("latin-1") if value is not None else None
 
 
 class _Receive:
     """ASGI-style ``receive`` over an RSGI protocol: resolves on disconnect only
-    (the body was already read), which is all the stream watch needs."""
+    (the body is read from the protocol directly), which is all the client
+    watch needs."""
 
     __slots__ = ("protocol",)
 
@@ -53,6 +103,28 @@ class _Receive:
     async def __call__(self) -> Message:
         await self.protocol.client_disconnect()
         return _DISCONNECT
+
+
+async def read_rsgi_body(request: Request, length: bytes | None, limit: int) -> bytes:
+    """The body from the RSGI protocol, capped at ``limit`` bytes."""
+    assert isinstance(request, RSGIRequest)
+    protocol = request.protocol
+    try:
+        if declared_length(length, limit) is not None:
+            body: bytes = await protocol()
+            if len(body) > limit:
+                raise too_large(limit)
+            return body
+        chunks = []
+        size = 0
+        async for chunk in protocol:
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except (_CLOSED, OSError):
+        raise IncompleteBody(_INCOMPLETE) from None
 
 
 async def _not_started(chunk: bytes) -> None:
@@ -83,24 +155,36 @@ class _RSGIWriter:
         # the response ends when __rsgi__ returns
 
 
-class RSGIApp:
-    """``gandalf.server.rsgi.RSGIApp(app)`` is what granian's RSGI worker serves."""
+def _duplicated(headers: Any) -> bool:
+    """Whether a credential header comes twice (granian's ``get`` gives the first,
+    an ASGI server the last: refuse rather than pick). Cheap when no header
+    at all repeats, the usual case."""
+    if len(headers.keys()) == len(headers.values()):
+        return False
+    names = [name for name in ("authorization", "x-api-key") if name in headers]
+    return any(sum(1 for key, _ in headers.items() if key == name) > 1 for name in names)
 
-    __slots__ = ("app",)
+
+class RSGIApp:
+    """``gandalf.server.rsgi.RSGIApp(app)`` is what granian's RSGI worker serves:
+    the same core and lifecycle as the ASGI ``app``."""
+
+    __slots__ = ("core", "lifecycle")
 
     def __init__(self, app: GandalfApp) -> None:
-        self.app = app
+        self.core: ServerCore = app.core
+        self.lifecycle: Lifecycle = app.lifecycle
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.app.start_worker(loop)
+        self.lifecycle.start_worker(loop)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.run_until_complete(self.app.shutdown())
+        loop.run_until_complete(self.lifecycle.shutdown())
 
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         if scope.proto != "http":
             return
-        app = self.app
+        core = self.core
         started = time.perf_counter()
         headers = scope.headers
         authorization = headers.get("authorization")
@@ -110,41 +194,50 @@ class RSGIApp:
         request_id = (
             caller_id is not None and sane_request_id(caller_id.encode("latin-1"))
         ) or uuid7()
-        if app._endpoints is None:
-            protocol.response_bytes(
-                503, [*str_headers(JSON_HEADERS), ("x-request-id", request_id)], NOT_READY_BODY
-            )
-            return
         method: str = scope.method
         path: str = scope.path
+        status = 499  # until something is sent: the client left first
+        if core.endpoints is None:
+            status = 503
+            protocol.response_bytes(
+                503, [*_NOT_READY_HEADERS, ("x-request-id", request_id)], NOT_READY_BODY
+            )
+            if core.access_log:
+                core.log_access(method, path, status, started, request_id)
+            return
+        refused: GatewayError | None = None
+        if (authorization is not None or api_key is not None) and _duplicated(headers):
+            refused = DUPLICATE_CREDENTIALS
         task = asyncio.current_task()
         assert task is not None
-        active = app._active
-        active.add(task)
+        core.enter(task)
         receive = _Receive(protocol)
         try:
-            response = await app._respond(
+            response = await core.respond(
                 task,
-                method,
-                path,
-                headers,
-                request_id,
-                authorization.encode("latin-1") if authorization is not None else None,
-                api_key.encode("latin-1") if api_key is not None else None,
+                RSGIRequest(
+                    headers,
+                    protocol,
+                    method,
+                    path,
+                    request_id,
+                    authorization.encode("latin-1") if authorization is not None else None,
+                    api_key.encode("latin-1") if api_key is not None else None,
+                    scope.query_string.encode("latin-1"),
+                    started,
+                    receive,
+                    core,
+                ),
                 length.encode("latin-1") if length is not None else None,
-                scope.query_string.encode("latin-1"),
-                started,
-                self._read_body,
-                receive,
+                read_rsgi_body,
+                refused,
             )
             if response is None:
-                return
-            status = response.status
-            if response.stream is None:
+                pass  # the client is gone
+            elif response.stream is None:
+                status = response.status
                 protocol.response_bytes(
-                    status,
-                    [*str_headers(response.headers), ("x-request-id", request_id)],
-                    response.body,
+                    status, str_headers(response.headers, request_id), response.body
                 )
             else:
                 status = await relay(
@@ -152,34 +245,10 @@ class RSGIApp:
                     receive,
                     response,
                     request_id.encode(),
-                    app._keepalive,
-                    app._stream_watcher,
+                    core.keepalive,
+                    core.watcher,
                 )
         finally:
-            active.discard(task)
-            if not active and app._idle is not None:
-                app._idle.set()
-        if app._access_log:
-            app._log_access(method, path, status, started, request_id)
-
-    async def _read_body(self, receive: _Receive, length: bytes | None) -> bytes:
-        limit = self.app._max_body
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                raise InvalidRequest("Invalid Content-Length header.") from None
-            if declared > limit:
-                raise too_large(limit)
-            body: bytes = await receive.protocol()
-            if len(body) > limit:
-                raise too_large(limit)
-            return body
-        chunks = []
-        size = 0
-        async for chunk in receive.protocol:
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+            core.leave(task)
+            if core.access_log:
+                core.log_access(method, path, status, started, request_id)

@@ -1,7 +1,8 @@
 """Wire-level building blocks: prebuilt headers, request/response values, ids.
 
-Handlers never speak ASGI: they get a :class:`Request` and return a
-:class:`Response`. ``server/asgi.py`` translates both ways.
+Handlers never speak ASGI or RSGI: they get a :class:`Request` and return a
+:class:`Response`. ``server/asgi.py`` and ``server/rsgi.py`` translate both
+ways; ``server/core.py`` does everything in between.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from gandalf.domain import CANCEL_DISCONNECT
+from gandalf.domain import CANCEL_DISCONNECT, Identity
 from gandalf.errors import GatewayError
 from gandalf.server.types import Message, Receive
 
@@ -37,10 +38,15 @@ _SANE_ID = re.compile(rb"[A-Za-z0-9._:+=/-]{1,128}")
 
 
 class Request:
-    """What a handler sees: method, path, the raw header pairs and the body bytes.
+    """What a handler sees: method, path, the header pairs, the body bytes and
+    (on endpoints that authenticate) the caller's identity.
 
-    ``authorization`` and ``api_key`` are picked out of the headers by the ASGI
-    layer in the same single pass that finds ``x-request-id``.
+    Headers are read through :meth:`header` only, whichever interface
+    delivered the request: an adapter whose headers are not lower-case bytes
+    pairs subclasses this and overrides :meth:`header`. ``authorization`` and
+    ``api_key`` are picked out by the adapter in its one pass over the headers.
+    ``body`` and ``identity`` are filled in by the server core: the identity
+    first, the body only once the caller is known.
     """
 
     __slots__ = (
@@ -48,6 +54,7 @@ class Request:
         "authorization",
         "body",
         "headers",
+        "identity",
         "method",
         "path",
         "query",
@@ -61,7 +68,7 @@ class Request:
         self,
         method: str,
         path: str,
-        headers: Any,  # ASGI: list of (bytes, bytes); RSGI: granian's headers mapping
+        headers: Sequence[tuple[bytes, bytes]],  # lower-case names, as ASGI gives them
         body: bytes,
         request_id: str,
         authorization: bytes | None = None,
@@ -80,8 +87,46 @@ class Request:
         self.api_key = api_key
         self.query = query
         self.started = started  # time.perf_counter() at arrival
-        self.receive = receive  # for handlers that must learn of a disconnect (streams)
+        self.receive = receive  # for handlers that must learn of a disconnect
         self.streams = streams  # the worker's StreamWatcher
+        self.identity: Identity | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower-case bytes), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def watch(self) -> ClientWatch | None:
+        """A stream's watch for the client leaving (it cancels this task with
+        CANCEL_DISCONNECT, which cancels the upstream call, and keeps the
+        stream alive); the caller must ``stop()`` it, or hand it to the relay
+        in ``Response.watch``. None when the request has no receive side."""
+        receive = self.receive
+        streams = self.streams
+        if receive is None or streams is None:
+            return None
+        task = asyncio.current_task()
+        assert task is not None
+        return streams.watch(receive, task)
+
+    def track(self) -> None:
+        """Watch a non-streamed call for the client leaving (a dict entry
+        until it outlives ``listen_after``); end with :meth:`untrack`."""
+        receive = self.receive
+        streams = self.streams
+        if receive is not None and streams is not None:
+            task = asyncio.current_task()
+            assert task is not None
+            streams.track(receive, task)
+
+    def untrack(self) -> None:
+        streams = self.streams
+        if streams is not None:
+            task = asyncio.current_task()
+            assert task is not None
+            streams.untrack(task)
 
 
 class ByteStream(Protocol):
@@ -106,14 +151,28 @@ class StreamWatcher:
     within ``listen_after`` (most of a benchmark's, few of a model's) never
     pays for a receive task or a timer of its own; a client that leaves is
     still noticed within ``listen_after + tick`` seconds (well under 1 s).
+
+    Non-streamed calls are tracked even more cheaply (:meth:`track`: a dict
+    entry) and get a :class:`ClientWatch` only once they outlive
+    ``listen_after``: a client that leaves a slow completion cancels it too.
     """
 
-    __slots__ = ("_handle", "_loop", "_watches", "listen_after", "tick")
+    __slots__ = (
+        "_calls",
+        "_handle",
+        "_loop",
+        "_promoted",
+        "_watches",
+        "listen_after",
+        "tick",
+    )
 
     def __init__(self, *, listen_after: float = 0.3, tick: float = 0.2) -> None:
         self.listen_after = listen_after
         self.tick = tick
         self._watches: set[ClientWatch] = set()
+        self._calls: dict[asyncio.Task[Any], tuple[Receive, float]] = {}  # not watched yet
+        self._promoted: dict[asyncio.Task[Any], ClientWatch] = {}  # tracked calls now watched
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -132,13 +191,43 @@ class StreamWatcher:
     def discard(self, watch: ClientWatch) -> None:
         self._watches.discard(watch)
 
+    def track(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        """Watch a non-streamed call for its client leaving, until :meth:`untrack`."""
+        if self.listen_after <= 0:
+            self._promoted[task] = self.watch(receive, task)
+            return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._calls[task] = (receive, loop.time())
+        if self._handle is None:
+            self._handle = loop.call_later(self.tick, self._tick)
+
+    def untrack(self, task: asyncio.Task[Any]) -> None:
+        if self._calls.pop(task, None) is None:
+            watch = self._promoted.pop(task, None)
+            if watch is not None:
+                watch.stop()
+
     def _tick(self) -> None:
-        assert self._loop is not None
-        now = self._loop.time()
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
         listen_from = now - self.listen_after
+        calls = self._calls
+        if calls:
+            for task, (receive, started) in [
+                (task, entry) for task, entry in calls.items() if entry[1] <= listen_from
+            ]:
+                del calls[task]
+                watch = ClientWatch(self, receive, task, loop)
+                watch.started = started
+                self._watches.add(watch)
+                self._promoted[task] = watch
         for watch in list(self._watches):
             watch.check(now, listen_from)
-        self._handle = self._loop.call_later(self.tick, self._tick) if self._watches else None
+        more = self._watches or calls
+        self._handle = loop.call_later(self.tick, self._tick) if more else None
 
 
 class ClientWatch:
@@ -232,7 +321,7 @@ class Response:
     """A handler's answer: status, header pairs and a body (bytes or a stream).
 
     ``content-length`` (for bytes bodies) and ``x-request-id`` are added by the
-    ASGI layer; ``headers`` carries the rest (content-type included).
+    adapter (ASGI or RSGI); ``headers`` carries the rest (content-type included).
     """
 
     __slots__ = ("body", "error_event", "headers", "keepalive", "status", "stream", "watch")

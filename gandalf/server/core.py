@@ -1,0 +1,350 @@
+"""The server core: everything between an interface adapter and a handler.
+
+``asgi.py`` and ``rsgi.py`` only translate their interface into a
+:class:`~gandalf.server.wire.Request` and a :class:`~gandalf.server.wire.Response`
+back; this module does the rest, the same way for both: dispatch (one dict
+lookup, then path prefixes), authentication from the headers *before* the body
+is read (a caller without a valid key never gets a byte of its body read),
+the body read (capped at ``max_body_bytes`` and bounded in time by
+``read_timeout``), the handler, the one error boundary, in-flight tracking
+and the access log. Drain and signals are in ``lifecycle.py``.
+
+Per request: one dict lookup, a cached key check (a dict get), one capped
+body read registered with a worker-wide deadline timer, the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+
+from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
+from gandalf.errors import (
+    BodyTooLarge,
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestTimeout,
+    printable,
+)
+from gandalf.server.handlers import Endpoint
+from gandalf.server.wire import JSON_CT, JSON_HEADERS, Request, Response, StreamWatcher
+
+logger = logging.getLogger("gandalf.server")
+access_logger = logging.getLogger("gandalf.access")
+
+# Why a request task was cancelled by the read deadline (``task.cancel(msg)``).
+CANCEL_READ_TIMEOUT = "request read timeout"
+
+_INTERNAL = GatewayError("The gateway hit an internal error; it has been logged.")
+SHUTDOWN_BODY = (
+    b'{"error":{"message":"Gandalf is shutting down and could not finish this request in '
+    b'time.","type":"service_unavailable","param":null,"code":"server_shutdown"}}'
+)
+NOT_READY_BODY = GatewayError("Gandalf is starting or stopping.").body()
+DUPLICATE_CREDENTIALS = InvalidRequest(
+    "The request carries more than one Authorization or x-api-key header; send one."
+)
+
+# ``read_body(request, content_length, limit)``: the adapter's body reader. Raises
+# BodyTooLarge past ``limit``, IncompleteBody when the client stops sending
+# before the body it announced is complete, InvalidRequest for a bad length.
+BodyReader = Callable[[Request, "bytes | None", int], Awaitable[bytes]]
+
+
+class Runtime:
+    """What start-up builds: the endpoints and how to close everything."""
+
+    __slots__ = ("close", "endpoints", "prefixes")
+
+    def __init__(
+        self,
+        endpoints: dict[str, Endpoint],
+        close: Callable[[], Awaitable[None]],
+        prefixes: Sequence[tuple[str, Endpoint]] = (),
+    ) -> None:
+        self.endpoints = endpoints
+        self.close = close
+        # Paths that carry a value (Gemini's /v1beta/models/{model}:method), tried
+        # in order only when no exact path matched.
+        self.prefixes = tuple(prefixes)
+
+
+def too_large(limit: int) -> BodyTooLarge:
+    """The 413 for a body over ``limit`` bytes (both adapters' readers)."""
+    return BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+
+
+def declared_length(length: bytes | None, limit: int) -> int | None:
+    """A request's ``content-length`` as an int (None: not sent); raises
+    InvalidRequest when it is not a number, BodyTooLarge when over ``limit``."""
+    if length is None:
+        return None
+    try:
+        declared = int(length)
+    except ValueError:
+        raise InvalidRequest("Invalid Content-Length header.") from None
+    if declared < 0:
+        raise InvalidRequest("Invalid Content-Length header.")
+    if declared > limit:
+        raise too_large(limit)
+    return declared
+
+
+class ReadDeadlines:
+    """Bounds every body read in a worker by ``timeout`` seconds with one timer.
+
+    ``start(task)`` records the deadline (a dict set, no timer of its own);
+    a tick every ``tick`` seconds, only while bodies are being read, cancels
+    the tasks past theirs with CANCEL_READ_TIMEOUT, which the core answers
+    with a 408. A slow body is cut within ``timeout + tick`` seconds.
+    """
+
+    __slots__ = ("_handle", "_loop", "_reading", "tick", "timeout")
+
+    def __init__(self, timeout: float, *, tick: float | None = None) -> None:
+        self.timeout = timeout
+        self.tick = tick if tick is not None else min(1.0, timeout / 4)
+        self._reading: dict[asyncio.Task[Any], float] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, task: asyncio.Task[Any]) -> None:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._reading[task] = loop.time() + self.timeout
+        if self._handle is None:
+            self._handle = loop.call_later(self.tick, self._tick)
+
+    def done(self, task: asyncio.Task[Any]) -> None:
+        self._reading.pop(task, None)
+
+    def _tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        reading = self._reading
+        for task in [t for t, deadline in reading.items() if deadline <= now]:
+            del reading[task]
+            task.cancel(CANCEL_READ_TIMEOUT)
+        self._handle = loop.call_later(self.tick, self._tick) if reading else None
+
+    def __len__(self) -> int:
+        return len(self._reading)
+
+
+class ServerCore:
+    """One per worker process, shared by whichever adapter serves it.
+
+    Public surface for the adapters: :attr:`endpoints` (None until started:
+    answer NOT_READY_BODY with 503), :meth:`enter` / :meth:`leave` around each
+    request, :meth:`respond`, :meth:`log_access` (when :attr:`access_log`),
+    :attr:`watcher` and :attr:`keepalive` for streams, :attr:`max_body`.
+    For the lifecycle: :meth:`start`, :meth:`stop`, :attr:`inflight`,
+    :meth:`cancel_all`, :meth:`wait_idle`.
+    """
+
+    __slots__ = (
+        "_active",
+        "_build",
+        "_idle",
+        "_runtime",
+        "access_log",
+        "endpoints",
+        "keepalive",
+        "max_body",
+        "reads",
+        "watcher",
+    )
+
+    def __init__(
+        self,
+        build: Callable[[], Awaitable[Runtime]],
+        *,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        read_timeout: float = 30.0,
+        access_log: bool = True,
+        stream_keepalive: float = 15.0,
+    ) -> None:
+        self._build = build
+        self.max_body = max_body_bytes
+        self.access_log = access_log
+        self.keepalive = stream_keepalive
+        self.watcher = StreamWatcher(tick=min(0.2, stream_keepalive / 2))
+        self.reads = ReadDeadlines(read_timeout)
+        self._active: set[asyncio.Task[Any]] = set()  # every request in flight
+        self._idle: asyncio.Event | None = None
+        self._runtime: Runtime | None = None
+        self.endpoints: dict[str, Endpoint] | None = None
+
+    # ------------------------------------------------------------------ state
+
+    async def start(self) -> None:
+        """Build the endpoints (once per worker)."""
+        runtime = await self._build()
+        self._runtime = runtime
+        self.endpoints = runtime.endpoints
+
+    @property
+    def started(self) -> bool:
+        return self._runtime is not None
+
+    async def stop(self) -> None:
+        """Stop serving and close what start-up built. Idempotent."""
+        runtime = self._runtime
+        if runtime is None:
+            return
+        self._runtime = None
+        self.endpoints = None
+        await runtime.close()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._active)
+
+    def enter(self, task: asyncio.Task[Any]) -> None:
+        self._active.add(task)
+
+    def leave(self, task: asyncio.Task[Any]) -> None:
+        active = self._active
+        active.discard(task)
+        if not active and self._idle is not None:
+            self._idle.set()
+
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every request in flight with ``reason``; how many there were."""
+        tasks = list(self._active)
+        for task in tasks:
+            task.cancel(reason)
+        return len(tasks)
+
+    async def wait_idle(self, limit: float) -> bool:
+        """Wait until no request is in flight (at most ``limit`` s); False if some still are."""
+        if not self._active:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), limit)
+        except TimeoutError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ requests
+
+    def _prefixed(self, path: str) -> Endpoint:
+        runtime = self._runtime
+        if runtime is not None:
+            for prefix, endpoint in runtime.prefixes:
+                if path.startswith(prefix):
+                    return endpoint
+        raise NotFound(f"Unknown path: {printable(path)}")
+
+    async def respond(
+        self,
+        task: asyncio.Task[Any],
+        request: Request,
+        length: bytes | None,
+        read_body: BodyReader,
+        refused: GatewayError | None = None,
+    ) -> Response | None:
+        """Dispatch ``request``, authenticate it, read its body, run the handler
+        and turn every failure into a response in the endpoint's error shape.
+        None: the client is gone (nobody to answer; log it as 499).
+
+        ``refused``: the adapter found the request unacceptable from its headers
+        alone (two credential headers): answered in the endpoint's shape."""
+        endpoints = self.endpoints
+        assert endpoints is not None
+        endpoint = None
+        path = request.path
+        try:
+            endpoint = endpoints.get(path)
+            if endpoint is None:
+                endpoint = self._prefixed(path)
+            method = request.method
+            handler = endpoint.methods.get(method)
+            if handler is None:
+                raise MethodNotAllowed(
+                    f"Method {printable(method, 20)} is not allowed on {printable(path)}; "
+                    f"use {endpoint.allow}.",
+                    allow=endpoint.allow,
+                )
+            if refused is not None:
+                raise refused
+            auth = endpoint.auth
+            if auth is not None:
+                identity = auth.cached(request)
+                if identity is None:
+                    identity = await auth.load(request)
+                request.identity = identity
+            if endpoint.reads_body:
+                reads = self.reads
+                reads.start(task)
+                try:
+                    request.body = await read_body(request, length, self.max_body)
+                finally:
+                    reads.done(task)
+            return await handler(request)
+        except GatewayError as exc:
+            return self.error(exc, endpoint)
+        except asyncio.CancelledError as exc:
+            reason = exc.args[0] if exc.args else None
+            if reason == CANCEL_DISCONNECT:
+                task.uncancel()  # the client is gone: nobody to answer
+                return None
+            if reason == CANCEL_READ_TIMEOUT:
+                task.uncancel()
+                return self.error(
+                    RequestTimeout(
+                        f"The request body did not arrive within {self.reads.timeout:g}s."
+                    ),
+                    endpoint,
+                )
+            if reason != CANCEL_SHUTDOWN:
+                raise
+            task.uncancel()  # the shutdown deadline passed: answer, then stop
+            return Response(503, SHUTDOWN_BODY)
+        except Exception:
+            logger.exception(
+                "internal error handling %s %s (request %s)",
+                printable(request.method, 20),
+                printable(path),
+                request.request_id,
+            )
+            return Response(500, _INTERNAL.body())
+
+    @staticmethod
+    def error(exc: GatewayError, endpoint: Endpoint | None) -> Response:
+        """``exc`` as a response, in ``endpoint``'s error shape (OpenAI's if None)."""
+        extra = exc.headers()
+        render = endpoint.render if endpoint is not None else None
+        return Response(
+            exc.status,
+            exc.body() if render is None else render(exc),
+            (JSON_CT, *extra) if extra else JSON_HEADERS,
+        )
+
+    def log_access(
+        self, method: str, path: str, status: int, started: float, request_id: str
+    ) -> None:
+        """One JSON line per request (orjson escapes every control character)."""
+        access_logger.info(
+            "%s",
+            orjson.dumps(
+                {
+                    "ts": round(time.time(), 3),
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "ms": round((time.perf_counter() - started) * 1000.0, 2),
+                    "request_id": request_id,
+                }
+            ).decode(),
+        )
