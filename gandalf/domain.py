@@ -158,6 +158,9 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     type: str
     base_url: str = ""
+    # The base_url as written, when it holds ${VAR} references (defaults dropped):
+    # what storage keeps, since the expanded URL may carry secrets.
+    base_url_ref: str | None = None
     api_key: str = ""
     api_key_ref: str | None = None
     models: tuple[str, ...] = ()
