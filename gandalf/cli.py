@@ -28,6 +28,10 @@ EXIT_NOT_FOUND = 3
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_LIFETIME = 100 * 366 * 86400  # seconds: "100 years", leap days included
+_MAX_DIGITS = 12
+# C0 and C1 controls and DEL: what a terminal would act on instead of showing.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class CliError(Exception):
@@ -225,12 +229,35 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _expires(text: str | None, now: float) -> float | None:
+    """``now`` plus the ``--expires-in`` duration; at most :data:`MAX_LIFETIME` seconds."""
     if text is None:
         return None
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise CliError(f"--expires-in must look like 30d, 12h or 2w, got {text!r}", EXIT_USAGE)
+    # Digit counts are capped before int(): a 5000-digit number would raise ValueError.
+    if any(len(n) > _MAX_DIGITS for n, _ in parts) or (
+        sum(int(n) * _UNIT[u] for n, u in parts) > MAX_LIFETIME
+    ):
+        raise CliError(f"--expires-in must be at most 100 years, got {_shown(text)}", EXIT_USAGE)
     return now + sum(int(n) * _UNIT[u] for n, u in parts)
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for one line of terminal output: control characters escaped."""
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+
+
+def _safe(text: str | None) -> str:
+    """``text`` with control characters (escape sequences, CR, BEL...) made visible."""
+    if text is None:
+        return "-"
+    return _CONTROL.sub(_escape_control, text)
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group(0)
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or f"\\x{ord(char):02x}"
 
 
 async def _keys(args: argparse.Namespace) -> int:
@@ -241,6 +268,13 @@ async def _keys(args: argparse.Namespace) -> int:
     try:
         manager = KeyManager(store)
         if args.keys_command == "create":
+            named = (("--name", args.name), ("--org", args.org), ("--team", args.team))
+            for option, value in named:
+                if value is not None and _CONTROL.search(value):
+                    raise CliError(
+                        f"{option} must not contain control characters, got {_shown(value)}",
+                        EXIT_USAGE,
+                    )
             models = None
             if args.models is not None:
                 models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -257,7 +291,7 @@ async def _keys(args: argparse.Namespace) -> int:
                 raise CliError(exc.message, EXIT_USAGE) from None
             print(plaintext)
             print(
-                f"created key {key.id} ({key.name}, role {key.role}); "
+                f"created key {key.id} ({_safe(key.name)}, role {key.role}); "
                 "the key above is shown only once",
                 file=sys.stderr,
             )
@@ -274,7 +308,11 @@ async def _keys(args: argparse.Namespace) -> int:
                         "expired" if k.expires_at is not None and k.expires_at <= now else "active"
                     )
                 )
-                print(f"{k.id:<22} {k.prefix:<9} {k.name:<20} {k.role:<16} {k.org_id:<10} {status}")
+                # Every field comes from the database, which other tools may have written.
+                print(
+                    f"{_safe(k.id):<22} {_safe(k.prefix):<9} {_safe(k.name):<20} "
+                    f"{_safe(k.role):<16} {_safe(k.org_id):<10} {status}"
+                )
             return EXIT_OK
         if not await manager.revoke(args.id):
             raise CliError(f"no key with id {args.id!r}", EXIT_NOT_FOUND)
