@@ -9,22 +9,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gandalf import __version__
 from gandalf.config import GandalfConfig, default_config_path, load_config
 from gandalf.errors import ConfigError, GatewayError
 from gandalf.storage.sqlite import SqliteStore
 
+if TYPE_CHECKING:
+    from gandalf.wiring import WorkerLoader
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+RESPAWN_INTERVAL = 3.5  # seconds (granian's default), see _serve
+
+logger = logging.getLogger("gandalf")
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -134,21 +142,35 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError("--workers must be at least 1", EXIT_USAGE)
     access_log = config.server.access_log and not args.no_access_log
 
+    from gandalf.wiring import WorkerLoader, configure_logging
+
+    configure_logging()  # bootstrap's lines (revoked keys) and reload problems
     _check_port(host, port)  # before a first admin key is made and shown
     admin_key = asyncio.run(_prepare(config))
     for warning in config.warnings:
         print(f"gandalf: warning: {warning}", file=sys.stderr)
-    interface = args.interface or config.server.interface
+    interface: str = args.interface or config.server.interface
     _banner(config, host, port, workers, interface, admin_key)
 
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.server import Server
 
-    os.environ["GANDALF_CONFIG"] = str(Path(config.source).resolve())
+    path = str(Path(config.source).resolve())
+    os.environ["GANDALF_CONFIG"] = path
     os.environ["GANDALF_ACCESS_LOG"] = "1" if access_log else "0"
-    interface = args.interface or config.server.interface
-    server = Server(
+    loader = WorkerLoader(
+        config, interface=interface, access_log=False if args.no_access_log else None
+    )
+    reloader = _Reloader(path, loader)
+
+    class _Server(Server):  # type: ignore[valid-type,misc]  # granian picks MP/MT at import
+        def signal_handler_reload(self, *args: object, **kwargs: object) -> None:
+            # Runs in the main thread on SIGHUP: a broken file never reaches the workers.
+            if reloader.check():
+                super().signal_handler_reload(*args, **kwargs)
+
+    server = _Server(
         "gandalf.wiring:rsgi_worker_app" if interface == "rsgi" else "gandalf.wiring:worker_app",
         address=host,
         port=port,
@@ -161,9 +183,75 @@ def _serve(args: argparse.Namespace) -> int:
         backlog=2048,
         http1_settings=HTTP1Settings(header_read_timeout=int(config.server.read_timeout * 1000)),
         workers_kill_timeout=int(config.server.shutdown_timeout) + 5,
+        # A worker that dies is replaced instead of taking the others down with
+        # it; granian still exits on a crash loop (a respawned worker dying
+        # within 5.5 s). The interval is how long a reload runs old and new
+        # workers side by side.
+        respawn_failed_workers=True,
+        respawn_interval=RESPAWN_INTERVAL,
     )
-    server.serve()
+    server.on_reload(reloader.apply)
+    server.serve(target_loader=loader)
     return EXIT_OK
+
+
+class _Reloader:
+    """SIGHUP for ``gandalf serve``: re-read the config file; apply it only if it is valid.
+
+    :meth:`check` runs in the SIGHUP handler: it loads and validates the file, and
+    on a problem logs one ``file: key.path: problem`` line and returns False (granian
+    then does not reload at all). :meth:`apply` runs as granian's reload hook in the
+    main loop, before the workers are replaced: it reconciles providers, routes and
+    keys into the database, then hands the config to the :class:`WorkerLoader`. If
+    the database step fails, the loader keeps the running config (the workers are
+    replaced with it unchanged). Listener settings (``server.addr``, ``workers``,
+    ``interface``, ``read_timeout``) are granian's and need a restart.
+    """
+
+    def __init__(self, path: str, loader: WorkerLoader) -> None:
+        self._path = path
+        self._loader = loader
+        self._pending: GandalfConfig | None = None
+
+    def check(self) -> bool:
+        try:
+            self._pending = load_config(self._path)
+        except ConfigError as exc:
+            logger.error("config reload refused, still serving the previous config: %s", exc)
+            return False
+        return True
+
+    def apply(self) -> None:
+        config, self._pending = self._pending, None
+        if config is None:
+            return
+        try:
+            asyncio.run(_reconcile(config))
+        except Exception as exc:  # the running config stays; say why, in one line
+            logger.error("config reload failed, still serving the previous config: %s", exc)
+            return
+        running = self._loader.config.server
+        restart = [
+            name
+            for name in ("addr", "workers", "interface", "read_timeout")
+            if getattr(running, name) != getattr(config.server, name)
+        ]
+        if restart:
+            logger.warning("server.%s: changed; takes effect at the next restart", restart[0])
+        for warning in config.warnings:
+            logger.warning("%s", warning)
+        self._loader.config = config
+        logger.info("config reloaded from %s; replacing the workers", self._path)
+
+
+async def _reconcile(config: GandalfConfig) -> None:
+    from gandalf import bootstrap
+
+    store = await _open_store(config)
+    try:
+        await bootstrap.reconcile(store, config)
+    finally:
+        await store.close()
 
 
 async def _prepare(config: GandalfConfig) -> str | None:
