@@ -185,7 +185,8 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def __repr__(self) -> str:  # never show the secret
         return (
-            f"ProviderConfig(name={self.name!r}, type={self.type!r}, base_url={self.base_url!r}, "
+            f"ProviderConfig(name={self.name!r}, type={self.type!r}, "
+            f"base_url={self.base_url_ref or self.base_url!r}, "
             f"api_key={'***' if self.api_key else ''!r}, enabled={self.enabled!r})"
         )
 

@@ -108,6 +108,7 @@ def test_secrets_expanded_into_a_base_url_never_reach_the_database(tmp_path: Pat
     env = {"SECRET": user_secret, "SECRET2": query_secret}
     config = parse_config(text, source=str(tmp_path / "g.yaml"), env=env)
     assert user_secret in config.providers[0].base_url  # the running provider gets the value
+    assert user_secret not in repr(config.providers[0])  # what a log line would show
 
     async def seed() -> list[str]:
         store = SqliteStore(str(db))
