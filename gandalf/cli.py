@@ -219,11 +219,20 @@ class _Reloader:
         except ConfigError as exc:
             logger.error("config reload refused, still serving the previous config: %s", exc)
             return False
+        except Exception as exc:  # raising here would unwind granian's main loop
+            logger.error(
+                "config reload refused, still serving the previous config: %s: %s",
+                self._path,
+                f"unexpected {type(exc).__name__}: {exc}",
+            )
+            return False
         return True
 
     def apply(self) -> None:
-        config, self._pending = self._pending, None
-        if config is None:
+        # _pending is read, never cleared: a SIGHUP landing in the middle of this
+        # method can then only leave a newer config for the reload it triggers.
+        config = self._pending
+        if config is None or config is self._loader.config:
             return
         try:
             asyncio.run(_reconcile(config))
@@ -231,13 +240,11 @@ class _Reloader:
             logger.error("config reload failed, still serving the previous config: %s", exc)
             return
         running = self._loader.config.server
-        restart = [
-            name
-            for name in ("addr", "workers", "interface", "read_timeout")
-            if getattr(running, name) != getattr(config.server, name)
-        ]
-        if restart:
-            logger.warning("server.%s: changed; takes effect at the next restart", restart[0])
+        for name in ("addr", "workers", "interface", "read_timeout"):
+            if getattr(running, name) != getattr(config.server, name):
+                logger.warning(
+                    "%s: server.%s: changed; takes effect at the next restart", self._path, name
+                )
         for warning in config.warnings:
             logger.warning("%s", warning)
         self._loader.config = config
