@@ -14,6 +14,7 @@ loaded config, or resolves a stored reference from the environment.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -27,6 +28,8 @@ from gandalf.auth.apikey import display_prefix, hash_key
 from gandalf.config import GandalfConfig
 from gandalf.domain import TYPES_NEEDING_KEY, ApiKey, ProviderConfig, Route
 
+logger = logging.getLogger("gandalf")
+
 
 class BootstrapStore(KeyStore, Protocol):
     async def reconcile(
@@ -37,13 +40,24 @@ class BootstrapStore(KeyStore, Protocol):
 
     async def count_keys(self) -> int: ...
 
+    async def revoke_config_keys_except(self, key_hashes: Sequence[str]) -> int: ...
+
 
 async def reconcile(store: BootstrapStore, config: GandalfConfig) -> int:
-    """Make storage match the config. Returns how many bootstrap keys were new."""
+    """Make storage match the config. Returns how many bootstrap keys were new.
+
+    Keys are reconciled like providers and routes: every ``keys`` entry and
+    ``auth.admin_key`` is seeded (source ``config``), and every active
+    config-sourced key that is no longer in the config (removed, or its secret
+    changed) is revoked. Keys made by ``gandalf keys create`` or the first-start
+    admin key are left alone. A revoked key stays revoked even if it comes back
+    to the config: a revocation is never undone by a file.
+    """
     await store.ensure_org("default", "Default")
-    await store.reconcile(config.providers, config.routes)
+    await store.reconcile([_storable(p) for p in config.providers], config.routes)
     added = 0
     now = time.time()
+    hashes: list[str] = []
     for entry in config.keys:
         if entry.org_id != "default":
             await store.ensure_org(entry.org_id, entry.org_id)
@@ -62,8 +76,12 @@ async def reconcile(store: BootstrapStore, config: GandalfConfig) -> int:
             created_at=now,
             source="config",
         )
+        hashes.append(key.key_hash)
         if await store.upsert_config_key(key):
             added += 1
+    revoked = await store.revoke_config_keys_except(hashes)
+    if revoked:
+        logger.warning("revoked %d API key(s) that are no longer in %s", revoked, config.source)
     return added
 
 
@@ -87,6 +105,21 @@ def resolve_ref(ref: str, env: Mapping[str, str]) -> str:
     return value if value else (match.group(2) or "")
 
 
+def _storable(provider: ProviderConfig) -> ProviderConfig:
+    """``provider`` as the database may see it: a ``base_url`` built from ``${VAR}``
+    references is stored as the references (its expanded form may hold secrets)."""
+    if provider.base_url_ref is None:
+        return provider
+    return msgspec.structs.replace(provider, base_url=provider.base_url_ref)
+
+
+def resolve_refs(text: str, env: Mapping[str, str]) -> str:
+    """``text`` with every ``${VAR}`` / ``${VAR:-default}`` replaced by its value."""
+    if "${" not in text:
+        return text
+    return _REF.sub(lambda m: resolve_ref(m.group(0), env), text)
+
+
 def runtime_providers(
     config: GandalfConfig,
     stored: Sequence[ProviderConfig],
@@ -101,6 +134,7 @@ def runtime_providers(
         if provider.name in names or provider.source == "config":
             continue
         secret = resolve_ref(provider.api_key_ref, env) if provider.api_key_ref else ""
+        provider = msgspec.structs.replace(provider, base_url=resolve_refs(provider.base_url, env))
         if not secret and provider.type in TYPES_NEEDING_KEY and provider.enabled:
             provider = msgspec.structs.replace(
                 provider, enabled=False, disabled_reason=f"set {provider.api_key_ref or 'api_key'}"

@@ -9,25 +9,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gandalf import __version__
 from gandalf.config import GandalfConfig, default_config_path, load_config
 from gandalf.errors import ConfigError, GatewayError
 from gandalf.storage.sqlite import SqliteStore
 
+if TYPE_CHECKING:
+    from gandalf.wiring import WorkerLoader
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+RESPAWN_INTERVAL = 3.5  # seconds (granian's default), see _serve
+
+logger = logging.getLogger("gandalf")
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_LIFETIME = 100 * 366 * 86400  # seconds: "100 years", leap days included
+_MAX_DIGITS = 12
+# C0 and C1 controls and DEL: what a terminal would act on instead of showing.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class CliError(Exception):
@@ -130,21 +142,35 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError("--workers must be at least 1", EXIT_USAGE)
     access_log = config.server.access_log and not args.no_access_log
 
+    from gandalf.wiring import WorkerLoader, configure_logging
+
+    configure_logging()  # bootstrap's lines (revoked keys) and reload problems
     _check_port(host, port)  # before a first admin key is made and shown
     admin_key = asyncio.run(_prepare(config))
     for warning in config.warnings:
         print(f"gandalf: warning: {warning}", file=sys.stderr)
-    interface = args.interface or config.server.interface
+    interface: str = args.interface or config.server.interface
     _banner(config, host, port, workers, interface, admin_key)
 
     from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.server import Server
 
-    os.environ["GANDALF_CONFIG"] = str(Path(config.source).resolve())
+    path = str(Path(config.source).resolve())
+    os.environ["GANDALF_CONFIG"] = path
     os.environ["GANDALF_ACCESS_LOG"] = "1" if access_log else "0"
-    interface = args.interface or config.server.interface
-    server = Server(
+    loader = WorkerLoader(
+        config, interface=interface, access_log=False if args.no_access_log else None
+    )
+    reloader = _Reloader(path, loader)
+
+    class _Server(Server):  # type: ignore[valid-type,misc]  # granian picks MP/MT at import
+        def signal_handler_reload(self, *args: object, **kwargs: object) -> None:
+            # Runs in the main thread on SIGHUP: a broken file never reaches the workers.
+            if reloader.check():
+                super().signal_handler_reload(*args, **kwargs)
+
+    server = _Server(
         "gandalf.wiring:rsgi_worker_app" if interface == "rsgi" else "gandalf.wiring:worker_app",
         address=host,
         port=port,
@@ -162,9 +188,82 @@ def _serve(args: argparse.Namespace) -> int:
         http=HTTPModes.http1,
         http1_settings=HTTP1Settings(header_read_timeout=int(config.server.read_timeout * 1000)),
         workers_kill_timeout=int(config.server.shutdown_timeout) + 5,
+        # A worker that dies is replaced instead of taking the others down with
+        # it; granian still exits on a crash loop (a respawned worker dying
+        # within 5.5 s). The interval is how long a reload runs old and new
+        # workers side by side.
+        respawn_failed_workers=True,
+        respawn_interval=RESPAWN_INTERVAL,
     )
-    server.serve()
+    server.on_reload(reloader.apply)
+    server.serve(target_loader=loader)
     return EXIT_OK
+
+
+class _Reloader:
+    """SIGHUP for ``gandalf serve``: re-read the config file; apply it only if it is valid.
+
+    :meth:`check` runs in the SIGHUP handler: it loads and validates the file, and
+    on a problem logs one ``file: key.path: problem`` line and returns False (granian
+    then does not reload at all). :meth:`apply` runs as granian's reload hook in the
+    main loop, before the workers are replaced: it reconciles providers, routes and
+    keys into the database, then hands the config to the :class:`WorkerLoader`. If
+    the database step fails, the loader keeps the running config (the workers are
+    replaced with it unchanged). Listener settings (``server.addr``, ``workers``,
+    ``interface``, ``read_timeout``) are granian's and need a restart.
+    """
+
+    def __init__(self, path: str, loader: WorkerLoader) -> None:
+        self._path = path
+        self._loader = loader
+        self._pending: GandalfConfig | None = None
+
+    def check(self) -> bool:
+        try:
+            self._pending = load_config(self._path)
+        except ConfigError as exc:
+            logger.error("config reload refused, still serving the previous config: %s", exc)
+            return False
+        except Exception as exc:  # raising here would unwind granian's main loop
+            logger.error(
+                "config reload refused, still serving the previous config: %s: %s",
+                self._path,
+                f"unexpected {type(exc).__name__}: {exc}",
+            )
+            return False
+        return True
+
+    def apply(self) -> None:
+        # _pending is read, never cleared: a SIGHUP landing in the middle of this
+        # method can then only leave a newer config for the reload it triggers.
+        config = self._pending
+        if config is None or config is self._loader.config:
+            return
+        try:
+            asyncio.run(_reconcile(config))
+        except Exception as exc:  # the running config stays; say why, in one line
+            logger.error("config reload failed, still serving the previous config: %s", exc)
+            return
+        running = self._loader.config.server
+        for name in ("addr", "workers", "interface", "read_timeout"):
+            if getattr(running, name) != getattr(config.server, name):
+                logger.warning(
+                    "%s: server.%s: changed; takes effect at the next restart", self._path, name
+                )
+        for warning in config.warnings:
+            logger.warning("%s", warning)
+        self._loader.config = config
+        logger.info("config reloaded from %s; replacing the workers", self._path)
+
+
+async def _reconcile(config: GandalfConfig) -> None:
+    from gandalf import bootstrap
+
+    store = await _open_store(config)
+    try:
+        await bootstrap.reconcile(store, config)
+    finally:
+        await store.close()
 
 
 async def _prepare(config: GandalfConfig) -> str | None:
@@ -230,12 +329,35 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _expires(text: str | None, now: float) -> float | None:
+    """``now`` plus the ``--expires-in`` duration; at most :data:`MAX_LIFETIME` seconds."""
     if text is None:
         return None
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise CliError(f"--expires-in must look like 30d, 12h or 2w, got {text!r}", EXIT_USAGE)
+    # Digit counts are capped before int(): a 5000-digit number would raise ValueError.
+    if any(len(n) > _MAX_DIGITS for n, _ in parts) or (
+        sum(int(n) * _UNIT[u] for n, u in parts) > MAX_LIFETIME
+    ):
+        raise CliError(f"--expires-in must be at most 100 years, got {_shown(text)}", EXIT_USAGE)
     return now + sum(int(n) * _UNIT[u] for n, u in parts)
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for one line of terminal output: control characters escaped."""
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+
+
+def _safe(text: str | None) -> str:
+    """``text`` with control characters (escape sequences, CR, BEL...) made visible."""
+    if text is None:
+        return "-"
+    return _CONTROL.sub(_escape_control, text)
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group(0)
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or f"\\x{ord(char):02x}"
 
 
 async def _keys(args: argparse.Namespace) -> int:
@@ -246,6 +368,13 @@ async def _keys(args: argparse.Namespace) -> int:
     try:
         manager = KeyManager(store)
         if args.keys_command == "create":
+            named = (("--name", args.name), ("--org", args.org), ("--team", args.team))
+            for option, value in named:
+                if value is not None and _CONTROL.search(value):
+                    raise CliError(
+                        f"{option} must not contain control characters, got {_shown(value)}",
+                        EXIT_USAGE,
+                    )
             models = None
             if args.models is not None:
                 models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -262,7 +391,7 @@ async def _keys(args: argparse.Namespace) -> int:
                 raise CliError(exc.message, EXIT_USAGE) from None
             print(plaintext)
             print(
-                f"created key {key.id} ({key.name}, role {key.role}); "
+                f"created key {key.id} ({_safe(key.name)}, role {key.role}); "
                 "the key above is shown only once",
                 file=sys.stderr,
             )
@@ -279,7 +408,11 @@ async def _keys(args: argparse.Namespace) -> int:
                         "expired" if k.expires_at is not None and k.expires_at <= now else "active"
                     )
                 )
-                print(f"{k.id:<22} {k.prefix:<9} {k.name:<20} {k.role:<16} {k.org_id:<10} {status}")
+                # Every field comes from the database, which other tools may have written.
+                print(
+                    f"{_safe(k.id):<22} {_safe(k.prefix):<9} {_safe(k.name):<20} "
+                    f"{_safe(k.role):<16} {_safe(k.org_id):<10} {status}"
+                )
             return EXIT_OK
         if not await manager.revoke(args.id):
             raise CliError(f"no key with id {args.id!r}", EXIT_NOT_FOUND)

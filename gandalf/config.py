@@ -88,6 +88,7 @@ _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # "$$", a complete "${...}", or a "${" that is never closed.
 _REFERENCE = re.compile(r"\$(?:\$|\{([^}]*)\}|\{)")
 _PURE_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}")
+_DEFAULTED_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-[^}]*\}")
 _SECRET_KEYS = frozenset({"api_key", "key", "admin_key"})
 _MAX_DEPTH = 32
 
@@ -580,7 +581,14 @@ class _Loader:
                 )
             seen[p.name] = i
             ptype = self.provider_type(p, path)
-            base_url = self.base_url(p, ptype, path)
+            raw_url = _raw_field(raw, i, "base_url")
+            base_url = self.base_url(p, ptype, path, raw_url)
+            # Keep the references, never their values (nor a default, which could be a secret).
+            base_url_ref = (
+                _DEFAULTED_REFERENCE.sub(r"${\1}", raw_url).rstrip("/")
+                if raw_url is not None and "${" in raw_url and p.base_url
+                else None
+            )
 
             raw_key = _raw_field(raw, i, "api_key")
             ref = _PURE_REFERENCE.fullmatch(raw_key) if raw_key else None
@@ -600,6 +608,7 @@ class _Loader:
                     name=p.name,
                     type=ptype,
                     base_url=base_url,
+                    base_url_ref=base_url_ref,
                     api_key=p.api_key,
                     api_key_ref=api_key_ref,
                     models=p.models,
@@ -635,7 +644,7 @@ class _Loader:
             self.fail(f"{path}.type", f"expected one of {types}, got {p.type!r}")
         return p.type
 
-    def base_url(self, p: _ProviderIn, ptype: str, path: str) -> str:
+    def base_url(self, p: _ProviderIn, ptype: str, path: str, raw: str | None) -> str:
         # An empty base_url (e.g. an unset ${VAR}) means "the type's default".
         url = p.base_url or DEFAULT_BASE_URLS[ptype]
         if ptype == "fake":
@@ -647,7 +656,9 @@ class _Loader:
             )
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            self.fail(f"{path}.base_url", f"expected an http:// or https:// URL, got {url!r}")
+            # Show what was written, not what ${VAR}s expanded to (it may hold secrets).
+            shown = raw if raw is not None and "${" in raw else url
+            self.fail(f"{path}.base_url", f"expected an http:// or https:// URL, got {shown!r}")
         return url.rstrip("/")
 
     def build_routes(self, entries: tuple[_RouteIn, ...], providers: set[str]) -> tuple[Route, ...]:

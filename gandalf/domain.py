@@ -158,6 +158,9 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     type: str
     base_url: str = ""
+    # The base_url as written, when it holds ${VAR} references (defaults dropped):
+    # what storage keeps, since the expanded URL may carry secrets.
+    base_url_ref: str | None = None
     api_key: str = ""
     api_key_ref: str | None = None
     models: tuple[str, ...] = ()
@@ -182,7 +185,8 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def __repr__(self) -> str:  # never show the secret
         return (
-            f"ProviderConfig(name={self.name!r}, type={self.type!r}, base_url={self.base_url!r}, "
+            f"ProviderConfig(name={self.name!r}, type={self.type!r}, "
+            f"base_url={self.base_url_ref or self.base_url!r}, "
             f"api_key={'***' if self.api_key else ''!r}, enabled={self.enabled!r})"
         )
 

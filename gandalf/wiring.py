@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 
 from gandalf import bootstrap
@@ -131,6 +132,35 @@ def configure_logging(level: int = logging.INFO) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+
+class WorkerLoader:
+    """granian's target loader for ``gandalf serve``: each worker's app is built
+    from :attr:`config`, the configuration the main process accepted last.
+
+    The main process replaces :attr:`config` on a good SIGHUP reload; a worker
+    started afterwards (a reload, or a respawn after a crash) gets the new one.
+    Workers never re-read the file themselves, so a file broken after the last
+    accepted reload cannot take a respawned worker down. Works with fork (the
+    child sees the attribute as it was at fork time) and spawn (pickled then).
+    """
+
+    __slots__ = ("access_log", "config", "interface")
+
+    def __init__(self, config: GandalfConfig, *, interface: str, access_log: bool | None) -> None:
+        self.config = config
+        self.interface = interface
+        self.access_log = access_log  # None: the config's server.access_log
+
+    def __call__(self, target: str) -> GandalfApp | RSGIApp:
+        """The app for one worker (``target`` is granian's import string, unused)."""
+        # SIGHUP is the main process's (a reload); a forked worker would otherwise run
+        # the main process's handler on its own copy of the server when a whole process
+        # group is signalled (a closed terminal).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        configure_logging()
+        app = create_app(self.config, access_log=self.access_log, handle_signals=True)
+        return RSGIApp(app) if self.interface == "rsgi" else app
 
 
 def worker_app() -> GandalfApp:

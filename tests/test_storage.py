@@ -206,6 +206,20 @@ def test_failing_write_raises_to_its_caller_and_writer_goes_on(dsn: str) -> None
     run(check, dsn)
 
 
+def test_revoke_config_keys_except_touches_only_config_keys_not_kept(dsn: str) -> None:
+    async def check(store: SqliteStore) -> None:
+        await store.upsert_config_key(make_key(1, source="config"))
+        await store.upsert_config_key(make_key(2, source="config"))
+        await store.create_key(make_key(3, source="cli"))
+        assert await store.revoke_config_keys_except([make_key(2).key_hash]) == 1
+        revoked = {k.id: k.revoked for k in await store.list_keys()}
+        assert revoked == {"key-1": True, "key-2": False, "key-3": False}
+        assert await store.revoke_config_keys_except([]) == 1  # key-1 is not counted twice
+        assert (await store.get_key("key-3")) == make_key(3, source="cli")
+
+    run(check, dsn)
+
+
 def test_upsert_config_key_is_idempotent(dsn: str) -> None:
     async def check(store: SqliteStore) -> None:
         key = make_key(1, source="config", role="admin")

@@ -154,6 +154,12 @@ _KEY_UPDATE_FROM_CONFIG: Final = (
     "allowed_models = ?, expires_at = ? WHERE key_hash = ?"
 )
 
+# A config key that left the config is revoked (not deleted: usage keeps its key id).
+_KEY_REVOKE_CONFIG_EXCEPT: Final = (
+    "UPDATE api_keys SET revoked = 1 WHERE source = 'config' AND revoked = 0 "
+    "AND key_hash NOT IN (SELECT value FROM json_each(?))"
+)
+
 
 def _key_row(key: ApiKey, now: float) -> tuple[object, ...]:
     allowed = key.allowed_models
@@ -633,6 +639,20 @@ class SqliteStore:
                 return True
             await conn.execute(_KEY_UPDATE_FROM_CONFIG, update)
             return False
+
+        return await self._write(op)
+
+    async def revoke_config_keys_except(self, key_hashes: Sequence[str]) -> int:
+        """Revoke every active config-sourced key whose hash is not in ``key_hashes``.
+
+        Keys of other sources (``cli``, ``api``, the first admin key) are never
+        touched. Returns how many keys were revoked.
+        """
+        hashes = _json(list(key_hashes))
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(_KEY_REVOKE_CONFIG_EXCEPT, (hashes,))
+            return cur.rowcount
 
         return await self._write(op)
 
