@@ -14,6 +14,7 @@
     ├── ProviderUnavailable              503 provider_unavailable
     │   └── CircuitOpen                  503 circuit_open (+ retry-after)
     ├── NotReady                         503 not_ready (/readyz)
+    ├── StoreUnavailable                 503 store_unavailable (a key lookup failed)
     └── UpstreamError                    502 upstream_error
         ├── UpstreamAuthError            502 upstream_auth_error
         ├── UpstreamTimeout              504 upstream_timeout
@@ -193,6 +194,15 @@ class NotReady(GatewayError):
     status = 503
     type = "service_unavailable"
     code = "not_ready"
+
+
+class StoreUnavailable(GatewayError):
+    """The database did not answer a lookup the request needs (its API key was
+    not in the key cache): the request may succeed when retried."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "store_unavailable"
 
 
 class UpstreamError(GatewayError):
