@@ -120,7 +120,12 @@ _BY_PRIORITY: Final = attrgetter("priority")
 def _transient(exc: BaseException) -> bool:
     """Does ``exc`` say "try again later" (busy, locked, I/O, disk full)?"""
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.OperationalError) and (code is None or code & 0xFF in _TRANSIENT)
+    # No code: not an error SQLite reported, so nothing says waiting would help.
+    return (
+        isinstance(exc, sqlite3.OperationalError)
+        and isinstance(code, int)
+        and (code & 0xFF in _TRANSIENT)
+    )
 
 
 def _private(path: str) -> None:
