@@ -232,6 +232,7 @@ class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     connect_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] = 5_000
     first_byte_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
     breaker: _BreakerIn | None = None
+    max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 33_554_432  # 32 MiB
 
 
 class _TargetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -624,6 +625,7 @@ class _Loader:
                     source="config",
                     connect_timeout_ms=min(p.connect_timeout_ms, p.timeout_ms),
                     first_byte_timeout_ms=p.first_byte_timeout_ms,
+                    max_response_bytes=p.max_response_bytes,
                     breaker=_merge_breaker(resilience.breaker, p.breaker)
                     if p.breaker is not None
                     else None,

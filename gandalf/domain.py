@@ -182,6 +182,9 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     connect_timeout_ms: int = 5000
     first_byte_timeout_ms: int | None = None
     breaker: BreakerPolicy | None = None  # None: the gateway-wide Resilience.breaker
+    # The largest non-streamed answer read from this provider (bytes); larger
+    # is a 502 upstream_response_too_large (provider/transport.py).
+    max_response_bytes: int = 33_554_432
 
     def __repr__(self) -> str:  # never show the secret
         return (

@@ -16,9 +16,12 @@
     ├── ProviderUnavailable              503 provider_unavailable
     │   └── CircuitOpen                  503 circuit_open (+ retry-after)
     ├── NotReady                         503 not_ready (/readyz)
+    ├── StoreUnavailable                 503 store_unavailable (a key lookup failed)
     └── UpstreamError                    502 upstream_error
         ├── UpstreamAuthError            502 upstream_auth_error
         ├── UpstreamTimeout              504 upstream_timeout
+        │   └── UpstreamBodyTimeout      504 upstream_timeout (after the headers came)
+        ├── UpstreamTooLarge             502 upstream_response_too_large
         ├── UpstreamOverloaded           503 upstream_overloaded (retry later)
         └── UpstreamClientError          upstream's own 4xx status, body relayed
                                          or translated to OpenAI's shape
@@ -232,6 +235,15 @@ class NotReady(GatewayError):
     code = "not_ready"
 
 
+class StoreUnavailable(GatewayError):
+    """The database did not answer a lookup the request needs (its API key was
+    not in the key cache): the request may succeed when retried."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "store_unavailable"
+
+
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
@@ -245,6 +257,22 @@ class UpstreamAuthError(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class UpstreamBodyTimeout(UpstreamTimeout):
+    """The upstream sent its response headers, then not the rest of its answer
+    in time (``timeout_ms`` in all, or that long a silence in a stream). It is
+    answering: the request is long (a big generation) or stalled mid-answer.
+    Not evidence that the provider is unhealthy (app/health.py)."""
+
+
+class UpstreamTooLarge(UpstreamError):
+    """The upstream's answer (or one event of its stream) is larger than the
+    gateway's cap for it: ``max_response_bytes`` of the provider, or the
+    event cap of provider/sse.py. The request asked for too much, so another
+    provider would answer as big: no failover, no blame on the provider."""
+
+    code = "upstream_response_too_large"
 
 
 class UpstreamOverloaded(UpstreamError):

@@ -9,6 +9,10 @@ there), which lets one mock serve every scenario at once:
 - ``status-NNN``: HTTP NNN with an OpenAI-shaped error (429 adds ``retry-after: 7``)
 - ``text-NNN``: HTTP NNN with a plain-text body
 - ``hang``: never answers until released (timeouts)
+- ``headers-then-hang``: 200 and its headers at once, then the start of a
+  body and nothing more until released (a long generation, or a stall)
+- ``big-N``: 200 with a JSON body of N bytes and more (response size caps);
+  ``chunked-N`` the same in 64 KiB chunks, without a Content-Length
 - ``gate``: waits until the test opens the gate (graceful drain)
 - ``badjson``: 200 with a body that is not JSON
 
@@ -264,6 +268,30 @@ class MockUpstream(BackgroundServer):
         if model == "hang":
             assert self._release is not None
             await self._release.wait()
+        if model == "headers-then-hang":
+            assert self._release is not None
+            started = web.StreamResponse(status=200, headers={"content-type": "application/json"})
+            await started.prepare(request)
+            await started.write(b'{"id": "chatcmpl-mock", ')
+            await self._release.wait()
+            return started
+        if model.startswith("chunked-"):
+            chunked = web.StreamResponse(status=200, headers={"content-type": "application/json"})
+            chunked.enable_chunked_encoding()
+            await chunked.prepare(request)
+            await chunked.write(b'{"pad": "')
+            left = int(model.split("-", 1)[1])
+            while left > 0:
+                await chunked.write(b"x" * min(left, 65536))
+                left -= 65536
+            await chunked.write(b'"}')
+            await chunked.write_eof()
+            return chunked
+        if model.startswith("big-"):
+            pad = b"x" * int(model.split("-", 1)[1])
+            return web.Response(
+                status=200, body=b'{"pad": "' + pad + b'"}', content_type="application/json"
+            )
         if model == "gate":
             assert self._gate is not None
             self.waiting += 1

@@ -2,8 +2,12 @@
 
 Outcomes are counted in a sliding window of one-second buckets (``window``
 seconds, 60 by default), each outcome weighted by how much it says about the
-provider's health (app/health.py): a timeout 1.5, a 5xx or network failure
-1.0, a 429 0.5, a success or the caller's own 4xx 0.
+provider's health (app/health.py): a timeout before the response headers 1.5,
+a 5xx or network failure 1.0, a 429 0.5; a success, the caller's own 4xx, a
+timeout after the headers came (a long answer) or an answer over the size cap
+0. The breaker is shared by every tenant, so only failures that say "this
+provider is unhealthy" may weigh: a caller must not open it with requests
+that are merely long (see app/health.py, "Blame").
 
 States::
 

@@ -4,6 +4,10 @@
 
     error                                      failover  retry  weight
     UpstreamTimeout (connect/first byte/total)  yes       yes    1.5
+      before the response headers came
+    UpstreamBodyTimeout (total/silence after    no        no     0
+      the headers came: the answer is long)
+    UpstreamTooLarge (answer over the cap)      no        no     0
     UpstreamOverloaded (503/529, overloaded)    yes       yes    1.0
     UpstreamError (5xx, network, bad answer)    yes       yes    1.0
     UpstreamClientError 408                     yes       yes    1.0
@@ -21,6 +25,28 @@ provider with the same credentials cannot help; it weighs as a full failure
 so a provider with a revoked key gets its breaker opened and is skipped.
 Anything that is not a GatewayError is a bug: it is neither retried nor
 counted against the provider.
+
+Blame. The weight says how much a failure tells about the *provider's*
+health, since its breaker is shared by every tenant: a caller must not be
+able to open it with requests that are merely expensive. Unhealthy: connect
+failures and refusals, timeouts before the response headers arrived (the
+provider is not answering), 5xx, bad answers, rejected credentials, and (at
+a low weight) 429s. Not the provider's fault, weight 0: the caller's own
+4xx; a timeout after the headers arrived (the provider is answering; the
+generation is long, e.g. a huge ``max_tokens``), which is also not failed
+over or retried (another provider would be as slow, and each attempt would
+cost the caller another ``timeout_ms``); an answer over the size cap; a
+client that went away (no outcome at all: ``CircuitBreaker.release``).
+Mid-stream (the stream was returned, so no failover), the same rule holds:
+:data:`STREAM_FAILURE_WEIGHTS` counts a 502 (the upstream broke the stream)
+and not a 504 (a silence longer than ``timeout_ms`` after the headers).
+
+The cost of that rule: a provider that sends its headers and then hangs
+never opens its breaker by timing out; each such request still ends at
+``timeout_ms``. And a provider that sends no headers until a long answer
+is complete (typical of non-streamed completions) cannot be told apart from
+a dead one: its total timeouts still count. Set ``first_byte_timeout_ms``
+and ``timeout_ms`` with that in mind.
 """
 
 from __future__ import annotations
@@ -33,13 +59,15 @@ from gandalf.domain import BreakerPolicy, Resilience
 from gandalf.errors import (
     GatewayError,
     UpstreamAuthError,
+    UpstreamBodyTimeout,
     UpstreamClientError,
     UpstreamError,
     UpstreamOverloaded,
     UpstreamTimeout,
+    UpstreamTooLarge,
 )
 
-__all__ = ["Failure", "HealthRegistry", "ProviderHealth", "classify"]
+__all__ = ["STREAM_FAILURE_WEIGHTS", "Failure", "HealthRegistry", "ProviderHealth", "classify"]
 
 
 class Failure:
@@ -58,6 +86,8 @@ class Failure:
 
 
 TIMEOUT = Failure("timeout", 1.5, failover=True, retry=True)
+LONG = Failure("long", 0.0, failover=False, retry=False)
+TOO_LARGE = Failure("too_large", 0.0, failover=False, retry=False)
 SERVER = Failure("server", 1.0, failover=True, retry=True)
 OVERLOADED = Failure("overloaded", 1.0, failover=True, retry=True)
 RATE_LIMITED = Failure("rate_limited", 0.5, failover=True, retry=True)
@@ -65,9 +95,17 @@ CREDENTIALS = Failure("credentials", 1.0, failover=True, retry=False)
 CLIENT = Failure("client", 0.0, failover=False, retry=False)
 
 
+# A stream that fails after it was returned, by the status it ended with: a
+# 502 (the upstream broke it) counts; a 504 is a silence after the headers
+# (UpstreamBodyTimeout), a long answer: not the provider's health.
+STREAM_FAILURE_WEIGHTS: dict[int, float] = {502: 1.0}
+
+
 def classify(exc: GatewayError) -> Failure:
     if isinstance(exc, UpstreamTimeout):
-        return TIMEOUT
+        return LONG if isinstance(exc, UpstreamBodyTimeout) else TIMEOUT
+    if isinstance(exc, UpstreamTooLarge):
+        return TOO_LARGE
     if isinstance(exc, UpstreamAuthError):
         return CREDENTIALS
     if isinstance(exc, UpstreamClientError):

@@ -44,6 +44,7 @@ from gandalf.app.balancer import Slot
 from gandalf.app.breaker import BreakerSnapshot
 from gandalf.app.coalesce import Coalescer, is_deterministic
 from gandalf.app.failover import Attempts, Failover, observe
+from gandalf.app.health import STREAM_FAILURE_WEIGHTS
 from gandalf.app.retry import Backoff
 from gandalf.app.router import RouteEntry, RouteTable
 from gandalf.domain import (
@@ -138,8 +139,9 @@ def failure_status(exc: BaseException) -> int:
     return 500
 
 
-# A stream that fails after it was opened still tells on its provider's health.
-_STREAM_FAILURE_WEIGHTS = {502: 1.0, 504: 1.5}
+# A stream that fails after it was opened still tells on its provider's health
+# (app/health.py says how much).
+_STREAM_FAILURE_WEIGHTS = STREAM_FAILURE_WEIGHTS
 
 
 class RecordedStream:

@@ -4,7 +4,9 @@ Key format: ``gnd_`` + base64url(32 random bytes) (43 characters). Only the
 SHA-256 hex of a key is ever stored or cached. The hot path calls
 :meth:`KeyCache.cached` (a dict get and a float compare, no await); only a miss
 awaits :meth:`KeyCache.load`, which goes to the :class:`KeyLookup` once per
-hash however many requests miss at the same time.
+hash however many requests miss at the same time. A lookup that fails (the
+database is locked, gone, corrupt) is :class:`StoreUnavailable` (503): the
+request may succeed later, and keys already cached keep working meanwhile.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
+import math
 import re
 import secrets
 import time
@@ -19,7 +23,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gandalf.domain import ApiKey, Identity
-from gandalf.errors import AuthenticationError
+from gandalf.errors import AuthenticationError, GatewayError, StoreUnavailable
+
+logger = logging.getLogger("gandalf.auth")
 
 KEY_PREFIX = "gnd_"
 _KEY_SHAPE = re.compile(r"gnd_[A-Za-z0-9_-]{20,128}")
@@ -85,7 +91,18 @@ class KeyCache:
     live ``negative_ttl`` seconds so a bad key cannot hammer the database.
     """
 
-    __slots__ = ("_clock", "_entries", "_inflight", "_lookup", "_max", "_neg_ttl", "_ttl", "_wall")
+    __slots__ = (
+        "_clock",
+        "_entries",
+        "_failed_logged",
+        "_failures",
+        "_inflight",
+        "_lookup",
+        "_max",
+        "_neg_ttl",
+        "_ttl",
+        "_wall",
+    )
 
     def __init__(
         self,
@@ -105,6 +122,8 @@ class KeyCache:
         self._wall = wall_clock
         self._entries: dict[str, tuple[Identity | None, float]] = {}
         self._inflight: dict[str, asyncio.Future[Identity | None]] = {}
+        self._failures = 0  # failed lookups since start-up
+        self._failed_logged = -math.inf  # when the last failure was logged (clock)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -140,7 +159,11 @@ class KeyCache:
         return self._check(entry[0], key_hash)
 
     async def load(self, key: str) -> Identity:
-        """Look ``key`` up in storage (once per hash at a time) and cache the answer."""
+        """Look ``key`` up in storage (once per hash at a time) and cache the answer.
+
+        Raises AuthenticationError for a bad key, StoreUnavailable when the
+        lookup itself fails (nothing is cached then).
+        """
         key_hash = hashlib.sha256(key.encode()).hexdigest()
         pending = self._inflight.get(key_hash)
         if pending is not None:
@@ -148,7 +171,18 @@ class KeyCache:
         future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
         self._inflight[key_hash] = future
         try:
-            stored = await self._lookup.get_key_by_hash(key_hash)
+            try:
+                stored = await self._lookup.get_key_by_hash(key_hash)
+            except (GatewayError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                # Whatever the store raises (sqlite3, aiosqlite, StorageError):
+                # the database failed, not the caller; no internals on the wire.
+                self._log_failure(exc)
+                raise StoreUnavailable(
+                    "The gateway cannot check API keys right now: its database is "
+                    "unavailable. Retry shortly."
+                ) from exc
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters re-raise it themselves
@@ -159,6 +193,20 @@ class KeyCache:
         self._store(key_hash, identity)
         future.set_result(identity)
         return self._check(identity, key_hash)
+
+    def _log_failure(self, exc: Exception) -> None:
+        """Log a failed lookup, at most once a second (a dead database under
+        traffic fails every miss), with the count so far."""
+        self._failures += 1
+        now = self._clock()
+        if now - self._failed_logged >= 1.0:
+            self._failed_logged = now
+            logger.error(
+                "API key lookup failed (%d so far): %s: %s",
+                self._failures,
+                type(exc).__name__,
+                exc,
+            )
 
     def invalidate(self, key_hash: str | None = None) -> None:
         if key_hash is None:

@@ -309,7 +309,7 @@ class NativeClient(transport.UpstreamClient):
             streaming = request.stream and status < 300
             if not streaming:
                 try:
-                    body = await resp.read()
+                    body = await transport.read_body(resp, self._errors)
                 finally:
                     resp.release()
         if status in (401, 403):

@@ -158,7 +158,7 @@ class OpenAIProvider(transport.UpstreamClient):
             async with session.post(url, data=body, headers=self._headers) as resp:
                 if errors.lift_first_byte:
                     transport.headers_arrived(resp, None)
-                data = await resp.read()
+                data = await transport.read_body(resp, errors)
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After") if status >= 400 else None
         if status >= 300:
@@ -200,7 +200,7 @@ class OpenAIProvider(transport.UpstreamClient):
             status = resp.status
             if status >= 300 or not resp.content_type.startswith("text/event-stream"):
                 try:
-                    data = await resp.read()
+                    data = await transport.read_body(resp, self._errors)
                     retry_after = resp.headers.get("Retry-After") if status >= 400 else None
                 finally:
                     resp.release()

@@ -7,6 +7,14 @@ a usage object (``"usage":{``, the final event when ``include_usage`` is on)
 are decoded, to read the token counts; when Gandalf itself asked the upstream
 for usage, that usage-only event is dropped so the client sees exactly what
 OpenAI would have sent it.
+
+Bounds. A partial event under 16 KiB is prepended to the next read (cheap,
+and the usual case); a longer one waits as a list of the reads that brought
+it, joined once when its end arrives, each read scanned for a separator only
+with the last three bytes before it: a long event costs linear time, not one
+copy and one scan of everything so far per read. An event still unfinished past
+``max_event`` bytes (default :data:`MAX_EVENT_BYTES`) raises UpstreamTooLarge
+(502): a stream without event boundaries cannot hold the gateway's memory.
 """
 
 from __future__ import annotations
@@ -14,6 +22,13 @@ from __future__ import annotations
 import msgspec
 
 from gandalf.domain import Usage
+from gandalf.errors import UpstreamTooLarge
+
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+# A pending event this small is simply prepended to the next read and rescanned
+# (the usual case: a read ended inside an event, the next one ends it); past
+# this size it is kept as a list of reads and only the new reads are scanned.
+_SMALL = 16384
 
 _DONE = b"data: [DONE]"
 _DONE_EVENT = b"\ndata: [DONE]\n\n"
@@ -37,30 +52,122 @@ def _boundary(data: bytes) -> int:
     return end
 
 
-class EventRelay:
+class _Pending:
+    """The bytes of the event in progress.
+
+    Small (under ``_small`` bytes, the usual case: a read ended inside an
+    event and the next read ends it): ``_carry`` holds them, prepended to the
+    next read, which is scanned whole, as cheap as anything. Big: ``_pieces``
+    holds the reads (none empty), ``_size`` their total, and ``_carry`` only
+    their last three bytes, so that a read is scanned with just those (a
+    separator may be cut by a read), never the pending bytes again.
+    """
+
+    __slots__ = ("_carry", "_max_event", "_pieces", "_size", "_small")
+
+    def __init__(self, max_event: int) -> None:
+        self._max_event = max_event
+        self._small = min(_SMALL, max_event)
+        self._carry = b""
+        self._pieces: list[bytes] = []
+        self._size = 0
+
+    def _hold(self, piece: bytes) -> None:
+        """Keep ``piece`` (no event end in it) while nothing else is pending."""
+        if len(piece) < self._small:
+            self._carry = piece
+        else:
+            self._pieces.append(piece)
+            self._size = len(piece)
+            self._carry = piece[-3:]
+            if self._size > self._max_event:
+                self._overflow()
+
+    def _overflow(self) -> None:
+        self._pieces.clear()
+        self._size = 0
+        self._carry = b""
+        raise UpstreamTooLarge(
+            f"The upstream sent an event of more than {self._max_event} bytes "
+            "without ending it; the stream was cut."
+        )
+
+    def _complete(self, chunk: bytes) -> bytes:
+        """With a big event pending: the complete events ``chunk`` finishes,
+        joined with what was pending (b"" when it finishes none, then it is
+        held too). Scans ``chunk`` and the 3 bytes before it only."""
+        pieces = self._pieces
+        cut = _boundary(chunk)
+        if cut == 0:
+            # A separator cut by the read starts in the pending bytes.
+            tail = self._carry
+            cut = _boundary(tail + chunk[:3]) - len(tail)
+            if cut <= 0:
+                if chunk:
+                    pieces.append(chunk)
+                    self._size += len(chunk)
+                    self._carry = (tail + chunk[-3:])[-3:]
+                    if self._size > self._max_event:
+                        self._overflow()
+                return b""
+        pieces.append(chunk[:cut] if cut < len(chunk) else chunk)
+        complete = b"".join(pieces)
+        pieces.clear()
+        self._size = 0
+        self._carry = b""
+        if cut < len(chunk):
+            self._hold(chunk[cut:])
+        return complete
+
+    def _rest(self) -> bytes:
+        """What is pending, now no longer."""
+        pieces = self._pieces
+        rest = b"".join(pieces) if pieces else self._carry
+        pieces.clear()
+        self._size = 0
+        self._carry = b""
+        return rest
+
+
+class EventRelay(_Pending):
     """Frames one stream. ``feed`` returns the bytes to forward now (maybe empty)."""
 
-    __slots__ = ("_carry", "done", "drop_usage", "events", "usage")
+    __slots__ = ("done", "drop_usage", "events", "usage")
 
-    def __init__(self, *, drop_usage: bool) -> None:
+    def __init__(self, *, drop_usage: bool, max_event: int = MAX_EVENT_BYTES) -> None:
+        super().__init__(max_event)
         self.drop_usage = drop_usage
         self.usage: Usage | None = None
         self.events = 0
         self.done = False
-        self._carry = b""
 
     def feed(self, chunk: bytes) -> bytes:
+        """The complete events ``chunk`` ends (maybe b""). UpstreamTooLarge
+        when an event grows past ``max_event`` without ending."""
         # Runs once per upstream read: written flat, C-level bytes methods only.
-        if self._carry:
-            chunk = self._carry + chunk
-            self._carry = b""
+        carry = self._carry
+        if carry:
+            if self._pieces:
+                chunk = self._complete(chunk)
+                if not chunk:
+                    return b""
+            else:
+                chunk = carry + chunk
+                self._carry = b""
         if not chunk.endswith(b"\n\n"):  # the read ended inside an event (or CRLF framing)
-            end = _boundary(chunk)
+            end = _boundary(chunk)  # nothing is pending now
             if end == 0:
-                self._carry = chunk
+                if len(chunk) < self._small:
+                    self._carry = chunk
+                else:
+                    self._hold(chunk)
                 return b""
             if end < len(chunk):
-                self._carry = chunk[end:]
+                rest = chunk[end:]
+                if len(rest) < self._small:
+                    self._carry = rest
+                else:
+                    self._hold(rest)
                 chunk = chunk[:end]
         self.events += chunk.count(b"\ndata:") + chunk.startswith(b"data:")
         # The usage object rides in the last event that carries one (the
@@ -74,7 +181,7 @@ class EventRelay:
 
     def finish(self) -> bytes:
         """Whatever is left when the upstream closes (an unterminated last event)."""
-        rest, self._carry = self._carry, b""
+        rest = self._rest()
         if rest:
             self.events += _count_events(rest)
             if _has_done(rest):
@@ -125,30 +232,46 @@ def _data_of(event: bytes) -> bytes | None:
     return b"\n".join(line[5:].lstrip(b" ") for line in lines)
 
 
-class EventParser:
+class EventParser(_Pending):
     """Splits an upstream event stream into ``(event, data)`` pairs, for adapters
     that translate events rather than relay them. Reads may cut anywhere; LF and
     CRLF framing both work; comments (``: ping``) and ``id:``/``retry:`` lines
     are skipped; several ``data:`` lines of one event are joined with newlines.
-    An event without an ``event:`` line has the name ``b""``."""
+    An event without an ``event:`` line has the name ``b""``. An event longer
+    than ``max_event`` bytes raises UpstreamTooLarge."""
 
-    __slots__ = ("_carry",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._carry = b""
+    def __init__(self, max_event: int = MAX_EVENT_BYTES) -> None:
+        super().__init__(max_event)
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
-        data = self._carry + chunk if self._carry else chunk
-        end = _boundary(data)
+        carry = self._carry
+        if carry:
+            if self._pieces:
+                data = self._complete(chunk)
+                return _parse_events(data) if data else []
+            chunk = carry + chunk
+            self._carry = b""
+        end = _boundary(chunk)
         if end == 0:
-            self._carry = data
+            if len(chunk) < self._small:
+                self._carry = chunk
+            else:
+                self._hold(chunk)
             return []
-        self._carry = data[end:]
-        return _parse_events(data[:end])
+        if end < len(chunk):
+            rest = chunk[end:]
+            if len(rest) < self._small:
+                self._carry = rest
+            else:
+                self._hold(rest)
+            return _parse_events(chunk[:end])
+        return _parse_events(chunk)
 
     def finish(self) -> list[tuple[bytes, bytes]]:
         """The last event when the upstream closed without its blank line."""
-        rest, self._carry = self._carry, b""
+        rest = self._rest()
         return _parse_events(rest) if rest.strip() else []
 
 

@@ -18,9 +18,25 @@ Timeouts, per provider (:func:`request_timeout`, :func:`stream_timeout`):
 Each has its own message (:class:`UpstreamErrors`), so an operator can tell a
 dark host (connect) from a stuck model (first byte) from a slow answer (total).
 
+Which phase timed out also says who is to blame (app/health.py weighs it for
+the provider's circuit breaker). Before the response headers arrived (connect,
+first byte, or the total running out while waiting for them) the provider is
+not answering: UpstreamTimeout. Once they arrived, the provider is answering
+and the request is long (a big generation) or stalled mid-answer:
+UpstreamBodyTimeout, the same 504 on the wire, which does not count against
+the provider (any caller could otherwise open its breaker for every tenant
+with requests that are merely long). Reading a body goes through
+:attr:`UpstreamErrors.body` (non-streamed) or :attr:`UpstreamErrors.stream_body`.
+
+Size: a non-streamed answer (success or error) is read with :func:`read_body`,
+at most ``max_response_bytes`` (per provider, default 32 MiB): a larger one
+is a 502 UpstreamTooLarge naming the cap, found without reading it all.
+
 Failure mapping (the contract's error table):
 
 - connect/first-byte/total timeouts -> UpstreamTimeout (504)
+- total/silence after the headers   -> UpstreamBodyTimeout (504)
+- an answer over max_response_bytes -> UpstreamTooLarge (502)
 - refused, reset, DNS, bad payload -> UpstreamError (502)
 - HTTP 401/403 from the upstream  -> UpstreamAuthError (502): the gateway's own
   credentials were rejected, never the caller's
@@ -43,16 +59,19 @@ from gandalf.domain import ProviderConfig
 from gandalf.errors import (
     GatewayError,
     UpstreamAuthError,
+    UpstreamBodyTimeout,
     UpstreamClientError,
     UpstreamError,
     UpstreamOverloaded,
     UpstreamTimeout,
+    UpstreamTooLarge,
 )
 
 # Far above anything one worker serves at once; the point is no artificial cap.
 CONNECTION_LIMIT = 4096
 KEEPALIVE_SECONDS = 75.0
 DEFAULT_CONNECT_TIMEOUT_MS = 5000
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
 def _connect_ms(config: ProviderConfig) -> int:
@@ -161,9 +180,12 @@ class UpstreamErrors:
     """
 
     __slots__ = (
+        "after_headers",
+        "body",
         "connect_ms",
         "first_byte_ms",
         "lift_first_byte",
+        "max_bytes",
         "provider",
         "stream_body",
         "timeout_ms",
@@ -177,9 +199,15 @@ class UpstreamErrors:
         *,
         connect_timeout_ms: int | None = None,
         first_byte_timeout_ms: int | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         streaming: bool = False,
+        reading: bool = False,
     ) -> None:
         self.provider = provider
+        self.max_bytes = max_response_bytes
+        # The response headers came before anything this instance maps: a
+        # timeout is the answer's (UpstreamBodyTimeout), not the provider's.
+        self.after_headers = streaming or reading
         self.timeout_ms = timeout_ms
         self.timeout_s = timeout_ms / 1000.0
         self.connect_ms = min(
@@ -200,7 +228,21 @@ class UpstreamErrors:
                 timeout_ms,
                 connect_timeout_ms=self.connect_ms,
                 first_byte_timeout_ms=self.first_byte_ms,
+                max_response_bytes=max_response_bytes,
                 streaming=True,
+            )
+        )
+        # Use while reading a non-streamed answer's body (read_body does).
+        self.body: UpstreamErrors = (
+            self
+            if streaming or reading
+            else UpstreamErrors(
+                provider,
+                timeout_ms,
+                connect_timeout_ms=self.connect_ms,
+                first_byte_timeout_ms=self.first_byte_ms,
+                max_response_bytes=max_response_bytes,
+                reading=True,
             )
         )
 
@@ -211,6 +253,7 @@ class UpstreamErrors:
             config.timeout_ms,
             connect_timeout_ms=config.connect_timeout_ms,
             first_byte_timeout_ms=config.first_byte_timeout_ms,
+            max_response_bytes=config.max_response_bytes,
         )
 
     def timeout_message(self, exc: BaseException) -> str:
@@ -224,6 +267,8 @@ class UpstreamErrors:
                 )
             else:
                 what = f"waiting for the first byte (first_byte_timeout_ms={self.first_byte_ms})"
+        elif self.after_headers:
+            what = f"after timeout_ms={self.timeout_ms} (total), while sending its answer"
         else:
             what = f"after timeout_ms={self.timeout_ms} (total)"
         return f"Upstream provider '{self.provider}' timed out {what}."
@@ -241,6 +286,8 @@ class UpstreamErrors:
             return False
         # TimeoutError first: in Python 3.11 it is also an OSError.
         if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+            if self.after_headers:
+                raise UpstreamBodyTimeout(self.timeout_message(exc)) from None
             raise UpstreamTimeout(self.timeout_message(exc)) from None
         if isinstance(exc, aiohttp.ClientConnectorError):
             raise UpstreamError(
@@ -289,6 +336,34 @@ def http_status_error(
     return UpstreamError(f"Upstream provider '{provider}' returned HTTP {status}.")
 
 
+async def read_body(resp: aiohttp.ClientResponse, errors: UpstreamErrors) -> bytes:
+    """The whole body of a non-streamed answer whose headers came, mapped with
+    ``errors.body``: at most ``errors.max_bytes`` bytes, else UpstreamTooLarge
+    (the connection is dropped; no more than the cap plus one read is held)."""
+    cap = errors.max_bytes
+    with errors.body:
+        length = resp.content_length
+        if length is not None and length <= cap:
+            return await resp.read()  # the common case: the parser stops at the length
+        if length is None:
+            content = resp.content
+            pieces: list[bytes] = []
+            size = 0
+            while True:
+                piece = await content.readany()
+                if not piece:
+                    return b"".join(pieces)
+                size += len(piece)
+                if size > cap:
+                    break
+                pieces.append(piece)
+    resp.close()
+    raise UpstreamTooLarge(
+        f"Upstream provider '{errors.provider}' sent an answer larger than "
+        f"max_response_bytes={cap}; it was not relayed."
+    )
+
+
 ErrorMapper = Callable[[int, bytes, "str | None"], GatewayError]
 """``(status, body, retry_after) -> error`` for a non-2xx upstream answer."""
 
@@ -306,7 +381,7 @@ async def post_json(
         async with session.post(url, data=body, headers=headers) as resp:
             if errors.lift_first_byte:
                 headers_arrived(resp, None)
-            data = await resp.read()
+            data = await read_body(resp, errors)
             status = resp.status
             retry_after = resp.headers.get("Retry-After") if status >= 400 else None
     if status >= 300:
@@ -323,7 +398,7 @@ async def get_json(
 ) -> bytes:
     with errors:
         async with session.get(url, headers=headers) as resp:
-            data = await resp.read()
+            data = await read_body(resp, errors)
             status = resp.status
     if status >= 300:
         raise on_error(status, data, None)
@@ -347,7 +422,7 @@ async def open_event_stream(
         status = resp.status
         if status >= 300 or not resp.content_type.startswith("text/event-stream"):
             try:
-                data = await resp.read()
+                data = await read_body(resp, errors)
                 retry_after = resp.headers.get("Retry-After") if status >= 400 else None
             finally:
                 resp.release()

@@ -21,8 +21,22 @@ Writes
 
 Usage
     ``record_usage`` never blocks and never raises: when ``queue_size`` items are
-    already waiting the record is dropped and counted. ``close`` drains the
-    queue before closing (flush on shutdown).
+    already waiting the record is dropped and counted (and logged, at most once
+    a second, with the running count). A batch that fails because the database
+    is busy or locked longer than ``busy_timeout_ms`` (another process holds the
+    write lock), or on a disk I/O or disk-full error, is kept and retried after
+    an exponential backoff with jitter (``retry_base`` doubling up to
+    ``retry_cap`` seconds) until it commits: records are lost only when the
+    queue overflows meanwhile, or at shutdown. Other errors (a record SQLite
+    cannot bind, a constraint) cannot heal by waiting: that batch is dropped,
+    counted in ``usage_failed`` and logged. ``close`` drains the queue before
+    closing (flush on shutdown), within its timeout; what it cannot write by
+    then is counted as dropped and logged.
+
+Files
+    A database file is created ``0600`` (its ``-wal`` and ``-shm`` files, which
+    SQLite creates with the database file's mode, follow); an existing one
+    readable by others is tightened to ``0600``, with a warning.
 
 Migrations
     ``MIGRATIONS[i]`` brings a database from version ``i`` to ``i + 1``;
@@ -43,7 +57,10 @@ import functools
 import importlib.resources
 import itertools
 import logging
+import os
+import random
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -77,6 +94,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
 BUSY_TIMEOUT_MS: Final = 5000
+RETRY_BASE: Final = 0.1  # seconds: the first backoff after a busy/locked usage batch
+RETRY_CAP: Final = 5.0  # seconds: the longest backoff
+# SQLite primary result codes worth waiting out (sqlite3.Error.sqlite_errorcode & 0xFF):
+# another connection holds a lock, or the disk failed or filled up for now.
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13
+_TRANSIENT: Final = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL})
+_RETRY_LOG_EVERY: Final = 10  # log the first failed attempt of a batch, then every 10th
 PING_TIMEOUT: Final = 2.0  # seconds
 _DROP_WARNING_INTERVAL: Final = 1.0  # seconds between "usage dropped" warnings
 
@@ -91,6 +115,45 @@ _ENCODER: Final = msgspec.json.Encoder()
 _STRINGS: Final = msgspec.json.Decoder(tuple[str, ...])
 _TARGETS: Final = msgspec.json.Decoder(tuple[Target, ...])
 _BY_PRIORITY: Final = attrgetter("priority")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Does ``exc`` say "try again later" (busy, locked, I/O, disk full)?"""
+    code = getattr(exc, "sqlite_errorcode", None)
+    # No code: not an error SQLite reported, so nothing says waiting would help.
+    return (
+        isinstance(exc, sqlite3.OperationalError)
+        and isinstance(code, int)
+        and (code & 0xFF in _TRANSIENT)
+    )
+
+
+def _private(path: str) -> None:
+    """Make ``path`` (a database file, maybe absent) readable by its owner only.
+
+    Creates it ``0600`` when absent, before SQLite writes anything into it;
+    tightens its ``-wal``/``-shm``/``-journal`` companions when they exist.
+    Failures are logged, never raised: SQLite reports a path it cannot use.
+    """
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError:
+        return  # a missing directory, say: sqlite3.connect says so next
+    for file in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            mode = stat.S_IMODE(os.stat(file).st_mode)
+            if mode & 0o077:
+                os.chmod(file, mode & 0o600)
+                logger.warning(
+                    "database file %s was readable by others (mode %o): now %o",
+                    file,
+                    mode,
+                    mode & 0o600,
+                )
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("cannot restrict the permissions of database file %s: %s", file, exc)
 
 
 def _json(value: object) -> str:
@@ -348,15 +411,26 @@ class SqliteStore:
         usage_linger: float = 0.05,
         clock: Callable[[], float] = time.time,
         migrations: Sequence[str] = MIGRATIONS,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        retry_base: float = RETRY_BASE,
+        retry_cap: float = RETRY_CAP,
+        retry_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         """``dsn`` is a file path or ``":memory:"``; ``migrations`` exists for upgrade tests.
 
         ``usage_linger``: under sustained traffic, usage batches are written at
         most this often (seconds), so each transaction carries many records
         instead of one; an idle writer writes a new record at once.
+        ``busy_timeout_ms``: how long one statement waits on a lock another
+        connection holds. A usage batch that still finds the database busy
+        is retried after ``retry_sleep(delay)``, the n-th delay drawn from
+        ``[d/2, d]`` with ``d = min(retry_cap, retry_base * 2**n)`` by ``rng``.
         """
         if readers < 1 or queue_size < 1 or batch_size < 1:
             raise ValueError("readers, queue_size and batch_size must be at least 1")
+        if busy_timeout_ms < 0 or retry_base <= 0 or retry_cap < retry_base:
+            raise ValueError("busy_timeout_ms >= 0 and 0 < retry_base <= retry_cap are required")
         self._dsn = dsn
         self._memory = dsn == ":memory:"
         self._database = (
@@ -368,6 +442,14 @@ class SqliteStore:
         self._linger = usage_linger
         self._clock = clock
         self._migrations = tuple(migrations)
+        self._busy_timeout_ms = int(busy_timeout_ms)
+        self._retry_base = retry_base
+        self._retry_cap = retry_cap
+        self._retry_sleep = retry_sleep
+        self._rng = rng if rng is not None else random.Random()
+        # The usage batch the writer holds (while it retries it): lost if the
+        # writer is stopped before it commits.
+        self._holding: list[UsageRecord] | None = None
         # Unbounded on purpose: write operations and the stop sentinel must
         # always get in; record_usage enforces queue_size for usage records.
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -393,6 +475,8 @@ class SqliteStore:
         """
         if self._writer_conn is not None or self._close_task is not None:
             raise StorageError("store already opened")
+        if not self._memory and self._dsn:
+            _private(self._database)
         if not self._memory:
             # Fail fast, and without leaving an aiosqlite thread behind, when the
             # file cannot be opened at all (missing directory, permissions).
@@ -432,7 +516,7 @@ class SqliteStore:
     async def _connect(self, opened: list[aiosqlite.Connection]) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self._database, uri=self._memory, isolation_level=None)
         opened.append(conn)
-        await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        await conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
         await conn.execute("PRAGMA synchronous=NORMAL")
         await conn.execute("PRAGMA foreign_keys=ON")
         return conn
@@ -499,7 +583,8 @@ class SqliteStore:
                 logger.warning("closing a database connection failed", exc_info=True)
 
     def _abandon_queued(self) -> None:
-        lost = 0
+        holding, self._holding = self._holding, None
+        lost = len(holding) if holding is not None else 0
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if isinstance(item, UsageRecord):
@@ -820,19 +905,45 @@ class SqliteStore:
                 item.future.set_exception(StorageError("store closed before the write ran"))
 
     async def _write_usage(self, conn: aiosqlite.Connection, batch: list[UsageRecord]) -> None:
-        try:
-            await conn.execute("BEGIN IMMEDIATE")
-            for start in range(0, len(batch), _ROWS_PER_INSERT):
-                chunk = batch[start : start + _ROWS_PER_INSERT]
-                params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
-                await conn.execute(_usage_insert(len(chunk)), params)
-            await conn.commit()
-        except Exception:
-            await _rollback_quietly(conn)
-            self._failed += len(batch)
-            logger.exception("writing a batch of %d usage records failed", len(batch))
-        else:
-            self._written += len(batch)
+        """Commit ``batch``, retrying while the database is busy (see the module doc)."""
+        self._holding = batch
+        retries = 0
+        while True:
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+                for start in range(0, len(batch), _ROWS_PER_INSERT):
+                    chunk = batch[start : start + _ROWS_PER_INSERT]
+                    params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
+                    await conn.execute(_usage_insert(len(chunk)), params)
+                await conn.commit()
+            except Exception as exc:
+                await _rollback_quietly(conn)
+                if not _transient(exc):
+                    self._holding = None
+                    self._failed += len(batch)
+                    logger.exception("writing a batch of %d usage records failed", len(batch))
+                    return
+                span = min(self._retry_cap, self._retry_base * 2.0**retries)
+                delay = self._rng.uniform(span / 2, span)
+                if retries % _RETRY_LOG_EVERY == 0:
+                    logger.warning(
+                        "writing a batch of %d usage records failed (%s), attempt %d; "
+                        "retrying in %.2fs, keeping the records",
+                        len(batch),
+                        exc,
+                        retries + 1,
+                        delay,
+                    )
+                retries += 1
+                await self._retry_sleep(delay)
+            else:
+                self._holding = None
+                self._written += len(batch)
+                if retries:
+                    logger.warning(
+                        "wrote the batch of %d usage records after %d retries", len(batch), retries
+                    )
+                return
 
     async def _run_op(self, conn: aiosqlite.Connection, op: _WriteOp) -> None:
         future = op.future
