@@ -266,6 +266,16 @@ class UpstreamBodyTimeout(UpstreamTimeout):
     Not evidence that the provider is unhealthy (app/health.py)."""
 
 
+class UpstreamTotalTimeout(UpstreamTimeout):
+    """A non-streamed request used up ``timeout_ms`` in all while the upstream,
+    connected, had not answered yet. Most providers send nothing of a
+    non-streamed answer until it is complete, so this says the request was long
+    as much as that the provider is stuck: it is failed over (a stuck provider's
+    callers still reach the next target) but not retried and not counted
+    against the provider's health (app/health.py). A first-byte or connect
+    timeout is the provider's."""
+
+
 class UpstreamTooLarge(UpstreamError):
     """The upstream's answer (or one event of its stream) is larger than the
     gateway's cap for it: ``max_response_bytes`` of the provider, or the

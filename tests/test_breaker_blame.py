@@ -46,6 +46,14 @@ def config(mock: MockUpstream, dead_port: int) -> GandalfConfig:
             ProviderConfig(
                 name="up", type="openai", base_url=mock.base_url, api_key="k", timeout_ms=150
             ),
+            ProviderConfig(  # the same mock, with a first-byte bound below the total
+                name="bounded",
+                type="openai",
+                base_url=mock.base_url,
+                api_key="k",
+                timeout_ms=300,
+                first_byte_timeout_ms=100,
+            ),
             ProviderConfig(
                 name="dark",
                 type="openai",
@@ -56,6 +64,16 @@ def config(mock: MockUpstream, dead_port: int) -> GandalfConfig:
         ),
         routes=(
             route("long", "up", "headers-then-hang"),
+            route("late", "up", "late"),
+            route("late-bounded", "bounded", "late"),
+            Route(
+                model_alias="late-then-fine",
+                targets=(
+                    Target(provider="up", model="late", priority=1),
+                    Target(provider="bounded", model="ok-1", priority=2),
+                ),
+                max_attempts=2,
+            ),
             route("silent", "up", "stream-silent"),
             route("broken", "up", "status-500"),
             route("fine", "up", "ok-1"),
@@ -84,7 +102,12 @@ def run(mock: MockUpstream, dead_port: int, model: str, times: int) -> tuple[lis
         await app.startup()
         try:
             replies = await asyncio.gather(*(chat(app, MEMBER, model) for _ in range(times)))
-            after = await chat(app, OTHER, "dark" if model == "dark" else "fine")
+            if model == "dark":
+                after = await chat(app, OTHER, "dark")
+            elif model == "late-bounded":
+                after = await chat(app, OTHER, "late-bounded")
+            else:
+                after = await chat(app, OTHER, "fine")
             return [r.status for r in replies], after
         finally:
             await app.shutdown()
@@ -127,3 +150,39 @@ def test_5xx_and_connect_failures_open_it(
     assert statuses == [status] * 20
     assert after.status == 503, after.body
     assert after.json()["error"]["code"] == "circuit_open"
+
+
+def test_non_streamed_answers_that_use_up_timeout_ms_do_not_open_the_breaker(
+    mock: MockUpstream, dead_port: int
+) -> None:
+    """Most providers send no headers until a non-streamed answer is complete: a
+    request that runs out of ``timeout_ms`` before them may only be long."""
+    statuses, after = run(mock, dead_port, "late", 25)
+    assert statuses == [504] * 25
+    assert after.status == 200, after.body
+
+
+def test_a_first_byte_timeout_is_the_providers_and_opens_it(
+    mock: MockUpstream, dead_port: int
+) -> None:
+    """With ``first_byte_timeout_ms`` below ``timeout_ms`` the operator said how
+    soon an answer must start: missing it is the provider's failure."""
+    statuses, after = run(mock, dead_port, "late-bounded", 20)
+    assert statuses == [504] * 20
+    assert after.status == 503, after.body
+    assert after.json()["error"]["code"] == "circuit_open"
+
+
+def test_a_non_streamed_total_timeout_still_fails_over(mock: MockUpstream) -> None:
+    async def main() -> Reply:
+        app = create_app(config(mock, 9), access_log=False)
+        await app.startup()
+        try:
+            return await chat(app, MEMBER, "late-then-fine")
+        finally:
+            await app.shutdown()
+
+    reply = asyncio.run(main())
+    assert reply.status == 200, reply.body
+    assert reply.header("x-gandalf-provider") == "bounded"
+    assert reply.header("x-gandalf-attempts") == "2"

@@ -3,8 +3,9 @@
 :func:`classify` reads a gateway error raised by an adapter::
 
     error                                      failover  retry  weight
-    UpstreamTimeout (connect/first byte/total)  yes       yes    1.5
-      before the response headers came
+    UpstreamTimeout (connect/first byte)        yes       yes    1.5
+    UpstreamTotalTimeout (timeout_ms ran out    yes       no     0
+      before a non-streamed answer's headers)
     UpstreamBodyTimeout (total/silence after    no        no     0
       the headers came: the answer is long)
     UpstreamTooLarge (answer over the cap)      no        no     0
@@ -29,24 +30,27 @@ counted against the provider.
 Blame. The weight says how much a failure tells about the *provider's*
 health, since its breaker is shared by every tenant: a caller must not be
 able to open it with requests that are merely expensive. Unhealthy: connect
-failures and refusals, timeouts before the response headers arrived (the
-provider is not answering), 5xx, bad answers, rejected credentials, and (at
-a low weight) 429s. Not the provider's fault, weight 0: the caller's own
-4xx; a timeout after the headers arrived (the provider is answering; the
-generation is long, e.g. a huge ``max_tokens``), which is also not failed
-over or retried (another provider would be as slow, and each attempt would
-cost the caller another ``timeout_ms``); an answer over the size cap; a
-client that went away (no outcome at all: ``CircuitBreaker.release``).
-Mid-stream (the stream was returned, so no failover), the same rule holds:
+failures and refusals, connect and first-byte timeouts (bounds that are not
+about the answer's length: the provider is not answering), 5xx, bad answers,
+rejected credentials, and (at a low weight) 429s. Not the provider's fault,
+weight 0: the caller's own 4xx; ``timeout_ms`` running out, before a
+non-streamed answer's headers (most providers send nothing until the answer
+is complete, so a long generation and a stuck provider look alike: failed
+over, so a stuck provider's callers still reach the next target, but not
+retried) or after the headers (the provider is answering and the answer is
+long, e.g. a huge ``max_tokens``: neither failed over nor retried, another
+provider would be as slow); an answer over the size cap; a client that went
+away (no outcome at all: ``CircuitBreaker.release``). Mid-stream (the stream
+was returned, so no failover), the same rule holds:
 :data:`STREAM_FAILURE_WEIGHTS` counts a 502 (the upstream broke the stream)
 and not a 504 (a silence longer than ``timeout_ms`` after the headers).
 
-The cost of that rule: a provider that sends its headers and then hangs
-never opens its breaker by timing out; each such request still ends at
-``timeout_ms``. And a provider that sends no headers until a long answer
-is complete (typical of non-streamed completions) cannot be told apart from
-a dead one: its total timeouts still count. Set ``first_byte_timeout_ms``
-and ``timeout_ms`` with that in mind.
+The cost of that rule: a provider that accepts connections and then hangs
+opens its breaker through streamed requests (their headers come before the
+generation, so a first-byte timeout is the provider's) and through
+``first_byte_timeout_ms`` when it is set below ``timeout_ms``; with only
+non-streamed traffic and no first-byte bound, each such request is failed
+over after ``timeout_ms`` instead.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from gandalf.errors import (
     UpstreamOverloaded,
     UpstreamTimeout,
     UpstreamTooLarge,
+    UpstreamTotalTimeout,
 )
 
 __all__ = ["STREAM_FAILURE_WEIGHTS", "Failure", "HealthRegistry", "ProviderHealth", "classify"]
@@ -87,6 +92,7 @@ class Failure:
 
 TIMEOUT = Failure("timeout", 1.5, failover=True, retry=True)
 LONG = Failure("long", 0.0, failover=False, retry=False)
+WAITED = Failure("waited", 0.0, failover=True, retry=False)
 TOO_LARGE = Failure("too_large", 0.0, failover=False, retry=False)
 SERVER = Failure("server", 1.0, failover=True, retry=True)
 OVERLOADED = Failure("overloaded", 1.0, failover=True, retry=True)
@@ -103,7 +109,9 @@ STREAM_FAILURE_WEIGHTS: dict[int, float] = {502: 1.0}
 
 def classify(exc: GatewayError) -> Failure:
     if isinstance(exc, UpstreamTimeout):
-        return LONG if isinstance(exc, UpstreamBodyTimeout) else TIMEOUT
+        if isinstance(exc, UpstreamBodyTimeout):
+            return LONG
+        return WAITED if isinstance(exc, UpstreamTotalTimeout) else TIMEOUT
     if isinstance(exc, UpstreamTooLarge):
         return TOO_LARGE
     if isinstance(exc, UpstreamAuthError):

@@ -19,11 +19,12 @@ Each has its own message (:class:`UpstreamErrors`), so an operator can tell a
 dark host (connect) from a stuck model (first byte) from a slow answer (total).
 
 Which phase timed out also says who is to blame (app/health.py weighs it for
-the provider's circuit breaker). Before the response headers arrived (connect,
-first byte, or the total running out while waiting for them) the provider is
-not answering: UpstreamTimeout. Once they arrived, the provider is answering
-and the request is long (a big generation) or stalled mid-answer:
-UpstreamBodyTimeout, the same 504 on the wire, which does not count against
+the provider's circuit breaker). A connect or first-byte timeout says the
+provider is not answering: UpstreamTimeout. The total running out before the
+headers of a non-streamed answer is UpstreamTotalTimeout: most providers send
+nothing until such an answer is complete, so it may only mean a long answer.
+Once they arrived, the provider is answering and the request is long (a big
+generation) or stalled mid-answer: UpstreamBodyTimeout. Neither counts against
 the provider (any caller could otherwise open its breaker for every tenant
 with requests that are merely long). Reading a body goes through
 :attr:`UpstreamErrors.body` (non-streamed) or :attr:`UpstreamErrors.stream_body`.
@@ -35,6 +36,7 @@ is a 502 UpstreamTooLarge naming the cap, found without reading it all.
 Failure mapping (the contract's error table):
 
 - connect/first-byte/total timeouts -> UpstreamTimeout (504)
+- total before the headers (non-streamed) -> UpstreamTotalTimeout (504)
 - total/silence after the headers   -> UpstreamBodyTimeout (504)
 - an answer over max_response_bytes -> UpstreamTooLarge (502)
 - refused, reset, DNS, bad payload -> UpstreamError (502)
@@ -65,6 +67,7 @@ from gandalf.errors import (
     UpstreamOverloaded,
     UpstreamTimeout,
     UpstreamTooLarge,
+    UpstreamTotalTimeout,
 )
 
 # Far above anything one worker serves at once; the point is no artificial cap.
@@ -288,7 +291,12 @@ class UpstreamErrors:
         if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
             if self.after_headers:
                 raise UpstreamBodyTimeout(self.timeout_message(exc)) from None
-            raise UpstreamTimeout(self.timeout_message(exc)) from None
+            if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.SocketTimeoutError):
+                # connect_timeout_ms or first_byte_timeout_ms: the provider did not
+                # connect or answer at all within a bound that is not about length.
+                raise UpstreamTimeout(self.timeout_message(exc)) from None
+            # The total ran out while the answer was being generated.
+            raise UpstreamTotalTimeout(self.timeout_message(exc)) from None
         if isinstance(exc, aiohttp.ClientConnectorError):
             raise UpstreamError(
                 f"Upstream provider '{self.provider}' is unreachable: connection failed."
