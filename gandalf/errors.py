@@ -32,9 +32,12 @@ message never includes the exception text.
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 import msgspec
 import orjson
+
+_T = TypeVar("_T")
 
 _CONTROL = bytes(range(32)) + b"\x7f"
 _SAFE = bytes.maketrans(_CONTROL, b"?" * len(_CONTROL))
@@ -115,6 +118,37 @@ def invalid_body(exc: msgspec.ValidationError | msgspec.DecodeError) -> InvalidR
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
     where = f" at '{param}'" if param else ""
     return InvalidRequest(f"Invalid request body{where}: {text}.", param=param)
+
+
+def decode_body(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
+    """``body`` decoded by ``decoder``: the one way a client's body is decoded.
+
+    Every failure is a 400 (:class:`InvalidRequest`), never a 500: a wrong
+    shape names the field (:func:`invalid_body`); JSON nested deeper than the
+    interpreter's recursion limit (msgspec raises RecursionError at ~1,000
+    levels, for a 2 KB body) is refused whole; and the body must be UTF-8
+    throughout. msgspec skips unknown fields and ``msgspec.Raw`` values
+    without checking the UTF-8 inside their strings, and those bytes are
+    relayed upstream as they are, so a body that is not pure ASCII is checked
+    once more (``bytes.decode``: about 1 ns a byte; ``isascii`` first, about
+    0.05 ns a byte, so ASCII bodies, the common case, pay almost nothing).
+    """
+    try:
+        value = decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise invalid_body(exc) from None
+    except RecursionError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request: it is nested too deeply."
+        ) from None
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest(
+                "We could not parse the JSON body of your request: it is not valid UTF-8."
+            ) from None
+    return value
 
 
 class BodyTooLarge(InvalidRequest):

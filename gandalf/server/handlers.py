@@ -14,16 +14,10 @@ from typing import Protocol
 import msgspec
 
 from gandalf.app.proxy import ProxyService
+from gandalf.app.requests import decode_chat, decode_embeddings
 from gandalf.auth.apikey import KeyCache, credential
-from gandalf.domain import ChatRequest, EmbeddingsRequest, Identity, Permission
-from gandalf.errors import (
-    GatewayError,
-    InvalidRequest,
-    NotReady,
-    PermissionDenied,
-    header_value,
-    invalid_body,
-)
+from gandalf.domain import Identity, Permission
+from gandalf.errors import GatewayError, NotReady, PermissionDenied, header_value
 from gandalf.server.wire import (
     HEALTH_OK,
     JSON_HEADERS,
@@ -75,10 +69,6 @@ class Endpoint:
         self.reads_body = reads_body
         self.render = render
         self.allow = ", ".join(sorted(methods))
-
-
-_chat_decoder = msgspec.json.Decoder(ChatRequest)
-_embeddings_decoder = msgspec.json.Decoder(EmbeddingsRequest)
 
 
 class _Model(msgspec.Struct):
@@ -168,12 +158,7 @@ class Api:
             identity = await self._keys.load(credential(request.authorization, request.api_key))
         if not identity.permissions & _CALL_MODELS:
             raise PermissionDenied(f"Keys with role '{identity.role}' cannot call models.")
-        try:
-            chat = _chat_decoder.decode(request.body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise invalid_body(exc) from None
-        if not chat.messages:
-            raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+        chat = decode_chat(request.body)
         if chat.stream:
             watch = None
             if request.receive is not None and request.streams is not None:
@@ -206,14 +191,7 @@ class Api:
 
     async def embeddings(self, request: Request) -> Response:
         identity = await self._identity(request, Permission.CALL_MODELS)
-        try:
-            embed = _embeddings_decoder.decode(request.body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise invalid_body(exc) from None
-        if bytes(embed.input) in (b"null", b'""', b"[]"):
-            raise InvalidRequest("'input' must not be empty.", param="input")
-        if embed.dimensions is not None and embed.dimensions < 1:
-            raise InvalidRequest("'dimensions' must be at least 1.", param="dimensions")
+        embed = decode_embeddings(request.body)
         reply = await self._proxy.embeddings(
             identity, embed, request.body, request.request_id, request.started
         )
