@@ -65,8 +65,13 @@ class _Completion(msgspec.Struct):
 
 
 def content_text(raw: msgspec.Raw) -> str:
-    """The text of a message's content: a string, or the text parts of a list."""
-    value = _any.decode(raw)
+    """The text of a message's content: a string, or the text parts of a list
+    ("" when it cannot be read; the gateway validated the body already, but
+    this decode runs deeper in the stack)."""
+    try:
+        value = _any.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
