@@ -124,31 +124,44 @@ def decode_body(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
     """``body`` decoded by ``decoder``: the one way a client's body is decoded.
 
     Every failure is a 400 (:class:`InvalidRequest`), never a 500: a wrong
-    shape names the field (:func:`invalid_body`); JSON nested deeper than the
-    interpreter's recursion limit (msgspec raises RecursionError at ~1,000
-    levels, for a 2 KB body) is refused whole; and the body must be UTF-8
-    throughout. msgspec skips unknown fields and ``msgspec.Raw`` values
-    without checking the UTF-8 inside their strings, and those bytes are
-    relayed upstream as they are, so a body that is not pure ASCII is checked
-    once more (``bytes.decode``: about 1 ns a byte; ``isascii`` first, about
-    0.05 ns a byte, so ASCII bodies, the common case, pay almost nothing).
+    shape names the field, JSON nested deeper than the interpreter's recursion
+    limit (msgspec raises RecursionError at ~1,000 levels, for a 2 KB body) is
+    refused whole (:func:`decode_error`), and the body must be UTF-8
+    throughout (:func:`check_utf8`). The chat hot path inlines these three
+    steps (app/requests.py) to save a call.
     """
     try:
         value = decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise invalid_body(exc) from None
-    except RecursionError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request: it is nested too deeply."
-        ) from None
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+        raise decode_error(exc) from None
     if not body.isascii():
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequest(
-                "We could not parse the JSON body of your request: it is not valid UTF-8."
-            ) from None
+        check_utf8(body)
     return value
+
+
+def decode_error(
+    exc: msgspec.ValidationError | msgspec.DecodeError | RecursionError,
+) -> InvalidRequest:
+    """The 400 for a client body msgspec could not decode."""
+    if isinstance(exc, RecursionError):
+        return InvalidRequest(
+            "We could not parse the JSON body of your request: it is nested too deeply."
+        )
+    return invalid_body(exc)
+
+
+def check_utf8(body: bytes) -> None:
+    """InvalidRequest unless ``body`` is UTF-8. msgspec skips unknown fields
+    and ``msgspec.Raw`` values without checking the UTF-8 inside their strings,
+    and those bytes are relayed upstream as they are. ``bytes.decode`` costs
+    about 1 ns a byte; callers test ``body.isascii()`` first (about 0.05 ns a
+    byte), so ASCII bodies, the common case, pay almost nothing."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request: it is not valid UTF-8."
+        ) from None
 
 
 class BodyTooLarge(InvalidRequest):

@@ -17,7 +17,7 @@ from gandalf.domain import (
     EmbeddingsRequest,
     embeddings_input_problem,
 )
-from gandalf.errors import InvalidRequest, decode_body, invalid_body
+from gandalf.errors import InvalidRequest, check_utf8, decode_body, decode_error, invalid_body
 
 __all__ = ["decode_chat", "decode_embeddings"]
 
@@ -27,8 +27,14 @@ _embeddings_input: msgspec.json.Decoder[EmbeddingsInput] = msgspec.json.Decoder(
 
 
 def decode_chat(body: bytes) -> ChatRequest:
-    """A chat completion body: the view the gateway routes on."""
-    chat = decode_body(_chat, body)
+    """A chat completion body: the view the gateway routes on. The hot path:
+    :func:`~gandalf.errors.decode_body` written out, one call fewer."""
+    try:
+        chat = _chat.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+        raise decode_error(exc) from None
+    if not body.isascii():
+        check_utf8(body)
     if not chat.messages:
         raise InvalidRequest("'messages' must contain at least one message.", param="messages")
     return chat
