@@ -26,6 +26,7 @@ from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry, ServerConfig
 from gandalf.domain import ProviderConfig, Resilience, Route, Target
 from gandalf.wiring import create_app
 from tests.asgi_client import Reply, call
+from tests.upstream import MockUpstream
 
 SEED = 20261201
 KEY = "gnd_" + "f" * 43
@@ -404,3 +405,46 @@ def test_invalid_utf8_is_a_400_before_anything_is_relayed(closed_port: int, body
         assert openai_shape(reply.json()) and b"UTF-8" in reply.body
 
     asyncio.run(main())
+
+
+def test_the_openai_adapter_never_relays_invalid_utf8(upstream: MockUpstream) -> None:
+    """msgspec skips unknown keys and raw content without checking their UTF-8:
+    the gateway checks the body before the OpenAI adapter relays it as is."""
+    root = f"http://127.0.0.1:{upstream.port}/v1"
+    cfg = GandalfConfig(
+        server=ServerConfig(access_log=False),
+        database=DatabaseConfig(dsn=":memory:"),
+        providers=(ProviderConfig(name="up", type="openai", base_url=root, api_key="sk-up"),),
+        routes=(Route(model_alias="ok-model", targets=(Target(provider="up", model="ok-model"),)),),
+        keys=(KeyEntry(name="k", key=KEY, role="member"),),
+    )
+    marker = b"utf8-relay-check"
+    bodies = [
+        b'{"model":"ok-model","messages":[{"role":"user","content":"' + marker + b'\xff"}]}',
+        b'{"model":"ok-model","messages":[{"role":"user","content":"' + marker + b'"}],"k\xc3":1}',
+        b'{"model":"ok-model","stream":true,"messages":[{"role":"user","content":"'
+        + marker
+        + b'","x":"\xed\xa0\x80"}]}',
+    ]
+
+    async def main() -> list[Reply]:
+        app = create_app(cfg, access_log=False)
+        await app.startup()
+        try:
+            return [
+                await call(
+                    app,
+                    "POST",
+                    "/v1/chat/completions",
+                    headers=[("authorization", f"Bearer {KEY}")],
+                    body=body,
+                )
+                for body in bodies
+            ]
+        finally:
+            await app.shutdown()
+
+    upstream.received.clear()
+    for reply in asyncio.run(main()):
+        assert reply.status == 400 and openai_shape(reply.json()), reply.body
+    assert not [r for r in list(upstream.received) if marker in r.body]
