@@ -320,6 +320,7 @@ def test_bad_input_is_never_a_500_and_errors_are_in_the_apis_shape(closed_port: 
                         headers=[("authorization", f"Bearer {KEY}")],
                         body=body,
                         query=endpoint.query,
+                        stay=True,
                     )
                     problem = judge(endpoint, reply)
                     if problem:

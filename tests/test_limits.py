@@ -213,7 +213,7 @@ def test_the_fake_provider_bounds_its_reply_and_honours_the_output_limit() -> No
         assert reply.json()["choices"][0]["message"]["content"] == "abcd" * 3
 
         streamed = dict(body, stream=True, max_tokens=5)
-        reply = await call(app, "POST", CHAT, headers=AUTH, json=streamed)
+        reply = await call(app, "POST", CHAT, headers=AUTH, json=streamed, stay=True)
         assert reply.status == 200
         events = [e for e in reply.body.split(b"\n\n") if e.startswith(b"data: {")]
         text = "".join(

@@ -185,6 +185,7 @@ def test_chat_stream_usage_is_recorded_however_the_option_is_spelled(
             "/v1/chat/completions",
             headers=[("authorization", f"Bearer {KEY}")],
             body=body_with(head, extra, first=first),
+            stay=True,
         )
         rows.append(check(upstream, text, reply, client_asked))
 
@@ -210,6 +211,7 @@ def test_azure_native_stream_usage_is_recorded_without_include_usage(
             headers=[("api-key", KEY)],
             body=body_with(head, extra),
             query=VERSION,
+            stay=True,
         )
         rows.append(check(upstream, text, reply, client_asked))
 
