@@ -36,6 +36,7 @@ from gandalf.errors import InvalidRequest
 
 MAX_REPLY_TOKENS = 4096  # ~16 KiB of echoed text: at most 4,096 stream events
 MAX_EMBEDDING_VALUES = 131_072  # inputs x dimensions: ~50 ms of work
+_MAX_REPLY_CHARS = MAX_REPLY_TOKENS * 4  # built once: no int per request
 _VECTORS_PER_SLICE = 16  # embeddings computed between two yields to the event loop
 
 _any = msgspec.json.Decoder()
@@ -90,10 +91,10 @@ def estimate_tokens(chars: int) -> int:
 def reply_text(messages: list[ChatMessage], limit: int | None = None) -> str:
     """The last user message's text, cut to ``limit`` tokens (at most
     :data:`MAX_REPLY_TOKENS`) of ~4 characters."""
-    tokens = MAX_REPLY_TOKENS if limit is None else min(limit, MAX_REPLY_TOKENS)
+    chars = _MAX_REPLY_CHARS if limit is None else min(limit, MAX_REPLY_TOKENS) * 4
     for message in reversed(messages):
         if message.role == "user":
-            return content_text(message.content)[: tokens * 4]
+            return content_text(message.content)[:chars]
     return ""
 
 
