@@ -154,8 +154,10 @@ def check_utf8(body: bytes) -> None:
     """InvalidRequest unless ``body`` is UTF-8. msgspec skips unknown fields
     and ``msgspec.Raw`` values without checking the UTF-8 inside their strings,
     and those bytes are relayed upstream as they are. ``bytes.decode`` costs
-    about 1 ns a byte; callers test ``body.isascii()`` first (about 0.05 ns a
-    byte), so ASCII bodies, the common case, pay almost nothing."""
+    about 0.5 ns a byte of non-ASCII text (46 us for 100 KB, against 65 us for
+    the typed decode itself); callers test ``body.isascii()`` first (about
+    0.035 ns a byte, and it stops at the first non-ASCII byte), so ASCII
+    bodies, the common case, pay almost nothing (0.14 us for 2 KB)."""
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
