@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 
@@ -215,6 +215,25 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
 
 _NULL = msgspec.Raw(b"null")
 
+# Bounds on every size a client controls, checked where the body is decoded
+# (the gateway answers 400 naming the parameter, for every provider), so that
+# no single request costs more than a bounded amount of work. OpenAI's own
+# limits where it documents one; otherwise a gateway bound well above what any
+# model serves. ``server.max_body_bytes`` bounds everything else.
+MAX_MESSAGES = 16_384  # gateway bound (OpenAI documents none)
+MAX_CHOICES = 128  # ``n``: OpenAI allows 1..128
+MAX_OUTPUT_TOKENS = 1_048_576  # max_tokens / max_completion_tokens: no model writes more
+MAX_STOP = 4  # ``stop``: OpenAI allows up to 4 sequences
+MAX_LOGIT_BIAS = 1024  # ``logit_bias`` entries (each bias is -100..100 at OpenAI)
+MAX_TOOLS = 128  # ``tools``: OpenAI allows up to 128 functions
+MAX_EMBEDDING_INPUTS = 2048  # embeddings ``input`` items: OpenAI's limit
+MAX_EMBEDDING_TOKENS = 8192  # one token array: OpenAI's per-input limit (8192 tokens)
+MAX_EMBEDDING_CHARS = 32 * MAX_EMBEDDING_TOKENS  # one string: 8192 tokens at 32 chars each
+MAX_DIMENSIONS = 8192  # embeddings ``dimensions`` (OpenAI's largest model has 3072)
+
+_Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
+_OutputTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
+
 
 class ChatMessage(msgspec.Struct, kw_only=True):
     """Only what the gateway validates; content stays undecoded (any JSON value)."""
@@ -228,31 +247,88 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 
 class ChatRequest(msgspec.Struct, kw_only=True):
-    """The view of a chat completion body the gateway routes on.
+    """The view of a chat completion body the gateway routes on and bounds.
 
     Unknown fields are ignored by the decoder and forwarded untouched from the
-    original bytes.
+    original bytes. The bounded fields (``n``, output limits, ``stop``,
+    ``logit_bias``, ``tools``, the message count) are decoded only to refuse
+    sizes no single request may ask for; their values are never re-encoded.
+    ``stream_options`` is :data:`msgspec.UNSET` when the body has no such key
+    in any spelling (escaped or not), ``None`` when it is ``null``.
     """
 
     model: str
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(max_length=MAX_MESSAGES)]
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | msgspec.UnsetType | None = msgspec.UNSET
+    n: _Count | None = None
+    max_tokens: _OutputTokens | None = None
+    max_completion_tokens: _OutputTokens | None = None
+    stop: str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP)] | None = None
+    logit_bias: Annotated[dict[str, float], msgspec.Meta(max_length=MAX_LOGIT_BIAS)] | None = None
+    tools: Annotated[list[msgspec.Raw], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
 
     @property
     def wants_usage(self) -> bool:
         """Did the client ask for the final usage-only stream event itself?"""
         options = self.stream_options
-        return options is not None and options.include_usage
+        return isinstance(options, StreamOptions) and options.include_usage
+
+    @property
+    def output_limit(self) -> int | None:
+        """``max_completion_tokens`` (the current name) or ``max_tokens``."""
+        limit = self.max_completion_tokens
+        return limit if limit is not None else self.max_tokens
+
+
+# An embeddings ``input``: a string, strings, one token array, or token arrays.
+EmbeddingsInput = (
+    Annotated[str, msgspec.Meta(max_length=MAX_EMBEDDING_CHARS)]
+    | Annotated[
+        list[
+            Annotated[str, msgspec.Meta(max_length=MAX_EMBEDDING_CHARS)]
+            | int
+            | Annotated[list[int], msgspec.Meta(max_length=MAX_EMBEDDING_TOKENS)]
+        ],
+        msgspec.Meta(max_length=MAX_EMBEDDING_INPUTS),
+    ]
+)
+
+
+def embeddings_input_problem(value: str | list[str | int | list[int]]) -> str | None:
+    """Why a decoded embeddings ``input`` is refused (None: it is fine): empty,
+    an empty string, a list mixing kinds (strings, token ids and token arrays
+    cannot share one list), or a token array that is empty or too long."""
+    if isinstance(value, str):
+        return "it must not be an empty string" if not value else None
+    if not value:
+        return "it must not be empty"
+    first = value[0]
+    if isinstance(first, str):
+        if not all(type(item) is str for item in value):
+            return "a list of strings must hold only strings"
+        if not all(value):
+            return "it must not contain empty strings"
+        return None
+    if isinstance(first, int):
+        if not all(type(item) is int for item in value):
+            return "a token array must hold only integers"
+        if len(value) > MAX_EMBEDDING_TOKENS:
+            return f"a token array may hold at most {MAX_EMBEDDING_TOKENS} tokens"
+        return None
+    if not all(type(item) is list and item for item in value):
+        return "a list of token arrays must hold only non-empty token arrays"
+    return None
 
 
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
-    """The view of an embeddings body: ``input`` stays undecoded."""
+    """The view of an embeddings body: ``input`` stays undecoded (the handler
+    checks its shape and sizes once, with :data:`EmbeddingsInput`)."""
 
     model: str
     input: msgspec.Raw
     encoding_format: str | None = None
-    dimensions: int | None = None
+    dimensions: Annotated[int, msgspec.Meta(ge=1, le=MAX_DIMENSIONS)] | None = None
 
 
 class Usage(msgspec.Struct, kw_only=True):

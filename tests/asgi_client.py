@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,8 +40,14 @@ async def call(
     chunks: Sequence[bytes] | None = None,
     json: Any = None,
     query: str = "",
+    stay: bool = False,
 ) -> Reply:
-    """One request through ``app``. ``chunks`` sends the body in several messages."""
+    """One request through ``app``. ``chunks`` sends the body in several messages.
+
+    Once the body is sent, ``receive`` reports a disconnect at once, unless
+    ``stay``: then only once the whole response was sent, as a client that
+    reads its answer to the end (a stream slower than the server's disconnect
+    watch would otherwise be cancelled as if the client had left)."""
     if json is not None:
         body = orjson.dumps(json)
     parts = list(chunks) if chunks is not None else [body]
@@ -63,14 +70,19 @@ async def call(
         for i, part in enumerate(parts)
     ]
     sent: list[Message] = []
+    done = asyncio.Event()
 
     async def receive() -> Message:
         if inbox:
             return inbox.pop(0)
+        if stay:
+            await done.wait()
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
         sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            done.set()
 
     await app(scope, receive, send)
     assert sent and sent[0]["type"] == "http.response.start", sent

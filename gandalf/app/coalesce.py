@@ -41,7 +41,7 @@ def is_deterministic(body: bytes) -> bool:
     a ``seed``) with one choice (``n`` absent or 1)? False when unreadable."""
     try:
         sampling = _sampling.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return False
     if sampling.n not in (None, 1):
         return False

@@ -27,7 +27,7 @@ import msgspec
 import orjson
 
 from gandalf.domain import Usage
-from gandalf.errors import GatewayError, InvalidRequest, invalid_body
+from gandalf.errors import GatewayError, InvalidRequest, decode_body
 from gandalf.provider import transport
 from gandalf.provider.sse import EventParser
 
@@ -172,18 +172,13 @@ _embeddings_decoder = msgspec.json.Decoder(EmbeddingsInput)
 
 
 def decode_chat(body: bytes) -> ChatCompletionRequest:
-    """The whole request; a 400 naming the field when its shape is wrong."""
-    try:
-        return _chat_decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise invalid_body(exc) from None
+    """The whole request; a 400 naming the field when its shape is wrong (and,
+    as for every client body, when it is nested too deeply or not UTF-8)."""
+    return decode_body(_chat_decoder, body)
 
 
 def decode_embeddings(body: bytes) -> EmbeddingsInput:
-    try:
-        return _embeddings_decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise invalid_body(exc) from None
+    return decode_body(_embeddings_decoder, body)
 
 
 def reject(param: str, provider_type: str, why: str = "") -> InvalidRequest:

@@ -3,6 +3,13 @@
 It echoes the last user message back and estimates usage at ~4 characters a
 token, so demos, tests, sidecar smoke tests and the bench all work out of the
 box. ``latency_ms`` simulates upstream latency.
+
+It runs on the gateway's event loop, so it bounds its own work per request
+whatever the gateway let through: a reply is at most :data:`MAX_REPLY_TOKENS`
+tokens (fewer when the request's ``max_completion_tokens``/``max_tokens`` says
+so), and an embeddings request computes at most :data:`MAX_EMBEDDING_VALUES`
+numbers (inputs x dimensions; more is a 400 naming ``dimensions``), yielding
+to the loop between vectors.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ from gandalf.domain import (
     ProviderReply,
     Usage,
 )
+from gandalf.errors import InvalidRequest
+
+MAX_REPLY_TOKENS = 4096  # ~16 KiB of echoed text: at most 4,096 stream events
+MAX_EMBEDDING_VALUES = 131_072  # inputs x dimensions: ~50 ms of work
+_MAX_REPLY_CHARS = MAX_REPLY_TOKENS * 4  # built once: no int per request
+_VECTORS_PER_SLICE = 16  # embeddings computed between two yields to the event loop
 
 _any = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -53,8 +66,13 @@ class _Completion(msgspec.Struct):
 
 
 def content_text(raw: msgspec.Raw) -> str:
-    """The text of a message's content: a string, or the text parts of a list."""
-    value = _any.decode(raw)
+    """The text of a message's content: a string, or the text parts of a list
+    ("" when it cannot be read; the gateway validated the body already, but
+    this decode runs deeper in the stack)."""
+    try:
+        value = _any.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -70,10 +88,13 @@ def estimate_tokens(chars: int) -> int:
     return (chars + 3) // 4 if chars else 0
 
 
-def reply_text(messages: list[ChatMessage]) -> str:
+def reply_text(messages: list[ChatMessage], limit: int | None = None) -> str:
+    """The last user message's text, cut to ``limit`` tokens (at most
+    :data:`MAX_REPLY_TOKENS`) of ~4 characters."""
+    chars = _MAX_REPLY_CHARS if limit is None else min(limit, MAX_REPLY_TOKENS) * 4
     for message in reversed(messages):
         if message.role == "user":
-            return content_text(message.content)
+            return content_text(message.content)[:chars]
     return ""
 
 
@@ -94,7 +115,10 @@ def input_texts(raw: msgspec.Raw) -> list[str]:
     if isinstance(value, list):
         if value and all(isinstance(v, int) for v in value):
             return [" ".join(map(str, value))]
-        return [v if isinstance(v, str) else " ".join(map(str, v)) for v in value]
+        return [
+            v if isinstance(v, str) else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+            for v in value
+        ]
     return [str(value)]
 
 
@@ -197,7 +221,7 @@ class FakeProvider:
         if self._delay:
             await asyncio.sleep(self._delay)
         messages = call.request.messages
-        text = reply_text(messages)
+        text = reply_text(messages, call.request.output_limit)
         prompt = estimate_tokens(prompt_chars(messages))
         completion = estimate_tokens(len(text))
         usage = Usage(
@@ -219,7 +243,7 @@ class FakeProvider:
         if self._delay:
             await asyncio.sleep(self._delay)
         messages = call.request.messages
-        text = reply_text(messages)
+        text = reply_text(messages, call.request.output_limit)
         prompt = estimate_tokens(prompt_chars(messages))
         completion = estimate_tokens(len(text))
         usage = Usage(
@@ -244,9 +268,18 @@ class FakeProvider:
         request = call.request
         texts = input_texts(request.input)
         dimensions = request.dimensions or self._dimensions
+        if len(texts) * dimensions > MAX_EMBEDDING_VALUES:
+            raise InvalidRequest(
+                f"The fake provider computes at most {MAX_EMBEDDING_VALUES} embedding values "
+                f"per request (inputs x dimensions); this one asks for {len(texts)} x "
+                f"{dimensions}. Send fewer inputs or fewer 'dimensions'.",
+                param="dimensions",
+            )
         as_base64 = request.encoding_format == "base64"
         data = []
         for index, text in enumerate(texts):
+            if index and not index % _VECTORS_PER_SLICE:
+                await asyncio.sleep(0)  # let other requests (and /healthz) run
             vector = fake_vector(text, dimensions)
             embedding: object = (
                 base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()

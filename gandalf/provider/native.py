@@ -7,6 +7,11 @@ with the provider's credentials in place of the caller's. Bodies and answers
 are not decoded on the way through; only the usage is read out of them, per
 wire format (:data:`USAGE_READERS`), from the answer or from the head and tail
 of a stream (usage sits in the first and last events of every format here).
+
+Azure OpenAI streams report usage only when asked (``stream_options.
+include_usage``): the upstream is always asked, and the extra usage-only
+event is dropped from the relayed stream when the client did not ask itself,
+so a client cannot make its own usage go unrecorded.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from gandalf.domain import NativeReply, NativeRequest, ProviderConfig, Usage
+from gandalf.domain import NativeReply, NativeRequest, ProviderConfig, StreamOptions, Usage
 from gandalf.errors import UpstreamAuthError
 from gandalf.provider import transport
-from gandalf.provider.openai import replace_model
-from gandalf.provider.sse import EventParser
+from gandalf.provider.openai import replace_model, stream_body
+from gandalf.provider.sse import EventParser, EventRelay
 
 # Response headers never relayed: hop-by-hop ones, the framing this server sets
 # itself, and cookies (a gateway must not let an upstream set cookies on callers).
@@ -204,25 +209,56 @@ def _object_after(data: bytes, start: int) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- the client
 
 
+class _StreamView(msgspec.Struct):
+    """An Azure chat body's usage option (UNSET: no such key, in any spelling)."""
+
+    stream_options: StreamOptions | msgspec.UnsetType | None = msgspec.UNSET
+
+
+_stream_view = msgspec.json.Decoder(_StreamView)
+
+
+def _azure_stream(body: bytes) -> tuple[bytes, EventRelay | None]:
+    """The Azure stream body that asks for usage, and the relay that reads it
+    (dropping the usage-only event unless the client asked for it); the body
+    unchanged and no relay when its ``stream_options`` is malformed (the
+    upstream refuses it)."""
+    try:
+        options = _stream_view.decode(body).stream_options
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return body, None
+    wants = isinstance(options, StreamOptions) and options.include_usage
+    return stream_body(body, options), EventRelay(drop_usage=not wants)
+
+
 class NativeStream:
     """An upstream stream relayed as it arrives, its head and tail kept for the
-    usage reader. Failures raise gateway errors (the server tells them in the
-    caller's format)."""
+    usage reader; with a ``relay`` (OpenAI-format events), the events pass
+    through it and the usage is the relay's. Failures raise gateway errors
+    (the server tells them in the caller's format)."""
 
-    __slots__ = ("_errors", "_head", "_reader", "_resp", "_tail", "chunks")
+    __slots__ = ("_errors", "_head", "_reader", "_relay", "_resp", "_tail", "chunks")
 
     def __init__(
-        self, resp: aiohttp.ClientResponse, errors: transport.UpstreamErrors, reader: UsageReader
+        self,
+        resp: aiohttp.ClientResponse,
+        errors: transport.UpstreamErrors,
+        reader: UsageReader,
+        relay: EventRelay | None = None,
     ) -> None:
         self._resp = resp
         self._errors = errors.stream_body  # a read timeout now is silence, not a first byte
         self._reader = reader
+        self._relay = relay
         self._head = bytearray()
         self._tail = bytearray()
         self.chunks = 0
 
     @property
     def usage(self) -> Usage | None:
+        relay = self._relay
+        if relay is not None and relay.usage is not None:
+            return relay.usage
         return self._reader(bytes(self._head), bytes(self._tail), True)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -232,10 +268,15 @@ class NativeStream:
         resp = self._resp
         head = self._head
         tail = self._tail
+        relay = self._relay
         complete = False
         try:
             with self._errors:
                 async for chunk in resp.content.iter_any():
+                    if relay is not None:
+                        chunk = relay.feed(chunk)
+                        if not chunk:
+                            continue
                     if len(head) < HEAD_BYTES:
                         head += chunk[: HEAD_BYTES - len(head)]
                     tail += chunk
@@ -243,6 +284,11 @@ class NativeStream:
                         del tail[:-TAIL_BYTES]
                     self.chunks += 1
                     yield chunk
+            if relay is not None:
+                rest = relay.finish()
+                if rest:
+                    self.chunks += 1
+                    yield rest
             complete = True
         finally:
             if complete:
@@ -285,6 +331,9 @@ class NativeClient(transport.UpstreamClient):
         body = request.body
         if request.body_model is not None:
             body = replace_model(body, request.body_model)
+        relay = None
+        if request.stream and request.api == "azure":
+            body, relay = _azure_stream(body)
         url = self.base + request.path
         with self._errors:
             if request.stream:
@@ -320,4 +369,4 @@ class NativeClient(transport.UpstreamClient):
         if not streaming:
             usage = reader(body, b"", False) if status < 300 else None
             return NativeReply(status, relayed, body, usage=usage)
-        return NativeReply(status, relayed, stream=NativeStream(resp, self._errors, reader))
+        return NativeReply(status, relayed, stream=NativeStream(resp, self._errors, reader, relay))

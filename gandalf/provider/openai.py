@@ -1,9 +1,10 @@
 """The OpenAI adapter: the body goes upstream as the client sent it.
 
 Only these change on the way out: the model (when the route's target names a
-different one), ``stream_options.include_usage`` (set on streams so usage can
-be recorded; the usage-only event is then dropped before the client sees it
-unless the client asked for it), and the credentials (the provider's key
+different one), ``stream_options.include_usage`` (always set on streams so
+usage can be recorded, decided from the decoded request however the client
+spelled the key; the usage-only event is then dropped before the client sees
+it unless the client asked for it), and the credentials (the provider's key
 replaces the caller's). Answers come back as bytes; only ``usage`` is decoded.
 """
 
@@ -14,7 +15,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import msgspec
 
-from gandalf.domain import ChatCall, EmbeddingsCall, ProviderConfig, ProviderReply, Usage
+from gandalf.domain import (
+    ChatCall,
+    EmbeddingsCall,
+    ProviderConfig,
+    ProviderReply,
+    StreamOptions,
+    Usage,
+)
 from gandalf.errors import GatewayError, UpstreamError
 from gandalf.provider import transport
 from gandalf.provider.sse import EventRelay
@@ -45,6 +53,43 @@ def rewrite_body(body: bytes, *, model: str | None = None, include_usage: bool =
         options["include_usage"] = _TRUE
         fields["stream_options"] = msgspec.Raw(_encoder.encode(options))
     return _encoder.encode(fields)
+
+
+def _one_plain_option(body: bytes) -> bool:
+    """Is ``stream_options`` (and ``include_usage``) spelled once, plainly, in
+    ``body``? Keys could otherwise hide behind a ``\\u`` escape or repeat, and
+    an upstream's parser may resolve repeats otherwise than msgspec did; JSON
+    spells those two names either plainly or with ``\\u``, and a string value
+    cannot hold the plain spelling without an escaped quote inside, so a false
+    answer is never wrong, only a reason to re-encode."""
+    return (
+        b"\\u" not in body
+        and body.count(b'"stream_options"') == 1
+        and body.count(b'"include_usage"') == 1
+    )
+
+
+def stream_body(
+    body: bytes, options: StreamOptions | msgspec.UnsetType | None, model: str | None = None
+) -> bytes:
+    """``body`` as sent upstream for a stream: the upstream is always asked for
+    usage (``stream_options.include_usage`` true), whatever the client sent,
+    decided from the decoded ``options`` (:data:`msgspec.UNSET`: no such key
+    in any spelling) rather than from the bytes; ``model`` replaces the
+    top-level model when given. Who sees the usage event is the caller's
+    business (:class:`~gandalf.provider.sse.EventRelay`'s ``drop_usage``)."""
+    if model is None:
+        if options is msgspec.UNSET:
+            # The common case: splice the option in rather than re-encode the body.
+            # The body is a JSON object with members (at least ``stream``) but
+            # without this key, so a member and a comma right after its "{" keep
+            # it valid.
+            brace = body.index(b"{")
+            return body[: brace + 1] + _INCLUDE_USAGE + body[brace + 1 :]
+        if isinstance(options, StreamOptions) and options.include_usage and _one_plain_option(body):
+            return body
+    # A rewrite collapses repeated and escaped keys into one plain member.
+    return rewrite_body(body, model=model, include_usage=True)
 
 
 def replace_model(body: bytes, model: str) -> bytes:
@@ -174,22 +219,11 @@ class OpenAIProvider(transport.UpstreamClient):
         """Open a stream (at ``url``, default the provider's chat URL)."""
         session = self._live_session()
         model = call.target.model
-        wants_usage = call.request.wants_usage
-        body = call.body
-        if model == call.request.model and wants_usage:
-            pass
-        elif model == call.request.model and b'"stream_options"' not in body:
-            # The common case: splice the option in rather than re-encode the body.
-            # The body is a JSON object with at least model and messages, so a
-            # member followed by a comma right after its "{" keeps it valid.
-            brace = body.index(b"{")
-            body = body[: brace + 1] + _INCLUDE_USAGE + body[brace + 1 :]
-        else:
-            body = rewrite_body(
-                call.body,
-                model=None if model == call.request.model else model,
-                include_usage=not wants_usage,
-            )
+        request = call.request
+        wants_usage = request.wants_usage
+        body = stream_body(
+            call.body, request.stream_options, None if model == request.model else model
+        )
         with self._errors:
             resp = await session.post(
                 url or self._chat_url,

@@ -13,16 +13,10 @@ from typing import Protocol
 import msgspec
 
 from gandalf.app.proxy import ProxyService
+from gandalf.app.requests import decode_chat, decode_embeddings
 from gandalf.auth.apikey import KeyCache, credential
-from gandalf.domain import ChatRequest, EmbeddingsRequest, Identity, Permission
-from gandalf.errors import (
-    GatewayError,
-    InvalidRequest,
-    NotReady,
-    PermissionDenied,
-    header_value,
-    invalid_body,
-)
+from gandalf.domain import Identity, Permission
+from gandalf.errors import GatewayError, NotReady, PermissionDenied, header_value
 from gandalf.server.wire import (
     HEALTH_OK,
     JSON_HEADERS,
@@ -121,10 +115,6 @@ class Endpoint:
         self.allow = ", ".join(sorted(methods))
 
 
-_chat_decoder = msgspec.json.Decoder(ChatRequest)
-_embeddings_decoder = msgspec.json.Decoder(EmbeddingsRequest)
-
-
 class _Model(msgspec.Struct):
     id: str
     created: int
@@ -209,12 +199,7 @@ class Api:
     async def chat_completions(self, request: Request) -> Response:
         identity = request.identity  # authenticated by the core before the body was read
         assert identity is not None
-        try:
-            chat = _chat_decoder.decode(request.body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise invalid_body(exc) from None
-        if not chat.messages:
-            raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+        chat = decode_chat(request.body)
         # Watch for a disconnect from now on: a client that gives up before the
         # answer (or its first byte) must cancel the upstream call too. Neither
         # costs a task or a timer unless the call outlives ``listen_after``.
@@ -249,14 +234,7 @@ class Api:
     async def embeddings(self, request: Request) -> Response:
         identity = request.identity
         assert identity is not None
-        try:
-            embed = _embeddings_decoder.decode(request.body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise invalid_body(exc) from None
-        if bytes(embed.input) in (b"null", b'""', b"[]"):
-            raise InvalidRequest("'input' must not be empty.", param="input")
-        if embed.dimensions is not None and embed.dimensions < 1:
-            raise InvalidRequest("'dimensions' must be at least 1.", param="dimensions")
+        embed = decode_embeddings(request.body)
         request.track()
         try:
             reply = await self._proxy.embeddings(

@@ -21,7 +21,7 @@ import orjson
 from gandalf.app.passthrough import PassthroughService
 from gandalf.auth.apikey import KeyCache
 from gandalf.domain import NativeRequest, Permission, Target
-from gandalf.errors import GatewayError, NotFound, invalid_body, printable
+from gandalf.errors import GatewayError, NotFound, decode_body, printable
 from gandalf.server.handlers import Endpoint, Handler, KeyAuth
 from gandalf.server.wire import Headers, Request, Response
 
@@ -282,6 +282,7 @@ class NativeApi:
         alias, sep, method = rest.rpartition(":")
         if not sep or not alias or method not in _GEMINI_METHODS:
             raise NotFound(f"Unknown path: {printable(request.path)}")
+        decode_body(_object_decoder, request.body)  # relayed as is: JSON, UTF-8, bounded depth
         query, _ = _query_without_key(request.query)
         stream = method == "streamGenerateContent"
         headers = _relayed_headers(request, "gemini")
@@ -320,7 +321,8 @@ class NativeApi:
         if not sep or not alias or operation not in ("chat/completions", "embeddings"):
             raise NotFound(f"Unknown path: {printable(request.path)}")
         query = "?" + request.query.decode("latin-1") if request.query else ""
-        stream = operation == "chat/completions" and bool(_stream_flag(request.body))
+        flag = _stream_flag(request.body)  # embeddings too: relayed as is, checked first
+        stream = operation == "chat/completions" and bool(flag)
         headers = _relayed_headers(request, "azure")
         endpoint = "azure.chat" if operation == "chat/completions" else "azure.embeddings"
 
@@ -383,14 +385,15 @@ _stream_decoder = msgspec.json.Decoder(_StreamFlag)
 
 
 def _stream_flag(body: bytes) -> bool | None:
-    try:
-        return _stream_decoder.decode(body).stream
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise invalid_body(exc) from None
+    return decode_body(_stream_decoder, body).stream
 
 
 def _decode_model_body(body: bytes) -> _ModelBody:
-    try:
-        return _model_body.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise invalid_body(exc) from None
+    return decode_body(_model_body, body)
+
+
+class _Object(msgspec.Struct):
+    """Any JSON object: decoding it checks a body that is relayed undecoded."""
+
+
+_object_decoder = msgspec.json.Decoder(_Object)
