@@ -1,6 +1,6 @@
 """A seeded fuzz run against ``gandalf serve``: never a 500, always the API's error shape.
 
-Each interface (ASGI and RSGI) gets the same few hundred hostile requests over
+Each interface (ASGI and RSGI) gets the same 1,500 hostile requests over
 raw sockets, so nothing a client library would refuse to send is off limits:
 deep nesting, invalid UTF-8 in keys and values, mutated and truncated bodies,
 wrong types, mixed lists, absurd sizes, duplicate and conflicting headers, a
@@ -17,9 +17,11 @@ What must hold for every answer the application wrote:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,7 +37,7 @@ from tests.upstream import MockUpstream, running_upstream
 KEY = generate_key()
 VIEWER = generate_key()
 SEED = 20261201
-REQUESTS = 700  # per interface
+REQUESTS = 1500  # per interface
 SOCKET_TIMEOUT = 10.0
 
 Shape = Callable[[Any], bool]
@@ -149,7 +151,10 @@ _ENDPOINTS: list[tuple[str, str, dict[str, Any] | None, Shape]] = [
 ]
 
 _STRANGE_PATHS = [
-    "/index.php?x=<script>alert(1)</script>",
+    # A raw "<" in the request line is refused by granian's HTTP parser before the
+    # app sees it (a bare 400, the one answer Gandalf cannot shape); percent-encoded,
+    # it reaches Gandalf and must get a JSON 404.
+    "/index.php?x=%3Cscript%3Ealert(1)%3C/script%3E",
     "/v1/chat/completions/../../etc/passwd",
     "/%2e%2e/%2e%2e/admin",
     "/v1/%0d%0aX-Injected:%20yes",
@@ -394,8 +399,14 @@ def _dechunk(data: bytes) -> bytes:
 def send(port: int, case: Case) -> Answer | None:
     """The answer, or None when the server closed the connection without one
     (a lying content-length: nothing more will come, so the server gives up)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as sock:
-        sock.sendall(case.wire(port))
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
+    except OSError as exc:  # the server is gone
+        return Answer(0, {}, repr(exc).encode())
+    with sock:
+        # The server may answer early and close (a 413 or 401) while we still send.
+        with contextlib.suppress(OSError):
+            sock.sendall(case.wire(port))
         if case.length is not None:
             sock.shutdown(socket.SHUT_WR)  # the promised bytes never come
         chunks = []
@@ -485,7 +496,7 @@ def test_fuzz_never_500_and_always_the_apis_shape(gateway: GandalfServer) -> Non
                 problems.append(f"no answer at all: {case.describe()}")
             continue
         if answer.status == 0:
-            problems.append(f"no answer in time: {case.describe()}")
+            problems.append(f"no answer ({answer.body!r}): {case.describe()}")
             continue
         if answer.status >= 500 and answer.status not in (502, 503, 504):
             problems.append(f"{answer.status}: {case.describe()} -> {answer.body[:300]!r}")
@@ -507,6 +518,11 @@ def test_fuzz_never_500_and_always_the_apis_shape(gateway: GandalfServer) -> Non
         if not case.shape(doc):
             problems.append(f"{answer.status} in the wrong shape {doc!r:.200}: {case.describe()}")
     assert not problems, f"{len(problems)} bad answer(s):\n" + "\n".join(problems[:25])
+    # The run reached the handlers, not just the front door: answers served and refused.
+    statuses = Counter(answer.status for answer in answers if answer is not None)
+    served = sum(n for status, n in statuses.items() if status < 300)
+    refused = sum(n for status, n in statuses.items() if 400 <= status < 500)
+    assert served >= REQUESTS // 10 and refused >= REQUESTS // 3, statuses
     # The worker is still serving, and nothing was logged as an internal error.
     healthy = send(gateway.port, Case("GET", "/healthz", [], b"", None, _openai_shape))
     assert healthy is not None and healthy.status == 200
