@@ -30,10 +30,12 @@ from _procs import (
     STREAM_BODY,
     ProcGroup,
     chat_headers,
+    cpu_seconds,
     install_signal_handlers,
     launch_gandalf,
     launch_mock,
     stop_process,
+    tree_pids,
     usable_cpus,
 )
 from _wrk import INSTALL_HINT, have_wrk, run_wrk, write_script
@@ -90,6 +92,7 @@ def compare(
     script = write_script(tmpdir / "ab.lua", body, chat_headers())
     threads = 1 if args.connections == 1 else 2
     results: dict[str, list[float]] = {"A (this checkout)": [], f"B ({args.base})": []}
+    cpu_ms: dict[str, list[float]] = {label: [] for label in results}
     with ProcGroup() as group:
         mock = launch_mock(group, chunks=20, cpus=client_cpus)
         versions = ((next(iter(results)), REPO_DIR), (list(results)[1], base_dir))
@@ -114,6 +117,8 @@ def compare(
                     duration_s=1,
                     cpus=client_cpus,
                 )
+                pids = tree_pids(server.proc.pid)
+                cpu0 = cpu_seconds(pids)
                 res = run_wrk(
                     url,
                     script,
@@ -122,22 +127,36 @@ def compare(
                     duration_s=args.duration,
                     cpus=client_cpus,
                 )
+                per_request = (cpu_seconds(pids) - cpu0) * 1000 / max(res.requests, 1)
                 stop_process(server.proc)
                 results[label].append(res.rps)
-                print(f"round {round_no + 1} {label}: {res.rps:,.0f} req/s", flush=True)
+                cpu_ms[label].append(per_request)
+                print(
+                    f"round {round_no + 1} {label}: {res.rps:,.0f} req/s, "
+                    f"{per_request:.3f} CPU ms/req",
+                    flush=True,
+                )
     a, b = (statistics.median(v) for v in results.values())
     print()
-    print(f"| {args.mode} c={args.connections} {args.interface} | median req/s | rounds |")
-    print("|---|---|---|")
+    print(
+        f"| {args.mode} c={args.connections} {args.interface} | median req/s "
+        "| median CPU ms/req | rounds (req/s) |"
+    )
+    print("|---|---|---|---|")
     for label, values in results.items():
         rounds = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"| {label} | {statistics.median(values):,.0f} | {rounds} |")
+        cpu = statistics.median(cpu_ms[label])
+        print(f"| {label} | {statistics.median(values):,.0f} | {cpu:.3f} | {rounds} |")
+    cpu_a, cpu_b = (statistics.median(v) for v in cpu_ms.values())
     spread = (
         max((max(v) - min(v)) / statistics.median(v) for v in results.values() if len(v) > 1)
         if args.rounds > 1
         else 0.0
     )
-    print(f"\nA/B = {a / b:.3f}; spread between rounds of one version up to {spread:.1%}")
+    print(
+        f"\nA/B = {a / b:.3f} (req/s), {cpu_a / cpu_b:.3f} (CPU per request); "
+        f"spread between rounds of one version up to {spread:.1%}"
+    )
     return 0
 
 
