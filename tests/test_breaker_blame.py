@@ -51,7 +51,9 @@ def config(mock: MockUpstream, dead_port: int) -> GandalfConfig:
                 type="openai",
                 base_url=mock.base_url,
                 api_key="k",
-                timeout_ms=300,
+                # Far apart, so that on a loaded machine the total cannot run out
+                # first (connecting 20 connections counts against it).
+                timeout_ms=10_000,
                 first_byte_timeout_ms=100,
             ),
             ProviderConfig(
