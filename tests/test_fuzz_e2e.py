@@ -407,8 +407,8 @@ def send(port: int, case: Case) -> Answer | None:
         # The server may answer early and close (a 413 or 401) while we still send.
         with contextlib.suppress(OSError):
             sock.sendall(case.wire(port))
-        if case.length is not None:
-            sock.shutdown(socket.SHUT_WR)  # the promised bytes never come
+            if case.length is not None:
+                sock.shutdown(socket.SHUT_WR)  # the promised bytes never come
         chunks = []
         while True:
             try:
