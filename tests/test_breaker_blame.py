@@ -61,7 +61,8 @@ def config(mock: MockUpstream, dead_port: int) -> GandalfConfig:
                 type="openai",
                 base_url=f"http://127.0.0.1:{dead_port}/v1",
                 api_key="k",
-                timeout_ms=150,
+                # Refused at once; a loaded machine must not turn that into a timeout.
+                timeout_ms=10_000,
             ),
         ),
         routes=(
