@@ -8,6 +8,7 @@ there), which lets one mock serve every scenario at once:
 - ``ok-*`` (anything not listed below): a chat.completion echoing the last user message
 - ``status-NNN``: HTTP NNN with an OpenAI-shaped error (429 adds ``retry-after: 7``)
 - ``text-NNN``: HTTP NNN with a plain-text body
+- ``busy``: HTTP 429 with an OpenAI-shaped error and no ``retry-after``
 - ``hang``: never answers until released (timeouts)
 - ``headers-then-hang``: 200 and its headers at once, then the start of a
   body and nothing more until released (a long generation, or a stall)
@@ -265,6 +266,8 @@ class MockUpstream(BackgroundServer):
             return web.json_response(_error_body(status), status=status, headers=headers)
         if model.startswith("text-"):
             return web.Response(status=int(model.split("-", 1)[1]), text="plain failure")
+        if model == "busy":
+            return web.json_response(_error_body(429), status=429)
         if model == "hang":
             assert self._release is not None
             await self._release.wait()
