@@ -71,8 +71,9 @@ def create_app(
                 PassthroughService(table, registry.natives, store), keys, created=created
             )
             endpoints = api.endpoints()
-            native_exact, prefixes = native.endpoints()
+            native_exact, native_prefixes = native.endpoints()
             endpoints.update(native_exact)
+            prefixes = [*api.prefixes(), *native_prefixes]
         except BaseException:
             if registry is not None:
                 await registry.close()

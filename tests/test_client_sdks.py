@@ -164,3 +164,143 @@ def test_one_attempt_leaves_the_retry_to_the_sdk(
 
     run(scenario)
     assert upstream_calls(openai_mock, "busy") == 2
+
+
+# ---------------------------------------------------------------------------- model lookup
+
+
+def test_openai_sdk_retrieves_a_model(run: Callable[[Scenario], None]) -> None:
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        async with openai_client(http, max_retries=0) as client:
+            model = await client.models.retrieve("gpt")
+            assert (model.id, model.object, model.owned_by) == ("gpt", "model", "up")
+            assert isinstance(model.created, int)
+            with pytest.raises(openai.NotFoundError) as raised:
+                await client.models.retrieve("no-such-model")
+            assert raised.value.code == "model_not_found"
+        async with openai_client(http, LIMITED, max_retries=0) as limited:
+            assert (await limited.models.retrieve("gpt")).id == "gpt"
+            # A model the key may not use is not told apart from one that does not exist.
+            with pytest.raises(openai.NotFoundError) as hidden:
+                await limited.models.retrieve("claude")
+            assert hidden.value.code == "model_not_found"
+            assert hidden.value.message == raised.value.message.replace("no-such-model", "claude")
+
+    run(scenario)
+
+
+def test_anthropic_sdk_lists_and_retrieves_models_in_anthropics_shape(
+    run: Callable[[Scenario], None],
+) -> None:
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        client = anthropic_client(http)
+        models = [m async for m in client.models.list()]
+        ids = [m.id for m in models]
+        assert "claude" in ids and "gpt" in ids
+        for model in models:
+            assert model.type == "model" and model.display_name == model.id
+            assert model.created_at.year >= 2024
+        page = await client.models.list()
+        assert page.has_more is False
+        assert (page.first_id, page.last_id) == (ids[0], ids[-1])
+        model = await client.models.retrieve("claude")
+        assert (model.id, model.type, model.display_name) == ("claude", "model", "claude")
+        with pytest.raises(anthropic.NotFoundError) as raised:
+            await client.models.retrieve("no-such-model")
+        body = raised.value.body
+        assert isinstance(body, dict) and body["type"] == "error"
+        assert body["error"]["type"] == "not_found_error"
+        limited = anthropic_client(http, LIMITED)
+        assert [m.id async for m in limited.models.list()] == ["gpt"]
+
+    run(scenario)
+
+
+def test_openai_clients_keep_openais_list_shape(run: Callable[[Scenario], None]) -> None:
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        reply = await http.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})
+        assert reply.json()["object"] == "list"
+        assert {"id", "object", "created", "owned_by"} == set(reply.json()["data"][0])
+
+    run(scenario)
+
+
+def test_gemini_model_get(run: Callable[[Scenario], None]) -> None:
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        key = {"x-goog-api-key": KEY}
+        reply = await http.get("/v1beta/models/gemini", headers=key)
+        assert reply.status_code == 200, reply.text
+        model = reply.json()
+        assert model["name"] == "models/gemini" and model["displayName"] == "gemini"
+        assert "generateContent" in model["supportedGenerationMethods"]
+        listed = (await http.get("/v1beta/models", headers=key)).json()["models"]
+        assert model in listed
+        for path in ("/v1beta/models/no-such-model", "/v1beta/models/gpt"):
+            missing = await http.get(path, headers=key)
+            assert missing.status_code == 404
+            assert missing.json()["error"]["status"] == "NOT_FOUND"
+
+    run(scenario)
+
+
+def test_ollama_show_and_version(
+    run: Callable[[Scenario], None], openai_mock: MockUpstream
+) -> None:
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        auth = {"authorization": f"Bearer {KEY}"}
+        shown = await http.post("/api/show", json={"model": "llama"}, headers=auth)
+        assert shown.status_code == 200, shown.text
+        # Relayed from the provider, for the route's target model.
+        assert shown.json()["modelfile"] == "FROM llama3.2:1b"
+        assert shown.json()["capabilities"] == ["completion", "tools"]
+        missing = await http.post("/api/show", json={"model": "nope"}, headers=auth)
+        assert missing.status_code == 404 and set(missing.json()) == {"error"}
+        version = await http.get("/api/version")
+        assert version.status_code == 200 and isinstance(version.json()["version"], str)
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------- error shapes
+
+
+def test_unknown_sub_paths_answer_in_their_apis_shape(run: Callable[[Scenario], None]) -> None:
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        anthropic_404 = await http.post("/v1/messages/batches", json={})
+        assert anthropic_404.status_code == 404
+        assert anthropic_404.json()["type"] == "error"
+        assert anthropic_404.json()["error"]["type"] == "not_found_error"
+        assert anthropic_404.headers["request-id"] == anthropic_404.headers["x-request-id"]
+        ollama_404 = await http.get("/api/ps")
+        assert ollama_404.status_code == 404 and set(ollama_404.json()) == {"error"}
+        gemini_404 = await http.get("/v1beta/cachedContents")
+        assert gemini_404.status_code == 404
+        assert gemini_404.json()["error"]["status"] == "NOT_FOUND"
+        azure_404 = await http.get("/openai/models")
+        assert azure_404.status_code == 404
+        assert set(azure_404.json()["error"]) == {"message", "type", "param", "code"}
+        elsewhere = await http.get("/v2/nothing")
+        assert set(elsewhere.json()["error"]) == {"message", "type", "param", "code"}
+
+    run(scenario)
+
+
+def test_anthropic_errors_gandalf_writes_carry_request_id(
+    run: Callable[[Scenario], None],
+) -> None:
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        client = anthropic_client(http, LIMITED).with_options(max_retries=0)
+        with pytest.raises(anthropic.PermissionDeniedError) as denied:
+            await client.messages.create(
+                model="claude", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
+        headers = denied.value.response.headers
+        assert denied.value.request_id == headers["x-request-id"]
+        stranger = anthropic_client(http, "gnd_" + "x" * 40).with_options(max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            await stranger.messages.create(
+                model="claude", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert refused.value.request_id == refused.value.response.headers["x-request-id"]
+
+    run(scenario)

@@ -39,7 +39,8 @@ it reported, and whether the client (Gandalf) closed the connection before the
 end. The mock doubles as an Ollama server (Ollama serves OpenAI's format under ``/v1``):
 ``GET /api/tags`` lists :attr:`MockUpstream.tags`; ``POST /api/chat`` and
 ``/api/generate`` answer in Ollama's own format (NDJSON unless ``"stream": false``,
-counts in the last line); ``POST /api/embed`` returns ``embeddings``. And as an
+counts in the last line); ``POST /api/embed`` returns ``embeddings``; ``POST
+/api/show`` a model's details (``modelfile`` names the model it received). And as an
 Azure OpenAI resource: ``POST /openai/deployments/{deployment}/chat/completions``
 (or ``/embeddings``) behaves as ``/v1`` with the deployment as the model, and
 answers 404 without an ``api-version`` query.
@@ -203,6 +204,7 @@ class MockUpstream(BackgroundServer):
         app.router.add_post("/api/chat", self._ollama)
         app.router.add_post("/api/generate", self._ollama)
         app.router.add_post("/api/embed", self._ollama_embed)
+        app.router.add_post("/api/show", self._show)
         app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._azure)
 
     async def before_stop(self) -> None:
@@ -468,6 +470,19 @@ class MockUpstream(BackgroundServer):
                 "model": payload["model"],
                 "embeddings": [mock_vector(text, DEFAULT_DIMENSIONS) for text in inputs],
                 "prompt_eval_count": sum(max(1, len(text) // 4) for text in inputs),
+            }
+        )
+
+    async def _show(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        model = str(json.loads(body).get("model", ""))
+        return web.json_response(
+            {
+                "modelfile": f"FROM {model}",
+                "details": {"family": "llama", "parameter_size": "1.2B"},
+                "model_info": {"llama.context_length": 131072},
+                "capabilities": ["completion", "tools"],
             }
         )
 
