@@ -304,3 +304,28 @@ def test_anthropic_errors_gandalf_writes_carry_request_id(
         assert refused.value.request_id == refused.value.response.headers["x-request-id"]
 
     run(scenario)
+
+
+# ---------------------------------------------------------------------------- the fake provider
+
+
+def test_the_fake_providers_reply_follows_openais_document(
+    run: Callable[[Scenario], None],
+) -> None:
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}]}
+        auth = {"authorization": f"Bearer {KEY}"}
+        reply = (await http.post("/v1/chat/completions", json=body, headers=auth)).json()
+        message = reply["choices"][0]["message"]
+        assert "refusal" in message and message["refusal"] is None
+        assert isinstance(reply["system_fingerprint"], str) and reply["system_fingerprint"]
+        async with openai_client(http, max_retries=0) as client:
+            stream = await client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "hello"}], stream=True
+            )
+            chunks = [chunk async for chunk in stream]
+        assert all(c.system_fingerprint == reply["system_fingerprint"] for c in chunks)
+        assert chunks[0].choices[0].delta.refusal is None
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello"
+
+    run(scenario)
