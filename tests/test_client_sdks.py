@@ -56,6 +56,9 @@ def _config(mock: MockUpstream, claude: MockAnthropic, gemini: MockGemini) -> Ga
         ),
         routes=(
             Route(model_alias="gpt", targets=(Target(provider="up", model="ok-model"),)),
+            Route(
+                model_alias="gpt-headers", targets=(Target(provider="up", model="with-headers"),)
+            ),
             Route(model_alias="busy", targets=(Target(provider="up", model="busy"),)),
             Route(
                 model_alias="busy-once",
@@ -327,5 +330,44 @@ def test_the_fake_providers_reply_follows_openais_document(
         assert all(c.system_fingerprint == reply["system_fingerprint"] for c in chunks)
         assert chunks[0].choices[0].delta.refusal is None
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello"
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------- upstream headers
+
+RELAYED = {
+    "x-upstream-request-id": "req_upstream_123",
+    "openai-processing-ms": "42",
+    "openai-version": "2020-10-01",
+    "openai-organization": "org-mock",
+    "x-ratelimit-limit-requests": "10000",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-reset-tokens": "6ms",
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_rate_limit_headers_are_relayed(
+    run: Callable[[Scenario], None], stream: bool
+) -> None:
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        async with openai_client(http, max_retries=0) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-headers",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=stream,
+            )
+            if stream:
+                parsed: Any = raw.parse()
+                async for _ in parsed:
+                    pass
+        headers = raw.headers
+        for name, value in RELAYED.items():
+            assert headers.get(name) == value, (name, dict(headers))
+        assert "x-internal-route" not in headers
+        # x-request-id stays Gandalf's own: the SDK's request id finds the access log line.
+        assert raw.request_id == headers["x-request-id"] != "req_upstream_123"
+        assert headers.get_list("x-request-id") == [raw.request_id]
 
     run(scenario)

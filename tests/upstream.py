@@ -16,6 +16,7 @@ there), which lets one mock serve every scenario at once:
   ``chunked-N`` the same in 64 KiB chunks, without a Content-Length
 - ``gate``: waits until the test opens the gate (graceful drain)
 - ``badjson``: 200 with a body that is not JSON
+- ``with-headers``: as ``ok-*`` (streamed or not), with :data:`UPSTREAM_HEADERS`
 
 Chat bodies with ``"stream": true`` get server-sent events (OpenAI's chunk
 format; a final usage-only event only when the body asked for
@@ -91,6 +92,21 @@ class Received:
         except ValueError:
             return False
         return isinstance(payload, dict) and wants_usage(payload)
+
+
+# What an OpenAI upstream says about the call besides the answer (model
+# ``with-headers``): rate limits, processing time, its own request id; and one
+# header a gateway has no reason to relay.
+UPSTREAM_HEADERS = {
+    "x-request-id": "req_upstream_123",
+    "openai-processing-ms": "42",
+    "openai-version": "2020-10-01",
+    "openai-organization": "org-mock",
+    "x-ratelimit-limit-requests": "10000",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-reset-tokens": "6ms",
+    "x-internal-route": "pod-7",
+}
 
 
 def wants_usage(payload: dict[str, Any]) -> bool:
@@ -322,7 +338,8 @@ class MockUpstream(BackgroundServer):
         prompt = sum(len(json.dumps(m)) for m in messages) // 4
         completion = max(1, len(text) // 4)
         return web.json_response(
-            {
+            headers=UPSTREAM_HEADERS if model == "with-headers" else None,
+            data={
                 "id": "chatcmpl-mock",
                 "object": "chat.completion",
                 "created": 1700000000,
@@ -340,7 +357,7 @@ class MockUpstream(BackgroundServer):
                     "completion_tokens": completion,
                     "total_tokens": prompt + completion,
                 },
-            }
+            },
         )
 
     async def _stream(
@@ -366,7 +383,10 @@ class MockUpstream(BackgroundServer):
             "completion_tokens": len(pieces),
             "total_tokens": prompt + len(pieces),
         }
-        resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream"})
+        headers = {"content-type": "text/event-stream"}
+        if model == "with-headers":
+            headers.update(UPSTREAM_HEADERS)
+        resp = web.StreamResponse(status=200, headers=headers)
         try:
             if model == "stream-late":
                 await log._permit()  # no status line, no headers until the test says so

@@ -151,9 +151,20 @@ class RecordedStream:
 
     ``provider`` served it after ``attempts`` upstream attempts. An upstream
     failure that ends it early (502, 504) counts against the provider's breaker.
+    ``headers``: the upstream's headers relayed to the client, when the
+    provider's stream has them (OpenAI-compatible upstreams).
     """
 
-    __slots__ = ("_accounting", "_done", "_monotonic", "_slot", "_stream", "attempts", "provider")
+    __slots__ = (
+        "_accounting",
+        "_done",
+        "_monotonic",
+        "_slot",
+        "_stream",
+        "attempts",
+        "headers",
+        "provider",
+    )
 
     def __init__(
         self,
@@ -169,6 +180,7 @@ class RecordedStream:
         self._monotonic = monotonic
         self.provider = slot.name
         self.attempts = attempts
+        self.headers: tuple[tuple[bytes, bytes], ...] = getattr(stream, "headers", ())
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:

@@ -274,6 +274,8 @@ class Api:
             headers = served.first.get(stream.provider) if stream.attempts == 1 else None
             if headers is None:
                 headers = served.build(stream.provider, stream.attempts)
+            if stream.headers:
+                headers = (*headers, *stream.headers)
             return Response(200, headers=headers, stream=stream, watch=watch)
         request.track()
         try:
@@ -286,6 +288,8 @@ class Api:
         headers = served.first.get(reply.provider) if reply.attempts == 1 else None
         if headers is None:
             headers = served.build(reply.provider, reply.attempts)
+        if reply.headers:  # the upstream's rate limits and request id (openai.py)
+            headers = (*headers, *reply.headers)
         return Response(200, reply.body, headers)
 
     async def embeddings(self, request: Request) -> Response:
@@ -303,6 +307,8 @@ class Api:
         headers = served.first.get(reply.provider) if reply.attempts == 1 else None
         if headers is None:
             headers = served.build(reply.provider, reply.attempts)
+        if reply.headers:  # the upstream's rate limits and request id (openai.py)
+            headers = (*headers, *reply.headers)
         return Response(200, reply.body, headers)
 
     async def models(self, request: Request) -> Response:
