@@ -14,6 +14,7 @@ upstreams on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -67,6 +68,13 @@ def _config(mock: MockUpstream, claude: MockAnthropic, gemini: MockGemini) -> Ga
             ),
             Route(model_alias="fake-model", targets=(Target(provider="fake", model="fake-1"),)),
             Route(model_alias="claude", targets=(Target(provider="claude", model="claude-ok"),)),
+            Route(
+                model_alias="claude-refusal",
+                targets=(Target(provider="claude", model="claude-refusal"),),
+            ),
+            Route(
+                model_alias="claude-json", targets=(Target(provider="claude", model="claude-json"),)
+            ),
             Route(model_alias="gemini", targets=(Target(provider="gem", model="gemini-ok"),)),
             Route(model_alias="llama", targets=(Target(provider="ol", model="llama3.2:1b"),)),
         ),
@@ -369,5 +377,47 @@ def test_upstream_rate_limit_headers_are_relayed(
         # x-request-id stays Gandalf's own: the SDK's request id finds the access log line.
         assert raw.request_id == headers["x-request-id"] != "req_upstream_123"
         assert headers.get_list("x-request-id") == [raw.request_id]
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------- json_schema streams
+
+SCHEMA: Any = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer",
+        "schema": {"type": "object", "properties": {"echo": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize("model", ["claude-refusal", "claude-json"])
+def test_a_json_schema_answer_streams_as_it_answers_whole(
+    run: Callable[[Scenario], None], model: str
+) -> None:
+    """Anthropic has no JSON mode: a forced tool carries the answer. When the
+    model does not call it (a refusal), its text is the answer, streamed or
+    not; when it does, the tool's JSON is, streamed or not."""
+
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        messages: Any = [{"role": "user", "content": "hello"}]
+        async with openai_client(http, max_retries=0) as client:
+            whole = await client.chat.completions.create(
+                model=model, messages=messages, response_format=SCHEMA
+            )
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, response_format=SCHEMA, stream=True
+            )
+            chunks = [chunk async for chunk in stream]
+        expected = whole.choices[0].message.content
+        assert expected
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        if model == "claude-json":  # the same JSON (fragments keep the upstream's spacing)
+            assert json.loads(streamed) == json.loads(expected)
+        else:
+            assert streamed == expected
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+        assert finishes[-1] == whole.choices[0].finish_reason
 
     run(scenario)
