@@ -21,6 +21,7 @@ from gandalf.domain import Identity, Permission
 from gandalf.errors import GatewayError, ModelNotFound, NotReady, PermissionDenied, header_value
 from gandalf.server.wire import (
     HEALTH_OK,
+    JSON_CT,
     JSON_HEADERS,
     READY_OK,
     SSE_HEADERS,
@@ -164,6 +165,12 @@ def anthropic_client(request: Request) -> bool:
     ``anthropic-version`` on every call and the key in ``x-api-key`` (OpenAI's
     send ``Authorization: Bearer``)."""
     return request.api_key is not None or request.header(b"anthropic-version") is not None
+
+
+def _anthropic_headers(request: Request) -> Headers:
+    """JSON headers plus ``request-id`` (the SDK's ``request_id``), as on
+    Anthropic's own answers."""
+    return (JSON_CT, (b"request-id", request.request_id.encode("latin-1")))
 
 
 _ANTHROPIC_NOT_FOUND = b'{"type":"error","error":{"type":"not_found_error","message":'
@@ -318,10 +325,13 @@ class Api:
         assert identity is not None
         allowed = identity.allowed_models
         if anthropic_client(request):
+            headers = _anthropic_headers(request)
             if allowed is None:
-                return Response(200, self._all_anthropic)
+                return Response(200, self._all_anthropic, headers)
             return Response(
-                200, _anthropic_list([m for a, m in self._anthropic.items() if a in allowed])
+                200,
+                _anthropic_list([m for a, m in self._anthropic.items() if a in allowed]),
+                headers,
             )
         if allowed is None:
             return Response(200, self._all_models)
@@ -344,10 +354,14 @@ class Api:
                 param="model",
             )
             if anthropic:
-                return Response(404, _ANTHROPIC_NOT_FOUND + orjson.dumps(error.message) + b"}}")
+                return Response(
+                    404,
+                    _ANTHROPIC_NOT_FOUND + orjson.dumps(error.message) + b"}}",
+                    _anthropic_headers(request),
+                )
             raise error
         if anthropic:
-            return Response(200, _encoder.encode(found))
+            return Response(200, _encoder.encode(found), _anthropic_headers(request))
         return Response(200, _encoder.encode(self._by_id[alias]))
 
     async def healthz(self, request: Request) -> Response:
