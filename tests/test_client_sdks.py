@@ -227,11 +227,21 @@ def test_anthropic_sdk_lists_and_retrieves_models_in_anthropics_shape(
     run(scenario)
 
 
-def test_openai_clients_keep_openais_list_shape(run: Callable[[Scenario], None]) -> None:
+def test_openai_shaped_clients_keep_openais_shapes(run: Callable[[Scenario], None]) -> None:
     async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
-        reply = await http.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})
-        assert reply.json()["object"] == "list"
-        assert {"id", "object", "created", "owned_by"} == set(reply.json()["data"][0])
+        # Gandalf takes x-api-key on OpenAI's paths too: only anthropic-version
+        # (which Anthropic's API requires of every client) says "Anthropic".
+        for auth in ({"authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}):
+            reply = await http.get("/v1/models", headers=auth)
+            assert reply.json()["object"] == "list"
+            assert {"id", "object", "created", "owned_by"} == set(reply.json()["data"][0])
+            one = await http.get("/v1/models/gpt", headers=auth)
+            assert one.json()["object"] == "model"
+        bearer_anthropic = await http.get(
+            "/v1/models",
+            headers={"authorization": f"Bearer {KEY}", "anthropic-version": "2023-06-01"},
+        )
+        assert bearer_anthropic.json()["has_more"] is False  # as Claude Code calls it
 
     run(scenario)
 

@@ -161,10 +161,11 @@ def _anthropic_list(models: list[_AnthropicModel]) -> bytes:
 
 
 def anthropic_client(request: Request) -> bool:
-    """Does ``request`` come from an Anthropic client? Its SDKs send
-    ``anthropic-version`` on every call and the key in ``x-api-key`` (OpenAI's
-    send ``Authorization: Bearer``)."""
-    return request.api_key is not None or request.header(b"anthropic-version") is not None
+    """Does ``request`` come from an Anthropic client? Anthropic's API refuses
+    calls without ``anthropic-version``, so every Anthropic client sends it
+    (Claude Code with a bearer token too). ``x-api-key`` alone is no sign:
+    Gandalf takes it on OpenAI's paths as well, from OpenAI-shaped clients."""
+    return request.header(b"anthropic-version") is not None
 
 
 def _anthropic_headers(request: Request) -> Headers:
