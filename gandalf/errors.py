@@ -80,6 +80,9 @@ class GatewayError(Exception):
     # the client is told ``x-should-retry: false``, which the OpenAI and
     # Anthropic SDKs obey, so their own retries do not multiply the gateway's.
     final: bool = False
+    # Upstream headers the client may read (rate limits, the upstream's request
+    # id), set by an adapter on the error an upstream's answer produced.
+    relayed: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -92,13 +95,15 @@ class GatewayError(Exception):
 
     def routing_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """``x-gandalf-provider`` / ``x-gandalf-attempts`` when an upstream was
-        tried, and ``x-should-retry: false`` when the error is :attr:`final`."""
+        tried, the upstream's :attr:`relayed` headers, and ``x-should-retry:
+        false`` when the error is :attr:`final`."""
         upstream = self.upstream
         if upstream is None:
-            return ()
+            return self.relayed
         served = (
             (b"x-gandalf-provider", header_value(upstream)),
             (b"x-gandalf-attempts", b"%d" % self.attempts),
+            *self.relayed,
         )
         return (*served, _NO_RETRY) if self.final else served
 

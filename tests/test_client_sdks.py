@@ -154,6 +154,9 @@ def test_the_sdk_does_not_multiply_gandalfs_retries(
         response = raised.value.response
         assert response.headers["x-should-retry"] == "false"
         assert response.headers["x-gandalf-attempts"] == "3"
+        # The upstream's rate limits come along: what a client paces itself on.
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert response.headers["x-ratelimit-reset-requests"] == "20ms"
 
     run(scenario)
     assert upstream_calls(openai_mock, "busy") == 3
@@ -172,6 +175,7 @@ def test_one_attempt_leaves_the_retry_to_the_sdk(
                     model="busy-once", messages=[{"role": "user", "content": "hi"}]
                 )
         assert "x-should-retry" not in raised.value.response.headers
+        assert raised.value.response.headers["x-ratelimit-remaining-requests"] == "0"
 
     run(scenario)
     assert upstream_calls(openai_mock, "busy") == 2

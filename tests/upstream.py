@@ -8,7 +8,8 @@ there), which lets one mock serve every scenario at once:
 - ``ok-*`` (anything not listed below): a chat.completion echoing the last user message
 - ``status-NNN``: HTTP NNN with an OpenAI-shaped error (429 adds ``retry-after: 7``)
 - ``text-NNN``: HTTP NNN with a plain-text body
-- ``busy``: HTTP 429 with an OpenAI-shaped error and no ``retry-after``
+- ``busy``: HTTP 429 with an OpenAI-shaped error, no ``retry-after``, and
+  :data:`BUSY_HEADERS` (rate limits)
 - ``hang``: never answers until released (timeouts)
 - ``headers-then-hang``: 200 and its headers at once, then the start of a
   body and nothing more until released (a long generation, or a stall)
@@ -107,6 +108,9 @@ UPSTREAM_HEADERS = {
     "x-ratelimit-reset-tokens": "6ms",
     "x-internal-route": "pod-7",
 }
+
+
+BUSY_HEADERS = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "20ms"}
 
 
 def wants_usage(payload: dict[str, Any]) -> bool:
@@ -285,7 +289,7 @@ class MockUpstream(BackgroundServer):
         if model.startswith("text-"):
             return web.Response(status=int(model.split("-", 1)[1]), text="plain failure")
         if model == "busy":
-            return web.json_response(_error_body(429), status=429)
+            return web.json_response(_error_body(429), status=429, headers=BUSY_HEADERS)
         if model == "hang":
             assert self._release is not None
             await self._release.wait()

@@ -246,7 +246,9 @@ class OpenAIProvider(transport.UpstreamClient):
                 retry_after = resp.headers.get("Retry-After") if status >= 400 else None
                 raw_headers = resp.raw_headers
         if status >= 300:
-            raise transport.http_status_error(self.name, status, data, retry_after)
+            error = transport.http_status_error(self.name, status, data, retry_after)
+            error.relayed = relayed_headers(raw_headers)  # a 429's rate limits, above all
+            raise error
         usage = extract_usage(data)
         if usage is None:
             raise UpstreamError(
@@ -280,7 +282,9 @@ class OpenAIProvider(transport.UpstreamClient):
                 finally:
                     resp.release()
                 if status >= 300:
-                    raise transport.http_status_error(self.name, status, data, retry_after)
+                    error = transport.http_status_error(self.name, status, data, retry_after)
+                    error.relayed = relayed_headers(resp.raw_headers)
+                    raise error
                 raise UpstreamError(
                     f"Upstream provider '{self.name}' answered a streaming request with "
                     f"'{resp.content_type}' instead of an event stream."
