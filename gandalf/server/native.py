@@ -183,11 +183,12 @@ class NativeApi:
             *,
             body: bool = True,
             more: dict[str, Handler] | None = None,
+            reads: bool = False,
         ) -> Endpoint:
             # Errors on these paths (a body too large included) in the API's own
-            # shape. Calls need CALL_MODELS; listing models (no body) READ_MODELS,
-            # as on /v1/models. ``more``: other methods on the same path.
-            needs = Permission.CALL_MODELS if body else Permission.READ_MODELS
+            # shape. Calls need CALL_MODELS; reading about models (listing them,
+            # ``reads``) READ_MODELS, as on /v1/models. ``more``: other methods.
+            needs = Permission.CALL_MODELS if body and not reads else Permission.READ_MODELS
             return Endpoint(
                 {method: handler, **(more or {})},
                 reads_body=body,
@@ -226,8 +227,9 @@ class NativeApi:
             prefixed.append(("/openai/deployments/", mount("azure", "POST", self.azure_call)))
             fallbacks.append(("/openai/", unknown("azure")))
         if "ollama" in apis:
-            for path in ("/api/chat", "/api/generate", "/api/embed", "/api/show"):
+            for path in ("/api/chat", "/api/generate", "/api/embed"):
                 exact[path] = mount("ollama", "POST", self.ollama_call)
+            exact["/api/show"] = mount("ollama", "POST", self.ollama_call, reads=True)
             exact["/api/tags"] = mount("ollama", "GET", self.ollama_tags, body=False)
             # Open, as Ollama's own: a constant that clients probe before anything else.
             exact["/api/version"] = Endpoint(
