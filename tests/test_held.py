@@ -26,7 +26,7 @@ import pytest
 from gandalf.auth.apikey import generate_key
 from tests.mock_anthropic import MockAnthropic
 from tests.mock_gemini import MockGemini
-from tests.serve import GandalfServer, route, wait_until
+from tests.serve import NATIVE_ROUTES, GandalfServer, native_providers, route, wait_until
 from tests.upstream import MockUpstream, running_upstream
 
 KEY = generate_key()
@@ -59,20 +59,12 @@ def gateway(
     config = {
         "server": {"access_log": True, "max_body_bytes": MAX_BODY},
         "providers": [
-            {
-                "name": "claude",
-                "type": "anthropic",
-                "base_url": anthropic_mock.base_url,
-                "api_key": ANTHROPIC_SECRET,
-            },
-            {
-                "name": "gem",
-                "type": "gemini",
-                "base_url": gemini_mock.base_url,
-                "api_key": GEMINI_SECRET,
-            },
-            {"name": "az", "type": "azure", "base_url": root, "api_key": AZURE_SECRET},
-            {"name": "local", "type": "ollama", "base_url": root, "models": ["unused"]},
+            *native_providers(
+                anthropic_mock.base_url,
+                gemini_mock.base_url,
+                root,
+                (ANTHROPIC_SECRET, GEMINI_SECRET, AZURE_SECRET),
+            ),
             {"name": "up", "type": "openai", "base_url": f"{root}/v1", "api_key": OPENAI_SECRET},
             {
                 "name": "dark",
@@ -82,10 +74,7 @@ def gateway(
             },
         ],
         "routes": [
-            route("claude", "claude", "claude-ok"),
-            route("gemini", "gem", "gemini-ok"),
-            route("az-chat", "az", "ok-model"),
-            route("ol-chat", "local", "stream-2"),
+            *NATIVE_ROUTES,
             route("up", "up", "ok-model"),
             route("up-500", "up", "status-500"),
             route("dark", "dark", "ok-model"),
