@@ -52,6 +52,8 @@ empty one). Streaming-only models:
 - ``claude-stream-api-error``: the same with ``api_error``;
 - ``claude-stream-cut``: the same without the error event: the body just
   ends before ``message_stop``.
+- ``claude-stream-dies``: as ``claude-stream-cut`` in a body framed by closing
+  the connection (no length, not chunked), then the close.
 
 ``POST /v1/messages/count_tokens`` answers ``{"input_tokens": N}``, N the
 prompt tokens :func:`mock_usage` counts. Answers carry a ``request-id`` header.
@@ -68,7 +70,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.background import BackgroundServer
+from tests.background import BackgroundServer, close_framed
 
 PIECE = 6  # characters per streamed text delta / tool-input fragment
 TOOL_CALLS: list[tuple[str, str, dict[str, Any]]] = [
@@ -415,6 +417,9 @@ class MockAnthropic(BackgroundServer):
         ids = {"request-id": f"req_mock_{self._count:04d}"}
         if payload.get("stream") is not True:
             return web.json_response(answer(payload, message_id), headers=ids)  # failures: an echo
+        if model == "claude-stream-dies":
+            events = _failing_stream(answer(payload, message_id), None)
+            return await close_framed(request, b"".join(events))
         if model in _STREAM_FAILURES:
             events = _failing_stream(answer(payload, message_id), _STREAM_FAILURES[model])
         else:
