@@ -32,7 +32,8 @@ Behaviour is chosen by the model in the path:
   second). When the last user content holds functionResponses it answers the
   text ``results: <{name: response} as JSON>`` instead, after checking, as
   Gemini 3 does, that the ``get_weather`` call in the history carries
-  :data:`SIGNATURE` (400 INVALID_ARGUMENT when not).
+  :data:`SIGNATURE` or the documented placeholder :data:`SKIP_SIGNATURE`
+  (400 INVALID_ARGUMENT when not).
 - ``gemini-tools-ids``: as ``gemini-tools`` with Gemini's own functionCall
   ids ``fc-1``/``fc-2``; the second turn also checks that the history's calls
   and responses carry those ids.
@@ -82,6 +83,8 @@ from tests.background import BackgroundServer, close_framed
 DEFAULT_DIMENSIONS = 8
 SIGNATURE = "c2lnbmF0dXJlLW9uZQ+/+w=="  # standard base64 with + / and padding, on purpose
 RESPONSE_ID = "mock-response-id"
+# Gemini's documented placeholder for a signature the client no longer has.
+SKIP_SIGNATURE = "skip_thought_signature_validator"
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -437,8 +440,9 @@ def _check_history(payload: dict[str, Any], with_ids: bool) -> str | None:
         if "functionCall" in part
     ]
     for part in calls:
-        if part["functionCall"]["name"] == "get_weather" and part.get("thoughtSignature") != (
-            SIGNATURE
+        if part["functionCall"]["name"] == "get_weather" and part.get("thoughtSignature") not in (
+            SIGNATURE,
+            SKIP_SIGNATURE,
         ):
             return (
                 "Function call is missing a thought_signature in functionCall parts. This is "

@@ -3,22 +3,26 @@ against the Gemini mock (and the Anthropic mock for cut streams): the
 README's example as written (the SDK's default API version is ``v1``),
 ``batchEmbedContents``, no keep-alive comment inside a Gemini stream, and
 streams cut by the upstream ended with an error in the caller's own format.
+Also the ``openai`` SDK's tool conversation with Gemini: ids every provider
+accepts, and the thought signature still given back to Gemini.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import httpx
+import openai
 import pytest
 from google import genai
 from google.genai import errors as genai_errors
 
 from gandalf.auth.apikey import generate_key
 from tests.mock_anthropic import MockAnthropic
-from tests.mock_gemini import DEFAULT_DIMENSIONS, MockGemini, mock_vector
+from tests.mock_gemini import DEFAULT_DIMENSIONS, SIGNATURE, MockGemini, mock_vector
 from tests.serve import GandalfServer, route
 from tests.test_native_e2e import last_id, usage_row
 
@@ -56,6 +60,7 @@ def gateway(
             route("pause", "gem", "gemini-pause"),
             route("dies", "gem", "gemini-stream-dies"),
             route("claude-dies", "claude", "claude-stream-dies"),
+            route("tools", "gem", "gemini-tools"),
         ],
         "keys": [{"name": "app", "key": KEY, "role": "member"}],
     }
@@ -187,3 +192,67 @@ def test_anthropic_stream_cut_by_the_upstream_ends_with_an_error(
     assert text and "".join(text) != "a long enough answer"
     assert "ended the stream" in json.dumps(caught.value.body)
     assert usage_row(gateway, "anthropic.messages", before)[5] == 502
+
+
+TOOLS: list[Any] = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_openai_sdk_tool_conversation_with_gemini(
+    gateway: GandalfServer, gemini_mock: MockGemini, stream: bool
+) -> None:
+    """Tool call ids of at most 40 characters (OpenAI and Azure refuse longer
+    ones), and the second turn still gives Gemini its thought signature (the
+    mock refuses the turn without it, as Gemini 3 does)."""
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+    messages: list[Any] = [{"role": "user", "content": "weather and time?"}]
+    if stream:
+        calls: dict[int, dict[str, str]] = {}
+        for chunk in client.chat.completions.create(
+            model="tools",
+            messages=messages,
+            tools=TOOLS,
+            stream=True,
+        ):
+            for delta in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
+                call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += delta.id or ""
+                if delta.function is not None:
+                    call["name"] += delta.function.name or ""
+                    call["arguments"] += delta.function.arguments or ""
+        tool_calls = [
+            {
+                "id": c["id"],
+                "type": "function",
+                "function": {"name": c["name"], "arguments": c["arguments"]},
+            }
+            for _, c in sorted(calls.items())
+        ]
+    else:
+        reply = client.chat.completions.create(
+            model="tools",
+            messages=messages,
+            tools=TOOLS,
+        )
+        tool_calls = [c.model_dump() for c in reply.choices[0].message.tool_calls or ()]
+    ids = [str(c["id"]) for c in tool_calls]
+    assert len(ids) == 2 and all(0 < len(i) <= 40 for i in ids), ids
+    messages.append({"role": "assistant", "content": None, "tool_calls": tool_calls})
+    messages += [
+        {"role": "tool", "tool_call_id": i, "content": json.dumps({"n": n})}
+        for n, i in enumerate(ids)
+    ]
+    second = client.chat.completions.create(
+        model="tools",
+        messages=messages,
+        tools=TOOLS,
+    )
+    assert second.choices[0].message.content == (
+        'results: {"get_time":{"n":1},"get_weather":{"n":0}}'
+    )
+    replayed = gemini_mock.received[-1].json()["contents"][1]["parts"]
+    assert replayed[0]["thoughtSignature"] == SIGNATURE
+    client.close()
