@@ -38,6 +38,7 @@ def gateway(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GandalfServer]:
     gemini_mock.pause = KEEPALIVE_S * 5  # several keep-alive intervals of silence
+    anthropic_mock.pause = KEEPALIVE_S * 5
     config = {
         # A tiny keep-alive interval: a silent stream would get comments at once.
         "server": {"access_log": False, "stream_keepalive": KEEPALIVE_S},
@@ -61,6 +62,7 @@ def gateway(
             route("dies", "gem", "gemini-stream-dies"),
             route("claude-dies", "claude", "claude-stream-dies"),
             route("tools", "gem", "gemini-tools"),
+            route("claude-pause", "claude", "claude-pause"),
         ],
         "keys": [{"name": "app", "key": KEY, "role": "member"}],
     }
@@ -158,6 +160,33 @@ def test_silent_gemini_stream_has_no_keepalive_comment(gateway: GandalfServer) -
         )
     assert raw.status_code == 200 and b"keep-alive" not in raw.content
     assert raw.content.count(b"data: ") == 2
+
+
+def test_silent_anthropic_stream_gets_pings_between_events(gateway: GandalfServer) -> None:
+    """Anthropic's keep-alive is its own ``ping`` event, and only ever between
+    two events: the upstream fell silent in the middle of one first."""
+    body = {
+        "model": "claude-pause",
+        "max_tokens": 100,
+        "stream": True,
+        "messages": [{"role": "user", "content": "wait for it"}],
+    }
+    with httpx.Client(base_url=gateway.url, timeout=30.0) as http:
+        raw = http.post("/v1/messages", headers={"x-api-key": KEY}, json=body)
+    assert raw.status_code == 200
+    events = raw.content.split(b"\n\n")
+    assert b"keep-alive" not in raw.content
+    pings = [e for e in events if e.startswith(b"event: ping")]
+    assert len(pings) >= 2  # the upstream's own, and Gandalf's while it was silent
+    names = [e.split(b"\n", 1)[0] for e in events if e]
+    assert all(n.startswith(b"event: ") for n in names), names  # no event cut by a ping
+    with (
+        anthropic.Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0) as claude,
+        claude.messages.stream(
+            model="claude-pause", max_tokens=100, messages=[{"role": "user", "content": "x y"}]
+        ) as stream,
+    ):
+        assert "".join(stream.text_stream) == "x y"
 
 
 def test_gemini_stream_cut_by_the_upstream_ends_with_an_error(gateway: GandalfServer) -> None:

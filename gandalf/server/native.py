@@ -34,13 +34,17 @@ _FORWARDED: dict[str, tuple[bytes, ...]] = {
     "ollama": (b"content-type", b"accept"),
 }
 _ANTHROPIC_VERSION = "2023-06-01"
-# APIs whose clients skip an SSE comment (``: keep-alive``), sent on a stream
-# silent for ``server.stream_keepalive``: the anthropic and openai SDKs parse
-# SSE by the spec. google-genai reads a line that is neither ``data:`` nor
-# blank as JSON (UnknownApiResponseError) and litellm's Gemini stream stops
-# at it: Gemini streams get no keep-alive (Google sends none either), nor do
-# Ollama's NDJSON lines and Gemini's JSON arrays (not SSE).
-_SSE_COMMENTS_OK = frozenset({"anthropic", "azure"})
+# What a native SSE stream silent for ``server.stream_keepalive`` gets, in a
+# form that API's clients accept: Anthropic's own ``ping`` event (every
+# Anthropic client handles it: Anthropic sends it); Azure an SSE comment (the
+# openai SDK parses SSE by the spec). Gemini nothing: google-genai reads a line
+# that is neither ``data:`` nor blank as JSON (UnknownApiResponseError),
+# litellm's Gemini stream stops at it, and Google sends no keep-alive either.
+# Not SSE (Ollama's NDJSON, Gemini's JSON arrays): nothing.
+_SSE_KEEPALIVE: dict[str, bool | bytes] = {
+    "anthropic": b'event: ping\ndata: {"type": "ping"}\n\n',
+    "azure": True,
+}
 
 
 class _ModelBody(msgspec.Struct):
@@ -301,7 +305,9 @@ class NativeApi:
             stream=recorded,
             watch=watch,
             error_event=in_band_error(api, streamed_as),
-            keepalive=api in _SSE_COMMENTS_OK and streamed_as.startswith(b"text/event-stream"),
+            keepalive=_SSE_KEEPALIVE.get(api, False)
+            if streamed_as.startswith(b"text/event-stream")
+            else False,
         )
 
     # ------------------------------------------------------------ anthropic
