@@ -138,6 +138,9 @@ def test_v1_models_is_still_openai_without_googles_key(gateway: GandalfServer) -
         assert missing.status_code == 404 and set(error) == {"code", "message", "status"}
         unknown = http.get("/v1/models/nope", headers={"x-goog-api-key": KEY})
         assert unknown.status_code == 404 and unknown.json()["error"]["status"] == "NOT_FOUND"
+        openai_get = http.get("/v1/models/fast", headers={"authorization": f"Bearer {KEY}"})
+        assert openai_get.status_code in (200, 404)  # OpenAI's model retrieve, when there is one
+        assert "object" in openai_get.json() or "type" in openai_get.json()["error"]
         bad_key = http.post(
             "/v1/models/fast:generateContent", headers={"x-goog-api-key": "gnd_nope"}, json={}
         )

@@ -1,7 +1,9 @@
 """Native API endpoints: Anthropic, Gemini, Azure OpenAI and Ollama clients
 pointed at Gandalf, answered in their own wire format.
 
-Each API is mounted only when a provider of its type is configured. A handler
+Each API is mounted only when a provider of its type is configured. Gemini is
+served under ``/v1beta`` and ``/v1`` (google-genai's default version), the
+latter sharing ``/v1/models`` with OpenAI's API (see :meth:`NativeApi.endpoints`). A handler
 authenticates the caller (with the credential header that API's clients
 send), reads the model from the body or the path, and hands the request to
 the PassthroughService, which relays it untouched. Errors raised here are
@@ -260,10 +262,10 @@ class NativeApi:
         openai_item = next((e for p, e in shared_prefixes if p == "/v1/models/"), None)
         if openai_item is not None:
             openai_item.pick = pick_item
-        else:  # no OpenAI endpoint under /v1/models/: Gemini's calls, and its GET by key
-            call_v1 = Endpoint(call.methods, reads_body=True, render=call.render, auth=call.auth)
-            call_v1.pick = pick_item
-            prefixed.append(("/v1/models/", call_v1))
+        else:  # no OpenAI endpoint under /v1/models/: Gemini's, else OpenAI's 404
+            unknown = Endpoint({"GET": _unknown_path}, reads_body=False)
+            unknown.pick = pick_item
+            prefixed.append(("/v1/models/", unknown))
 
     # ------------------------------------------------------------ common
 
@@ -461,6 +463,10 @@ def _gemini_model(alias: str) -> dict[str, object]:
         "displayName": alias,
         "supportedGenerationMethods": _GEMINI_METHOD_LIST,
     }
+
+
+async def _unknown_path(request: Request) -> Response:
+    raise NotFound(f"Unknown path: {printable(request.path)}")
 
 
 def _batch_for(body: bytes, model: str) -> bytes:
