@@ -71,7 +71,7 @@ def create_app(
                 PassthroughService(table, registry.natives, store), keys, created=created
             )
             endpoints = api.endpoints()
-            native_exact, prefixes = native.endpoints()
+            native_exact, prefixes = native.endpoints(shared=endpoints)
             endpoints.update(native_exact)
         except BaseException:
             if registry is not None:

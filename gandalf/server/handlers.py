@@ -96,9 +96,13 @@ class Endpoint:
     """One path: its handlers by method, whether they read a body, how the
     caller authenticates (``auth``: None for open endpoints like /healthz) and
     how its errors are written (``render``: None for OpenAI's shape; native
-    APIs have their own)."""
+    APIs have their own).
 
-    __slots__ = ("allow", "auth", "methods", "reads_body", "render")
+    ``pick``: for a path two APIs share (Gemini's ``/v1/models...`` and
+    OpenAI's), the other API's endpoint when the request is that API's (from
+    its method, path and headers alone: no body is read yet), else None."""
+
+    __slots__ = ("allow", "auth", "methods", "pick", "reads_body", "render")
 
     def __init__(
         self,
@@ -113,6 +117,7 @@ class Endpoint:
         self.render = render
         self.auth = auth
         self.allow = ", ".join(sorted(methods))
+        self.pick: Callable[[Request], Endpoint | None] | None = None
 
 
 class _Model(msgspec.Struct):
