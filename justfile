@@ -1,4 +1,5 @@
-# Gandalf's everyday commands. `just` itself is pip-installable (rust-just, in the dev extra).
+# Gandalf's everyday commands. Install `just` first: `pip install rust-just`. The dev extra
+# has it too (.venv/bin/just after setup); README, Development, gives the plain commands.
 
 python := if path_exists(".venv/bin/python") == "true" { ".venv/bin/python" } else { "python3" }
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gandalf import __version__
-from gandalf.config import GandalfConfig, default_config_path, load_config
+from gandalf.config import GandalfConfig, default_config_path, load_config, split_addr
 from gandalf.errors import ConfigError, GatewayError
 from gandalf.storage.sqlite import SqliteStore
 
@@ -30,6 +30,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+# Set (by the Containerfile) to write the first-start admin key to this file
+# instead of printing it: container logs are collected and shipped.
+FIRST_KEY_FILE_ENV = "GANDALF_FIRST_KEY_FILE"
 RESPAWN_INTERVAL = 3.5  # seconds (granian's default), see _serve
 
 logger = logging.getLogger("gandalf")
@@ -42,6 +45,9 @@ _MAX_DIGITS = 12
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+_CONFIG_HELP = "config file (default: $GANDALF_CONFIG, ./gandalf.yaml)"
+
+
 class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
@@ -51,11 +57,16 @@ class CliError(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gandalf", description="Gandalf LLM gateway")
     parser.add_argument("--version", action="version", version=f"gandalf {__version__}")
+    parser.add_argument("--config", default=None, help=_CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="serve the gateway on granian")
-    serve.add_argument("--config", help="config file (default: $GANDALF_CONFIG, ./gandalf.yaml)")
-    serve.add_argument("--addr", help="HOST:PORT to listen on (overrides server.addr)")
+    # SUPPRESS: a subcommand's --config, when not given, leaves the one given before it.
+    serve.add_argument("--config", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+    serve.add_argument(
+        "--addr",
+        help="HOST:PORT or [IPv6]:PORT to listen on (default: $GANDALF_ADDR, else server.addr)",
+    )
     serve.add_argument("--host", help="host to listen on (overrides server.addr's host)")
     serve.add_argument("--port", type=int, help="port to listen on (overrides server.addr's port)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
@@ -86,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     for p in (create, list_, revoke):
-        p.add_argument("--config", help="config file (default: $GANDALF_CONFIG, ./gandalf.yaml)")
+        p.add_argument("--config", default=argparse.SUPPRESS, help=_CONFIG_HELP)
     return parser
 
 
@@ -116,8 +127,35 @@ async def _open_store(config: GandalfConfig) -> SqliteStore:
     try:
         await store.open()
     except Exception as exc:
-        raise CliError(f"cannot open database {config.database.dsn!r}: {exc}") from None
+        raise CliError(
+            f"{config.source}: database.dsn: {_database_problem(config.database.dsn, exc)}"
+        ) from None
     return store
+
+
+def _database_problem(dsn: str, exc: Exception) -> str:
+    """Why ``dsn`` cannot be opened, in words an operator can act on (one line)."""
+    import sqlite3
+
+    if dsn != ":memory:" and not dsn.startswith("file:"):
+        folder = os.path.dirname(dsn) or "."
+        if not os.path.isdir(folder):
+            return f"cannot open database {dsn}: directory {folder} does not exist"
+        if not os.path.exists(dsn) and not os.access(folder, os.W_OK | os.X_OK):
+            return (
+                f"cannot create database {dsn}: directory {folder} is not writable "
+                f"by uid {os.getuid()}"
+            )
+        if os.path.exists(dsn) and not os.access(dsn, os.R_OK | os.W_OK):
+            return f"cannot open database {dsn}: not readable and writable by uid {os.getuid()}"
+    cause = exc.__cause__
+    if isinstance(cause, sqlite3.Error):  # the StorageError's own text names the path again
+        return f"cannot open database {dsn}: {cause}"
+    return _one_line(str(exc))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 # ---------------------------------------------------------------------------- serve
@@ -126,11 +164,14 @@ async def _open_store(config: GandalfConfig) -> SqliteStore:
 def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     host, port = config.server.host, config.server.port
-    if args.addr:
-        host, _, port_text = args.addr.rpartition(":")
-        if not host or not port_text.isdigit():
-            raise CliError(f"--addr must be HOST:PORT, got {args.addr!r}", EXIT_USAGE)
-        port = int(port_text)
+    addr, option = args.addr, "--addr"
+    if addr is None and os.environ.get("GANDALF_ADDR"):
+        addr, option = os.environ["GANDALF_ADDR"], "GANDALF_ADDR"
+    if addr is not None:
+        try:
+            host, port = split_addr(addr)
+        except ValueError as exc:
+            raise CliError(f"{option}: {exc}", EXIT_USAGE) from None
     if args.host:
         host = args.host
     if args.port is not None:
@@ -146,11 +187,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging()  # bootstrap's lines (revoked keys) and reload problems
     _check_port(host, port)  # before a first admin key is made and shown
+    key_file = os.environ.get(FIRST_KEY_FILE_ENV) or None
+    if key_file is not None:
+        _check_key_file(key_file)  # before the key exists: a key nobody can read is lost
     admin_key = asyncio.run(_prepare(config))
+    if admin_key and key_file is not None:
+        _write_key_file(key_file, admin_key)
     for warning in config.warnings:
         print(f"gandalf: warning: {warning}", file=sys.stderr)
     interface: str = args.interface or config.server.interface
-    _banner(config, host, port, workers, interface, admin_key)
+    _banner(config, host, port, workers, interface, admin_key, key_file)
 
     from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
@@ -286,13 +332,16 @@ def _banner(
     workers: int,
     interface: str,
     admin_key: str | None,
+    key_file: str | None = None,
 ) -> None:
+    """Print what is being served; the first admin key, or where it was written."""
+    url_host = f"[{host}]" if ":" in host else host
     enabled = [p.name for p in config.providers if p.enabled]
     disabled = [
         f"{p.name} ({p.disabled_reason or 'disabled'})" for p in config.providers if not p.enabled
     ]
     lines = [
-        f"gandalf {__version__} serving on http://{host}:{port}/v1",
+        f"gandalf {__version__} serving on http://{url_host}:{port}/v1",
         f"  config:    {config.source}",
         f"  database:  {config.database.dsn}",
         f"  providers: {', '.join(enabled) or 'none'}"
@@ -300,17 +349,49 @@ def _banner(
         f"  routes:    {', '.join(r.model_alias for r in config.routes) or 'none'}",
         f"  workers:   {workers} ({interface})",
     ]
-    if admin_key:
+    if admin_key and key_file:
+        lines += [
+            "",
+            f"  First start: created an admin API key and wrote it to {key_file} (mode 0600).",
+            "  It is not printed: logs are kept and shipped. Read it once with:",
+            f"    cat {key_file}",
+        ]
+    elif admin_key:
         lines += [
             "",
             "  First start: created an admin API key. It is shown only this once:",
             f"    {admin_key}",
-            f"  Try: curl http://{host}:{port}/v1/chat/completions \\",
+            f"  Try: curl http://{url_host}:{port}/v1/chat/completions \\",
             f"         -H 'Authorization: Bearer {admin_key}' \\",
             "         -H 'content-type: application/json' \\",
             '         -d \'{"model":"fake-model","messages":[{"role":"user","content":"hi"}]}\'',
         ]
     print("\n".join(lines), flush=True)
+
+
+def _check_key_file(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(
+            f"{FIRST_KEY_FILE_ENV}: cannot write {path}: directory {folder} is missing "
+            f"or not writable by uid {os.getuid()}"
+        )
+
+
+def _write_key_file(path: str, key: str) -> None:
+    """Write ``key`` to ``path``, readable by its owner only (created 0600, never a symlink)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+            os.write(fd, (key + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CliError(
+            f"{FIRST_KEY_FILE_ENV}: created the first admin key but cannot write it to "
+            f"{path}: {exc.strerror}; create another with `gandalf keys create --role admin`"
+        ) from None
 
 
 def _check_port(host: str, port: int) -> None:
@@ -360,6 +441,35 @@ def _escape_control(match: re.Match[str]) -> str:
     return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or f"\\x{ord(char):02x}"
 
 
+async def _check_models(config: GandalfConfig, store: SqliteStore, models: list[str]) -> None:
+    """Refuse a ``--models`` name no route or provider serves: a typo would make a key
+    that is refused on every request. Names are the config's and the database's route
+    aliases and provider models; a provider that lists its models at run time (Ollama
+    with no ``models``) could serve any name, so then nothing is refused."""
+    if not models:
+        raise CliError("--models needs at least one model alias", EXIT_USAGE)
+    for model in models:
+        if _CONTROL.search(model):
+            raise CliError(
+                f"--models must not contain control characters, got {_shown(model)}", EXIT_USAGE
+            )
+    providers = [*config.providers, *await store.list_providers()]
+    if any(p.type == "ollama" and not p.models for p in providers):
+        return
+    known = {r.model_alias for r in config.routes}
+    known.update(r.model_alias for r in await store.list_routes())
+    known.update(m for p in providers for m in p.models)
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        shown = ", ".join(_shown(m) for m in unknown)
+        some = ", ".join(sorted(known)[:10]) + (", ..." if len(known) > 10 else "")
+        raise CliError(
+            f"--models: no route or provider serves {shown} (known: {some or 'none'}); "
+            f"add the route to {config.source} first",
+            EXIT_USAGE,
+        )
+
+
 async def _keys(args: argparse.Namespace) -> int:
     from gandalf.app.keys import KeyManager
 
@@ -378,6 +488,7 @@ async def _keys(args: argparse.Namespace) -> int:
             models = None
             if args.models is not None:
                 models = [m.strip() for m in args.models.split(",") if m.strip()]
+                await _check_models(config, store, models)
             try:
                 key, plaintext = await manager.create(
                     name=args.name,
@@ -398,7 +509,10 @@ async def _keys(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.keys_command == "list":
             rows = await manager.list(args.org)
-            print(f"{'ID':<22} {'PREFIX':<9} {'NAME':<20} {'ROLE':<16} {'ORG':<10} STATUS")
+            print(
+                f"{'ID':<22} {'PREFIX':<9} {'NAME':<20} {'ROLE':<16} {'ORG':<10} {'STATUS':<8} "
+                f"{'EXPIRES':<17} {'SOURCE':<7} MODELS"
+            )
             now = time.time()
             for k in rows:
                 status = (
@@ -408,10 +522,19 @@ async def _keys(args: argparse.Namespace) -> int:
                         "expired" if k.expires_at is not None and k.expires_at <= now else "active"
                     )
                 )
+                expires = (
+                    "never"
+                    if k.expires_at is None
+                    else time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(k.expires_at))
+                )
+                allowed = (
+                    "all" if k.allowed_models is None else ",".join(k.allowed_models) or "none"
+                )
                 # Every field comes from the database, which other tools may have written.
                 print(
                     f"{_safe(k.id):<22} {_safe(k.prefix):<9} {_safe(k.name):<20} "
-                    f"{_safe(k.role):<16} {_safe(k.org_id):<10} {status}"
+                    f"{_safe(k.role):<16} {_safe(k.org_id):<10} {status:<8} {expires:<17} "
+                    f"{_safe(k.source):<7} {_safe(allowed)}"
                 )
             return EXIT_OK
         if not await manager.revoke(args.id):

@@ -341,7 +341,9 @@ def parse_config(text: str, *, source: str, env: Mapping[str, str] | None = None
     empty document ("no configuration") or a top level that is not a mapping.
     """
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
+    except _DuplicateKey as exc:
+        raise ConfigError(_one_line(f"{source}: {exc}")) from None
     except yaml.YAMLError as exc:
         # ``from None``: a YAML exception's context may quote a line holding a secret.
         raise ConfigError(_one_line(f"{source}: {_yaml_problem(exc)}")) from None
@@ -410,10 +412,29 @@ class _Loader:
         self.source = source
         self.env = env
         self.warnings: list[str] = []
+        # Key path -> the variables its string expanded (names only, never values).
+        self.expanded: dict[str, list[str]] = {}
 
     def error(self, path: str, problem: str) -> ConfigError:
         where = f"{path}: " if path else ""
-        return ConfigError(_one_line(f"{self.source}: {where}{problem}"))
+        return ConfigError(_one_line(f"{self.source}: {where}{problem}{self.origin(path)}"))
+
+    def origin(self, path: str) -> str:
+        """`` (from ${VAR}, which is unset)`` when the value at ``path`` came from
+        expanding variables, else ``""``: an invalid value then names its source."""
+        names = self.expanded.get(path)
+        if not names:
+            return ""
+        if len(names) == 1:
+            state = self.var_state(names[0])
+            return f" (from ${{{names[0]}}}{', which is ' + state if state else ''})"
+        shown = [f"${{{n}}}" + (f" ({s})" if (s := self.var_state(n)) else "") for n in names]
+        return f" (from {', '.join(shown)})"
+
+    def var_state(self, name: str) -> str:
+        if name not in self.env:
+            return "unset"
+        return "" if self.env[name] else "empty"
 
     def fail(self, path: str, problem: str) -> NoReturn:
         raise self.error(path, problem)
@@ -469,6 +490,10 @@ class _Loader:
     def expand_string(self, value: str, path: str) -> str:
         if "$" not in value:
             return value
+        # Only well-formed names: a malformed "${...}" may be a pasted secret.
+        names = [n for n in _referenced_vars(value) if _VAR_NAME.fullmatch(n)]
+        if names:
+            self.expanded[path] = names
 
         def replace(match: re.Match[str]) -> str:
             token = match.group(0)
@@ -759,6 +784,50 @@ class _Loader:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+class _DuplicateKey(Exception):
+    """A mapping names the same key twice (message: ``path: duplicate key ...``)."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key repeated in one mapping (PyYAML keeps
+    the last silently, so a second ``server:`` block would erase the first)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicates(node, "", 0, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_duplicates(node: yaml.Node, path: str, depth: int, seen: set[int]) -> None:
+    # Aliases share node objects: each is walked once (no blow-up on "billion laughs").
+    # Past the depth limit the loader's own "nested too deeply" check answers.
+    if id(node) in seen or depth > _MAX_DEPTH:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                here = _join(path, str(key.value))
+                line = key.start_mark.line + 1
+                first = lines.get((key.tag, key.value))
+                if first is not None:
+                    raise _DuplicateKey(
+                        f"{here}: duplicate key (line {line}; first at line {first})"
+                    )
+                lines[(key.tag, key.value)] = line
+                _check_duplicates(value, here, depth + 1, seen)
+            else:
+                _check_duplicates(value, path, depth + 1, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{path}[{i}]", depth + 1, seen)
 
 
 def _merge_breaker(base: BreakerPolicy, given: _BreakerIn) -> BreakerPolicy:

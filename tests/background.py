@@ -45,6 +45,18 @@ def _error_shape(path: str, message: str) -> dict[str, Any]:
     }
 
 
+async def close_framed(request: web.Request, body: bytes) -> web.StreamResponse:
+    """Answer 200 with an SSE ``body`` framed by closing the connection (no
+    length, not chunked) and close it: the client sees the body end cleanly,
+    however incomplete it is (an upstream that died mid-stream)."""
+    transport = request.transport
+    assert transport is not None
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+    transport.write(head + body)
+    transport.close()
+    raise asyncio.CancelledError  # the answer is out: aiohttp only drops the handler
+
+
 class BackgroundServer:
     """Subclasses add their routes in :meth:`routes` and may prepare loop-bound
     state in :meth:`prepare` and release parked handlers in :meth:`before_stop`."""

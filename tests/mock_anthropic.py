@@ -52,6 +52,10 @@ empty one). Streaming-only models:
 - ``claude-stream-api-error``: the same with ``api_error``;
 - ``claude-stream-cut``: the same without the error event: the body just
   ends before ``message_stop``.
+- ``claude-pause``: as ``claude-ok``, silent :attr:`MockAnthropic.pause`
+  seconds in the middle of its third event, and as long again after it;
+- ``claude-stream-dies``: as ``claude-stream-cut`` in a body framed by closing
+  the connection (no length, not chunked), then the close.
 
 ``POST /v1/messages/count_tokens`` answers ``{"input_tokens": N}``, N the
 prompt tokens :func:`mock_usage` counts. Answers carry a ``request-id`` header.
@@ -61,6 +65,7 @@ Every request is recorded (path, headers, body) in ``received``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,7 +73,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.background import BackgroundServer
+from tests.background import BackgroundServer, close_framed
 
 PIECE = 6  # characters per streamed text delta / tool-input fragment
 TOOL_CALLS: list[tuple[str, str, dict[str, Any]]] = [
@@ -368,6 +373,7 @@ class MockAnthropic(BackgroundServer):
     def __init__(self) -> None:
         super().__init__()
         self.received: list[Received] = []
+        self.pause = 1.0  # seconds claude-pause is silent, twice
         self._count = 0
 
     @property
@@ -415,13 +421,22 @@ class MockAnthropic(BackgroundServer):
         ids = {"request-id": f"req_mock_{self._count:04d}"}
         if payload.get("stream") is not True:
             return web.json_response(answer(payload, message_id), headers=ids)  # failures: an echo
+        if model == "claude-stream-dies":
+            events = _failing_stream(answer(payload, message_id), None)
+            return await close_framed(request, b"".join(events))
         if model in _STREAM_FAILURES:
             events = _failing_stream(answer(payload, message_id), _STREAM_FAILURES[model])
         else:
             events = stream_events(answer(payload, message_id))
         resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream", **ids})
         await resp.prepare(request)
-        for item in events:
+        for i, item in enumerate(events):
+            if model == "claude-pause" and i == 2:  # silent mid-event, then between events
+                await resp.write(item[:10])
+                await asyncio.sleep(self.pause)
+                await resp.write(item[10:])
+                await asyncio.sleep(self.pause)
+                continue
             await resp.write(item)
         await resp.write_eof()
         return resp

@@ -7,7 +7,7 @@ in-process tests and a ``gandalf serve`` subprocess can both call it::
         provider base_url = gemini.base_url     # http://127.0.0.1:<port>
         ... gemini.received[-1].headers["x-goog-api-key"]
 
-Routes: ``POST /v1beta/models/{model}:generateContent``,
+Routes (under ``/v1beta`` and, the same, ``/v1``): ``POST /v1beta/models/{model}:generateContent``,
 ``:streamGenerateContent`` (``?alt=sse``: server-sent events framed with CRLF,
 as Google frames them; without it, a JSON array of chunks, as Google answers)
 and ``:batchEmbedContents``. Calls need an ``x-goog-api-key`` header (none:
@@ -32,7 +32,8 @@ Behaviour is chosen by the model in the path:
   second). When the last user content holds functionResponses it answers the
   text ``results: <{name: response} as JSON>`` instead, after checking, as
   Gemini 3 does, that the ``get_weather`` call in the history carries
-  :data:`SIGNATURE` (400 INVALID_ARGUMENT when not).
+  :data:`SIGNATURE` or the documented placeholder :data:`SKIP_SIGNATURE`
+  (400 INVALID_ARGUMENT when not).
 - ``gemini-tools-ids``: as ``gemini-tools`` with Gemini's own functionCall
   ids ``fc-1``/``fc-2``; the second turn also checks that the history's calls
   and responses carry those ids.
@@ -51,6 +52,10 @@ Behaviour is chosen by the model in the path:
   event (500 INTERNAL) and the end; non-streamed as ``gemini-ok``.
 - ``gemini-stream-cut``: streamed, the chunks of ``gemini-ok`` without any
   ``finishReason``; non-streamed as ``gemini-ok``.
+- ``gemini-stream-dies``: streamed (``alt=sse``), the first chunk of
+  ``gemini-ok`` in a body framed by closing the connection, then the close.
+- ``gemini-pause``: streamed, as ``gemini-ok`` with :attr:`MockGemini.pause`
+  seconds of silence after the first chunk.
 
 ``:embedContent`` answers one :func:`mock_vector`; ``:countTokens`` answers
 ``{"totalTokens": prompt_tokens(body)}``. ``:batchEmbedContents`` answers one
@@ -64,6 +69,7 @@ Every request is recorded in ``received`` (path, raw path, query, headers, body)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -72,11 +78,13 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.background import BackgroundServer
+from tests.background import BackgroundServer, close_framed
 
 DEFAULT_DIMENSIONS = 8
 SIGNATURE = "c2lnbmF0dXJlLW9uZQ+/+w=="  # standard base64 with + / and padding, on purpose
 RESPONSE_ID = "mock-response-id"
+# Gemini's documented placeholder for a signature the client no longer has.
+SKIP_SIGNATURE = "skip_thought_signature_validator"
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -238,6 +246,7 @@ class MockGemini(BackgroundServer):
         super().__init__()
         self.api_key = api_key
         self.received: list[Received] = []
+        self.pause = 1.0  # seconds gemini-pause is silent after its first chunk
 
     @property
     def base_url(self) -> str:
@@ -255,6 +264,7 @@ class MockGemini(BackgroundServer):
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1beta/models/{target}", self._handle)
+        app.router.add_post("/v1/models/{target}", self._handle)  # Gemini's stable API version
 
     # ------------------------------------------------------------ handlers
 
@@ -307,6 +317,9 @@ class MockGemini(BackgroundServer):
             return web.json_response(script.whole())
         if request.query.get("alt") != "sse":
             return web.json_response(script.chunks)
+        if model == "gemini-stream-dies":
+            first = json.dumps(script.chunks[0], separators=(",", ":")).encode()
+            return await close_framed(request, b"data: " + first + b"\r\n\r\n")
         return await self._stream(request, model, script)
 
     async def _stream(
@@ -319,7 +332,9 @@ class MockGemini(BackgroundServer):
             chunks = [_without_finish(chunk) for chunk in chunks]
         if model == "gemini-stream-error":
             chunks = [*chunks[:1], google_error(500, "mock internal error")]
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
+            if model == "gemini-pause" and i == 1:
+                await asyncio.sleep(self.pause)  # the silence is what is tested
             data = json.dumps(chunk, separators=(",", ":")).encode()
             await resp.write(b"data: " + data + b"\r\n\r\n")
         await resp.write_eof()
@@ -425,8 +440,9 @@ def _check_history(payload: dict[str, Any], with_ids: bool) -> str | None:
         if "functionCall" in part
     ]
     for part in calls:
-        if part["functionCall"]["name"] == "get_weather" and part.get("thoughtSignature") != (
-            SIGNATURE
+        if part["functionCall"]["name"] == "get_weather" and part.get("thoughtSignature") not in (
+            SIGNATURE,
+            SKIP_SIGNATURE,
         ):
             return (
                 "Function call is missing a thought_signature in functionCall parts. This is "

@@ -314,3 +314,36 @@ def scenario_providers(
 def route(alias: str, provider: str, model: str) -> dict[str, Any]:
     """A config route sending ``alias`` to one target."""
     return {"model_alias": alias, "targets": [{"provider": provider, "model": model}]}
+
+
+def native_providers(
+    anthropic_url: str,
+    gemini_url: str,
+    openai_root: str,
+    secrets: tuple[str, str, str] = ("sk-ant", "gemini-key", "azure-key"),
+) -> list[dict[str, Any]]:
+    """One provider per native API, each at its mock: ``claude`` (Anthropic at
+    ``anthropic_url``), ``gem`` (Gemini at ``gemini_url``), ``az`` (Azure OpenAI)
+    and ``local`` (Ollama), both at the OpenAI mock's ``openai_root``.
+    ``secrets``: the Anthropic, Gemini and Azure api_keys."""
+    anthropic_key, gemini_key, azure_key = secrets
+    return [
+        {
+            "name": "claude",
+            "type": "anthropic",
+            "base_url": anthropic_url,
+            "api_key": anthropic_key,
+        },
+        {"name": "gem", "type": "gemini", "base_url": gemini_url, "api_key": gemini_key},
+        {"name": "az", "type": "azure", "base_url": openai_root, "api_key": azure_key},
+        {"name": "local", "type": "ollama", "base_url": openai_root, "models": ["unused"]},
+    ]
+
+
+# Routes to the mocks' well-behaved models, one per native provider.
+NATIVE_ROUTES = (
+    route("claude", "claude", "claude-ok"),
+    route("gemini", "gem", "gemini-ok"),
+    route("az-chat", "az", "ok-model"),
+    route("ol-chat", "local", "stream-2"),
+)

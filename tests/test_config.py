@@ -511,7 +511,7 @@ def test_default_dsn_sits_next_to_the_config(tmp_path: Path) -> None:
 
 def test_empty_dsn() -> None:
     assert error("database: { dsn: '${DSN}' }\n") == (
-        "gandalf.yaml: database.dsn: must not be empty"
+        "gandalf.yaml: database.dsn: must not be empty (from ${DSN}, which is unset)"
     )
 
 
@@ -896,7 +896,7 @@ def test_invalid_key_format_never_echoes_the_key(bad: str) -> None:
     message = error("keys: [{ name: k, key: '${K}' }]\n", {"K": bad})
     assert message == (
         "gandalf.yaml: keys[0].key: not a valid gandalf key (expected 'gnd_' followed by "
-        "20-128 characters from A-Z, a-z, 0-9, '_' and '-')"
+        "20-128 characters from A-Z, a-z, 0-9, '_' and '-') (from ${K})"
     )
     assert bad not in message
 
@@ -984,7 +984,7 @@ def test_invalid_admin_key_never_echoed() -> None:
     message = error("auth: { admin_key: '${ADMIN}' }\n", {"ADMIN": "letmein-TOPSECRET"})
     assert message == (
         "gandalf.yaml: auth.admin_key: not a valid gandalf key (expected 'gnd_' followed by "
-        "20-128 characters from A-Z, a-z, 0-9, '_' and '-')"
+        "20-128 characters from A-Z, a-z, 0-9, '_' and '-') (from ${ADMIN})"
     )
     assert "TOPSECRET" not in message
 

@@ -31,7 +31,7 @@ import pytest
 from gandalf.auth.apikey import generate_key
 from tests.mock_anthropic import MockAnthropic
 from tests.mock_gemini import MockGemini
-from tests.serve import GandalfServer, route
+from tests.serve import NATIVE_ROUTES, GandalfServer, native_providers, route
 from tests.upstream import MockUpstream, running_upstream
 
 KEY = generate_key()
@@ -458,23 +458,12 @@ def gateway(
         "providers": [
             {"name": "fake", "type": "fake"},
             {"name": "up", "type": "openai", "base_url": f"{root}/v1", "api_key": "sk-up"},
-            {
-                "name": "claude",
-                "type": "anthropic",
-                "base_url": anthropic_mock.base_url,
-                "api_key": "sk-ant",
-            },
-            {"name": "gem", "type": "gemini", "base_url": gemini_mock.base_url, "api_key": "g"},
-            {"name": "az", "type": "azure", "base_url": root, "api_key": "az"},
-            {"name": "local", "type": "ollama", "base_url": root, "models": ["unused"]},
+            *native_providers(anthropic_mock.base_url, gemini_mock.base_url, root),
         ],
         "routes": [
             route("fake-model", "fake", "fake-model"),
             route("up", "up", "ok-model"),
-            route("claude", "claude", "claude-ok"),
-            route("gemini", "gem", "gemini-ok"),
-            route("az-chat", "az", "ok-model"),
-            route("ol-chat", "local", "stream-2"),
+            *NATIVE_ROUTES,
         ],
         "keys": [
             {"name": "app", "key": KEY, "role": "member"},

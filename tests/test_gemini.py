@@ -36,6 +36,7 @@ from gandalf.errors import (
     UpstreamOverloaded,
 )
 from gandalf.provider._openai_chat import decode_chat, decode_embeddings
+from gandalf.provider._signatures import Signatures
 from gandalf.provider.gemini import (
     GeminiProvider,
     GeminiStreamTranslator,
@@ -52,7 +53,7 @@ from gandalf.provider.gemini import (
 )
 from gandalf.provider.sse import EventParser
 from tests.conversations import conversations, system_texts, tool_arguments
-from tests.mock_gemini import SIGNATURE, MockGemini, mock_vector, running_gemini
+from tests.mock_gemini import SIGNATURE, SKIP_SIGNATURE, MockGemini, mock_vector, running_gemini
 
 GOLDEN = Path(__file__).parent / "golden" / "gemini"
 CREATED = 1700000000
@@ -316,14 +317,17 @@ def test_thought_signature_round_trip_through_an_openai_client() -> None:
     """Gemini's answer -> the OpenAI tool calls a client gets -> the next turn
     the client sends -> the functionCall parts Gemini gets back."""
     gemini_answer = load("responses", "tools")["gemini"]
+    signatures = Signatures()
     body, _ = from_gemini(
         orjson.dumps(gemini_answer),
         model="g",
         created=CREATED,
         completion_id=COMPLETION_ID,
         new_call_id=minted_ids(),
+        signatures=signatures,
     )
     message = orjson.loads(body)["choices"][0]["message"]
+    assert all(len(call["id"]) <= 40 for call in message["tool_calls"])  # OpenAI's limit
     follow_up = {
         "model": "m",
         "messages": [
@@ -335,7 +339,7 @@ def test_thought_signature_round_trip_through_an_openai_client() -> None:
             ),
         ],
     }
-    contents = to_gemini(request_of(follow_up))["contents"]
+    contents = to_gemini(request_of(follow_up), signatures)["contents"]
     sent_back = gemini_answer["candidates"][0]["content"]["parts"]
     replayed = contents[1]["parts"]
     # Gemini gets its parts back as it wrote them (args re-encoded, `args: {}`
@@ -926,9 +930,19 @@ def chat_call(model: str, body: dict[str, Any]) -> ChatCall:
     )
 
 
-def provider_for(base_url: str, api_key: str = KEY) -> GeminiProvider:
+# One store for the providers of these tests: a tool conversation's turns are
+# made by different provider instances here, as by one worker in Gandalf.
+SIGNATURES = Signatures()
+
+
+def provider_for(
+    base_url: str, api_key: str = KEY, signatures: Signatures = SIGNATURES
+) -> GeminiProvider:
     return GeminiProvider(
-        ProviderConfig(name="g", type="gemini", base_url=base_url, api_key=api_key, timeout_ms=5000)
+        ProviderConfig(
+            name="g", type="gemini", base_url=base_url, api_key=api_key, timeout_ms=5000
+        ),
+        signatures,
     )
 
 
@@ -942,11 +956,18 @@ async def _collect(stream: AsyncIterator[bytes]) -> bytes:
 Outcome = tuple[Any, GatewayError | None]
 
 
-def run_chat(base_url: str, call: ChatCall, *, stream: bool = False, key: str = KEY) -> Outcome:
+def run_chat(
+    base_url: str,
+    call: ChatCall,
+    *,
+    stream: bool = False,
+    key: str = KEY,
+    signatures: Signatures = SIGNATURES,
+) -> Outcome:
     """(the answer: a parsed body or the list of stream events, the error)."""
 
     async def main() -> Outcome:
-        provider = provider_for(base_url, key)
+        provider = provider_for(base_url, key, signatures)
         await provider.start()
         out = b""
         try:
@@ -1029,8 +1050,8 @@ def test_n_candidates(gemini: MockGemini) -> None:
 
 def tool_turn(message: dict[str, Any], *, drop_signature: bool = False) -> dict[str, Any]:
     calls = message["tool_calls"]
-    if drop_signature:
-        calls = [{**c, "id": split_call_id(c["id"])[0]} for c in calls]
+    if drop_signature:  # ids Gandalf never gave out
+        calls = [{**c, "id": f"call_other_{i}"} for i, c in enumerate(calls)]
         message = {**message, "tool_calls": calls}
     return {
         "messages": [
@@ -1069,10 +1090,11 @@ def test_tool_calls_round_trip_with_their_signature(gemini: MockGemini, model: s
         ("get_weather", {"city": "Paris"}),
         ("get_time", {"tz": "Europe/Paris"}),
     ]
-    assert split_call_id(calls[0]["id"])[1] == SIGNATURE
-    assert split_call_id(calls[1]["id"])[1] is None
+    # Ids OpenAI and Azure accept (40 characters at most); the signature stays here.
+    assert all(len(c["id"]) <= 40 for c in calls)
+    assert calls[0]["id"].startswith("call_s") and SIGNATURE not in json.dumps(calls)
     if model == "gemini-tools-ids":
-        assert [split_call_id(c["id"])[0] for c in calls] == ["fc-1", "fc-2"]
+        assert calls[1]["id"] == "fc-2"  # Gemini's own id, as it sent it
     # The client sends the calls back as it got them: the mock checks the signature.
     (second, _), error = run_chat(gemini.base_url, chat_call(model, tool_turn(message)))
     assert error is None, error
@@ -1111,7 +1133,23 @@ def test_streamed_tool_calls_round_trip(gemini: MockGemini) -> None:
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in second[:-1]) == RESULTS
 
 
-def test_a_lost_signature_is_geminis_400(gemini: MockGemini) -> None:
+def test_a_signature_this_worker_lost_is_geminis_placeholder(gemini: MockGemini) -> None:
+    """The next turn lands where the signature is not kept (another worker):
+    Gemini gets its documented placeholder and answers."""
+    (answer, _), _ = run_chat(gemini.base_url, chat_call("gemini-tools", user("w?")))
+    turn = tool_turn(answer["choices"][0]["message"])
+    (second, _), error = run_chat(
+        gemini.base_url, chat_call("gemini-tools", turn), signatures=Signatures()
+    )
+    assert error is None, error
+    assert second["choices"][0]["message"]["content"] == RESULTS
+    calls = [p for p in gemini.received[-1].json()["contents"][1]["parts"] if "functionCall" in p]
+    assert calls[0]["thoughtSignature"] == SKIP_SIGNATURE
+
+
+def test_a_call_gemini_never_signed_is_geminis_400(gemini: MockGemini) -> None:
+    """A tool call id Gandalf never gave out (another provider's) has no
+    signature to send: Gemini 3 refuses it, and the client hears so."""
     (answer, _), _ = run_chat(gemini.base_url, chat_call("gemini-tools", user("w?")))
     turn = tool_turn(answer["choices"][0]["message"], drop_signature=True)
     _, error = run_chat(gemini.base_url, chat_call("gemini-tools", turn))

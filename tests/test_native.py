@@ -271,6 +271,8 @@ def test_a_viewer_key_lists_models_on_every_api_but_calls_none(upstream: MockUps
         reply = await call(app, "GET", "/v1beta/models", headers=[("x-goog-api-key", VIEWER)])
         assert reply.status == 200, reply.body
         assert "models/gem" in [m["name"] for m in reply.json()["models"]]
+        reply = await call(app, "GET", "/v1beta/models/gem", headers=[("x-goog-api-key", VIEWER)])
+        assert reply.status == 200 and reply.json()["name"] == "models/gem", reply.body
         reply = await call(app, "GET", "/api/tags", headers=viewer)
         assert reply.status == 200, reply.body
         assert "ol-chat" in [m["name"] for m in reply.json()["models"]]

@@ -48,7 +48,13 @@ class KeyManager:
         expires_at: float | None = None,
         source: str = "cli",
     ) -> tuple[ApiKey, str]:
-        """Store a new key; returns it and its plaintext (shown once, never stored)."""
+        """Store a new key; returns it and its plaintext (shown once, never stored).
+
+        Refuses (``InvalidRequest``) an empty name, an unknown role, an expiry in the
+        past, and a name an active (neither revoked nor expired) key of the same
+        organization already has: names are how operators tell keys apart when they
+        rotate or revoke one.
+        """
         if not name.strip():
             raise InvalidRequest("A key needs a non-empty name.", param="name")
         if role not in ROLES:
@@ -58,6 +64,17 @@ class KeyManager:
         now = self._clock()
         if expires_at is not None and expires_at <= now:
             raise InvalidRequest("expires_at is in the past.", param="expires_at")
+        for other in await self._store.list_keys(org_id):
+            if (
+                other.name == name
+                and not other.revoked
+                and (other.expires_at is None or other.expires_at > now)
+            ):
+                raise InvalidRequest(
+                    f"An active key named {name!r} already exists in organization "
+                    f"{org_id!r} ({other.id}); choose another name, or revoke that key first.",
+                    param="name",
+                )
         plaintext = generate_key()
         key = ApiKey(
             id=new_key_id(),

@@ -25,18 +25,22 @@ Parameters
 Tool call ids and thought signatures
   Thinking models (Gemini 2.5, 3) put a ``thoughtSignature`` on functionCall
   parts and Gemini 3 rejects the next turn unless it comes back on the same
-  part. OpenAI clients only echo a tool call's ``id``, so the id carries it::
+  part. OpenAI clients only echo a tool call's ``id``, and OpenAI and Azure
+  refuse ids over 40 characters (a conversation may move between providers),
+  so ids stay short and the signature stays in Gandalf (``_signatures``):
 
-      <base>                      no signature
-      <base>__ts__<signature>     <signature> in base64url without padding
+      call_s<24 hex>     a call with a signature (and Gemini's own id, if
+                         any): both kept per provider in this worker's memory
+      <Gemini's id>      a call without a signature, Gemini's id when it sent
+                         one of at most 40 characters in ``[A-Za-z0-9_-]``
+      call_<24 hex>      otherwise (minted here)
 
-  ``<base>`` is Gemini's own functionCall ``id`` when it sent one, else
-  ``call_`` + 24 random hex digits. Every character is in ``[A-Za-z0-9_-]``.
-  Going back, the signature is restored to the standard padded base64 Gemini
-  sent, and ``<base>`` is sent as the functionCall/functionResponse ``id``
-  unless it starts with ``call_`` (ids minted here or by OpenAI, which Gemini
-  never issued): Gemini gets its history back as it wrote it. An id whose tail
-  is not base64url is taken whole as a plain id.
+  Going back, a ``call_s`` id gets its signature and Gemini's id back; one
+  this worker does not know (another worker or instance, or expired) gets
+  Gemini's documented placeholder ``skip_thought_signature_validator``.
+  Gemini's own ids are sent back as functionCall/functionResponse ids; minted
+  ones (``call_``, which Gemini never issued) are not. Ids of the former
+  format ``<base>__ts__<signature in base64url>`` are still read.
 
 Answers
   One choice per candidate; ``thought: true`` parts (thought summaries) are
@@ -91,6 +95,7 @@ from gandalf.provider._openai_chat import (
     tool_call_object,
     usage_object,
 )
+from gandalf.provider._signatures import KEPT_PREFIX, SKIP_SIGNATURE, Signatures
 
 PROVIDER_TYPE = "gemini"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -99,6 +104,7 @@ API_VERSION = "/v1beta"
 # --------------------------------------------------------------------------- tool call ids
 
 SIGNATURE_MARKER = "__ts__"
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")  # an id any OpenAI-compatible API accepts
 _MINTED_PREFIX = "call_"
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _TO_URLSAFE = str.maketrans("+/", "-_")
@@ -165,7 +171,7 @@ def _parts_of(content: str | list[Part] | None, where: str) -> list[dict[str, An
     return parts
 
 
-def _function_response(message: Message, name: str, base: str) -> dict[str, Any]:
+def _function_response(message: Message, name: str, call_id: str | None) -> dict[str, Any]:
     text = text_of(message.content)
     response: Any = None
     if text.lstrip().startswith("{"):
@@ -176,17 +182,19 @@ def _function_response(message: Message, name: str, base: str) -> dict[str, Any]
     if not isinstance(response, dict):
         response = {"content": text}
     call: dict[str, Any] = {"name": name, "response": response}
-    call_id = _gemini_id(base)
     if call_id is not None:
         call = {"id": call_id, **call}
     return {"functionResponse": call}
 
 
-def _contents(messages: list[Message]) -> tuple[list[str], list[dict[str, Any]]]:
+def _contents(
+    messages: list[Message], signatures: Signatures | None
+) -> tuple[list[str], list[dict[str, Any]]]:
     """(system texts, Gemini contents with same-role neighbours merged)."""
     system: list[str] = []
     contents: list[dict[str, Any]] = []
-    names: dict[str, str] = {}  # OpenAI tool call id -> function name, from earlier calls
+    # OpenAI tool call id -> (function name, Gemini's call id), from earlier calls
+    names: dict[str, tuple[str, str | None]] = {}
 
     def add(role: str, parts: list[dict[str, Any]]) -> None:
         if not parts:
@@ -210,30 +218,33 @@ def _contents(messages: list[Message]) -> tuple[list[str], list[dict[str, Any]]]
             for j, call in enumerate(message.tool_calls or ()):
                 param = f"{where}.tool_calls[{j}].function.arguments"
                 args = parse_arguments(call.function.arguments, param)
-                base, signature = split_call_id(call.id)
+                base, signature = split_call_id(call.id)  # ids of the former format too
                 function_call: dict[str, Any] = {"name": call.function.name, "args": args}
                 call_id = _gemini_id(base)
+                if signature is None and base.startswith(KEPT_PREFIX):
+                    kept = signatures.find(base) if signatures is not None else None
+                    # Not kept here (another worker, expired): Gemini's placeholder.
+                    call_id, signature = kept if kept is not None else (None, SKIP_SIGNATURE)
                 if call_id is not None:
                     function_call = {"id": call_id, **function_call}
                 part: dict[str, Any] = {"functionCall": function_call}
                 if signature is not None:
                     part["thoughtSignature"] = signature
                 parts.append(part)
-                names[call.id] = call.function.name
+                names[call.id] = (call.function.name, call_id)
             add("model", parts)
         elif role == "tool":
             param = f"{where}.tool_call_id"
             if message.tool_call_id is None:
                 raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
-            name = names.get(message.tool_call_id)
-            if name is None:
+            named = names.get(message.tool_call_id)
+            if named is None:
                 raise InvalidRequest(
                     f"Invalid '{param}': no earlier assistant tool call has the id "
                     f"'{message.tool_call_id}'.",
                     param=param,
                 )
-            base, _ = split_call_id(message.tool_call_id)
-            add("user", [_function_response(message, name, base)])
+            add("user", [_function_response(message, *named)])
         else:
             raise InvalidRequest(
                 f"Invalid value for '{where}.role': '{role}'; expected system, developer, "
@@ -328,11 +339,14 @@ def _generation_config(request: ChatCompletionRequest) -> dict[str, Any]:
     return config
 
 
-def to_gemini(request: ChatCompletionRequest) -> dict[str, Any]:
+def to_gemini(
+    request: ChatCompletionRequest, signatures: Signatures | None = None
+) -> dict[str, Any]:
     """The ``generateContent`` body for ``request`` (the model goes in the URL).
-    Raises InvalidRequest (400 naming the parameter) for what Gemini cannot do."""
+    Raises InvalidRequest (400 naming the parameter) for what Gemini cannot do.
+    ``signatures``: where the thought signatures of earlier answers are kept."""
     _refuse_unsupported(request)
-    system, contents = _contents(request.messages)
+    system, contents = _contents(request.messages, signatures)
     if not contents:
         raise InvalidRequest(
             "Invalid 'messages': Gemini needs at least one non-empty user or assistant message.",
@@ -446,8 +460,21 @@ def _arguments(call: _FunctionCall) -> str:
     return orjson.dumps(call.args if call.args is not None else {}).decode()
 
 
-def _call_id(part: _Part, call: _FunctionCall, new_call_id: Callable[[], str]) -> str:
-    return join_call_id(call.id or new_call_id(), part.thought_signature)
+def _call_id(
+    part: _Part,
+    call: _FunctionCall,
+    new_call_id: Callable[[], str],
+    signatures: Signatures | None,
+) -> str:
+    """The OpenAI id of a functionCall: at most 40 characters (OpenAI's and
+    Azure's limit), its signature kept in ``signatures`` (None: dropped)."""
+    signature = part.thought_signature
+    if signature and signatures is not None:
+        return signatures.keep(call.id, signature)
+    gemini_id = call.id
+    if gemini_id and _PLAIN_ID.fullmatch(gemini_id) is not None:
+        return gemini_id
+    return new_call_id()
 
 
 def _decode_response(body: bytes, provider: str) -> _Response:
@@ -468,6 +495,7 @@ def from_gemini(
     completion_id: str,
     new_call_id: Callable[[], str],
     provider: str = PROVIDER_TYPE,
+    signatures: Signatures | None = None,
 ) -> tuple[bytes, Usage]:
     """An OpenAI ``chat.completion`` body and its usage, from a
     ``generateContent`` answer. A malformed body is an UpstreamError (502)."""
@@ -485,7 +513,9 @@ def from_gemini(
             if part.function_call is not None:
                 call = part.function_call
                 calls.append(
-                    tool_call_object(_call_id(part, call, new_call_id), call.name, _arguments(call))
+                    tool_call_object(
+                        _call_id(part, call, new_call_id, signatures), call.name, _arguments(call)
+                    )
                 )
             elif part.text:
                 texts.append(part.text)
@@ -533,6 +563,7 @@ class GeminiStreamTranslator:
         "_model",
         "_new_call_id",
         "_provider",
+        "_signatures",
         "_started",
         "_tools",
         "_writer",
@@ -547,7 +578,9 @@ class GeminiStreamTranslator:
         include_usage: bool,
         new_call_id: Callable[[], str],
         provider: str = PROVIDER_TYPE,
+        signatures: Signatures | None = None,
     ) -> None:
+        self._signatures = signatures
         self._model = model
         self._created = created
         self._completion_id = completion_id
@@ -608,7 +641,7 @@ class GeminiStreamTranslator:
                 if call is not None:
                     tool = self._tools.get(index, 0)
                     self._tools[index] = tool + 1
-                    call_id = _call_id(part, call, self._new_call_id)
+                    call_id = _call_id(part, call, self._new_call_id, self._signatures)
                     out.append(writer.tool_start(tool, call_id, call.name, index))
                     out.append(writer.tool_arguments(tool, _arguments(call), index))
                     self._events += 2
@@ -844,9 +877,9 @@ def api_base(base_url: str) -> str:
 class GeminiProvider(transport.UpstreamClient):
     """Google's Gemini API, spoken to in its own wire format."""
 
-    __slots__ = ("_base", "_headers", "_on_error")
+    __slots__ = ("_base", "_headers", "_on_error", "_signatures")
 
-    def __init__(self, config: ProviderConfig) -> None:
+    def __init__(self, config: ProviderConfig, signatures: Signatures | None = None) -> None:
         super().__init__(config)
         self._base = api_base(config.base_url)
         headers = {"Content-Type": "application/json"}
@@ -854,6 +887,8 @@ class GeminiProvider(transport.UpstreamClient):
             # A header, never ?key=: URLs end up in logs.
             headers["x-goog-api-key"] = config.api_key
         self._headers = headers
+        # Per provider, in this worker: see _signatures for what a miss does.
+        self._signatures = signatures if signatures is not None else Signatures()
 
         def on_error(status: int, body: bytes, retry_after: str | None) -> GatewayError:
             return gemini_error(config.name, status, body, retry_after)
@@ -867,7 +902,7 @@ class GeminiProvider(transport.UpstreamClient):
     async def chat(self, call: ChatCall) -> ProviderReply:
         session = self._live_session()
         request = decode_chat(call.body)
-        body = orjson.dumps(to_gemini(request))
+        body = orjson.dumps(to_gemini(request, self._signatures))
         model = call.target.model
         data = await transport.post_json(
             session,
@@ -883,6 +918,7 @@ class GeminiProvider(transport.UpstreamClient):
             created=int(time.time()),
             completion_id=new_completion_id(),
             new_call_id=new_call_id,
+            signatures=self._signatures,
             provider=self.name,
         )
         return ProviderReply(body=out, usage=usage)
@@ -890,7 +926,7 @@ class GeminiProvider(transport.UpstreamClient):
     async def stream(self, call: ChatCall) -> TranslatedStream:
         session = self._live_session()
         request = decode_chat(call.body)
-        body = orjson.dumps(to_gemini(request))
+        body = orjson.dumps(to_gemini(request, self._signatures))
         model = call.target.model
         resp = await transport.open_event_stream(
             session,
@@ -907,6 +943,7 @@ class GeminiProvider(transport.UpstreamClient):
             completion_id=new_completion_id(),
             include_usage=call.request.wants_usage,
             new_call_id=new_call_id,
+            signatures=self._signatures,
             provider=self.name,
         )
         return TranslatedStream(resp, translator, self._errors)

@@ -23,7 +23,7 @@ import aiohttp
 import msgspec
 
 from gandalf.domain import NativeReply, NativeRequest, ProviderConfig, StreamOptions, Usage
-from gandalf.errors import UpstreamAuthError
+from gandalf.errors import UpstreamAuthError, UpstreamError
 from gandalf.provider import transport
 from gandalf.provider.openai import replace_model, stream_body
 from gandalf.provider.sse import EventParser, EventRelay
@@ -156,6 +156,33 @@ def ollama_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
     return _usage(_int(last.get("prompt_eval_count")), _int(last.get("eval_count")))
 
 
+# --------------------------------------------------------------------------- stream ends
+
+# A stream framed by closing the connection that dies mid-way ends like a
+# whole one: only its last events tell. An SSE stream of these formats is
+# whole when its tail holds the format's last event, or an error event (the
+# upstream told the client itself). Gemini: a chunk with ``finishReason`` (or
+# a blocked prompt's ``blockReason``, which has no candidate to finish).
+_ENDS: Mapping[str, tuple[bytes, ...]] = {
+    # The line's end too: inside a JSON string a newline is escaped.
+    "anthropic": (
+        b"event: message_stop\n",
+        b"event: message_stop\r",
+        b"event: error\n",
+        b"event: error\r",
+    ),
+    "gemini": (b'"finishReason"', b'"blockReason"', b'{"error"'),
+}
+
+
+def _ended(api: str, content_type: str) -> tuple[bytes, ...] | None:
+    """The marks one of which a whole SSE stream of ``api`` ends with; None
+    when its end cannot be told (other APIs, JSON arrays: the client's
+    parser tells a cut array)."""
+    ends = _ENDS.get(api)
+    return ends if ends is not None and content_type.startswith("text/event-stream") else None
+
+
 UsageReader = Callable[[bytes, bytes, bool], "Usage | None"]
 USAGE_READERS: Mapping[str, UsageReader] = {
     "anthropic": anthropic_usage,
@@ -237,7 +264,17 @@ class NativeStream:
     through it and the usage is the relay's. Failures raise gateway errors
     (the server tells them in the caller's format)."""
 
-    __slots__ = ("_errors", "_head", "_reader", "_relay", "_resp", "_tail", "chunks")
+    __slots__ = (
+        "_ends",
+        "_errors",
+        "_head",
+        "_provider",
+        "_reader",
+        "_relay",
+        "_resp",
+        "_tail",
+        "chunks",
+    )
 
     def __init__(
         self,
@@ -245,8 +282,12 @@ class NativeStream:
         errors: transport.UpstreamErrors,
         reader: UsageReader,
         relay: EventRelay | None = None,
+        ends: tuple[bytes, ...] | None = None,
+        provider: str = "",
     ) -> None:
         self._resp = resp
+        self._ends = ends  # see _ENDS: the stream is cut unless its tail holds one
+        self._provider = provider
         self._errors = errors.stream_body  # a read timeout now is silence, not a first byte
         self._reader = reader
         self._relay = relay
@@ -289,6 +330,12 @@ class NativeStream:
                 if rest:
                     self.chunks += 1
                     yield rest
+            ends = self._ends
+            if ends is not None and not any(mark in tail for mark in ends):
+                raise UpstreamError(
+                    f"Upstream provider '{self._provider}' ended the stream before its end "
+                    "(the connection closed mid-answer)."
+                )
             complete = True
         finally:
             if complete:
@@ -369,4 +416,6 @@ class NativeClient(transport.UpstreamClient):
         if not streaming:
             usage = reader(body, b"", False) if status < 300 else None
             return NativeReply(status, relayed, body, usage=usage)
-        return NativeReply(status, relayed, stream=NativeStream(resp, self._errors, reader, relay))
+        ends = _ended(request.api, resp.headers.get("content-type", "").lower())
+        stream = NativeStream(resp, self._errors, reader, relay, ends, self.name)
+        return NativeReply(status, relayed, stream=stream)

@@ -268,6 +268,8 @@ class ServerCore:
             endpoint = endpoints.get(path)
             if endpoint is None:
                 endpoint = self._prefixed(path)
+            if endpoint.pick is not None:
+                endpoint = endpoint.pick(request) or endpoint
             method = request.method
             handler = endpoint.methods.get(method)
             if handler is None:

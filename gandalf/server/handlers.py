@@ -100,9 +100,13 @@ class Endpoint:
     caller authenticates (``auth``: None for open endpoints like /healthz) and
     how its errors are written (``render``: None for OpenAI's shape; native
     APIs have their own; ``id_header``: a header that repeats the request id
-    on the errors Gandalf writes, as Anthropic's ``request-id``)."""
+    on the errors Gandalf writes, as Anthropic's ``request-id``).
 
-    __slots__ = ("allow", "auth", "id_header", "methods", "reads_body", "render")
+    ``pick``: for a path two APIs share (Gemini's ``/v1/models...`` and
+    OpenAI's), the other API's endpoint when the request is that API's (from
+    its method, path and headers alone: no body is read yet), else None."""
+
+    __slots__ = ("allow", "auth", "id_header", "methods", "pick", "reads_body", "render")
 
     def __init__(
         self,
@@ -119,6 +123,7 @@ class Endpoint:
         self.auth = auth
         self.id_header = id_header
         self.allow = ", ".join(sorted(methods))
+        self.pick: Callable[[Request], Endpoint | None] | None = None
 
 
 class _Model(msgspec.Struct):

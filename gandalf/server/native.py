@@ -1,7 +1,9 @@
 """Native API endpoints: Anthropic, Gemini, Azure OpenAI and Ollama clients
 pointed at Gandalf, answered in their own wire format.
 
-Each API is mounted only when a provider of its type is configured. A handler
+Each API is mounted only when a provider of its type is configured. Gemini is
+served under ``/v1beta`` and ``/v1`` (google-genai's default version), the
+latter sharing ``/v1/models`` with OpenAI's API (see :meth:`NativeApi.endpoints`). A handler
 authenticates the caller (with the credential header that API's clients
 send), reads the model from the body or the path, and hands the request to
 the PassthroughService, which relays it untouched. Errors raised here are
@@ -12,7 +14,7 @@ started and in-band (an SSE error event or an NDJSON error line) after.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, quote, urlencode
 
 import msgspec
@@ -34,6 +36,17 @@ _FORWARDED: dict[str, tuple[bytes, ...]] = {
     "ollama": (b"content-type", b"accept"),
 }
 _ANTHROPIC_VERSION = "2023-06-01"
+# What a native SSE stream silent for ``server.stream_keepalive`` gets, in a
+# form that API's clients accept: Anthropic's own ``ping`` event (every
+# Anthropic client handles it: Anthropic sends it); Azure an SSE comment (the
+# openai SDK parses SSE by the spec). Gemini nothing: google-genai reads a line
+# that is neither ``data:`` nor blank as JSON (UnknownApiResponseError),
+# litellm's Gemini stream stops at it, and Google sends no keep-alive either.
+# Not SSE (Ollama's NDJSON, Gemini's JSON arrays): nothing.
+_SSE_KEEPALIVE: dict[str, bool | bytes] = {
+    "anthropic": b'event: ping\ndata: {"type": "ping"}\n\n',
+    "azure": True,
+}
 
 
 class _ModelBody(msgspec.Struct):
@@ -166,9 +179,21 @@ class NativeApi:
         self._keys = keys
         self.created = created
 
-    def endpoints(self) -> tuple[dict[str, Endpoint], list[tuple[str, Endpoint]]]:
+    def endpoints(
+        self,
+        shared: dict[str, Endpoint] | None = None,
+        shared_prefixes: Sequence[tuple[str, Endpoint]] = (),
+    ) -> tuple[dict[str, Endpoint], list[tuple[str, Endpoint]]]:
         """Exact paths and path prefixes (Gemini and Azure put the model in the
-        path) for the APIs some configured provider speaks."""
+        path) for the APIs some configured provider speaks.
+
+        ``shared`` and ``shared_prefixes``: OpenAI's endpoints. Gemini's ``v1``
+        (google-genai's default version) lives under OpenAI's ``/v1/models``:
+        OpenAI's ``/v1/models`` (and ``/v1/models/`` prefix, when there is
+        one) get a ``pick`` that hands Gemini's requests to Gemini's endpoints.
+        A request is Gemini's when it is a POST (``/v1/models/{m}:{method}``;
+        OpenAI has no POST there) or carries Google's credential
+        (``x-goog-api-key`` or ``?key=``)."""
         apis = self._service.apis()
         exact: dict[str, Endpoint] = {}
         prefixed: list[tuple[str, Endpoint]] = []
@@ -215,13 +240,15 @@ class NativeApi:
             )
             fallbacks.append(("/v1/messages/", unknown("anthropic")))
         if "gemini" in apis:
-            exact["/v1beta/models"] = mount("gemini", "GET", self.gemini_models, body=False)
-            prefixed.append(
-                (
-                    "/v1beta/models/",
-                    mount("gemini", "POST", self.gemini_call, more={"GET": self.gemini_model}),
-                )
-            )
+            models = mount("gemini", "GET", self.gemini_models, body=False)
+            call = mount("gemini", "POST", self.gemini_call)
+            model = mount("gemini", "GET", self.gemini_model, body=False)
+            exact["/v1beta/models"] = models
+            # GET /v1beta/models/{m} reads about a model (READ_MODELS), POST calls it.
+            v1beta = mount("gemini", "POST", self.gemini_call)
+            v1beta.pick = lambda request: model if request.method == "GET" else None
+            prefixed.append(("/v1beta/models/", v1beta))
+            self._share_v1(models, call, model, shared or {}, shared_prefixes, prefixed)
             fallbacks.append(("/v1beta/", unknown("gemini")))
         if "azure" in apis:
             prefixed.append(("/openai/deployments/", mount("azure", "POST", self.azure_call)))
@@ -237,6 +264,34 @@ class NativeApi:
             )
             fallbacks.append(("/api/", unknown("ollama")))
         return exact, [*prefixed, *fallbacks]
+
+    @staticmethod
+    def _share_v1(
+        models: Endpoint,
+        call: Endpoint,
+        model: Endpoint,
+        shared: dict[str, Endpoint],
+        shared_prefixes: Sequence[tuple[str, Endpoint]],
+        prefixed: list[tuple[str, Endpoint]],
+    ) -> None:
+        def pick_list(request: Request) -> Endpoint | None:
+            return models if _google_credential(request) else None
+
+        def pick_item(request: Request) -> Endpoint | None:
+            if request.method == "POST":
+                return call
+            return model if _google_credential(request) else None
+
+        openai_list = shared.get("/v1/models")
+        if openai_list is not None:
+            openai_list.pick = pick_list
+        openai_item = next((e for p, e in shared_prefixes if p == "/v1/models/"), None)
+        if openai_item is not None:
+            openai_item.pick = pick_item
+        else:  # no OpenAI endpoint under /v1/models/: Gemini's, else OpenAI's 404
+            unknown = Endpoint({"GET": _unknown_path}, reads_body=False)
+            unknown.pick = pick_item
+            prefixed.append(("/v1/models/", unknown))
 
     # ------------------------------------------------------------ common
 
@@ -278,7 +333,9 @@ class NativeApi:
             stream=recorded,
             watch=watch,
             error_event=in_band_error(api, streamed_as),
-            keepalive=streamed_as.startswith(b"text/event-stream"),
+            keepalive=_SSE_KEEPALIVE.get(api, False)
+            if streamed_as.startswith(b"text/event-stream")
+            else False,
         )
 
     # ------------------------------------------------------------ anthropic
@@ -312,7 +369,9 @@ class NativeApi:
     # ------------------------------------------------------------ gemini
 
     async def gemini_call(self, request: Request) -> Response:
-        rest = request.path[len("/v1beta/models/") :]
+        # /v1beta/models/{m}:{method} or /v1/models/{m}:{method}: relayed to the
+        # same API version (v1 refuses some v1beta fields, as Google would).
+        version, _, rest = request.path[1:].partition("/models/")
         alias, sep, method = rest.rpartition(":")
         if not sep or not alias or method not in _GEMINI_METHODS:
             raise NotFound(f"Unknown path: {printable(request.path)}")
@@ -323,32 +382,36 @@ class NativeApi:
 
         def build(target: Target) -> NativeRequest:
             model = target.model.removeprefix("models/")
+            body = request.body
+            if method == "batchEmbedContents" and model != alias.removeprefix("models/"):
+                body = _batch_for(body, model)
             return NativeRequest(
                 api="gemini",
                 method="POST",
-                path=f"/v1beta/models/{quote(model, safe='')}:{method}{query}",
+                path=f"/{version}/models/{quote(model, safe='')}:{method}{query}",
                 headers=headers,
-                body=request.body,
+                body=body,
                 stream=stream,
             )
 
         return await self._relay(request, "gemini", f"gemini.{method}", alias, build, stream)
-
-    async def gemini_model(self, request: Request) -> Response:
-        """``GET /v1beta/models/{model}``: one model, as in the list (404 in
-        Google's shape when there is none the key may call through Gemini)."""
-        identity = request.identity
-        assert identity is not None
-        alias = request.path[len("/v1beta/models/") :]
-        if ":" in alias or alias not in self._service.models(identity, "gemini"):
-            raise NotFound(f"models/{printable(alias)} is not found.")
-        return Response(200, orjson.dumps(_gemini_model(alias)))
 
     async def gemini_models(self, request: Request) -> Response:
         identity = request.identity
         assert identity is not None
         models = [_gemini_model(alias) for alias in self._service.models(identity, "gemini")]
         return Response(200, orjson.dumps({"models": models}))
+
+    async def gemini_model(self, request: Request) -> Response:
+        """``GET /v1beta/models/{model}``, or ``/v1/models/{model}`` with
+        Google's credential: one model, in Google's shape; 404 NOT_FOUND for a
+        model the caller cannot use through Gemini."""
+        identity = request.identity
+        assert identity is not None
+        alias = request.path[1:].partition("/models/")[2]
+        if alias in self._service.models(identity, "gemini"):
+            return Response(200, orjson.dumps(_gemini_model(alias)))
+        raise NotFound(f"models/{printable(alias)} is not found.")
 
     # ------------------------------------------------------------ azure
 
@@ -413,7 +476,13 @@ class NativeApi:
 
 
 _GEMINI_METHODS = frozenset(
-    {"generateContent", "streamGenerateContent", "embedContent", "countTokens"}
+    {
+        "generateContent",
+        "streamGenerateContent",
+        "embedContent",
+        "batchEmbedContents",  # google-genai's embed_content and litellm always use it
+        "countTokens",
+    }
 )
 _GEMINI_METHOD_LIST = sorted(_GEMINI_METHODS)
 
@@ -440,6 +509,28 @@ _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 async def _unknown_path(request: Request) -> Response:
     raise NotFound(f"Unknown path: {printable(request.path)}")
+
+
+def _batch_for(body: bytes, model: str) -> bytes:
+    """A ``batchEmbedContents`` body whose requests name ``models/<model>``:
+    Gemini refuses requests whose ``model`` differs from the path's, and the
+    client named the alias."""
+    payload = orjson.loads(body)  # a JSON object: checked before
+    requests = payload.get("requests")
+    if not isinstance(requests, list):
+        return body  # malformed: the upstream says so in its own words
+    name = f"models/{model}"
+    for item in requests:
+        if isinstance(item, dict) and "model" in item:
+            item["model"] = name
+    return orjson.dumps(payload)
+
+
+def _google_credential(request: Request) -> bool:
+    """Whether the request carries Google's credential (a Gemini client's)."""
+    return request.header(b"x-goog-api-key") is not None or (
+        b"key=" in request.query and _query_without_key(request.query)[1] is not None
+    )
 
 
 class _StreamFlag(msgspec.Struct):

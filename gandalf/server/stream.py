@@ -3,8 +3,9 @@
 Per stream, one watcher task waits on ``receive()``: granian answers it with
 ``http.disconnect`` the moment the client goes away, and the watcher cancels
 the relay (so the upstream read is abandoned and its connection closed at
-once). The same watcher sends a ``: keep-alive`` comment whenever nothing was
-sent for ``keepalive`` seconds. After the headers went out, an error can only
+once). The same watcher sends a ``: keep-alive`` comment (or the response's
+own keep-alive event) whenever nothing was sent for ``keepalive`` seconds and
+the last chunk ended an event. After the headers went out, an error can only
 be told in-band: one ``data: {"error": {...}}`` event, then the end of the
 body. A stream never ends silently on an error.
 """
@@ -93,12 +94,19 @@ async def relay(
     try:
         await writer.start(status, [*response.headers, (b"x-request-id", request_id)])
         write = writer.write
-        watch.keep_alive(write, keepalive if response.keepalive else 0.0)
+        every = response.keepalive
+        if every is True:
+            watch.keep_alive(write, keepalive)
+        elif every:
+            watch.keep_alive(write, keepalive, every)
+        else:
+            watch.keep_alive(write, 0.0)
         async for chunk in stream:
             if watch.sending is not None:  # a keep-alive is being written: let it finish
                 await watch.sending
             await write(chunk)
             watch.last_sent = loop.time()
+            watch.last_chunk = chunk
         await writer.end()
     except asyncio.CancelledError as exc:
         reason = exc.args[0] if exc.args else None

@@ -30,6 +30,7 @@ SSE_HEADERS: Headers = (
 )
 
 KEEPALIVE = b": keep-alive\n\n"
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 
 HEALTH_OK = b'{"status":"ok"}'
 READY_OK = b'{"status":"ready"}'
@@ -241,6 +242,7 @@ class ClientWatch:
     """
 
     __slots__ = (
+        "_event",
         "_interval",
         "_loop",
         "_owner",
@@ -249,6 +251,7 @@ class ClientWatch:
         "_send",
         "_task",
         "disconnected",
+        "last_chunk",
         "last_sent",
         "sending",
         "started",
@@ -267,15 +270,26 @@ class ClientWatch:
         self._task = task
         self._send: Callable[[bytes], Awaitable[None]] | None = None
         self._interval = 0.0
+        self._event = KEEPALIVE
+        # The last chunk written: a keep-alive goes out only after a whole event
+        # (relayed native streams are cut where the upstream's reads fell).
+        self.last_chunk = b"\n\n"
         self._pending: asyncio.Future[Message] | None = None
         self.started = self.last_sent = loop.time()
         self.disconnected = False
         self.sending: asyncio.Task[None] | None = None
 
-    def keep_alive(self, write: Callable[[bytes], Awaitable[None]], interval: float) -> None:
-        """The response started: ``write`` keep-alives when idle ``interval`` s."""
+    def keep_alive(
+        self,
+        write: Callable[[bytes], Awaitable[None]],
+        interval: float,
+        event: bytes = KEEPALIVE,
+    ) -> None:
+        """The response started: ``write`` ``event`` when idle ``interval`` s
+        (and the stream is between events: see ``last_chunk``)."""
         self._send = write
         self._interval = interval
+        self._event = event
         self.last_sent = self._loop.time()
 
     def check(self, now: float, listen_from: float) -> None:
@@ -283,7 +297,12 @@ class ClientWatch:
             self._pending = pending = asyncio.ensure_future(self._receive())
             pending.add_done_callback(self._received)
         interval = self._interval
-        if interval > 0 and self.sending is None and now - self.last_sent >= interval:
+        if (
+            interval > 0
+            and self.sending is None
+            and now - self.last_sent >= interval
+            and self.last_chunk.endswith(_EVENT_ENDS)
+        ):
             self.sending = self._loop.create_task(self._send_keepalive())
 
     def _received(self, pending: asyncio.Future[Message]) -> None:
@@ -298,7 +317,7 @@ class ClientWatch:
     async def _send_keepalive(self) -> None:
         assert self._send is not None
         try:
-            await self._send(KEEPALIVE)
+            await self._send(self._event)
             self.last_sent = self._loop.time()
         except OSError:
             pass  # the client is gone: the receive side will say so
@@ -334,7 +353,7 @@ class Response:
         stream: ByteStream | None = None,
         watch: ClientWatch | None = None,
         error_event: Callable[[GatewayError], bytes] | None = None,
-        keepalive: bool = True,
+        keepalive: bool | bytes = True,
     ) -> None:
         self.status = status
         self.body = body
@@ -342,8 +361,10 @@ class Response:
         self.stream = stream
         self.watch = watch
         # A stream's in-band error after the headers went out (default: an
-        # OpenAI-shaped ``data:`` event); ``keepalive`` False for formats where an
-        # SSE comment would corrupt the body (NDJSON, JSON arrays).
+        # OpenAI-shaped ``data:`` event); ``keepalive``: what a silent stream
+        # sends every ``server.stream_keepalive`` s: True an SSE comment, bytes
+        # that event (an API's own, e.g. Anthropic's ping), False nothing (formats
+        # a keep-alive would corrupt: NDJSON, JSON arrays, Gemini's SSE).
         self.error_event = error_event
         self.keepalive = keepalive
 
