@@ -213,6 +213,7 @@ class PlainStream:
 
     provider = None  # the server then sends its plain SSE headers
     attempts = 1
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # no upstream headers to relay
 
     def __init__(
         self,

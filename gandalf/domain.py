@@ -368,6 +368,9 @@ class ProviderReply(msgspec.Struct, kw_only=True):
     status: int = 200
     provider: str | None = None
     attempts: int = 1
+    # Upstream response headers the client may read (rate limits, processing
+    # time, the upstream's request id), already named as relayed.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class UsageRecord(msgspec.Struct, array_like=True):

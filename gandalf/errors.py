@@ -30,7 +30,7 @@ Raise these anywhere; the single error boundary in ``server/core.py`` turns
 them into ``{"error": {...}}`` responses, with ``headers()``. An error that
 came from an upstream attempt carries ``upstream`` and ``attempts`` (set by the
 routing layer), which ``headers()`` turns into ``x-gandalf-provider`` and
-``x-gandalf-attempts``. Anything else becomes a 500 whose
+``x-gandalf-attempts``, and ``final`` (``x-should-retry: false``). Anything else becomes a 500 whose
 message never includes the exception text.
 """
 
@@ -65,6 +65,9 @@ def printable(text: str, limit: int = 200) -> str:
     return text[:limit].translate(_ESCAPES)
 
 
+_NO_RETRY = (b"x-should-retry", b"false")
+
+
 class GatewayError(Exception):
     status: int = 500
     type: str = "internal_error"
@@ -72,6 +75,14 @@ class GatewayError(Exception):
     # Set by the routing layer on errors an upstream attempt produced.
     upstream: str | None = None  # the provider that answered (or failed) last
     attempts: int = 0  # upstream attempts made for the request
+    # The gateway already spent what a retry could do (it made more than one
+    # attempt, a retry budget refused one, or no retry can cure the failure):
+    # the client is told ``x-should-retry: false``, which the OpenAI and
+    # Anthropic SDKs obey, so their own retries do not multiply the gateway's.
+    final: bool = False
+    # Upstream headers the client may read (rate limits, the upstream's request
+    # id), set by an adapter on the error an upstream's answer produced.
+    relayed: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -83,14 +94,18 @@ class GatewayError(Exception):
         return self.routing_headers()
 
     def routing_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        """``x-gandalf-provider`` / ``x-gandalf-attempts`` when an upstream was tried."""
+        """``x-gandalf-provider`` / ``x-gandalf-attempts`` when an upstream was
+        tried, the upstream's :attr:`relayed` headers, and ``x-should-retry:
+        false`` when the error is :attr:`final`."""
         upstream = self.upstream
         if upstream is None:
-            return ()
-        return (
+            return self.relayed
+        served = (
             (b"x-gandalf-provider", header_value(upstream)),
             (b"x-gandalf-attempts", b"%d" % self.attempts),
+            *self.relayed,
         )
+        return (*served, _NO_RETRY) if self.final else served
 
     def body(self) -> bytes:
         return orjson.dumps(

@@ -71,8 +71,14 @@ def create_app(
                 PassthroughService(table, registry.natives, store), keys, created=created
             )
             endpoints = api.endpoints()
-            native_exact, prefixes = native.endpoints(shared=endpoints)
+            api_prefixes = api.prefixes()
+            # OpenAI's /v1/models and /v1/models/ are shared with Gemini's v1 API:
+            # the native side gives them a ``pick`` for Google's requests.
+            native_exact, native_prefixes = native.endpoints(
+                shared=endpoints, shared_prefixes=api_prefixes
+            )
             endpoints.update(native_exact)
+            prefixes = [*api_prefixes, *native_prefixes]
         except BaseException:
             if registry is not None:
                 await registry.close()

@@ -231,6 +231,15 @@ def test_fake_provider_through_the_sdk(sdk: Callable[[str], OpenAI]) -> None:
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_models_retrieve_through_the_sdk(sdk: Callable[[str], OpenAI]) -> None:
+    """``client.models.retrieve`` (GET /v1/models/{id}), on both interfaces."""
+    model = sdk(MEMBER).models.retrieve("fake-model")
+    assert (model.id, model.object, model.owned_by) == ("fake-model", "model", "fake")
+    with pytest.raises(openai.NotFoundError) as hidden:
+        sdk(LIMITED).models.retrieve("up-ok")  # exists, but not for this key
+    assert hidden.value.code == "model_not_found"
+
+
 def test_upstream_success_and_what_the_upstream_received(
     sdk: Callable[[str], OpenAI], mock: MockUpstream
 ) -> None:

@@ -271,9 +271,14 @@ def test_a_viewer_key_lists_models_on_every_api_but_calls_none(upstream: MockUps
         reply = await call(app, "GET", "/v1beta/models", headers=[("x-goog-api-key", VIEWER)])
         assert reply.status == 200, reply.body
         assert "models/gem" in [m["name"] for m in reply.json()["models"]]
+        reply = await call(app, "GET", "/v1beta/models/gem", headers=[("x-goog-api-key", VIEWER)])
+        assert reply.status == 200 and reply.json()["name"] == "models/gem", reply.body
         reply = await call(app, "GET", "/api/tags", headers=viewer)
         assert reply.status == 200, reply.body
         assert "ol-chat" in [m["name"] for m in reply.json()["models"]]
+        # Ollama's /api/show reads about a model, as the list does.
+        reply = await call(app, "POST", "/api/show", headers=viewer, json={"model": "ol-chat"})
+        assert reply.status == 200 and reply.json()["modelfile"] == "FROM stream-3", reply.body
         chat = {"model": "ol-echo", "messages": [], "stream": False}
         reply = await call(app, "POST", "/api/chat", headers=viewer, json=chat)
         assert reply.status == 403 and set(reply.json()) == {"error"}

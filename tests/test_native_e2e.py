@@ -234,6 +234,24 @@ def test_anthropic_errors_are_in_anthropics_shape(
     assert unknown.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
 
 
+def test_anthropic_sdk_models_and_request_ids(
+    claude: anthropic.Anthropic, gateway: GandalfServer
+) -> None:
+    """Through a real server: the SDK's models.list / models.retrieve in
+    Anthropic's shape, and ``e.request_id`` on the errors Gandalf writes."""
+    models = list(claude.models.list())
+    assert "claude" in [m.id for m in models]
+    assert all(m.type == "model" and m.display_name == m.id for m in models)
+    assert claude.models.retrieve("claude").id == "claude"
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.models.retrieve("nope")
+    assert missing.value.request_id == missing.value.response.headers["x-request-id"]
+    chat: list[Any] = [{"role": "user", "content": "x"}]
+    with pytest.raises(anthropic.NotFoundError) as unknown:
+        claude.messages.create(model="nope", max_tokens=5, messages=chat)
+    assert unknown.value.request_id == unknown.value.response.headers["x-request-id"]
+
+
 # ---------------------------------------------------------------------------- gemini
 
 

@@ -149,7 +149,11 @@ def test_chat_with_the_fake_provider_bearer_and_x_api_key() -> None:
         data = reply.json()
         assert data["object"] == "chat.completion"
         assert data["model"] == "fake-1"
-        assert data["choices"][0]["message"] == {"role": "assistant", "content": "Hello there"}
+        assert data["choices"][0]["message"] == {
+            "role": "assistant",
+            "content": "Hello there",
+            "refusal": None,
+        }
         assert data["usage"]["total_tokens"] == (
             data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
         )

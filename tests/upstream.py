@@ -8,6 +8,8 @@ there), which lets one mock serve every scenario at once:
 - ``ok-*`` (anything not listed below): a chat.completion echoing the last user message
 - ``status-NNN``: HTTP NNN with an OpenAI-shaped error (429 adds ``retry-after: 7``)
 - ``text-NNN``: HTTP NNN with a plain-text body
+- ``busy``: HTTP 429 with an OpenAI-shaped error, no ``retry-after``, and
+  :data:`BUSY_HEADERS` (rate limits)
 - ``hang``: never answers until released (timeouts)
 - ``headers-then-hang``: 200 and its headers at once, then the start of a
   body and nothing more until released (a long generation, or a stall)
@@ -15,6 +17,7 @@ there), which lets one mock serve every scenario at once:
   ``chunked-N`` the same in 64 KiB chunks, without a Content-Length
 - ``gate``: waits until the test opens the gate (graceful drain)
 - ``badjson``: 200 with a body that is not JSON
+- ``with-headers``: as ``ok-*`` (streamed or not), with :data:`UPSTREAM_HEADERS`
 
 Chat bodies with ``"stream": true`` get server-sent events (OpenAI's chunk
 format; a final usage-only event only when the body asked for
@@ -38,7 +41,8 @@ it reported, and whether the client (Gandalf) closed the connection before the
 end. The mock doubles as an Ollama server (Ollama serves OpenAI's format under ``/v1``):
 ``GET /api/tags`` lists :attr:`MockUpstream.tags`; ``POST /api/chat`` and
 ``/api/generate`` answer in Ollama's own format (NDJSON unless ``"stream": false``,
-counts in the last line); ``POST /api/embed`` returns ``embeddings``. And as an
+counts in the last line); ``POST /api/embed`` returns ``embeddings``; ``POST
+/api/show`` a model's details (``modelfile`` names the model it received). And as an
 Azure OpenAI resource: ``POST /openai/deployments/{deployment}/chat/completions``
 (or ``/embeddings``) behaves as ``/v1`` with the deployment as the model, and
 answers 404 without an ``api-version`` query.
@@ -89,6 +93,24 @@ class Received:
         except ValueError:
             return False
         return isinstance(payload, dict) and wants_usage(payload)
+
+
+# What an OpenAI upstream says about the call besides the answer (model
+# ``with-headers``): rate limits, processing time, its own request id; and one
+# header a gateway has no reason to relay.
+UPSTREAM_HEADERS = {
+    "x-request-id": "req_upstream_123",
+    "openai-processing-ms": "42",
+    "openai-version": "2020-10-01",
+    "openai-organization": "org-mock",
+    "x-ratelimit-limit-requests": "10000",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-reset-tokens": "6ms",
+    "x-internal-route": "pod-7",
+}
+
+
+BUSY_HEADERS = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "20ms"}
 
 
 def wants_usage(payload: dict[str, Any]) -> bool:
@@ -202,6 +224,7 @@ class MockUpstream(BackgroundServer):
         app.router.add_post("/api/chat", self._ollama)
         app.router.add_post("/api/generate", self._ollama)
         app.router.add_post("/api/embed", self._ollama_embed)
+        app.router.add_post("/api/show", self._show)
         app.router.add_post("/openai/deployments/{deployment}/{operation:.+}", self._azure)
 
     async def before_stop(self) -> None:
@@ -265,6 +288,8 @@ class MockUpstream(BackgroundServer):
             return web.json_response(_error_body(status), status=status, headers=headers)
         if model.startswith("text-"):
             return web.Response(status=int(model.split("-", 1)[1]), text="plain failure")
+        if model == "busy":
+            return web.json_response(_error_body(429), status=429, headers=BUSY_HEADERS)
         if model == "hang":
             assert self._release is not None
             await self._release.wait()
@@ -317,7 +342,8 @@ class MockUpstream(BackgroundServer):
         prompt = sum(len(json.dumps(m)) for m in messages) // 4
         completion = max(1, len(text) // 4)
         return web.json_response(
-            {
+            headers=UPSTREAM_HEADERS if model == "with-headers" else None,
+            data={
                 "id": "chatcmpl-mock",
                 "object": "chat.completion",
                 "created": 1700000000,
@@ -335,7 +361,7 @@ class MockUpstream(BackgroundServer):
                     "completion_tokens": completion,
                     "total_tokens": prompt + completion,
                 },
-            }
+            },
         )
 
     async def _stream(
@@ -361,7 +387,10 @@ class MockUpstream(BackgroundServer):
             "completion_tokens": len(pieces),
             "total_tokens": prompt + len(pieces),
         }
-        resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream"})
+        headers = {"content-type": "text/event-stream"}
+        if model == "with-headers":
+            headers.update(UPSTREAM_HEADERS)
+        resp = web.StreamResponse(status=200, headers=headers)
         try:
             if model == "stream-late":
                 await log._permit()  # no status line, no headers until the test says so
@@ -465,6 +494,19 @@ class MockUpstream(BackgroundServer):
                 "model": payload["model"],
                 "embeddings": [mock_vector(text, DEFAULT_DIMENSIONS) for text in inputs],
                 "prompt_eval_count": sum(max(1, len(text) // 4) for text in inputs),
+            }
+        )
+
+    async def _show(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        model = str(json.loads(body).get("model", ""))
+        return web.json_response(
+            {
+                "modelfile": f"FROM {model}",
+                "details": {"family": "llama", "parameter_size": "1.2B"},
+                "model_info": {"llama.context_length": 131072},
+                "capabilities": ["completion", "tools"],
             }
         )
 

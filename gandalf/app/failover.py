@@ -27,7 +27,7 @@ from gandalf.app.balancer import Slot, plan
 from gandalf.app.health import classify, retry_after_of
 from gandalf.app.retry import Backoff, parse_retry_after
 from gandalf.app.router import RouteEntry
-from gandalf.errors import CircuitOpen, GatewayError
+from gandalf.errors import CircuitOpen, GatewayError, printable
 
 __all__ = ["Attempts", "Failover", "observe"]
 
@@ -38,14 +38,18 @@ _T = TypeVar("_T")
 
 class Attempts(Generic[_T]):
     """One request's way through its route once it left the fast path: the
-    slot tried last, the attempts so far, and (for a coalesced call, which
-    hands its outcome to several waiters) the result or the error."""
+    slot tried last, the attempts so far, the request's id (for the log line
+    of each failed attempt), whether a retry was refused by a provider's retry
+    budget, and (for a coalesced call, which hands its outcome to several
+    waiters) the result or the error."""
 
-    __slots__ = ("attempts", "error", "result", "slot")
+    __slots__ = ("attempts", "denied", "error", "request_id", "result", "slot")
 
-    def __init__(self, slot: Slot | None = None, attempts: int = 0) -> None:
+    def __init__(self, slot: Slot | None = None, attempts: int = 0, request_id: str = "") -> None:
         self.slot = slot
         self.attempts = attempts
+        self.request_id = request_id
+        self.denied = False
         self.result: _T | None = None
         self.error: GatewayError | None = None
 
@@ -149,7 +153,10 @@ class Failover:
                 slot, not_before = retries.pop(0)
                 # Another attempt on a provider this request already tried: a
                 # retry, within that provider's budget, after a backoff.
-                if not slot.breaker.available(now) or not slot.budget.allow_retry(now):
+                if not slot.breaker.available(now):
+                    continue
+                if not slot.budget.allow_retry(now):
+                    run.denied = True  # the provider is failing for many: no retry from anyone
                     continue
                 wait = max(self._backoff.delay(retry_number, rng), not_before - now)
                 retry_number += 1
@@ -188,6 +195,8 @@ class Failover:
         if last is None:
             raise self.circuit_open(entry, now)
         last.attempts = run.attempts
+        if run.attempts > 1 or run.denied:
+            last.final = True
         raise last
 
     def _failed(
@@ -204,14 +213,20 @@ class Failover:
         slot.breaker.record(failure.weight, now)
         exc.upstream = slot.name
         exc.attempts = run.attempts
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "attempt %d on provider %r (%s) failed: %s (%s)",
+        # Said to the client as ``x-should-retry: false`` (errors.py): once more
+        # than one attempt was made, or when a retry cannot cure the failure.
+        exc.final = run.attempts > 1 or not failure.client_retry
+        if logger.isEnabledFor(logging.WARNING):
+            logger.warning(
+                "upstream attempt %d failed: provider %r, model %s, status %d (%s): %s "
+                "(request %s)",
                 run.attempts,
-                slot.name,
-                slot.target.model,
-                exc.message,
+                printable(slot.name),
+                printable(slot.target.model),
+                exc.status,
                 failure.kind,
+                printable(exc.message, 300),
+                run.request_id,
             )
         if not failure.failover:
             raise exc

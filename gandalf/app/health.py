@@ -19,6 +19,9 @@
 
 "failover" moves to the route's next target; "retry" may try the same provider
 again later in the same request (after a backoff, within its retry budget).
+A timeout after the headers, ``timeout_ms`` spent, an answer over the cap and
+refused credentials are not cured by sending the same request again
+(``Failure.client_retry`` False): the client is told ``x-should-retry: false``.
 An upstream 401/403 means the provider refused the *gateway's* credentials
 (the caller's key was checked long before): the caller is not at fault and
 another provider may well serve, so it fails over, but retrying the same
@@ -78,26 +81,32 @@ __all__ = ["STREAM_FAILURE_WEIGHTS", "Failure", "HealthRegistry", "ProviderHealt
 class Failure:
     """What one failed attempt means for routing and for the provider's breaker."""
 
-    __slots__ = ("failover", "kind", "retry", "weight")
+    __slots__ = ("client_retry", "failover", "kind", "retry", "weight")
 
-    def __init__(self, kind: str, weight: float, *, failover: bool, retry: bool) -> None:
+    def __init__(
+        self, kind: str, weight: float, *, failover: bool, retry: bool, client_retry: bool = True
+    ) -> None:
         self.kind = kind
         self.weight = weight
         self.failover = failover
         self.retry = retry
+        # False: the same request sent again cannot fare better (the answer is
+        # too long or too large, the gateway's credentials were refused), so the
+        # client is told not to retry it (``x-should-retry: false``).
+        self.client_retry = client_retry
 
     def __repr__(self) -> str:
         return f"Failure({self.kind!r})"
 
 
 TIMEOUT = Failure("timeout", 1.5, failover=True, retry=True)
-LONG = Failure("long", 0.0, failover=False, retry=False)
-WAITED = Failure("waited", 0.0, failover=True, retry=False)
-TOO_LARGE = Failure("too_large", 0.0, failover=False, retry=False)
+LONG = Failure("long", 0.0, failover=False, retry=False, client_retry=False)
+WAITED = Failure("waited", 0.0, failover=True, retry=False, client_retry=False)
+TOO_LARGE = Failure("too_large", 0.0, failover=False, retry=False, client_retry=False)
 SERVER = Failure("server", 1.0, failover=True, retry=True)
 OVERLOADED = Failure("overloaded", 1.0, failover=True, retry=True)
 RATE_LIMITED = Failure("rate_limited", 0.5, failover=True, retry=True)
-CREDENTIALS = Failure("credentials", 1.0, failover=True, retry=False)
+CREDENTIALS = Failure("credentials", 1.0, failover=True, retry=False, client_retry=False)
 CLIENT = Failure("client", 0.0, failover=False, retry=False)
 
 

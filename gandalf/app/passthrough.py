@@ -11,6 +11,7 @@ Every request that reaches the service leaves one usage record, as for
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
@@ -25,7 +26,25 @@ from gandalf.domain import (
     ProviderConfig,
     Target,
 )
-from gandalf.errors import InvalidRequest, PermissionDenied
+from gandalf.errors import GatewayError, InvalidRequest, PermissionDenied, printable
+
+logger = logging.getLogger("gandalf.resilience")
+
+
+def _attempt_failed(
+    provider: str, target: Target | None, status: int, message: str, request_id: str
+) -> None:
+    """The WARNING line of a failed native attempt, as app/failover.py writes
+    for /v1 calls (a native call makes one attempt: no failover)."""
+    if logger.isEnabledFor(logging.WARNING):
+        logger.warning(
+            "upstream attempt 1 failed: provider %r, model %s, status %d: %s (request %s)",
+            printable(provider),
+            printable(target.model) if target is not None else "-",
+            status,
+            printable(message, 300),
+            request_id,
+        )
 
 
 class NativeUpstream(Protocol):
@@ -100,12 +119,13 @@ class PassthroughService:
     def resolve(self, identity: Identity, alias: str, api: str) -> tuple[Target, NativeUpstream]:
         """The target serving ``alias`` for a caller of ``api``: ModelNotFound,
         ProviderUnavailable, PermissionDenied or InvalidRequest (no target of
-        that API) otherwise."""
-        self.routes.resolve(alias)
+        that API) otherwise. The key's permission is checked first (a 403
+        before any 404 or 503), as on /v1/chat/completions."""
         if not identity.may_use(alias):
             raise PermissionDenied(
                 f"This API key is not allowed to use model '{alias}'.", param="model"
             )
+        self.routes.resolve(alias)
         found = self._target(alias, api)
         if found is None:
             raise InvalidRequest(
@@ -138,8 +158,12 @@ class PassthroughService:
             provider = native.name
             reply = await native.send(build(target))
         except BaseException as exc:
+            if provider is not None and isinstance(exc, GatewayError):
+                _attempt_failed(provider, target, exc.status, exc.message, request_id)
             accounting.record(target, provider, None, failure_status(exc))
             raise
+        if reply.status == 429 or reply.status >= 500:
+            _attempt_failed(native.name, target, reply.status, "relayed as is", request_id)
         if reply.stream is not None:
             return reply, RecordedNativeStream(reply.stream, accounting, target, native.name)
         accounting.record(target, provider, reply.usage, reply.status)

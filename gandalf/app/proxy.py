@@ -151,9 +151,20 @@ class RecordedStream:
 
     ``provider`` served it after ``attempts`` upstream attempts. An upstream
     failure that ends it early (502, 504) counts against the provider's breaker.
+    ``headers``: the upstream's headers relayed to the client, when the
+    provider's stream has them (OpenAI-compatible upstreams).
     """
 
-    __slots__ = ("_accounting", "_done", "_monotonic", "_slot", "_stream", "attempts", "provider")
+    __slots__ = (
+        "_accounting",
+        "_done",
+        "_monotonic",
+        "_slot",
+        "_stream",
+        "attempts",
+        "headers",
+        "provider",
+    )
 
     def __init__(
         self,
@@ -169,6 +180,7 @@ class RecordedStream:
         self._monotonic = monotonic
         self.provider = slot.name
         self.attempts = attempts
+        self.headers: tuple[tuple[bytes, bytes], ...] = getattr(stream, "headers", ())
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -239,12 +251,15 @@ class ProxyService:
         return self.routes.health.snapshot(self._monotonic())
 
     def _resolve(self, identity: Identity, alias: str) -> RouteEntry:
-        entry = self.routes.resolve(alias)
+        """The route of ``alias`` for ``identity``. The key's permission comes
+        first: a model outside its ``allowed_models`` is a 403 whatever the
+        state of that model's providers (a 503 naming an operator's env var
+        would tell a stranger about a route it may not use)."""
         if not identity.may_use(alias):
             raise PermissionDenied(
                 f"This API key is not allowed to use model '{alias}'.", param="model"
             )
-        return entry
+        return self.routes.resolve(alias)
 
     async def chat(
         self,
@@ -266,11 +281,11 @@ class ProxyService:
         slot: Slot | None = None
         attempts = 0
         try:
-            entry = self.routes.resolve(alias)
-            if not identity.may_use(alias):
+            if not identity.may_use(alias):  # before resolve: 403 before 404/503
                 raise PermissionDenied(
                     f"This API key is not allowed to use model '{alias}'.", param="model"
                 )
+            entry = self.routes.resolve(alias)
             if entry.coalesce and is_deterministic(body):
                 flight, leader = await self._coalescer.join(
                     (alias, body), lambda: self._chat_flight(entry, request, body, request_id)
@@ -304,7 +319,7 @@ class ProxyService:
                     except GatewayError as exc:
                         if track:
                             slot.latency.outstanding -= 1
-                        run: Attempts[ProviderReply] = Attempts(slot, 1)
+                        run: Attempts[ProviderReply] = Attempts(slot, 1, request_id)
                         try:
                             reply = await self._failover.route(
                                 entry, _chat_invoker(request, body, request_id), run, now, exc
@@ -324,7 +339,7 @@ class ProxyService:
                         slot.breaker.record_success(now)
                     reply.provider = slot.name
                 else:
-                    run = Attempts()
+                    run = Attempts(request_id=request_id)
                     try:
                         reply = await self._failover.route(
                             entry, _chat_invoker(request, body, request_id), run, now
@@ -380,7 +395,7 @@ class ProxyService:
     ) -> Attempts[ProviderReply]:
         """A coalesced call: its outcome, shared by every waiter, never raised
         (except a cancellation, when no waiter is left)."""
-        run: Attempts[ProviderReply] = Attempts()
+        run: Attempts[ProviderReply] = Attempts(request_id=request_id)
         try:
             reply = await self._failover.serve(
                 entry, _chat_invoker(request, body, request_id), run, self._monotonic()
@@ -409,7 +424,7 @@ class ProxyService:
         accounting = Accounting(
             self._sink, identity, alias, request_id, started, "chat", self._clock
         )
-        run: Attempts[ChatStream] = Attempts()
+        run: Attempts[ChatStream] = Attempts(request_id=request_id)
         try:
             entry = self._resolve(identity, alias)
             stream = await self._failover.serve(
@@ -434,7 +449,7 @@ class ProxyService:
         accounting = Accounting(
             self._sink, identity, alias, request_id, started, "embeddings", self._clock
         )
-        run: Attempts[ProviderReply] = Attempts()
+        run: Attempts[ProviderReply] = Attempts(request_id=request_id)
         try:
             entry = self._resolve(identity, alias)
             reply = await self._failover.serve(

@@ -559,7 +559,8 @@ class AnthropicStreamTranslator:
     the call's argument fragments; a call without argument fragments gets
     ``"{}"`` when its block stops, as in non-streamed answers. The response
     tool's fragments are content instead (and text is then dropped, as in
-    :func:`from_anthropic`). ``message_stop`` gives the finish chunk, the
+    :func:`from_anthropic`); when the model never calls it (a refusal), the
+    text it held is sent whole before the finish chunk. ``message_stop`` gives the finish chunk, the
     usage chunk when ``include_usage``, and ``data: [DONE]``. An ``error``
     event raises the gateway error; thinking, pings and unknown events are
     skipped.
@@ -572,6 +573,7 @@ class AnthropicStreamTranslator:
         "_created",
         "_done",
         "_events",
+        "_held",
         "_include_usage",
         "_input",
         "_output",
@@ -600,6 +602,12 @@ class AnthropicStreamTranslator:
         # Anthropic block index -> OpenAI tool index (or _ANSWER), tool blocks only.
         self._blocks: dict[int, int] = {}
         self._unfilled: set[int] = set()  # tool blocks that sent no argument yet
+        # With a response tool, text is held until it is known whether the model
+        # called that tool (then the JSON is the answer and the text is dropped)
+        # or not (a refusal, a user tool call: the text is the answer, sent at
+        # message_stop), as :func:`from_anthropic` decides for a whole message.
+        # None: nothing to hold (no response tool, or it was called).
+        self._held: list[str] | None = [] if response_tool is not None else None
         self._tool_calls = 0
         self._stop_reason: str | None = None
         self._input = 0
@@ -675,9 +683,8 @@ class AnthropicStreamTranslator:
         writer = self._writer_for("content_block_start")
         block = event.content_block
         if block.type == "text":
-            if block.text and self._response_tool is None:
-                self._events += 1
-                return writer.content(block.text)
+            if block.text:
+                return self._text(writer, block.text)
             return b""
         if block.type != "tool_use":
             return b""  # thinking, server tools: nothing the client sees
@@ -685,6 +692,7 @@ class AnthropicStreamTranslator:
         self._unfilled.add(index)
         if block.name == self._response_tool:
             self._blocks[index] = _ANSWER
+            self._held = None  # the JSON is the answer: text around it is dropped
             out = b""
         else:
             self._blocks[index] = target = self._tool_calls
@@ -698,15 +706,23 @@ class AnthropicStreamTranslator:
     def _on_block_delta(self, event: _BlockDelta) -> bytes:
         delta = event.delta
         if delta.type == "text_delta":
-            if not delta.text or self._response_tool is not None:
+            if not delta.text:
                 return b""
-            self._events += 1
-            return self._writer_for("content_block_delta").content(delta.text)
+            return self._text(self._writer_for("content_block_delta"), delta.text)
         if delta.type == "input_json_delta" and delta.partial_json and event.index in self._blocks:
             return self._arguments(
                 self._writer_for("content_block_delta"), event.index, delta.partial_json
             )
         return b""  # thinking_delta, signature_delta, citations, server-tool input
+
+    def _text(self, writer: ChunkWriter, text: str) -> bytes:
+        if self._response_tool is None:
+            self._events += 1
+            return writer.content(text)
+        held = self._held
+        if held is not None:  # the response tool may still come: hold the text
+            held.append(text)
+        return b""
 
     def _on_block_stop(self, event: _BlockStop) -> bytes:
         index = event.index
@@ -743,7 +759,12 @@ class AnthropicStreamTranslator:
         writer = self._writer_for("message_stop")
         self._done = True
         wire, self._usage = self._usage_pair()
-        out = writer.finish(finish_reason(self._stop_reason, tool_calls=self._tool_calls))
+        out = b""
+        held = self._held
+        if held:  # the response tool was not called: the text is the answer
+            self._events += 1
+            out = writer.content("".join(held))
+        out += writer.finish(finish_reason(self._stop_reason, tool_calls=self._tool_calls))
         if self._include_usage:
             out += writer.usage(wire)
         return out + DONE

@@ -41,11 +41,13 @@ _VECTORS_PER_SLICE = 16  # embeddings computed between two yields to the event l
 
 _any = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
+FINGERPRINT = "fp_gandalf_fake"
 
 
 class _Message(msgspec.Struct):
     role: str
     content: str
+    refusal: None = None  # OpenAI's document: present, null when the model did not refuse
 
 
 class _Choice(msgspec.Struct):
@@ -62,7 +64,7 @@ class _Completion(msgspec.Struct):
     model: str
     choices: list[_Choice]
     usage: Usage
-    system_fingerprint: str | None = None
+    system_fingerprint: str = FINGERPRINT  # a string in OpenAI's document, never null
 
 
 def content_text(raw: msgspec.Raw) -> str:
@@ -176,7 +178,7 @@ class FakeStream:
         tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
         if self._ttft:
             await asyncio.sleep(self._ttft)
-        yield head + b'{"role":"assistant","content":""' + tail
+        yield head + b'{"role":"assistant","content":"","refusal":null' + tail
         for i, piece in enumerate(self._pieces):
             if self._closed:
                 return
@@ -256,7 +258,9 @@ class FakeProvider:
             + str(int(time.time())).encode()
             + b',"model":'
             + _encoder.encode(call.target.model)
-            + b',"choices":[{"index":0,"delta":'
+            + b',"system_fingerprint":"'
+            + FINGERPRINT.encode()
+            + b'","choices":[{"index":0,"delta":'
         )
         return FakeStream(
             head, text_pieces(text), usage, call.request.wants_usage, self._ttft, self._token_delay

@@ -92,6 +92,43 @@ def stream_body(
     return rewrite_body(body, model=model, include_usage=True)
 
 
+# Upstream response headers relayed to the client, by lower-case name -> the
+# name it is relayed as; plus every ``x-ratelimit-*``. The upstream's request id
+# becomes ``x-upstream-request-id``: ``x-request-id`` stays Gandalf's own (its
+# access log and usage rows are keyed by it, and the SDKs show it as the
+# request id), and the provider's is kept for a ticket with the provider.
+_RELAYED_HEADERS: dict[bytes, bytes] = {
+    b"openai-processing-ms": b"openai-processing-ms",
+    b"openai-organization": b"openai-organization",
+    b"openai-project": b"openai-project",
+    b"openai-version": b"openai-version",
+    b"x-request-id": b"x-upstream-request-id",
+}
+_RATELIMIT = b"x-ratelimit-"
+_FIRST_BYTES = frozenset(b"oOxX")  # the first byte of every relayed name, either case
+
+
+def relayed_headers(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers of an upstream answer (aiohttp's ``raw_headers``) that the
+    client gets too (:data:`_RELAYED_HEADERS`, ``x-ratelimit-*``), as relayed."""
+    out: list[tuple[bytes, bytes]] | None = None
+    get = _RELAYED_HEADERS.get
+    first = _FIRST_BYTES
+    for name, value in raw:
+        if name[0] not in first:  # most headers: one int test, no lower()
+            continue
+        lower = name.lower()
+        renamed = get(lower)
+        if renamed is None:
+            if not lower.startswith(_RATELIMIT):
+                continue
+            renamed = lower
+        if out is None:
+            out = []
+        out.append((renamed, value))
+    return () if out is None else tuple(out)
+
+
 def replace_model(body: bytes, model: str) -> bytes:
     return rewrite_body(body, model=model)
 
@@ -109,7 +146,7 @@ def extract_usage(body: bytes) -> Usage | None:
 class OpenAIChatStream:
     """An accepted upstream stream, relayed event by event (see provider/sse.py)."""
 
-    __slots__ = ("_errors", "_name", "_relay", "_resp")
+    __slots__ = ("_errors", "_name", "_relay", "_resp", "headers")
 
     def __init__(
         self,
@@ -122,6 +159,7 @@ class OpenAIChatStream:
         self._relay = relay
         self._errors = errors
         self._name = name
+        self.headers = relayed_headers(resp.raw_headers)  # relayed to the client
 
     @property
     def usage(self) -> Usage | None:
@@ -206,14 +244,19 @@ class OpenAIProvider(transport.UpstreamClient):
                 data = await transport.read_body(resp, errors)
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+                raw_headers = resp.raw_headers
         if status >= 300:
-            raise transport.http_status_error(self.name, status, data, retry_after)
+            error = transport.http_status_error(self.name, status, data, retry_after)
+            error.relayed = relayed_headers(raw_headers)  # a 429's rate limits, above all
+            raise error
         usage = extract_usage(data)
         if usage is None:
             raise UpstreamError(
                 f"Upstream provider '{self.name}' returned a response that is not a JSON object."
             )
-        return ProviderReply(body=data, usage=usage, status=status)
+        return ProviderReply(
+            body=data, usage=usage, status=status, headers=relayed_headers(raw_headers)
+        )
 
     async def stream(self, call: ChatCall, url: str | None = None) -> OpenAIChatStream:
         """Open a stream (at ``url``, default the provider's chat URL)."""
@@ -239,7 +282,9 @@ class OpenAIProvider(transport.UpstreamClient):
                 finally:
                     resp.release()
                 if status >= 300:
-                    raise transport.http_status_error(self.name, status, data, retry_after)
+                    error = transport.http_status_error(self.name, status, data, retry_after)
+                    error.relayed = relayed_headers(resp.raw_headers)
+                    raise error
                 raise UpstreamError(
                     f"Upstream provider '{self.name}' answered a streaming request with "
                     f"'{resp.content_type}' instead of an event stream."

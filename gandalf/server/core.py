@@ -295,7 +295,7 @@ class ServerCore:
                     reads.done(task)
             return await handler(request)
         except GatewayError as exc:
-            return self.error(exc, endpoint)
+            return self.error(exc, endpoint, request.request_id)
         except asyncio.CancelledError as exc:
             reason = exc.args[0] if exc.args else None
             if reason == CANCEL_DISCONNECT:
@@ -308,6 +308,7 @@ class ServerCore:
                         f"The request body did not arrive within {self.reads.timeout:g}s."
                     ),
                     endpoint,
+                    request.request_id,
                 )
             if reason != CANCEL_SHUTDOWN:
                 raise
@@ -323,10 +324,16 @@ class ServerCore:
             return Response(500, _INTERNAL.body())
 
     @staticmethod
-    def error(exc: GatewayError, endpoint: Endpoint | None) -> Response:
-        """``exc`` as a response, in ``endpoint``'s error shape (OpenAI's if None)."""
+    def error(exc: GatewayError, endpoint: Endpoint | None, request_id: str = "") -> Response:
+        """``exc`` as a response, in ``endpoint``'s error shape (OpenAI's if
+        None), with the request id in the endpoint's ``id_header`` if it has one."""
         extra = exc.headers()
-        render = endpoint.render if endpoint is not None else None
+        if endpoint is None:
+            return Response(exc.status, exc.body(), (JSON_CT, *extra) if extra else JSON_HEADERS)
+        render = endpoint.render
+        id_header = endpoint.id_header
+        if id_header is not None and request_id:
+            extra = (*extra, (id_header, request_id.encode("latin-1")))
         return Response(
             exc.status,
             exc.body() if render is None else render(exc),

@@ -7,18 +7,21 @@ every failure and leaves turning them into responses to the error boundary.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import msgspec
+import orjson
 
 from gandalf.app.proxy import ProxyService
 from gandalf.app.requests import decode_chat, decode_embeddings
 from gandalf.auth.apikey import KeyCache, credential
 from gandalf.domain import Identity, Permission
-from gandalf.errors import GatewayError, NotReady, PermissionDenied, header_value
+from gandalf.errors import GatewayError, ModelNotFound, NotReady, PermissionDenied, header_value
 from gandalf.server.wire import (
     HEALTH_OK,
+    JSON_CT,
     JSON_HEADERS,
     READY_OK,
     SSE_HEADERS,
@@ -96,13 +99,14 @@ class Endpoint:
     """One path: its handlers by method, whether they read a body, how the
     caller authenticates (``auth``: None for open endpoints like /healthz) and
     how its errors are written (``render``: None for OpenAI's shape; native
-    APIs have their own).
+    APIs have their own; ``id_header``: a header that repeats the request id
+    on the errors Gandalf writes, as Anthropic's ``request-id``).
 
     ``pick``: for a path two APIs share (Gemini's ``/v1/models...`` and
     OpenAI's), the other API's endpoint when the request is that API's (from
     its method, path and headers alone: no body is read yet), else None."""
 
-    __slots__ = ("allow", "auth", "methods", "pick", "reads_body", "render")
+    __slots__ = ("allow", "auth", "id_header", "methods", "pick", "reads_body", "render")
 
     def __init__(
         self,
@@ -111,11 +115,13 @@ class Endpoint:
         reads_body: bool,
         render: Callable[[GatewayError], bytes] | None = None,
         auth: KeyAuth | None = None,
+        id_header: bytes | None = None,
     ) -> None:
         self.methods = methods
         self.reads_body = reads_body
         self.render = render
         self.auth = auth
+        self.id_header = id_header
         self.allow = ", ".join(sorted(methods))
         self.pick: Callable[[Request], Endpoint | None] | None = None
 
@@ -130,6 +136,50 @@ class _Model(msgspec.Struct):
 class _ModelList(msgspec.Struct):
     data: list[_Model]
     object: str = "list"
+
+
+class _AnthropicModel(msgspec.Struct):
+    """A model in Anthropic's shape (``GET /v1/models`` of the Anthropic API)."""
+
+    id: str
+    display_name: str
+    created_at: str  # RFC 3339
+    type: str = "model"
+
+
+class _AnthropicModelList(msgspec.Struct):
+    data: list[_AnthropicModel]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+def _anthropic_list(models: list[_AnthropicModel]) -> bytes:
+    return _encoder.encode(
+        _AnthropicModelList(
+            data=models,
+            has_more=False,  # every model in one page: the SDKs stop paginating
+            first_id=models[0].id if models else None,
+            last_id=models[-1].id if models else None,
+        )
+    )
+
+
+def anthropic_client(request: Request) -> bool:
+    """Does ``request`` come from an Anthropic client? Anthropic's API refuses
+    calls without ``anthropic-version``, so every Anthropic client sends it
+    (Claude Code with a bearer token too). ``x-api-key`` alone is no sign:
+    Gandalf takes it on OpenAI's paths as well, from OpenAI-shaped clients."""
+    return request.header(b"anthropic-version") is not None
+
+
+def _anthropic_headers(request: Request) -> Headers:
+    """JSON headers plus ``request-id`` (the SDK's ``request_id``), as on
+    Anthropic's own answers."""
+    return (JSON_CT, (b"request-id", request.request_id.encode("latin-1")))
+
+
+_ANTHROPIC_NOT_FOUND = b'{"type":"error","error":{"type":"not_found_error","message":'
 
 
 _encoder = msgspec.json.Encoder()
@@ -164,7 +214,10 @@ class Api:
     """The endpoints of the public HTTP surface."""
 
     __slots__ = (
+        "_all_anthropic",
         "_all_models",
+        "_anthropic",
+        "_by_id",
         "_json_served",
         "_keys",
         "_models",
@@ -185,6 +238,13 @@ class Api:
             for alias, owner in proxy.routes.models()
         ]
         self._all_models = _encoder.encode(_ModelList(data=self._models))
+        self._by_id = {m.id: m for m in self._models}
+        created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+        self._anthropic = {
+            m.id: _AnthropicModel(id=m.id, display_name=m.id, created_at=created_at)
+            for m in self._models
+        }
+        self._all_anthropic = _anthropic_list(list(self._anthropic.values()))
         self._json_served = ServedHeaders(JSON_HEADERS)
         self._sse_served = ServedHeaders(SSE_HEADERS)
 
@@ -200,6 +260,11 @@ class Api:
             "/healthz": Endpoint({"GET": self.healthz}, reads_body=False),
             "/readyz": Endpoint({"GET": self.readyz}, reads_body=False),
         }
+
+    def prefixes(self) -> list[tuple[str, Endpoint]]:
+        """Paths that carry a value: ``/v1/models/{id}`` (the SDKs' ``models.retrieve``)."""
+        read = KeyAuth(self._keys, Permission.READ_MODELS)
+        return [("/v1/models/", Endpoint({"GET": self.model}, reads_body=False, auth=read))]
 
     async def chat_completions(self, request: Request) -> Response:
         identity = request.identity  # authenticated by the core before the body was read
@@ -222,6 +287,8 @@ class Api:
             headers = served.first.get(stream.provider) if stream.attempts == 1 else None
             if headers is None:
                 headers = served.build(stream.provider, stream.attempts)
+            if stream.headers:
+                headers = (*headers, *stream.headers)
             return Response(200, headers=headers, stream=stream, watch=watch)
         request.track()
         try:
@@ -234,6 +301,8 @@ class Api:
         headers = served.first.get(reply.provider) if reply.attempts == 1 else None
         if headers is None:
             headers = served.build(reply.provider, reply.attempts)
+        if reply.headers:  # the upstream's rate limits and request id (openai.py)
+            headers = (*headers, *reply.headers)
         return Response(200, reply.body, headers)
 
     async def embeddings(self, request: Request) -> Response:
@@ -251,17 +320,55 @@ class Api:
         headers = served.first.get(reply.provider) if reply.attempts == 1 else None
         if headers is None:
             headers = served.build(reply.provider, reply.attempts)
+        if reply.headers:  # the upstream's rate limits and request id (openai.py)
+            headers = (*headers, *reply.headers)
         return Response(200, reply.body, headers)
 
     async def models(self, request: Request) -> Response:
+        """The models the key may call: in Anthropic's list shape for an
+        Anthropic client (:func:`anthropic_client`), else in OpenAI's."""
         identity = request.identity
         assert identity is not None
         allowed = identity.allowed_models
+        if anthropic_client(request):
+            headers = _anthropic_headers(request)
+            if allowed is None:
+                return Response(200, self._all_anthropic, headers)
+            return Response(
+                200,
+                _anthropic_list([m for a, m in self._anthropic.items() if a in allowed]),
+                headers,
+            )
         if allowed is None:
             return Response(200, self._all_models)
         return Response(
             200, _encoder.encode(_ModelList(data=[m for m in self._models if m.id in allowed]))
         )
+
+    async def model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}``: one model, in OpenAI's or (for an Anthropic
+        client) Anthropic's shape; 404 ``model_not_found`` when there is no such
+        model or the key may not use it (the two are not told apart)."""
+        identity = request.identity
+        assert identity is not None
+        alias = request.path[len("/v1/models/") :]
+        anthropic = anthropic_client(request)
+        found = self._anthropic.get(alias) if identity.may_use(alias) else None
+        if found is None:
+            error = ModelNotFound(
+                f"The model '{alias}' does not exist or you do not have access to it.",
+                param="model",
+            )
+            if anthropic:
+                return Response(
+                    404,
+                    _ANTHROPIC_NOT_FOUND + orjson.dumps(error.message) + b"}}",
+                    _anthropic_headers(request),
+                )
+            raise error
+        if anthropic:
+            return Response(200, _encoder.encode(found), _anthropic_headers(request))
+        return Response(200, _encoder.encode(self._by_id[alias]))
 
     async def healthz(self, request: Request) -> Response:
         return Response(200, HEALTH_OK)

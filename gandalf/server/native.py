@@ -201,43 +201,69 @@ class NativeApi:
         also = {"gemini": _gemini_key, "azure": _azure_key}
         keys = self._keys
 
-        def mount(api: str, method: str, handler: Handler, *, body: bool = True) -> Endpoint:
+        def mount(
+            api: str,
+            method: str,
+            handler: Handler,
+            *,
+            body: bool = True,
+            more: dict[str, Handler] | None = None,
+            reads: bool = False,
+        ) -> Endpoint:
             # Errors on these paths (a body too large included) in the API's own
-            # shape. Calls need CALL_MODELS; listing models (no body) READ_MODELS,
-            # as on /v1/models.
-            needs = Permission.CALL_MODELS if body else Permission.READ_MODELS
+            # shape. Calls need CALL_MODELS; reading about models (listing them,
+            # ``reads``) READ_MODELS, as on /v1/models. ``more``: other methods.
+            needs = Permission.CALL_MODELS if body and not reads else Permission.READ_MODELS
             return Endpoint(
-                {method: handler},
+                {method: handler, **(more or {})},
                 reads_body=body,
                 render=ERROR_BODIES[api],
                 auth=KeyAuth(keys, needs, also.get(api)),
+                id_header=_ID_HEADERS.get(api),
             )
 
+        def unknown(api: str) -> Endpoint:
+            # A path under a mounted API that is none of its endpoints: a 404 in
+            # that API's shape (and before any key check, as for any unknown path).
+            return Endpoint(
+                dict.fromkeys(_METHODS, _unknown_path),
+                reads_body=False,
+                render=ERROR_BODIES[api],
+                id_header=_ID_HEADERS.get(api),
+            )
+
+        fallbacks: list[tuple[str, Endpoint]] = []
         if "anthropic" in apis:
             exact["/v1/messages"] = mount("anthropic", "POST", self.anthropic_messages)
             exact["/v1/messages/count_tokens"] = mount(
                 "anthropic", "POST", self.anthropic_count_tokens
             )
+            fallbacks.append(("/v1/messages/", unknown("anthropic")))
         if "gemini" in apis:
             models = mount("gemini", "GET", self.gemini_models, body=False)
             call = mount("gemini", "POST", self.gemini_call)
+            model = mount("gemini", "GET", self.gemini_model, body=False)
             exact["/v1beta/models"] = models
-            prefixed.append(("/v1beta/models/", call))
-            self._share_v1(
-                models,
-                call,
-                mount("gemini", "GET", self.gemini_model, body=False),
-                shared or {},
-                shared_prefixes,
-                prefixed,
-            )
+            # GET /v1beta/models/{m} reads about a model (READ_MODELS), POST calls it.
+            v1beta = mount("gemini", "POST", self.gemini_call)
+            v1beta.pick = lambda request: model if request.method == "GET" else None
+            prefixed.append(("/v1beta/models/", v1beta))
+            self._share_v1(models, call, model, shared or {}, shared_prefixes, prefixed)
+            fallbacks.append(("/v1beta/", unknown("gemini")))
         if "azure" in apis:
             prefixed.append(("/openai/deployments/", mount("azure", "POST", self.azure_call)))
+            fallbacks.append(("/openai/", unknown("azure")))
         if "ollama" in apis:
             for path in ("/api/chat", "/api/generate", "/api/embed"):
                 exact[path] = mount("ollama", "POST", self.ollama_call)
+            exact["/api/show"] = mount("ollama", "POST", self.ollama_call, reads=True)
             exact["/api/tags"] = mount("ollama", "GET", self.ollama_tags, body=False)
-        return exact, prefixed
+            # Open, as Ollama's own: a constant that clients probe before anything else.
+            exact["/api/version"] = Endpoint(
+                {"GET": self.ollama_version}, reads_body=False, render=ollama_error
+            )
+            fallbacks.append(("/api/", unknown("ollama")))
+        return exact, [*prefixed, *fallbacks]
 
     @staticmethod
     def _share_v1(
@@ -377,8 +403,9 @@ class NativeApi:
         return Response(200, orjson.dumps({"models": models}))
 
     async def gemini_model(self, request: Request) -> Response:
-        """``GET /v1/models/{model}`` with Google's credential: one model, in
-        Google's shape; 404 NOT_FOUND for a model the caller cannot use."""
+        """``GET /v1beta/models/{model}``, or ``/v1/models/{model}`` with
+        Google's credential: one model, in Google's shape; 404 NOT_FOUND for a
+        model the caller cannot use through Gemini."""
         identity = request.identity
         assert identity is not None
         alias = request.path[1:].partition("/models/")[2]
@@ -416,8 +443,8 @@ class NativeApi:
     async def ollama_call(self, request: Request) -> Response:
         body = _decode_model_body(request.body)
         path = request.path
-        # Ollama streams chat and generate unless told not to; embed never streams.
-        stream = path != "/api/embed" and body.stream is not False
+        # Ollama streams chat and generate unless told not to; embed and show never do.
+        stream = path in _OLLAMA_STREAMED and body.stream is not False
         headers = _relayed_headers(request, "ollama")
 
         def build(target: Target) -> NativeRequest:
@@ -433,6 +460,9 @@ class NativeApi:
 
         endpoint = "ollama." + path.rsplit("/", 1)[1]
         return await self._relay(request, "ollama", endpoint, body.model, build, stream)
+
+    async def ollama_version(self, request: Request) -> Response:
+        return Response(200, _OLLAMA_VERSION_BODY)
 
     async def ollama_tags(self, request: Request) -> Response:
         identity = request.identity
@@ -458,11 +488,23 @@ _GEMINI_METHOD_LIST = sorted(_GEMINI_METHODS)
 
 
 def _gemini_model(alias: str) -> dict[str, object]:
+    """A model in Google's shape (``models.get`` / ``models.list``)."""
     return {
         "name": f"models/{alias}",
         "displayName": alias,
         "supportedGenerationMethods": _GEMINI_METHOD_LIST,
     }
+
+
+_OLLAMA_STREAMED = frozenset({"/api/chat", "/api/generate"})
+# The Ollama API level Gandalf's relay speaks (/api/embed, /api/show with
+# capabilities): what /api/version answers, for clients that gate features on it.
+OLLAMA_API_VERSION = "0.6.0"
+_OLLAMA_VERSION_BODY = orjson.dumps({"version": OLLAMA_API_VERSION})
+# Headers repeating the request id on the errors Gandalf writes: Anthropic's
+# SDK reads ``request-id`` (``APIStatusError.request_id``).
+_ID_HEADERS = {"anthropic": b"request-id"}
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
 async def _unknown_path(request: Request) -> Response:
