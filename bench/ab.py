@@ -8,6 +8,7 @@ between rounds of one version is the noise to compare against.
 
     python bench/ab.py --base 1a2b3c4               # chat at 64 connections, 4 rounds
     python bench/ab.py --base HEAD~3 --mode stream --rounds 6
+    python bench/ab.py --base HEAD~3 --access-log   # with the access log on
 
 The other revision is checked out with ``git worktree`` into a temporary
 directory (removed afterwards); both import their own ``gandalf`` package.
@@ -51,6 +52,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=int, default=6, help="seconds per measurement")
     parser.add_argument("--interface", choices=("asgi", "rsgi"), default="asgi")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="serve with the access log on (the shipped default; off otherwise)",
+    )
     return parser.parse_args(argv)
 
 
@@ -107,6 +113,7 @@ def compare(
                     interface=args.interface,
                     repo=repo,
                     name=f"ab-{round_no}-{'a' if repo == REPO_DIR else 'b'}",
+                    access_log=args.access_log,
                 )
                 url = server.url + CHAT_PATH
                 run_wrk(
@@ -139,7 +146,8 @@ def compare(
     a, b = (statistics.median(v) for v in results.values())
     print()
     print(
-        f"| {args.mode} c={args.connections} {args.interface} | median req/s "
+        f"| {args.mode} c={args.connections} {args.interface}"
+        f"{' access log' if args.access_log else ''} | median req/s "
         "| median CPU ms/req | rounds (req/s) |"
     )
     print("|---|---|---|---|")
