@@ -51,7 +51,9 @@ class AccessLog:
 
     ``write`` receives whole lines, one or more per call, each ending with a
     newline; it is :func:`write_stderr` unless a test passes another sink.
-    Not thread-safe: call :meth:`record` from the event loop's thread.
+    Not thread-safe: call :meth:`record` from the event loop's thread. A worker
+    keeps one loop for its life; whoever ends a loop (the lifecycle's shutdown)
+    calls :meth:`flush`, which also forgets a flush scheduled on that loop.
     """
 
     __slots__ = ("_buffer", "_pending", "write")
