@@ -319,14 +319,19 @@ def free_port() -> int:
         return port
 
 
-def write_gandalf_config(tmpdir: Path, port: int, mock_port: int, name: str = "gandalf") -> Path:
+def write_gandalf_config(
+    tmpdir: Path, port: int, mock_port: int, name: str = "gandalf", *, access_log: bool = False
+) -> Path:
     """The bench config: one openai-type provider pointing at the mock, one route, one key.
 
     Written to ``<tmpdir>/<name>.yaml`` with its own SQLite file ``<tmpdir>/<name>.db``.
+    ``access_log``: the server's access log (off unless asked: the benches measure the
+    gateway, and ``ab.py --access-log`` measures the log).
     """
     path = tmpdir / f"{name}.yaml"
+    log = "true" if access_log else "false"
     path.write_text(
-        f'server: {{addr: "127.0.0.1:{port}", access_log: false}}\n'
+        f'server: {{addr: "127.0.0.1:{port}", access_log: {log}}}\n'
         f'database: {{dsn: "{tmpdir / f"{name}.db"}"}}\n'
         "providers:\n"
         f'  - {{name: mock, type: openai, base_url: "http://127.0.0.1:{mock_port}/v1", '
@@ -350,6 +355,7 @@ def launch_gandalf(
     ready_timeout: float = 20.0,
     repo: Path = REPO_DIR,
     name: str | None = None,
+    access_log: bool = False,
 ) -> Server:
     """``python -m gandalf serve --config <tmpdir>/<name>.yaml --interface I``, the
     ``gandalf`` package imported from ``repo``; waits for /healthz. Named ``gandalf``
@@ -357,7 +363,7 @@ def launch_gandalf(
     if name is None:
         name = "gandalf" if interface == "asgi" else f"gandalf-{interface}"
     port = free_port()
-    config = write_gandalf_config(tmpdir, port, mock_port, name)
+    config = write_gandalf_config(tmpdir, port, mock_port, name, access_log=access_log)
     log_path = tmpdir / f"{name}.log"
     cmd = [
         *taskset(cpus),

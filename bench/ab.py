@@ -8,6 +8,8 @@ between rounds of one version is the noise to compare against.
 
     python bench/ab.py --base 1a2b3c4               # chat at 64 connections, 4 rounds
     python bench/ab.py --base HEAD~3 --mode stream --rounds 6
+    python bench/ab.py --base HEAD~3 --access-log on   # with the access log on
+    python bench/ab.py --base HEAD --access-log on --base-access-log off   # its cost
 
 The other revision is checked out with ``git worktree`` into a temporary
 directory (removed afterwards); both import their own ``gandalf`` package.
@@ -51,6 +53,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=int, default=6, help="seconds per measurement")
     parser.add_argument("--interface", choices=("asgi", "rsgi"), default="asgi")
+    parser.add_argument(
+        "--access-log",
+        choices=("on", "off"),
+        default="off",
+        help="this checkout's access log (on is the shipped default; off unless asked)",
+    )
+    parser.add_argument(
+        "--base-access-log",
+        choices=("on", "off"),
+        help="the base's access log (default: as --access-log); --base HEAD "
+        "--access-log on --base-access-log off measures what the log costs",
+    )
     return parser.parse_args(argv)
 
 
@@ -91,7 +105,11 @@ def compare(
     body = STREAM_BODY if args.mode == "stream" else CHAT_BODY
     script = write_script(tmpdir / "ab.lua", body, chat_headers())
     threads = 1 if args.connections == 1 else 2
-    results: dict[str, list[float]] = {"A (this checkout)": [], f"B ({args.base})": []}
+    base_log = args.base_access_log or args.access_log
+    results: dict[str, list[float]] = {
+        f"A (this checkout, log {args.access_log})": [],
+        f"B ({args.base}, log {base_log})": [],
+    }
     cpu_ms: dict[str, list[float]] = {label: [] for label in results}
     with ProcGroup() as group:
         mock = launch_mock(group, chunks=20, cpus=client_cpus)
@@ -107,6 +125,7 @@ def compare(
                     interface=args.interface,
                     repo=repo,
                     name=f"ab-{round_no}-{'a' if repo == REPO_DIR else 'b'}",
+                    access_log=(args.access_log if repo == REPO_DIR else base_log) == "on",
                 )
                 url = server.url + CHAT_PATH
                 run_wrk(

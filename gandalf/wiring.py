@@ -8,6 +8,7 @@ key cache and upstream sessions. ``worker_app`` is granian's factory target.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import signal
@@ -99,7 +100,7 @@ def create_app(
         return Runtime(endpoints, close, prefixes)
 
     server = config.server
-    return GandalfApp(
+    app = GandalfApp(
         build,
         max_body_bytes=server.max_body_bytes,
         read_timeout=server.read_timeout,
@@ -108,6 +109,11 @@ def create_app(
         stream_keepalive=server.stream_keepalive,
         handle_signals=handle_signals,
     )
+    if handle_signals:
+        # A server worker: the lifecycle flushes the access log at shutdown; this
+        # writes a line that a request ending after it (or without one) buffered.
+        atexit.register(app.core.access.flush)
+    return app
 
 
 DISCOVERY_TIMEOUT = 3.0

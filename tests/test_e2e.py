@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
@@ -695,6 +696,9 @@ def test_usage_rows_are_written_by_shutdown(
             assert row["total_tokens"] == 0
 
 
+ACCESS_FIELDS = ["ts", "method", "path", "status", "ms", "request_id"]
+
+
 @pytest.mark.parametrize("interface", ["asgi", "rsgi"])
 def test_sigterm_drains_in_flight_requests(dead_port: int, tmp_path: Path, interface: str) -> None:
     parked = 20
@@ -733,6 +737,12 @@ def test_sigterm_drains_in_flight_requests(dead_port: int, tmp_path: Path, inter
             code = server.wait()
         assert replies == texts
         assert code == 0, server.diagnostics()
+        # The access log lost no line in the drain: one plain JSON line per request.
+        access = [orjson.loads(line) for line in server.stderr().splitlines() if line[:1] == "{"]
+        chats = [e for e in access if e["path"] == "/v1/chat/completions"]
+        assert [(e["method"], e["status"]) for e in chats] == [("POST", 200)] * parked
+        assert all(list(e) == ACCESS_FIELDS for e in access)
+        assert len({e["request_id"] for e in chats}) == parked
     rows = db_rows(db, "SELECT status, model_alias, target_model FROM usage_records")
     assert [tuple(r) for r in rows] == [(200, "up-gate", "gate")] * parked
 

@@ -150,7 +150,7 @@ class GandalfApp:
             status = 503
             await _send(send, 503, NOT_READY_BODY, JSON_HEADERS, request_id)
             if core.access_log:
-                core.log_access(method, path, status, started, request_id)
+                core.access.record(method, path, status, started, request_id)
             return
         task = asyncio.current_task()
         assert task is not None
@@ -207,7 +207,7 @@ class GandalfApp:
         finally:
             core.leave(task)
             if core.access_log:
-                core.log_access(method, path, status, started, request_id)
+                core.access.record(method, path, status, started, request_id)
 
     # ------------------------------------------------------------------ lifespan
 

@@ -7,7 +7,8 @@ lookup, then path prefixes), authentication from the headers *before* the body
 is read (a caller without a valid key never gets a byte of its body read),
 the body read (capped at ``max_body_bytes`` and bounded in time by
 ``read_timeout``), the handler, the one error boundary, in-flight tracking
-and the access log. Drain and signals are in ``lifecycle.py``.
+and the access log (written by ``accesslog.py``). Drain and signals are in
+``lifecycle.py``.
 
 Per request: one dict lookup, a cached key check (a dict get), one capped
 body read registered with a worker-wide deadline timer, the handler.
@@ -17,11 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-
-import orjson
 
 from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
 from gandalf.errors import (
@@ -33,11 +31,11 @@ from gandalf.errors import (
     RequestTimeout,
     printable,
 )
+from gandalf.server.accesslog import AccessLog
 from gandalf.server.handlers import Endpoint
 from gandalf.server.wire import JSON_CT, JSON_HEADERS, Request, Response, StreamWatcher
 
 logger = logging.getLogger("gandalf.server")
-access_logger = logging.getLogger("gandalf.access")
 
 # Why a request task was cancelled by the read deadline (``task.cancel(msg)``).
 CANCEL_READ_TIMEOUT = "request read timeout"
@@ -145,7 +143,7 @@ class ServerCore:
 
     Public surface for the adapters: :attr:`endpoints` (None until started:
     answer NOT_READY_BODY with 503), :meth:`enter` / :meth:`leave` around each
-    request, :meth:`respond`, :meth:`log_access` (when :attr:`access_log`),
+    request, :meth:`respond`, ``access.record`` (when :attr:`access_log`),
     :attr:`watcher` and :attr:`keepalive` for streams, :attr:`max_body`.
     For the lifecycle: :meth:`start`, :meth:`stop`, :attr:`inflight`,
     :meth:`cancel_all`, :meth:`wait_idle`.
@@ -156,6 +154,7 @@ class ServerCore:
         "_build",
         "_idle",
         "_runtime",
+        "access",
         "access_log",
         "endpoints",
         "keepalive",
@@ -176,6 +175,7 @@ class ServerCore:
         self._build = build
         self.max_body = max_body_bytes
         self.access_log = access_log
+        self.access = AccessLog()  # record only when access_log; flushed at shutdown
         self.keepalive = stream_keepalive
         self.watcher = StreamWatcher(tick=min(0.2, stream_keepalive / 2))
         self.reads = ReadDeadlines(read_timeout)
@@ -338,22 +338,4 @@ class ServerCore:
             exc.status,
             exc.body() if render is None else render(exc),
             (JSON_CT, *extra) if extra else JSON_HEADERS,
-        )
-
-    def log_access(
-        self, method: str, path: str, status: int, started: float, request_id: str
-    ) -> None:
-        """One JSON line per request (orjson escapes every control character)."""
-        access_logger.info(
-            "%s",
-            orjson.dumps(
-                {
-                    "ts": round(time.time(), 3),
-                    "method": method,
-                    "path": path,
-                    "status": status,
-                    "ms": round((time.perf_counter() - started) * 1000.0, 2),
-                    "request_id": request_id,
-                }
-            ).decode(),
         )

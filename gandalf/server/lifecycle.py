@@ -105,6 +105,7 @@ class Lifecycle:
         """Wait for in-flight requests (bounded), then close everything. Idempotent."""
         core = self.core
         if not core.started:
+            core.access.flush()
             return
         self._restore_signals()
         if core.inflight:
@@ -114,3 +115,5 @@ class Lifecycle:
         if self._deadline is not None:
             self._deadline.cancel()
         await core.stop()
+        # Every request has ended (or been ended): its line is in the buffer.
+        core.access.flush()

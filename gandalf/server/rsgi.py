@@ -203,7 +203,7 @@ class RSGIApp:
                 503, [*_NOT_READY_HEADERS, ("x-request-id", request_id)], NOT_READY_BODY
             )
             if core.access_log:
-                core.log_access(method, path, status, started, request_id)
+                core.access.record(method, path, status, started, request_id)
             return
         refused: GatewayError | None = None
         if (authorization is not None or api_key is not None) and _duplicated(headers):
@@ -251,4 +251,4 @@ class RSGIApp:
         finally:
             core.leave(task)
             if core.access_log:
-                core.log_access(method, path, status, started, request_id)
+                core.access.record(method, path, status, started, request_id)
