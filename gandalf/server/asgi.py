@@ -170,6 +170,7 @@ class GandalfApp:
                     started,
                     receive,
                     core.watcher,
+                    task,
                 ),
                 length,
                 read_asgi_body,

@@ -68,6 +68,7 @@ class RSGIRequest(Request):
         started: float,
         receive: _Receive,
         core: ServerCore,
+        task: asyncio.Task[Any],
     ) -> None:
         super().__init__(
             method,
@@ -81,6 +82,7 @@ class RSGIRequest(Request):
             started,
             receive,
             core.watcher,
+            task,
         )
         self.str_headers = str_headers
         self.protocol = protocol
@@ -227,6 +229,7 @@ class RSGIApp:
                     started,
                     receive,
                     core,
+                    task,
                 ),
                 length.encode("latin-1") if length is not None else None,
                 read_rsgi_body,

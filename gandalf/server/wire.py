@@ -63,6 +63,7 @@ class Request:
         "request_id",
         "started",
         "streams",
+        "task",
     )
 
     def __init__(
@@ -78,6 +79,7 @@ class Request:
         started: float = 0.0,
         receive: Receive | None = None,
         streams: StreamWatcher | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -90,6 +92,10 @@ class Request:
         self.started = started  # time.perf_counter() at arrival
         self.receive = receive  # for handlers that must learn of a disconnect
         self.streams = streams  # the worker's StreamWatcher
+        # The task serving this request, as the adapter already looked it up:
+        # asyncio.current_task() is plain Python on 3.11, and track/untrack
+        # would otherwise call it twice more per request.
+        self.task = task
         self.identity: Identity | None = None
 
     def header(self, name: bytes) -> bytes | None:
@@ -108,7 +114,7 @@ class Request:
         streams = self.streams
         if receive is None or streams is None:
             return None
-        task = asyncio.current_task()
+        task = self.task or asyncio.current_task()
         assert task is not None
         return streams.watch(receive, task)
 
@@ -118,14 +124,14 @@ class Request:
         receive = self.receive
         streams = self.streams
         if receive is not None and streams is not None:
-            task = asyncio.current_task()
+            task = self.task or asyncio.current_task()
             assert task is not None
             streams.track(receive, task)
 
     def untrack(self) -> None:
         streams = self.streams
         if streams is not None:
-            task = asyncio.current_task()
+            task = self.task or asyncio.current_task()
             assert task is not None
             streams.untrack(task)
 
