@@ -223,30 +223,20 @@ class UpstreamErrors:
         self.lift_first_byte = self.first_byte_ms < timeout_ms
         # Use while reading a stream's body: a read timeout there is silence
         # (timeout_ms), not a missing first byte.
-        self.stream_body: UpstreamErrors = (
-            self
-            if streaming
-            else UpstreamErrors(
-                provider,
-                timeout_ms,
-                connect_timeout_ms=self.connect_ms,
-                first_byte_timeout_ms=self.first_byte_ms,
-                max_response_bytes=max_response_bytes,
-                streaming=True,
-            )
-        )
+        self.stream_body: UpstreamErrors = self if streaming else self._phase(streaming=True)
         # Use while reading a non-streamed answer's body (read_body does).
-        self.body: UpstreamErrors = (
-            self
-            if streaming or reading
-            else UpstreamErrors(
-                provider,
-                timeout_ms,
-                connect_timeout_ms=self.connect_ms,
-                first_byte_timeout_ms=self.first_byte_ms,
-                max_response_bytes=max_response_bytes,
-                reading=True,
-            )
+        self.body: UpstreamErrors = self if streaming or reading else self._phase(reading=True)
+
+    def _phase(self, *, streaming: bool = False, reading: bool = False) -> UpstreamErrors:
+        """The same provider and settings, for a later phase of a request."""
+        return UpstreamErrors(
+            self.provider,
+            self.timeout_ms,
+            connect_timeout_ms=self.connect_ms,
+            first_byte_timeout_ms=self.first_byte_ms,
+            max_response_bytes=self.max_bytes,
+            streaming=streaming,
+            reading=reading,
         )
 
     @classmethod
