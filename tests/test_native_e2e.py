@@ -18,7 +18,7 @@ import pytest
 from gandalf.auth.apikey import generate_key
 from tests.mock_anthropic import MockAnthropic
 from tests.mock_gemini import MockGemini
-from tests.serve import GandalfServer, route, wait_until
+from tests.serve import NATIVE_ROUTES, GandalfServer, native_providers, route, wait_until
 from tests.upstream import MockUpstream, running_upstream
 
 KEY = generate_key()
@@ -46,29 +46,18 @@ def gateway(
     config = {
         "server": {"access_log": False},
         "providers": [
-            {
-                "name": "claude",
-                "type": "anthropic",
-                "base_url": anthropic_mock.base_url,
-                "api_key": ANTHROPIC_SECRET,
-            },
-            {
-                "name": "gem",
-                "type": "gemini",
-                "base_url": gemini_mock.base_url,
-                "api_key": GEMINI_SECRET,
-            },
-            {"name": "az", "type": "azure", "base_url": root, "api_key": AZURE_SECRET},
-            {"name": "local", "type": "ollama", "base_url": root, "models": ["unused"]},
+            *native_providers(
+                anthropic_mock.base_url,
+                gemini_mock.base_url,
+                root,
+                (ANTHROPIC_SECRET, GEMINI_SECRET, AZURE_SECRET),
+            ),
             {"name": "fake", "type": "fake"},
         ],
         "routes": [
-            route("claude", "claude", "claude-ok"),
+            *NATIVE_ROUTES,
             route("claude-tools", "claude", "claude-tools"),
             route("claude-429", "claude", "claude-status-429"),
-            route("gemini", "gem", "gemini-ok"),
-            route("az-chat", "az", "ok-model"),
-            route("ol-chat", "local", "stream-2"),
             route("fake-model", "fake", "fake-1"),
         ],
         "keys": [
