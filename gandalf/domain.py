@@ -57,6 +57,37 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     revoked: bool = False
     created_at: float = 0.0
     source: str = "cli"  # "config" for bootstrap keys, "cli"/"api" otherwise
+    rpm: int = 0  # this key's own requests per minute; 0: unlimited
+    tpm: int = 0  # this key's own tokens per minute; 0: unlimited
+    budget: Budget | None = None  # this key's own spending limit
+
+
+# --------------------------------------------------------------------------- governance
+
+BudgetPeriod = Literal["daily", "weekly", "monthly", "total"]
+BUDGET_PERIODS: tuple[str, ...] = ("daily", "weekly", "monthly", "total")
+
+
+class Budget(msgspec.Struct, frozen=True, kw_only=True):
+    """A spending limit in USD over a calendar period (UTC)."""
+
+    usd: float
+    period: str = "monthly"  # one of BUDGET_PERIODS
+
+
+class Scope(msgspec.Struct, frozen=True, kw_only=True):
+    """One level a request must fit: the key itself, its team or its org.
+
+    Limits on a team or org are shared totals across all their keys; the
+    governor keys its buckets and budgets by ``(kind, id)``. Only levels that
+    set something (rpm, tpm or a budget) appear in ``Identity.scopes``.
+    """
+
+    kind: str  # "key" | "team" | "org"
+    id: str
+    rpm: int = 0  # 0: unlimited
+    tpm: int = 0  # 0: unlimited
+    budget: Budget | None = None
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,6 +102,9 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     permissions: int  # Permission bits as a plain int: IntFlag arithmetic is slow Python
     allowed_models: frozenset[str] | None
     expires_at: float | None
+    # Levels with a limit or budget, narrowest first (key, team, org); empty
+    # when nothing is limited, so the hot path tests one tuple's truth.
+    scopes: tuple[Scope, ...] = ()
 
     def can(self, permission: int) -> bool:
         return (self.permissions & permission) == permission
@@ -332,9 +366,19 @@ class EmbeddingsRequest(msgspec.Struct, kw_only=True):
 
 
 class Usage(msgspec.Struct, kw_only=True):
+    """Token counts of one call, in OpenAI's terms for every provider.
+
+    ``prompt_tokens`` includes the cached and cache-write ones (as OpenAI
+    counts them); ``completion_tokens`` includes the reasoning ones. The
+    detail counts are what pricing needs to charge them at their own rates.
+    """
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cached_prompt_tokens: int = 0  # read from the provider's prompt cache
+    cache_write_tokens: int = 0  # written to the provider's prompt cache
+    reasoning_tokens: int = 0
 
 
 class ChatCall(msgspec.Struct, kw_only=True):
@@ -390,6 +434,11 @@ class UsageRecord(msgspec.Struct, array_like=True):
     created_at: float
     endpoint: str = "chat"
     attempts: int = 1  # upstream attempts made; 0: served by a coalesced call
+    team_id: str | None = None
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float | None = None  # None: no known price for the target model
 
 
 # --------------------------------------------------------------------------- protocols

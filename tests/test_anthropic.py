@@ -107,7 +107,8 @@ def test_response_golden(path: Path) -> None:
         response_tool=case["response_tool"],
     )
     assert orjson.loads(body) == case["openai"]
-    assert msgspec.structs.asdict(usage) == case["usage"]
+    # Counts a golden does not name are 0.
+    assert msgspec.structs.asdict(usage) == msgspec.structs.asdict(Usage(**case["usage"]))
 
 
 @pytest.mark.parametrize(
@@ -181,7 +182,8 @@ def test_stream_golden(path: Path) -> None:
     if case["usage"] is None:
         assert usage is None
     else:
-        assert usage is not None and msgspec.structs.asdict(usage) == case["usage"]
+        assert usage is not None
+        assert msgspec.structs.asdict(usage) == msgspec.structs.asdict(Usage(**case["usage"]))
     assert translator.events == case["events"]
 
 

@@ -57,13 +57,25 @@ class _Choice(msgspec.Struct):
     finish_reason: str
 
 
+class _WireUsage(msgspec.Struct):
+    """OpenAI's usage object: the three counts the fake knows."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def _wire(usage: Usage) -> _WireUsage:
+    return _WireUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+
+
 class _Completion(msgspec.Struct):
     id: str
     object: str
     created: int
     model: str
     choices: list[_Choice]
-    usage: Usage
+    usage: _WireUsage
     system_fingerprint: str = FINGERPRINT  # a string in OpenAI's document, never null
 
 
@@ -191,7 +203,7 @@ class FakeStream:
             final += (
                 head.split(b'"choices":[', 1)[0]
                 + b'"choices":[],"usage":'
-                + _encoder.encode(self._usage)
+                + _encoder.encode(_wire(self._usage))
                 + b"}\n\n"
             )
         self.usage = self._usage
@@ -236,7 +248,7 @@ class FakeProvider:
                 created=int(time.time()),
                 model=call.target.model,
                 choices=[_Choice(0, _Message("assistant", text), None, "stop")],
-                usage=usage,
+                usage=_wire(usage),
             )
         )
         return ProviderReply(body=body, usage=usage)

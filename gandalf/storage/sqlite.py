@@ -87,9 +87,39 @@ ALTER TABLE routes ADD COLUMN max_attempts INTEGER;
 ALTER TABLE routes ADD COLUMN coalesce INTEGER NOT NULL DEFAULT 0;
 """
 
+# Migration 3: governance. Usage records carry the team, the detail token counts
+# pricing needs and the cost; keys, teams and orgs carry their limits, budgets
+# and (teams, orgs) allowed models. ``budget_usd`` NULL: no budget.
+_MIGRATION_3: Final = """
+ALTER TABLE usage_records ADD COLUMN team_id TEXT;
+ALTER TABLE usage_records ADD COLUMN cached_prompt_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_records ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_records ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_records ADD COLUMN cost_usd REAL;
+CREATE INDEX IF NOT EXISTS usage_records_org_id_created_at ON usage_records (org_id, created_at);
+CREATE INDEX IF NOT EXISTS usage_records_team_id_created_at ON usage_records (team_id, created_at);
+ALTER TABLE api_keys ADD COLUMN rpm INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN tpm INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN budget_usd REAL;
+ALTER TABLE api_keys ADD COLUMN budget_period TEXT;
+ALTER TABLE organizations ADD COLUMN allowed_models TEXT;
+ALTER TABLE organizations ADD COLUMN rpm INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE organizations ADD COLUMN tpm INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE organizations ADD COLUMN budget_usd REAL;
+ALTER TABLE organizations ADD COLUMN budget_period TEXT;
+ALTER TABLE organizations ADD COLUMN source TEXT NOT NULL DEFAULT 'cli';
+ALTER TABLE teams ADD COLUMN allowed_models TEXT;
+ALTER TABLE teams ADD COLUMN rpm INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE teams ADD COLUMN tpm INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE teams ADD COLUMN budget_usd REAL;
+ALTER TABLE teams ADD COLUMN budget_period TEXT;
+ALTER TABLE teams ADD COLUMN source TEXT NOT NULL DEFAULT 'cli';
+"""
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
     _MIGRATION_2,
+    _MIGRATION_3,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 

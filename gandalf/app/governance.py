@@ -1,0 +1,47 @@
+"""The seam between the request pipeline and limits/budgets.
+
+The pipeline calls, per model call:
+
+    ticket = governor.admit(identity.scopes, estimate)      # may raise 429s
+    ... the upstream call ...
+    governor.settle(ticket, usage_total_tokens, cost_usd)   # served
+    governor.release(ticket)                                 # failed: give it all back
+
+``admit`` is synchronous and does all its checks and reservations in one go
+(no ``await`` between check and take, so concurrent requests on one event
+loop cannot both pass a check that only one of them fits). It raises
+``errors.RateLimited`` or ``errors.QuotaExceeded``. ``ticket.headers`` are
+the ``x-ratelimit-*`` response headers of the tightest level (empty when no
+level sets rpm/tpm).
+
+When ``identity.scopes`` is empty nothing is limited: the pipeline skips the
+governor entirely (a feature that is off costs nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from gandalf.domain import Scope
+
+
+class Estimate(msgspec.Struct, frozen=True):
+    """What a request may cost at worst, known before the upstream call."""
+
+    tokens: int  # prompt estimate + max output tokens (charged to TPM up front)
+    usd: float | None  # worst-case cost reserved against budgets; None: unpriced
+
+
+class Ticket(Protocol):
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]: ...
+
+
+class Governor(Protocol):
+    def admit(self, scopes: tuple[Scope, ...], estimate: Estimate) -> Ticket: ...
+
+    def settle(self, ticket: Ticket, tokens: int, usd: float | None) -> None: ...
+
+    def release(self, ticket: Ticket) -> None: ...
