@@ -320,13 +320,13 @@ def free_port() -> int:
 
 
 def write_gandalf_config(
-    tmpdir: Path, port: int, mock_port: int, name: str = "gandalf", *, access_log: bool = False
+    tmpdir: Path, port: int, mock_port: int, name: str = "gandalf", *, access_log: bool = True
 ) -> Path:
     """The bench config: one openai-type provider pointing at the mock, one route, one key.
 
     Written to ``<tmpdir>/<name>.yaml`` with its own SQLite file ``<tmpdir>/<name>.db``.
-    ``access_log``: the server's access log (off unless asked: the benches measure the
-    gateway, and ``ab.py --access-log`` measures the log).
+    ``access_log``: the server's access log, on as shipped (the benches measure what
+    users run; ``--access-log off`` measures the gateway without it).
     """
     path = tmpdir / f"{name}.yaml"
     log = "true" if access_log else "false"
@@ -355,7 +355,7 @@ def launch_gandalf(
     ready_timeout: float = 20.0,
     repo: Path = REPO_DIR,
     name: str | None = None,
-    access_log: bool = False,
+    access_log: bool = True,
 ) -> Server:
     """``python -m gandalf serve --config <tmpdir>/<name>.yaml --interface I``, the
     ``gandalf`` package imported from ``repo``; waits for /healthz. Named ``gandalf``

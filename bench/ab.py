@@ -8,7 +8,7 @@ between rounds of one version is the noise to compare against.
 
     python bench/ab.py --base 1a2b3c4               # chat at 64 connections, 4 rounds
     python bench/ab.py --base HEAD~3 --mode stream --rounds 6
-    python bench/ab.py --base HEAD~3 --access-log on   # with the access log on
+    python bench/ab.py --base HEAD~3 --access-log off  # with the access log off
     python bench/ab.py --base HEAD --access-log on --base-access-log off   # its cost
 
 The other revision is checked out with ``git worktree`` into a temporary
@@ -56,8 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--access-log",
         choices=("on", "off"),
-        default="off",
-        help="this checkout's access log (on is the shipped default; off unless asked)",
+        default="on",
+        help="this checkout's access log (default on: the shipped default)",
     )
     parser.add_argument(
         "--base-access-log",

@@ -90,6 +90,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--chunks", type=int, default=20, help="mock content chunks per stream")
     parser.add_argument(
+        "--access-log",
+        choices=("on", "off"),
+        default="on",
+        help="gandalf's access log (default on: the shipped default)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=RESULTS_DIR / "latest",
@@ -377,6 +383,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- python {m['python']}, git commit {m['git_commit']}, {m['wrk']}",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
             f"- gandalf workers: {m['gandalf_workers']}; pinning: {m['pinning']}",
+            f"- gandalf config: {report['gandalf_config']}",
             f"- {report['duration_s']} s per measurement after {report['warmup_s']} s warm-up; "
             f"targets: {', '.join(report['targets'])}",
             "",
@@ -418,6 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     workers=args.workers,
                     cpus=server_cpus,
                     interface=interface,
+                    access_log=args.access_log == "on",
                 )
         streaming: dict[str, bool] = {}
         for name in args.target_list:
@@ -476,6 +484,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_s": args.warmup,
         "targets": args.target_list,
         "chunks_per_stream": args.chunks,
+        "gandalf_config": "shipped defaults (access log on)"
+        if args.access_log == "on"
+        else "access_log: false",
         "machine": machine_info(args.workers, pinning),
         "results": rows,
         "ratios": ratios,

@@ -204,6 +204,7 @@ class GandalfApp:
                     request_id.encode(),
                     core.keepalive,
                     core.watcher,
+                    task,
                 )
         finally:
             core.leave(task)

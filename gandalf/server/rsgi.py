@@ -250,6 +250,7 @@ class RSGIApp:
                     request_id.encode(),
                     core.keepalive,
                     core.watcher,
+                    task,
                 )
         finally:
             core.leave(task)

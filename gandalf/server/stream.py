@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
 from gandalf.errors import GatewayError
@@ -81,12 +81,17 @@ async def relay(
     request_id: bytes,
     keepalive: float,
     streams: StreamWatcher,
+    task: asyncio.Task[Any] | None = None,
 ) -> int:
     """Send ``response`` (which has a stream) and return the status it ended with:
-    its own on success, the error's after a failure, 499 or 503 when cut short."""
+    its own on success, the error's after a failure, 499 or 503 when cut short.
+    ``task``: the request's task when the caller holds it (``current_task()``
+    is plain Python on 3.11)."""
     stream = response.stream
     assert stream is not None
-    task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
+    if task is None:
+        task = asyncio.current_task()
+        assert task is not None
     loop = asyncio.get_running_loop()
     watch = response.watch or streams.watch(receive, task)
     status = response.status
