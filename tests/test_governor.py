@@ -322,7 +322,8 @@ def test_budget_exhausted_is_insufficient_quota_and_final() -> None:
     assert exc.status == 429 and exc.type == exc.code == "insufficient_quota"
     assert NO_RETRY in exc.headers() and exc.final
     assert "team 'backend'" in exc.message and "$1.00" in exc.message
-    assert "daily" in exc.message
+    assert "daily" in exc.message and "$0.4000 left" in exc.message
+    assert "up to $0.5000" in exc.message
     body = orjson.loads(exc.body())["error"]
     assert body["type"] == body["code"] == "insufficient_quota"
     gov.admit(scopes, est(usd=0.4))  # fits exactly
@@ -333,7 +334,7 @@ def test_unpriced_requests_reserve_nothing_but_stop_when_spent() -> None:
     scopes = (key(budget=Budget(usd=1.0, period="total")),)
     tickets = [gov.admit(scopes, est(usd=None)) for _ in range(3)]
     gov.settle(tickets[0], 10, 1.0)  # the budget is now spent
-    with pytest.raises(QuotaExceeded):
+    with pytest.raises(QuotaExceeded, match="is used up"):
         gov.admit(scopes, est(usd=None))
 
 

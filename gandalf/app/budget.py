@@ -96,15 +96,24 @@ class Spend:
         self.until = period_bounds(self.budget.period, now)[1]
 
     def refusal(self, usd: float) -> QuotaExceeded:
+        """The 429 for a request of worst case ``usd`` that does not fit:
+        names the level, the budget, its period and what is left."""
         budget = self.budget
         where = f"{_NAMES.get(self.kind, self.kind)} '{self.id}'"
         share = f" (this worker's share ${self.limit:.4f})" if self.limit != budget.usd else ""
-        wanted = f", this request may cost up to ${usd:.4f}" if usd else ""
+        period = _PERIODS.get(budget.period, budget.period)
+        counted = f"${self.spent:.4f} spent, ${self.reserved:.4f} reserved by requests in flight"
+        left = self.limit - self.spent - self.reserved
+        if left <= 0:
+            state = f"is used up ({counted})"
+        else:
+            state = (
+                f"has ${left:.4f} left ({counted}) and this request may cost up to ${usd:.4f} "
+                f"(its prompt and max_tokens at the model's price): lower max_tokens or wait"
+            )
         return QuotaExceeded(
-            f"You exceeded your current quota: the {_PERIODS.get(budget.period, budget.period)} "
-            f"budget of ${budget.usd:.2f} for {where}{share} is used up "
-            f"(${self.spent:.4f} spent, ${self.reserved:.4f} reserved{wanted}). "
-            f"It renews when the period ends, or raise the budget."
+            f"You exceeded your current quota: the {period} budget of ${budget.usd:.2f} "
+            f"for {where}{share} {state}. It renews when the period ends."
         )
 
 

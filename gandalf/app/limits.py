@@ -45,20 +45,22 @@ def format_duration(seconds: float) -> bytes:
     """``seconds`` as OpenAI writes ``x-ratelimit-reset-*`` (Go's duration
     syntax, which OpenAI's own Go SDK parses with ``time.ParseDuration``):
     ``0s``, ``20ms``, ``1s``, ``2.5s``, ``6m0s``, ``1m30.25s``, ``1h0m0s``.
-    Rounded up to the millisecond, so a client that waits this long finds the
-    bucket refilled."""
-    ms = math.ceil(seconds * 1000 - 1e-6) if seconds > 0 else 0
+    Rounded up to the millisecond (a microsecond of float noise aside), so a
+    client that waits this long finds the bucket refilled."""
+    if seconds <= 0:
+        return b"0s"
+    ms = int(seconds * 1000 + 0.999)
     if ms < 1000:
         return b"%dms" % ms if ms else b"0s"
     minutes, ms = divmod(ms, 60_000)
     whole, frac = divmod(ms, 1000)
-    secs = b"%d" % whole if not frac else (b"%d.%03d" % (whole, frac)).rstrip(b"0")
+    secs = b"%ds" % whole if not frac else (b"%d.%03d" % (whole, frac)).rstrip(b"0") + b"s"
     if not minutes:
-        return secs + b"s"
+        return secs
     hours, minutes = divmod(minutes, 60)
     if not hours:
-        return b"%dm%bs" % (minutes, secs)
-    return b"%dh%dm%bs" % (hours, minutes, secs)
+        return b"%dm%b" % (minutes, secs)
+    return b"%dh%dm%b" % (hours, minutes, secs)
 
 
 class Bucket:
@@ -70,11 +72,12 @@ class Bucket:
     negative after a correction charged more tokens than were left.
     """
 
-    __slots__ = ("capacity", "level", "limit", "rate", "stamp")
+    __slots__ = ("capacity", "label", "level", "limit", "rate", "stamp")
 
     def __init__(self, limit: int, share: int, now: float) -> None:
         self.limit = limit
         self.capacity = share_of(limit, share)
+        self.label = b"%d" % self.capacity  # the x-ratelimit-limit-* value
         self.rate = self.capacity / 60.0
         self.level = float(self.capacity)
         self.stamp = now
@@ -92,6 +95,7 @@ class Bucket:
         """A changed limit: the new capacity, the level kept (clamped)."""
         self.limit = limit
         self.capacity = share_of(limit, share)
+        self.label = b"%d" % self.capacity
         self.rate = self.capacity / 60.0
         if self.level > self.capacity:
             self.level = float(self.capacity)
@@ -254,29 +258,39 @@ class RateLimits:
         """OpenAI's ``x-ratelimit-*`` headers for the tightest level per
         dimension (the smallest remaining fraction of its capacity), after the
         take; only for dimensions some level limits."""
-        out: list[tuple[bytes, bytes]] = []
-        tight: Bucket | None = None
-        fraction = 2.0
+        requests: Bucket | None = None
+        tokens: Bucket | None = None
+        least_requests = least_tokens = 2.0
         for rate in rates:
             bucket = rate.rpm
             if bucket is not None and bucket.capacity:
-                f = bucket.level / bucket.capacity
-                if f < fraction:
-                    tight, fraction = bucket, f
-        if tight is not None:
-            out.append((b"x-ratelimit-limit-requests", b"%d" % tight.capacity))
-            out.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, int(tight.level))))
-            out.append((b"x-ratelimit-reset-requests", format_duration(tight.full_in())))
-        tight = None
-        fraction = 2.0
-        for rate in rates:
+                fraction = bucket.level / bucket.capacity
+                if fraction < least_requests:
+                    requests, least_requests = bucket, fraction
             bucket = rate.tpm
             if bucket is not None and bucket.capacity:
-                f = bucket.level / bucket.capacity
-                if f < fraction:
-                    tight, fraction = bucket, f
-        if tight is not None:
-            out.append((b"x-ratelimit-limit-tokens", b"%d" % tight.capacity))
-            out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, int(tight.level))))
-            out.append((b"x-ratelimit-reset-tokens", format_duration(tight.full_in())))
+                fraction = bucket.level / bucket.capacity
+                if fraction < least_tokens:
+                    tokens, least_tokens = bucket, fraction
+        out: list[tuple[bytes, bytes]] = []
+        if requests is not None:
+            level = requests.level
+            out += (
+                (b"x-ratelimit-limit-requests", requests.label),
+                (b"x-ratelimit-remaining-requests", b"%d" % level if level > 0 else b"0"),
+                (
+                    b"x-ratelimit-reset-requests",
+                    format_duration((requests.capacity - level) / requests.rate),
+                ),
+            )
+        if tokens is not None:
+            level = tokens.level
+            out += (
+                (b"x-ratelimit-limit-tokens", tokens.label),
+                (b"x-ratelimit-remaining-tokens", b"%d" % level if level > 0 else b"0"),
+                (
+                    b"x-ratelimit-reset-tokens",
+                    format_duration((tokens.capacity - level) / tokens.rate),
+                ),
+            )
         return out
