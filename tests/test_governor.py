@@ -24,6 +24,8 @@ from gandalf.app.governor import (
 from gandalf.app.limits import format_duration, share_of
 from gandalf.domain import BUDGET_PERIODS, Budget, Scope
 from gandalf.errors import QuotaExceeded, RateLimited
+from gandalf.server.core import ServerCore
+from gandalf.server.handlers import Endpoint
 from gandalf.server.native import ERROR_BODIES, openai_error
 
 NO_RETRY = (b"x-should-retry", b"false")
@@ -630,3 +632,26 @@ def test_headers_are_the_same_on_every_path() -> None:
     assert quota.headers() == (NO_RETRY,)
     quota.upstream, quota.attempts = "openai", 1  # no duplicate when routing adds it
     assert quota.headers().count(NO_RETRY) == 1
+
+
+@pytest.mark.parametrize("api", [None, "anthropic", "gemini", "azure", "ollama"])
+def test_the_error_boundary_answers_429_with_the_retry_headers_on_every_api(
+    api: str | None,
+) -> None:
+    endpoint = None if api is None else Endpoint({}, reads_body=True, render=ERROR_BODIES[api])
+    limited, quota = _errors()
+    answer = ServerCore.error(limited, endpoint)
+    assert answer.status == 429 and (b"retry-after", b"3") in answer.headers
+    assert NO_RETRY not in answer.headers
+    answer = ServerCore.error(quota, endpoint)
+    assert answer.status == 429 and NO_RETRY in answer.headers
+    assert all(name != b"retry-after" for name, _ in answer.headers)
+    body = orjson.loads(answer.body)
+    if api == "anthropic":
+        assert body["error"]["type"] == "rate_limit_error"
+    elif api == "gemini":
+        assert body["error"]["status"] == "RESOURCE_EXHAUSTED"
+    elif api == "ollama":
+        assert body == {"error": quota.message}
+    else:
+        assert body["error"]["type"] == body["error"]["code"] == "insufficient_quota"
