@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gandalf import __version__
+from gandalf.app.governor import ENV_WORKERS
 from gandalf.config import GandalfConfig, default_config_path, load_config, split_addr
 from gandalf.errors import ConfigError, GatewayError
 from gandalf.storage.sqlite import SqliteStore
@@ -205,6 +206,8 @@ def _serve(args: argparse.Namespace) -> int:
     path = str(Path(config.source).resolve())
     os.environ["GANDALF_CONFIG"] = path
     os.environ["GANDALF_ACCESS_LOG"] = "1" if access_log else "0"
+    # Each worker enforces 1/workers of every rate limit and budget (app/governor.py).
+    os.environ[ENV_WORKERS] = str(workers)
     loader = WorkerLoader(
         config, interface=interface, access_log=False if args.no_access_log else None
     )

@@ -12,7 +12,8 @@
     │   └── ModelNotFound                404 model_not_found
     ├── AuthenticationError              401 invalid_api_key
     ├── PermissionDenied                 403 permission_denied
-    ├── RateLimited                      429 rate_limit_exceeded
+    ├── RateLimited                      429 rate_limit_exceeded (+ retry-after)
+    ├── QuotaExceeded                    429 insufficient_quota (+ x-should-retry: false)
     ├── ProviderUnavailable              503 provider_unavailable
     │   └── CircuitOpen                  503 circuit_open (+ retry-after)
     ├── NotReady                         503 not_ready (/readyz)
@@ -261,16 +262,54 @@ class PermissionDenied(GatewayError):
 
 
 class RateLimited(GatewayError):
+    """Too many requests or tokens for a rate limit.
+
+    ``limit``: which dimension refused, ``"requests"`` or ``"tokens"`` (the
+    body's ``type``, as OpenAI writes it); None keeps ``rate_limit_exceeded``.
+    ``retry_after``: whole seconds until the request would fit (the
+    ``retry-after`` header). None: waiting cannot help (a request larger than
+    the limit itself): no ``retry-after``, ``x-should-retry: false`` instead.
+    """
+
     status = 429
     type = "rate_limit_exceeded"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+    def __init__(
+        self, message: str, *, retry_after: int | None = 1, limit: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        if limit is not None:
+            self.type = limit
+        if retry_after is None:
+            self.final = True
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        if self.retry_after is None:
+            return _final_headers(self)
         return ((b"retry-after", str(self.retry_after).encode()), *self.routing_headers())
+
+
+class QuotaExceeded(GatewayError):
+    """A budget (USD over a period) is spent: no retry helps before the period
+    ends or the budget is raised, so the answer carries ``x-should-retry:
+    false`` (OpenAI's own answer for an exhausted quota is this 429)."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+    final = True
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return _final_headers(self)
+
+
+def _final_headers(exc: GatewayError) -> tuple[tuple[bytes, bytes], ...]:
+    """The routing headers plus ``x-should-retry: false`` exactly once (the
+    routing headers carry it already when an upstream was tried)."""
+    served = exc.routing_headers()
+    return served if _NO_RETRY in served else (*served, _NO_RETRY)
 
 
 class ProviderUnavailable(GatewayError):
