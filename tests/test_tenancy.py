@@ -1,0 +1,284 @@
+"""Tenancy: ``limits``/``orgs``/``teams`` config, the allowed-models chain, Identity.scopes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gandalf.auth.apikey import KeyCache, hash_key
+from gandalf.config import GandalfConfig, Limits, parse_config
+from gandalf.domain import (
+    ApiKey,
+    Budget,
+    Identity,
+    Organization,
+    Scope,
+    Team,
+    Tenancy,
+    allowed_chain,
+)
+from gandalf.errors import ConfigError
+
+KEY = "gnd_" + "k" * 43
+KEY_B = "gnd_" + "b" * 43
+
+CONTRACT = """\
+providers: [{ name: fake, type: fake }]
+routes:
+  - { model_alias: gpt-4o, targets: [{ provider: fake, model: m }] }
+  - { model_alias: claude-3-opus, targets: [{ provider: fake, model: m }] }
+limits:   { rpm: 0, tpm: 0 }           # default per key; 0 = unlimited
+orgs:
+  - { id: acme, name: Acme, allowed_models: [gpt-4o, "claude-*"], rpm: 1000, tpm: 200000,
+      budget: { usd: 500, period: monthly } }     # period: daily | weekly | monthly | total
+teams:
+  - { id: backend, org: acme, tpm: 50000, budget: { usd: 100, period: monthly } }
+keys:
+  - { name: svc, key: "${SVC_KEY}", role: service_account, org: acme, team: backend, rpm: 100,
+      budget: { usd: 10, period: daily }, allowed_models: [gpt-4o] }
+"""
+
+
+def parse(text: str) -> GandalfConfig:
+    return parse_config(text, source="g.yaml", env={"SVC_KEY": KEY})
+
+
+def refused(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    message = str(info.value)
+    assert "\n" not in message and KEY not in message
+    return message
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_the_contract_example_is_accepted_as_written() -> None:
+    cfg = parse(CONTRACT)
+    assert cfg.limits == Limits(rpm=0, tpm=0)
+    assert cfg.orgs == (
+        Organization(
+            id="acme",
+            name="Acme",
+            allowed_models=("gpt-4o", "claude-*"),
+            rpm=1000,
+            tpm=200000,
+            budget=Budget(usd=500, period="monthly"),
+            source="config",
+        ),
+    )
+    assert cfg.teams == (
+        Team(
+            id="backend",
+            org_id="acme",
+            name="backend",
+            tpm=50000,
+            budget=Budget(usd=100, period="monthly"),
+            source="config",
+        ),
+    )
+    (key,) = cfg.keys
+    assert (key.org_id, key.team_id, key.rpm, key.tpm) == ("acme", "backend", 100, 0)
+    assert key.budget == Budget(usd=10, period="daily")
+    assert key.allowed_models == ("gpt-4o",)
+    assert cfg.warnings == ()
+
+
+def test_a_key_naming_only_a_team_is_in_the_teams_org() -> None:
+    cfg = parse(CONTRACT.replace("org: acme, team: backend", "team: backend"))
+    assert (cfg.keys[0].org_id, cfg.keys[0].team_id) == ("acme", "backend")
+
+
+def test_org_id_and_team_id_stay_accepted_as_synonyms() -> None:
+    cfg = parse(CONTRACT.replace("org: acme, team: backend", "org_id: acme, team_id: backend"))
+    assert (cfg.keys[0].org_id, cfg.keys[0].team_id) == ("acme", "backend")
+    same = parse(CONTRACT.replace("account, org: acme,", "account, org: acme, org_id: acme,"))
+    assert same.keys[0].org_id == "acme"
+
+
+def test_the_default_org_always_exists() -> None:
+    cfg = parse(
+        "teams: [{ id: ops }]\n"
+        f"keys: [{{ name: a, key: {KEY}, org: default }}, {{ name: b, key: {KEY_B}, team: ops }}]\n"
+    )
+    assert [(k.org_id, k.team_id) for k in cfg.keys] == [("default", None), ("default", "ops")]
+    assert cfg.teams[0].org_id == "default"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "org: acme, team",
+            "org: acme, org_id: other, team",
+            "g.yaml: keys[0].org_id: 'other' differs from org 'acme'",
+        ),
+        ("team: backend, rpm", "team: nope, rpm", "g.yaml: keys[0].team: unknown team 'nope'"),
+        ("org: acme, team: backend", "org: nope", "g.yaml: keys[0].org: unknown org 'nope'"),
+        ("org: acme, team: backend", "org_id: nope", "g.yaml: keys[0].org_id: unknown org 'nope'"),
+        (
+            "org: acme, team: backend",
+            "org: default, team: backend",
+            "g.yaml: keys[0].team: team 'backend' belongs to org 'acme', not 'default'",
+        ),
+        ("{ id: backend, org: acme", "{ id: backend, org: zz", "g.yaml: teams[0].org: unknown org"),
+        ("rpm: 1000", "rpm: -1", "g.yaml: orgs[0].rpm: expected integer >= 0"),
+        ("tpm: 50000", "tpm: -5", "g.yaml: teams[0].tpm: expected integer >= 0"),
+        ("rpm: 100,", "rpm: -100,", "g.yaml: keys[0].rpm: expected integer >= 0"),
+        ("limits:   { rpm: 0", "limits:   { rpm: -1", "g.yaml: limits.rpm: expected integer >= 0"),
+        ("usd: 10,", "usd: -10,", "g.yaml: keys[0].budget.usd: expected number >= 0"),
+        ("usd: 500", "usd: .inf", "g.yaml: orgs[0].budget.usd: expected a finite number"),
+        (
+            "period: daily }",
+            "period: hourly }",
+            "g.yaml: keys[0].budget.period: expected one of daily, weekly, monthly, total, "
+            "got 'hourly'",
+        ),
+        ("{ usd: 500, period", "{ usd: 500, perod", "g.yaml: orgs[0].budget.perod: unknown key"),
+        ("teams:\n", "teams:\n  - { id: backend }\n", "g.yaml: teams[1].id: duplicate id"),
+        ("teams:\n", "teams:\n  - { id: '' }\n", "g.yaml: teams[0].id: must not be empty"),
+        ("orgs:\n", "orgs:\n  - { id: acme }\n", "g.yaml: orgs[1].id: duplicate id 'acme'"),
+        (
+            "allowed_models: [gpt-4o]",
+            "allowed_models: ['']",
+            "g.yaml: keys[0].allowed_models[0]: must",
+        ),
+    ],
+)
+def test_refused_with_one_line_naming_the_path(old: str, new: str, expected: str) -> None:
+    text = CONTRACT.replace(old, new, 1)
+    assert text != CONTRACT
+    assert refused(text).startswith(expected)
+
+
+def test_a_glob_matching_no_route_warns_and_a_matching_one_does_not() -> None:
+    cfg = parse(CONTRACT.replace('"claude-*"', '"gemini-*"'))
+    assert cfg.warnings == (
+        "g.yaml: orgs[0].allowed_models: no route has a model alias matching 'gemini-*'",
+    )
+    assert parse(CONTRACT).warnings == ()
+
+
+# ---------------------------------------------------------------------------- the chain
+
+
+def key(**kw: object) -> ApiKey:
+    fields: dict[str, object] = {"id": "k1", "name": "k", "key_hash": hash_key(KEY), "prefix": "p"}
+    fields.update(kw)
+    return ApiKey(**fields)  # type: ignore[arg-type]
+
+
+def acme(org_models: tuple[str, ...] | None, team_models: tuple[str, ...] | None = None) -> Tenancy:
+    return Tenancy(
+        [Organization(id="acme", name="Acme", allowed_models=org_models)],
+        [Team(id="backend", org_id="acme", name="b", allowed_models=team_models)],
+    )
+
+
+def test_a_model_the_key_allows_but_the_org_does_not_is_refused() -> None:
+    identity = Identity.from_key(
+        key(org_id="acme", allowed_models=("gpt-4o",)), acme(("claude-*",))
+    )
+    assert not identity.may_use("gpt-4o")
+    assert not identity.may_use("claude-3-opus")
+
+
+def test_no_restriction_anywhere_allows_everything_with_one_attribute_test() -> None:
+    identity = Identity.from_key(key(org_id="acme", team_id="backend"), acme(None))
+    assert identity.allowed_models is None and identity.model_pattern is None
+    assert identity.may_use("anything") and identity.may_use("claude-*")
+
+
+def test_globs_narrow_the_chain_level_by_level() -> None:
+    tenancy = acme(("gpt-4o", "claude-*"), ("claude-3*",))
+    identity = Identity.from_key(key(org_id="acme", team_id="backend"), tenancy)
+    assert identity.may_use("claude-3-opus") and identity.may_use("claude-3")
+    assert not identity.may_use("claude-2") and not identity.may_use("gpt-4o")
+    assert not identity.may_use("xclaude-3") and not identity.may_use("CLAUDE-3-opus")
+    # The key narrows further with a literal: the allowed set is exactly its literals.
+    narrow = Identity.from_key(
+        key(org_id="acme", team_id="backend", allowed_models=("claude-3-haiku", "gpt-4o")), tenancy
+    )
+    assert narrow.allowed_models == frozenset({"claude-3-haiku"}) and narrow.model_pattern is None
+    assert narrow.may_use("claude-3-haiku") and not narrow.may_use("claude-3-opus")
+
+
+def test_glob_metacharacters_in_an_exact_alias() -> None:
+    identity = Identity.from_key(key(allowed_models=("fast[beta]", "model?", "a*")))
+    # An alias spelled exactly like an entry is allowed, though the entry is a glob...
+    assert identity.may_use("fast[beta]") and identity.may_use("model?")
+    assert identity.may_use("a*") and identity.may_use("abc")
+    # ... and the glob reading holds too: [beta] is one of b, e, t, a.
+    assert identity.may_use("fastb") and identity.may_use("model2")
+    assert not identity.may_use("fast[beta]x") and not identity.may_use("fastbeta")
+    exact = Identity.from_key(key(allowed_models=("gpt-4o",)))
+    assert exact.allowed_models == frozenset({"gpt-4o"}) and exact.model_pattern is None
+
+
+def test_allowed_chain_shapes() -> None:
+    assert allowed_chain([None, None, None]) == (None, None)
+    assert allowed_chain([(), None, ("a*",)]) == (frozenset(), None)
+    exact, pattern = allowed_chain([("a*", "b"), None, ("ab*", "b")])
+    assert exact == frozenset({"ab*", "b"}) and pattern is not None
+    assert pattern.match("abc") and not pattern.match("ac") and not pattern.match("b2")
+
+
+# ---------------------------------------------------------------------------- scopes
+
+
+def test_a_key_without_any_limit_has_no_scopes() -> None:
+    assert Identity.from_key(key()).scopes == ()
+    assert Identity.from_key(key(org_id="acme", team_id="backend"), acme(None)).scopes == ()
+
+
+def test_scopes_are_key_team_org_with_the_default_per_key() -> None:
+    daily = Budget(usd=10, period="daily")
+    tenancy = Tenancy(
+        [Organization(id="acme", name="Acme", rpm=1000, budget=Budget(usd=500))],
+        [Team(id="backend", org_id="acme", name="b", tpm=50000)],
+        rpm=60,
+        tpm=1000,
+    )
+    identity = Identity.from_key(
+        key(org_id="acme", team_id="backend", tpm=5, budget=daily), tenancy
+    )
+    assert identity.scopes == (
+        Scope(kind="key", id="k1", rpm=60, tpm=5, budget=daily),  # rpm from limits:
+        Scope(kind="team", id="backend", tpm=50000),
+        Scope(kind="org", id="acme", rpm=1000, budget=Budget(usd=500)),
+    )
+    # The default alone makes a key scope; an unlimited org/team adds none.
+    plain = Identity.from_key(key(), Tenancy(rpm=60))
+    assert plain.scopes == (Scope(kind="key", id="k1", rpm=60),)
+
+
+# ---------------------------------------------------------------------------- the key cache
+
+
+class Lookup:
+    def __init__(self, *keys: ApiKey) -> None:
+        self.keys = {k.key_hash: k for k in keys}
+
+    async def get_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        return self.keys.get(key_hash)
+
+
+def test_the_cache_builds_identities_against_its_tenancy_and_a_reload_rebuilds_them() -> None:
+    stored = key(org_id="acme", allowed_models=("gpt-4o",))
+    cache = KeyCache(Lookup(stored), tenancy=acme(None))
+
+    async def scenario() -> None:
+        first = await cache.load(KEY)
+        assert first.may_use("gpt-4o") and first.scopes == ()
+        assert cache.cached(KEY) is first
+        cache.set_tenancy(
+            Tenancy([Organization(id="acme", name="A", allowed_models=("claude-*",), rpm=7)])
+        )
+        assert cache.cached(KEY) is None  # dropped: the new limits apply at once
+        second = await cache.load(KEY)
+        assert not second.may_use("gpt-4o")
+        assert second.scopes == (Scope(kind="org", id="acme", rpm=7),)
+
+    asyncio.run(scenario())
