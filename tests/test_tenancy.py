@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 
+import msgspec
 import pytest
 
+from gandalf import bootstrap
+from gandalf.app.keys import KeyManager
 from gandalf.auth.apikey import KeyCache, hash_key
-from gandalf.config import GandalfConfig, Limits, parse_config
+from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry, Limits, parse_config
 from gandalf.domain import (
     ApiKey,
     Budget,
     Identity,
     Organization,
+    ProviderConfig,
+    Route,
     Scope,
+    Target,
     Team,
     Tenancy,
     allowed_chain,
 )
 from gandalf.errors import ConfigError
+from gandalf.storage.sqlite import SqliteStore, StorageError, TenantInUse
+from gandalf.wiring import create_app, load_tenancy
+from tests.asgi_client import Reply, call
 
 KEY = "gnd_" + "k" * 43
 KEY_B = "gnd_" + "b" * 43
@@ -280,5 +291,169 @@ def test_the_cache_builds_identities_against_its_tenancy_and_a_reload_rebuilds_t
         second = await cache.load(KEY)
         assert not second.may_use("gpt-4o")
         assert second.scopes == (Scope(kind="org", id="acme", rpm=7),)
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------- over HTTP
+
+GLOBBED = "gnd_" + "g" * 43
+
+
+def tenancy_config() -> GandalfConfig:
+    fake = (Target(provider="fake", model="fake-1"),)
+    return GandalfConfig(
+        database=DatabaseConfig(dsn=":memory:"),
+        providers=(ProviderConfig(name="fake", type="fake"),),
+        routes=(
+            Route(model_alias="gpt-4o", targets=fake),
+            Route(model_alias="claude-3-opus", targets=fake),
+            Route(model_alias="claude-3-haiku", targets=fake),
+        ),
+        orgs=(Organization(id="acme", name="Acme", allowed_models=("gpt-4o", "claude-*"), rpm=9),),
+        teams=(Team(id="backend", org_id="acme", name="B", allowed_models=("claude-3-o*",)),),
+        keys=(KeyEntry(name="svc", key=GLOBBED, org_id="acme", team_id="backend"),),
+    )
+
+
+def test_a_model_refused_by_a_glob_is_403_and_unlisted_over_http() -> None:
+    async def scenario() -> None:
+        app = create_app(tenancy_config(), access_log=False)
+        await app.startup()
+        try:
+            headers = [("authorization", f"Bearer {GLOBBED}")]
+
+            async def chat(model: str) -> Reply:
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                return await call(app, "POST", "/v1/chat/completions", headers=headers, json=body)
+
+            refused = await chat("claude-3-haiku")  # the org allows it; the team does not
+            assert refused.status == 403, refused.body
+            error = refused.json()["error"]
+            assert (error["type"], error["code"], error["param"]) == (
+                "permission_denied",
+                "permission_denied",
+                "model",
+            )
+            assert "claude-3-haiku" in error["message"]
+            assert (await chat("gpt-4o")).status == 403  # the team's glob refuses it
+            assert (await chat("claude-3-opus")).status == 200
+            listed = await call(app, "GET", "/v1/models", headers=headers)
+            assert [m["id"] for m in listed.json()["data"]] == ["claude-3-opus"]
+        finally:
+            await app.shutdown()
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------- store and reconcile
+
+
+def test_orgs_and_teams_keep_their_limits_and_refuse_deletion_while_keys_live() -> None:
+    async def scenario() -> None:
+        store = SqliteStore(":memory:")
+        await store.open()
+        try:
+            org = Organization(
+                id="acme", name="Acme", allowed_models=("gpt-*",), rpm=5, tpm=6,
+                budget=Budget(usd=1.5, period="weekly"), created_at=1.0,
+            )  # fmt: skip
+            team = Team(id="red", org_id="acme", name="Red", tpm=7, created_at=2.0)
+            await store.create_org(org)
+            await store.create_team(team)
+            assert await store.get_org("acme") == org and await store.list_teams() == [team]
+            with pytest.raises(StorageError, match="organization 'acme'"):
+                await store.create_org(org)
+            limited = ApiKey(
+                id="k1", name="k", key_hash="h1", prefix="p", org_id="acme", team_id="red",
+                rpm=3, tpm=4, budget=Budget(usd=2, period="daily"),
+            )  # fmt: skip
+            await store.create_key(limited)
+            assert await store.get_key("k1") == msgspec.structs.replace(
+                limited, created_at=(await store.get_key("k1") or limited).created_at
+            )
+            with pytest.raises(TenantInUse, match="team 'red' still has 1 live key"):
+                await store.delete_team("red")
+            with pytest.raises(TenantInUse, match="1 live key\\(s\\) and 1 team"):
+                await store.delete_org("acme")
+            await store.revoke_key("k1")
+            assert await store.delete_team("red") and not await store.delete_team("red")
+            assert await store.delete_org("acme") and await store.get_org("acme") is None
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def reconciled_config(db: str, orgs: str, teams: str, keys: str) -> GandalfConfig:
+    return parse_config(
+        f"database: {{dsn: {db}}}\nproviders: [{{name: fake, type: fake}}]\n"
+        f"orgs: [{orgs}]\nteams: [{teams}]\nkeys: [{keys}]\n",
+        source="g.yaml",
+        env={},
+    )
+
+
+def test_reconcile_at_start_and_reload(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    db = str(tmp_path / "g.db")
+    budget = "{ usd: 10, period: daily }"
+    svc = f"{{ name: svc, key: {KEY}, team: backend, rpm: 100, budget: {budget} }}"
+    first = reconciled_config(
+        db,
+        "{ id: acme, rpm: 1000, allowed_models: ['claude-*'] }, { id: gone }",
+        "{ id: backend, org: acme, tpm: 50 }",
+        svc,
+    )
+    # The reload: acme's limits change, the team and its key's limits go, "gone" goes.
+    second = reconciled_config(
+        db, "{ id: acme, tpm: 5 }", "", f"{{ name: svc, key: {KEY}, org: acme }}"
+    )
+
+    async def scenario() -> None:
+        store = SqliteStore(db)
+        await store.open()
+        try:
+            await store.create_org(Organization(id="mine", name="Mine", rpm=1))  # the CLI's
+            await bootstrap.reconcile(store, first)
+            acme = await store.get_org("acme")
+            assert acme is not None and acme.source == "config"
+            assert (acme.rpm, acme.allowed_models) == (1000, ("claude-*",))
+            assert await store.get_org("gone") is not None
+            (team,) = await store.list_teams()
+            assert (team.id, team.org_id, team.tpm, team.source) == (
+                "backend",
+                "acme",
+                50,
+                "config",
+            )
+            key = await store.get_key_by_hash(hash_key(KEY))
+            assert key is not None
+            assert (key.org_id, key.team_id, key.rpm) == ("acme", "backend", 100)
+            assert key.budget == Budget(usd=10, period="daily")
+            identity = Identity.from_key(key, await load_tenancy(store, first))
+            assert [s.kind for s in identity.scopes] == ["key", "team", "org"]
+            assert not identity.may_use("gpt-4o") and identity.may_use("claude-3")
+
+            await bootstrap.reconcile(store, second)
+            acme = await store.get_org("acme")
+            assert acme is not None and (acme.rpm, acme.tpm, acme.allowed_models) == (0, 5, None)
+            assert await store.get_org("gone") is None and await store.list_teams() == []
+            key = await store.get_key_by_hash(hash_key(KEY))
+            assert key is not None and (key.team_id, key.rpm, key.budget) == (None, 0, None)
+            identity = Identity.from_key(key, await load_tenancy(store, second))
+            assert identity.scopes == (Scope(kind="org", id="acme", tpm=5),)
+            assert identity.may_use("gpt-4o")
+            mine = await store.get_org("mine")
+            assert mine is not None and (mine.rpm, mine.source) == (1, "cli")  # untouched
+
+            # acme leaves the config while a CLI key still belongs to it: kept as it was.
+            await KeyManager(store).create(name="cli-key", org_id="acme")
+            with caplog.at_level(logging.WARNING, logger="gandalf"):
+                await bootstrap.reconcile(store, reconciled_config(db, "", "", ""))
+            kept = await store.get_org("acme")
+            assert kept is not None and (kept.tpm, kept.source) == (5, "cli")
+            assert "org 'acme' left the config but 1 live key(s)" in caplog.text
+        finally:
+            await store.close()
 
     asyncio.run(scenario())
