@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from pathlib import Path
+from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
@@ -30,6 +33,7 @@ from gandalf.errors import ConfigError
 from gandalf.storage.sqlite import SqliteStore, StorageError, TenantInUse
 from gandalf.wiring import create_app, load_tenancy
 from tests.asgi_client import Reply, call
+from tests.serve import GandalfServer, render_config, route, wait_until
 
 KEY = "gnd_" + "k" * 43
 KEY_B = "gnd_" + "b" * 43
@@ -457,3 +461,41 @@ def test_reconcile_at_start_and_reload(tmp_path: Path, caplog: pytest.LogCapture
             await store.close()
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------- SIGHUP, end to end
+
+
+def test_a_sighup_reload_applies_new_org_restrictions_to_cached_keys(tmp_path: Path) -> None:
+    def config(org: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "server": {"access_log": False},
+            "providers": [{"name": "fake", "type": "fake"}],
+            "routes": [route("gpt-4o", "fake", "f"), route("claude-3", "fake", "f")],
+            "orgs": [org],
+            "keys": [{"name": "svc", "key": KEY, "org": "acme"}],
+        }
+
+    def status(client: httpx.Client, model: str) -> int:
+        try:  # a new connection each time: the reload replaces the worker under a kept one
+            reply = client.post(
+                "/v1/chat/completions",
+                headers={"authorization": f"Bearer {KEY}", "connection": "close"},
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+            )
+        except httpx.TransportError:
+            return 0
+        return reply.status_code
+
+    first = config({"id": "acme", "allowed_models": ["claude-*"]})
+    with (
+        GandalfServer(tmp_path, first) as server,
+        httpx.Client(base_url=server.url, timeout=10.0) as client,
+    ):
+        assert server.process is not None
+        assert status(client, "claude-3") == 200  # the identity is cached now
+        assert status(client, "gpt-4o") == 403
+        server.config_path.write_text(render_config(config({"id": "acme"}), server.port, tmp_path))
+        server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: status(client, "gpt-4o") == 200, 30.0, "the org's models to widen")
+        assert "Traceback" not in server.stderr()
