@@ -26,7 +26,7 @@ import msgspec
 from gandalf.app.keys import KeyManager, KeyStore, new_key_id
 from gandalf.auth.apikey import display_prefix, hash_key
 from gandalf.config import GandalfConfig
-from gandalf.domain import TYPES_NEEDING_KEY, ApiKey, ProviderConfig, Route
+from gandalf.domain import TYPES_NEEDING_KEY, ApiKey, Organization, ProviderConfig, Route, Team
 
 logger = logging.getLogger("gandalf")
 
@@ -37,6 +37,14 @@ class BootstrapStore(KeyStore, Protocol):
     ) -> None: ...
 
     async def upsert_config_key(self, key: ApiKey) -> bool: ...
+
+    async def upsert_config_tenants(
+        self, orgs: Sequence[Organization], teams: Sequence[Team]
+    ) -> None: ...
+
+    async def prune_config_tenants(
+        self, org_ids: Sequence[str], team_ids: Sequence[str]
+    ) -> list[str]: ...
 
     async def count_keys(self) -> int: ...
 
@@ -52,15 +60,21 @@ async def reconcile(store: BootstrapStore, config: GandalfConfig) -> int:
     changed) is revoked. Keys made by ``gandalf keys create`` or the first-start
     admin key are left alone. A revoked key stays revoked even if it comes back
     to the config: a revocation is never undone by a file.
+
+    Orgs and teams are reconciled the same way (upserted before the keys,
+    pruned after them, see ``prune_config_tenants``), except that one that left
+    the config while keys still belong to it is kept as it was (logged):
+    removing it must not widen what those keys may do.
+    The ``default`` org always exists. A config key's limits, budget, team and
+    allowed models are updated to the file's on every reconcile.
     """
     await store.ensure_org("default", "Default")
     await store.reconcile([_storable(p) for p in config.providers], config.routes)
+    await store.upsert_config_tenants(config.orgs, config.teams)
     added = 0
     now = time.time()
     hashes: list[str] = []
-    for entry in config.keys:
-        if entry.org_id != "default":
-            await store.ensure_org(entry.org_id, entry.org_id)
+    for entry in config.keys:  # their orgs and teams are declared (config.py checks)
         key = ApiKey(
             id=new_key_id(),
             name=entry.name,
@@ -75,6 +89,9 @@ async def reconcile(store: BootstrapStore, config: GandalfConfig) -> int:
             expires_at=entry.expires_at,
             created_at=now,
             source="config",
+            rpm=entry.rpm,
+            tpm=entry.tpm,
+            budget=entry.budget,
         )
         hashes.append(key.key_hash)
         if await store.upsert_config_key(key):
@@ -82,6 +99,11 @@ async def reconcile(store: BootstrapStore, config: GandalfConfig) -> int:
     revoked = await store.revoke_config_keys_except(hashes)
     if revoked:
         logger.warning("revoked %d API key(s) that are no longer in %s", revoked, config.source)
+    kept = await store.prune_config_tenants(
+        [o.id for o in config.orgs], [t.id for t in config.teams]
+    )
+    for problem in kept:
+        logger.warning("%s: %s", config.source, problem)
     return added
 
 

@@ -1,7 +1,9 @@
-"""Command line: ``gandalf serve`` and ``gandalf keys create|list|revoke``.
+"""Command line: ``gandalf serve``, ``gandalf keys create|list|revoke`` and
+``gandalf orgs|teams create|list|delete``.
 
 Exit codes scripts can rely on: 0 success, 1 runtime failure (database,
-port, server), 2 bad usage or bad configuration, 3 not found (``keys revoke``).
+port, server), 2 bad usage or bad configuration (including a refused delete),
+3 not found (``keys revoke``, ``orgs|teams delete``).
 Errors are one line on stderr, prefixed ``gandalf: error:``.
 """
 
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fnmatch
 import logging
+import math
 import os
 import re
 import sys
@@ -21,8 +25,9 @@ from typing import TYPE_CHECKING
 from gandalf import __version__
 from gandalf.app.governor import ENV_WORKERS
 from gandalf.config import GandalfConfig, default_config_path, load_config, split_addr
+from gandalf.domain import BUDGET_PERIODS, Budget, Organization, Team, is_glob
 from gandalf.errors import ConfigError, GatewayError
-from gandalf.storage.sqlite import SqliteStore
+from gandalf.storage.sqlite import SqliteStore, StorageError, TenantInUse
 
 if TYPE_CHECKING:
     from gandalf.wiring import WorkerLoader
@@ -85,21 +90,61 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--role", default="member", choices=["admin", "member", "viewer", "service_account"]
     )
-    create.add_argument("--org", default="default", help="organization id")
-    create.add_argument("--team", default=None, help="team id")
+    create.add_argument(
+        "--org", default=None, help="organization id (default: the team's, else 'default')"
+    )
+    create.add_argument("--team", default=None, help="team id (see `gandalf teams`)")
     create.add_argument(
         "--models",
+        "--allowed-models",
+        dest="models",
         default=None,
-        help="comma-separated model aliases the key may use (default: all)",
+        help="comma-separated model aliases the key may use, globs allowed (default: all)",
     )
     create.add_argument("--expires-in", default=None, help="lifetime, e.g. 30d, 12h, 2w")
+    _limit_options(create, "the key's own")
     list_ = keys_sub.add_parser("list", help="list keys (never their secrets)")
     list_.add_argument("--org", default=None)
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
-    for p in (create, list_, revoke):
+    commands = [create, list_, revoke]
+    for kind in ("orgs", "teams"):
+        one = kind[:-1]
+        tenants = sub.add_parser(kind, help=f"manage {'organizations' if one == 'org' else kind}")
+        actions = tenants.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
+        t_create = actions.add_parser("create", help=f"create a{'n' if one == 'org' else ''} {one}")
+        t_create.add_argument("id")
+        t_create.add_argument("--name", default=None, help="display name (default: the id)")
+        if kind == "teams":
+            t_create.add_argument("--org", default="default", help="its organization id")
+        t_create.add_argument(
+            "--allowed-models",
+            default=None,
+            help="comma-separated model aliases its keys may use, globs allowed (default: all)",
+        )
+        _limit_options(t_create, "shared by all its keys:")
+        t_list = actions.add_parser("list", help=f"list {kind} and their limits")
+        if kind == "teams":
+            t_list.add_argument("--org", default=None)
+        t_delete = actions.add_parser("delete", help=f"delete a{'n' if one == 'org' else ''} {one}")
+        t_delete.add_argument("id")
+        commands += [t_create, t_list, t_delete]
+    for p in commands:
         p.add_argument("--config", default=argparse.SUPPRESS, help=_CONFIG_HELP)
     return parser
+
+
+def _limit_options(parser: argparse.ArgumentParser, whose: str) -> None:
+    """--rpm, --tpm, --budget-usd, --budget-period, read as text and checked by
+    :func:`_limits` (one-line errors, exit 2, instead of argparse's usage dump)."""
+    parser.add_argument("--rpm", default=None, help=f"{whose} requests per minute (0: unlimited)")
+    parser.add_argument("--tpm", default=None, help=f"{whose} tokens per minute (0: unlimited)")
+    parser.add_argument("--budget-usd", default=None, help=f"{whose} spending limit in USD")
+    parser.add_argument(
+        "--budget-period",
+        default=None,
+        help=f"budget period: {', '.join(BUDGET_PERIODS)} (UTC; default monthly)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command in ("orgs", "teams"):
+            return asyncio.run(_tenants(args))
         return asyncio.run(_keys(args))
     except CliError as exc:
         print(f"gandalf: error: {exc}", file=sys.stderr)
@@ -462,7 +509,12 @@ async def _check_models(config: GandalfConfig, store: SqliteStore, models: list[
     known = {r.model_alias for r in config.routes}
     known.update(r.model_alias for r in await store.list_routes())
     known.update(m for p in providers for m in p.models)
-    unknown = [m for m in models if m not in known]
+    # A glob must match something known; an exact name must be known.
+    unknown = [
+        m
+        for m in models
+        if m not in known and not (is_glob(m) and any(fnmatch.fnmatchcase(k, m) for k in known))
+    ]
     if unknown:
         shown = ", ".join(_shown(m) for m in unknown)
         some = ", ".join(sorted(known)[:10]) + (", ..." if len(known) > 10 else "")
@@ -481,6 +533,8 @@ async def _keys(args: argparse.Namespace) -> int:
     try:
         manager = KeyManager(store)
         if args.keys_command == "create":
+            await _declare_tenants(config, store)
+        if args.keys_command == "create":
             named = (("--name", args.name), ("--org", args.org), ("--team", args.team))
             for option, value in named:
                 if value is not None and _CONTROL.search(value):
@@ -492,14 +546,35 @@ async def _keys(args: argparse.Namespace) -> int:
             if args.models is not None:
                 models = [m.strip() for m in args.models.split(",") if m.strip()]
                 await _check_models(config, store, models)
+            rpm, tpm, budget = _limits(args)
+            org = args.org
+            if args.team is not None:
+                team = await store.get_team(args.team)
+                if team is None:
+                    raise CliError(
+                        f"--team: no team {_shown(args.team)}; create it with "
+                        "`gandalf teams create ID --org ORG`",
+                        EXIT_USAGE,
+                    )
+                if org is None:
+                    org = team.org_id
+                elif org != team.org_id:
+                    raise CliError(
+                        f"--team: team {_shown(team.id)} belongs to org {_shown(team.org_id)}, "
+                        f"not {_shown(org)}",
+                        EXIT_USAGE,
+                    )
             try:
                 key, plaintext = await manager.create(
                     name=args.name,
                     role=args.role,
-                    org_id=args.org,
+                    org_id=org or "default",
                     team_id=args.team,
                     allowed_models=models,
                     expires_at=_expires(args.expires_in, time.time()),
+                    rpm=rpm,
+                    tpm=tpm,
+                    budget=budget,
                 )
             except GatewayError as exc:
                 raise CliError(exc.message, EXIT_USAGE) from None
@@ -513,8 +588,9 @@ async def _keys(args: argparse.Namespace) -> int:
         if args.keys_command == "list":
             rows = await manager.list(args.org)
             print(
-                f"{'ID':<22} {'PREFIX':<9} {'NAME':<20} {'ROLE':<16} {'ORG':<10} {'STATUS':<8} "
-                f"{'EXPIRES':<17} {'SOURCE':<7} MODELS"
+                f"{'ID':<22} {'PREFIX':<9} {'NAME':<20} {'ROLE':<16} {'ORG':<10} {'TEAM':<10} "
+                f"{'RPM':<7} {'TPM':<9} {'BUDGET':<16} {'STATUS':<8} {'EXPIRES':<17} "
+                f"{'SOURCE':<7} MODELS"
             )
             now = time.time()
             for k in rows:
@@ -536,8 +612,9 @@ async def _keys(args: argparse.Namespace) -> int:
                 # Every field comes from the database, which other tools may have written.
                 print(
                     f"{_safe(k.id):<22} {_safe(k.prefix):<9} {_safe(k.name):<20} "
-                    f"{_safe(k.role):<16} {_safe(k.org_id):<10} {status:<8} {expires:<17} "
-                    f"{_safe(k.source):<7} {_safe(allowed)}"
+                    f"{_safe(k.role):<16} {_safe(k.org_id):<10} {_safe(k.team_id):<10} "
+                    f"{_count(k.rpm):<7} {_count(k.tpm):<9} {_budget_text(k.budget):<16} "
+                    f"{status:<8} {expires:<17} {_safe(k.source):<7} {_safe(allowed)}"
                 )
             return EXIT_OK
         if not await manager.revoke(args.id):
@@ -549,3 +626,177 @@ async def _keys(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         await store.close()
+
+
+# ---------------------------------------------------------------------------- limits
+
+
+def _limits(args: argparse.Namespace) -> tuple[int, int, Budget | None]:
+    """``(rpm, tpm, budget)`` from ``--rpm --tpm --budget-usd --budget-period``."""
+    rpm = _count_option("--rpm", args.rpm)
+    tpm = _count_option("--tpm", args.tpm)
+    budget = None
+    if args.budget_usd is not None:
+        try:
+            usd = float(args.budget_usd)
+        except ValueError:
+            usd = math.nan
+        if not math.isfinite(usd) or usd < 0:
+            raise CliError(
+                f"--budget-usd must be a number of dollars >= 0, got {_shown(args.budget_usd)}",
+                EXIT_USAGE,
+            )
+        budget = Budget(usd=usd, period=args.budget_period or "monthly")
+    elif args.budget_period is not None:
+        raise CliError("--budget-period needs --budget-usd", EXIT_USAGE)
+    if budget is not None and budget.period not in BUDGET_PERIODS:
+        raise CliError(
+            f"--budget-period must be one of {', '.join(BUDGET_PERIODS)}, "
+            f"got {_shown(budget.period)}",
+            EXIT_USAGE,
+        )
+    return rpm, tpm, budget
+
+
+def _count_option(option: str, text: str | None) -> int:
+    if text is None:
+        return 0
+    if not re.fullmatch(r"[0-9]{1,12}", text.strip()):
+        raise CliError(
+            f"{option} must be a whole number >= 0 (0: unlimited), got {_shown(text)}", EXIT_USAGE
+        )
+    return int(text)
+
+
+def _count(value: int) -> str:
+    return str(value) if value else "-"
+
+
+def _budget_text(budget: Budget | None) -> str:
+    if budget is None:
+        return "-"
+    return _safe(f"${budget.usd:g}/{budget.period}")
+
+
+def _models_text(models: tuple[str, ...] | None) -> str:
+    return "all" if models is None else _safe(",".join(models)) or "none"
+
+
+# ---------------------------------------------------------------------------- orgs and teams
+
+
+async def _declare_tenants(config: GandalfConfig, store: SqliteStore) -> None:
+    """Write the config's orgs and teams (and ``default``) to the database, as
+    the server does at every start, so the CLI sees them before a first start:
+    idempotent, and nothing is pruned here (that is the server's reconcile)."""
+    await store.ensure_org("default", "Default")
+    await store.upsert_config_tenants(config.orgs, config.teams)
+
+
+def _tenant_id(option: str, value: str) -> None:
+    if not value.strip() or _CONTROL.search(value):
+        raise CliError(
+            f"{option} must be non-empty without control characters, got {_shown(value)}",
+            EXIT_USAGE,
+        )
+
+
+async def _tenants(args: argparse.Namespace) -> int:
+    """``gandalf orgs|teams create|list|delete``."""
+    config = _load(args.config)
+    store = await _open_store(config)
+    kind = "org" if args.command == "orgs" else "team"
+    try:
+        await _declare_tenants(config, store)
+        if args.tenant_command == "create":
+            return await _tenant_create(args, kind, store)
+        if args.tenant_command == "list":
+            rows: Sequence[Organization | Team] = (
+                await store.list_orgs() if kind == "org" else await store.list_teams(args.org)
+            )
+            _tenant_list(kind, rows)
+            return EXIT_OK
+        return await _tenant_delete(args, kind, config, store)
+    finally:
+        await store.close()
+
+
+async def _tenant_create(args: argparse.Namespace, kind: str, store: SqliteStore) -> int:
+    _tenant_id(f"{kind} id", args.id)
+    if args.name is not None:
+        _tenant_id("--name", args.name)
+    models = None
+    if args.allowed_models is not None:
+        models = tuple(m.strip() for m in args.allowed_models.split(",") if m.strip())
+        for model in models:
+            _tenant_id("--allowed-models", model)
+    rpm, tpm, budget = _limits(args)
+    name = args.name or args.id
+    try:
+        if kind == "org":
+            org = Organization(
+                id=args.id, name=name, allowed_models=models, rpm=rpm, tpm=tpm, budget=budget
+            )
+            if await store.get_org(args.id) is not None:
+                raise CliError(f"an org with id {_shown(args.id)} exists", EXIT_USAGE)
+            await store.create_org(org)
+        else:
+            if await store.get_org(args.org) is None:
+                raise CliError(
+                    f"--org: no org {_shown(args.org)}; create it with `gandalf orgs create`",
+                    EXIT_USAGE,
+                )
+            if await store.get_team(args.id) is not None:
+                raise CliError(f"a team with id {_shown(args.id)} exists", EXIT_USAGE)
+            team = Team(
+                id=args.id,
+                org_id=args.org,
+                name=name,
+                allowed_models=models,
+                rpm=rpm,
+                tpm=tpm,
+                budget=budget,
+            )
+            await store.create_team(team)
+    except StorageError as exc:  # a concurrent create of the same id
+        raise CliError(_one_line(str(exc)), EXIT_USAGE) from None
+    print(
+        f"created {kind} {_safe(args.id)} (a running server applies it at its next reload "
+        "(SIGHUP) or restart)",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _tenant_list(kind: str, rows: Sequence[Organization | Team]) -> None:
+    """One line per org or team; every field comes from the database (escaped)."""
+    org = f"{'ORG':<16} " if kind == "team" else ""
+    print(f"{'ID':<16} {org}{'NAME':<20} {'RPM':<7} {'TPM':<9} {'BUDGET':<16} {'SOURCE':<7} MODELS")
+    for r in rows:
+        org = f"{_safe(r.org_id):<16} " if isinstance(r, Team) else ""
+        print(
+            f"{_safe(r.id):<16} {org}{_safe(r.name):<20} {_count(r.rpm):<7} {_count(r.tpm):<9} "
+            f"{_budget_text(r.budget):<16} {_safe(r.source):<7} {_models_text(r.allowed_models)}"
+        )
+
+
+async def _tenant_delete(
+    args: argparse.Namespace, kind: str, config: GandalfConfig, store: SqliteStore
+) -> int:
+    if kind == "org" and args.id == "default":
+        raise CliError("the default org cannot be deleted", EXIT_USAGE)
+    found = await (store.get_org(args.id) if kind == "org" else store.get_team(args.id))
+    if found is None:
+        raise CliError(f"no {kind} with id {_shown(args.id)}", EXIT_NOT_FOUND)
+    if found.source == "config":
+        raise CliError(
+            f"{kind} {_shown(args.id)} is declared in {config.source}; remove it there "
+            "(the next start or reload deletes it)",
+            EXIT_USAGE,
+        )
+    try:
+        await (store.delete_org(args.id) if kind == "org" else store.delete_team(args.id))
+    except TenantInUse as exc:
+        raise CliError(_one_line(str(exc)), EXIT_USAGE) from None
+    print(f"deleted {kind} {_safe(args.id)}", file=sys.stderr)
+    return EXIT_OK

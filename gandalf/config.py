@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import fnmatch
 import math
 import os
 import re
@@ -39,15 +40,20 @@ import msgspec
 import yaml
 
 from gandalf.domain import (
+    BUDGET_PERIODS,
     PROVIDER_TYPES,
     ROLES,
     STRATEGIES,
     TYPES_NEEDING_KEY,
     BreakerPolicy,
+    Budget,
+    Organization,
     ProviderConfig,
     Resilience,
     Route,
     Target,
+    Team,
+    is_glob,
 )
 from gandalf.errors import ConfigError
 
@@ -56,6 +62,7 @@ __all__ = [
     "DatabaseConfig",
     "GandalfConfig",
     "KeyEntry",
+    "Limits",
     "ServerConfig",
     "default_config_path",
     "load_config",
@@ -91,6 +98,7 @@ _PURE_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}")
 _DEFAULTED_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-[^}]*\}")
 _SECRET_KEYS = frozenset({"api_key", "key", "admin_key"})
 _MAX_DEPTH = 32
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 # --------------------------------------------------------------------------- result structs
@@ -153,7 +161,10 @@ class KeyEntry(msgspec.Struct, frozen=True, kw_only=True):
     """A bootstrap API key from ``keys`` (or ``auth.admin_key``), seeded idempotently.
 
     ``key`` is the plaintext secret (always a valid ``gnd_`` key); ``expires_at`` is unix
-    seconds or ``None``; ``allowed_models`` is ``None`` for every route. ``repr`` hides ``key``.
+    seconds or ``None``; ``allowed_models`` is ``None`` for every route (globs allowed).
+    ``org_id`` / ``team_id`` are YAML's ``org`` (or ``org_id``) / ``team`` (or ``team_id``),
+    already checked against ``orgs`` / ``teams``; a key naming only a team is in the team's
+    org. ``rpm`` / ``tpm`` 0: the ``limits`` default. ``repr`` hides ``key``.
     """
 
     name: str
@@ -163,13 +174,24 @@ class KeyEntry(msgspec.Struct, frozen=True, kw_only=True):
     role: str = "member"
     allowed_models: tuple[str, ...] | None = None
     expires_at: float | None = None
+    rpm: int = 0
+    tpm: int = 0
+    budget: Budget | None = None
 
     def __repr__(self) -> str:
         return (
             f"KeyEntry(name={self.name!r}, key='***', org_id={self.org_id!r}, "
             f"team_id={self.team_id!r}, role={self.role!r}, "
-            f"allowed_models={self.allowed_models!r}, expires_at={self.expires_at!r})"
+            f"allowed_models={self.allowed_models!r}, expires_at={self.expires_at!r}, "
+            f"rpm={self.rpm!r}, tpm={self.tpm!r}, budget={self.budget!r})"
         )
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``limits:``: the default rpm / tpm of every key that sets none (0: unlimited)."""
+
+    rpm: Annotated[int, msgspec.Meta(ge=0)] = 0
+    tpm: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -189,6 +211,11 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     routes: tuple[Route, ...] = ()
     keys: tuple[KeyEntry, ...] = ()
     warnings: tuple[str, ...] = ()
+    limits: Limits = msgspec.field(default_factory=Limits)
+    # Declared tenants (source "config"), file order; "default" always exists
+    # in storage whether declared or not.
+    orgs: tuple[Organization, ...] = ()
+    teams: tuple[Team, ...] = ()
     # Retry, backoff and breaker defaults; each provider's ``breaker`` has
     # already been merged over ``resilience.breaker``.
     resilience: Resilience = msgspec.field(default_factory=Resilience)
@@ -250,14 +277,46 @@ class _RouteIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     coalesce: bool = False
 
 
+_Limit = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _BudgetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    usd: Annotated[float, msgspec.Meta(ge=0)]
+    period: str = "monthly"
+
+
+class _OrgIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    id: str
+    name: str | None = None
+    allowed_models: tuple[str, ...] | None = None
+    rpm: _Limit = 0
+    tpm: _Limit = 0
+    budget: _BudgetIn | None = None
+
+
+class _TeamIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    id: str
+    org: str = "default"
+    name: str | None = None
+    allowed_models: tuple[str, ...] | None = None
+    rpm: _Limit = 0
+    tpm: _Limit = 0
+    budget: _BudgetIn | None = None
+
+
 class _KeyIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: str
     key: str
-    org_id: str = "default"
-    team_id: str | None = None
+    org: str | None = None
+    org_id: str | None = None  # the older spelling of ``org``
+    team: str | None = None
+    team_id: str | None = None  # the older spelling of ``team``
     role: str = "member"
     allowed_models: tuple[str, ...] | None = None
     expires_at: float | None = None  # normalised from ISO-8601 / unix seconds beforehand
+    rpm: _Limit = 0
+    tpm: _Limit = 0
+    budget: _BudgetIn | None = None
 
 
 class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -268,6 +327,9 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     routes: tuple[_RouteIn, ...] = ()
     keys: tuple[_KeyIn, ...] = ()
     resilience: _ResilienceIn = msgspec.field(default_factory=_ResilienceIn)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    orgs: tuple[_OrgIn, ...] = ()
+    teams: tuple[_TeamIn, ...] = ()
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -280,6 +342,12 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "routes[]": _RouteIn,
     "routes[].targets[]": _TargetIn,
     "keys[]": _KeyIn,
+    "keys[].budget": _BudgetIn,
+    "limits": Limits,
+    "orgs[]": _OrgIn,
+    "orgs[].budget": _BudgetIn,
+    "teams[]": _TeamIn,
+    "teams[].budget": _BudgetIn,
     "resilience": _ResilienceIn,
     "resilience.breaker": _BreakerIn,
     "providers[].breaker": _BreakerIn,
@@ -457,7 +525,9 @@ class _Loader:
         resilience = self.build_resilience(parsed.resilience)
         providers = self.build_providers(parsed.providers, raw.get("providers"), resilience)
         routes = self.build_routes(parsed.routes, {p.name for p in providers})
-        keys = self.build_keys(parsed.keys, raw.get("keys"), parsed.auth, routes)
+        orgs = self.build_orgs(parsed.orgs, routes)
+        teams = self.build_teams(parsed.teams, orgs, routes)
+        keys = self.build_keys(parsed.keys, raw.get("keys"), parsed.auth, routes, teams, orgs)
         return GandalfConfig(
             source=self.source,
             server=server,
@@ -468,6 +538,9 @@ class _Loader:
             keys=keys,
             warnings=tuple(self.warnings),
             resilience=resilience,
+            limits=parsed.limits,
+            orgs=orgs,
+            teams=teams,
         )
 
     def expand(self, node: Any, path: str, depth: int) -> Any:
@@ -738,8 +811,11 @@ class _Loader:
         raw: Any,
         auth: AuthConfig,
         routes: tuple[Route, ...],
+        teams: tuple[Team, ...] = (),
+        orgs: tuple[Organization, ...] = (),
     ) -> tuple[KeyEntry, ...]:
-        aliases = {r.model_alias for r in routes}
+        team_orgs = {t.id: t.org_id for t in teams}
+        org_ids = {"default", *(o.id for o in orgs)}
         seen: dict[str, int] = {}
         out: list[KeyEntry] = []
         for i, k in enumerate(entries):
@@ -756,22 +832,43 @@ class _Loader:
             if k.key in seen:
                 self.fail(f"{path}.key", f"same key as keys[{seen[k.key]}]")
             seen[k.key] = i
-            if not k.org_id.strip():
-                self.fail(f"{path}.org_id", "must not be empty")
+            org_field, org = self.synonym(path, "org", k.org, "org_id", k.org_id)
+            if org is not None and not org.strip():
+                self.fail(f"{path}.{org_field}", "must not be empty")
+            team_field, team = self.synonym(path, "team", k.team, "team_id", k.team_id)
+            team = team or None  # empty (an unset ${VAR}): no team
+            if team is not None:
+                team_org = team_orgs.get(team)
+                if team_org is None:
+                    self.fail(
+                        f"{path}.{team_field}",
+                        f"unknown team {team!r}{_declare_hint('teams', team)}",
+                    )
+                if org is None:
+                    org = team_org
+                elif org != team_org:
+                    self.fail(
+                        f"{path}.{team_field}",
+                        f"team {team!r} belongs to org {team_org!r}, not {org!r}",
+                    )
+            org = org or "default"
+            if org not in org_ids:
+                self.fail(f"{path}.{org_field}", f"unknown org {org!r}{_declare_hint('orgs', org)}")
             if k.role not in ROLES:
                 self.fail(f"{path}.role", f"expected one of {', '.join(ROLES)}, got {k.role!r}")
-            for model in k.allowed_models or ():
-                if model not in aliases:
-                    self.warn(f"{path}.allowed_models", f"no route has model alias {model!r}")
+            self.check_models(f"{path}.allowed_models", k.allowed_models, routes)
             out.append(
                 KeyEntry(
                     name=k.name,
                     key=k.key,
-                    org_id=k.org_id,
-                    team_id=k.team_id or None,
+                    org_id=org,
+                    team_id=team,
                     role=k.role,
                     allowed_models=k.allowed_models,
                     expires_at=k.expires_at,
+                    rpm=k.rpm,
+                    tpm=k.tpm,
+                    budget=self.budget(f"{path}.budget", k.budget),
                 )
             )
         admin_key = auth.admin_key
@@ -782,8 +879,116 @@ class _Loader:
                 out.append(KeyEntry(name="admin", key=admin_key, org_id="default", role="admin"))
         return tuple(out)
 
+    # ---- tenancy
+
+    def synonym(
+        self, path: str, name: str, value: str | None, old: str, old_value: str | None
+    ) -> tuple[str, str | None]:
+        """``(field, value)`` of a key written as ``name`` or its older spelling ``old``."""
+        if value is not None and old_value is not None and value != old_value:
+            self.fail(
+                f"{path}.{old}",
+                f"{old_value!r} differs from {name} {value!r} ({old} is the older "
+                f"spelling of {name}: give one)",
+            )
+        if value is not None:
+            return name, value
+        return (old, old_value) if old_value is not None else (name, None)
+
+    def budget(self, path: str, given: _BudgetIn | None) -> Budget | None:
+        if given is None:
+            return None
+        if not math.isfinite(given.usd):
+            self.fail(f"{path}.usd", f"expected a finite number, got {given.usd!r}")
+        if given.period not in BUDGET_PERIODS:
+            self.fail(
+                f"{path}.period",
+                f"expected one of {', '.join(BUDGET_PERIODS)}, got {given.period!r}",
+            )
+        return Budget(usd=given.usd, period=given.period)
+
+    def check_models(
+        self, path: str, models: tuple[str, ...] | None, routes: tuple[Route, ...]
+    ) -> None:
+        """Refuse empty entries; warn about an entry no configured route matches."""
+        aliases = [r.model_alias for r in routes]
+        for i, model in enumerate(models or ()):
+            if not model.strip():
+                self.fail(f"{path}[{i}]", "must not be empty")
+            if model in aliases:
+                continue
+            if is_glob(model):
+                if not any(fnmatch.fnmatchcase(a, model) for a in aliases):
+                    self.warn(path, f"no route has a model alias matching {model!r}")
+            else:
+                self.warn(path, f"no route has model alias {model!r}")
+
+    def tenant_id(self, path: str, value: str, seen: dict[str, int], section: str) -> None:
+        if not value.strip():
+            self.fail(f"{path}.id", "must not be empty")
+        if _CONTROL.search(value):
+            self.fail(f"{path}.id", "must not contain control characters")
+        if value in seen:
+            self.fail(f"{path}.id", f"duplicate id {value!r} (also {section}[{seen[value]}])")
+        seen[value] = int(path[path.index("[") + 1 : -1])
+
+    def build_orgs(
+        self, entries: tuple[_OrgIn, ...], routes: tuple[Route, ...]
+    ) -> tuple[Organization, ...]:
+        seen: dict[str, int] = {}
+        out: list[Organization] = []
+        for i, o in enumerate(entries):
+            path = f"orgs[{i}]"
+            self.tenant_id(path, o.id, seen, "orgs")
+            self.check_models(f"{path}.allowed_models", o.allowed_models, routes)
+            out.append(
+                Organization(
+                    id=o.id,
+                    name=o.name or o.id,
+                    allowed_models=o.allowed_models,
+                    rpm=o.rpm,
+                    tpm=o.tpm,
+                    budget=self.budget(f"{path}.budget", o.budget),
+                    source="config",
+                )
+            )
+        return tuple(out)
+
+    def build_teams(
+        self,
+        entries: tuple[_TeamIn, ...],
+        orgs: tuple[Organization, ...],
+        routes: tuple[Route, ...],
+    ) -> tuple[Team, ...]:
+        org_ids = {"default", *(o.id for o in orgs)}
+        seen: dict[str, int] = {}
+        out: list[Team] = []
+        for i, t in enumerate(entries):
+            path = f"teams[{i}]"
+            self.tenant_id(path, t.id, seen, "teams")
+            if t.org not in org_ids:
+                self.fail(f"{path}.org", f"unknown org {t.org!r}{_declare_hint('orgs', t.org)}")
+            self.check_models(f"{path}.allowed_models", t.allowed_models, routes)
+            out.append(
+                Team(
+                    id=t.id,
+                    org_id=t.org,
+                    name=t.name or t.id,
+                    allowed_models=t.allowed_models,
+                    rpm=t.rpm,
+                    tpm=t.tpm,
+                    budget=self.budget(f"{path}.budget", t.budget),
+                    source="config",
+                )
+            )
+        return tuple(out)
+
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _declare_hint(section: str, value: str) -> str:
+    return f" (declare it under {section}: - {{ id: {value} }})"
 
 
 class _DuplicateKey(Exception):

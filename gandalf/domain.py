@@ -9,7 +9,9 @@ objects are frozen.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+import fnmatch
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Annotated, Literal, Protocol
 
 import msgspec
@@ -91,7 +93,15 @@ class Scope(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
-    """The authenticated caller, as the hot path sees it (built once per cache fill)."""
+    """The authenticated caller, as the hot path sees it (built once per cache fill).
+
+    ``allowed_models`` and ``model_patterns`` are the *effective* model
+    restriction of the chain key -> team -> org (see :func:`allowed_chain`):
+    ``None`` when no level restricts, else the exact aliases every level
+    allows; ``model_pattern`` is set only when every restricting level has a
+    glob, and then is one precompiled pattern that matches exactly the
+    aliases every level allows.
+    """
 
     key_id: str
     key_hash: str
@@ -105,16 +115,44 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     # Levels with a limit or budget, narrowest first (key, team, org); empty
     # when nothing is limited, so the hot path tests one tuple's truth.
     scopes: tuple[Scope, ...] = ()
+    model_pattern: re.Pattern[str] | None = None
 
     def can(self, permission: int) -> bool:
         return (self.permissions & permission) == permission
 
     def may_use(self, model_alias: str) -> bool:
         allowed = self.allowed_models
-        return allowed is None or model_alias in allowed
+        if allowed is None or model_alias in allowed:
+            return True
+        pattern = self.model_pattern
+        return pattern is not None and pattern.match(model_alias) is not None
 
     @classmethod
-    def from_key(cls, key: ApiKey) -> Identity:
+    def from_key(cls, key: ApiKey, tenancy: Tenancy | None = None) -> Identity:
+        """The identity of ``key``; ``tenancy`` supplies its team and org (their
+        allowed models and limits) and the per-key default limits."""
+        team = org = None
+        rpm, tpm = key.rpm, key.tpm
+        if tenancy is not None:
+            org = tenancy.orgs.get(key.org_id)
+            team = tenancy.teams.get(key.team_id) if key.team_id is not None else None
+            rpm = rpm or tenancy.rpm  # the ``limits:`` default applies per key
+            tpm = tpm or tenancy.tpm
+        scopes: list[Scope] = []
+        if rpm or tpm or key.budget is not None:
+            scopes.append(Scope(kind="key", id=key.id, rpm=rpm, tpm=tpm, budget=key.budget))
+        for kind, level in (("team", team), ("org", org)):
+            if level is not None and (level.rpm or level.tpm or level.budget is not None):
+                scopes.append(
+                    Scope(kind=kind, id=level.id, rpm=level.rpm, tpm=level.tpm, budget=level.budget)
+                )
+        exact, pattern = allowed_chain(
+            (
+                key.allowed_models,
+                team.allowed_models if team is not None else None,
+                org.allowed_models if org is not None else None,
+            )
+        )
         return cls(
             key_id=key.id,
             key_hash=key.key_hash,
@@ -123,22 +161,108 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
             team_id=key.team_id,
             role=key.role,
             permissions=int(ROLE_PERMISSIONS.get(key.role, Permission(0))),
-            allowed_models=None if key.allowed_models is None else frozenset(key.allowed_models),
+            allowed_models=exact,
             expires_at=key.expires_at,
+            scopes=tuple(scopes),
+            model_pattern=pattern,
         )
 
 
+_GLOB_CHARS = frozenset("*?[")
+
+
+def is_glob(pattern: str) -> bool:
+    """Does ``pattern`` use fnmatch metacharacters (``*``, ``?``, ``[...]``)?"""
+    return not _GLOB_CHARS.isdisjoint(pattern)
+
+
+def _level_regex(entries: Sequence[str]) -> str:
+    """A regex matching what one level allows: each entry literally, and each
+    glob entry as a case-sensitive fnmatch pattern (an alias spelled exactly
+    like an entry always matches, even when the entry holds glob
+    metacharacters). Empty ``entries``: a regex that matches nothing."""
+    if not entries:
+        return "(?!)"
+    parts = [re.escape(e) for e in entries]
+    parts += [fnmatch.translate(e) for e in entries if is_glob(e)]
+    return "(?:" + "|".join(parts) + r")\Z"
+
+
+def allowed_chain(
+    levels: Sequence[Sequence[str] | None],
+) -> tuple[frozenset[str] | None, re.Pattern[str] | None]:
+    """The effective ``allowed_models`` of a chain of levels (``None``: that
+    level does not restrict). An alias is allowed only if every restricting
+    level allows it, literally or by a glob.
+
+    Returns ``(exact, pattern)``: ``exact`` is ``None`` when nothing
+    restricts, else the literal entries (of any level) every level allows;
+    ``pattern`` is None when ``exact`` is the whole allowed set (no restricting
+    level, or one restricting level without globs: the allowed set is then
+    finite and every member is one of its literals), else one compiled pattern
+    (a lookahead per level) matching exactly the allowed aliases.
+    """
+    restricting = [tuple(level) for level in levels if level is not None]
+    if not restricting:
+        return None, None
+    pattern = re.compile("".join(f"(?={_level_regex(level)})" for level in restricting))
+    candidates = {entry for level in restricting for entry in level}
+    exact = frozenset(c for c in candidates if pattern.match(c) is not None)
+    if any(not any(is_glob(e) for e in level) for level in restricting):
+        return exact, None
+    return exact, pattern
+
+
 class Organization(msgspec.Struct, frozen=True, kw_only=True):
+    """An organization; its limits and budget are shared by all its keys."""
+
     id: str
     name: str
     created_at: float = 0.0
+    allowed_models: tuple[str, ...] | None = None  # None: no restriction; globs allowed
+    rpm: int = 0  # 0: unlimited
+    tpm: int = 0
+    budget: Budget | None = None
+    source: str = "cli"  # "config" for orgs declared in gandalf.yaml
 
 
 class Team(msgspec.Struct, frozen=True, kw_only=True):
+    """A team of one organization; its limits and budget are shared by its keys."""
+
     id: str
     org_id: str
     name: str
     created_at: float = 0.0
+    allowed_models: tuple[str, ...] | None = None
+    rpm: int = 0
+    tpm: int = 0
+    budget: Budget | None = None
+    source: str = "cli"
+
+
+class Tenancy:
+    """The orgs and teams identities are built against, plus the per-key
+    default limits (``limits:``). Built at start-up (and on reload) from the
+    store; read on a key-cache fill only, never per request."""
+
+    __slots__ = ("orgs", "rpm", "teams", "tpm")
+
+    def __init__(
+        self,
+        orgs: Mapping[str, Organization] | Sequence[Organization] = (),
+        teams: Mapping[str, Team] | Sequence[Team] = (),
+        *,
+        rpm: int = 0,
+        tpm: int = 0,
+    ) -> None:
+        self.orgs: dict[str, Organization] = (
+            dict(orgs) if isinstance(orgs, Mapping) else {o.id: o for o in orgs}
+        )
+        self.teams: dict[str, Team] = (
+            dict(teams) if isinstance(teams, Mapping) else {t.id: t for t in teams}
+        )
+        self.rpm = rpm
+        self.tpm = tpm
 
 
 # --------------------------------------------------------------------------- providers and routes

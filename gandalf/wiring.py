@@ -21,6 +21,7 @@ from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
 from gandalf.config import GandalfConfig, default_config_path, load_config
+from gandalf.domain import Tenancy
 from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
@@ -65,6 +66,7 @@ def create_app(
                 ttl=auth.key_cache_ttl,
                 negative_ttl=auth.negative_cache_ttl,
                 max_size=auth.key_cache_size,
+                tenancy=await load_tenancy(store, config),
             )
             created = int(time.time())
             api = Api(ProxyService(table, store), keys, store, created=created)
@@ -114,6 +116,19 @@ def create_app(
         # writes a line that a request ending after it (or without one) buffered.
         atexit.register(app.core.access.flush)
     return app
+
+
+async def load_tenancy(store: SqliteStore, config: GandalfConfig) -> Tenancy:
+    """The orgs and teams (config-declared and CLI-made, as reconciled into
+    ``store``) and the per-key default limits that identities are built against.
+    A reload replaces the workers, so each builds its own afresh; a process that
+    reloads in place calls ``KeyCache.set_tenancy`` with a new one."""
+    return Tenancy(
+        await store.list_orgs(),
+        await store.list_teams(),
+        rpm=config.limits.rpm,
+        tpm=config.limits.tpm,
+    )
 
 
 DISCOVERY_TIMEOUT = 3.0

@@ -795,6 +795,8 @@ def test_key_entry_fields() -> None:
         MINIMAL_PROVIDERS
         + f"""\
 routes: [{{ model_alias: fake-model, targets: [{{ provider: fake, model: fake-model }}] }}]
+orgs: [{{ id: acme }}]
+teams: [{{ id: infra, org: acme }}]
 keys:
   - {{ name: ci, key: "${{CI_KEY}}", org_id: acme, team_id: infra, role: service_account,
       allowed_models: [fake-model], expires_at: "2030-01-01T00:00:00Z" }}
@@ -964,6 +966,7 @@ def test_admin_key_deduplicated_keys_entry_wins() -> None:
     cfg = parse(
         f"""
         auth: {{ admin_key: {KEY_A} }}
+        orgs: [{{ id: acme }}]
         keys:
           - {{ name: other, key: {KEY_B} }}
           - {{ name: boss, key: {KEY_A}, role: member, org_id: acme }}
@@ -1030,7 +1033,8 @@ def test_unknown_key_suggests_a_close_match() -> None:
 def test_unknown_key_lists_valid_keys() -> None:
     assert error("bogus: 1\n") == (
         "gandalf.yaml: bogus: unknown key "
-        "(expected one of: server, database, auth, providers, routes, keys, resilience)"
+        "(expected one of: server, database, auth, providers, routes, keys, resilience, "
+        "limits, orgs, teams)"
     )
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gandalf.auth.apikey import display_prefix, generate_key, hash_key
-from gandalf.domain import ROLES, ApiKey
+from gandalf.domain import BUDGET_PERIODS, ROLES, ApiKey, Budget
 from gandalf.errors import InvalidRequest
 
 
@@ -47,14 +47,28 @@ class KeyManager:
         allowed_models: Sequence[str] | None = None,
         expires_at: float | None = None,
         source: str = "cli",
+        rpm: int = 0,
+        tpm: int = 0,
+        budget: Budget | None = None,
     ) -> tuple[ApiKey, str]:
         """Store a new key; returns it and its plaintext (shown once, never stored).
 
         Refuses (``InvalidRequest``) an empty name, an unknown role, an expiry in the
         past, and a name an active (neither revoked nor expired) key of the same
         organization already has: names are how operators tell keys apart when they
-        rotate or revoke one.
+        rotate or revoke one. Also refuses negative ``rpm``/``tpm`` and a bad budget.
+        The caller checks that ``team_id`` names a team of ``org_id``.
         """
+        for param, value in (("rpm", rpm), ("tpm", tpm)):
+            if value < 0:
+                raise InvalidRequest(f"{param} must be 0 (unlimited) or more.", param=param)
+        if budget is not None and (
+            not 0 <= budget.usd < float("inf") or budget.period not in BUDGET_PERIODS
+        ):
+            raise InvalidRequest(
+                f"A budget needs usd >= 0 and a period of {', '.join(BUDGET_PERIODS)}.",
+                param="budget",
+            )
         if not name.strip():
             raise InvalidRequest("A key needs a non-empty name.", param="name")
         if role not in ROLES:
@@ -88,6 +102,9 @@ class KeyManager:
             expires_at=expires_at,
             created_at=now,
             source=source,
+            rpm=rpm,
+            tpm=tpm,
+            budget=budget,
         )
         await self._store.ensure_org(org_id, org_id)
         await self._store.create_key(key)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from gandalf.domain import ApiKey, Identity
+from gandalf.domain import ApiKey, Identity, Tenancy
 from gandalf.errors import AuthenticationError, GatewayError, StoreUnavailable
 
 logger = logging.getLogger("gandalf.auth")
@@ -100,6 +100,7 @@ class KeyCache:
         "_lookup",
         "_max",
         "_neg_ttl",
+        "_tenancy",
         "_ttl",
         "_wall",
     )
@@ -113,8 +114,12 @@ class KeyCache:
         max_size: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        tenancy: Tenancy | None = None,
     ) -> None:
+        """``tenancy``: the orgs, teams and default limits identities are built
+        against (None: keys only, no team/org restrictions or limits)."""
         self._lookup = lookup
+        self._tenancy = tenancy
         self._ttl = ttl
         self._neg_ttl = negative_ttl
         self._max = max_size
@@ -208,6 +213,17 @@ class KeyCache:
                 exc,
             )
 
+    @property
+    def tenancy(self) -> Tenancy | None:
+        return self._tenancy
+
+    def set_tenancy(self, tenancy: Tenancy | None) -> None:
+        """Build identities against ``tenancy`` from now on (a reload): every
+        cached identity is dropped, so new limits and allowed models apply at
+        the next request of each key, not after the cache TTL."""
+        self._tenancy = tenancy
+        self._entries.clear()
+
     def invalidate(self, key_hash: str | None = None) -> None:
         if key_hash is None:
             self._entries.clear()
@@ -219,7 +235,7 @@ class KeyCache:
             return None
         if stored.expires_at is not None and self._wall() >= stored.expires_at:
             return None
-        return Identity.from_key(stored)
+        return Identity.from_key(stored, self._tenancy)
 
     def _store(self, key_hash: str, identity: Identity | None) -> None:
         entries = self._entries

@@ -329,20 +329,21 @@ class Api:
         Anthropic client (:func:`anthropic_client`), else in OpenAI's."""
         identity = request.identity
         assert identity is not None
-        allowed = identity.allowed_models
+        unrestricted = identity.allowed_models is None
+        may_use = identity.may_use  # allowed_models may hold globs: ask, never test membership
         if anthropic_client(request):
             headers = _anthropic_headers(request)
-            if allowed is None:
+            if unrestricted:
                 return Response(200, self._all_anthropic, headers)
             return Response(
                 200,
-                _anthropic_list([m for a, m in self._anthropic.items() if a in allowed]),
+                _anthropic_list([m for a, m in self._anthropic.items() if may_use(a)]),
                 headers,
             )
-        if allowed is None:
+        if unrestricted:
             return Response(200, self._all_models)
         return Response(
-            200, _encoder.encode(_ModelList(data=[m for m in self._models if m.id in allowed]))
+            200, _encoder.encode(_ModelList(data=[m for m in self._models if may_use(m.id)]))
         )
 
     async def model(self, request: Request) -> Response:

@@ -70,9 +70,18 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import msgspec
 
-from gandalf.domain import ApiKey, Organization, ProviderConfig, Route, Target, Team, UsageRecord
+from gandalf.domain import (
+    ApiKey,
+    Budget,
+    Organization,
+    ProviderConfig,
+    Route,
+    Target,
+    Team,
+    UsageRecord,
+)
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "StorageError"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "StorageError", "TenantInUse"]
 
 logger = logging.getLogger("gandalf.storage")
 
@@ -234,6 +243,7 @@ _as_row: Final = msgspec.structs.astuple
 _KEY_COLUMNS: Final = (
     "id", "name", "key_hash", "prefix", "org_id", "team_id", "role",
     "allowed_models", "expires_at", "revoked", "created_at", "source",
+    "rpm", "tpm", "budget_usd", "budget_period",
 )  # fmt: skip
 _KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys"
 _KEY_INSERT: Final = (
@@ -244,7 +254,8 @@ _KEY_INSERT_IF_ABSENT: Final = _KEY_INSERT + " ON CONFLICT (key_hash) DO NOTHING
 # Config may change what a bootstrap key is; never its identity or its revocation.
 _KEY_UPDATE_FROM_CONFIG: Final = (
     "UPDATE api_keys SET name = ?, prefix = ?, org_id = ?, team_id = ?, role = ?, "
-    "allowed_models = ?, expires_at = ? WHERE key_hash = ?"
+    "allowed_models = ?, expires_at = ?, rpm = ?, tpm = ?, budget_usd = ?, budget_period = ? "
+    "WHERE key_hash = ?"
 )
 
 # A config key that left the config is revoked (not deleted: usage keeps its key id).
@@ -259,8 +270,20 @@ def _key_row(key: ApiKey, now: float) -> tuple[object, ...]:
     return (
         key.id, key.name, key.key_hash, key.prefix, key.org_id, key.team_id, key.role,
         None if allowed is None else _json(allowed), key.expires_at, int(key.revoked),
-        key.created_at or now, key.source,
+        key.created_at or now, key.source, key.rpm, key.tpm, *_budget_columns(key.budget),
     )  # fmt: skip
+
+
+def _budget_columns(budget: Budget | None) -> tuple[float | None, str | None]:
+    return (None, None) if budget is None else (budget.usd, budget.period)
+
+
+def _budget(usd: float | None, period: str | None) -> Budget | None:
+    return None if usd is None else Budget(usd=usd, period=period or "monthly")
+
+
+def _models(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else _STRINGS.decode(text)
 
 
 def _key_from_row(row: Sequence[Any]) -> ApiKey:
@@ -278,6 +301,9 @@ def _key_from_row(row: Sequence[Any]) -> ApiKey:
         revoked=bool(row[9]),
         created_at=row[10],
         source=row[11],
+        rpm=row[12],
+        tpm=row[13],
+        budget=_budget(row[14], row[15]),
     )
 
 
@@ -360,10 +386,69 @@ def _route_from_row(row: Sequence[Any]) -> Route:
     )
 
 
-# organizations and teams
-_ORG_INSERT: Final = "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?)"
-_TEAM_INSERT: Final = "INSERT INTO teams (id, org_id, name, created_at) VALUES (?, ?, ?, ?)"
-_TEAM_SELECT: Final = "SELECT id, org_id, name, created_at FROM teams"
+# organizations and teams: the columns after the first three (four) are the same
+_LIMIT_COLUMNS: Final = ("allowed_models", "rpm", "tpm", "budget_usd", "budget_period", "source")
+_ORG_COLUMNS: Final = ("id", "name", "created_at", *_LIMIT_COLUMNS)
+_TEAM_COLUMNS: Final = ("id", "org_id", "name", "created_at", *_LIMIT_COLUMNS)
+_ORG_INSERT: Final = (
+    f"INSERT INTO organizations ({', '.join(_ORG_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_ORG_COLUMNS))})"
+)
+_TEAM_INSERT: Final = (
+    f"INSERT INTO teams ({', '.join(_TEAM_COLUMNS)}) VALUES ({', '.join('?' * len(_TEAM_COLUMNS))})"
+)
+_ORG_SELECT: Final = f"SELECT {', '.join(_ORG_COLUMNS)} FROM organizations"
+_TEAM_SELECT: Final = f"SELECT {', '.join(_TEAM_COLUMNS)} FROM teams"
+# Config takes a row over whatever made it (created_at stays); same for teams.
+_ORG_UPSERT: Final = (
+    _ORG_INSERT
+    + " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ("name", *_LIMIT_COLUMNS))
+)
+_TEAM_UPSERT: Final = (
+    _TEAM_INSERT
+    + " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ("org_id", "name", *_LIMIT_COLUMNS))
+)
+# Live keys: neither revoked nor expired (at the given time).
+_LIVE_KEYS: Final = (
+    "SELECT count(*) FROM api_keys WHERE {column} = ? AND revoked = 0 "
+    "AND (expires_at IS NULL OR expires_at > ?)"
+)
+
+
+def _limit_values(
+    allowed: tuple[str, ...] | None, rpm: int, tpm: int, budget: Budget | None, source: str
+) -> tuple[object, ...]:
+    return (None if allowed is None else _json(allowed), rpm, tpm, *_budget_columns(budget), source)
+
+
+def _org_row(o: Organization, now: float) -> tuple[object, ...]:
+    limits = _limit_values(o.allowed_models, o.rpm, o.tpm, o.budget, o.source)
+    return (o.id, o.name, o.created_at or now, *limits)
+
+
+def _team_row(t: Team, now: float) -> tuple[object, ...]:
+    limits = _limit_values(t.allowed_models, t.rpm, t.tpm, t.budget, t.source)
+    return (t.id, t.org_id, t.name, t.created_at or now, *limits)
+
+
+def _org_from_row(r: Sequence[Any]) -> Organization:
+    return Organization(
+        id=r[0], name=r[1], created_at=r[2], allowed_models=_models(r[3]), rpm=r[4], tpm=r[5],
+        budget=_budget(r[6], r[7]), source=r[8],
+    )  # fmt: skip
+
+
+def _team_from_row(r: Sequence[Any]) -> Team:
+    return Team(
+        id=r[0], org_id=r[1], name=r[2], created_at=r[3], allowed_models=_models(r[4]),
+        rpm=r[5], tpm=r[6], budget=_budget(r[7], r[8]), source=r[9],
+    )  # fmt: skip
+
+
+class TenantInUse(StorageError):
+    """An organization or team cannot be deleted: keys (or teams) still belong to it."""
 
 
 # --------------------------------------------------------------------------- writer queue items
@@ -736,13 +821,14 @@ class SqliteStore:
 
         Absent: insert it and return True. Present: return False, keeping its
         id, created_at, revoked and source, and updating name, prefix, org_id,
-        team_id, role, allowed_models and expires_at to the given values.
+        team_id, role, allowed_models, expires_at, rpm, tpm and budget to the
+        given values.
         """
         row = _key_row(key, self._clock())
         allowed = row[7]
         update = (
             key.name, key.prefix, key.org_id, key.team_id, key.role, allowed,
-            key.expires_at, key.key_hash,
+            key.expires_at, key.rpm, key.tpm, *_budget_columns(key.budget), key.key_hash,
         )  # fmt: skip
 
         async def op(conn: aiosqlite.Connection) -> bool:
@@ -830,18 +916,29 @@ class SqliteStore:
 
     async def create_org(self, org: Organization) -> None:
         """Insert an organization (``created_at`` 0 means now); StorageError if the id exists."""
-        await self._execute(_ORG_INSERT, (org.id, org.name, org.created_at or self._clock()))
+        await self._insert(_ORG_INSERT, _org_row(org, self._clock()), f"organization {org.id!r}")
+
+    async def get_org(self, org_id: str) -> Organization | None:
+        rows = await self._fetchall(_ORG_SELECT + " WHERE id = ?", (org_id,))
+        return _org_from_row(rows[0]) if rows else None
 
     async def list_orgs(self) -> list[Organization]:
-        rows = await self._fetchall(
-            "SELECT id, name, created_at FROM organizations ORDER BY created_at, id", ()
-        )
-        return [Organization(id=r[0], name=r[1], created_at=r[2]) for r in rows]
+        rows = await self._fetchall(_ORG_SELECT + " ORDER BY created_at, id", ())
+        return [_org_from_row(r) for r in rows]
+
+    async def delete_org(self, org_id: str) -> bool:
+        """Delete an organization; False if there is none. Raises TenantInUse
+        while a team or a live key (neither revoked nor expired) belongs to it:
+        its keys would lose the org's limits and allowed models silently."""
+        return await self._delete_tenant("organizations", "org_id", org_id, "organization")
 
     async def create_team(self, team: Team) -> None:
         """Insert a team; StorageError if the id exists or its organization does not."""
-        row = (team.id, team.org_id, team.name, team.created_at or self._clock())
-        await self._execute(_TEAM_INSERT, row)
+        await self._insert(_TEAM_INSERT, _team_row(team, self._clock()), f"team {team.id!r}")
+
+    async def get_team(self, team_id: str) -> Team | None:
+        rows = await self._fetchall(_TEAM_SELECT + " WHERE id = ?", (team_id,))
+        return _team_from_row(rows[0]) if rows else None
 
     async def list_teams(self, org_id: str | None = None) -> list[Team]:
         if org_id is None:
@@ -849,10 +946,98 @@ class SqliteStore:
         else:
             sql = _TEAM_SELECT + " WHERE org_id = ? ORDER BY created_at, id"
             rows = await self._fetchall(sql, (org_id,))
-        return [Team(id=r[0], org_id=r[1], name=r[2], created_at=r[3]) for r in rows]
+        return [_team_from_row(r) for r in rows]
 
     async def delete_team(self, team_id: str) -> bool:
-        return await self._execute("DELETE FROM teams WHERE id = ?", (team_id,)) > 0
+        """Delete a team; False if there is none; TenantInUse while live keys belong to it."""
+        return await self._delete_tenant("teams", "team_id", team_id, "team")
+
+    async def upsert_config_tenants(
+        self, orgs: Sequence[Organization], teams: Sequence[Team]
+    ) -> None:
+        """Upsert ``orgs`` and ``teams`` with source 'config', atomically (taking
+        over a row of the same id that the CLI made; its ``created_at`` stays)."""
+        now = self._clock()
+        org_rows = [_org_row(msgspec.structs.replace(o, source="config"), now) for o in orgs]
+        team_rows = [_team_row(msgspec.structs.replace(t, source="config"), now) for t in teams]
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(_ORG_UPSERT, org_rows)
+            await conn.executemany(_TEAM_UPSERT, team_rows)
+
+        await self._write(op)
+
+    async def prune_config_tenants(
+        self, org_ids: Sequence[str], team_ids: Sequence[str]
+    ) -> list[str]:
+        """Delete the config-sourced orgs and teams not in ``org_ids`` / ``team_ids``.
+
+        One that live keys (or, for an org, teams) still belong to is kept
+        unchanged instead, handed to the CLI (source 'cli') and named in the
+        returned messages: removing a tenant from the file must never widen
+        what its keys may do. Rows of other sources are never touched. Run it
+        after the config's keys were reconciled (they may have moved away).
+        """
+        wanted_orgs, wanted_teams = set(org_ids), set(team_ids)
+        wall = self._clock()
+
+        async def op(conn: aiosqlite.Connection) -> list[str]:
+            kept: list[str] = []
+            for table, column, kind, wanted in (
+                ("teams", "team_id", "team", wanted_teams),  # first: teams reference orgs
+                ("organizations", "org_id", "org", wanted_orgs),
+            ):
+                cur = await conn.execute(f"SELECT id FROM {table} WHERE source = 'config'")
+                for (tenant,) in await cur.fetchall():
+                    if tenant in wanted:
+                        continue
+                    keys, teams_left = await _tenant_users(conn, column, tenant, wall)
+                    if keys or teams_left:
+                        await conn.execute(
+                            f"UPDATE {table} SET source = 'cli' WHERE id = ?", (tenant,)
+                        )
+                        users = f"{keys} live key(s)" + (
+                            f" and {teams_left} team(s)" if teams_left else ""
+                        )
+                        kept.append(
+                            f"{kind} {tenant!r} left the config but {users} still belong to it: "
+                            f"kept with its limits; delete it with `gandalf {kind}s delete "
+                            f"{tenant}` once they are gone"
+                        )
+                    else:
+                        await conn.execute(f"DELETE FROM {table} WHERE id = ?", (tenant,))
+            return kept
+
+        return await self._write(op)
+
+    async def _insert(self, sql: str, row: tuple[object, ...], what: str) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            try:
+                await conn.execute(sql, row)
+            except sqlite3.IntegrityError as exc:
+                raise StorageError(f"cannot create {what}: {exc}") from exc
+
+        await self._write(op)
+
+    async def _delete_tenant(self, table: str, column: str, tenant: str, kind: str) -> bool:
+        wall = self._clock()
+
+        async def op(conn: aiosqlite.Connection) -> bool:
+            keys, teams = await _tenant_users(conn, column, tenant, wall)
+            if keys or teams:
+                users = " and ".join(
+                    part
+                    for part in (
+                        f"{keys} live key(s)" if keys else "",
+                        f"{teams} team(s)" if teams else "",
+                    )
+                    if part
+                )
+                raise TenantInUse(f"{kind} {tenant!r} still has {users}; revoke or move them first")
+            cur = await conn.execute(f"DELETE FROM {table} WHERE id = ?", (tenant,))
+            return cur.rowcount > 0
+
+        return await self._write(op)
 
     # ----------------------------------------------------------------- reads
 
@@ -998,6 +1183,20 @@ class SqliteStore:
         else:
             if not future.done():
                 future.set_result(result)
+
+
+async def _tenant_users(
+    conn: aiosqlite.Connection, column: str, tenant: str, now: float
+) -> tuple[int, int]:
+    """(live keys, teams) that belong to the org or team ``tenant`` (``column``:
+    ``org_id`` or ``team_id``); a team has no teams."""
+    cur = await conn.execute(_LIVE_KEYS.format(column=column), (tenant, now))
+    keys = int((await cur.fetchone() or (0,))[0])
+    teams = 0
+    if column == "org_id":
+        cur = await conn.execute("SELECT count(*) FROM teams WHERE org_id = ?", (tenant,))
+        teams = int((await cur.fetchone() or (0,))[0])
+    return keys, teams
 
 
 async def _schema_version(conn: aiosqlite.Connection) -> int:
