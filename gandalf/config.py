@@ -837,22 +837,26 @@ class _Loader:
                 self.fail(f"{path}.{org_field}", "must not be empty")
             team_field, team = self.synonym(path, "team", k.team, "team_id", k.team_id)
             team = team or None  # empty (an unset ${VAR}): no team
+            # The older spellings (org_id, team_id) keep configs written before
+            # orgs:/teams: existed working: what they name needs no declaration
+            # (and has no limits until declared). The new spellings are checked,
+            # so a typo is refused rather than made a new, unlimited tenant.
             if team is not None:
                 team_org = team_orgs.get(team)
-                if team_org is None:
+                if team_org is None and team_field != "team_id":
                     self.fail(
                         f"{path}.{team_field}",
                         f"unknown team {team!r}{_declare_hint('teams', team)}",
                     )
                 if org is None:
                     org = team_org
-                elif org != team_org:
+                elif team_org is not None and org != team_org:
                     self.fail(
                         f"{path}.{team_field}",
                         f"team {team!r} belongs to org {team_org!r}, not {org!r}",
                     )
             org = org or "default"
-            if org not in org_ids:
+            if org not in org_ids and org_field != "org_id":
                 self.fail(f"{path}.{org_field}", f"unknown org {org!r}{_declare_hint('orgs', org)}")
             if k.role not in ROLES:
                 self.fail(f"{path}.role", f"expected one of {', '.join(ROLES)}, got {k.role!r}")

@@ -795,8 +795,6 @@ def test_key_entry_fields() -> None:
         MINIMAL_PROVIDERS
         + f"""\
 routes: [{{ model_alias: fake-model, targets: [{{ provider: fake, model: fake-model }}] }}]
-orgs: [{{ id: acme }}]
-teams: [{{ id: infra, org: acme }}]
 keys:
   - {{ name: ci, key: "${{CI_KEY}}", org_id: acme, team_id: infra, role: service_account,
       allowed_models: [fake-model], expires_at: "2030-01-01T00:00:00Z" }}
@@ -966,7 +964,6 @@ def test_admin_key_deduplicated_keys_entry_wins() -> None:
     cfg = parse(
         f"""
         auth: {{ admin_key: {KEY_A} }}
-        orgs: [{{ id: acme }}]
         keys:
           - {{ name: other, key: {KEY_B} }}
           - {{ name: boss, key: {KEY_A}, role: member, org_id: acme }}
@@ -1139,4 +1136,17 @@ def test_provider_output_limit_and_azure_settings() -> None:
     )
     assert "providers[0].max_tokens" in error(
         "providers: [{ name: anthropic, api_key: k, max_tokens: 0 }]\n"
+    )
+
+
+def test_older_spellings_need_no_declaration_new_ones_do() -> None:
+    """A config written before orgs:/teams: existed keeps loading (org_id/team_id name
+    tenants that need no declaration); the new spellings are checked against
+    orgs:/teams:, so a typo is refused instead of becoming an unlimited tenant."""
+    base = MINIMAL_PROVIDERS + "routes: []\nkeys:\n"
+    old = parse(base + f"  - {{ name: a, key: {KEY_A}, org_id: acme, team_id: infra }}\n")
+    assert (old.keys[0].org_id, old.keys[0].team_id) == ("acme", "infra")
+    assert "unknown org 'acme'" in error(base + f"  - {{ name: a, key: {KEY_A}, org: acme }}\n")
+    assert "unknown team 'infra'" in error(
+        base + f"  - {{ name: a, key: {KEY_A}, team: infra }}\n"
     )

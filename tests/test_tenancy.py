@@ -132,7 +132,6 @@ def test_the_default_org_always_exists() -> None:
         ),
         ("team: backend, rpm", "team: nope, rpm", "g.yaml: keys[0].team: unknown team 'nope'"),
         ("org: acme, team: backend", "org: nope", "g.yaml: keys[0].org: unknown org 'nope'"),
-        ("org: acme, team: backend", "org_id: nope", "g.yaml: keys[0].org_id: unknown org 'nope'"),
         (
             "org: acme, team: backend",
             "org: default, team: backend",
