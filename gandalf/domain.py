@@ -90,6 +90,23 @@ class Scope(msgspec.Struct, frozen=True, kw_only=True):
     budget: Budget | None = None
 
 
+class ModelPrice(msgspec.Struct, frozen=True, kw_only=True):
+    """A configured price (``pricing:``), USD per million tokens.
+
+    ``provider`` names a provider (or, when none has that name, every
+    provider of that type). ``cached_input`` and ``cache_write`` default to
+    ``input`` (what providers without a cache price charge); reasoning tokens
+    are charged at ``output``.
+    """
+
+    provider: str
+    model: str
+    input: float
+    output: float
+    cached_input: float | None = None
+    cache_write: float | None = None
+
+
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
     """The authenticated caller, as the hot path sees it (built once per cache fill)."""
 

@@ -1030,7 +1030,7 @@ def test_unknown_key_suggests_a_close_match() -> None:
 def test_unknown_key_lists_valid_keys() -> None:
     assert error("bogus: 1\n") == (
         "gandalf.yaml: bogus: unknown key "
-        "(expected one of: server, database, auth, providers, routes, keys, resilience)"
+        "(expected one of: server, database, auth, providers, routes, keys, resilience, pricing)"
     )
 
 

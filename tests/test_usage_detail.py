@@ -146,7 +146,10 @@ def test_openai_stream_usage_chunk_details(drop_usage: bool) -> None:
 
 def test_openai_null_or_absent_details_count_zero() -> None:
     """OpenAI-compatible servers (vLLM, Ollama's /v1) send null or no details."""
-    body = b'{"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_tokens_details":null,"completion_tokens_details":{"reasoning_tokens":null}}}'
+    body = (
+        b'{"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,'
+        b'"prompt_tokens_details":null,"completion_tokens_details":{"reasoning_tokens":null}}}'
+    )
     plain = Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
     assert extract_usage(body) == plain
     assert openai_usage(body, b"", False) == plain
