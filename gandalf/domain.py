@@ -458,6 +458,32 @@ class UsageRecord(msgspec.Struct, array_like=True):
     cost_usd: float | None = None  # None: no known price for the target model
 
 
+USAGE_GROUPS: tuple[str, ...] = ("key", "team", "org", "model", "provider")
+
+
+class UsageSummary(msgspec.Struct, kw_only=True):
+    """Usage records of one group (a key, team, org, model or provider) over a
+    time range, summed. ``group`` is the id (a model's or provider's name),
+    None for records without one (e.g. a request refused before routing);
+    ``name``/``prefix`` describe a key, team or org when the store knows it.
+    ``cost_usd`` sums the priced records; ``unpriced`` counts the successful
+    records whose cost is unknown (no price for their model)."""
+
+    group: str | None
+    name: str | None = None
+    prefix: str | None = None
+    requests: int = 0
+    errors: int = 0  # status >= 400
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
+
+
 # --------------------------------------------------------------------------- protocols
 
 # Messages a cancelled stream task carries (``task.cancel(msg)``), so whoever
