@@ -104,8 +104,11 @@ def test_summary_sums_each_group_since(tmp_path: Path, by: str) -> None:
     assert {s.group for s in got} == set(want)
     costs = [s.cost_usd for s in got]
     assert costs == sorted(costs, reverse=True)  # costliest first
-    names = {"key": {"k1": ("svc", "gnd_abcd")}, "team": {"t1": ("Backend", None)}}
-    names["org"] = {"o1": ("Acme", None)}
+    names: dict[str, dict[str | None, tuple[str | None, str | None]]] = {
+        "key": {"k1": ("svc", "gnd_abcd")},
+        "team": {"t1": ("Backend", None)},
+        "org": {"o1": ("Acme", None)},
+    }
     for s in got:
         name, prefix = names.get(by, {}).get(s.group, (None, None))
         w = want[s.group]
