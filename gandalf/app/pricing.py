@@ -91,11 +91,14 @@ class Rates(msgspec.Struct, frozen=True, kw_only=True):
                 if prompt > start:
                     rates = tier
                     break
+        # Per request: plain arithmetic, no builtin calls (max() costs more).
+        fresh = prompt - cached - cache_write
+        answer = completion - reasoning
         return (
-            max(prompt - cached - cache_write, 0) * rates.input
+            (fresh if fresh > 0 else 0) * rates.input
             + cached * rates.cached_input
             + cache_write * rates.cache_write
-            + max(completion - reasoning, 0) * rates.output
+            + (answer if answer > 0 else 0) * rates.output
             + reasoning * rates.reasoning
         )
 

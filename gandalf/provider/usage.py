@@ -74,15 +74,15 @@ def usage_from_ollama(prompt_eval: int, eval_count: int) -> Usage:
 # --------------------------------------------------------------------------- OpenAI's usage object
 
 
-class _PromptDetails(msgspec.Struct):
+class _PromptDetails(msgspec.Struct, gc=False):
     cached_tokens: int | None = None  # null from some OpenAI-compatible servers
 
 
-class _CompletionDetails(msgspec.Struct):
+class _CompletionDetails(msgspec.Struct, gc=False):
     reasoning_tokens: int | None = None
 
 
-class OpenAIUsage(msgspec.Struct):
+class OpenAIUsage(msgspec.Struct, gc=False):
     """OpenAI's ``usage`` object as it arrives (details may be absent or null)."""
 
     prompt_tokens: int = 0
