@@ -223,6 +223,17 @@ def test_unknown_model_costs_none_and_is_warned_once() -> None:
     assert set(pricing.unpriced) == {("oa", "mystery"), ("f", "echo")}
 
 
+def test_disabled_providers_are_neither_looked_up_nor_warned() -> None:
+    asked, lookup = fixed_library({})
+    providers = [
+        ProviderConfig(name="oa", type="openai", models=("gpt-4o",), enabled=False),
+    ]
+    routes = [Route(model_alias="a", targets=(Target(provider="oa", model="gpt-4o"),))]
+    warned: list[str] = []
+    pricing = build_pricing(providers, routes, [], library=lookup, warn=warned.append)
+    assert asked == [] and warned == [] and pricing.unpriced == ()
+
+
 def test_priced_sink_fills_cost_before_queueing() -> None:
     got: list[UsageRecord] = []
 
@@ -247,12 +258,15 @@ def test_priced_sink_fills_cost_before_queueing() -> None:
 
 
 def test_the_library_is_imported_only_to_look_prices_up() -> None:
-    """Importing the gateway and pricing the shipped config's fake provider
-    (or configured prices) never imports genai-prices."""
+    """Importing the gateway and pricing the shipped config (a fake provider,
+    keyless ones disabled) or configured prices never imports genai-prices."""
     code = (
         "import sys\n"
         "import gandalf.wiring, gandalf.cli\n"
         "from gandalf.app.pricing import build_pricing\n"
+        "from gandalf.config import load_config\n"
+        "c = load_config('gandalf.yaml')\n"
+        "build_pricing(c.providers, c.routes, c.pricing)\n"
         "from gandalf.domain import ModelPrice, ProviderConfig\n"
         "build_pricing([ProviderConfig(name='f', type='fake', models=('m',)),"
         " ProviderConfig(name='o', type='openai', models=('x',))],"

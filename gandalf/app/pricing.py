@@ -210,11 +210,14 @@ def build_pricing(
     ``provider`` is a provider name, or a type (then it prices that model on
     every provider of the type that has no entry by name). ``library``
     defaults to :func:`library_rates`; tests pass their own. Warns once per
-    pair with no price (never for the fake provider type)."""
+    pair with no price (never for the fake provider type). Disabled
+    providers are skipped."""
     lookup = library_rates if library is None else library
-    by_name = {p.name: p for p in providers}
+    # A disabled provider serves nothing: it is neither priced nor warned about
+    # (the shipped config's keyless providers must not import the library).
+    by_name = {p.name: p for p in providers if p.enabled}
     pairs: dict[tuple[str, str], ProviderConfig] = {}
-    for provider in providers:
+    for provider in by_name.values():
         for model in provider.models:
             pairs[(provider.name, model)] = provider
     for route in routes:
@@ -239,7 +242,7 @@ def build_pricing(
             rates[(name, model)] = found
             continue
         unpriced.append((name, model))
-        if provider.type not in _UNPRICED_TYPES and provider.enabled:
+        if provider.type not in _UNPRICED_TYPES:
             warn(
                 f"no price known for model {model!r} of provider {name!r}: its usage is "
                 f"recorded with cost_usd null; to price it, add under pricing: in the config "
