@@ -353,8 +353,8 @@ def test_pricing_duplicate_pair_refused() -> None:
 def test_usage_rows_carry_detail_counts_and_cost(
     anthropic_mock: MockAnthropic, tmp_path: Path
 ) -> None:
-    """Translated (/v1/chat/completions) and native (/v1/messages) calls to
-    an Anthropic upstream that reads half the prompt from its cache: the rows
+    """Translated (/v1/chat/completions) and native (/v1/messages) calls,
+    streamed and not, to an Anthropic upstream that reads half the prompt from its cache: the rows
     hold the cache reads and a cost with them at the cached rate."""
     db = tmp_path / "g.db"
     config = GandalfConfig(
@@ -390,6 +390,12 @@ def test_usage_rows_carry_detail_counts_and_cost(
                 app, "POST", "/v1/messages", headers=headers, body=orjson.dumps(native)
             )
             assert reply.status == 200, reply.body
+            streamed = orjson.dumps({**chat, "stream": True})
+            reply = await call(app, "POST", "/v1/chat/completions", headers=auth, body=streamed)
+            assert reply.status == 200 and reply.body.endswith(b"data: [DONE]\n\n"), reply.body
+            streamed = orjson.dumps({**native, "stream": True})
+            reply = await call(app, "POST", "/v1/messages", headers=headers, body=streamed)
+            assert reply.status == 200 and b"message_stop" in reply.body, reply.body
         finally:
             await app.shutdown()
 
@@ -399,7 +405,7 @@ def test_usage_rows_carry_detail_counts_and_cost(
             "SELECT endpoint, prompt_tokens, completion_tokens, cached_prompt_tokens, "
             "cache_write_tokens, reasoning_tokens, cost_usd FROM usage_records ORDER BY id"
         ).fetchall()
-    assert len(rows) == 2, rows
+    assert len(rows) == 4, rows
     for endpoint, prompt, completion, cached, write, reasoning, cost in rows:
         assert cached > 0 and write == 0 and reasoning == 0, endpoint
         expected = ((prompt - cached) * 3.0 + cached * 0.3 + completion * 15.0) / 1e6
