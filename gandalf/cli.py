@@ -1,5 +1,5 @@
 """Command line: ``gandalf serve``, ``gandalf keys create|list|revoke`` and
-``gandalf orgs|teams create|list|delete``.
+``gandalf orgs|teams create|list|delete``, ``gandalf usage``.
 
 Exit codes scripts can rely on: 0 success, 1 runtime failure (database,
 port, server), 2 bad usage or bad configuration (including a refused delete),
@@ -25,7 +25,15 @@ from typing import TYPE_CHECKING
 from gandalf import __version__
 from gandalf.app.governor import ENV_WORKERS
 from gandalf.config import GandalfConfig, default_config_path, load_config, split_addr
-from gandalf.domain import BUDGET_PERIODS, Budget, Organization, Team, is_glob
+from gandalf.domain import (
+    BUDGET_PERIODS,
+    USAGE_GROUPS,
+    Budget,
+    Organization,
+    Team,
+    UsageSummary,
+    is_glob,
+)
 from gandalf.errors import ConfigError, GatewayError
 from gandalf.storage.sqlite import SqliteStore, StorageError, TenantInUse
 
@@ -131,6 +139,16 @@ def _parser() -> argparse.ArgumentParser:
         commands += [t_create, t_list, t_delete]
     for p in commands:
         p.add_argument("--config", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+
+    usage = sub.add_parser("usage", help="usage and cost, summed per key, team, org, ...")
+    usage.add_argument("--config", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+    usage.add_argument(
+        "--by", default="model", choices=USAGE_GROUPS, help="what to sum per (default: model)"
+    )
+    usage.add_argument(
+        "--since", default="7d", help="how far back: 30m, 24h, 7d, 2w, or all (default: 7d)"
+    )
+    usage.add_argument("--json", action="store_true", help="a JSON list of objects instead")
     return parser
 
 
@@ -154,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command in ("orgs", "teams"):
             return asyncio.run(_tenants(args))
+        if args.command == "usage":
+            return asyncio.run(_usage(args))
         return asyncio.run(_keys(args))
     except CliError as exc:
         print(f"gandalf: error: {exc}", file=sys.stderr)
@@ -799,4 +819,86 @@ async def _tenant_delete(
     except TenantInUse as exc:
         raise CliError(_one_line(str(exc)), EXIT_USAGE) from None
     print(f"deleted {kind} {_safe(args.id)}", file=sys.stderr)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- usage
+
+
+def _since(text: str, now: float) -> float:
+    """The start of the ``--since`` window: ``now`` minus a duration such as
+    30m, 24h, 7d or 1d12h; ``all``: the beginning of time."""
+    if text == "all":
+        return 0.0
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise CliError(
+            f"--since must look like 30m, 24h, 7d or 2w (or all), got {_shown(text)}", EXIT_USAGE
+        )
+    if any(len(n) > _MAX_DIGITS for n, _ in parts):
+        raise CliError(f"--since is too long a duration, got {_shown(text)}", EXIT_USAGE)
+    return max(now - sum(int(n) * _UNIT[u] for n, u in parts), 0.0)
+
+
+def _group_label(by: str, row: UsageSummary) -> str:
+    """What a row is: a key as ``name (prefix...)`` and its id, a team or org
+    as its name and id, a model or provider by name."""
+    if row.group is None:
+        return "(none)"
+    if by == "key" and row.name is not None:
+        return f"{_safe(row.name)} ({_safe(row.prefix)}...) {_safe(row.group)}"
+    if row.name is not None and row.name != row.group:
+        return f"{_safe(row.name)} ({_safe(row.group)})"
+    return _safe(row.group)
+
+
+async def _usage(args: argparse.Namespace) -> int:
+    """``gandalf usage``: what the gateway served and what it cost, per group."""
+    import json
+
+    import msgspec
+
+    config = _load(args.config)
+    since = _since(args.since, time.time())
+    store = await _open_store(config)
+    try:
+        rows = await store.usage_summary(args.by, since)
+    finally:
+        await store.close()
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(rows), indent=2))
+        return EXIT_OK
+    total = UsageSummary(group="TOTAL")
+    for row in rows:
+        for field in UsageSummary.__struct_fields__[3:]:
+            setattr(total, field, getattr(total, field) + getattr(row, field))
+    header = ["REQUESTS", "ERRORS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "COST USD"]
+    table = [[args.by.upper(), *header]]
+    for row, label in [*((r, _group_label(args.by, r)) for r in rows), (total, "TOTAL")]:
+        cost = f"{row.cost_usd:.4f}" + ("*" if row.unpriced else "")
+        counts = (
+            row.requests,
+            row.errors,
+            row.prompt_tokens,
+            row.cached_prompt_tokens,
+            row.completion_tokens,
+            row.reasoning_tokens,
+        )
+        table.append([label, *(str(n) for n in counts), cost])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for i, line in enumerate(table):
+        if i == len(table) - 1:
+            print("  ".join("-" * w for w in widths))
+        cells = [line[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
+        print("  ".join(cells).rstrip())
+    window = (
+        "all time"
+        if since == 0.0
+        else f"since {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(since))}"
+    )
+    note = f"{len(rows)} group(s), {window}"
+    if total.unpriced:
+        note += f"; * {total.unpriced} successful request(s) without a known price (see pricing:)"
+    print(note, file=sys.stderr)
     return EXIT_OK

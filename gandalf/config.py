@@ -47,6 +47,7 @@ from gandalf.domain import (
     TYPES_NEEDING_KEY,
     BreakerPolicy,
     Budget,
+    ModelPrice,
     Organization,
     ProviderConfig,
     Resilience,
@@ -219,6 +220,8 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Retry, backoff and breaker defaults; each provider's ``breaker`` has
     # already been merged over ``resilience.breaker``.
     resilience: Resilience = msgspec.field(default_factory=Resilience)
+    # ``pricing:``: prices (USD per million tokens) over the price library's.
+    pricing: tuple[ModelPrice, ...] = ()
 
 
 # --------------------------------------------------------------------------- YAML-facing shapes
@@ -319,6 +322,18 @@ class _KeyIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     budget: _BudgetIn | None = None
 
 
+_Price = Annotated[float, msgspec.Meta(ge=0, le=1_000_000)]  # USD per million tokens
+
+
+class _PriceIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    provider: str
+    model: str
+    input: _Price
+    output: _Price
+    cached_input: _Price | None = None
+    cache_write: _Price | None = None
+
+
 class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
@@ -330,6 +345,7 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     limits: Limits = msgspec.field(default_factory=Limits)
     orgs: tuple[_OrgIn, ...] = ()
     teams: tuple[_TeamIn, ...] = ()
+    pricing: tuple[_PriceIn, ...] = ()
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -351,6 +367,7 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "resilience": _ResilienceIn,
     "resilience.breaker": _BreakerIn,
     "providers[].breaker": _BreakerIn,
+    "pricing[]": _PriceIn,
 }
 _DURATION_FIELDS: Mapping[str, tuple[str, ...]] = {
     "server": ("read_timeout", "write_timeout", "shutdown_timeout", "stream_keepalive"),
@@ -528,6 +545,7 @@ class _Loader:
         orgs = self.build_orgs(parsed.orgs, routes)
         teams = self.build_teams(parsed.teams, orgs, routes)
         keys = self.build_keys(parsed.keys, raw.get("keys"), parsed.auth, routes, teams, orgs)
+        pricing = self.build_pricing(parsed.pricing, providers)
         return GandalfConfig(
             source=self.source,
             server=server,
@@ -541,6 +559,7 @@ class _Loader:
             limits=parsed.limits,
             orgs=orgs,
             teams=teams,
+            pricing=pricing,
         )
 
     def expand(self, node: Any, path: str, depth: int) -> Any:
@@ -801,6 +820,43 @@ class _Loader:
                     source="config",
                     max_attempts=r.max_attempts,
                     coalesce=r.coalesce,
+                )
+            )
+        return tuple(out)
+
+    def build_pricing(
+        self, entries: tuple[_PriceIn, ...], providers: tuple[ProviderConfig, ...]
+    ) -> tuple[ModelPrice, ...]:
+        """``pricing:`` entries: ``provider`` names a provider, or a provider
+        type (then every provider of that type); one entry per pair."""
+        names = {p.name for p in providers}
+        types = {p.type for p in providers}
+        seen: dict[tuple[str, str], int] = {}
+        out: list[ModelPrice] = []
+        for i, e in enumerate(entries):
+            path = f"pricing[{i}]"
+            if e.provider not in names and e.provider not in types:
+                known = ", ".join(sorted(names | types)) or "none configured"
+                self.fail(
+                    f"{path}.provider",
+                    f"no provider is named or typed {e.provider!r} (known: {known})",
+                )
+            if not e.model.strip():
+                self.fail(f"{path}.model", "must not be empty")
+            pair = (e.provider, e.model)
+            if pair in seen:
+                self.fail(
+                    path, f"duplicate price for {e.provider}/{e.model} (also pricing[{seen[pair]}])"
+                )
+            seen[pair] = i
+            out.append(
+                ModelPrice(
+                    provider=e.provider,
+                    model=e.model,
+                    input=e.input,
+                    output=e.output,
+                    cached_input=e.cached_input,
+                    cache_write=e.cache_write,
                 )
             )
         return tuple(out)

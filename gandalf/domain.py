@@ -92,6 +92,23 @@ class Scope(msgspec.Struct, frozen=True, kw_only=True):
     budget: Budget | None = None
 
 
+class ModelPrice(msgspec.Struct, frozen=True, kw_only=True):
+    """A configured price (``pricing:``), USD per million tokens.
+
+    ``provider`` names a provider (or, when none has that name, every
+    provider of that type). ``cached_input`` and ``cache_write`` default to
+    ``input`` (what providers without a cache price charge); reasoning tokens
+    are charged at ``output``.
+    """
+
+    provider: str
+    model: str
+    input: float
+    output: float
+    cached_input: float | None = None
+    cache_write: float | None = None
+
+
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
     """The authenticated caller, as the hot path sees it (built once per cache fill).
 
@@ -563,6 +580,32 @@ class UsageRecord(msgspec.Struct, array_like=True):
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float | None = None  # None: no known price for the target model
+
+
+USAGE_GROUPS: tuple[str, ...] = ("key", "team", "org", "model", "provider")
+
+
+class UsageSummary(msgspec.Struct, kw_only=True):
+    """Usage records of one group (a key, team, org, model or provider) over a
+    time range, summed. ``group`` is the id (a model's or provider's name),
+    None for records without one (e.g. a request refused before routing);
+    ``name``/``prefix`` describe a key, team or org when the store knows it.
+    ``cost_usd`` sums the priced records; ``unpriced`` counts the successful
+    records whose cost is unknown (no price for their model)."""
+
+    group: str | None
+    name: str | None = None
+    prefix: str | None = None
+    requests: int = 0
+    errors: int = 0  # status >= 400
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
 
 
 # --------------------------------------------------------------------------- protocols

@@ -17,6 +17,7 @@ import time
 from gandalf import bootstrap
 from gandalf.app.health import HealthRegistry
 from gandalf.app.passthrough import PassthroughService
+from gandalf.app.pricing import PricedSink, build_pricing
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
@@ -60,6 +61,8 @@ def create_app(
                 registry.disabled,
                 health=HealthRegistry(config.resilience),
             )
+            # Prices resolved once here; each usage record is priced as it is queued.
+            sink = PricedSink(store, build_pricing(providers, routes, config.pricing))
             auth = config.auth
             keys = KeyCache(
                 store,
@@ -69,9 +72,9 @@ def create_app(
                 tenancy=await load_tenancy(store, config),
             )
             created = int(time.time())
-            api = Api(ProxyService(table, store), keys, store, created=created)
+            api = Api(ProxyService(table, sink), keys, store, created=created)
             native = NativeApi(
-                PassthroughService(table, registry.natives, store), keys, created=created
+                PassthroughService(table, registry.natives, sink), keys, created=created
             )
             endpoints = api.endpoints()
             api_prefixes = api.prefixes()

@@ -736,7 +736,12 @@ def test_chat_echo_with_provider_credentials(anthropic: MockAnthropic) -> None:
         "total_tokens": prompt + 3,
         "prompt_tokens_details": {"cached_tokens": expected["cache_read_input_tokens"]},
     }
-    assert usage == Usage(prompt_tokens=prompt, completion_tokens=3, total_tokens=prompt + 3)
+    assert usage == Usage(
+        prompt_tokens=prompt,
+        completion_tokens=3,
+        total_tokens=prompt + 3,
+        cached_prompt_tokens=expected["cache_read_input_tokens"],
+    )
 
 
 def test_base_url_ending_in_v1_is_not_doubled(anthropic: MockAnthropic) -> None:

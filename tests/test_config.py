@@ -1031,7 +1031,7 @@ def test_unknown_key_lists_valid_keys() -> None:
     assert error("bogus: 1\n") == (
         "gandalf.yaml: bogus: unknown key "
         "(expected one of: server, database, auth, providers, routes, keys, resilience, "
-        "limits, orgs, teams)"
+        "limits, orgs, teams, pricing)"
     )
 
 
@@ -1147,6 +1147,4 @@ def test_older_spellings_need_no_declaration_new_ones_do() -> None:
     old = parse(base + f"  - {{ name: a, key: {KEY_A}, org_id: acme, team_id: infra }}\n")
     assert (old.keys[0].org_id, old.keys[0].team_id) == ("acme", "infra")
     assert "unknown org 'acme'" in error(base + f"  - {{ name: a, key: {KEY_A}, org: acme }}\n")
-    assert "unknown team 'infra'" in error(
-        base + f"  - {{ name: a, key: {KEY_A}, team: infra }}\n"
-    )
+    assert "unknown team 'infra'" in error(base + f"  - {{ name: a, key: {KEY_A}, team: infra }}\n")

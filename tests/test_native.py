@@ -326,7 +326,7 @@ def test_unconfigured_apis_are_not_mounted(upstream: MockUpstream) -> None:
 def test_anthropic_usage_from_body_and_stream() -> None:
     body = b'{"usage":{"input_tokens":10,"cache_read_input_tokens":5,"output_tokens":7}}'
     assert anthropic_usage(body, b"", False) == Usage(
-        prompt_tokens=15, completion_tokens=7, total_tokens=22
+        prompt_tokens=15, completion_tokens=7, total_tokens=22, cached_prompt_tokens=5
     )
     head = (
         b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
@@ -338,7 +338,7 @@ def test_anthropic_usage_from_body_and_stream() -> None:
         b'"usage":{"output_tokens":9}}\n\nevent: message_stop\ndata: {}\n\n'
     )
     assert anthropic_usage(head, tail, True) == Usage(
-        prompt_tokens=5, completion_tokens=9, total_tokens=14
+        prompt_tokens=5, completion_tokens=9, total_tokens=14, cache_write_tokens=2
     )
     assert anthropic_usage(b"", b"", True) is None
 
@@ -350,7 +350,7 @@ def test_gemini_openai_and_ollama_usage() -> None:
         b'{"promptTokenCount":4,"candidatesTokenCount":6,"thoughtsTokenCount":3}}\r\n\r\n'
     )
     assert gemini_usage(b"", tail, True) == Usage(
-        prompt_tokens=4, completion_tokens=9, total_tokens=13
+        prompt_tokens=4, completion_tokens=9, total_tokens=13, reasoning_tokens=3
     )
     assert openai_usage(b'{"usage":{"prompt_tokens":2,"completion_tokens":3}}', b"", False) == (
         Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5)

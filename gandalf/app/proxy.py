@@ -69,6 +69,9 @@ class UsageSink(Protocol):
     def record_usage(self, record: UsageRecord) -> None: ...
 
 
+_NO_USAGE = Usage()
+
+
 class Accounting:
     """What one request's usage record needs, captured once."""
 
@@ -101,14 +104,8 @@ class Accounting:
         attempts: int = 1,
     ) -> None:
         identity = self.identity
-        if usage is not None:
-            prompt, completion, total = (
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.total_tokens,
-            )
-        else:
-            prompt = completion = total = 0
+        if usage is None:
+            usage = _NO_USAGE
         self.sink.record_usage(
             UsageRecord(
                 self.request_id,
@@ -117,14 +114,18 @@ class Accounting:
                 self.alias,
                 target.model if target is not None else None,
                 provider,
-                prompt,
-                completion,
-                total,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
                 (time.perf_counter() - self.started) * 1000.0,
                 status,
                 self.wall(),
                 self.endpoint,
                 attempts,
+                identity.team_id,
+                usage.cached_prompt_tokens,
+                usage.cache_write_tokens,
+                usage.reasoning_tokens,
             )
         )
 
@@ -366,6 +367,7 @@ class ProxyService:
                     self._clock(),
                     "chat",
                     attempts,
+                    identity.team_id,
                 )
             )
             raise
@@ -386,6 +388,10 @@ class ProxyService:
                 self._clock(),
                 "chat",
                 attempts,
+                identity.team_id,
+                usage.cached_prompt_tokens,
+                usage.cache_write_tokens,
+                usage.reasoning_tokens,
             )
         )
         return reply

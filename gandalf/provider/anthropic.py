@@ -70,6 +70,7 @@ from gandalf.provider._openai_chat import (
     tool_call_object,
     usage_object,
 )
+from gandalf.provider.usage import usage_from_anthropic
 
 PROVIDER_TYPE = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -414,13 +415,11 @@ _message_decoder = msgspec.json.Decoder(_Message)
 def _usage_pair(
     input_tokens: int, cache_read: int, cache_creation: int, output_tokens: int
 ) -> tuple[dict[str, Any], Usage]:
-    # Anthropic counts cached prompt tokens apart from input_tokens; OpenAI's
-    # prompt_tokens includes them, with the cache reads shown as cached_tokens.
-    prompt = input_tokens + cache_read + cache_creation
-    wire = usage_object(prompt, output_tokens, cached=cache_read)
-    return wire, Usage(
-        prompt_tokens=prompt, completion_tokens=output_tokens, total_tokens=prompt + output_tokens
-    )
+    # The counts in OpenAI's terms (usage_from_anthropic, shared with the
+    # native passthrough); the cache reads shown as cached_tokens.
+    domain = usage_from_anthropic(input_tokens, output_tokens, cache_read, cache_creation)
+    wire = usage_object(domain.prompt_tokens, output_tokens, cached=cache_read)
+    return wire, domain
 
 
 def from_anthropic(body: bytes, *, created: int, response_tool: str | None) -> tuple[bytes, Usage]:

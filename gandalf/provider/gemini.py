@@ -96,6 +96,7 @@ from gandalf.provider._openai_chat import (
     usage_object,
 )
 from gandalf.provider._signatures import KEPT_PREFIX, SKIP_SIGNATURE, Signatures
+from gandalf.provider.usage import usage_from_gemini
 
 PROVIDER_TYPE = "gemini"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -448,12 +449,19 @@ def _usage(meta: _UsageMetadata | None) -> tuple[dict[str, Any], Usage]:
     if meta is None:
         meta = _UsageMetadata()
     thoughts = meta.thoughts_token_count
-    prompt = meta.prompt_token_count
-    output = meta.candidates_token_count + (thoughts or 0)
-    wire = usage_object(
-        prompt, output, cached=meta.cached_content_token_count or 0, reasoning=thoughts
+    domain = usage_from_gemini(
+        meta.prompt_token_count,
+        meta.candidates_token_count,
+        thoughts or 0,
+        meta.cached_content_token_count or 0,
     )
-    return wire, Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
+    wire = usage_object(
+        domain.prompt_tokens,
+        domain.completion_tokens,
+        cached=domain.cached_prompt_tokens,
+        reasoning=thoughts,
+    )
+    return wire, domain
 
 
 def _arguments(call: _FunctionCall) -> str:

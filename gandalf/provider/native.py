@@ -27,6 +27,12 @@ from gandalf.errors import UpstreamAuthError, UpstreamError
 from gandalf.provider import transport
 from gandalf.provider.openai import replace_model, stream_body
 from gandalf.provider.sse import EventParser, EventRelay
+from gandalf.provider.usage import (
+    usage_from_anthropic,
+    usage_from_gemini,
+    usage_from_ollama,
+    usage_from_openai,
+)
 
 # Response headers never relayed: hop-by-hop ones, the framing this server sets
 # itself, and cookies (a gateway must not let an upstream set cookies on callers).
@@ -74,47 +80,46 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _usage(prompt: int, completion: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
-
-
 def anthropic_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
-    """Anthropic counts input (plus cache reads and writes) in ``message_start``
-    and output, cumulatively, in each ``message_delta``."""
+    """Anthropic counts input (and cache reads and writes) in ``message_start``
+    and output, cumulatively, in each ``message_delta`` (which may repeat the
+    input counts: the latest wins)."""
     if not streamed:
         usage = _decode_dict(head).get("usage")
         if not isinstance(usage, dict):
             return None
-        return _usage(_anthropic_input(usage), _int(usage.get("output_tokens")))
-    prompt = completion = 0
+        return _anthropic(usage, {})
+    start: dict[str, Any] = {}
+    latest: dict[str, Any] = {}
     found = False
     for name, data in _events(head):
         if name == b"message_start":
             message = _decode_dict(data).get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
             if isinstance(usage, dict):
-                prompt = _anthropic_input(usage)
-                completion = _int(usage.get("output_tokens"))
+                start = usage
                 found = True
             break
     for name, data in _events(tail):
         if name == b"message_delta":
             usage = _decode_dict(data).get("usage")
             if isinstance(usage, dict):
-                completion = _int(usage.get("output_tokens")) or completion
-                if usage.get("input_tokens") is not None:
-                    prompt = _anthropic_input(usage) or prompt
+                latest.update((k, v) for k, v in usage.items() if _int(v))
                 found = True
-    return _usage(prompt, completion) if found else None
+    return _anthropic(start, latest) if found else None
 
 
-def _anthropic_input(usage: dict[str, Any]) -> int:
-    return (
-        _int(usage.get("input_tokens"))
-        + _int(usage.get("cache_read_input_tokens"))
-        + _int(usage.get("cache_creation_input_tokens"))
+def _anthropic(start: dict[str, Any], latest: dict[str, Any]) -> Usage:
+    """The counts of ``latest`` (a delta's non-zero ones) over ``start``'s."""
+
+    def count(name: str) -> int:
+        return _int(latest.get(name)) or _int(start.get(name))
+
+    return usage_from_anthropic(
+        count("input_tokens"),
+        count("output_tokens"),
+        count("cache_read_input_tokens"),
+        count("cache_creation_input_tokens"),
     )
 
 
@@ -127,9 +132,12 @@ def gemini_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
     meta = _object_after(data, data.find(b"{", mark))
     if meta is None:
         return None
-    prompt = _int(meta.get("promptTokenCount"))
-    completion = _int(meta.get("candidatesTokenCount")) + _int(meta.get("thoughtsTokenCount"))
-    return _usage(prompt, completion)
+    return usage_from_gemini(
+        _int(meta.get("promptTokenCount")),
+        _int(meta.get("candidatesTokenCount")),
+        _int(meta.get("thoughtsTokenCount")),
+        _int(meta.get("cachedContentTokenCount")),
+    )
 
 
 def openai_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
@@ -142,7 +150,16 @@ def openai_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
     usage = _object_after(data, data.find(b"{", mark))
     if usage is None:
         return None
-    return _usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+    prompt_details = usage.get("prompt_tokens_details")
+    completion_details = usage.get("completion_tokens_details")
+    return usage_from_openai(
+        _int(usage.get("prompt_tokens")),
+        _int(usage.get("completion_tokens")),
+        cached=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        reasoning=_int(completion_details.get("reasoning_tokens"))
+        if isinstance(completion_details, dict)
+        else 0,
+    )
 
 
 def ollama_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
@@ -153,7 +170,7 @@ def ollama_usage(head: bytes, tail: bytes, streamed: bool) -> Usage | None:
     last = _decode_dict(lines[-1])
     if "prompt_eval_count" not in last and "eval_count" not in last:
         return None
-    return _usage(_int(last.get("prompt_eval_count")), _int(last.get("eval_count")))
+    return usage_from_ollama(_int(last.get("prompt_eval_count")), _int(last.get("eval_count")))
 
 
 # --------------------------------------------------------------------------- stream ends

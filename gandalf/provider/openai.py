@@ -26,10 +26,11 @@ from gandalf.domain import (
 from gandalf.errors import GatewayError, UpstreamError
 from gandalf.provider import transport
 from gandalf.provider.sse import EventRelay
+from gandalf.provider.usage import OpenAIUsage
 
 
 class _UsageOnly(msgspec.Struct):
-    usage: Usage | None = None
+    usage: OpenAIUsage | None = None
 
 
 _usage_decoder = msgspec.json.Decoder(_UsageOnly)
@@ -140,7 +141,7 @@ def extract_usage(body: bytes) -> Usage | None:
         usage = _usage_decoder.decode(body).usage
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    return usage if usage is not None else _ZERO
+    return usage.domain() if usage is not None else _ZERO
 
 
 class OpenAIChatStream:

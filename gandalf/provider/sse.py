@@ -23,6 +23,7 @@ import msgspec
 
 from gandalf.domain import Usage
 from gandalf.errors import UpstreamTooLarge
+from gandalf.provider.usage import OpenAIUsage
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 # A pending event this small is simply prepended to the next read and rescanned
@@ -35,7 +36,7 @@ _DONE_EVENT = b"\ndata: [DONE]\n\n"
 
 
 class _UsageEvent(msgspec.Struct):
-    usage: Usage | None = None
+    usage: OpenAIUsage | None = None
     choices: list[msgspec.Raw] = []
 
 
@@ -206,7 +207,7 @@ class EventRelay(_Pending):
             return complete
         if parsed.usage is None:
             return complete
-        self.usage = parsed.usage
+        self.usage = parsed.usage.domain()
         if self.drop_usage and not parsed.choices:
             self.events -= 1
             return complete[:begin] + complete[end:]

@@ -1,0 +1,327 @@
+"""What a request cost: prices resolved once per (provider, model) into rates.
+
+At start-up, every (provider, model) pair the gateway can call (route targets
+and providers' ``models``) is priced: from ``pricing:`` in the config when it
+names the pair, else from the ``genai-prices`` library (a maintained price
+table; imported only here, only while resolving: it costs ~0.15 s and ~13 MB
+to import and ~0.2 ms per lookup, none of which the request path may pay).
+Each price becomes a :class:`Rates` of plain floats in USD per token, so a
+request's cost is a dict lookup and a few multiplications
+(:meth:`Pricing.cost`).
+
+Cost, with the counts in OpenAI's terms (:class:`~gandalf.domain.Usage`)::
+
+    (prompt - cached - cache_write) * input + cached * cached_input
+      + cache_write * cache_write_rate
+      + (completion - reasoning) * output + reasoning * reasoning_rate
+
+Long-context tiers (a model priced higher when the prompt exceeds N tokens,
+all of the request's tokens then at the higher rate, as the providers and
+the library count) are kept: a :class:`Rates` carries its tiers, and the
+tier is picked by ``prompt_tokens``. Time-dependent prices (the library's
+conditional prices, e.g. off-peak discounts) are resolved once, at start-up;
+request-context variants (service tiers, batch) are not applied.
+
+A pair with no known price costs ``None`` (recorded as such, never guessed);
+one warning per such pair is logged at start-up naming the ``pricing:`` line
+that prices it. The fake provider type has no price and no warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import msgspec
+
+from gandalf.domain import ModelPrice, ProviderConfig, Route, Usage, UsageRecord
+
+logger = logging.getLogger("gandalf.pricing")
+
+_PER_MILLION = 1e-6
+
+# Provider type -> genai-prices provider id (None: no library price, e.g. a
+# local Ollama; ``pricing:`` can still price its models).
+LIBRARY_PROVIDERS: Mapping[str, str | None] = {
+    "openai": "openai",
+    "azure": "azure",
+    "anthropic": "anthropic",
+    "gemini": "google",
+    "ollama": None,
+    "fake": None,
+}
+# Types whose unpriced models are expected (no warning).
+_UNPRICED_TYPES = frozenset({"fake"})
+
+
+class Rates(msgspec.Struct, frozen=True, kw_only=True):
+    """Prices in USD per token. ``tiers``: (prompt tokens above which, the
+    rates then), ascending; empty for most models."""
+
+    input: float
+    output: float
+    cached_input: float
+    cache_write: float
+    reasoning: float
+    tiers: tuple[tuple[int, Rates], ...] = ()
+    source: str = "library"  # "library" | "config"
+
+    def cost(self, usage: Usage) -> float:
+        """The cost of ``usage`` in USD (pure arithmetic)."""
+        return self.cost_of(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_prompt_tokens,
+            usage.cache_write_tokens,
+            usage.reasoning_tokens,
+        )
+
+    def cost_of(
+        self, prompt: int, completion: int, cached: int, cache_write: int, reasoning: int
+    ) -> float:
+        """The cost in USD of these counts (OpenAI's terms: ``prompt``
+        includes ``cached`` and ``cache_write``, ``completion`` includes
+        ``reasoning``)."""
+        rates = self
+        if self.tiers:
+            for start, tier in reversed(self.tiers):
+                if prompt > start:
+                    rates = tier
+                    break
+        # Per request: plain arithmetic, no builtin calls (max() costs more).
+        fresh = prompt - cached - cache_write
+        answer = completion - reasoning
+        return (
+            (fresh if fresh > 0 else 0) * rates.input
+            + cached * rates.cached_input
+            + cache_write * rates.cache_write
+            + (answer if answer > 0 else 0) * rates.output
+            + reasoning * rates.reasoning
+        )
+
+    def per_million(self) -> dict[str, float]:
+        """The base rates in USD per million tokens (for display)."""
+        return {
+            "input": round(self.input / _PER_MILLION, 6),
+            "output": round(self.output / _PER_MILLION, 6),
+            "cached_input": round(self.cached_input / _PER_MILLION, 6),
+            "cache_write": round(self.cache_write / _PER_MILLION, 6),
+            "reasoning": round(self.reasoning / _PER_MILLION, 6),
+        }
+
+
+def configured_rates(price: ModelPrice) -> Rates:
+    """The rates of a ``pricing:`` entry (USD per million tokens)."""
+    cached = price.input if price.cached_input is None else price.cached_input
+    write = price.input if price.cache_write is None else price.cache_write
+    return Rates(
+        input=price.input * _PER_MILLION,
+        output=price.output * _PER_MILLION,
+        cached_input=cached * _PER_MILLION,
+        cache_write=write * _PER_MILLION,
+        reasoning=price.output * _PER_MILLION,
+        source="config",
+    )
+
+
+class Pricing:
+    """Rates per (provider name, model), built once; read per request."""
+
+    __slots__ = ("_rates", "unpriced")
+
+    def __init__(
+        self,
+        rates: Mapping[tuple[str, str], Rates] | None = None,
+        unpriced: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        nested: dict[str, dict[str, Rates]] = {}
+        for (provider, model), value in (rates or {}).items():
+            nested.setdefault(provider, {})[model] = value
+        self._rates = nested
+        # Pairs the gateway may call that have no price (their cost is None).
+        self.unpriced: tuple[tuple[str, str], ...] = tuple(unpriced)
+
+    def rates(self, provider: str | None, model: str | None) -> Rates | None:
+        """The rates of ``model`` served by the provider named ``provider``;
+        None when unknown (the budget code then cannot bound the cost)."""
+        models = self._rates.get(provider) if provider is not None else None
+        if models is None or model is None:
+            return None
+        return models.get(model)
+
+    def cost(self, provider: str | None, model: str | None, usage: Usage) -> float | None:
+        """What ``usage`` cost in USD; None when the pair has no price."""
+        models = self._rates.get(provider) if provider is not None else None
+        if models is None or model is None:
+            return None
+        rates = models.get(model)
+        return None if rates is None else rates.cost(usage)
+
+    def items(self) -> list[tuple[str, str, Rates]]:
+        return [(p, m, r) for p, models in self._rates.items() for m, r in models.items()]
+
+
+class UsageSink(Protocol):
+    def record_usage(self, record: UsageRecord) -> None: ...
+
+
+class PricedSink:
+    """A usage sink that fills each record's ``cost_usd`` (when not already
+    set) from its provider, target model and token counts, then hands it on.
+    Synchronous and allocation-free: a dict lookup and arithmetic."""
+
+    __slots__ = ("_pricing", "_sink")
+
+    def __init__(self, sink: UsageSink, pricing: Pricing) -> None:
+        self._sink = sink
+        self._pricing = pricing
+
+    def record_usage(self, record: UsageRecord) -> None:
+        if record.cost_usd is None:
+            rates = self._pricing.rates(record.provider, record.target_model)
+            if rates is not None:
+                record.cost_usd = rates.cost_of(
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                    record.cached_prompt_tokens,
+                    record.cache_write_tokens,
+                    record.reasoning_tokens,
+                )
+        self._sink.record_usage(record)
+
+
+LibraryLookup = Callable[[ProviderConfig, str], "Rates | None"]
+
+
+def build_pricing(
+    providers: Sequence[ProviderConfig],
+    routes: Sequence[Route],
+    prices: Sequence[ModelPrice] = (),
+    *,
+    library: LibraryLookup | None = None,
+    warn: Callable[[str], None] = logger.warning,
+) -> Pricing:
+    """Price every (provider, model) pair the gateway can call.
+
+    ``prices`` (the config's ``pricing:``) win over the library; an entry's
+    ``provider`` is a provider name, or a type (then it prices that model on
+    every provider of the type that has no entry by name). ``library``
+    defaults to :func:`library_rates`; tests pass their own. Warns once per
+    pair with no price (never for the fake provider type). Disabled
+    providers are skipped."""
+    lookup = library_rates if library is None else library
+    # A disabled provider serves nothing: it is neither priced nor warned about
+    # (the shipped config's keyless providers must not import the library).
+    by_name = {p.name: p for p in providers if p.enabled}
+    pairs: dict[tuple[str, str], ProviderConfig] = {}
+    for provider in by_name.values():
+        for model in provider.models:
+            pairs[(provider.name, model)] = provider
+    for route in routes:
+        for target in route.targets:
+            served = by_name.get(target.provider)
+            if served is not None:
+                pairs[(served.name, target.model)] = served
+    named: dict[tuple[str, str], ModelPrice] = {}
+    typed: dict[tuple[str, str], ModelPrice] = {}
+    for entry in prices:
+        if entry.provider in by_name:
+            named[(entry.provider, entry.model)] = entry
+            pairs.setdefault((entry.provider, entry.model), by_name[entry.provider])
+        else:
+            typed[(entry.provider, entry.model)] = entry
+    rates: dict[tuple[str, str], Rates] = {}
+    unpriced: list[tuple[str, str]] = []
+    for (name, model), provider in pairs.items():
+        price = named.get((name, model)) or typed.get((provider.type, model))
+        found = configured_rates(price) if price is not None else lookup(provider, model)
+        if found is not None:
+            rates[(name, model)] = found
+            continue
+        unpriced.append((name, model))
+        if provider.type not in _UNPRICED_TYPES:
+            warn(
+                f"no price known for model {model!r} of provider {name!r}: its usage is "
+                f"recorded with cost_usd null; to price it, add under pricing: in the config "
+                f"- {{ provider: {name}, model: {model}, input: <USD per 1M>, "
+                f"output: <USD per 1M> }}"
+            )
+    return Pricing(rates, unpriced)
+
+
+# --------------------------------------------------------------------------- genai-prices
+
+
+def library_rates(provider: ProviderConfig, model: str) -> Rates | None:
+    """The library's current price of ``model`` on ``provider``, as rates;
+    None when it has none. An OpenAI-compatible provider whose base URL the
+    library knows (Together, Groq, OpenRouter, ...) is priced as that
+    provider; any other as the provider type's own API."""
+    provider_id = LIBRARY_PROVIDERS.get(provider.type)
+    if provider_id is None:
+        return None
+    # Imported here, at start-up only: pydantic-heavy, slow per call.
+    from genai_prices import data_snapshot
+
+    snapshot = data_snapshot.get_snapshot()
+    if provider.base_url:
+        # A local or unknown URL: priced as the type's own API.
+        with contextlib.suppress(LookupError):
+            provider_id = snapshot.find_provider(None, None, provider.base_url).id
+    try:
+        _, info = snapshot.find_provider_model(model, None, provider_id, None)
+    except LookupError:
+        return None
+    return _from_library(info.get_prices(datetime.now(tz=UTC)))
+
+
+def _from_library(price: Any) -> Rates | None:
+    """Rates from a genai-prices ``ModelPrice`` (USD per million, Decimals or
+    ``TieredPrices``); None when it has no token price at all."""
+    keys = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
+    reasoning_key = "output_reasoning_mtok"
+    values = {key: getattr(price, key, None) for key in (*keys, reasoning_key)}
+    if values["input_mtok"] is None and values["output_mtok"] is None:
+        return None
+    starts = sorted(
+        {tier.start for value in values.values() for tier in getattr(value, "tiers", None) or ()}
+    )
+
+    def rate(key: str, fallback: str | None, prompt: int) -> float:
+        value = values[key]
+        if value is None:
+            return rate(fallback, None, prompt) if fallback is not None else 0.0
+        if hasattr(value, "tiers"):
+            chosen = value.base
+            for tier in reversed(value.tiers):
+                if prompt > tier.start:
+                    chosen = tier.price
+                    break
+            value = chosen
+        return float(value) * _PER_MILLION
+
+    def at(prompt: int) -> Rates:
+        # Without its own price, a cached or cache-write token costs an input
+        # token (as the library charges it), a reasoning token an output one.
+        return Rates(
+            input=rate("input_mtok", None, prompt),
+            output=rate("output_mtok", None, prompt),
+            cached_input=rate("cache_read_mtok", "input_mtok", prompt),
+            cache_write=rate("cache_write_mtok", "input_mtok", prompt),
+            reasoning=rate(reasoning_key, "output_mtok", prompt),
+        )
+
+    base = at(0)
+    if not starts:
+        return base
+    return Rates(
+        input=base.input,
+        output=base.output,
+        cached_input=base.cached_input,
+        cache_write=base.cache_write,
+        reasoning=base.reasoning,
+        tiers=tuple((start, at(start + 1)) for start in starts),
+    )
