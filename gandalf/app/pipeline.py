@@ -119,7 +119,8 @@ class Pipeline:
         self._clock = clock
         self._governor = governor
         self._price = price
-        self._cost = cost
+        # The default hook is not called at all: a call per request for a None.
+        self._cost: CostOf | None = None if cost is no_cost else cost
 
     # ------------------------------------------------------------------ admit
 
@@ -189,8 +190,9 @@ class Pipeline:
         attempts made (0: the request shared a coalesced call)."""
         cost: float | None = None
         if usage is not None:
-            if provider is not None and model is not None:
-                cost = self._cost(provider, model, usage)
+            price = self._cost
+            if price is not None and provider is not None and model is not None:
+                cost = price(provider, model, usage)
             record = UsageRecord(
                 request_id,
                 identity.key_id,

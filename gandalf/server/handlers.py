@@ -220,7 +220,10 @@ def _served(served: ServedHeaders, outcome: Outcome[ProviderReply]) -> Response:
     """A non-streamed answer: its body, who served it, the upstream's relayed
     headers and the pipeline's (the governor's x-ratelimit-*)."""
     reply = outcome.value
-    headers = served.of(outcome.slot.name, outcome.attempts)
+    attempts = outcome.attempts
+    headers = served.first.get(outcome.slot.name) if attempts == 1 else None
+    if headers is None:
+        headers = served.build(outcome.slot.name, attempts)
     if reply.headers:  # the upstream's rate limits and request id (openai.py)
         headers = (*headers, *reply.headers)
     if outcome.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
