@@ -1,6 +1,6 @@
 """Failover: one request's attempts across its route's targets.
 
-:meth:`Failover.route` walks the targets in the order the route's strategy
+The failover loop walks the targets in the order the route's strategy
 gives (app/balancer.py), skipping any whose provider's circuit breaker refuses
 (app/breaker.py). A failed attempt is classified (app/health.py): the caller's
 own errors end the request at once; anything another target may answer moves
