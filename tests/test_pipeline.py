@@ -171,6 +171,41 @@ def test_a_failed_chat_releases_its_ticket() -> None:
     assert (record.team_id, record.cost_usd) == ("team-1", None)
 
 
+def test_a_failed_call_tells_its_limits_on_the_error() -> None:
+    governor = FakeGovernor()
+    h = harness(FakeProvider("a", fail=UpstreamError("down")), governor=governor)
+    request, body = chat_body()
+    with pytest.raises(UpstreamError) as raised:
+        asyncio.run(h.service.chat(SCOPED, request, body, "req", 0.0))
+    headers = dict(raised.value.headers())
+    assert headers[b"x-ratelimit-limit-requests"] == b"10"
+    assert headers[b"x-gandalf-provider"] == b"a"
+
+
+def test_a_shared_failure_is_not_annotated_by_each_waiter() -> None:
+    governor = FakeGovernor()
+    a = FakeProvider("a", fail=UpstreamError("down"))
+    a.gate = asyncio.Event()
+    h = harness(a, governor=governor, coalesce=True)
+    request, body = chat_body(temperature=0)
+
+    async def scenario() -> list[BaseException | object]:
+        tasks = [
+            asyncio.create_task(h.service.chat(SCOPED, request, body, f"r{i}", 0.0))
+            for i in range(3)
+        ]
+        await settle()
+        assert a.gate is not None
+        a.gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    (error, *others) = asyncio.run(scenario())
+    assert isinstance(error, UpstreamError) and all(o is error for o in others)
+    assert error.relayed == ()  # one exception for three requests: nobody's limits on it
+    assert sorted(governor.ends()) == [("release", n) for n in (1, 2, 3)]
+    assert sorted(r.attempts for r in h.sink.records) == [0, 0, 3]  # the leader retried
+
+
 def test_the_permission_check_comes_before_the_governor() -> None:
     governor = FakeGovernor()
     h = harness(governor=governor)
@@ -465,7 +500,8 @@ def test_a_native_stream_settles_when_it_ends() -> None:
 
 def test_a_failed_native_call_releases_and_records_once() -> None:
     governor = FakeGovernor()
-    service, sink = passthrough(FakeNative(fail=UpstreamError("down")), governor)
+    native = FakeNative(fail=UpstreamError("down"))
+    service, sink = passthrough(native, governor)
     with pytest.raises(UpstreamError):
         asyncio.run(
             service.forward(SCOPED, "anthropic", "m", "anthropic.messages", _build(False), "r",
@@ -473,6 +509,12 @@ def test_a_failed_native_call_releases_and_records_once() -> None:
         )  # fmt: skip
     assert governor.ends() == [("release", 1)]
     assert [(r.status, r.provider, r.team_id) for r in sink.records] == [(502, "a", "team-1")]
+    assert isinstance(native.fail, UpstreamError)
+    headers = dict(native.fail.headers())  # in the API's shape: no Gandalf routing headers
+    assert headers == {
+        b"x-ratelimit-limit-requests": b"10",
+        b"x-ratelimit-remaining-requests": b"9",
+    }
 
 
 def test_native_calls_without_scopes_never_call_the_governor() -> None:
@@ -510,9 +552,11 @@ class _Ready:
         return True
 
 
-def server(governor: FakeGovernor) -> tuple[GandalfApp, ListSink]:
+def server(
+    governor: FakeGovernor, provider: FakeProvider | None = None
+) -> tuple[GandalfApp, ListSink]:
     sink = ListSink()
-    table = RouteTable.build([route("m", ("a", 1))], {"a": FakeProvider("a")}, {})
+    table = RouteTable.build([route("m", ("a", 1))], {"a": provider or FakeProvider("a")}, {})
     keys = _ScopedKeys(_NoKeys())
     api = Api(ProxyService(table, sink, governor=governor), keys, _Ready())
     native = NativeApi(
@@ -540,25 +584,27 @@ def server(governor: FakeGovernor) -> tuple[GandalfApp, ListSink]:
         ("/v1/embeddings", {"model": "m", "input": "hi"}),
         ("/v1/messages", {"model": "m", "max_tokens": 10, "messages": []}),
         ("/v1/messages", {"model": "m", "max_tokens": 10, "stream": True, "messages": []}),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
     ],
-    ids=["chat", "stream", "embeddings", "native", "native-stream"],
+    ids=["chat", "stream", "embeddings", "native", "native-stream", "failed"],
 )
 def test_ticket_headers_reach_every_model_call_response(path: str, json: Any) -> None:
     governor = FakeGovernor()
-    app, sink = server(governor)
+    failing = json.get("messages") == [{"role": "user", "content": "x"}]
+    app, sink = server(governor, FakeProvider("a", fail=UpstreamError("down")) if failing else None)
 
     async def scenario() -> None:
         await app.startup()
         try:
             headers = [("authorization", f"Bearer {KEY}"), ("anthropic-version", "2023-06-01")]
             reply = await call(app, "POST", path, headers=headers, json=json, stay=True)
-            assert reply.status == 200, reply.body
+            assert reply.status == (502 if failing else 200), reply.body
             assert reply.header("x-ratelimit-limit-requests") == "10"
             assert reply.header("x-ratelimit-remaining-requests") == "9"
         finally:
             await app.shutdown()
 
     asyncio.run(scenario())
-    assert [c[0] for c in governor.calls] == ["admit", "settle"]
+    assert [c[0] for c in governor.calls] == ["admit", "release" if failing else "settle"]
     assert len(sink.records) == 1 and isinstance(sink.records[0], UsageRecord)
     assert sink.records[0].team_id == "team-1"

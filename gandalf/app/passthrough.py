@@ -28,6 +28,7 @@ from gandalf.app.pipeline import (
     failure_status,
     no_cost,
     no_price,
+    tell,
 )
 from gandalf.app.router import RouteEntry, RouteTable
 from gandalf.domain import (
@@ -246,6 +247,8 @@ class PassthroughService:
                 target.model if target is not None and provider is not None else None, None,
                 failure_status(exc), 0 if provider is None else 1, ticket,
             )  # fmt: skip
+            if ticket is not None:
+                tell(exc, ticket)
             raise
         if reply.status == 429 or reply.status >= 500:
             _attempt_failed(provider, target, reply.status, "relayed as is", request_id)

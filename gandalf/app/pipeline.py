@@ -51,6 +51,7 @@ __all__ = [
     "failure_status",
     "no_cost",
     "no_price",
+    "tell",
 ]
 
 
@@ -250,12 +251,15 @@ class Pipeline:
         endpoint: str,
         exc: BaseException,
         ticket: Ticket | None,
+        follower: bool = False,
         shared: bool = False,
     ) -> None:
         """:meth:`account` for a request that ``exc`` ended before an answer:
         the provider, model and attempts the failure carries
-        (:func:`~gandalf.app.failover.failure_of`); ``shared``: the failure
-        was another request's coalesced call (this one made no attempt)."""
+        (:func:`~gandalf.app.failover.failure_of`), and :meth:`tell` the
+        client its limits. ``shared``: ``exc`` is a coalesced call's, raised to
+        every waiter (so not annotated here); ``follower``: this request only
+        waited for that call (it made no attempt)."""
         provider, model, attempts = failure_of(exc)
         self.account(
             identity,
@@ -267,6 +271,16 @@ class Pipeline:
             model,
             None,
             failure_status(exc),
-            0 if shared else attempts,
+            0 if follower else attempts,
             ticket,
         )
+        if ticket is not None and not shared:
+            tell(exc, ticket)
+
+
+def tell(exc: BaseException, ticket: Ticket) -> None:
+    """Add the ticket's ``x-ratelimit-*`` headers to the error response
+    ``exc`` becomes (a model call's answer carries them, failed or not).
+    Only for an exception this request alone raises."""
+    if isinstance(exc, GatewayError) and ticket.headers:
+        exc.relayed = (*exc.relayed, *ticket.headers)

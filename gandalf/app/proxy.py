@@ -258,10 +258,11 @@ class ProxyService:
         alias = request.model
         pipeline = self.pipeline
         ticket: Ticket | None = None
-        follower = False
+        shared = follower = False
         try:
             entry, ticket = pipeline.admit(self.routes, identity, alias, body, request.output_limit)
             if entry.coalesce and is_deterministic(body):
+                shared = True
                 landed, leader = await self._coalescer.join(
                     (alias, body), lambda: self._flight(entry, request, body, request_id)
                 )
@@ -275,7 +276,9 @@ class ProxyService:
                     entry, _chat, job, request_id, self._monotonic()
                 )
         except BaseException as exc:
-            pipeline.failed(identity, alias, request_id, started, "chat", exc, ticket, follower)
+            pipeline.failed(
+                identity, alias, request_id, started, "chat", exc, ticket, follower, shared
+            )
             raise
         reply, slot = outcome.value, outcome.slot
         pipeline.account(
