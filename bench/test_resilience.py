@@ -38,6 +38,7 @@ import pytest
 from test_micro import CHAT_BODY, KEY, STREAM_BODY, Driver
 
 from gandalf import bootstrap
+from gandalf.app.failover import Outcome
 from gandalf.app.health import HealthRegistry
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import RouteTable
@@ -112,7 +113,7 @@ class PlainProxy:
 
     async def chat(
         self, identity: Identity, request: ChatRequest, body: bytes, request_id: str, started: float
-    ) -> ProviderReply:
+    ) -> Outcome[ProviderReply]:
         alias = request.model
         target = provider = None
         try:
@@ -160,11 +161,11 @@ class PlainProxy:
                 self._clock(),
             )
         )
-        return reply
+        return Outcome(reply, entry.slots[0], 1)  # what the server reads
 
     async def chat_stream(
         self, identity: Identity, request: ChatRequest, body: bytes, request_id: str, started: float
-    ) -> PlainStream:
+    ) -> Outcome[PlainStream]:
         alias = request.model
         target = provider = None
         try:
@@ -180,7 +181,8 @@ class PlainProxy:
         except BaseException:
             self._sink.record_usage(self._usage(identity, alias, request_id, started, 500))
             raise
-        return PlainStream(stream, self, identity, alias, request_id, started)
+        plain = PlainStream(stream, self, identity, alias, request_id, started)
+        return Outcome(plain, entry.slots[0], 1)  # what the server reads
 
     def _usage(
         self,
@@ -211,8 +213,6 @@ class PlainProxy:
 class PlainStream:
     """The stream wrapper as it was (usage recorded on close), for ``PlainProxy``."""
 
-    provider = None  # the server then sends its plain SSE headers
-    attempts = 1
     headers: tuple[tuple[bytes, bytes], ...] = ()  # no upstream headers to relay
 
     def __init__(
@@ -304,7 +304,7 @@ def _service_variants() -> dict[str, Variant]:
     plain = PlainProxy(table, sink)
     resilient = ProxyService(table, sink)
 
-    def variant(chat: Callable[..., Awaitable[ProviderReply]], alias: str, **extra: Any) -> Variant:
+    def variant(chat: Callable[..., Awaitable[object]], alias: str, **extra: Any) -> Variant:
         request, body = _request(alias, **extra)
 
         async def run(n: int) -> None:

@@ -542,17 +542,12 @@ class EmbeddingsCall(msgspec.Struct, kw_only=True):
 
 class ProviderReply(msgspec.Struct, kw_only=True):
     """A successful upstream answer: body bytes relayed as-is, usage extracted.
-
-    ``provider`` and ``attempts`` are filled in by the routing layer: who served
-    it, and how many upstream attempts it took (0: it shared another request's
-    call).
-    """
+    Who served it and after how many attempts is the routing layer's to say
+    (app/failover.py's Outcome), not written here."""
 
     body: bytes
     usage: Usage
     status: int = 200
-    provider: str | None = None
-    attempts: int = 1
     # Upstream response headers the client may read (rate limits, processing
     # time, the upstream's request id), already named as relayed.
     headers: tuple[tuple[bytes, bytes], ...] = ()

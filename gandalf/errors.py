@@ -75,6 +75,7 @@ class GatewayError(Exception):
     code: str | None = "internal_error"
     # Set by the routing layer on errors an upstream attempt produced.
     upstream: str | None = None  # the provider that answered (or failed) last
+    upstream_model: str | None = None  # the model it was asked for
     attempts: int = 0  # upstream attempts made for the request
     # The gateway already spent what a retry could do (it made more than one
     # attempt, a retry budget refused one, or no retry can cure the failure):

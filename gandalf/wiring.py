@@ -15,14 +15,15 @@ import signal
 import time
 
 from gandalf import bootstrap
+from gandalf.app.governor import LocalGovernor, share_from_env
 from gandalf.app.health import HealthRegistry
 from gandalf.app.passthrough import PassthroughService
-from gandalf.app.pricing import PricedSink, build_pricing
+from gandalf.app.pricing import build_pricing
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
 from gandalf.config import GandalfConfig, default_config_path, load_config
-from gandalf.domain import Tenancy
+from gandalf.domain import Scope, Tenancy
 from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
@@ -61,21 +62,29 @@ def create_app(
                 registry.disabled,
                 health=HealthRegistry(config.resilience),
             )
-            # Prices resolved once here; each usage record is priced as it is queued.
-            sink = PricedSink(store, build_pricing(providers, routes, config.pricing))
+            # Prices resolved once here; per request a cost is arithmetic.
+            pricing = build_pricing(providers, routes, config.pricing)
             auth = config.auth
+            tenancy = await load_tenancy(store, config)
             keys = KeyCache(
                 store,
                 ttl=auth.key_cache_ttl,
                 negative_ttl=auth.negative_cache_ttl,
                 max_size=auth.key_cache_size,
-                tenancy=await load_tenancy(store, config),
+                tenancy=tenancy,
             )
+            # Limits and budgets: this worker's share (GANDALF_WORKERS), with
+            # the spend of every budget's current period read back first.
+            governor = LocalGovernor(share=share_from_env())
+            await governor.rebuild(store, await budget_scopes(store, tenancy))
+            price, cost = pricing.worst_case, pricing.cost
             created = int(time.time())
-            api = Api(ProxyService(table, sink), keys, store, created=created)
-            native = NativeApi(
-                PassthroughService(table, registry.natives, sink), keys, created=created
+            proxy = ProxyService(table, store, governor=governor, price=price, cost=cost)
+            passthrough = PassthroughService(
+                table, registry.natives, store, governor=governor, price=price, cost=cost
             )
+            api = Api(proxy, keys, store, created=created)
+            native = NativeApi(passthrough, keys, created=created)
             endpoints = api.endpoints()
             api_prefixes = api.prefixes()
             # OpenAI's /v1/models and /v1/models/ are shared with Gemini's v1 API:
@@ -119,6 +128,26 @@ def create_app(
         # writes a line that a request ending after it (or without one) buffered.
         atexit.register(app.core.access.flush)
     return app
+
+
+async def budget_scopes(store: SqliteStore, tenancy: Tenancy) -> list[Scope]:
+    """Every key, team and org that sets a budget, as the governor keys them."""
+    scopes = [
+        Scope(kind="key", id=key.id, budget=key.budget)
+        for key in await store.list_keys()
+        if key.budget is not None and not key.revoked
+    ]
+    scopes += [
+        Scope(kind="team", id=team.id, budget=team.budget)
+        for team in tenancy.teams.values()
+        if team.budget is not None
+    ]
+    scopes += [
+        Scope(kind="org", id=org.id, budget=org.budget)
+        for org in tenancy.orgs.values()
+        if org.budget is not None
+    ]
+    return scopes
 
 
 async def load_tenancy(store: SqliteStore, config: GandalfConfig) -> Tenancy:

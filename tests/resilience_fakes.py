@@ -9,7 +9,10 @@ from typing import Any
 
 import msgspec
 
+from gandalf.app.failover import Outcome
+from gandalf.app.governance import Governor
 from gandalf.app.health import HealthRegistry
+from gandalf.app.pipeline import CostOf, no_cost
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import RouteTable
 from gandalf.domain import (
@@ -67,7 +70,7 @@ class ListSink:
         self.records.append(record)
 
 
-Outcome = BaseException | None  # None: answer
+Scripted = BaseException | None  # None: answer
 
 
 class FakeStream:
@@ -117,7 +120,7 @@ class FakeProvider:
         self.config = ProviderConfig(name=name, type="fake")
         self.clock = clock
         self.fail = fail
-        self.script: list[Outcome] = []
+        self.script: list[Scripted] = []
         self.latency = latency
         self.gate: asyncio.Event | None = None
         self.calls: list[ChatCall | EmbeddingsCall] = []
@@ -207,7 +210,8 @@ def route(
 
 
 class Harness:
-    """A ProxyService over fake providers, a fake clock, a seeded rng and a recording sleep."""
+    """A ProxyService over fake providers, a fake clock, a seeded rng and a
+    recording sleep (and the pipeline's ``governor`` / ``cost`` hooks)."""
 
     def __init__(
         self,
@@ -216,6 +220,8 @@ class Harness:
         *,
         resilience: Resilience | None = None,
         seed: int = 1,
+        governor: Governor | None = None,
+        cost: CostOf = no_cost,
     ) -> None:
         self.clock = FakeClock()
         for provider in providers:
@@ -233,9 +239,11 @@ class Harness:
             monotonic=self.clock,
             rng=random.Random(seed),
             sleep=self.sleep,
+            governor=governor,
+            cost=cost,
         )
 
-    async def chat(self, model: str = "m", **fields: Any) -> ProviderReply:
+    async def chat(self, model: str = "m", **fields: Any) -> Outcome[ProviderReply]:
         request, body = chat_body(model, **fields)
         return await self.service.chat(IDENTITY, request, body, "req", 0.0)
 
@@ -243,8 +251,8 @@ class Harness:
         return len(self.providers[name].calls)
 
 
-def served_by(reply: ProviderReply) -> str:
-    name: str = msgspec.json.decode(reply.body)["served_by"]
+def served_by(outcome: Outcome[ProviderReply]) -> str:
+    name: str = msgspec.json.decode(outcome.value.body)["served_by"]
     return name
 
 

@@ -14,13 +14,14 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
 
 from gandalf.app.pricing import (
     LibraryLookup,
-    PricedSink,
     Pricing,
     Rates,
     build_pricing,
@@ -28,7 +29,7 @@ from gandalf.app.pricing import (
     library_rates,
 )
 from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry, ServerConfig, parse_config
-from gandalf.domain import ModelPrice, ProviderConfig, Route, Target, Usage, UsageRecord
+from gandalf.domain import ModelPrice, ProviderConfig, Route, Target, Usage
 from gandalf.errors import ConfigError
 from gandalf.wiring import create_app
 from tests.asgi_client import call
@@ -234,27 +235,28 @@ def test_disabled_providers_are_neither_looked_up_nor_warned() -> None:
     assert asked == [] and warned == [] and pricing.unpriced == ()
 
 
-def test_priced_sink_fills_cost_before_queueing() -> None:
-    got: list[UsageRecord] = []
+def test_cost_and_worst_case_of_a_route() -> None:
+    """cost(): the record's price (cached tokens at their own rate); worst_case():
+    the dearest priced target of the route (failover may land on any), None when
+    none is priced."""
+    pricing = Pricing(
+        {("oa", "gpt-4o"): rates(2.0, 8.0, 0.5, 2.0), ("ob", "big"): rates(10.0, 30.0, 10.0, 10.0)}
+    )
+    usage = Usage(prompt_tokens=1000, completion_tokens=100, total_tokens=1100)
+    usage.cached_prompt_tokens = 400
+    assert pricing.cost("oa", "gpt-4o", usage) == pytest.approx((600 * 2 + 400 * 0.5 + 800) / 1e6)
+    assert pricing.cost("oa", "other", usage) is None and pricing.cost(None, None, usage) is None
 
-    class Sink:
-        def record_usage(self, record: UsageRecord) -> None:
-            got.append(record)
+    def entry(*pairs: tuple[str, str]) -> Any:
+        slots = [SimpleNamespace(name=p, target=Target(provider=p, model=m)) for p, m in pairs]
+        return SimpleNamespace(slots=slots)
 
-    pricing = Pricing({("oa", "gpt-4o"): rates(2.0, 8.0, 0.5, 2.0)})
-    sink = PricedSink(Sink(), pricing)
-
-    def record(provider: str | None, model: str | None) -> UsageRecord:
-        return UsageRecord(
-            "r", "k", "o", "alias", model, provider, 1000, 100, 1100, 1.0, 200, 0.0,
-            cached_prompt_tokens=400,
-        )  # fmt: skip
-
-    sink.record_usage(record("oa", "gpt-4o"))
-    sink.record_usage(record("oa", "other"))
-    sink.record_usage(record(None, None))  # failed before any provider
-    assert got[0].cost_usd == pytest.approx((600 * 2 + 400 * 0.5 + 800) / 1e6)
-    assert got[1].cost_usd is None and got[2].cost_usd is None
+    both = entry(("oa", "gpt-4o"), ("ob", "big"))
+    assert pricing.worst_case(both, 100, 10) == pytest.approx((100 * 10 + 10 * 30) / 1e6)
+    assert pricing.worst_case(entry(("oa", "gpt-4o"), ("x", "y")), 100, 10) == pytest.approx(
+        (100 * 2 + 10 * 8) / 1e6
+    )
+    assert pricing.worst_case(entry(("x", "y")), 100, 10) is None
 
 
 def test_the_library_is_imported_only_to_look_prices_up() -> None:

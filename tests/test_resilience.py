@@ -150,7 +150,7 @@ def test_embeddings_fail_over_too() -> None:
     )
     request, body = embeddings_body()
     reply = asyncio.run(h.service.embeddings(IDENTITY, request, body, "req", 0.0))
-    assert reply.body == b"b" and (reply.provider, reply.attempts) == ("b", 2)
+    assert reply.value.body == b"b" and (reply.provider, reply.attempts) == ("b", 2)
     (record,) = h.sink.records
     assert (record.endpoint, record.provider, record.attempts) == ("embeddings", "b", 2)
 
@@ -164,8 +164,9 @@ def test_a_stream_fails_over_while_it_is_being_opened() -> None:
     request, body = chat_body(stream=True)
 
     async def scenario() -> list[bytes]:
-        stream = await h.service.chat_stream(IDENTITY, request, body, "req", 0.0)
-        assert (stream.provider, stream.attempts) == ("b", 2)
+        opened = await h.service.chat_stream(IDENTITY, request, body, "req", 0.0)
+        assert (opened.provider, opened.attempts) == ("b", 2)
+        stream = opened.value
         chunks = [chunk async for chunk in stream]
         await stream.aclose(200)
         return chunks
@@ -186,7 +187,7 @@ def test_a_stream_never_fails_over_once_it_started() -> None:
     request, body = chat_body(stream=True)
 
     async def scenario() -> None:
-        stream = await h.service.chat_stream(IDENTITY, request, body, "req", 0.0)
+        stream = (await h.service.chat_stream(IDENTITY, request, body, "req", 0.0)).value
         chunks: list[bytes] = []
         with pytest.raises(UpstreamError):
             async for chunk in stream:
@@ -501,7 +502,7 @@ def test_identical_deterministic_requests_share_one_upstream_call() -> None:
         assert a.gate is not None
         a.gate.set()
         replies = await asyncio.gather(*waiters)
-        assert {r.body for r in replies} == {replies[0].body}
+        assert {r.value.body for r in replies} == {replies[0].value.body}
         assert sorted(r.attempts for r in replies) == [0] * 7 + [1]
         assert {r.provider for r in replies} == {"a"}
 

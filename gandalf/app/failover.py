@@ -1,6 +1,6 @@
 """Failover: one request's attempts across its route's targets.
 
-:meth:`Failover.route` walks the targets in the order the route's strategy
+The failover loop walks the targets in the order the route's strategy
 gives (app/balancer.py), skipping any whose provider's circuit breaker refuses
 (app/breaker.py). A failed attempt is classified (app/health.py): the caller's
 own errors end the request at once; anything another target may answer moves
@@ -11,8 +11,11 @@ again in the same order, each after a full-jitter backoff, or the upstream's
 not retried), and only while its provider's retry budget allows (app/retry.py).
 Each failover or retry is one attempt.
 
-:meth:`Failover.serve` is the same with the first attempt made directly, as
-``ProxyService.chat`` does inline on its hot path.
+:meth:`Failover.serve` is the only attempt code of the request pipeline
+(app/pipeline.py): the healthy first attempt made directly (a closed-breaker
+first pick costs a clock read, a flag test and a success count over a plain
+call), anything else through the loop. It returns an :class:`Outcome`; a
+failure raises an exception that carries the same facts (:func:`failure_of`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
+
+import msgspec
 
 from gandalf.app.balancer import Slot, plan
 from gandalf.app.health import classify, retry_after_of
@@ -29,29 +34,54 @@ from gandalf.app.retry import Backoff, parse_retry_after
 from gandalf.app.router import RouteEntry
 from gandalf.errors import CircuitOpen, GatewayError, printable
 
-__all__ = ["Attempts", "Failover", "observe"]
+__all__ = ["Failover", "Outcome", "failure_of", "observe"]
 
 logger = logging.getLogger("gandalf.resilience")
 
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 
 
-class Attempts(Generic[_T]):
-    """One request's way through its route once it left the fast path: the
-    slot tried last, the attempts so far, the request's id (for the log line
-    of each failed attempt), whether a retry was refused by a provider's retry
-    budget, and (for a coalesced call, which hands its outcome to several
-    waiters) the result or the error."""
+class Outcome(msgspec.Struct, Generic[_T]):
+    """What serving a request gave: the ``value`` (a reply or a stream), the
+    ``slot`` that served it and the upstream ``attempts`` it took (0: it shared
+    another request's call). ``headers``: response headers the pipeline adds
+    for the client (the governor ticket's ``x-ratelimit-*``), empty when none."""
 
-    __slots__ = ("attempts", "denied", "error", "request_id", "result", "slot")
+    value: _T
+    slot: Slot
+    attempts: int
+    headers: Sequence[tuple[bytes, bytes]] = ()
 
-    def __init__(self, slot: Slot | None = None, attempts: int = 0, request_id: str = "") -> None:
-        self.slot = slot
-        self.attempts = attempts
-        self.request_id = request_id
-        self.denied = False
-        self.result: _T | None = None
-        self.error: GatewayError | None = None
+    @property
+    def provider(self) -> str:
+        """The provider that served (for ``x-gandalf-provider``)."""
+        return self.slot.name
+
+
+def failure_of(exc: BaseException) -> tuple[str | None, str | None, int]:
+    """(provider, its model, attempts) of the last attempt a failure came from,
+    as :meth:`Failover.serve` left them on the exception: a GatewayError's
+    ``upstream`` / ``upstream_model`` / ``attempts``; the same attributes on an
+    exception that ended an attempt from outside (a cancellation: the client
+    went away, the server shuts down). (None, None, 0) when no attempt was made."""
+    return (
+        getattr(exc, "upstream", None),
+        getattr(exc, "upstream_model", None),
+        getattr(exc, "attempts", 0),
+    )
+
+
+def _interrupted(exc: BaseException, slot: Slot, attempts: int) -> None:
+    """An attempt on ``slot`` ended by ``exc`` (not a GatewayError: typically a
+    cancellation): leave the facts of :func:`failure_of` on it. Exceptions
+    accept attributes; this is the one place that sets them on foreign ones."""
+    if isinstance(exc, GatewayError):  # a bug path: GatewayErrors are handled per attempt
+        exc.upstream, exc.upstream_model, exc.attempts = slot.name, slot.target.model, attempts
+        return
+    exc.upstream = slot.name  # type: ignore[attr-defined]
+    exc.upstream_model = slot.target.model  # type: ignore[attr-defined]
+    exc.attempts = attempts  # type: ignore[attr-defined]
 
 
 def observe(slot: Slot, started: float, ended: float) -> None:
@@ -87,66 +117,74 @@ class Failover:
     async def serve(
         self,
         entry: RouteEntry,
-        invoke: Callable[[Slot], Awaitable[_T]],
-        run: Attempts[_T],
+        invoke: Callable[[Slot, _A], Awaitable[_T]],
+        arg: _A,
+        request_id: str,
         now: float,
-    ) -> _T:
-        """Serve with ``invoke``: the first attempt goes straight to the route's
-        first choice when its breaker allows (the healthy case, which
-        ``ProxyService.chat`` does inline), anything else through :meth:`route`."""
+    ) -> Outcome[_T]:
+        """Serve with ``invoke(slot, arg)`` (a module-level function and its
+        per-request argument: no closure per request): the first attempt goes
+        straight to the route's first choice when its breaker allows (the
+        healthy case), anything else through the failover loop.
+
+        Returns the Outcome; raises the caller's own error at once, the last
+        upstream error when every allowed attempt failed (both carrying
+        ``upstream`` / ``upstream_model`` / ``attempts``), CircuitOpen when no
+        target could be tried, or whatever ended an attempt from outside (a
+        cancellation), with the same facts on it (:func:`failure_of`)."""
         slot = entry.fast or entry.pick(now, self._rng)
         if slot is None or not (slot.breaker.closed or slot.breaker.allows(now)):
-            return await self.route(entry, invoke, run, now)
-        run.slot = slot
-        run.attempts = 1
+            return await self._route(entry, invoke, arg, request_id, now, None, None)
         track = entry.tracks_latency
         if track:
             slot.latency.outstanding += 1
         try:
-            result = await invoke(slot)
+            result = await invoke(slot, arg)
         except GatewayError as exc:
             if track:
                 slot.latency.outstanding -= 1
-            return await self.route(entry, invoke, run, now, exc)
-        except BaseException:
+            return await self._route(entry, invoke, arg, request_id, now, slot, exc)
+        except BaseException as exc:
             if track:
                 slot.latency.outstanding -= 1
             slot.breaker.release(now)
+            _interrupted(exc, slot, 1)
             raise
         if track:
             observe(slot, now, self._monotonic())
         slot.breaker.record_success(now)
-        return result
+        return Outcome(result, slot, 1)
 
-    async def route(
+    async def _route(
         self,
         entry: RouteEntry,
-        invoke: Callable[[Slot], Awaitable[_T]],
-        run: Attempts[_T],
+        invoke: Callable[[Slot, _A], Awaitable[_T]],
+        arg: _A,
+        request_id: str,
         now: float,
-        failed: GatewayError | None = None,
-    ) -> _T:
-        """Try ``entry``'s targets with ``invoke`` until one answers; ``run``
-        follows the attempts. ``failed``: the first attempt, on ``run.slot``
-        (the entry's fast slot), already failed with it at ``now``.
-
-        Raises the caller's own error at once, the last upstream error when
-        every allowed attempt failed, or CircuitOpen when no target could be
-        tried at all."""
+        first: Slot | None,
+        failed: GatewayError | None,
+    ) -> Outcome[_T]:
+        """Try ``entry``'s targets with ``invoke`` until one answers.
+        ``first``: the slot whose attempt (the first) already failed with
+        ``failed`` at ``now``; None when no attempt was made yet."""
         rng = self._rng
         order = entry.order
         queue = list(order) if order is not None else plan(entry.strategy, entry.tiers, now, rng)
         retries: list[tuple[Slot, float]] = []  # (slot, not before): may be tried again
         last: GatewayError | None = None
-        if failed is not None:
-            assert run.slot is not None
-            if run.slot in queue:
-                queue.remove(run.slot)
-            last = self._failed(run.slot, failed, now, run, retries)
+        attempts = 0
+        denied = False  # a retry was refused by a provider's retry budget
+        tried = first  # the slot of the last attempt
+        if first is not None and failed is not None:
+            if first in queue:
+                queue.remove(first)
+            attempts = 1
+            last = self._failed(first, failed, now, attempts, request_id, retries)
         limit = entry.max_attempts
         track = entry.tracks_latency
         retry_number = 0
-        while run.attempts < limit:
+        while attempts < limit:
             if queue:
                 slot = queue.pop(0)
             elif retries:
@@ -156,46 +194,52 @@ class Failover:
                 if not slot.breaker.available(now):
                     continue
                 if not slot.budget.allow_retry(now):
-                    run.denied = True  # the provider is failing for many: no retry from anyone
+                    denied = True  # the provider is failing for many: no retry from anyone
                     continue
                 wait = max(self._backoff.delay(retry_number, rng), not_before - now)
                 retry_number += 1
                 if wait > 0:
-                    await self._sleep(wait)
+                    try:
+                        await self._sleep(wait)
+                    except BaseException as exc:
+                        if tried is not None:  # cancelled while waiting: the last attempt's facts
+                            _interrupted(exc, tried, attempts)
+                        raise
                     now = self._monotonic()
             else:
                 break
             breaker = slot.breaker
             if not breaker.allows(now):
                 continue
-            run.slot = slot
-            run.attempts += 1
+            attempts += 1
+            tried = slot
             stats = slot.latency
             if track:
                 stats.outstanding += 1
             try:
-                result = await invoke(slot)
+                result = await invoke(slot, arg)
             except GatewayError as exc:
                 end = self._monotonic()
                 if track:
                     stats.outstanding -= 1
-                last = self._failed(slot, exc, end, run, retries)
+                last = self._failed(slot, exc, end, attempts, request_id, retries)
                 now = end
                 continue
-            except BaseException:
+            except BaseException as exc:
                 if track:
                     stats.outstanding -= 1
                 breaker.release(now)
+                _interrupted(exc, slot, attempts)
                 raise
             end = self._monotonic()
             if track:
                 observe(slot, now, end)
             breaker.record_success(end)
-            return result
+            return Outcome(result, slot, attempts)
         if last is None:
             raise self.circuit_open(entry, now)
-        last.attempts = run.attempts
-        if run.attempts > 1 or run.denied:
+        last.attempts = attempts
+        if attempts > 1 or denied:
             last.final = True
         raise last
 
@@ -204,29 +248,32 @@ class Failover:
         slot: Slot,
         exc: GatewayError,
         now: float,
-        run: Attempts[_T],
+        attempts: int,
+        request_id: str,
         retries: list[tuple[Slot, float]],
     ) -> GatewayError:
-        """Account for a failed attempt; raise ``exc`` when no other attempt may
-        help, else return it, with ``slot`` queued for a retry when that may help."""
+        """Account for failed attempt number ``attempts``; raise ``exc`` when no
+        other attempt may help, else return it, with ``slot`` queued for a
+        retry when that may help."""
         failure = classify(exc)
         slot.breaker.record(failure.weight, now)
         exc.upstream = slot.name
-        exc.attempts = run.attempts
+        exc.upstream_model = slot.target.model
+        exc.attempts = attempts
         # Said to the client as ``x-should-retry: false`` (errors.py): once more
         # than one attempt was made, or when a retry cannot cure the failure.
-        exc.final = run.attempts > 1 or not failure.client_retry
+        exc.final = attempts > 1 or not failure.client_retry
         if logger.isEnabledFor(logging.WARNING):
             logger.warning(
                 "upstream attempt %d failed: provider %r, model %s, status %d (%s): %s "
                 "(request %s)",
-                run.attempts,
+                attempts,
                 printable(slot.name),
                 printable(slot.target.model),
                 exc.status,
                 failure.kind,
                 printable(exc.message, 300),
-                run.request_id,
+                request_id,
             )
         if not failure.failover:
             raise exc

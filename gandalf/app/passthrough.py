@@ -5,19 +5,32 @@ The model a client names (in the body or the path) is a route alias like any
 other: the route table resolves it, the key's ``allowed_models`` applies, and
 the first live target whose provider speaks the caller's API serves it (the
 request is relayed untouched, so only a provider of that very type can).
-Every request that reaches the service leaves one usage record, as for
-``/v1/chat/completions``; a stream's record is written when it ends.
+It goes through the request pipeline's stages (app/pipeline.py) like
+``/v1/chat/completions``: ``admit`` (the key's permission, the route, the
+governor), one attempt (a native call is relayed to one target: no
+failover), ``account`` (one usage record, cost, the ticket settled; a
+stream's when it ends).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Protocol
 
-from gandalf.app.proxy import Accounting, UsageSink, failure_status
-from gandalf.app.router import RouteTable
+from gandalf.app.governance import Governor, Ticket
+from gandalf.app.pipeline import (
+    CostOf,
+    Pipeline,
+    PriceWorstCase,
+    UsageSink,
+    failure_status,
+    no_cost,
+    no_price,
+    tell,
+)
+from gandalf.app.router import RouteEntry, RouteTable
 from gandalf.domain import (
     Identity,
     NativeReply,
@@ -26,7 +39,7 @@ from gandalf.domain import (
     ProviderConfig,
     Target,
 )
-from gandalf.errors import GatewayError, InvalidRequest, PermissionDenied, printable
+from gandalf.errors import GatewayError, InvalidRequest, printable
 
 logger = logging.getLogger("gandalf.resilience")
 
@@ -57,17 +70,45 @@ class NativeUpstream(Protocol):
 
 
 class RecordedNativeStream:
-    """A native stream whose usage is recorded when the server closes it."""
+    """A native stream accounted for (Pipeline.account) when the server closes it."""
 
-    __slots__ = ("_accounting", "_done", "_provider", "_stream", "_target")
+    __slots__ = (
+        "_alias",
+        "_done",
+        "_endpoint",
+        "_identity",
+        "_model",
+        "_pipeline",
+        "_provider",
+        "_request_id",
+        "_started",
+        "_stream",
+        "_ticket",
+    )
 
     def __init__(
-        self, stream: NativeStream, accounting: Accounting, target: Target, provider: str
+        self,
+        stream: NativeStream,
+        pipeline: Pipeline,
+        identity: Identity,
+        alias: str,
+        request_id: str,
+        started: float,
+        endpoint: str,
+        target: Target,
+        provider: str,
+        ticket: Ticket | None,
     ) -> None:
         self._stream = stream
-        self._accounting = accounting
-        self._target = target
+        self._pipeline = pipeline
+        self._identity = identity
+        self._alias = alias
+        self._request_id = request_id
+        self._started = started
+        self._endpoint = endpoint
+        self._model = target.model
         self._provider = provider
+        self._ticket = ticket
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -76,12 +117,42 @@ class RecordedNativeStream:
     async def aclose(self, status: int) -> None:
         if not self._done:
             self._done = True
-            self._accounting.record(self._target, self._provider, self._stream.usage, status)
+            self._pipeline.account(
+                self._identity,
+                self._alias,
+                self._request_id,
+                self._started,
+                self._endpoint,
+                self._provider,
+                self._model,
+                self._stream.usage,
+                status,
+                1,
+                self._ticket,
+            )
         await self._stream.aclose()
 
 
+class Relayed:
+    """What :meth:`PassthroughService.forward` gives the server: the upstream's
+    reply, its stream wrapped for accounting (None when not streamed), and the
+    governor ticket's response headers (empty when the caller has no limits)."""
+
+    __slots__ = ("headers", "reply", "stream")
+
+    def __init__(
+        self,
+        reply: NativeReply,
+        stream: RecordedNativeStream | None,
+        headers: Sequence[tuple[bytes, bytes]],
+    ) -> None:
+        self.reply = reply
+        self.stream = stream
+        self.headers = headers
+
+
 class PassthroughService:
-    __slots__ = ("_clock", "_natives", "_sink", "routes")
+    __slots__ = ("_natives", "pipeline", "routes")
 
     def __init__(
         self,
@@ -90,11 +161,15 @@ class PassthroughService:
         sink: UsageSink,
         *,
         clock: Callable[[], float] = time.time,
+        governor: Governor | None = None,
+        price: PriceWorstCase = no_price,
+        cost: CostOf = no_cost,
     ) -> None:
+        """``governor``, ``price``, ``cost``: the pipeline's hooks
+        (app/pipeline.py); None / unpriced by default."""
         self.routes = routes
         self._natives = natives
-        self._sink = sink
-        self._clock = clock
+        self.pipeline = Pipeline(sink, clock=clock, governor=governor, price=price, cost=cost)
 
     def apis(self) -> set[str]:
         """The native APIs some configured provider speaks."""
@@ -105,35 +180,36 @@ class PassthroughService:
         return [
             alias
             for alias, _ in self.routes.models()
-            if identity.may_use(alias) and self._target(alias, api) is not None
+            if identity.may_use(alias) and self._target(self.routes.resolve(alias), api) is not None
         ]
 
-    def _target(self, alias: str, api: str) -> tuple[Target, NativeUpstream] | None:
-        entry = self.routes.resolve(alias)
+    def _target(self, entry: RouteEntry, api: str) -> tuple[Target, NativeUpstream] | None:
         for target, _ in entry.targets:
             native = self._natives.get(target.provider)
             if native is not None and native.config.type == api:
                 return target, native
         return None
 
-    def resolve(self, identity: Identity, alias: str, api: str) -> tuple[Target, NativeUpstream]:
-        """The target serving ``alias`` for a caller of ``api``: ModelNotFound,
-        ProviderUnavailable, PermissionDenied or InvalidRequest (no target of
-        that API) otherwise. The key's permission is checked first (a 403
-        before any 404 or 503), as on /v1/chat/completions."""
-        if not identity.may_use(alias):
-            raise PermissionDenied(
-                f"This API key is not allowed to use model '{alias}'.", param="model"
-            )
-        self.routes.resolve(alias)
-        found = self._target(alias, api)
+    def _serving(
+        self, identity: Identity, alias: str, api: str
+    ) -> tuple[RouteEntry, Target, NativeUpstream]:
+        entry = self.pipeline.route(self.routes, identity, alias)
+        found = self._target(entry, api)
         if found is None:
             raise InvalidRequest(
                 f"Model '{alias}' is not served by a provider of type '{api}', so it cannot be "
                 f"called through the {api} API; call it through /v1/chat/completions instead.",
                 param="model",
             )
-        return found
+        return entry, *found
+
+    def resolve(self, identity: Identity, alias: str, api: str) -> tuple[Target, NativeUpstream]:
+        """The target serving ``alias`` for a caller of ``api``: ModelNotFound,
+        ProviderUnavailable, PermissionDenied or InvalidRequest (no target of
+        that API) otherwise. The key's permission is checked first (a 403
+        before any 404 or 503), as on /v1/chat/completions (Pipeline.route)."""
+        _, target, native = self._serving(identity, alias, api)
+        return target, native
 
     async def forward(
         self,
@@ -144,27 +220,47 @@ class PassthroughService:
         build: Callable[[Target], NativeRequest],
         request_id: str,
         started: float,
-    ) -> tuple[NativeReply, RecordedNativeStream | None]:
-        """Resolve ``alias``, build the upstream request for the serving target
-        and relay it: the reply, and its stream (if any) wrapped so that its
-        usage is recorded when the server closes it."""
-        accounting = Accounting(
-            self._sink, identity, alias, request_id, started, endpoint, self._clock
-        )
+        body: bytes = b"",
+        max_output: int | None = None,
+    ) -> Relayed:
+        """Admit the request (permission, route, a target of ``api``, the
+        governor: ``body`` and ``max_output`` estimate its tokens), build the
+        upstream request for the serving target and relay it: the reply, and
+        its stream (if any) wrapped so that it is accounted for when the
+        server closes it."""
+        pipeline = self.pipeline
         target: Target | None = None
         provider: str | None = None
+        ticket: Ticket | None = None
         try:
-            target, native = self.resolve(identity, alias, api)
+            entry, target, native = self._serving(identity, alias, api)
+            ticket = pipeline.govern(identity, entry, body, max_output)
             provider = native.name
             reply = await native.send(build(target))
         except BaseException as exc:
             if provider is not None and isinstance(exc, GatewayError):
                 _attempt_failed(provider, target, exc.status, exc.message, request_id)
-            accounting.record(target, provider, None, failure_status(exc))
+            # The one attempt's facts go to the record directly: a native error
+            # is answered in the API's own shape, without Gandalf's routing headers.
+            pipeline.account(
+                identity, alias, request_id, started, endpoint, provider,
+                target.model if target is not None and provider is not None else None, None,
+                failure_status(exc), 0 if provider is None else 1, ticket,
+            )  # fmt: skip
+            if ticket is not None:
+                tell(exc, ticket)
             raise
         if reply.status == 429 or reply.status >= 500:
-            _attempt_failed(native.name, target, reply.status, "relayed as is", request_id)
+            _attempt_failed(provider, target, reply.status, "relayed as is", request_id)
+        headers = ticket.headers if ticket is not None else ()
         if reply.stream is not None:
-            return reply, RecordedNativeStream(reply.stream, accounting, target, native.name)
-        accounting.record(target, provider, reply.usage, reply.status)
-        return reply, None
+            stream = RecordedNativeStream(
+                reply.stream, pipeline, identity, alias, request_id, started, endpoint, target,
+                provider, ticket,
+            )  # fmt: skip
+            return Relayed(reply, stream, headers)
+        pipeline.account(
+            identity, alias, request_id, started, endpoint, provider, target.model, reply.usage,
+            reply.status, 1, ticket,
+        )  # fmt: skip
+        return Relayed(reply, None, headers)

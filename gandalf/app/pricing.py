@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from gandalf.app.router import RouteEntry
 from gandalf.domain import ModelPrice, ProviderConfig, Route, Usage, UsageRecord
 
 logger = logging.getLogger("gandalf.pricing")
@@ -152,6 +153,23 @@ class Pricing:
             return None
         return models.get(model)
 
+    def worst_case(self, entry: RouteEntry, tokens_in: int, tokens_out: int) -> float | None:
+        """The most a call of ``tokens_in`` prompt and ``tokens_out`` output
+        tokens may cost on ``entry`` (any target may serve it, failover
+        included): the dearest priced target; None when none is priced. Only
+        requests from callers with limits or budgets ask (the pipeline's
+        ``price`` hook)."""
+        worst: float | None = None
+        rates_of = self._rates.get
+        for slot in entry.slots:
+            models = rates_of(slot.name)
+            rates = models.get(slot.target.model) if models is not None else None
+            if rates is not None:
+                usd = rates.cost_of(tokens_in, tokens_out, 0, 0, 0)
+                if worst is None or usd > worst:
+                    worst = usd
+        return worst
+
     def cost(self, provider: str | None, model: str | None, usage: Usage) -> float | None:
         """What ``usage`` cost in USD; None when the pair has no price."""
         models = self._rates.get(provider) if provider is not None else None
@@ -166,31 +184,6 @@ class Pricing:
 
 class UsageSink(Protocol):
     def record_usage(self, record: UsageRecord) -> None: ...
-
-
-class PricedSink:
-    """A usage sink that fills each record's ``cost_usd`` (when not already
-    set) from its provider, target model and token counts, then hands it on.
-    Synchronous and allocation-free: a dict lookup and arithmetic."""
-
-    __slots__ = ("_pricing", "_sink")
-
-    def __init__(self, sink: UsageSink, pricing: Pricing) -> None:
-        self._sink = sink
-        self._pricing = pricing
-
-    def record_usage(self, record: UsageRecord) -> None:
-        if record.cost_usd is None:
-            rates = self._pricing.rates(record.provider, record.target_model)
-            if rates is not None:
-                record.cost_usd = rates.cost_of(
-                    record.prompt_tokens,
-                    record.completion_tokens,
-                    record.cached_prompt_tokens,
-                    record.cache_write_tokens,
-                    record.reasoning_tokens,
-                )
-        self._sink.record_usage(record)
 
 
 LibraryLookup = Callable[[ProviderConfig, str], "Rates | None"]

@@ -14,10 +14,11 @@ from typing import Protocol
 import msgspec
 import orjson
 
+from gandalf.app.failover import Outcome
 from gandalf.app.proxy import ProxyService
 from gandalf.app.requests import decode_chat, decode_embeddings
 from gandalf.auth.apikey import KeyCache, credential
-from gandalf.domain import Identity, Permission
+from gandalf.domain import Identity, Permission, ProviderReply
 from gandalf.errors import GatewayError, ModelNotFound, NotReady, PermissionDenied, header_value
 from gandalf.server.wire import (
     HEALTH_OK,
@@ -209,6 +210,26 @@ class ServedHeaders:
             self.first[provider] = headers
         return headers
 
+    def of(self, provider: str, attempts: int) -> Headers:
+        """:meth:`build`, prebuilt when it took one attempt (a dict get)."""
+        headers = self.first.get(provider) if attempts == 1 else None
+        return headers if headers is not None else self.build(provider, attempts)
+
+
+def _served(served: ServedHeaders, outcome: Outcome[ProviderReply]) -> Response:
+    """A non-streamed answer: its body, who served it, the upstream's relayed
+    headers and the pipeline's (the governor's x-ratelimit-*)."""
+    reply = outcome.value
+    attempts = outcome.attempts
+    headers = served.first.get(outcome.slot.name) if attempts == 1 else None
+    if headers is None:
+        headers = served.build(outcome.slot.name, attempts)
+    if reply.headers:  # the upstream's rate limits and request id (openai.py)
+        headers = (*headers, *reply.headers)
+    if outcome.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
+        headers = (*headers, *outcome.headers)
+    return Response(200, reply.body, headers)
+
 
 class Api:
     """The endpoints of the public HTTP surface."""
@@ -276,34 +297,28 @@ class Api:
         if chat.stream:
             watch = request.watch()
             try:
-                stream = await self._proxy.chat_stream(
+                opened = await self._proxy.chat_stream(
                     identity, chat, request.body, request.request_id, request.started
                 )
             except BaseException:
                 if watch is not None:
                     watch.stop()
                 raise
-            served = self._sse_served
-            headers = served.first.get(stream.provider) if stream.attempts == 1 else None
-            if headers is None:
-                headers = served.build(stream.provider, stream.attempts)
-            if stream.headers:
+            stream = opened.value
+            headers = self._sse_served.of(opened.slot.name, opened.attempts)
+            if stream.headers:  # the upstream's rate limits and request id (openai.py)
                 headers = (*headers, *stream.headers)
+            if opened.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
+                headers = (*headers, *opened.headers)
             return Response(200, headers=headers, stream=stream, watch=watch)
         request.track()
         try:
-            reply = await self._proxy.chat(
+            outcome = await self._proxy.chat(
                 identity, chat, request.body, request.request_id, request.started
             )
         finally:
             request.untrack()
-        served = self._json_served
-        headers = served.first.get(reply.provider) if reply.attempts == 1 else None
-        if headers is None:
-            headers = served.build(reply.provider, reply.attempts)
-        if reply.headers:  # the upstream's rate limits and request id (openai.py)
-            headers = (*headers, *reply.headers)
-        return Response(200, reply.body, headers)
+        return _served(self._json_served, outcome)
 
     async def embeddings(self, request: Request) -> Response:
         identity = request.identity
@@ -311,18 +326,12 @@ class Api:
         embed = decode_embeddings(request.body)
         request.track()
         try:
-            reply = await self._proxy.embeddings(
+            outcome = await self._proxy.embeddings(
                 identity, embed, request.body, request.request_id, request.started
             )
         finally:
             request.untrack()
-        served = self._json_served
-        headers = served.first.get(reply.provider) if reply.attempts == 1 else None
-        if headers is None:
-            headers = served.build(reply.provider, reply.attempts)
-        if reply.headers:  # the upstream's rate limits and request id (openai.py)
-            headers = (*headers, *reply.headers)
-        return Response(200, reply.body, headers)
+        return _served(self._json_served, outcome)
 
     async def models(self, request: Request) -> Response:
         """The models the key may call: in Anthropic's list shape for an

@@ -52,6 +52,9 @@ _SSE_KEEPALIVE: dict[str, bool | bytes] = {
 class _ModelBody(msgspec.Struct):
     model: str
     stream: bool | None = None
+    # Anthropic's output-token limit (required there), for the governor's
+    # estimate only: any JSON value is accepted, the upstream judges it.
+    max_tokens: object = None
 
 
 _model_body = msgspec.json.Decoder(_ModelBody)
@@ -303,7 +306,10 @@ class NativeApi:
         alias: str,
         build: Callable[[Target], NativeRequest],
         stream: bool,
+        max_output: int | None = None,
     ) -> Response:
+        """Relay through the PassthroughService; ``max_output``: the request's
+        output-token limit when its API names one (for the governor's estimate)."""
         identity = request.identity  # authenticated by the core before the body was read
         assert identity is not None
         # Streamed or not, a client that leaves cancels the upstream call (499).
@@ -311,8 +317,16 @@ class NativeApi:
         if not stream:
             request.track()
         try:
-            reply, recorded = await self._service.forward(
-                identity, api, alias, endpoint, build, request.request_id, request.started
+            relayed = await self._service.forward(
+                identity,
+                api,
+                alias,
+                endpoint,
+                build,
+                request.request_id,
+                request.started,
+                request.body,
+                max_output,
             )
         except BaseException:
             if watch is not None:
@@ -321,7 +335,10 @@ class NativeApi:
         finally:
             if not stream:
                 request.untrack()
+        reply, recorded = relayed.reply, relayed.stream
         headers: Headers = tuple(reply.headers)
+        if relayed.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
+            headers = (*headers, *relayed.headers)
         if recorded is None:
             if watch is not None:
                 watch.stop()
@@ -364,7 +381,8 @@ class NativeApi:
                 body_model=target.model if target.model != body.model else None,
             )
 
-        return await self._relay(request, "anthropic", endpoint, body.model, build, stream)
+        limit = body.max_tokens if type(body.max_tokens) is int else None
+        return await self._relay(request, "anthropic", endpoint, body.model, build, stream, limit)
 
     # ------------------------------------------------------------ gemini
 

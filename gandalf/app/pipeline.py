@@ -1,0 +1,291 @@
+"""The request pipeline: the stages every model call goes through.
+
+::
+
+    admit      identity -> route: the one permission check (``allowed_models``,
+               before the route is resolved, so a 403 comes before any 404 or
+               503), the route, and the governor (rate limits, budget
+               reservation) when the caller has limits
+    coalesce   identical deterministic requests share one call (app/coalesce.py)
+    serve      ``Failover.serve``: the only attempt code; an Outcome, or an
+               error that carries the same facts (app/failover.py)
+    account    one UsageRecord per request, whatever its outcome, with its
+               cost; the governor's ticket settled (or released)
+
+Chat completions, streams and embeddings (app/proxy.py) and the native APIs
+(app/passthrough.py) all use these; each stage has one home, so limits,
+budgets, cost, a cache or metrics hook in at one place.
+
+Hooks, injected once at start-up (defaults make each one free when unused):
+
+- ``governor``: :class:`~gandalf.app.governance.Governor`, or None. Called
+  only for an identity whose ``scopes`` is non-empty: a caller without limits
+  costs one tuple truth test.
+- ``price``: ``price_worst_case(entry, tokens_in, tokens_out) -> float | None``,
+  the worst-case USD of a request on ``entry`` (the dearest target), reserved
+  against budgets; None when unpriced (the default).
+- ``cost``: ``cost(provider, target_model, usage) -> float | None``, a served
+  request's USD from its usage (cached and reasoning tokens at their own
+  prices); None when unpriced (the default). Written to ``cost_usd``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from gandalf.app.failover import failure_of
+from gandalf.app.governance import Estimate, Governor, Ticket
+from gandalf.app.governor import DEFAULT_OUTPUT_ALLOWANCE
+from gandalf.app.router import RouteEntry, RouteTable
+from gandalf.domain import CANCEL_SHUTDOWN, Identity, Usage, UsageRecord
+from gandalf.errors import GatewayError, PermissionDenied
+
+__all__ = [
+    "CostOf",
+    "Pipeline",
+    "PriceWorstCase",
+    "UsageSink",
+    "estimate",
+    "failure_status",
+    "no_cost",
+    "no_price",
+    "tell",
+]
+
+
+class UsageSink(Protocol):
+    def record_usage(self, record: UsageRecord) -> None: ...
+
+
+PriceWorstCase = Callable[[RouteEntry, int, int], "float | None"]
+CostOf = Callable[[str, str, Usage], "float | None"]
+
+
+def no_price(entry: RouteEntry, tokens_in: int, tokens_out: int) -> float | None:
+    """The default ``price`` hook: nothing is priced."""
+    return None
+
+
+def no_cost(provider: str, model: str, usage: Usage) -> float | None:
+    """The default ``cost`` hook: nothing is priced."""
+    return None
+
+
+def estimate(
+    entry: RouteEntry, body: bytes, max_output: int | None, price: PriceWorstCase = no_price
+) -> Estimate:
+    """What a request may cost at worst, before the upstream call.
+
+    Prompt tokens are estimated as ``len(body) // 4`` (about four bytes of
+    JSON per token; no tokenizer on the hot path). Output tokens are the
+    request's own limit (``max_completion_tokens`` / ``max_tokens``).
+
+    Without a limit the output is unknown. TPM (a rate) is charged the prompt
+    only up front and the real count when the request settles. Budgets (a hard
+    cap) reserve ``DEFAULT_OUTPUT_ALLOWANCE`` output tokens at the output
+    price, so a budget is overshot only by answers longer than that, by at
+    most (requests in flight without a limit) x (their output beyond the
+    allowance) x (output price).
+    """
+    tokens_in = len(body) // 4
+    if max_output:
+        return Estimate(tokens=tokens_in + max_output, usd=price(entry, tokens_in, max_output))
+    return Estimate(tokens=tokens_in, usd=price(entry, tokens_in, DEFAULT_OUTPUT_ALLOWANCE))
+
+
+def failure_status(exc: BaseException) -> int:
+    """The status a request's usage record gets when ``exc`` ended it."""
+    if isinstance(exc, GatewayError):
+        return exc.status
+    if isinstance(exc, asyncio.CancelledError):
+        # 503: cut off by the shutdown deadline; 499: the client went away (nginx's code).
+        return 503 if exc.args and exc.args[0] == CANCEL_SHUTDOWN else 499
+    return 500
+
+
+class Pipeline:
+    """The stages around the upstream call, built once per service: ``admit``
+    before it, ``account`` / ``failed`` after it."""
+
+    __slots__ = ("_clock", "_cost", "_governor", "_price", "_sink")
+
+    def __init__(
+        self,
+        sink: UsageSink,
+        *,
+        clock: Callable[[], float] = time.time,
+        governor: Governor | None = None,
+        price: PriceWorstCase = no_price,
+        cost: CostOf = no_cost,
+    ) -> None:
+        self._sink = sink
+        self._clock = clock
+        self._governor = governor
+        self._price = price
+        # The default hook is not called at all: a call per request for a None.
+        self._cost: CostOf | None = None if cost is no_cost else cost
+
+    # ------------------------------------------------------------------ admit
+
+    @staticmethod
+    def route(routes: RouteTable, identity: Identity, alias: str) -> RouteEntry:
+        """The route of ``alias`` for ``identity``: the one permission check.
+        The key's permission comes first: a model outside its ``allowed_models``
+        is a 403 whatever the state of that model's providers (a 503 naming an
+        operator's env var would tell a stranger about a route it may not use)."""
+        if not identity.may_use(alias):
+            raise PermissionDenied(
+                f"This API key is not allowed to use model '{alias}'.", param="model"
+            )
+        return routes.resolve(alias)
+
+    def govern(
+        self, identity: Identity, entry: RouteEntry, body: bytes, max_output: int | None
+    ) -> Ticket | None:
+        """The governor's ticket for a request on ``entry`` (raises its 429s),
+        or None when the caller has no limits or no governor is configured."""
+        governor = self._governor
+        if not identity.scopes or governor is None:
+            return None
+        return governor.admit(identity.scopes, estimate(entry, body, max_output, self._price))
+
+    def admit(
+        self,
+        routes: RouteTable,
+        identity: Identity,
+        alias: str,
+        body: bytes,
+        max_output: int | None,
+    ) -> tuple[RouteEntry, Ticket | None]:
+        """:meth:`route`, then :meth:`govern`: the route and the ticket (None
+        when nothing limits the caller)."""
+        entry = self.route(routes, identity, alias)
+        if not identity.scopes:  # the common case: no limits, no governor call
+            return entry, None
+        return entry, self.govern(identity, entry, body, max_output)
+
+    # ------------------------------------------------------------------ account
+
+    def account(
+        self,
+        identity: Identity,
+        alias: str,
+        request_id: str,
+        started: float,
+        endpoint: str,
+        provider: str | None,
+        model: str | None,
+        usage: Usage | None,
+        status: int,
+        attempts: int,
+        ticket: Ticket | None,
+    ) -> None:
+        """The one UsageRecord of a request (handed over with a synchronous
+        ``put_nowait``, never awaited), its cost from the ``cost`` hook, and
+        its ticket settled with the tokens and cost used when the request was
+        served (status below 400), or when a failure still used tokens (a
+        stream cut short after relaying part of its answer: those were
+        spent); else released (nothing was used).
+
+        ``provider`` / ``model``: who served (or failed last), None when no
+        upstream was tried; ``usage``: None when nothing was served;
+        ``started``: ``time.perf_counter()`` at arrival; ``attempts``: upstream
+        attempts made (0: the request shared a coalesced call)."""
+        cost: float | None = None
+        if usage is not None:
+            price = self._cost
+            if price is not None and provider is not None and model is not None:
+                cost = price(provider, model, usage)
+            record = UsageRecord(
+                request_id,
+                identity.key_id,
+                identity.org_id,
+                alias,
+                model,
+                provider,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
+                (time.perf_counter() - started) * 1000.0,
+                status,
+                self._clock(),
+                endpoint,
+                attempts,
+                identity.team_id,
+                usage.cached_prompt_tokens,
+                usage.cache_write_tokens,
+                usage.reasoning_tokens,
+                cost,
+            )
+        else:
+            record = UsageRecord(
+                request_id,
+                identity.key_id,
+                identity.org_id,
+                alias,
+                model,
+                provider,
+                0,
+                0,
+                0,
+                (time.perf_counter() - started) * 1000.0,
+                status,
+                self._clock(),
+                endpoint,
+                attempts,
+                identity.team_id,
+            )
+        self._sink.record_usage(record)
+        if ticket is not None:
+            governor = self._governor
+            assert governor is not None  # a ticket comes from it
+            if status < 400 or (usage is not None and usage.total_tokens):
+                governor.settle(ticket, usage.total_tokens if usage is not None else 0, cost)
+            else:
+                governor.release(ticket)
+
+    def failed(
+        self,
+        identity: Identity,
+        alias: str,
+        request_id: str,
+        started: float,
+        endpoint: str,
+        exc: BaseException,
+        ticket: Ticket | None,
+        follower: bool = False,
+        shared: bool = False,
+    ) -> None:
+        """:meth:`account` for a request that ``exc`` ended before an answer:
+        the provider, model and attempts the failure carries
+        (:func:`~gandalf.app.failover.failure_of`), and :meth:`tell` the
+        client its limits. ``shared``: ``exc`` is a coalesced call's, raised to
+        every waiter (so not annotated here); ``follower``: this request only
+        waited for that call (it made no attempt)."""
+        provider, model, attempts = failure_of(exc)
+        self.account(
+            identity,
+            alias,
+            request_id,
+            started,
+            endpoint,
+            provider,
+            model,
+            None,
+            failure_status(exc),
+            0 if follower else attempts,
+            ticket,
+        )
+        if ticket is not None and not shared:
+            tell(exc, ticket)
+
+
+def tell(exc: BaseException, ticket: Ticket) -> None:
+    """Add the ticket's ``x-ratelimit-*`` headers to the error response
+    ``exc`` becomes (a model call's answer carries them, failed or not).
+    Only for an exception this request alone raises."""
+    if isinstance(exc, GatewayError) and ticket.headers:
+        exc.relayed = (*exc.relayed, *ticket.headers)
