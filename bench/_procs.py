@@ -319,8 +319,30 @@ def free_port() -> int:
         return port
 
 
+# ``governance``: the bench key in a team of an org, every level with an RPM and
+# TPM limit and a budget far above what a bench can spend, and a price for the
+# mock's model: each request is admitted, priced and settled at three levels.
+_GOVERNANCE = (
+    "orgs: [{id: bench-org, rpm: 100000000, tpm: 1000000000000,"
+    " budget: {usd: 1000000000, period: monthly}}]\n"
+    "teams: [{id: bench-team, org: bench-org, rpm: 100000000, tpm: 1000000000000,"
+    " budget: {usd: 1000000000, period: monthly}}]\n"
+    "pricing: [{provider: mock, model: %s, input: 1.0, output: 2.0}]\n"
+)
+_GOVERNED_KEY = (
+    ", team: bench-team, rpm: 100000000, tpm: 1000000000000,"
+    " budget: {usd: 1000000000, period: monthly}"
+)
+
+
 def write_gandalf_config(
-    tmpdir: Path, port: int, mock_port: int, name: str = "gandalf", *, access_log: bool = True
+    tmpdir: Path,
+    port: int,
+    mock_port: int,
+    name: str = "gandalf",
+    *,
+    access_log: bool = True,
+    governance: bool = False,
 ) -> Path:
     """The bench config: one openai-type provider pointing at the mock, one route, one key.
 
@@ -338,8 +360,11 @@ def write_gandalf_config(
         'api_key: "sk-bench"}\n'
         "routes:\n"
         f"  - {{model_alias: {MODEL_ALIAS}, targets: [{{provider: mock, model: {MODEL_ALIAS}}}]}}\n"
-        "keys:\n"
-        f'  - {{name: bench, key: "{BENCH_KEY}", org_id: default, role: service_account}}\n'
+        + (_GOVERNANCE % MODEL_ALIAS if governance else "")
+        + "keys:\n"
+        f'  - {{name: bench, key: "{BENCH_KEY}", role: service_account'
+        + (_GOVERNED_KEY if governance else "")
+        + "}\n"
     )
     return path
 
@@ -356,6 +381,7 @@ def launch_gandalf(
     repo: Path = REPO_DIR,
     name: str | None = None,
     access_log: bool = True,
+    governance: bool = False,
 ) -> Server:
     """``python -m gandalf serve --config <tmpdir>/<name>.yaml --interface I``, the
     ``gandalf`` package imported from ``repo``; waits for /healthz. Named ``gandalf``
@@ -363,7 +389,9 @@ def launch_gandalf(
     if name is None:
         name = "gandalf" if interface == "asgi" else f"gandalf-{interface}"
     port = free_port()
-    config = write_gandalf_config(tmpdir, port, mock_port, name, access_log=access_log)
+    config = write_gandalf_config(
+        tmpdir, port, mock_port, name, access_log=access_log, governance=governance
+    )
     log_path = tmpdir / f"{name}.log"
     cmd = [
         *taskset(cpus),

@@ -65,6 +65,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the base's access log (default: as --access-log); --base HEAD "
         "--access-log on --base-access-log off measures what the log costs",
     )
+    parser.add_argument(
+        "--governance",
+        choices=("on", "off"),
+        default="off",
+        help="this checkout's bench key limited and budgeted at key, team and org level, "
+        "with a priced model (every request admitted, priced and settled three times)",
+    )
+    parser.add_argument(
+        "--base-governance",
+        choices=("on", "off"),
+        help="the base's (default: as --governance; on needs a base that knows orgs:); "
+        "--base HEAD --governance on --base-governance off measures what limits cost",
+    )
     return parser.parse_args(argv)
 
 
@@ -106,9 +119,10 @@ def compare(
     script = write_script(tmpdir / "ab.lua", body, chat_headers())
     threads = 1 if args.connections == 1 else 2
     base_log = args.base_access_log or args.access_log
+    base_gov = args.base_governance or args.governance
     results: dict[str, list[float]] = {
-        f"A (this checkout, log {args.access_log})": [],
-        f"B ({args.base}, log {base_log})": [],
+        f"A (this checkout, log {args.access_log}, limits {args.governance})": [],
+        f"B ({args.base}, log {base_log}, limits {base_gov})": [],
     }
     cpu_ms: dict[str, list[float]] = {label: [] for label in results}
     with ProcGroup() as group:
@@ -126,6 +140,7 @@ def compare(
                     repo=repo,
                     name=f"ab-{round_no}-{'a' if repo == REPO_DIR else 'b'}",
                     access_log=(args.access_log if repo == REPO_DIR else base_log) == "on",
+                    governance=(args.governance if repo == REPO_DIR else base_gov) == "on",
                 )
                 url = server.url + CHAT_PATH
                 run_wrk(

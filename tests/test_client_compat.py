@@ -142,9 +142,12 @@ def test_a_failed_native_attempt_is_logged(
     with caplog.at_level(logging.WARNING, logger="gandalf.resilience"):
         reply = asyncio.run(main())
     assert reply.status == 502, reply.body
-    (line,) = [r for r in caplog.records if r.name == "gandalf.resilience"]
-    assert line.levelno == logging.WARNING
-    assert "'claude'" in line.getMessage() and "req-7" in line.getMessage(), line.getMessage()
+    # One line per attempt (native calls are retried like /v1 ones: 3 by default).
+    lines = [r for r in caplog.records if r.name == "gandalf.resilience"]
+    assert [f"attempt {n} failed" in r.getMessage() for n, r in enumerate(lines, 1)] == [True] * 3
+    for line in lines:
+        assert line.levelno == logging.WARNING
+        assert "'claude'" in line.getMessage() and "req-7" in line.getMessage(), line.getMessage()
 
 
 # ---------------------------------------------------------------------------- x-should-retry

@@ -43,11 +43,37 @@ def _config(mock: MockUpstream, db: str) -> GandalfConfig:
         routes=(
             Route(model_alias="az-chat", targets=(Target(provider="az", model="ok-model"),)),
             Route(model_alias="az-stream", targets=(Target(provider="az", model="stream-3"),)),
-            Route(model_alias="az-429", targets=(Target(provider="az", model="status-429"),)),
+            # One attempt: these check how a failed answer is relayed.
+            Route(
+                model_alias="az-429",
+                targets=(Target(provider="az", model="status-429"),),
+                max_attempts=1,
+            ),
             Route(model_alias="az-401", targets=(Target(provider="az", model="status-401"),)),
             Route(model_alias="ol-chat", targets=(Target(provider="ol", model="stream-3"),)),
             Route(model_alias="ol-echo", targets=(Target(provider="ol", model="echo"),)),
-            Route(model_alias="ol-500", targets=(Target(provider="ol", model="status-500"),)),
+            Route(
+                model_alias="ol-500",
+                targets=(Target(provider="ol", model="status-500"),),
+                max_attempts=1,
+            ),
+            # A failing first target, then a good one (native calls fail over too).
+            Route(
+                model_alias="ol-failover",
+                targets=(
+                    Target(provider="ol", model="status-500", priority=1),
+                    Target(provider="ol", model="echo", priority=2),
+                ),
+                max_attempts=2,
+            ),
+            Route(
+                model_alias="ol-all-fail",
+                targets=(
+                    Target(provider="ol", model="status-500", priority=1),
+                    Target(provider="ol", model="status-503", priority=2),
+                ),
+                max_attempts=2,
+            ),
             Route(model_alias="gpt", targets=(Target(provider="up", model="ok-model"),)),
             Route(model_alias="gem", targets=(Target(provider="gem", model="gemini-ok"),)),
         ),
@@ -241,6 +267,31 @@ def test_ollama_errors_are_in_ollamas_shape(upstream: MockUpstream) -> None:
         assert reply.status == 400 and "model" in reply.json()["error"]
         reply = await call(app, "POST", "/api/chat", headers=auth, json={**chat, "model": "ol-500"})
         assert reply.status == 500 and reply.json() == {"error": "mock status 500"}  # relayed
+
+    run(upstream, scenario)
+
+
+def test_native_calls_fail_over_and_relay_the_last_failure(upstream: MockUpstream) -> None:
+    """Failover.serve serves native calls too: a 5xx from the first target is tried
+    on the next one; when every attempt failed, the last answer is relayed as is."""
+
+    async def scenario(app: GandalfApp) -> None:
+        auth = [("authorization", f"Bearer {KEY}")]
+        chat = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
+        upstream.received.clear()
+        reply = await call(
+            app, "POST", "/api/chat", headers=auth, json={**chat, "model": "ol-failover"}
+        )
+        assert reply.status == 200, reply.body
+        sent = [orjson.loads(r.body)["model"] for r in upstream.received]
+        assert sent == ["status-500", "echo"]
+        upstream.received.clear()
+        reply = await call(
+            app, "POST", "/api/chat", headers=auth, json={**chat, "model": "ol-all-fail"}
+        )
+        assert reply.status == 503 and reply.json() == {"error": "mock status 503"}
+        sent = [orjson.loads(r.body)["model"] for r in upstream.received]
+        assert sent == ["status-500", "status-503"]
 
     run(upstream, scenario)
 

@@ -508,10 +508,16 @@ def test_a_failed_native_call_releases_and_records_once() -> None:
                             0.0)
         )  # fmt: skip
     assert governor.ends() == [("release", 1)]
-    assert [(r.status, r.provider, r.team_id) for r in sink.records] == [(502, "a", "team-1")]
+    # Native calls go through Failover.serve: retried (default max_attempts 3), one record.
+    assert [(r.status, r.provider, r.team_id, r.attempts) for r in sink.records] == [
+        (502, "a", "team-1", 3)
+    ]
     assert isinstance(native.fail, UpstreamError)
-    headers = dict(native.fail.headers())  # in the API's shape: no Gandalf routing headers
+    headers = dict(native.fail.headers())  # the routing facts as on /v1, and the ticket's
     assert headers == {
+        b"x-gandalf-provider": b"a",
+        b"x-gandalf-attempts": b"3",
+        b"x-should-retry": b"false",
         b"x-ratelimit-limit-requests": b"10",
         b"x-ratelimit-remaining-requests": b"9",
     }

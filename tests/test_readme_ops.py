@@ -8,6 +8,10 @@ import sqlite3
 import time
 from pathlib import Path
 
+import yaml
+
+from gandalf.auth.apikey import generate_key
+from gandalf.config import parse_config
 from gandalf.domain import UsageRecord
 from gandalf.storage.sqlite import SqliteStore
 from tests.serve import REPO_ROOT
@@ -81,3 +85,26 @@ def test_the_prune_statement_deletes_only_old_usage(tmp_path: Path) -> None:
         left = sorted(r[0] for r in conn.execute("SELECT request_id FROM usage_records"))
     conn.close()
     assert left == ["req_0", "req_89"]
+
+
+def test_the_governance_example_loads_on_the_shipped_config() -> None:
+    """The "Limits, budgets and cost" worked example, added to the shipped
+    gandalf.yaml (whose providers serve gpt-4o and claude-*), is a valid config
+    and means what the README says."""
+    section = _section("Limits, budgets and cost")
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    shipped = yaml.safe_load((REPO_ROOT / "gandalf.yaml").read_text(encoding="utf-8"))
+    merged = {**shipped, **yaml.safe_load(example)}
+    key = generate_key()
+    config = parse_config(
+        yaml.safe_dump(merged),
+        source="gandalf.yaml",
+        env={"SVC_KEY": key, "OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-y"},
+    )
+    (svc,) = [k for k in config.keys if k.name == "svc"]
+    assert (svc.org_id, svc.team_id, svc.rpm) == ("acme", "backend", 100)
+    assert svc.budget is not None and (svc.budget.usd, svc.budget.period) == (10, "daily")
+    assert config.limits.rpm == 60
+    assert [(o.id, o.rpm, o.tpm) for o in config.orgs] == [("acme", 1000, 200000)]
+    assert [(t.id, t.org_id, t.tpm) for t in config.teams] == [("backend", "acme", 50000)]
+    assert [(p.provider, p.model, p.input) for p in config.pricing] == [("openai", "gpt-4o", 2.5)]

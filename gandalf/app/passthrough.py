@@ -7,18 +7,23 @@ the first live target whose provider speaks the caller's API serves it (the
 request is relayed untouched, so only a provider of that very type can).
 It goes through the request pipeline's stages (app/pipeline.py) like
 ``/v1/chat/completions``: ``admit`` (the key's permission, the route, the
-governor), one attempt (a native call is relayed to one target: no
-failover), ``account`` (one usage record, cost, the ticket settled; a
-stream's when it ends).
+governor), ``Failover.serve`` over the route's targets of the caller's API
+(breakers, failover and retries as on /v1: an upstream 408, 429 or 5xx is
+tried on the next target, and the last one is relayed as is when none
+served), ``account`` (one usage record, cost, the ticket settled; a
+stream's when it ends). Native calls are never coalesced.
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
+import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
+from gandalf.app.balancer import Slot
+from gandalf.app.failover import Failover, failure_of
 from gandalf.app.governance import Governor, Ticket
 from gandalf.app.pipeline import (
     CostOf,
@@ -30,6 +35,7 @@ from gandalf.app.pipeline import (
     no_price,
     tell,
 )
+from gandalf.app.retry import Backoff
 from gandalf.app.router import RouteEntry, RouteTable
 from gandalf.domain import (
     Identity,
@@ -39,25 +45,43 @@ from gandalf.domain import (
     ProviderConfig,
     Target,
 )
-from gandalf.errors import GatewayError, InvalidRequest, printable
+from gandalf.errors import InvalidRequest, UpstreamClientError
 
-logger = logging.getLogger("gandalf.resilience")
+# Native answers another target (or a retry) may serve better, as app/health.py
+# classifies /v1 failures: 408 and 5xx (server), 429 (rate limited).
+_RETRYABLE_FROM = 500
 
 
-def _attempt_failed(
-    provider: str, target: Target | None, status: int, message: str, request_id: str
-) -> None:
-    """The WARNING line of a failed native attempt, as app/failover.py writes
-    for /v1 calls (a native call makes one attempt: no failover)."""
-    if logger.isEnabledFor(logging.WARNING):
-        logger.warning(
-            "upstream attempt 1 failed: provider %r, model %s, status %d: %s (request %s)",
-            printable(provider),
-            printable(target.model) if target is not None else "-",
-            status,
-            printable(message, 300),
-            request_id,
+class RelayedFailure(UpstreamClientError):
+    """A native answer of a failed attempt (408, 429, 5xx), raised inside the
+    failover loop so that the route fails over or retries like a /v1 call;
+    when no target served, the last one's ``reply`` is relayed to the caller
+    as is (it is in the caller's API already)."""
+
+    def __init__(self, provider: str, reply: NativeReply) -> None:
+        retry_after = next((v for k, v in reply.headers if k == b"retry-after"), None)
+        super().__init__(
+            f"Upstream provider '{provider}' answered HTTP {reply.status}.",
+            status=reply.status,
+            retry_after=retry_after.decode("latin-1") if retry_after is not None else None,
         )
+        self.reply = reply
+
+
+_Job = tuple[Mapping[str, "NativeUpstream"], Callable[[Target], NativeRequest]]
+
+
+def _send(slot: Slot, job: _Job) -> Awaitable[NativeReply]:
+    natives, build = job
+    return _relay(natives[slot.name], build(slot.target))
+
+
+async def _relay(native: NativeUpstream, request: NativeRequest) -> NativeReply:
+    reply = await native.send(request)
+    status = reply.status
+    if status >= _RETRYABLE_FROM or status in (408, 429):
+        raise RelayedFailure(native.name, reply)
+    return reply
 
 
 class NativeUpstream(Protocol):
@@ -74,6 +98,7 @@ class RecordedNativeStream:
 
     __slots__ = (
         "_alias",
+        "_attempts",
         "_done",
         "_endpoint",
         "_identity",
@@ -98,8 +123,10 @@ class RecordedNativeStream:
         target: Target,
         provider: str,
         ticket: Ticket | None,
+        attempts: int = 1,
     ) -> None:
         self._stream = stream
+        self._attempts = attempts
         self._pipeline = pipeline
         self._identity = identity
         self._alias = alias
@@ -127,7 +154,7 @@ class RecordedNativeStream:
                 self._model,
                 self._stream.usage,
                 status,
-                1,
+                self._attempts,
                 self._ticket,
             )
         await self._stream.aclose()
@@ -152,7 +179,7 @@ class Relayed:
 
 
 class PassthroughService:
-    __slots__ = ("_natives", "pipeline", "routes")
+    __slots__ = ("_entries", "_failover", "_monotonic", "_natives", "pipeline", "routes")
 
     def __init__(
         self,
@@ -161,15 +188,31 @@ class PassthroughService:
         sink: UsageSink,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         governor: Governor | None = None,
         price: PriceWorstCase = no_price,
         cost: CostOf = no_cost,
     ) -> None:
         """``governor``, ``price``, ``cost``: the pipeline's hooks
-        (app/pipeline.py); None / unpriced by default."""
+        (app/pipeline.py); None / unpriced by default. ``monotonic``, ``rng``,
+        ``sleep``: the failover's clock, picks and backoff waits."""
         self.routes = routes
         self._natives = natives
+        self._monotonic = monotonic
         self.pipeline = Pipeline(sink, clock=clock, governor=governor, price=price, cost=cost)
+        resilience = routes.health.resilience
+        self._failover = Failover(
+            Backoff(resilience.backoff_base, resilience.backoff_cap),
+            monotonic=monotonic,
+            clock=clock,
+            rng=rng if rng is not None else random.Random(),
+            sleep=sleep,
+        )
+        # (alias, api) -> (the route's entry, its targets of that API as an entry
+        # of their own: the same slots, so breakers and latency are shared).
+        self._entries: dict[tuple[str, str], tuple[RouteEntry, RouteEntry | None]] = {}
 
     def apis(self) -> set[str]:
         """The native APIs some configured provider speaks."""
@@ -180,36 +223,57 @@ class PassthroughService:
         return [
             alias
             for alias, _ in self.routes.models()
-            if identity.may_use(alias) and self._target(self.routes.resolve(alias), api) is not None
+            if identity.may_use(alias) and self._of_api(self.routes.resolve(alias), api) is not None
         ]
 
-    def _target(self, entry: RouteEntry, api: str) -> tuple[Target, NativeUpstream] | None:
-        for target, _ in entry.targets:
-            native = self._natives.get(target.provider)
-            if native is not None and native.config.type == api:
-                return target, native
-        return None
+    def _of_api(self, entry: RouteEntry, api: str) -> RouteEntry | None:
+        """``entry`` narrowed to the targets whose provider speaks ``api`` (None:
+        none does), built once per route and API."""
+        key = (entry.alias, api)
+        known = self._entries.get(key)
+        if known is not None and known[0] is entry:
+            return known[1]
+        natives = self._natives
 
-    def _serving(
-        self, identity: Identity, alias: str, api: str
-    ) -> tuple[RouteEntry, Target, NativeUpstream]:
+        def speaks(provider: str) -> bool:
+            native = natives.get(provider)
+            return native is not None and native.config.type == api
+
+        targets = tuple((t, p) for t, p in entry.targets if speaks(t.provider))
+        narrowed = (
+            RouteEntry(
+                entry.alias,
+                targets,
+                None,
+                slots=tuple(slot for slot in entry.slots if speaks(slot.name)),
+                strategy=entry.strategy,
+                max_attempts=entry.max_attempts,
+            )
+            if targets
+            else None
+        )
+        self._entries[key] = (entry, narrowed)
+        return narrowed
+
+    def _serving(self, identity: Identity, alias: str, api: str) -> tuple[RouteEntry, RouteEntry]:
         entry = self.pipeline.route(self.routes, identity, alias)
-        found = self._target(entry, api)
-        if found is None:
+        narrowed = self._of_api(entry, api)
+        if narrowed is None:
             raise InvalidRequest(
                 f"Model '{alias}' is not served by a provider of type '{api}', so it cannot be "
                 f"called through the {api} API; call it through /v1/chat/completions instead.",
                 param="model",
             )
-        return entry, *found
+        return entry, narrowed
 
     def resolve(self, identity: Identity, alias: str, api: str) -> tuple[Target, NativeUpstream]:
-        """The target serving ``alias`` for a caller of ``api``: ModelNotFound,
-        ProviderUnavailable, PermissionDenied or InvalidRequest (no target of
-        that API) otherwise. The key's permission is checked first (a 403
-        before any 404 or 503), as on /v1/chat/completions (Pipeline.route)."""
-        _, target, native = self._serving(identity, alias, api)
-        return target, native
+        """The first target serving ``alias`` for a caller of ``api``:
+        ModelNotFound, ProviderUnavailable, PermissionDenied or InvalidRequest
+        (no target of that API) otherwise. The key's permission is checked
+        first (a 403 before any 404 or 503), as on /v1/chat/completions."""
+        _, narrowed = self._serving(identity, alias, api)
+        target = narrowed.targets[0][0]
+        return target, self._natives[target.provider]
 
     async def forward(
         self,
@@ -223,44 +287,49 @@ class PassthroughService:
         body: bytes = b"",
         max_output: int | None = None,
     ) -> Relayed:
-        """Admit the request (permission, route, a target of ``api``, the
-        governor: ``body`` and ``max_output`` estimate its tokens), build the
-        upstream request for the serving target and relay it: the reply, and
-        its stream (if any) wrapped so that it is accounted for when the
-        server closes it."""
+        """Admit the request (permission, route, targets of ``api``, the
+        governor: ``body`` and ``max_output`` estimate its tokens), then serve
+        it with failover over those targets, ``build`` making the upstream
+        request for each; relay the reply, and its stream (if any) wrapped so
+        that it is accounted for when the server closes it. When every attempt
+        got a 408, 429 or 5xx, the last answer is relayed as is."""
         pipeline = self.pipeline
-        target: Target | None = None
-        provider: str | None = None
         ticket: Ticket | None = None
         try:
-            entry, target, native = self._serving(identity, alias, api)
+            entry, narrowed = self._serving(identity, alias, api)
             ticket = pipeline.govern(identity, entry, body, max_output)
-            provider = native.name
-            reply = await native.send(build(target))
-        except BaseException as exc:
-            if provider is not None and isinstance(exc, GatewayError):
-                _attempt_failed(provider, target, exc.status, exc.message, request_id)
-            # The one attempt's facts go to the record directly: a native error
-            # is answered in the API's own shape, without Gandalf's routing headers.
+            outcome = await self._failover.serve(
+                narrowed, _send, (self._natives, build), request_id, self._monotonic()
+            )
+        except RelayedFailure as failed:
+            provider, model, attempts = failure_of(failed)
+            reply = failed.reply
             pipeline.account(
-                identity, alias, request_id, started, endpoint, provider,
-                target.model if target is not None and provider is not None else None, None,
-                failure_status(exc), 0 if provider is None else 1, ticket,
+                identity, alias, request_id, started, endpoint, provider, model, None,
+                reply.status, attempts, ticket,
+            )  # fmt: skip
+            return Relayed(reply, None, ticket.headers if ticket is not None else ())
+        except BaseException as exc:
+            provider, model, attempts = failure_of(exc)
+            # A native error is answered in the API's own shape, without
+            # Gandalf's routing headers.
+            pipeline.account(
+                identity, alias, request_id, started, endpoint, provider, model, None,
+                failure_status(exc), attempts, ticket,
             )  # fmt: skip
             if ticket is not None:
                 tell(exc, ticket)
             raise
-        if reply.status == 429 or reply.status >= 500:
-            _attempt_failed(provider, target, reply.status, "relayed as is", request_id)
+        reply, slot = outcome.value, outcome.slot
         headers = ticket.headers if ticket is not None else ()
         if reply.stream is not None:
             stream = RecordedNativeStream(
-                reply.stream, pipeline, identity, alias, request_id, started, endpoint, target,
-                provider, ticket,
+                reply.stream, pipeline, identity, alias, request_id, started, endpoint,
+                slot.target, slot.name, ticket, outcome.attempts,
             )  # fmt: skip
             return Relayed(reply, stream, headers)
         pipeline.account(
-            identity, alias, request_id, started, endpoint, provider, target.model, reply.usage,
-            reply.status, 1, ticket,
+            identity, alias, request_id, started, endpoint, slot.name, slot.target.model,
+            reply.usage, reply.status, outcome.attempts, ticket,
         )  # fmt: skip
         return Relayed(reply, None, headers)
