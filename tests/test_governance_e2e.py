@@ -296,6 +296,34 @@ def test_spend_survives_a_restart(tmp_path: Path) -> None:
     assert refused.value.response.json()["error"]["code"] == "insufficient_quota"
 
 
+# --------------------------------------------------------------------------- native APIs
+
+
+def test_native_calls_are_limited_and_refused_in_their_own_shape(tmp_path: Path) -> None:
+    """Limits apply to native passthrough: an Ollama client gets Ollama's error
+    shape, with the same headers as an OpenAI client."""
+    key = generate_key()
+    with running_upstream() as mock:
+        config = _config(mock)
+        root = mock.base_url.removesuffix("/v1")
+        config["providers"].append({"name": "ol", "type": "ollama", "base_url": root})
+        config["routes"].append(route("ol-echo", "ol", "echo"))
+        config["keys"] = [{"name": "native", "key": key, "role": "member", "rpm": 1}]
+        with (
+            GandalfServer(tmp_path, config) as server,
+            httpx.Client(base_url=server.url, timeout=30.0) as client,
+        ):
+            ask = {"model": "ol-echo", "messages": [{"role": "user", "content": "x"}]}
+            auth = {"authorization": f"Bearer {key}"}
+            first = client.post("/api/chat", json={**ask, "stream": False}, headers=auth)
+            second = client.post("/api/chat", json={**ask, "stream": False}, headers=auth)
+    assert first.status_code == 200, first.text
+    assert first.headers["x-ratelimit-limit-requests"] == "1"
+    assert second.status_code == 429
+    assert set(second.json()) == {"error"} and "Rate limit" in second.json()["error"]
+    assert int(second.headers["retry-after"]) >= 1
+
+
 # --------------------------------------------------------------------------- workers
 
 

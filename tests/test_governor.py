@@ -655,3 +655,34 @@ def test_the_error_boundary_answers_429_with_the_retry_headers_on_every_api(
         assert body == {"error": quota.message}
     else:
         assert body["error"]["type"] == body["error"]["code"] == "insufficient_quota"
+
+
+def test_a_refund_without_a_refill_lands_where_refill_first_would() -> None:
+    """correct() refunds without reading the clock (the usual settle: the answer
+    was shorter than its estimate). Against a reference that refills first, over
+    seeded random admits, waits and settles, the levels agree at every step."""
+    rng = random.Random(7)
+    for _ in range(200):
+        gov, mono, _ = governor()
+        scopes = (key(tpm=600),)
+        reference = 600.0  # the level a refill-first bucket has, at ``stamp``
+        stamp = mono()
+        for _ in range(6):
+            tokens = rng.randint(1, 120)
+            mono.t += rng.choice((0.0, 0.5, 3.0, 30.0))
+            reference = min(600.0, reference + (mono() - stamp) * 10.0)
+            stamp = mono()
+            try:
+                ticket = gov.admit(scopes, est(tokens))
+            except RateLimited:
+                continue
+            reference -= tokens
+            mono.t += rng.choice((0.0, 0.25, 2.0, 20.0))
+            used = rng.randint(0, tokens)  # a refund
+            reference = min(600.0, reference + (mono() - stamp) * 10.0)
+            stamp = mono()
+            reference = min(600.0, reference + (tokens - used))
+            gov.settle(ticket, used, None)
+            rate = gov.limits.rate(scopes[0], mono())
+            assert rate is not None and rate.tpm is not None
+            assert rate.tpm.level == pytest.approx(reference)

@@ -182,25 +182,34 @@ class RateLimits:
         rate = self._levels.get(key)
         if rate is None:
             rate = self._levels[key] = Rate(scope.kind, scope.id)
-        share = self.share
+        # Bucket.refill written out: this runs for every level of every
+        # limited request.
         bucket = rate.rpm
         if rpm:
             if bucket is None:
-                rate.rpm = Bucket(rpm, share, now)
+                rate.rpm = Bucket(rpm, self.share, now)
             else:
                 if bucket.limit != rpm:
-                    bucket.resize(rpm, share)
-                bucket.refill(now)
+                    bucket.resize(rpm, self.share)
+                elapsed = now - bucket.stamp
+                if elapsed > 0:
+                    level = bucket.level + elapsed * bucket.rate
+                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
+                    bucket.stamp = now
         elif bucket is not None:
             rate.rpm = None
         bucket = rate.tpm
         if tpm:
             if bucket is None:
-                rate.tpm = Bucket(tpm, share, now)
+                rate.tpm = Bucket(tpm, self.share, now)
             else:
                 if bucket.limit != tpm:
-                    bucket.resize(tpm, share)
-                bucket.refill(now)
+                    bucket.resize(tpm, self.share)
+                elapsed = now - bucket.stamp
+                if elapsed > 0:
+                    level = bucket.level + elapsed * bucket.rate
+                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
+                    bucket.stamp = now
         elif bucket is not None:
             rate.tpm = None
         return rate
@@ -245,13 +254,23 @@ class RateLimits:
         negative delta refunds; the level never rises above the capacity)."""
         if not delta:
             return
+        if delta < 0:
+            # A refund needs no refill first: clamping at the capacity now or
+            # after the next refill gives the same level, so the clock is not
+            # read (the usual case: the answer was shorter than its estimate).
+            for rate in rates:
+                bucket = rate.tpm
+                if bucket is not None:
+                    level = bucket.level - delta
+                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
+            return
+        # A charge: refill first, so the refill it eats is clamped as it accrued.
         now = self.clock()
         for rate in rates:
             bucket = rate.tpm
             if bucket is not None:
                 bucket.refill(now)
-                level = bucket.level - delta
-                bucket.level = level if level < bucket.capacity else float(bucket.capacity)
+                bucket.level -= delta
 
     @staticmethod
     def headers(rates: list[Rate]) -> list[tuple[bytes, bytes]]:
