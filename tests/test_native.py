@@ -9,6 +9,7 @@ import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -25,6 +26,9 @@ from tests.upstream import MockUpstream
 KEY = "gnd_" + "n" * 40
 LIMITED = "gnd_" + "l" * 40
 VIEWER = "gnd_" + "v" * 40
+# Keys with a TPM limit, one per native API: the governor's estimate shows in
+# x-ratelimit-remaining-tokens (a fresh bucket of 1,000,000 minus the estimate).
+TPM_KEYS = {api: "gnd_" + letter * 40 for api, letter in (("az", "a"), ("ol", "o"), ("gem", "g"))}
 AZURE_SECRET = "azure-provider-secret"
 OLLAMA_SECRET = "ollama-proxy-secret"
 VERSION = "api-version=2024-10-21"
@@ -81,6 +85,10 @@ def _config(mock: MockUpstream, db: str) -> GandalfConfig:
             KeyEntry(name="admin", key=KEY, role="admin"),
             KeyEntry(name="limited", key=LIMITED, role="member", allowed_models=("gpt",)),
             KeyEntry(name="viewer", key=VIEWER, role="viewer"),
+            *(
+                KeyEntry(name=f"tpm-{api}", key=key, role="member", tpm=1_000_000)
+                for api, key in TPM_KEYS.items()
+            ),
         ),
     )
 
@@ -267,6 +275,53 @@ def test_ollama_errors_are_in_ollamas_shape(upstream: MockUpstream) -> None:
         assert reply.status == 400 and "model" in reply.json()["error"]
         reply = await call(app, "POST", "/api/chat", headers=auth, json={**chat, "model": "ol-500"})
         assert reply.status == 500 and reply.json() == {"error": "mock status 500"}  # relayed
+
+    run(upstream, scenario)
+
+
+def test_native_output_limits_count_in_the_governors_estimate(upstream: MockUpstream) -> None:
+    """Each native API's own output-token limit (Azure max_completion_tokens,
+    Ollama options.num_predict, Gemini generationConfig.maxOutputTokens) is
+    charged up front with the prompt estimate (a quarter of the body's bytes)."""
+
+    def remaining(reply: Any) -> int:
+        return int(reply.header("x-ratelimit-remaining-tokens"))
+
+    async def scenario(app: GandalfApp) -> None:
+        azure = orjson.dumps(
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 700}
+        )
+        reply = await call(
+            app,
+            "POST",
+            "/openai/deployments/az-chat/chat/completions",
+            headers=[("api-key", TPM_KEYS["az"])],
+            body=azure,
+            query=VERSION,
+        )
+        assert remaining(reply) == 1_000_000 - (len(azure) // 4 + 700), reply.body
+        ollama = orjson.dumps(
+            {"model": "ol-echo", "messages": [], "stream": False, "options": {"num_predict": 900}}
+        )
+        reply = await call(
+            app,
+            "POST",
+            "/api/chat",
+            headers=[("authorization", f"Bearer {TPM_KEYS['ol']}")],
+            body=ollama,
+        )
+        assert remaining(reply) == 1_000_000 - (len(ollama) // 4 + 900), reply.body
+        gemini = orjson.dumps(
+            {"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": 300}}
+        )
+        reply = await call(
+            app,
+            "POST",
+            "/v1beta/models/gem:generateContent",
+            headers=[("x-goog-api-key", TPM_KEYS["gem"])],
+            body=gemini,
+        )
+        assert remaining(reply) == 1_000_000 - (len(gemini) // 4 + 300), reply.body
 
     run(upstream, scenario)
 

@@ -10,6 +10,7 @@ reach the database with their detail counts and cost.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from gandalf.app.pricing import (
     Rates,
     build_pricing,
     configured_rates,
+    library_in_subprocess,
     library_rates,
 )
 from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry, ServerConfig, parse_config
@@ -259,9 +261,11 @@ def test_cost_and_worst_case_of_a_route() -> None:
     assert pricing.worst_case(entry(("x", "y")), 100, 10) is None
 
 
-def test_the_library_is_imported_only_to_look_prices_up() -> None:
-    """Importing the gateway and pricing the shipped config (a fake provider,
-    keyless ones disabled) or configured prices never imports genai-prices."""
+def test_the_gateway_never_imports_the_library() -> None:
+    """Importing the gateway, pricing the shipped config (a fake provider,
+    keyless ones disabled), configured prices, or models only the library
+    prices never imports genai-prices into the process: the library is read
+    by a child process (a worker would otherwise hold ~14 MB for it)."""
     code = (
         "import sys\n"
         "import gandalf.wiring, gandalf.cli\n"
@@ -273,6 +277,8 @@ def test_the_library_is_imported_only_to_look_prices_up() -> None:
         "build_pricing([ProviderConfig(name='f', type='fake', models=('m',)),"
         " ProviderConfig(name='o', type='openai', models=('x',))],"
         " [], [ModelPrice(provider='o', model='x', input=1, output=1)])\n"
+        "p = build_pricing([ProviderConfig(name='o', type='openai', models=('gpt-4o',))], [], [])\n"
+        "assert p.rates('o', 'gpt-4o') is not None, 'the library priced nothing'\n"
         "assert 'genai_prices' not in sys.modules, 'imported'\n"
         "print('ok')\n"
     )
@@ -282,7 +288,7 @@ def test_the_library_is_imported_only_to_look_prices_up() -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PYTHONPATH": str(ROOT)},
+        env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")},
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
@@ -412,3 +418,14 @@ def test_usage_rows_carry_detail_counts_and_cost(
         assert cached > 0 and write == 0 and reasoning == 0, endpoint
         expected = ((prompt - cached) * 3.0 + cached * 0.3 + completion * 15.0) / 1e6
         assert cost == pytest.approx(expected, rel=1e-9), endpoint
+
+
+def test_a_failed_library_child_leaves_models_unpriced_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with caplog.at_level("WARNING", logger="gandalf.pricing"):
+        found = library_in_subprocess([(ProviderConfig(name="o", type="openai"), "gpt-4o")])
+    assert found == {}
+    (line,) = [r.getMessage() for r in caplog.records if "genai-prices" in r.getMessage()]
+    assert "unpriced" in line

@@ -31,8 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -228,9 +232,24 @@ def build_pricing(
             typed[(entry.provider, entry.model)] = entry
     rates: dict[tuple[str, str], Rates] = {}
     unpriced: list[tuple[str, str]] = []
+    asked = [
+        (provider, model)
+        for (name, model), provider in pairs.items()
+        if (name, model) not in named
+        and (provider.type, model) not in typed
+        and LIBRARY_PROVIDERS.get(provider.type) is not None
+    ]
+    # The library, asked once for every pair without a configured price: in a
+    # child process by default, so that no worker holds genai-prices (~14 MB
+    # of RSS and ~0.13 s of imports each) for a table it reads once.
+    looked = (
+        library_in_subprocess(asked)
+        if library is None
+        else {(p.name, m): lookup(p, m) for p, m in asked}
+    )
     for (name, model), provider in pairs.items():
         price = named.get((name, model)) or typed.get((provider.type, model))
-        found = configured_rates(price) if price is not None else lookup(provider, model)
+        found = configured_rates(price) if price is not None else looked.get((name, model))
         if found is not None:
             rates[(name, model)] = found
             continue
@@ -246,6 +265,64 @@ def build_pricing(
 
 
 # --------------------------------------------------------------------------- genai-prices
+
+LIBRARY_TIMEOUT = 30.0  # seconds for the child process that reads the library
+
+
+class _Asked(msgspec.Struct, array_like=True):
+    type: str
+    base_url: str
+    model: str
+
+
+_ASKED = msgspec.json.Decoder(list[_Asked])
+_LOOKED = msgspec.json.Decoder(list[Rates | None])
+
+
+def library_in_subprocess(
+    asked: Sequence[tuple[ProviderConfig, str]],
+) -> dict[tuple[str, str], Rates | None]:
+    """:func:`library_rates` of every (provider, model) of ``asked``, computed
+    by a child Python process (``python -m gandalf.app.pricing``), by
+    (provider name, model). Nothing asked: no child. A child that fails or
+    times out leaves every pair unpriced, with one warning."""
+    if not asked:
+        return {}
+    request = msgspec.json.encode([_Asked(p.type, p.base_url or "", model) for p, model in asked])
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding gandalf/
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gandalf.app.pricing"],
+            input=request,
+            capture_output=True,
+            timeout=LIBRARY_TIMEOUT,
+            env=env,
+            check=True,
+        )
+        found = _LOOKED.decode(done.stdout)
+    except (OSError, subprocess.SubprocessError, msgspec.DecodeError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        logger.warning(
+            "could not read model prices from genai-prices (%s%s): every model without a "
+            "pricing: entry is unpriced",
+            type(exc).__name__,
+            ": " + detail.decode(errors="replace").strip().splitlines()[-1] if detail else "",
+        )
+        return {}
+    return {(p.name, model): rates for (p, model), rates in zip(asked, found, strict=True)}
+
+
+def _child() -> None:
+    """``python -m gandalf.app.pricing``: the library's rates of the pairs on
+    stdin, as JSON on stdout (see :func:`library_in_subprocess`)."""
+    asked = _ASKED.decode(sys.stdin.buffer.read())
+    found = [
+        library_rates(ProviderConfig(name="p", type=a.type, base_url=a.base_url), a.model)
+        for a in asked
+    ]
+    sys.stdout.buffer.write(msgspec.json.encode(found))
 
 
 def library_rates(provider: ProviderConfig, model: str) -> Rates | None:
@@ -318,3 +395,7 @@ def _from_library(price: Any) -> Rates | None:
         reasoning=base.reasoning,
         tiers=tuple((start, at(start + 1)) for start in starts),
     )
+
+
+if __name__ == "__main__":
+    _child()

@@ -52,9 +52,20 @@ _SSE_KEEPALIVE: dict[str, bool | bytes] = {
 class _ModelBody(msgspec.Struct):
     model: str
     stream: bool | None = None
-    # Anthropic's output-token limit (required there), for the governor's
-    # estimate only: any JSON value is accepted, the upstream judges it.
+    # The output-token limit, for the governor's estimate only (any JSON value
+    # is accepted: the upstream judges it): Anthropic's ``max_tokens``
+    # (required there), Ollama's ``options.num_predict``.
     max_tokens: object = None
+    options: object = None
+
+
+def _limit(value: object) -> int | None:
+    """An output-token limit a client gave, if it is a positive integer."""
+    return value if type(value) is int and value > 0 else None
+
+
+def _option(options: object, name: str) -> int | None:
+    return _limit(options.get(name)) if type(options) is dict else None
 
 
 _model_body = msgspec.json.Decoder(_ModelBody)
@@ -381,7 +392,7 @@ class NativeApi:
                 body_model=target.model if target.model != body.model else None,
             )
 
-        limit = body.max_tokens if type(body.max_tokens) is int else None
+        limit = _limit(body.max_tokens)
         return await self._relay(request, "anthropic", endpoint, body.model, build, stream, limit)
 
     # ------------------------------------------------------------ gemini
@@ -393,7 +404,8 @@ class NativeApi:
         alias, sep, method = rest.rpartition(":")
         if not sep or not alias or method not in _GEMINI_METHODS:
             raise NotFound(f"Unknown path: {printable(request.path)}")
-        decode_body(_object_decoder, request.body)  # relayed as is: JSON, UTF-8, bounded depth
+        # Relayed as is; decoding checks it is JSON, UTF-8, of bounded depth.
+        config = decode_body(_gemini_body, request.body).generationConfig
         query, _ = _query_without_key(request.query)
         stream = method == "streamGenerateContent"
         headers = _relayed_headers(request, "gemini")
@@ -412,7 +424,8 @@ class NativeApi:
                 stream=stream,
             )
 
-        return await self._relay(request, "gemini", f"gemini.{method}", alias, build, stream)
+        limit = _option(config, "maxOutputTokens")
+        return await self._relay(request, "gemini", f"gemini.{method}", alias, build, stream, limit)
 
     async def gemini_models(self, request: Request) -> Response:
         identity = request.identity
@@ -439,8 +452,8 @@ class NativeApi:
         if not sep or not alias or operation not in ("chat/completions", "embeddings"):
             raise NotFound(f"Unknown path: {printable(request.path)}")
         query = "?" + request.query.decode("latin-1") if request.query else ""
-        flag = _stream_flag(request.body)  # embeddings too: relayed as is, checked first
-        stream = operation == "chat/completions" and bool(flag)
+        flags = decode_body(_azure_body, request.body)  # embeddings too: relayed, checked first
+        stream = operation == "chat/completions" and bool(flags.stream)
         headers = _relayed_headers(request, "azure")
         endpoint = "azure.chat" if operation == "chat/completions" else "azure.embeddings"
 
@@ -454,7 +467,8 @@ class NativeApi:
                 stream=stream,
             )
 
-        return await self._relay(request, "azure", endpoint, alias, build, stream)
+        limit = _limit(flags.max_completion_tokens) or _limit(flags.max_tokens)
+        return await self._relay(request, "azure", endpoint, alias, build, stream, limit)
 
     # ------------------------------------------------------------ ollama
 
@@ -477,7 +491,8 @@ class NativeApi:
             )
 
         endpoint = "ollama." + path.rsplit("/", 1)[1]
-        return await self._relay(request, "ollama", endpoint, body.model, build, stream)
+        limit = _option(body.options, "num_predict")
+        return await self._relay(request, "ollama", endpoint, body.model, build, stream, limit)
 
     async def ollama_version(self, request: Request) -> Response:
         return Response(200, _OLLAMA_VERSION_BODY)
@@ -551,23 +566,25 @@ def _google_credential(request: Request) -> bool:
     )
 
 
-class _StreamFlag(msgspec.Struct):
+class _AzureBody(msgspec.Struct):
     stream: bool | None = None
+    # Output-token limits, for the governor's estimate only (any JSON value).
+    max_tokens: object = None
+    max_completion_tokens: object = None
 
 
-_stream_decoder = msgspec.json.Decoder(_StreamFlag)
+_azure_body = msgspec.json.Decoder(_AzureBody)
 
 
-def _stream_flag(body: bytes) -> bool | None:
-    return decode_body(_stream_decoder, body).stream
+class _GeminiBody(msgspec.Struct):
+    """Any JSON object; ``generationConfig.maxOutputTokens`` is read for the
+    governor's estimate."""
+
+    generationConfig: object = None  # Google's spelling
+
+
+_gemini_body = msgspec.json.Decoder(_GeminiBody)
 
 
 def _decode_model_body(body: bytes) -> _ModelBody:
     return decode_body(_model_body, body)
-
-
-class _Object(msgspec.Struct):
-    """Any JSON object: decoding it checks a body that is relayed undecoded."""
-
-
-_object_decoder = msgspec.json.Decoder(_Object)
