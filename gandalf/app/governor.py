@@ -93,7 +93,7 @@ class LocalGovernor:
     budget periods (both injectable for tests).
     """
 
-    __slots__ = ("budgets", "limits")
+    __slots__ = ("_plans", "budgets", "limits")
 
     def __init__(
         self,
@@ -104,23 +104,50 @@ class LocalGovernor:
     ) -> None:
         self.limits = RateLimits(clock=monotonic, share=share)
         self.budgets = Budgets(clock=wall, share=share)
+        # scopes -> their levels' budget and bucket states, resolved once: a
+        # caller's scopes tuple is built once per key-cache fill, and equal
+        # scopes carry equal limits, so the states (created, resized, rolled
+        # over by Budgets.spend / RateLimits.rate) stay the right ones. One
+        # entry per distinct tuple (about one per key).
+        self._plans: dict[tuple[Scope, ...], tuple[list[Spend], list[Rate]]] = {}
 
     def admit(self, scopes: tuple[Scope, ...], estimate: Estimate) -> Grant:
         """Reserve one request, ``estimate.tokens`` tokens and ``estimate.usd``
         at every level of ``scopes``, or raise QuotaExceeded / RateLimited
         (and take nothing)."""
+        plan = self._plans.get(scopes)
+        if plan is None:
+            plan = self._plans[scopes] = self._plan(scopes)
+        spends, rates = plan
         usd = estimate.usd or 0.0
-        budgets = self.budgets
-        spends = budgets.check(scopes, usd, budgets.clock())
-        limits = self.limits
+        if spends:
+            now = self.budgets.clock()
+            for state in spends:
+                if now >= state.until:
+                    state.roll(now)
+                committed = state.spent + state.reserved
+                if committed >= state.limit or committed + usd > state.limit:
+                    raise state.refusal(usd)
         tokens = estimate.tokens
-        rates = limits.check(scopes, tokens, limits.clock())
-        if spends and usd:
-            budgets.take(spends, usd)
         if rates:
-            limits.take(rates, tokens)
-            return Grant(limits.headers(rates), rates, tokens, spends, usd)
+            limits = self.limits
+            RateLimits.refill(rates, limits.clock())
+            limits.verify(rates, tokens)
+            if usd:
+                Budgets.take(spends, usd)
+            RateLimits.take(rates, tokens)
+            return Grant(RateLimits.headers(rates), rates, tokens, spends, usd)
+        if usd:
+            Budgets.take(spends, usd)
         return Grant([], rates, tokens, spends, usd)
+
+    def _plan(self, scopes: tuple[Scope, ...]) -> tuple[list[Spend], list[Rate]]:
+        """The states of ``scopes``' levels (created on first use)."""
+        budgets, limits = self.budgets, self.limits
+        wall, now = budgets.clock(), limits.clock()
+        spends = [s for s in (budgets.spend(scope, wall) for scope in scopes) if s is not None]
+        rates = [r for r in (limits.rate(scope, now) for scope in scopes) if r is not None]
+        return spends, rates
 
     def settle(self, ticket: Ticket, tokens: int, usd: float | None) -> None:
         """The request was served: ``tokens`` (its real total) replace the

@@ -219,12 +219,39 @@ class RateLimits:
         request, ``tokens`` tokens) fits all of them; else the RateLimited of
         the level that makes it wait longest (or that it can never fit)."""
         rates: list[Rate] = []
-        worst: tuple[float, Rate, str, Bucket, int] | None = None
         for scope in scopes:
             rate = self.rate(scope, now)
-            if rate is None:
-                continue
-            rates.append(rate)
+            if rate is not None:
+                rates.append(rate)
+        self.verify(rates, tokens)
+        return rates
+
+    @staticmethod
+    def refill(rates: list[Rate], now: float) -> None:
+        """Refill every bucket of ``rates`` to ``now`` (Bucket.refill written
+        out: this runs for every level of every limited request)."""
+        for rate in rates:
+            bucket = rate.rpm
+            if bucket is not None:
+                elapsed = now - bucket.stamp
+                if elapsed > 0:
+                    level = bucket.level + elapsed * bucket.rate
+                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
+                    bucket.stamp = now
+            bucket = rate.tpm
+            if bucket is not None:
+                elapsed = now - bucket.stamp
+                if elapsed > 0:
+                    level = bucket.level + elapsed * bucket.rate
+                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
+                    bucket.stamp = now
+
+    def verify(self, rates: list[Rate], tokens: int) -> None:
+        """Nothing, if one request of ``tokens`` tokens fits every level of
+        ``rates`` (refilled); else raise the RateLimited of the level that
+        makes it wait longest (or that it can never fit)."""
+        worst: tuple[float, Rate, str, Bucket, int] | None = None
+        for rate in rates:
             bucket = rate.rpm
             if bucket is not None and bucket.level < 1:
                 wait = bucket.wait(1) if bucket.capacity >= 1 else math.inf
@@ -237,7 +264,6 @@ class RateLimits:
                     worst = (wait, rate, "tokens", bucket, tokens)
         if worst is not None:
             raise _refusal(worst[1], worst[2], worst[3], worst[4], self.share)
-        return rates
 
     @staticmethod
     def take(rates: list[Rate], tokens: int) -> None:
