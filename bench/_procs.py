@@ -319,9 +319,10 @@ def free_port() -> int:
         return port
 
 
-# ``governance``: the bench key in a team of an org, every level with an RPM and
-# TPM limit and a budget far above what a bench can spend, and a price for the
-# mock's model: each request is admitted, priced and settled at three levels.
+# ``governance``: "on": the bench key in a team of an org, every level with an
+# RPM and TPM limit and a budget far above what a bench can spend, and a price
+# for the mock's model: each request is admitted, priced and settled at three
+# levels. "key": the key's own RPM limit only (the common case). "off": none.
 _GOVERNANCE = (
     "orgs: [{id: bench-org, rpm: 100000000, tpm: 1000000000000,"
     " budget: {usd: 1000000000, period: monthly}}]\n"
@@ -342,7 +343,7 @@ def write_gandalf_config(
     name: str = "gandalf",
     *,
     access_log: bool = True,
-    governance: bool = False,
+    governance: str = "off",
 ) -> Path:
     """The bench config: one openai-type provider pointing at the mock, one route, one key.
 
@@ -360,10 +361,16 @@ def write_gandalf_config(
         'api_key: "sk-bench"}\n'
         "routes:\n"
         f"  - {{model_alias: {MODEL_ALIAS}, targets: [{{provider: mock, model: {MODEL_ALIAS}}}]}}\n"
-        + (_GOVERNANCE % MODEL_ALIAS if governance else "")
+        + (_GOVERNANCE % MODEL_ALIAS if governance == "on" else "")
         + "keys:\n"
         f'  - {{name: bench, key: "{BENCH_KEY}", role: service_account'
-        + (_GOVERNED_KEY if governance else "")
+        + (
+            _GOVERNED_KEY
+            if governance == "on"
+            else ", rpm: 100000000"
+            if governance == "key"
+            else ""
+        )
         + "}\n"
     )
     return path
@@ -381,7 +388,7 @@ def launch_gandalf(
     repo: Path = REPO_DIR,
     name: str | None = None,
     access_log: bool = True,
-    governance: bool = False,
+    governance: str = "off",
 ) -> Server:
     """``python -m gandalf serve --config <tmpdir>/<name>.yaml --interface I``, the
     ``gandalf`` package imported from ``repo``; waits for /healthz. Named ``gandalf``

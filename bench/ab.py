@@ -67,14 +67,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--governance",
-        choices=("on", "off"),
+        choices=("on", "key", "off"),
         default="off",
-        help="this checkout's bench key limited and budgeted at key, team and org level, "
-        "with a priced model (every request admitted, priced and settled three times)",
+        help="on: this checkout's bench key limited and budgeted at key, team and org level, "
+        "with a priced model (every request admitted, priced and settled three times); "
+        "key: the key's own rpm only",
     )
     parser.add_argument(
         "--base-governance",
-        choices=("on", "off"),
+        choices=("on", "key", "off"),
         help="the base's (default: as --governance; on needs a base that knows orgs:); "
         "--base HEAD --governance on --base-governance off measures what limits cost",
     )
@@ -140,7 +141,7 @@ def compare(
                     repo=repo,
                     name=f"ab-{round_no}-{'a' if repo == REPO_DIR else 'b'}",
                     access_log=(args.access_log if repo == REPO_DIR else base_log) == "on",
-                    governance=(args.governance if repo == REPO_DIR else base_gov) == "on",
+                    governance=args.governance if repo == REPO_DIR else base_gov,
                 )
                 url = server.url + CHAT_PATH
                 run_wrk(
