@@ -87,6 +87,7 @@ class Scope(msgspec.Struct, frozen=True, kw_only=True):
 
     kind: str  # "key" | "team" | "org"
     id: str
+    name: str = ""  # what refusals call it (a key's name, an org's name); "" -> id
     rpm: int = 0  # 0: unlimited
     tpm: int = 0  # 0: unlimited
     budget: Budget | None = None
@@ -157,11 +158,20 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
             tpm = tpm or tenancy.tpm
         scopes: list[Scope] = []
         if rpm or tpm or key.budget is not None:
-            scopes.append(Scope(kind="key", id=key.id, rpm=rpm, tpm=tpm, budget=key.budget))
+            scopes.append(
+                Scope(kind="key", id=key.id, name=key.name, rpm=rpm, tpm=tpm, budget=key.budget)
+            )
         for kind, level in (("team", team), ("org", org)):
             if level is not None and (level.rpm or level.tpm or level.budget is not None):
                 scopes.append(
-                    Scope(kind=kind, id=level.id, rpm=level.rpm, tpm=level.tpm, budget=level.budget)
+                    Scope(
+                        kind=kind,
+                        id=level.id,
+                        name=level.name,
+                        rpm=level.rpm,
+                        tpm=level.tpm,
+                        budget=level.budget,
+                    )
                 )
         exact, pattern = allowed_chain(
             (

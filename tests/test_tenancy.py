@@ -259,13 +259,13 @@ def test_scopes_are_key_team_org_with_the_default_per_key() -> None:
         key(org_id="acme", team_id="backend", tpm=5, budget=daily), tenancy
     )
     assert identity.scopes == (
-        Scope(kind="key", id="k1", rpm=60, tpm=5, budget=daily),  # rpm from limits:
-        Scope(kind="team", id="backend", tpm=50000),
-        Scope(kind="org", id="acme", rpm=1000, budget=Budget(usd=500)),
+        Scope(kind="key", id="k1", name="k", rpm=60, tpm=5, budget=daily),  # rpm: limits:
+        Scope(kind="team", id="backend", name="b", tpm=50000),
+        Scope(kind="org", id="acme", name="Acme", rpm=1000, budget=Budget(usd=500)),
     )
     # The default alone makes a key scope; an unlimited org/team adds none.
     plain = Identity.from_key(key(), Tenancy(rpm=60))
-    assert plain.scopes == (Scope(kind="key", id="k1", rpm=60),)
+    assert plain.scopes == (Scope(kind="key", id="k1", name="k", rpm=60),)
 
 
 # ---------------------------------------------------------------------------- the key cache
@@ -293,7 +293,7 @@ def test_the_cache_builds_identities_against_its_tenancy_and_a_reload_rebuilds_t
         assert cache.cached(KEY) is None  # dropped: the new limits apply at once
         second = await cache.load(KEY)
         assert not second.may_use("gpt-4o")
-        assert second.scopes == (Scope(kind="org", id="acme", rpm=7),)
+        assert second.scopes == (Scope(kind="org", id="acme", name="A", rpm=7),)
 
     asyncio.run(scenario())
 
@@ -444,7 +444,7 @@ def test_reconcile_at_start_and_reload(tmp_path: Path, caplog: pytest.LogCapture
             key = await store.get_key_by_hash(hash_key(KEY))
             assert key is not None and (key.team_id, key.rpm, key.budget) == (None, 0, None)
             identity = Identity.from_key(key, await load_tenancy(store, second))
-            assert identity.scopes == (Scope(kind="org", id="acme", tpm=5),)
+            assert identity.scopes == (Scope(kind="org", id="acme", name="acme", tpm=5),)
             assert identity.may_use("gpt-4o")
             mine = await store.get_org("mine")
             assert mine is not None and (mine.rpm, mine.source) == (1, "cli")  # untouched

@@ -79,11 +79,14 @@ class Spend:
     """One level's budget: this worker's ``limit`` (USD), ``spent`` in the
     current period (which ends at ``until``) and ``reserved`` in flight."""
 
-    __slots__ = ("budget", "id", "kind", "limit", "reserved", "spent", "until")
+    __slots__ = ("budget", "id", "kind", "limit", "name", "reserved", "spent", "until")
 
-    def __init__(self, kind: str, id: str, budget: Budget, share: int, now: float) -> None:
+    def __init__(
+        self, kind: str, id: str, budget: Budget, share: int, now: float, name: str = ""
+    ) -> None:
         self.kind = kind
         self.id = id
+        self.name = name or id  # what a refusal calls the level
         self.budget = budget
         self.limit = budget.usd / share
         self.spent = 0.0
@@ -99,7 +102,7 @@ class Spend:
         """The 429 for a request of worst case ``usd`` that does not fit:
         names the level, the budget, its period and what is left."""
         budget = self.budget
-        where = f"{_NAMES.get(self.kind, self.kind)} '{self.id}'"
+        where = f"{_NAMES.get(self.kind, self.kind)} '{self.name}'"
         share = f" (this worker's share ${self.limit:.4f})" if self.limit != budget.usd else ""
         period = _PERIODS.get(budget.period, budget.period)
         counted = f"${self.spent:.4f} spent, ${self.reserved:.4f} reserved by requests in flight"
@@ -145,7 +148,9 @@ class Budgets:
         key = (scope.kind, scope.id)
         state = self._levels.get(key)
         if state is None:
-            state = self._levels[key] = Spend(scope.kind, scope.id, budget, self.share, now)
+            state = self._levels[key] = Spend(
+                scope.kind, scope.id, budget, self.share, now, scope.name
+            )
             loaded = self._loaded.pop(key, None)
             if loaded is not None and period_bounds(budget.period, loaded[1])[1] == state.until:
                 state.spent = loaded[0] / self.share

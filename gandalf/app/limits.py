@@ -112,11 +112,12 @@ class Bucket:
 class Rate:
     """The RPM and TPM buckets of one level (None where it sets no limit)."""
 
-    __slots__ = ("id", "kind", "rpm", "tpm")
+    __slots__ = ("id", "kind", "name", "rpm", "tpm")
 
-    def __init__(self, kind: str, id: str) -> None:
+    def __init__(self, kind: str, id: str, name: str = "") -> None:
         self.kind = kind
         self.id = id
+        self.name = name or id  # what a refusal calls the level
         self.rpm: Bucket | None = None
         self.tpm: Bucket | None = None
 
@@ -126,7 +127,7 @@ _NAMES = {"key": "key", "team": "team", "org": "organization"}
 
 def _refusal(rate: Rate, limit: str, bucket: Bucket, need: int, share: int) -> RateLimited:
     unit = "requests" if limit == "requests" else "tokens"
-    where = f"{_NAMES.get(rate.kind, rate.kind)} '{rate.id}'"
+    where = f"{_NAMES.get(rate.kind, rate.kind)} '{rate.name}'"
     per = "RPM" if limit == "requests" else "TPM"
     worker = f" (this worker's share {bucket.capacity} of {bucket.limit})" if share > 1 else ""
     if bucket.capacity == 0:
@@ -181,7 +182,7 @@ class RateLimits:
         key = (scope.kind, scope.id)
         rate = self._levels.get(key)
         if rate is None:
-            rate = self._levels[key] = Rate(scope.kind, scope.id)
+            rate = self._levels[key] = Rate(scope.kind, scope.id, scope.name)
         # Bucket.refill written out: this runs for every level of every
         # limited request.
         bucket = rate.rpm
