@@ -5,6 +5,7 @@ in process and through the server."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -614,3 +615,26 @@ def test_ticket_headers_reach_every_model_call_response(path: str, json: Any) ->
     assert [c[0] for c in governor.calls] == ["admit", "release" if failing else "settle"]
     assert len(sink.records) == 1 and isinstance(sink.records[0], UsageRecord)
     assert sink.records[0].team_id == "team-1"
+
+
+def test_a_native_stream_the_upstream_broke_counts_against_its_breaker() -> None:
+    """As on /v1: a stream ended by the upstream (502) is a failure of that
+    provider; one the client left (499) is not."""
+    service, _ = passthrough(FakeNative(), None)
+    slot = service.routes.resolve("m").slots[0]
+
+    def failures() -> float:
+        return slot.breaker.snapshot(time.monotonic()).failures
+
+    async def stream(status: int) -> None:
+        relayed = await service.forward(
+            IDENTITY, "anthropic", "m", "anthropic.messages", _build(True), "r", 0.0
+        )
+        assert relayed.stream is not None
+        await relayed.stream.aclose(status)
+
+    before = failures()
+    asyncio.run(stream(499))
+    assert failures() == before
+    asyncio.run(stream(502))
+    assert failures() == before + 1

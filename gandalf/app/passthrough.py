@@ -25,6 +25,7 @@ from typing import Protocol
 from gandalf.app.balancer import Slot
 from gandalf.app.failover import Failover, failure_of
 from gandalf.app.governance import Governor, Ticket
+from gandalf.app.health import STREAM_FAILURE_WEIGHTS
 from gandalf.app.pipeline import (
     CostOf,
     Pipeline,
@@ -94,7 +95,9 @@ class NativeUpstream(Protocol):
 
 
 class RecordedNativeStream:
-    """A native stream accounted for (Pipeline.account) when the server closes it."""
+    """A native stream accounted for (Pipeline.account) when the server closes
+    it; a stream the upstream broke (502) counts against its provider's
+    breaker, as a /v1 stream does (app/health.py STREAM_FAILURE_WEIGHTS)."""
 
     __slots__ = (
         "_alias",
@@ -102,10 +105,10 @@ class RecordedNativeStream:
         "_done",
         "_endpoint",
         "_identity",
-        "_model",
+        "_monotonic",
         "_pipeline",
-        "_provider",
         "_request_id",
+        "_slot",
         "_started",
         "_stream",
         "_ticket",
@@ -120,22 +123,22 @@ class RecordedNativeStream:
         request_id: str,
         started: float,
         endpoint: str,
-        target: Target,
-        provider: str,
+        slot: Slot,
         ticket: Ticket | None,
         attempts: int = 1,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stream = stream
-        self._attempts = attempts
         self._pipeline = pipeline
         self._identity = identity
         self._alias = alias
         self._request_id = request_id
         self._started = started
         self._endpoint = endpoint
-        self._model = target.model
-        self._provider = provider
+        self._slot = slot
         self._ticket = ticket
+        self._attempts = attempts
+        self._monotonic = monotonic
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -144,19 +147,23 @@ class RecordedNativeStream:
     async def aclose(self, status: int) -> None:
         if not self._done:
             self._done = True
+            slot = self._slot
             self._pipeline.account(
                 self._identity,
                 self._alias,
                 self._request_id,
                 self._started,
                 self._endpoint,
-                self._provider,
-                self._model,
+                slot.name,
+                slot.target.model,
                 self._stream.usage,
                 status,
                 self._attempts,
                 self._ticket,
             )
+            weight = STREAM_FAILURE_WEIGHTS.get(status)
+            if weight is not None:
+                slot.breaker.record(weight, self._monotonic())
         await self._stream.aclose()
 
 
@@ -325,7 +332,7 @@ class PassthroughService:
         if reply.stream is not None:
             stream = RecordedNativeStream(
                 reply.stream, pipeline, identity, alias, request_id, started, endpoint,
-                slot.target, slot.name, ticket, outcome.attempts,
+                slot, ticket, outcome.attempts, self._monotonic,
             )  # fmt: skip
             return Relayed(reply, stream, headers)
         pipeline.account(
