@@ -157,6 +157,18 @@ def _refusal(rate: Rate, limit: str, bucket: Bucket, need: int, share: int) -> R
     )
 
 
+def _bucket(bucket: Bucket | None, limit: int, share: int, now: float) -> Bucket | None:
+    """``bucket`` for a level whose limit is now ``limit`` (0: none), refilled."""
+    if not limit:
+        return None
+    if bucket is None:
+        return Bucket(limit, share, now)
+    if bucket.limit != limit:
+        bucket.resize(limit, share)
+    bucket.refill(now)
+    return bucket
+
+
 class RateLimits:
     """Every level's buckets, created on first use from the scope's limits.
 
@@ -183,36 +195,10 @@ class RateLimits:
         rate = self._levels.get(key)
         if rate is None:
             rate = self._levels[key] = Rate(scope.kind, scope.id, scope.name)
-        # Bucket.refill written out: this runs for every level of every
-        # limited request.
-        bucket = rate.rpm
-        if rpm:
-            if bucket is None:
-                rate.rpm = Bucket(rpm, self.share, now)
-            else:
-                if bucket.limit != rpm:
-                    bucket.resize(rpm, self.share)
-                elapsed = now - bucket.stamp
-                if elapsed > 0:
-                    level = bucket.level + elapsed * bucket.rate
-                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
-                    bucket.stamp = now
-        elif bucket is not None:
-            rate.rpm = None
-        bucket = rate.tpm
-        if tpm:
-            if bucket is None:
-                rate.tpm = Bucket(tpm, self.share, now)
-            else:
-                if bucket.limit != tpm:
-                    bucket.resize(tpm, self.share)
-                elapsed = now - bucket.stamp
-                if elapsed > 0:
-                    level = bucket.level + elapsed * bucket.rate
-                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
-                    bucket.stamp = now
-        elif bucket is not None:
-            rate.tpm = None
+        # Created, resized or dropped to the scope's limits (a caller's plan is
+        # resolved here once: the per-request refill is RateLimits.refill).
+        rate.rpm = _bucket(rate.rpm, rpm, self.share, now)
+        rate.tpm = _bucket(rate.tpm, tpm, self.share, now)
         return rate
 
     def check(self, scopes: tuple[Scope, ...], tokens: int, now: float) -> list[Rate]:

@@ -64,6 +64,9 @@ PriceWorstCase = Callable[[RouteEntry, int, int], "float | None"]
 CostOf = Callable[[str, str, Usage], "float | None"]
 
 
+_NOTHING = Usage()  # the counts of a request nothing served (read only)
+
+
 def no_price(entry: RouteEntry, tokens_in: int, tokens_out: int) -> float | None:
     """The default ``price`` hook: nothing is priced."""
     return None
@@ -195,49 +198,32 @@ class Pipeline:
         ``started``: ``time.perf_counter()`` at arrival; ``attempts``: upstream
         attempts made (0: the request shared a coalesced call)."""
         cost: float | None = None
+        counts = _NOTHING if usage is None else usage
         if usage is not None:
             price = self._cost
             if price is not None and provider is not None and model is not None:
                 cost = price(provider, model, usage)
-            record = UsageRecord(
-                request_id,
-                identity.key_id,
-                identity.org_id,
-                alias,
-                model,
-                provider,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.total_tokens,
-                (time.perf_counter() - started) * 1000.0,
-                status,
-                self._clock(),
-                endpoint,
-                attempts,
-                identity.team_id,
-                usage.cached_prompt_tokens,
-                usage.cache_write_tokens,
-                usage.reasoning_tokens,
-                cost,
-            )
-        else:
-            record = UsageRecord(
-                request_id,
-                identity.key_id,
-                identity.org_id,
-                alias,
-                model,
-                provider,
-                0,
-                0,
-                0,
-                (time.perf_counter() - started) * 1000.0,
-                status,
-                self._clock(),
-                endpoint,
-                attempts,
-                identity.team_id,
-            )
+        record = UsageRecord(
+            request_id,
+            identity.key_id,
+            identity.org_id,
+            alias,
+            model,
+            provider,
+            counts.prompt_tokens,
+            counts.completion_tokens,
+            counts.total_tokens,
+            (time.perf_counter() - started) * 1000.0,
+            status,
+            self._clock(),
+            endpoint,
+            attempts,
+            identity.team_id,
+            counts.cached_prompt_tokens,
+            counts.cache_write_tokens,
+            counts.reasoning_tokens,
+            cost,
+        )
         self._sink.record_usage(record)
         if ticket is not None:
             governor = self._governor

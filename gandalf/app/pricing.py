@@ -164,10 +164,8 @@ class Pricing:
         requests from callers with limits or budgets ask (the pipeline's
         ``price`` hook)."""
         worst: float | None = None
-        rates_of = self._rates.get
         for slot in entry.slots:
-            models = rates_of(slot.name)
-            rates = models.get(slot.target.model) if models is not None else None
+            rates = self.rates(slot.name, slot.target.model)
             if rates is not None:
                 usd = rates.cost_of(tokens_in, tokens_out, 0, 0, 0)
                 if worst is None or usd > worst:
@@ -206,10 +204,10 @@ def build_pricing(
     ``prices`` (the config's ``pricing:``) win over the library; an entry's
     ``provider`` is a provider name, or a type (then it prices that model on
     every provider of the type that has no entry by name). ``library``
-    defaults to :func:`library_rates`; tests pass their own. Warns once per
+    defaults to :func:`library_rates` run in a child process
+    (:func:`library_in_subprocess`); tests pass their own. Warns once per
     pair with no price (never for the fake provider type). Disabled
     providers are skipped."""
-    lookup = library_rates if library is None else library
     # A disabled provider serves nothing: it is neither priced nor warned about
     # (the shipped config's keyless providers must not import the library).
     by_name = {p.name: p for p in providers if p.enabled}
@@ -245,7 +243,7 @@ def build_pricing(
     looked = (
         library_in_subprocess(asked)
         if library is None
-        else {(p.name, m): lookup(p, m) for p, m in asked}
+        else {(p.name, m): library(p, m) for p, m in asked}
     )
     for (name, model), provider in pairs.items():
         price = named.get((name, model)) or typed.get((provider.type, model))

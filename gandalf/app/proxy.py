@@ -161,30 +161,19 @@ class RecordedStream:
 _Job = tuple[ChatRequest, bytes, str]  # (request, body, request id): an invoke's argument
 
 
-def _chat(slot: Slot, job: _Job) -> Awaitable[ProviderReply]:
+def _call(slot: Slot, job: _Job) -> ChatCall:
     request, body, request_id = job
-    return slot.provider.chat(
-        ChatCall(
-            body=body,
-            request=request,
-            alias=request.model,
-            target=slot.target,
-            request_id=request_id,
-        )
+    return ChatCall(
+        body=body, request=request, alias=request.model, target=slot.target, request_id=request_id
     )
+
+
+def _chat(slot: Slot, job: _Job) -> Awaitable[ProviderReply]:
+    return slot.provider.chat(_call(slot, job))
 
 
 def _stream(slot: Slot, job: _Job) -> Awaitable[ChatStream]:
-    request, body, request_id = job
-    return slot.provider.stream(
-        ChatCall(
-            body=body,
-            request=request,
-            alias=request.model,
-            target=slot.target,
-            request_id=request_id,
-        )
-    )
+    return slot.provider.stream(_call(slot, job))
 
 
 def _embed(slot: Slot, job: tuple[EmbeddingsRequest, bytes, str]) -> Awaitable[ProviderReply]:
