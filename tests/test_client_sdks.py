@@ -33,6 +33,7 @@ from tests.mock_gemini import MockGemini
 from tests.upstream import MockUpstream, running_upstream
 
 KEY = "gnd_" + "s" * 40
+GOVERNED = "gnd_" + "l" * 40  # rpm 100: the gateway's own x-ratelimit-* headers
 LIMITED = "gnd_" + "t" * 40  # may use "gpt" only
 
 
@@ -80,6 +81,7 @@ def _config(mock: MockUpstream, claude: MockAnthropic, gemini: MockGemini) -> Ga
         ),
         keys=(
             KeyEntry(name="app", key=KEY, role="member"),
+            KeyEntry(name="governed", key=GOVERNED, role="member", rpm=100),
             KeyEntry(name="limited", key=LIMITED, role="member", allowed_models=("gpt",)),
         ),
         # Quick retries so a test sees every attempt without waiting.
@@ -391,6 +393,34 @@ def test_upstream_rate_limit_headers_are_relayed(
         # x-request-id stays Gandalf's own: the SDK's request id finds the access log line.
         assert raw.request_id == headers["x-request-id"] != "req_upstream_123"
         assert headers.get_list("x-request-id") == [raw.request_id]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_gateways_rate_limit_headers_replace_the_upstreams(
+    run: Callable[[Scenario], None], stream: bool
+) -> None:
+    """A caller the gateway limits reads its own limits: the upstream's
+    x-ratelimit-* (the gateway's account with the provider) are not relayed
+    beside them, where a client would see two values for one header."""
+
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        async with openai_client(http, key=GOVERNED, max_retries=0) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-headers",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=stream,
+            )
+            if stream:
+                parsed: Any = raw.parse()
+                async for _ in parsed:
+                    pass
+        headers = raw.headers
+        assert headers.get_list("x-ratelimit-limit-requests") == ["100"]
+        assert headers.get_list("x-ratelimit-remaining-requests") == ["99"]
+        assert "x-ratelimit-reset-tokens" not in headers  # the upstream's, dropped
+        assert headers.get("openai-processing-ms") == "42"  # the rest still relayed
 
     run(scenario)
 

@@ -222,3 +222,19 @@ def test_the_fake_provider_bounds_its_reply_and_honours_the_output_limit() -> No
         assert text == "abcd" * 5
 
     run(scenario)
+
+
+def test_relayed_rate_limit_headers_give_way_to_the_gateways() -> None:
+    from gandalf.server.wire import relay_with_limits
+
+    upstream = (
+        (b"X-RateLimit-Limit-Requests", b"10000"),  # a native upstream's own spelling
+        (b"x-ratelimit-reset-tokens", b"6ms"),
+        (b"request-id", b"req_1"),
+    )
+    ours = [(b"x-ratelimit-limit-requests", b"5")]
+    assert relay_with_limits(upstream, ours) == (
+        (b"request-id", b"req_1"),
+        (b"x-ratelimit-limit-requests", b"5"),
+    )
+    assert relay_with_limits(upstream, []) == upstream  # no limits: relayed as is

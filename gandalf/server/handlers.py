@@ -29,6 +29,7 @@ from gandalf.server.wire import (
     Headers,
     Request,
     Response,
+    relay_with_limits,
 )
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -224,10 +225,10 @@ def _served(served: ServedHeaders, outcome: Outcome[ProviderReply]) -> Response:
     headers = served.first.get(outcome.slot.name) if attempts == 1 else None
     if headers is None:
         headers = served.build(outcome.slot.name, attempts)
-    if reply.headers:  # the upstream's rate limits and request id (openai.py)
-        headers = (*headers, *reply.headers)
     if outcome.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
-        headers = (*headers, *outcome.headers)
+        headers = (*headers, *relay_with_limits(reply.headers, outcome.headers))
+    elif reply.headers:  # the upstream's rate limits and request id (openai.py)
+        headers = (*headers, *reply.headers)
     return Response(200, reply.body, headers)
 
 
@@ -306,10 +307,10 @@ class Api:
                 raise
             stream = opened.value
             headers = self._sse_served.of(opened.slot.name, opened.attempts)
-            if stream.headers:  # the upstream's rate limits and request id (openai.py)
-                headers = (*headers, *stream.headers)
             if opened.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
-                headers = (*headers, *opened.headers)
+                headers = (*headers, *relay_with_limits(stream.headers, opened.headers))
+            elif stream.headers:  # the upstream's rate limits and request id (openai.py)
+                headers = (*headers, *stream.headers)
             return Response(200, headers=headers, stream=stream, watch=watch)
         request.track()
         try:

@@ -25,7 +25,7 @@ from gandalf.auth.apikey import KeyCache
 from gandalf.domain import NativeRequest, Permission, Target
 from gandalf.errors import GatewayError, NotFound, decode_body, printable
 from gandalf.server.handlers import Endpoint, Handler, KeyAuth
-from gandalf.server.wire import Headers, Request, Response
+from gandalf.server.wire import Request, Response, relay_with_limits
 
 # Request headers relayed upstream, per API; everything else (the caller's
 # credentials, cookies, hop-by-hop headers) stays here.
@@ -347,9 +347,8 @@ class NativeApi:
             if not stream:
                 request.untrack()
         reply, recorded = relayed.reply, relayed.stream
-        headers: Headers = tuple(reply.headers)
-        if relayed.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
-            headers = (*headers, *relayed.headers)
+        # The upstream's headers, and the governor's x-ratelimit-* (app/pipeline.py).
+        headers = relay_with_limits(reply.headers, relayed.headers)
         if recorded is None:
             if watch is not None:
                 watch.stop()

@@ -405,3 +405,19 @@ def uuid7() -> str:
     )
     h = "%032x" % value  # noqa: UP031 - measurably faster than format() here
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_RATELIMIT = b"x-ratelimit-"
+
+
+def relay_with_limits(
+    upstream: Sequence[tuple[bytes, bytes]], limits: Sequence[tuple[bytes, bytes]]
+) -> Headers:
+    """The upstream's relayed headers, then the gateway's ``x-ratelimit-*``
+    (the governor's, for a caller it limits). The upstream's own
+    ``x-ratelimit-*`` describe the gateway's account with the provider, not
+    the caller's: they are dropped when the gateway sends its own, so a
+    client never reads two values for one header."""
+    if not limits:
+        return tuple(upstream)
+    return (*(h for h in upstream if h[0][:12].lower() != _RATELIMIT), *limits)
