@@ -686,3 +686,32 @@ def test_a_refund_without_a_refill_lands_where_refill_first_would() -> None:
             rate = gov.limits.rate(scopes[0], mono())
             assert rate is not None and rate.tpm is not None
             assert rate.tpm.level == pytest.approx(reference)
+
+
+def test_successive_headers_follow_the_buckets() -> None:
+    # The header values are formatted only when they change (limits.py keeps
+    # the last one per bucket): each answer must still show its own state.
+    gov, mono, _ = governor()
+    scopes = (key(rpm=60, tpm=6000),)
+    seen = []
+    for step in range(4):
+        ticket = gov.admit(scopes, est(1000))
+        seen.append(
+            (
+                header(ticket.headers, b"x-ratelimit-remaining-requests"),
+                header(ticket.headers, b"x-ratelimit-reset-requests"),
+                header(ticket.headers, b"x-ratelimit-remaining-tokens"),
+                header(ticket.headers, b"x-ratelimit-reset-tokens"),
+            )
+        )
+        if step == 1:
+            mono.t += 1.0  # one request and 100 tokens refilled
+    assert seen == [
+        (b"59", b"1s", b"5000", b"10s"),
+        (b"58", b"2s", b"4000", b"20s"),
+        (b"58", b"2s", b"3100", b"29s"),
+        (b"57", b"3s", b"2100", b"39s"),
+    ]
+    gov.settle(ticket, 100, None)  # 900 refunded: the next answer shows them
+    ticket = gov.admit(scopes, est(0))
+    assert header(ticket.headers, b"x-ratelimit-remaining-tokens") == b"3000"

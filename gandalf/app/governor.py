@@ -130,13 +130,10 @@ class LocalGovernor:
                     raise state.refusal(usd)
         tokens = estimate.tokens
         if rates:
-            limits = self.limits
-            RateLimits.refill(rates, limits.clock())
-            limits.verify(rates, tokens)
+            headers = self.limits.admit(rates, tokens)  # may raise: nothing taken yet
             if usd:
                 Budgets.take(spends, usd)
-            RateLimits.take(rates, tokens)
-            return Grant(RateLimits.headers(rates), rates, tokens, spends, usd)
+            return Grant(headers, rates, tokens, spends, usd)
         if usd:
             Budgets.take(spends, usd)
         return Grant([], rates, tokens, spends, usd)

@@ -72,7 +72,18 @@ class Bucket:
     negative after a correction charged more tokens than were left.
     """
 
-    __slots__ = ("capacity", "label", "level", "limit", "rate", "stamp")
+    __slots__ = (
+        "capacity",
+        "label",
+        "left",
+        "left_value",
+        "level",
+        "limit",
+        "rate",
+        "reset",
+        "reset_value",
+        "stamp",
+    )
 
     def __init__(self, limit: int, share: int, now: float) -> None:
         self.limit = limit
@@ -81,6 +92,13 @@ class Bucket:
         self.rate = self.capacity / 60.0
         self.level = float(self.capacity)
         self.stamp = now
+        # The last x-ratelimit-remaining-* / reset-* values and what they were
+        # made from: a busy bucket's level and refill time often repeat, and
+        # formatting them is most of what a header costs (see headers()).
+        self.left = -1
+        self.left_value = b"0"
+        self.reset = -1  # milliseconds
+        self.reset_value = b"0s"
 
     def refill(self, now: float) -> float:
         """The level at ``now`` (stored), never above the capacity."""
@@ -285,6 +303,42 @@ class RateLimits:
                 bucket.refill(now)
                 bucket.level -= delta
 
+    def admit(self, rates: list[Rate], tokens: int) -> list[tuple[bytes, bytes]]:
+        """:meth:`refill`, :meth:`verify`, :meth:`take` and :meth:`headers` in
+        one pass: take one request and ``tokens`` tokens from every level of
+        ``rates`` if they fit all of them (else raise, taking nothing) and
+        return the ``x-ratelimit-*`` headers. This runs for every limited
+        request, so the loops are written out."""
+        now = self.clock()
+        fits = True
+        for rate in rates:
+            bucket = rate.rpm
+            if bucket is not None:
+                elapsed = now - bucket.stamp
+                if elapsed > 0:
+                    level = bucket.level + elapsed * bucket.rate
+                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
+                    bucket.stamp = now
+                if bucket.level < 1:
+                    fits = False
+            bucket = rate.tpm
+            if bucket is not None:
+                elapsed = now - bucket.stamp
+                if elapsed > 0:
+                    level = bucket.level + elapsed * bucket.rate
+                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
+                    bucket.stamp = now
+                if bucket.level < tokens:
+                    fits = False
+        if not fits:
+            self.verify(rates, tokens)  # raises the refusal of the level that waits longest
+        for rate in rates:
+            if rate.rpm is not None:
+                rate.rpm.level -= 1
+            if rate.tpm is not None:
+                rate.tpm.level -= tokens
+        return self.headers(rates)
+
     @staticmethod
     def headers(rates: list[Rate]) -> list[tuple[bytes, bytes]]:
         """OpenAI's ``x-ratelimit-*`` headers for the tightest level per
@@ -304,25 +358,45 @@ class RateLimits:
                 fraction = bucket.level / bucket.capacity
                 if fraction < least_tokens:
                     tokens, least_tokens = bucket, fraction
-        out: list[tuple[bytes, bytes]] = []
         if requests is not None:
-            level = requests.level
-            out += (
+            out = [
                 (b"x-ratelimit-limit-requests", requests.label),
-                (b"x-ratelimit-remaining-requests", b"%d" % level if level > 0 else b"0"),
-                (
-                    b"x-ratelimit-reset-requests",
-                    format_duration((requests.capacity - level) / requests.rate),
-                ),
-            )
+                (b"x-ratelimit-remaining-requests", _remaining(requests)),
+                (b"x-ratelimit-reset-requests", _reset(requests)),
+            ]
+            if tokens is not None:
+                out += (
+                    (b"x-ratelimit-limit-tokens", tokens.label),
+                    (b"x-ratelimit-remaining-tokens", _remaining(tokens)),
+                    (b"x-ratelimit-reset-tokens", _reset(tokens)),
+                )
+            return out
         if tokens is not None:
-            level = tokens.level
-            out += (
+            return [
                 (b"x-ratelimit-limit-tokens", tokens.label),
-                (b"x-ratelimit-remaining-tokens", b"%d" % level if level > 0 else b"0"),
-                (
-                    b"x-ratelimit-reset-tokens",
-                    format_duration((tokens.capacity - level) / tokens.rate),
-                ),
-            )
-        return out
+                (b"x-ratelimit-remaining-tokens", _remaining(tokens)),
+                (b"x-ratelimit-reset-tokens", _reset(tokens)),
+            ]
+        return []
+
+
+def _remaining(bucket: Bucket) -> bytes:
+    """``x-ratelimit-remaining-*``: the whole units left (0 when overdrawn),
+    formatted only when it changed since the bucket's last header."""
+    level = bucket.level
+    left = int(level) if level > 0 else 0
+    if left != bucket.left:
+        bucket.left = left
+        bucket.left_value = b"%d" % left
+    return bucket.left_value
+
+
+def _reset(bucket: Bucket) -> bytes:
+    """``x-ratelimit-reset-*``: the time until the bucket is full
+    (:func:`format_duration`), formatted only when it changed."""
+    seconds = (bucket.capacity - bucket.level) / bucket.rate
+    ms = int(seconds * 1000 + 0.999)  # what format_duration shows
+    if ms != bucket.reset:
+        bucket.reset = ms
+        bucket.reset_value = format_duration(seconds)
+    return bucket.reset_value
