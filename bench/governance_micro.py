@@ -3,8 +3,10 @@
 a server worker uses, interleaved over rounds.
 
 Configurations: ``off`` (no limits, no prices), ``price`` (a price for the model:
-every record's cost computed), ``key`` (the key's own rpm), ``all`` (the key in a
-team of an org, rpm, tpm and a budget at every level, priced).
+every record's cost computed), ``key`` (the key's own rpm), ``tenant`` (the key in
+a team of an org, nothing limited), ``rates3`` (rpm and tpm at the three levels),
+``budgets3`` (a budget at the three levels, priced), ``all`` (the key in a team of
+an org, rpm, tpm and a budget at every level, priced).
 
     python bench/governance_micro.py [--rounds 5] [--requests 3000]
 
@@ -38,7 +40,7 @@ from gandalf.domain import (
 from gandalf.server.asgi import GandalfApp
 from gandalf.wiring import create_app
 
-CONFIGS = ("off", "price", "key", "all")
+CONFIGS = ("off", "price", "key", "tenant", "rates3", "budgets3", "all")
 _BIG = Budget(usd=1e9, period="monthly")
 _PRICE = (ModelPrice(provider="fake", model="fake-1", input=1.0, output=2.0),)
 
@@ -47,9 +49,25 @@ def config(name: str) -> GandalfConfig:
     key = KeyEntry(name="bench", key=KEY, role="service_account")
     orgs: tuple[Organization, ...] = ()
     teams: tuple[Team, ...] = ()
-    pricing: tuple[ModelPrice, ...] = _PRICE if name in ("price", "all") else ()
+    pricing: tuple[ModelPrice, ...] = _PRICE if name in ("price", "budgets3", "all") else ()
     if name == "key":
         key = KeyEntry(name="bench", key=KEY, role="service_account", rpm=10**8)
+    elif name in ("tenant", "rates3", "budgets3"):
+        rates = name == "rates3"
+        budget = _BIG if name == "budgets3" else None
+        rpm, tpm = (10**8, 10**12) if rates else (0, 0)
+        orgs = (Organization(id="o", name="o", rpm=rpm, tpm=tpm, budget=budget),)
+        teams = (Team(id="t", org_id="o", name="t", rpm=rpm, tpm=tpm, budget=budget),)
+        key = KeyEntry(
+            name="bench",
+            key=KEY,
+            role="service_account",
+            org_id="o",
+            team_id="t",
+            rpm=rpm,
+            tpm=tpm,
+            budget=budget,
+        )
     elif name == "all":
         orgs = (Organization(id="o", name="o", rpm=10**8, tpm=10**12, budget=_BIG),)
         teams = (Team(id="t", org_id="o", name="t", rpm=10**8, tpm=10**12, budget=_BIG),)

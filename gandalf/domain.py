@@ -134,6 +134,9 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     # when nothing is limited, so the hot path tests one tuple's truth.
     scopes: tuple[Scope, ...] = ()
     model_pattern: re.Pattern[str] | None = None
+    # Some level of ``scopes`` sets a budget: only then is a request's
+    # worst-case cost worked out before the call.
+    budgeted: bool = False
 
     def can(self, permission: int) -> bool:
         return (self.permissions & permission) == permission
@@ -192,6 +195,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
             expires_at=key.expires_at,
             scopes=tuple(scopes),
             model_pattern=pattern,
+            budgeted=any(scope.budget is not None for scope in scopes),
         )
 
 

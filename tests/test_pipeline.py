@@ -14,12 +14,13 @@ import pytest
 
 from gandalf.app.governance import Estimate, Ticket
 from gandalf.app.passthrough import PassthroughService
-from gandalf.app.pipeline import estimate
+from gandalf.app.pipeline import Pipeline, estimate
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import RouteTable
 from gandalf.auth.apikey import KeyCache
 from gandalf.domain import (
     ApiKey,
+    Budget,
     ChatCall,
     Identity,
     NativeReply,
@@ -125,6 +126,27 @@ def test_the_estimate_is_a_quarter_of_the_body_plus_the_output_limit() -> None:
     assert estimate(entry, b"x" * 400, None) == Estimate(tokens=100, usd=None)
     priced = estimate(entry, b"x" * 40, 7, lambda e, i, o: (e.alias, i, o) == ("m", 10, 7) or None)
     assert priced.usd == 1.0
+
+
+def test_only_a_budget_gets_a_worst_case_price() -> None:
+    """Limits alone need the tokens; the worst-case cost (a lookup and
+    arithmetic per request) is worked out only when a level sets a budget."""
+    priced: list[str] = []
+
+    def worst(entry: Any, tokens_in: int, tokens_out: int) -> float:
+        priced.append(entry.alias)
+        return 0.5
+
+    governor = FakeGovernor()
+    h = harness(governor=governor)
+    pipeline = Pipeline(h.sink, governor=governor, price=worst)
+    entry = h.service.routes.resolve("m")
+    pipeline.govern(SCOPED, entry, b"x" * 40, 8)  # rpm and tpm, no budget
+    assert priced == [] and governor.calls[-1][2] == Estimate(tokens=18, usd=None)
+    budget = Scope(kind="team", id="team-1", budget=Budget(usd=5.0, period="daily"))
+    funded = msgspec.structs.replace(SCOPED, scopes=(*SCOPES, budget), budgeted=True)
+    pipeline.govern(funded, entry, b"x" * 40, 8)
+    assert priced == ["m"] and governor.calls[-1][2] == Estimate(tokens=18, usd=0.5)
 
 
 # ---------------------------------------------------------------------------- chat

@@ -498,3 +498,12 @@ def test_a_sighup_reload_applies_new_org_restrictions_to_cached_keys(tmp_path: P
         server.process.send_signal(signal.SIGHUP)
         wait_until(lambda: status(client, "gpt-4o") == 200, 30.0, "the org's models to widen")
         assert "Traceback" not in server.stderr()
+
+
+def test_an_identity_knows_whether_some_level_sets_a_budget() -> None:
+    from gandalf.domain import ApiKey, Budget, Identity
+
+    plain = ApiKey(id="k", name="k", key_hash="h", prefix="gnd_abcd", rpm=5)
+    assert Identity.from_key(plain).budgeted is False
+    funded = msgspec.structs.replace(plain, budget=Budget(usd=1.0, period="daily"))
+    assert Identity.from_key(funded).budgeted is True

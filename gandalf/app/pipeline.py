@@ -78,9 +78,11 @@ def no_cost(provider: str, model: str, usage: Usage) -> float | None:
 
 
 def estimate(
-    entry: RouteEntry, body: bytes, max_output: int | None, price: PriceWorstCase = no_price
+    entry: RouteEntry, body: bytes, max_output: int | None, price: PriceWorstCase | None = no_price
 ) -> Estimate:
     """What a request may cost at worst, before the upstream call.
+
+    ``price`` None: nothing to reserve (``usd`` None).
 
     Prompt tokens are estimated as ``len(body) // 4`` (about four bytes of
     JSON per token; no tokenizer on the hot path). Output tokens are the
@@ -94,6 +96,8 @@ def estimate(
     allowance) x (output price).
     """
     tokens_in = len(body) // 4
+    if price is None:  # no budget to reserve against: the tokens alone
+        return Estimate(tokens=tokens_in + max_output if max_output else tokens_in, usd=None)
     if max_output:
         return Estimate(tokens=tokens_in + max_output, usd=price(entry, tokens_in, max_output))
     return Estimate(tokens=tokens_in, usd=price(entry, tokens_in, DEFAULT_OUTPUT_ALLOWANCE))
@@ -153,7 +157,9 @@ class Pipeline:
         governor = self._governor
         if not identity.scopes or governor is None:
             return None
-        return governor.admit(identity.scopes, estimate(entry, body, max_output, self._price))
+        # The worst-case cost only matters to a budget: without one it is not priced.
+        price = self._price if identity.budgeted else None
+        return governor.admit(identity.scopes, estimate(entry, body, max_output, price))
 
     def admit(
         self,

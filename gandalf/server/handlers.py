@@ -226,7 +226,10 @@ def _served(served: ServedHeaders, outcome: Outcome[ProviderReply]) -> Response:
     if headers is None:
         headers = served.build(outcome.slot.name, attempts)
     if outcome.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
-        headers = (*headers, *relay_with_limits(reply.headers, outcome.headers))
+        if reply.headers:
+            headers = (*headers, *relay_with_limits(reply.headers, outcome.headers))
+        else:
+            headers = (*headers, *outcome.headers)
     elif reply.headers:  # the upstream's rate limits and request id (openai.py)
         headers = (*headers, *reply.headers)
     return Response(200, reply.body, headers)
