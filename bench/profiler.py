@@ -111,6 +111,7 @@ def main() -> int:
                     args.requests,
                     args.concurrency,
                     not args.no_profile,
+                    args.stream,
                 )
             )
     finally:
