@@ -45,7 +45,8 @@ def create_app(
     ``handle_signals`` is for server workers (see GandalfApp)."""
 
     async def build() -> Runtime:
-        store = SqliteStore(config.database.dsn)
+        database = config.database
+        store = SqliteStore(database.dsn, usage_retention=database.usage_retention)
         await store.open()
         registry: ProviderRegistry | None = None
         try:
