@@ -640,7 +640,7 @@ async def _keys(args: argparse.Namespace) -> int:
         if not await manager.revoke(args.id):
             raise CliError(f"no key with id {args.id!r}", EXIT_NOT_FOUND)
         print(
-            f"revoked {args.id} (running servers stop accepting it within their key-cache TTL)",
+            f"revoked {args.id} (running servers refuse it within a second)",
             file=sys.stderr,
         )
         return EXIT_OK

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Protocol
@@ -348,7 +349,7 @@ class Live:
                     if key is not None and key.budget is not None and not key.revoked:
                         new_scopes.append(Scope(kind="key", id=key.id, budget=key.budget))
         await self._load_budgets(new_scopes)
-        logger.info("applied admin changes: %r", pending)
+        logger.info("worker %d applied admin changes: %r", os.getpid(), pending)
 
     async def _load_budgets(self, scopes: Iterable[Scope]) -> None:
         """Read back the spend of budget levels (or budgets) not loaded before,
