@@ -157,12 +157,14 @@ def test_queries_read_indexes(tmp_path: Path) -> None:
     run(db, lambda store: store.flush())
     with sqlite3.connect(db) as conn:
         for kind, sql in SPEND_SELECTS.items():
-            params = ("x", 0, 0, "x", 0)
+            params = ("x", 0, 0, "x", 0, 0, "x", 0)
             plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
-            assert f"COVERING INDEX usage_records_{kind}_spend" in plan, plan
-            assert f"COVERING INDEX usage_hourly_{kind}_spend" in plan, plan
+            for table in ("usage_records", "usage_daily"):
+                assert f"COVERING INDEX {table}_{kind}_spend" in plan, plan
+            assert "SEARCH usage_hourly USING PRIMARY KEY (hour>? AND hour<?)" in plan, plan
         for sql in SUMMARY_SELECTS.values():
-            bounds = (0, 1, 2, 3, 0, 3600, -1, 0)
+            bounds = (0, 1, 0, 3600, 0, 86400, 0, 3600, 2, 3, -1, 0)
             plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, bounds))
             assert "USING INDEX usage_records_created_at" in plan, plan
             assert "SEARCH usage_hourly USING PRIMARY KEY (hour>? AND hour<?)" in plan, plan
+            assert "SEARCH usage_daily USING PRIMARY KEY (day>? AND day<?)" in plan, plan

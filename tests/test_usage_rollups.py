@@ -197,12 +197,63 @@ def test_rollups_are_read_for_whole_hours_only(tmp_path: Path) -> None:
     run(db, read)
 
 
-def test_split_edges() -> None:
-    assert split(T0, T0 + 2 * HOUR) == (T0, T0 + 2 * HOUR, T0, T0 + 2 * HOUR)
-    assert split(T0 + 1, T0 + 2 * HOUR + 1) == (T0 + HOUR, T0 + 2 * HOUR, T0 + HOUR, T0 + 2 * HOUR)
-    assert split(T0 + 1, T0 + HOUR + 1) == (0.0, 0.0, T0 + HOUR + 1, T0 + HOUR + 1)
-    h1, h2, _, _ = split(T0 + 1, float("inf"))
-    assert (h1, h2) == (T0 + HOUR, float("inf"))
+def test_split_tiles_the_window() -> None:
+    e = (0.0, 0.0)
+    d = 86400.0
+    assert split(T0, T0 + 2 * HOUR) == ((T0, T0), (T0, T0 + 2 * HOUR), e, e, (T0 + 2 * HOUR,) * 2)
+    assert split(T0 + 1, T0 + HOUR + 1) == ((T0 + 1, T0 + HOUR + 1), e, e, e, e)
+    assert split(T0 - 10, T0 + 2 * d + HOUR + 5) == (
+        (T0 - 10, T0),
+        (T0, T0),
+        (T0, T0 + 2 * d),
+        (T0 + 2 * d, T0 + 2 * d + HOUR),
+        (T0 + 2 * d + HOUR, T0 + 2 * d + HOUR + 5),
+    )
+    assert split(T0 - 10, T0 + 2 * d, days=False) == (
+        (T0 - 10, T0),
+        (T0, T0 + 2 * d),
+        e,
+        e,
+        (T0 + 2 * d, T0 + 2 * d),
+    )
+    _, hours, days, later, _ = split(T0 + 1, float("inf"))
+    assert (hours, days, later) == (
+        (T0 + HOUR, T0 + d),
+        (T0 + d, float("inf")),
+        (float("inf"),) * 2,
+    )
+
+
+def test_whole_days_are_read_from_the_daily_rollups(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    records = [
+        UsageRecord(f"r{i}", "k1", "o1", "a", "m", "p", 1, 1, 2, 1.0, 200, T0 + i * 3600.0)
+        for i in range(72)  # three days, one an hour
+    ]
+
+    async def write(store: SqliteStore) -> None:
+        for r in records:
+            store.record_usage(r)
+        await store.flush()
+
+    run(db, write)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("DELETE FROM usage_records")
+        conn.execute("DELETE FROM usage_hourly")
+        conn.commit()
+
+    async def read(store: SqliteStore) -> None:
+        [total] = await store.usage_summary(None, T0 - 5, T0 + 3 * 86400.0 + 5)
+        assert total.requests == 72  # only the daily rollups are left
+        days = await store.usage_summary("key", T0, T0 + 3 * 86400.0, bucket="day")
+        assert [(r.bucket, r.requests) for r in days] == [
+            (T0, 24),
+            (T0 + 86400.0, 24),
+            (T0 + 2 * 86400.0, 24),
+        ]
+        assert await store.usage_summary(None, T0, T0 + 86400.0, bucket="hour") == []
+
+    run(db, read)
 
 
 def test_migration_backfills_rollups_from_existing_rows(tmp_path: Path) -> None:
@@ -225,8 +276,9 @@ def test_migration_backfills_rollups_from_existing_rows(tmp_path: Path) -> None:
 
     run(db, read)
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        [(rolled,)] = conn.execute("SELECT SUM(requests) FROM usage_hourly").fetchall()
-    assert rolled == len(records)
+        for table in ("usage_hourly", "usage_daily"):
+            [(rolled,)] = conn.execute(f"SELECT SUM(requests) FROM {table}").fetchall()
+            assert rolled == len(records)
 
 
 def test_paging_and_order(tmp_path: Path) -> None:
@@ -293,6 +345,9 @@ def test_retention_deletes_old_raw_rows_in_bounded_passes_and_keeps_rollups(
         assert await store.spend_since("key", "k1", T0) == pytest.approx(0.25 * len(records))
         assert await store.spend_since("team", "t1", T0 + 1) == pytest.approx(
             0.25 * (len(records) - 1)
+        )
+        assert await store.spend_since("org", "o1", T0 + 86400.0 + 1) == pytest.approx(
+            0.25 * (len(records) - 25)
         )
 
     run(

@@ -1,14 +1,15 @@
-"""Hourly usage rollups: the SQL that writes them and the queries that read them.
+"""Usage rollups: the SQL that writes them and the queries that read them.
 
-``usage_hourly`` holds, per UTC hour and (key, team, org, model, provider),
-the sums of the raw ``usage_records`` of that hour. The writer upserts the
-sums of each batch in the transaction that inserts the batch
-(:data:`ROLLUP_UPSERT`), so for every hour the rollup equals the sum of its
-raw rows for as long as those rows are kept; retention deletes only raw rows.
+``usage_hourly`` and ``usage_daily`` hold, per UTC hour (day) and (key, team,
+org, model, provider), the sums of the raw ``usage_records`` of that hour
+(day). The writer upserts the sums of each batch in the transaction that
+inserts the batch (:data:`ROLLUP_UPSERTS`), so every rollup equals the sum of
+its raw rows for as long as those rows are kept; retention deletes only raw
+rows.
 
 Reads (:func:`summary_sql`, :data:`SPEND_SELECTS`) split ``[since, until)``
-into whole hours, answered from the rollups, and the partial hours at either
-edge, answered from the raw rows (:func:`split`). Rollup dimensions store
+into whole days (daily rollups), the whole hours around them (hourly
+rollups) and the partial hours at either edge (raw rows): :func:`split`. Rollup dimensions store
 ``''`` for "none" (a primary key column cannot be NULL): both sides read it
 back as NULL, so an id that is the empty string counts as none everywhere.
 """
@@ -21,13 +22,14 @@ from typing import Final
 
 HOUR: Final = 3600
 DAY: Final = 86400
+# The rollup tables: name, time column, period (seconds), spend indexes. Days
+# answer long ranges (a 30-day report reads ~30 rows per group), hours the day
+# edges. Spend reads at most a day of hourly rows through the primary key, so
+# only the daily table carries (scope, day, cost) indexes: each index is paid
+# on every upsert.
+_TABLES: Final = (("usage_hourly", "hour", HOUR, False), ("usage_daily", "day", DAY, True))
 
-# The rollup row of a raw record: its hour (created_at is unix seconds >= 0,
-# so truncation is floor and hour <= created_at < hour + 3600 exactly) and
-# its dimensions.
-_RAW_HOUR: Final = "CAST(created_at AS INTEGER) / 3600 * 3600"
-_RAW_MODEL: Final = "COALESCE(target_model, model_alias)"
-_DIMENSIONS: Final = ("hour", "key_id", "team_id", "org_id", "model", "provider")
+_DIMENSIONS: Final = ("key_id", "team_id", "org_id", "model", "provider")
 _MEASURES: Final = (
     "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens",
     "cached_prompt_tokens", "cache_write_tokens", "reasoning_tokens", "cost_usd", "unpriced",
@@ -38,38 +40,88 @@ _RAW_SUMS: Final = (
     "SUM(total_tokens)", "SUM(cached_prompt_tokens)", "SUM(cache_write_tokens)",
     "SUM(reasoning_tokens)", "TOTAL(cost_usd)", "SUM(cost_usd IS NULL AND status < 400)",
 )  # fmt: skip
+_RAW_MODEL: Final = "COALESCE(target_model, model_alias)"
 
-_ROLLUP_SELECT: Final = (
-    f"SELECT {_RAW_HOUR}, IFNULL(key_id, ''), IFNULL(team_id, ''), IFNULL(org_id, ''), "
-    f"{_RAW_MODEL}, IFNULL(provider, ''), {', '.join(_RAW_SUMS)} FROM usage_records "
-    "WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6"
-)
-_ROLLUP_COLUMNS: Final = ", ".join((*_DIMENSIONS, *_MEASURES))
 
-# Migration 7 fills the rollups from whatever raw rows exist.
-ROLLUP_BACKFILL: Final = (
-    f"INSERT INTO usage_hourly ({_ROLLUP_COLUMNS}) " + _ROLLUP_SELECT.format(where="true") + ";"
+def _raw_start(period: int) -> str:
+    """The start of the period holding a raw record: created_at is unix
+    seconds >= 0, so truncation is floor and start <= created_at < start +
+    period exactly."""
+    return f"CAST(created_at AS INTEGER) / {period} * {period}"
+
+
+def _ddl(table: str, column: str, indexed: bool) -> str:
+    columns = ",\n".join(
+        [f"    {column} INTEGER NOT NULL"]
+        + [f"    {d} TEXT NOT NULL" for d in _DIMENSIONS]
+        + [f"    {m} {'REAL' if m == 'cost_usd' else 'INTEGER'} NOT NULL" for m in _MEASURES]
+    )
+    indexes = "".join(
+        f"CREATE INDEX {table}_{kind}_spend ON {table} ({kind}_id, {column}, cost_usd);\n"
+        for kind in ("key", "team", "org")
+        if indexed
+    )
+    return (
+        f"CREATE TABLE {table} (\n{columns},\n"
+        f"    PRIMARY KEY ({column}, {', '.join(_DIMENSIONS)})\n) WITHOUT ROWID;\n{indexes}"
+    )
+
+
+def _rollup_select(period: int, where: str) -> str:
+    return (
+        f"SELECT {_raw_start(period)}, IFNULL(key_id, ''), IFNULL(team_id, ''), "
+        f"IFNULL(org_id, ''), {_RAW_MODEL}, IFNULL(provider, ''), {', '.join(_RAW_SUMS)} "
+        f"FROM usage_records WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6"
+    )
+
+
+def _insert(table: str, column: str) -> str:
+    return f"INSERT INTO {table} ({', '.join((column, *_DIMENSIONS, *_MEASURES))}) "
+
+
+# Migration 7: the tables, filled from whatever raw rows exist.
+ROLLUP_SCHEMA: Final = "".join(
+    _ddl(table, column, indexed) + _insert(table, column) + _rollup_select(period, "true") + ";\n"
+    for table, column, period, indexed in _TABLES
 )
-# The raw rows with id > ? (the batch just inserted) added into their hours.
-ROLLUP_UPSERT: Final = (
-    f"INSERT INTO usage_hourly ({_ROLLUP_COLUMNS}) "
-    + _ROLLUP_SELECT.format(where="id > ?")
-    + f" ON CONFLICT ({', '.join(_DIMENSIONS)}) DO UPDATE SET "
+# The raw rows with id > ? (the batch just inserted) added into their hours
+# and days: one statement per table, each with the same one parameter.
+ROLLUP_UPSERTS: Final = tuple(
+    _insert(table, column)
+    + _rollup_select(period, "id > ?")
+    + f" ON CONFLICT ({', '.join((column, *_DIMENSIONS))}) DO UPDATE SET "
     + ", ".join(f"{m} = {m} + excluded.{m}" for m in _MEASURES)
+    for table, column, period, _ in _TABLES
 )
 MAX_USAGE_ID: Final = "SELECT IFNULL(MAX(id), 0) FROM usage_records"
 
+_Range = tuple[float, float]
+_EMPTY: Final[_Range] = (0.0, 0.0)
 
-def split(since: float, until: float) -> tuple[float, float, float, float]:
-    """``(h1, h2, raw_until, raw_since)`` for ``[since, until)``: the rollups
-    answer the whole hours ``[h1, h2)``, the raw rows ``[since, raw_until)`` and
-    ``[raw_since, until)``. With no whole hour inside, the raw rows answer it
-    all (then ``h1 == h2`` and the second raw range is empty)."""
-    h1 = math.ceil(since / HOUR) * HOUR if math.isfinite(since) else since
-    h2 = math.floor(until / HOUR) * HOUR if math.isfinite(until) else until
-    if h1 < h2:
-        return h1, h2, h1, h2
-    return 0.0, 0.0, until, until
+
+def _ceil(t: float, period: int) -> float:
+    return math.ceil(t / period) * period if math.isfinite(t) else t
+
+
+def _floor(t: float, period: int) -> float:
+    return math.floor(t / period) * period if math.isfinite(t) else t
+
+
+def split(
+    since: float, until: float, *, days: bool = True
+) -> tuple[_Range, _Range, _Range, _Range, _Range]:
+    """``[since, until)`` as ``(raw, hours, days, hours, raw)`` half-open
+    ranges that tile it: whole days from the daily rollups (unless ``days``
+    is False: hour buckets), the whole hours around them from the hourly
+    ones, the partial hours at either edge from the raw records. Unused
+    ranges are empty (``lo >= hi``)."""
+    h1, h2 = _ceil(since, HOUR), _floor(until, HOUR)
+    if not h1 < h2:
+        return (since, until), _EMPTY, _EMPTY, _EMPTY, _EMPTY
+    d1, d2 = _ceil(since, DAY), _floor(until, DAY)
+    if not days or not d1 < d2:
+        return (since, h1), (h1, h2), _EMPTY, _EMPTY, (h2, until)
+    return (since, h1), (h1, d1), (d1, d2), (d2, h2), (h2, until)
 
 
 _GROUPS: Final[Mapping[str | None, tuple[str, str]]] = {
@@ -81,11 +133,7 @@ _GROUPS: Final[Mapping[str | None, tuple[str, str]]] = {
     "model": (_RAW_MODEL, "model"),
     "provider": ("NULLIF(provider, '')", "NULLIF(provider, '')"),
 }
-_BUCKETS: Final[Mapping[str | None, tuple[str, str]]] = {
-    None: ("NULL", "NULL"),
-    "hour": (_RAW_HOUR, "hour"),
-    "day": ("CAST(created_at AS INTEGER) / 86400 * 86400", "hour / 86400 * 86400"),
-}
+_BUCKETS: Final[Mapping[str | None, int | None]] = {None: None, "hour": HOUR, "day": DAY}
 _NAMES: Final[Mapping[str | None, tuple[str, str, str]]] = {
     # by -> (join, name, prefix)
     "key": ("LEFT JOIN api_keys k ON k.id = g.grp", "k.name", "k.prefix"),
@@ -93,31 +141,38 @@ _NAMES: Final[Mapping[str | None, tuple[str, str, str]]] = {
     "org": ("LEFT JOIN organizations o ON o.id = g.grp", "o.name", "NULL"),
 }
 BUCKETS: Final = ("hour", "day")
+_SUM: Final = ", ".join(f"{'TOTAL' if m == 'cost_usd' else 'SUM'}({m}) AS {m}" for m in _MEASURES)
 
 
 def summary_sql(by: str | None, bucket: str | None) -> str:
-    """The summary query for ``by`` and ``bucket``; its parameters, in order:
-    the first raw range, the second raw range, the rollup range (each ``(lo,
-    hi)``), then LIMIT and OFFSET. Rows: grp, name, prefix, bucket, then the
-    measures in :class:`~gandalf.domain.UsageSummary` order. Costliest first
-    (within each bucket, buckets oldest first), ties by requests then group."""
+    """The summary query for ``by`` and ``bucket``; its parameters: the five
+    ranges of :func:`split` in order (each ``lo, hi``), then LIMIT and OFFSET.
+    Rows: grp, name, prefix, bucket, then the measures in
+    :class:`~gandalf.domain.UsageSummary` order. Costliest first (within each
+    bucket, buckets oldest first); ties by requests, then group."""
     raw_group, rollup_group = _GROUPS[by]
-    raw_bucket, rollup_bucket = _BUCKETS[bucket]
+    size = _BUCKETS[bucket]
     raw = (
-        f"SELECT {raw_group} AS grp, {raw_bucket} AS bucket, "
+        f"SELECT {raw_group} AS grp, {'NULL' if size is None else _raw_start(size)} AS bucket, "
         + ", ".join(f"{s} AS {m}" for s, m in zip(_RAW_SUMS, _MEASURES, strict=True))
         + " FROM usage_records WHERE created_at >= ? AND created_at < ? GROUP BY grp, bucket"
     )
-    rolled = (
-        f"SELECT {rollup_group} AS grp, {rollup_bucket} AS bucket, "
-        + ", ".join(f"{'TOTAL' if m == 'cost_usd' else 'SUM'}({m}) AS {m}" for m in _MEASURES)
-        + " FROM usage_hourly WHERE hour >= ? AND hour < ? GROUP BY grp, bucket"
-    )
-    summed = ", ".join(f"{'TOTAL' if m == 'cost_usd' else 'SUM'}({m}) AS {m}" for m in _MEASURES)
-    inner = (
-        f"SELECT grp, bucket, {summed} FROM ({raw} UNION ALL {raw} UNION ALL {rolled}) "
-        "GROUP BY grp, bucket"
-    )
+
+    def rolled(table: str, column: str, period: int) -> str:
+        if size is None:
+            start = "NULL"
+        elif size == period:  # already the bucket: lets GROUP BY follow the primary key
+            start = column
+        else:
+            start = f"{column} / {size} * {size}"
+        return (
+            f"SELECT {rollup_group} AS grp, {start} AS bucket, {_SUM} FROM {table} "
+            f"WHERE {column} >= ? AND {column} < ? GROUP BY grp, bucket"
+        )
+
+    hourly, daily = rolled("usage_hourly", "hour", HOUR), rolled("usage_daily", "day", DAY)
+    parts = " UNION ALL ".join((raw, hourly, daily, hourly, raw))
+    inner = f"SELECT grp, bucket, {_SUM} FROM ({parts}) GROUP BY grp, bucket"
     join, name, prefix = _NAMES.get(by, ("", "NULL", "NULL"))
     order = "g.cost_usd DESC, g.requests DESC, g.grp"
     if bucket is not None:
@@ -134,15 +189,25 @@ SUMMARY_SELECTS: Final[Mapping[tuple[str | None, str | None], str]] = {
 }
 
 # A scope's spend since a time: the raw rows of the partial hour at the start,
-# the rollups of every hour after it (parameters: id, since, h1, id, h1).
+# the hourly rollups up to the next day, the daily ones after it
+# (parameters: id, since, h1, id, h1, d1, id, d1).
 SPEND_SELECTS: Final[Mapping[str, str]] = {
     kind: (
         f"SELECT (SELECT TOTAL(cost_usd) FROM usage_records WHERE {column} = ? "
         "AND created_at >= ? AND created_at < ?) + (SELECT TOTAL(cost_usd) FROM usage_hourly "
-        f"WHERE {column} = ? AND hour >= ?)"
+        f"WHERE {column} = ? AND hour >= ? AND hour < ?) + (SELECT TOTAL(cost_usd) "
+        f"FROM usage_daily WHERE {column} = ? AND day >= ?)"
     )
     for kind, column in (("key", "key_id"), ("team", "team_id"), ("org", "org_id"))
 }
+
+
+def spend_params(id: str, since: float) -> tuple[object, ...]:
+    """The parameters of a :data:`SPEND_SELECTS` query."""
+    h1, d1 = _ceil(since, HOUR), _ceil(since, DAY)
+    return (id, since, h1, id, h1, d1, id, d1)
+
+
 # Raw rows older than a cutoff, oldest first, at most ? per statement.
 PRUNE_USAGE: Final = (
     "DELETE FROM usage_records WHERE id IN "

@@ -88,10 +88,11 @@ from gandalf.storage._rollups import (
     BUCKETS,
     MAX_USAGE_ID,
     PRUNE_USAGE,
-    ROLLUP_BACKFILL,
-    ROLLUP_UPSERT,
+    ROLLUP_SCHEMA,
+    ROLLUP_UPSERTS,
     SPEND_SELECTS,
     SUMMARY_SELECTS,
+    spend_params,
     split,
 )
 
@@ -159,11 +160,11 @@ CREATE INDEX usage_records_org_spend ON usage_records (org_id, created_at, cost_
 # (an index seek) and reloads what changed. AUTOINCREMENT: a version is never
 # reused, even after old rows are pruned. ``kind``: 'key' (``id`` its SHA-256
 # hex; NULL: any key), 'tenancy', 'routes'.
-# ``usage_hourly``: usage summed per UTC hour and (key, team, org, model,
-# provider), upserted by the writer in the transaction that inserts the raw
-# rows, so the two never disagree; '' stands for "none" (a primary key cannot
-# hold NULL). ``model`` is the upstream model, or the alias when no target was
-# reached. Backfilled here from the raw rows.
+# ``usage_hourly`` / ``usage_daily``: usage summed per UTC hour / day and (key,
+# team, org, model, provider), upserted by the writer in the transaction that
+# inserts the raw rows, so the two never disagree; '' stands for "none" (a
+# primary key cannot hold NULL). ``model`` is the upstream model, or the alias
+# when no target was reached. Backfilled here from the raw rows (storage/_rollups.py).
 _MIGRATION_7: Final = f"""
 CREATE TABLE change_log (
     version INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -171,29 +172,7 @@ CREATE TABLE change_log (
     id      TEXT,
     at      REAL NOT NULL
 );
-CREATE TABLE usage_hourly (
-    hour                 INTEGER NOT NULL,
-    key_id               TEXT NOT NULL,
-    team_id              TEXT NOT NULL,
-    org_id               TEXT NOT NULL,
-    model                TEXT NOT NULL,
-    provider             TEXT NOT NULL,
-    requests             INTEGER NOT NULL,
-    errors               INTEGER NOT NULL,
-    prompt_tokens        INTEGER NOT NULL,
-    completion_tokens    INTEGER NOT NULL,
-    total_tokens         INTEGER NOT NULL,
-    cached_prompt_tokens INTEGER NOT NULL,
-    cache_write_tokens   INTEGER NOT NULL,
-    reasoning_tokens     INTEGER NOT NULL,
-    cost_usd             REAL NOT NULL,
-    unpriced             INTEGER NOT NULL,
-    PRIMARY KEY (hour, key_id, team_id, org_id, model, provider)
-) WITHOUT ROWID;
-CREATE INDEX usage_hourly_key_spend ON usage_hourly (key_id, hour, cost_usd);
-CREATE INDEX usage_hourly_team_spend ON usage_hourly (team_id, hour, cost_usd);
-CREATE INDEX usage_hourly_org_spend ON usage_hourly (org_id, hour, cost_usd);
-{ROLLUP_BACKFILL}
+{ROLLUP_SCHEMA}
 """
 
 # Helpers C and A own migrations 5 and 6 (the lead merges them into one order).
@@ -909,9 +888,10 @@ class SqliteStore:
         Costliest first (within each bucket, oldest bucket first); ties by
         requests, then group. ``limit`` / ``offset`` page through the rows.
 
-        Whole hours are read from the hourly rollups, the partial hours at
-        either edge from the raw records: the same answer as summing the raw
-        records, at a cost that grows with hours rather than records. Raw
+        Whole days are read from the daily rollups, whole hours around them
+        from the hourly ones, the partial hours at either edge from the raw
+        records: the same answer as summing the raw records, at a cost that
+        grows with days and hours rather than records. Raw
         records older than ``database.usage_retention`` are gone: a partial
         edge hour older than that counts nothing. Records still in the write
         queue are not counted (:meth:`flush` first if they must)."""
@@ -923,8 +903,8 @@ class SqliteStore:
         if (limit is not None and limit < 0) or offset < 0:
             raise ValueError("limit and offset must not be negative")
         end = math.inf if until is None else until
-        h1, h2, raw_until, raw_since = split(since, end)
-        params = (since, raw_until, raw_since, end, h1, h2, -1 if limit is None else limit, offset)
+        ranges = split(since, end, days=bucket != "hour")
+        params = (*itertools.chain.from_iterable(ranges), -1 if limit is None else limit, offset)
         rows = await self._fetchall(sql, params)
         return [
             UsageSummary(
@@ -949,14 +929,13 @@ class SqliteStore:
     async def spend_since(self, kind: str, id: str, since: float) -> float:
         """USD spent by a key, team or org (``kind``) in records created at or
         after ``since``: the sum of their known costs (0.0 when none). Whole
-        hours come from the rollups (read through their (scope, hour) index),
-        so spend outlives the raw records' retention; queued records are not
-        counted."""
+        hours and days come from the rollups (read through their (scope, time)
+        indexes), so spend outlives the raw records' retention; queued records
+        are not counted."""
         sql = SPEND_SELECTS.get(kind)
         if sql is None:
             raise ValueError(f"unknown spend scope {kind!r} (key, team or org)")
-        h1 = split(since, math.inf)[0]
-        rows = await self._fetchall(sql, (id, since, h1, id, h1))
+        rows = await self._fetchall(sql, spend_params(id, since))
         return float(rows[0][0])
 
     async def prune_usage(self, batch: int = 5000) -> int:
@@ -1393,8 +1372,9 @@ class SqliteStore:
                     chunk = batch[start : start + _ROWS_PER_INSERT]
                     params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
                     await conn.execute(_usage_insert(len(chunk)), params)
-                # The batch's sums into their hours, in the same transaction.
-                await conn.execute(ROLLUP_UPSERT, (last,))
+                # The batch's sums into their hours and days, in the same transaction.
+                for upsert in ROLLUP_UPSERTS:
+                    await conn.execute(upsert, (last,))
                 await conn.commit()
             except Exception as exc:
                 await _rollback_quietly(conn)
