@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from gandalf.domain import USAGE_GROUPS, UsageRecord, UsageSummary
-from gandalf.storage._rollups import HOUR, split
+from gandalf.storage._rollups import HOUR, SUMMARY_SELECTS, split
 from gandalf.storage.sqlite import _USAGE_FIELDS, MIGRATIONS, SqliteStore
 
 T0 = 1_800_000_000.0 - 1_800_000_000.0 % 86400  # a UTC midnight
@@ -413,3 +414,61 @@ def test_the_background_loop_prunes_a_backlog_in_short_steps(tmp_path: Path) -> 
         retention_batch=100,
         retention_sleep=sleep,
     )
+
+
+_SEED = """
+WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < :rows - 1)
+INSERT INTO usage_records (request_id, key_id, org_id, model_alias, target_model, provider,
+    prompt_tokens, completion_tokens, total_tokens, latency_ms, status, created_at, team_id,
+    cost_usd)
+SELECT 'req-' || i, 'key-' || (i * 7919 % 50), 'org-' || (i % 3), 'alias', 'm' || (i % 6),
+    'p' || (i % 3), i % 1000, i % 100, i % 1000 + i % 100, 1.0,
+    CASE WHEN i % 50 = 0 THEN 502 ELSE 200 END, :start + i * :step, 'team-' || (i % 10),
+    CASE WHEN i % 97 = 0 THEN NULL ELSE (i % 1000) / 1024.0 END
+FROM n
+"""
+_RAW_BY_KEY = (
+    "SELECT key_id, COUNT(*), SUM(status >= 400), SUM(prompt_tokens), SUM(completion_tokens), "
+    "SUM(total_tokens), TOTAL(cost_usd), SUM(cost_usd IS NULL AND status < 400) "
+    "FROM usage_records WHERE created_at >= ? AND created_at < ? GROUP BY key_id"
+)
+
+
+def test_a_hundred_thousand_rows_answer_from_the_rollups_as_the_raw_table_does(
+    tmp_path: Path,
+) -> None:
+    """Scale without timing: 100,000 records over 30 days, backfilled by the
+    migration; a 30-day report reads a few thousand daily rollup rows (the
+    plan searches their primary key) and equals the raw table's GROUP BY."""
+    db = tmp_path / "g.db"
+    rows, span = 100_000, 30 * 86400.0
+    run(db, lambda store: store.flush(), migrations=MIGRATIONS[:-1])
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(_SEED, {"rows": rows, "start": T0, "step": span / rows})
+        conn.commit()
+    since, until = T0 + 1234.5, T0 + span - 999.0  # both edges inside an hour
+
+    async def read(store: SqliteStore) -> None:
+        got = await store.usage_summary("key", since, until)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            raw = {r[0]: r[1:] for r in conn.execute(_RAW_BY_KEY, (since, until))}
+            plan = " ".join(
+                r[3]
+                for r in conn.execute(
+                    "EXPLAIN QUERY PLAN " + SUMMARY_SELECTS[("key", None)],
+                    (*itertools.chain.from_iterable(split(since, until)), -1, 0),
+                )
+            )
+            [(daily,)] = conn.execute(
+                "SELECT count(*) FROM usage_daily WHERE day >= ? AND day < ?", (since, until)
+            ).fetchall()
+        assert len(got) == len(raw) == 50
+        for row in got:
+            want = raw[row.group]
+            assert (row.requests, row.errors, row.prompt_tokens, row.completion_tokens) == want[:4]
+            assert row.total_tokens == want[4] and row.unpriced == want[6]
+            assert row.cost_usd == pytest.approx(want[5], rel=1e-12)
+        assert "SEARCH usage_daily USING PRIMARY KEY (day>? AND day<?)" in plan, plan
+        assert daily < 30 * 300  # days x groups, against 100,000 raw rows
+
+    run(db, read)
