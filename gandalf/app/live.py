@@ -329,27 +329,35 @@ class Live:
         self._budgeted = {(s.kind, s.id, s.budget) for s in budgeted}
 
     async def apply(self, pending: Pending) -> None:
+        """Apply ``pending``: keys first (no await: a revocation waits for
+        nothing), then routes, then tenancy; then, after logging, read back
+        the spend of budget levels the governor does not know yet."""
         everything = pending.everything
         keys = self._keys
-        new_scopes: list[Scope] = []
+        reload_tenancy = pending.tenancy or pending.all_keys or everything
+        if not reload_tenancy:
+            for key_hash in pending.keys:
+                keys.invalidate(key_hash)
         if pending.routes or everything:
             table = self._builder.table(self._builder.routes(await self._store.list_routes()))
             for service in self._services:
                 service.routes = table
-        if pending.tenancy or pending.all_keys or everything:
+        tenancy = None
+        if reload_tenancy:
             tenancy = await self._load_tenancy()
-            if self._governor is not None:
-                new_scopes = budget_scopes(await self._store.list_keys(), tenancy)
             keys.set_tenancy(tenancy)  # drops every cached identity
+        logger.info("worker %d applied admin changes: %r", os.getpid(), pending)
+        if self._governor is None:
+            return
+        new_scopes: list[Scope] = []
+        if tenancy is not None:
+            new_scopes = budget_scopes(await self._store.list_keys(), tenancy)
         else:
             for key_hash in pending.keys:
-                keys.invalidate(key_hash)
-                if self._governor is not None:
-                    key = await self._store.get_key_by_hash(key_hash)
-                    if key is not None and key.budget is not None and not key.revoked:
-                        new_scopes.append(Scope(kind="key", id=key.id, budget=key.budget))
+                key = await self._store.get_key_by_hash(key_hash)
+                if key is not None and key.budget is not None and not key.revoked:
+                    new_scopes.append(Scope(kind="key", id=key.id, budget=key.budget))
         await self._load_budgets(new_scopes)
-        logger.info("worker %d applied admin changes: %r", os.getpid(), pending)
 
     async def _load_budgets(self, scopes: Iterable[Scope]) -> None:
         """Read back the spend of budget levels (or budgets) not loaded before,
