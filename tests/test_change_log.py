@@ -118,3 +118,27 @@ def test_the_log_keeps_the_newest_entries_and_versions_never_repeat(tmp_path: Pa
         assert await store.change_version() == CHANGE_LOG_KEEP + 6
 
     run(db, again)
+
+
+def test_config_reconciled_again_unchanged_logs_nothing(tmp_path: Path) -> None:
+    """Every worker reconciles the config at start-up: only real changes reach
+    the other workers (each would otherwise drop its whole key cache)."""
+
+    async def test(store: SqliteStore) -> None:
+        orgs = [Organization(id="o1", name="O", rpm=5)]
+        teams = [Team(id="t1", org_id="o1", name="T")]
+        await store.upsert_config_tenants(orgs, teams)
+        assert await kinds_after(store, 0) == [("tenancy", None)]
+        await store.upsert_config_tenants(orgs, teams)
+        assert await store.change_version() == 1
+        await store.upsert_config_tenants([Organization(id="o1", name="O", rpm=6)], teams)
+        assert await store.change_version() == 2
+        assert await store.upsert_config_key(key(1, source="config", org_id="o1"))
+        assert not await store.upsert_config_key(key(1, source="config", org_id="o1"))
+        assert await store.change_version() == 3
+        assert not await store.upsert_config_key(key(1, source="config", org_id="o1", rpm=9))
+        assert await kinds_after(store, 3) == [("key", f"{1:064x}")]
+        stored = await store.get_key("key-1")
+        assert stored is not None and stored.rpm == 9
+
+    run(tmp_path / "g.db", test)

@@ -316,10 +316,16 @@ _KEY_INSERT: Final = (
 )
 _KEY_INSERT_IF_ABSENT: Final = _KEY_INSERT + " ON CONFLICT (key_hash) DO NOTHING"
 # Config may change what a bootstrap key is; never its identity or its revocation.
+# Only when something differs: an unchanged key logs no change (each worker's
+# start-up reconciles the config keys again).
+_KEY_CONFIG_COLUMNS: Final = (
+    "name", "prefix", "org_id", "team_id", "role", "allowed_models", "expires_at", "rpm", "tpm",
+    "budget_usd", "budget_period",
+)  # fmt: skip
 _KEY_UPDATE_FROM_CONFIG: Final = (
-    "UPDATE api_keys SET name = ?, prefix = ?, org_id = ?, team_id = ?, role = ?, "
-    "allowed_models = ?, expires_at = ?, rpm = ?, tpm = ?, budget_usd = ?, budget_period = ? "
-    "WHERE key_hash = ?"
+    f"UPDATE api_keys SET {', '.join(f'{c} = ?{n}' for n, c in enumerate(_KEY_CONFIG_COLUMNS, 1))} "
+    f"WHERE key_hash = ?{len(_KEY_CONFIG_COLUMNS) + 1} AND ({', '.join(_KEY_CONFIG_COLUMNS)}) "
+    f"IS NOT ({', '.join(f'?{n}' for n in range(1, len(_KEY_CONFIG_COLUMNS) + 1))})"
 )
 
 _KEY_REVOKE: Final = "UPDATE api_keys SET revoked = 1 WHERE id = ? RETURNING key_hash"
@@ -466,15 +472,22 @@ _TEAM_INSERT: Final = (
 _ORG_SELECT: Final = f"SELECT {', '.join(_ORG_COLUMNS)} FROM organizations"
 _TEAM_SELECT: Final = f"SELECT {', '.join(_TEAM_COLUMNS)} FROM teams"
 # Config takes a row over whatever made it (created_at stays); same for teams.
+# ... touching (and logging) a row only when a value differs.
+_ORG_UPDATED: Final = ("name", *_LIMIT_COLUMNS)
+_TEAM_UPDATED: Final = ("org_id", "name", *_LIMIT_COLUMNS)
 _ORG_UPSERT: Final = (
     _ORG_INSERT
     + " ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in ("name", *_LIMIT_COLUMNS))
+    + ", ".join(f"{c} = excluded.{c}" for c in _ORG_UPDATED)
+    + f" WHERE ({', '.join(f'organizations.{c}' for c in _ORG_UPDATED)})"
+    + f" IS NOT ({', '.join(f'excluded.{c}' for c in _ORG_UPDATED)})"
 )
 _TEAM_UPSERT: Final = (
     _TEAM_INSERT
     + " ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in ("org_id", "name", *_LIMIT_COLUMNS))
+    + ", ".join(f"{c} = excluded.{c}" for c in _TEAM_UPDATED)
+    + f" WHERE ({', '.join(f'teams.{c}' for c in _TEAM_UPDATED)})"
+    + f" IS NOT ({', '.join(f'excluded.{c}' for c in _TEAM_UPDATED)})"
 )
 # Live keys: neither revoked nor expired (at the given time).
 _LIVE_KEYS: Final = (
@@ -1055,9 +1068,11 @@ class SqliteStore:
             except sqlite3.IntegrityError as exc:
                 raise StorageError(f"an API key with id {key.id!r} already exists") from exc
             inserted = cur.rowcount > 0
+            changed = inserted
             if not inserted:
-                await conn.execute(_KEY_UPDATE_FROM_CONFIG, update)
-            await _changed(conn, "key", key.key_hash, self._clock())
+                changed = (await conn.execute(_KEY_UPDATE_FROM_CONFIG, update)).rowcount > 0
+            if changed:
+                await _changed(conn, "key", key.key_hash, self._clock())
             return inserted
 
         return await self._write(op)
@@ -1188,9 +1203,9 @@ class SqliteStore:
         team_rows = [_team_row(msgspec.structs.replace(t, source="config"), now) for t in teams]
 
         async def op(conn: aiosqlite.Connection) -> None:
-            await conn.executemany(_ORG_UPSERT, org_rows)
-            await conn.executemany(_TEAM_UPSERT, team_rows)
-            if org_rows or team_rows:
+            changed = (await conn.executemany(_ORG_UPSERT, org_rows)).rowcount
+            changed += (await conn.executemany(_TEAM_UPSERT, team_rows)).rowcount
+            if changed > 0:
                 await _changed(conn, "tenancy", None, now)
 
         await self._write(op)
