@@ -33,6 +33,23 @@ Usage
     closing (flush on shutdown), within its timeout; what it cannot write by
     then is counted as dropped and logged.
 
+Rollups and retention
+    The transaction that inserts a usage batch also adds its sums into the
+    hourly and daily rollups (``usage_hourly``, ``usage_daily``; see
+    ``_rollups.py``), so summaries and budget spend read whole hours and days
+    from them and only partial edge hours from the raw rows. With
+    ``usage_retention`` > 0 the store deletes raw rows older than that in
+    bounded background passes; rollups are kept forever.
+
+Change log
+    Every write that changes keys, orgs, teams, routes or providers appends a
+    row to ``change_log`` inside its own transaction (``_changed(conn, kind,
+    id, now)``; kinds ``key`` with the key's hash, ``tenancy``, ``routes``),
+    only when it changed a row; every worker polls it (``changes_since``) and
+    reloads what changed (app/live.py). A new write method that changes one of
+    those MUST do the same, or workers see the change only at restart (keys:
+    within the key-cache TTL).
+
 Files
     A database file is created ``0600`` (its ``-wal`` and ``-shm`` files, which
     SQLite creates with the database file's mode, follow); an existing one
