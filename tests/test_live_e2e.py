@@ -119,4 +119,11 @@ def test_revocation_and_new_routes_are_live_in_both_workers(tmp_path: Path) -> N
         assert took < LIVE_DEADLINE, f"the route took {took:.3f}s to reach both workers"
         assert all("routes=True" in p for p in applied(server, offset).values())
         assert [status(server, admin, "smart") for _ in range(REQUESTS)] == [200] * REQUESTS
+        for _ in range(10):  # /v1/models reads the swapped table too, in each worker
+            with httpx.Client(base_url=server.url, timeout=10.0) as client:
+                listed = client.get(
+                    "/v1/models",
+                    headers={"authorization": f"Bearer {admin}", "connection": "close"},
+                )
+            assert "smart" in {m["id"] for m in listed.json()["data"]}
         assert server.terminate() == 0
