@@ -36,3 +36,9 @@ def test_bad_values_name_the_key(value: str) -> None:
     message = str(caught.value)
     assert message.startswith("gandalf.yaml: database.usage_retention: "), message
     assert "\n" not in message
+
+
+def test_a_relative_file_dsn_keeps_the_retention() -> None:
+    text = "database:\n  dsn: g.db\n  usage_retention: 7d\n"
+    database = parse_config(text, source="/srv/gandalf/gandalf.yaml", env={}).database
+    assert (database.dsn, database.usage_retention) == ("/srv/gandalf/g.db", 7 * DAY)
