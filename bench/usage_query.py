@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 
 from gandalf.domain import USAGE_GROUPS, UsageRecord
-from gandalf.storage.sqlite import _USAGE_FIELDS, SqliteStore
+from gandalf.storage.sqlite import _USAGE_FIELDS, MIGRATIONS, SqliteStore
 
 DAY = 86400.0
 
 
 async def create(path: Path) -> None:
-    """The schema, as the gateway creates it."""
-    store = SqliteStore(str(path))
+    """The schema before the rollups (migration 7): rows filled straight into
+    the table are rolled up when :func:`measure` opens the database."""
+    store = SqliteStore(str(path), migrations=MIGRATIONS[:-1])
     await store.open()
     await store.close()
 

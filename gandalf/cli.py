@@ -640,7 +640,7 @@ async def _keys(args: argparse.Namespace) -> int:
         if not await manager.revoke(args.id):
             raise CliError(f"no key with id {args.id!r}", EXIT_NOT_FOUND)
         print(
-            f"revoked {args.id} (running servers stop accepting it within their key-cache TTL)",
+            f"revoked {args.id} (running servers refuse it within a second)",
             file=sys.stderr,
         )
         return EXIT_OK
@@ -840,6 +840,12 @@ def _since(text: str, now: float) -> float:
     return max(now - sum(int(n) * _UNIT[u] for n, u in parts), 0.0)
 
 
+# The counts and cost a summary row sums (not its group, names or bucket).
+_SUMMED_FIELDS = tuple(
+    f for f in UsageSummary.__struct_fields__ if f not in ("group", "name", "prefix", "bucket")
+)
+
+
 def _group_label(by: str, row: UsageSummary) -> str:
     """What a row is: a key as ``name (prefix...)`` and its id, a team or org
     as its name and id, a model or provider by name."""
@@ -870,7 +876,7 @@ async def _usage(args: argparse.Namespace) -> int:
         return EXIT_OK
     total = UsageSummary(group="TOTAL")
     for row in rows:
-        for field in UsageSummary.__struct_fields__[3:]:
+        for field in _SUMMED_FIELDS:
             setattr(total, field, getattr(total, field) + getattr(row, field))
     header = ["REQUESTS", "ERRORS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "COST USD"]
     table = [[args.by.upper(), *header]]

@@ -135,9 +135,14 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 
 class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """SQLite location. After loading, a relative file path has been made absolute against the
-    config file's directory; ``:memory:`` and ``file:`` URIs are left unchanged."""
+    config file's directory; ``:memory:`` and ``file:`` URIs are left unchanged.
+
+    ``usage_retention``: seconds raw usage records are kept (YAML ``30d``, ``12h``, ...;
+    ``0``, ``none`` or ``forever``: keep them forever, stored as 0.0). Hourly rollups are
+    kept forever whatever it says."""
 
     dsn: str = "gandalf.db"
+    usage_retention: Annotated[float, msgspec.Meta(ge=0)] = 30 * 86400.0
 
 
 class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -465,6 +470,33 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+_RETENTION_DAYS = re.compile(r"(\d+(?:\.\d*)?)d")
+_KEEP_FOREVER = frozenset({"0", "none", "forever", "never"})
+
+
+def parse_retention(value: object) -> float:
+    """``30d``, ``12h``, any duration :func:`parse_duration` takes -> float seconds;
+    ``0``, ``none``, ``forever`` (or YAML null / false) -> 0.0, keep forever.
+    Raises ``ValueError`` with a ready-to-show message otherwise."""
+    if value is None or value is False or value == 0:
+        return 0.0
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _KEEP_FOREVER:
+            return 0.0
+        days = _RETENTION_DAYS.fullmatch(text)
+        if days is not None:
+            seconds = float(days.group(1)) * 86400.0
+            if seconds > 0:
+                return seconds
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError(
+            f"expected a retention such as 30d, 12h or 0 (keep forever), got {value!r}"
+        ) from None
+
+
 def split_addr(addr: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ``ValueError`` if malformed."""
     hint = f"invalid address {addr!r} (expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080)"
@@ -622,6 +654,12 @@ class _Loader:
                         block[field] = parse_duration(block[field])
                     except ValueError as exc:
                         raise self.error(f"{section}.{field}", str(exc)) from None
+        database = data.get("database")
+        if isinstance(database, dict) and "usage_retention" in database:
+            try:
+                database["usage_retention"] = parse_retention(database["usage_retention"])
+            except ValueError as exc:
+                raise self.error("database.usage_retention", str(exc)) from None
         resilience = data.get("resilience")
         if isinstance(resilience, dict):
             self.normalise_breaker(resilience.get("breaker"), "resilience.breaker")
@@ -681,7 +719,7 @@ class _Loader:
         if not os.path.isabs(dsn):
             base = os.path.dirname(os.path.abspath(self.source))
             dsn = os.path.normpath(os.path.join(base, dsn))
-        return DatabaseConfig(dsn=dsn)
+        return msgspec.structs.replace(database, dsn=dsn)
 
     def build_providers(
         self, entries: tuple[_ProviderIn, ...], raw: Any, resilience: Resilience

@@ -600,7 +600,8 @@ class UsageSummary(msgspec.Struct, kw_only=True):
     None for records without one (e.g. a request refused before routing);
     ``name``/``prefix`` describe a key, team or org when the store knows it.
     ``cost_usd`` sums the priced records; ``unpriced`` counts the successful
-    records whose cost is unknown (no price for their model)."""
+    records whose cost is unknown (no price for their model). ``bucket``:
+    the start of the hour or day the row sums, when asked per bucket."""
 
     group: str | None
     name: str | None = None
@@ -615,6 +616,23 @@ class UsageSummary(msgspec.Struct, kw_only=True):
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
     unpriced: int = 0
+    bucket: float | None = None  # the bucket's start (unix seconds, UTC); None: not bucketed
+
+
+CHANGE_KINDS: tuple[str, ...] = ("key", "tenancy", "routes")
+
+
+class Change(msgspec.Struct, frozen=True, array_like=True):
+    """One committed admin change, as workers poll them (``change_log``).
+
+    ``kind`` is one of :data:`CHANGE_KINDS`: ``key`` (``id``: the key's
+    SHA-256 hex; None: any key may have changed), ``tenancy`` (orgs or teams;
+    ``id`` informative), ``routes`` (routes or providers). ``version``
+    increases by one per change, in commit order."""
+
+    version: int
+    kind: str
+    id: str | None = None
 
 
 # --------------------------------------------------------------------------- protocols

@@ -17,10 +17,12 @@ import time
 from gandalf import bootstrap
 from gandalf.app.governor import LocalGovernor, share_from_env
 from gandalf.app.health import HealthRegistry
+from gandalf.app.live import POLL_INTERVAL, Live, RouteBuilder, Watcher
+from gandalf.app.live import budget_scopes as _budget_scopes
 from gandalf.app.passthrough import PassthroughService
 from gandalf.app.pricing import build_pricing
 from gandalf.app.proxy import ProxyService
-from gandalf.app.router import ModelLister, RouteTable, offered_routes
+from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
 from gandalf.config import GandalfConfig, default_config_path, load_config
 from gandalf.domain import Scope, Tenancy
@@ -39,29 +41,40 @@ ENV_ACCESS_LOG = "GANDALF_ACCESS_LOG"
 
 
 def create_app(
-    config: GandalfConfig, *, access_log: bool | None = None, handle_signals: bool = False
+    config: GandalfConfig,
+    *,
+    access_log: bool | None = None,
+    handle_signals: bool = False,
+    live_interval: float = POLL_INTERVAL,
 ) -> GandalfApp:
     """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config;
-    ``handle_signals`` is for server workers (see GandalfApp)."""
+    ``handle_signals`` is for server workers (see GandalfApp). ``live_interval``:
+    how often the worker polls for admin changes (app/live.py)."""
 
     async def build() -> Runtime:
-        store = SqliteStore(config.database.dsn)
+        database = config.database
+        store = SqliteStore(database.dsn, usage_retention=database.usage_retention)
         await store.open()
         registry: ProviderRegistry | None = None
         try:
             await bootstrap.reconcile(store, config)
-            routes = await store.list_routes()
+            # Changes committed from here on are applied by the watcher, even
+            # those that land while this worker is still loading what they touch.
+            version = await store.change_version()
+            stored = await store.list_routes()
             providers = bootstrap.runtime_providers(config, await store.list_providers())
             registry = ProviderRegistry.build(providers)
             await registry.start()
             discovered = await discover_models(registry)
-            routes = [*routes, *offered_routes(routes, providers, discovered)]
-            table = RouteTable.build(
-                routes,
+            builder = RouteBuilder(
                 registry.providers,
                 registry.disabled,
-                health=HealthRegistry(config.resilience),
+                providers,
+                discovered,
+                HealthRegistry(config.resilience),
             )
+            routes = builder.routes(stored)
+            table = builder.table(routes)
             # Prices resolved once here; per request a cost is arithmetic.
             pricing = build_pricing(providers, routes, config.pricing)
             auth = config.auth
@@ -76,7 +89,8 @@ def create_app(
             # Limits and budgets: this worker's share (GANDALF_WORKERS), with
             # the spend of every budget's current period read back first.
             governor = LocalGovernor(share=share_from_env())
-            await governor.rebuild(store, await budget_scopes(store, tenancy))
+            budgeted = await budget_scopes(store, tenancy)
+            await governor.rebuild(store, budgeted)
             price, cost = pricing.worst_case, pricing.cost
             created = int(time.time())
             proxy = ProxyService(table, store, governor=governor, price=price, cost=cost)
@@ -94,6 +108,17 @@ def create_app(
             )
             endpoints.update(native_exact)
             prefixes = [*api_prefixes, *native_prefixes]
+            live = Live(
+                store,
+                keys,
+                (proxy, passthrough),
+                builder,
+                lambda: load_tenancy(store, config),
+                governor=governor,
+                budgeted=budgeted,
+            )
+            watcher = Watcher(store, live.apply, version=version, interval=live_interval)
+            watcher.start()
         except BaseException:
             if registry is not None:
                 await registry.close()
@@ -103,6 +128,7 @@ def create_app(
 
         async def close() -> None:
             try:
+                await watcher.close()
                 await started_registry.close()
             finally:
                 await store.close()
@@ -132,22 +158,7 @@ def create_app(
 
 async def budget_scopes(store: SqliteStore, tenancy: Tenancy) -> list[Scope]:
     """Every key, team and org that sets a budget, as the governor keys them."""
-    scopes = [
-        Scope(kind="key", id=key.id, budget=key.budget)
-        for key in await store.list_keys()
-        if key.budget is not None and not key.revoked
-    ]
-    scopes += [
-        Scope(kind="team", id=team.id, budget=team.budget)
-        for team in tenancy.teams.values()
-        if team.budget is not None
-    ]
-    scopes += [
-        Scope(kind="org", id=org.id, budget=org.budget)
-        for org in tenancy.orgs.values()
-        if org.budget is not None
-    ]
-    return scopes
+    return _budget_scopes(await store.list_keys(), tenancy)
 
 
 async def load_tenancy(store: SqliteStore, config: GandalfConfig) -> Tenancy:

@@ -192,3 +192,43 @@ def test_roles_map_to_permissions() -> None:
     identity = run(cache.load("gnd_" + "a" * 43))
     assert identity.can(Permission.MANAGE_KEYS | Permission.CALL_MODELS)
     assert identity.may_use("m1") and not identity.may_use("m2")
+
+
+class ReadThenWait(Lookup):
+    """Reads the row at once, answers once ``gate`` opens (a slow read)."""
+
+    async def get_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        self.calls += 1
+        row = self.keys.get(key_hash)
+        if self.gate is not None:
+            await self.gate.wait()
+        return row
+
+
+def test_a_lookup_that_straddles_an_invalidation_is_not_cached() -> None:
+    """A miss reads the key, the key is revoked and the cache invalidated
+    (a worker's live-change watcher), then the read returns the old row: that
+    answer serves the request that asked but must not be cached, or the
+    revoked key would keep working for the whole TTL."""
+    key = generate_key()
+    lookup = ReadThenWait(make_key(key))
+    cache = KeyCache(lookup)
+
+    async def scenario() -> None:
+        lookup.gate = asyncio.Event()
+        loading = asyncio.create_task(cache.load(key))
+        for _ in range(10):  # the task's first steps reach the lookup
+            if lookup.calls:
+                break
+            await asyncio.sleep(0)
+        assert lookup.calls == 1
+        lookup.keys[hash_key(key)] = make_key(key, revoked=True)  # revoked in the store
+        cache.invalidate(hash_key(key))  # ... and the watcher saw it
+        lookup.gate.set()
+        await loading  # the old row answers the request already in flight
+        assert cache.cached(key) is None  # but was not cached
+        with pytest.raises(AuthenticationError):
+            await cache.load(key)
+
+    run(scenario())
+    assert lookup.calls == 2

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from gandalf.domain import USAGE_GROUPS, ApiKey, Organization, Team, UsageRecord, UsageSummary
-from gandalf.storage.sqlite import _SPEND_SELECTS, _SUMMARY_SELECTS, SqliteStore
+from gandalf.storage._rollups import SPEND_SELECTS, SUMMARY_SELECTS
+from gandalf.storage.sqlite import SqliteStore
 
 
 def run(db: Path, test: Callable[[SqliteStore], Awaitable[None]]) -> None:
@@ -155,9 +156,15 @@ def test_queries_read_indexes(tmp_path: Path) -> None:
     db = tmp_path / "g.db"
     run(db, lambda store: store.flush())
     with sqlite3.connect(db) as conn:
-        for kind, sql in _SPEND_SELECTS.items():
-            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, ("x", 0)))
-            assert f"COVERING INDEX usage_records_{kind}_spend" in plan, plan
-        for sql in _SUMMARY_SELECTS.values():
-            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, (0, 1)))
+        for kind, sql in SPEND_SELECTS.items():
+            params = ("x", 0, 0, "x", 0, 0, "x", 0)
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+            for table in ("usage_records", "usage_daily"):
+                assert f"COVERING INDEX {table}_{kind}_spend" in plan, plan
+            assert "SEARCH usage_hourly USING PRIMARY KEY (hour>? AND hour<?)" in plan, plan
+        for sql in SUMMARY_SELECTS.values():
+            bounds = (0, 1, 0, 3600, 0, 86400, 0, 3600, 2, 3, -1, 0)
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, bounds))
             assert "USING INDEX usage_records_created_at" in plan, plan
+            assert "SEARCH usage_hourly USING PRIMARY KEY (hour>? AND hour<?)" in plan, plan
+            assert "SEARCH usage_daily USING PRIMARY KEY (day>? AND day<?)" in plan, plan

@@ -96,6 +96,7 @@ class KeyCache:
         "_entries",
         "_failed_logged",
         "_failures",
+        "_generation",
         "_inflight",
         "_lookup",
         "_max",
@@ -129,6 +130,9 @@ class KeyCache:
         self._inflight: dict[str, asyncio.Future[Identity | None]] = {}
         self._failures = 0  # failed lookups since start-up
         self._failed_logged = -math.inf  # when the last failure was logged (clock)
+        # Bumped by every invalidation: a lookup that started before one may
+        # have read a row the invalidation was about, so its answer is not cached.
+        self._generation = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -175,6 +179,7 @@ class KeyCache:
             return self._check(await asyncio.shield(pending), key_hash)
         future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
         self._inflight[key_hash] = future
+        generation = self._generation
         try:
             try:
                 stored = await self._lookup.get_key_by_hash(key_hash)
@@ -195,7 +200,8 @@ class KeyCache:
         finally:
             del self._inflight[key_hash]
         identity = self._admit(stored)
-        self._store(key_hash, identity)
+        if generation == self._generation:
+            self._store(key_hash, identity)
         future.set_result(identity)
         return self._check(identity, key_hash)
 
@@ -222,9 +228,14 @@ class KeyCache:
         cached identity is dropped, so new limits and allowed models apply at
         the next request of each key, not after the cache TTL."""
         self._tenancy = tenancy
+        self._generation += 1
         self._entries.clear()
 
     def invalidate(self, key_hash: str | None = None) -> None:
+        """Forget ``key_hash`` (None: every key), so its next request reads the
+        store: a key changed or revoked elsewhere (the live-change watcher).
+        A lookup already in flight answers its own request but is not cached."""
+        self._generation += 1
         if key_hash is None:
             self._entries.clear()
         else:

@@ -243,12 +243,14 @@ class Api:
         "_all_models",
         "_anthropic",
         "_by_id",
+        "_created",
         "_json_served",
         "_keys",
         "_models",
         "_proxy",
         "_ready",
         "_sse_served",
+        "_table",
     )
 
     def __init__(
@@ -257,10 +259,18 @@ class Api:
         self._proxy = proxy
         self._keys = keys
         self._ready = ready
-        # Built once: the route table does not change while it serves.
+        self._created = created
+        self._table = proxy.routes
+        self._list_models()
+        self._json_served = ServedHeaders(JSON_HEADERS)
+        self._sse_served = ServedHeaders(SSE_HEADERS)
+
+    def _list_models(self) -> None:
+        """The model lists, built once per route table (``self._table``)."""
+        created = self._created
         self._models = [
             _Model(id=alias, created=created, owned_by=owner)
-            for alias, owner in proxy.routes.models()
+            for alias, owner in self._table.models()
         ]
         self._all_models = _encoder.encode(_ModelList(data=self._models))
         self._by_id = {m.id: m for m in self._models}
@@ -270,8 +280,14 @@ class Api:
             for m in self._models
         }
         self._all_anthropic = _anthropic_list(list(self._anthropic.values()))
-        self._json_served = ServedHeaders(JSON_HEADERS)
-        self._sse_served = ServedHeaders(SSE_HEADERS)
+
+    def _fresh(self) -> None:
+        """Rebuild the lists when the proxy serves a new route table (an
+        admin change, app/live.py swaps it whole)."""
+        routes = self._proxy.routes
+        if routes is not self._table:
+            self._table = routes
+            self._list_models()
 
     def endpoints(self) -> dict[str, Endpoint]:
         call = KeyAuth(self._keys, Permission.CALL_MODELS)
@@ -342,6 +358,7 @@ class Api:
         Anthropic client (:func:`anthropic_client`), else in OpenAI's."""
         identity = request.identity
         assert identity is not None
+        self._fresh()
         unrestricted = identity.allowed_models is None
         may_use = identity.may_use  # allowed_models may hold globs: ask, never test membership
         if anthropic_client(request):
@@ -367,6 +384,7 @@ class Api:
         assert identity is not None
         alias = request.path[len("/v1/models/") :]
         anthropic = anthropic_client(request)
+        self._fresh()
         found = self._anthropic.get(alias) if identity.may_use(alias) else None
         if found is None:
             error = ModelNotFound(

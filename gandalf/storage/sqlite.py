@@ -33,6 +33,23 @@ Usage
     closing (flush on shutdown), within its timeout; what it cannot write by
     then is counted as dropped and logged.
 
+Rollups and retention
+    The transaction that inserts a usage batch also adds its sums into the
+    hourly and daily rollups (``usage_hourly``, ``usage_daily``; see
+    ``_rollups.py``), so summaries and budget spend read whole hours and days
+    from them and only partial edge hours from the raw rows. With
+    ``usage_retention`` > 0 the store deletes raw rows older than that in
+    bounded background passes; rollups are kept forever.
+
+Change log
+    Every write that changes keys, orgs, teams, routes or providers appends a
+    row to ``change_log`` inside its own transaction (``_changed(conn, kind,
+    id, now)``; kinds ``key`` with the key's hash, ``tenancy``, ``routes``),
+    only when it changed a row; every worker polls it (``changes_since``) and
+    reloads what changed (app/live.py). A new write method that changes one of
+    those MUST do the same, or workers see the change only at restart (keys:
+    within the key-cache TTL).
+
 Files
     A database file is created ``0600`` (its ``-wal`` and ``-shm`` files, which
     SQLite creates with the database file's mode, follow); an existing one
@@ -64,7 +81,7 @@ import sqlite3
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from operator import attrgetter
 from typing import Any, Final, TypeVar
 
@@ -75,6 +92,7 @@ from gandalf.domain import (
     USAGE_GROUPS,
     ApiKey,
     Budget,
+    Change,
     Organization,
     ProviderConfig,
     Route,
@@ -82,6 +100,17 @@ from gandalf.domain import (
     Team,
     UsageRecord,
     UsageSummary,
+)
+from gandalf.storage._rollups import (
+    BUCKETS,
+    MAX_USAGE_ID,
+    PRUNE_USAGE,
+    ROLLUP_SCHEMA,
+    ROLLUP_UPSERTS,
+    SPEND_SELECTS,
+    SUMMARY_SELECTS,
+    spend_params,
+    split,
 )
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "StorageError", "TenantInUse"]
@@ -142,11 +171,39 @@ CREATE INDEX usage_records_team_spend ON usage_records (team_id, created_at, cos
 CREATE INDEX usage_records_org_spend ON usage_records (org_id, created_at, cost_usd);
 """
 
+# Migration 7: live changes and usage rollups.
+# ``change_log``: every write that changes keys, orgs, teams, routes or providers
+# appends a row in its own transaction; each worker polls ``version > last``
+# (an index seek) and reloads what changed. AUTOINCREMENT: a version is never
+# reused, even after old rows are pruned. ``kind``: 'key' (``id`` its SHA-256
+# hex; NULL: any key), 'tenancy', 'routes'.
+# ``usage_hourly`` / ``usage_daily``: usage summed per UTC hour / day and (key,
+# team, org, model, provider), upserted by the writer in the transaction that
+# inserts the raw rows, so the two never disagree; '' stands for "none" (a
+# primary key cannot hold NULL). ``model`` is the upstream model, or the alias
+# when no target was reached. Backfilled here from the raw rows (storage/_rollups.py).
+_MIGRATION_7: Final = f"""
+CREATE TABLE change_log (
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind    TEXT NOT NULL,
+    id      TEXT,
+    at      REAL NOT NULL
+);
+{ROLLUP_SCHEMA}
+"""
+
+# Helpers C and A own migrations 5 and 6 (the lead merges them into one order).
+_MIGRATION_5: Final = "SELECT 1; -- reserved for the response cache (helper C)"
+_MIGRATION_6: Final = "SELECT 1; -- reserved for the admin API (helper A)"
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
     _MIGRATION_2,
     _MIGRATION_3,
     _MIGRATION_4,
+    _MIGRATION_5,
+    _MIGRATION_6,
+    _MIGRATION_7,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
@@ -159,6 +216,12 @@ _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13
 _TRANSIENT: Final = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL})
 _RETRY_LOG_EVERY: Final = 10  # log the first failed attempt of a batch, then every 10th
 PING_TIMEOUT: Final = 2.0  # seconds
+# Usage retention: a pass deletes at most RETENTION_BATCH raw records (a few
+# tens of ms of writer time), every RETENTION_EVERY seconds, or after
+# RETENTION_BACKLOG_PAUSE while older records remain.
+RETENTION_EVERY: Final = 60.0
+RETENTION_BATCH: Final = 5000
+RETENTION_BACKLOG_PAUSE: Final = 0.5
 _DROP_WARNING_INTERVAL: Final = 1.0  # seconds between "usage dropped" warnings
 
 
@@ -234,39 +297,6 @@ def _upsert_sql(table: str, columns: tuple[str, ...], key: str) -> str:
     )
 
 
-# Usage summaries: one GROUP BY over the time range (read through the
-# created_at index), then the names of the (few) groups joined on.
-_SUMMED = (
-    "COUNT(*) AS requests, SUM(status >= 400) AS e, SUM(prompt_tokens) AS p, "
-    "SUM(completion_tokens) AS c, SUM(total_tokens) AS t, SUM(cached_prompt_tokens) AS cr, "
-    "SUM(cache_write_tokens) AS cw, SUM(reasoning_tokens) AS r, TOTAL(cost_usd) AS cost, "
-    "SUM(cost_usd IS NULL AND status < 400) AS u"
-)
-
-
-def _summary_select(column: str, join: str = "", name: str = "NULL", prefix: str = "NULL") -> str:
-    inner = (
-        f"SELECT {column} AS grp, {_SUMMED} FROM usage_records "
-        "WHERE created_at >= ? AND created_at < ? GROUP BY grp"
-    )
-    return (
-        f"SELECT g.grp, {name}, {prefix}, g.requests, g.e, g.p, g.c, g.t, g.cr, g.cw, g.r, "
-        f"g.cost, g.u FROM ({inner}) AS g {join} ORDER BY g.cost DESC, g.requests DESC"
-    )
-
-
-_SUMMARY_SELECTS: Final[Mapping[str, str]] = {
-    "key": _summary_select("key_id", "LEFT JOIN api_keys k ON k.id = g.grp", "k.name", "k.prefix"),
-    "team": _summary_select("team_id", "LEFT JOIN teams t ON t.id = g.grp", "t.name"),
-    "org": _summary_select("org_id", "LEFT JOIN organizations o ON o.id = g.grp", "o.name"),
-    "model": _summary_select("COALESCE(target_model, model_alias)"),
-    "provider": _summary_select("provider"),
-}
-_SPEND_SELECTS: Final[Mapping[str, str]] = {
-    kind: f"SELECT TOTAL(cost_usd) FROM usage_records WHERE {column} = ? AND created_at >= ?"
-    for kind, column in (("key", "key_id"), ("team", "team_id"), ("org", "org_id"))
-}
-
 # usage_records: columns in UsageRecord field order, so a record's astuple() is its row.
 _USAGE_FIELDS: Final = UsageRecord.__struct_fields__
 # Usage batches go in as multi-row INSERTs of up to _ROWS_PER_INSERT rows: executemany
@@ -303,11 +333,19 @@ _KEY_INSERT: Final = (
 )
 _KEY_INSERT_IF_ABSENT: Final = _KEY_INSERT + " ON CONFLICT (key_hash) DO NOTHING"
 # Config may change what a bootstrap key is; never its identity or its revocation.
+# Only when something differs: an unchanged key logs no change (each worker's
+# start-up reconciles the config keys again).
+_KEY_CONFIG_COLUMNS: Final = (
+    "name", "prefix", "org_id", "team_id", "role", "allowed_models", "expires_at", "rpm", "tpm",
+    "budget_usd", "budget_period",
+)  # fmt: skip
 _KEY_UPDATE_FROM_CONFIG: Final = (
-    "UPDATE api_keys SET name = ?, prefix = ?, org_id = ?, team_id = ?, role = ?, "
-    "allowed_models = ?, expires_at = ?, rpm = ?, tpm = ?, budget_usd = ?, budget_period = ? "
-    "WHERE key_hash = ?"
+    f"UPDATE api_keys SET {', '.join(f'{c} = ?{n}' for n, c in enumerate(_KEY_CONFIG_COLUMNS, 1))} "
+    f"WHERE key_hash = ?{len(_KEY_CONFIG_COLUMNS) + 1} AND ({', '.join(_KEY_CONFIG_COLUMNS)}) "
+    f"IS NOT ({', '.join(f'?{n}' for n in range(1, len(_KEY_CONFIG_COLUMNS) + 1))})"
 )
+
+_KEY_REVOKE: Final = "UPDATE api_keys SET revoked = 1 WHERE id = ? RETURNING key_hash"
 
 # A config key that left the config is revoked (not deleted: usage keeps its key id).
 _KEY_REVOKE_CONFIG_EXCEPT: Final = (
@@ -451,15 +489,22 @@ _TEAM_INSERT: Final = (
 _ORG_SELECT: Final = f"SELECT {', '.join(_ORG_COLUMNS)} FROM organizations"
 _TEAM_SELECT: Final = f"SELECT {', '.join(_TEAM_COLUMNS)} FROM teams"
 # Config takes a row over whatever made it (created_at stays); same for teams.
+# ... touching (and logging) a row only when a value differs.
+_ORG_UPDATED: Final = ("name", *_LIMIT_COLUMNS)
+_TEAM_UPDATED: Final = ("org_id", "name", *_LIMIT_COLUMNS)
 _ORG_UPSERT: Final = (
     _ORG_INSERT
     + " ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in ("name", *_LIMIT_COLUMNS))
+    + ", ".join(f"{c} = excluded.{c}" for c in _ORG_UPDATED)
+    + f" WHERE ({', '.join(f'organizations.{c}' for c in _ORG_UPDATED)})"
+    + f" IS NOT ({', '.join(f'excluded.{c}' for c in _ORG_UPDATED)})"
 )
 _TEAM_UPSERT: Final = (
     _TEAM_INSERT
     + " ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in ("org_id", "name", *_LIMIT_COLUMNS))
+    + ", ".join(f"{c} = excluded.{c}" for c in _TEAM_UPDATED)
+    + f" WHERE ({', '.join(f'teams.{c}' for c in _TEAM_UPDATED)})"
+    + f" IS NOT ({', '.join(f'excluded.{c}' for c in _TEAM_UPDATED)})"
 )
 # Live keys: neither revoked nor expired (at the given time).
 _LIVE_KEYS: Final = (
@@ -496,6 +541,15 @@ def _team_from_row(r: Sequence[Any]) -> Team:
         id=r[0], org_id=r[1], name=r[2], created_at=r[3], allowed_models=_models(r[4]),
         rpm=r[5], tpm=r[6], budget=_budget(r[7], r[8]), source=r[9],
     )  # fmt: skip
+
+
+# change_log
+CHANGE_LOG_KEEP: Final = 1000
+_CHANGE_INSERT: Final = "INSERT INTO change_log (kind, id, at) VALUES (?, ?, ?)"
+_CHANGE_PRUNE: Final = "DELETE FROM change_log WHERE version <= last_insert_rowid() - ?"
+_CHANGES_SELECT: Final = (
+    "SELECT version, kind, id FROM change_log WHERE version > ? ORDER BY version LIMIT ?"
+)
 
 
 class TenantInUse(StorageError):
@@ -582,6 +636,10 @@ class SqliteStore:
         retry_cap: float = RETRY_CAP,
         retry_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: random.Random | None = None,
+        usage_retention: float = 0.0,
+        retention_every: float = RETENTION_EVERY,
+        retention_batch: int = RETENTION_BATCH,
+        retention_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         """``dsn`` is a file path or ``":memory:"``; ``migrations`` exists for upgrade tests.
 
@@ -592,11 +650,25 @@ class SqliteStore:
         connection holds. A usage batch that still finds the database busy
         is retried after ``retry_sleep(delay)``, the n-th delay drawn from
         ``[d/2, d]`` with ``d = min(retry_cap, retry_base * 2**n)`` by ``rng``.
+        ``usage_retention``: seconds raw usage records are kept (by ``clock``);
+        when > 0 the open store deletes older ones in the background, at most
+        ``retention_batch`` per pass, a pass every ``retention_every`` seconds
+        (``retention_sleep``), sooner while a backlog remains. 0: kept forever
+        (and no background task: one-shot CLI stores leave pruning to servers).
+        Hourly rollups are never deleted.
         """
         if readers < 1 or queue_size < 1 or batch_size < 1:
             raise ValueError("readers, queue_size and batch_size must be at least 1")
         if busy_timeout_ms < 0 or retry_base <= 0 or retry_cap < retry_base:
             raise ValueError("busy_timeout_ms >= 0 and 0 < retry_base <= retry_cap are required")
+        if usage_retention < 0 or retention_every <= 0 or retention_batch < 1:
+            raise ValueError("usage_retention >= 0, retention_every > 0, retention_batch >= 1")
+        self._retention = usage_retention
+        self._retention_every = retention_every
+        self._retention_batch = retention_batch
+        self._retention_sleep = retention_sleep
+        self._retention_backlog_pause = min(RETENTION_BACKLOG_PAUSE, retention_every)
+        self._prune_task: asyncio.Task[None] | None = None
         self._dsn = dsn
         self._memory = dsn == ":memory:"
         self._database = (
@@ -678,6 +750,8 @@ class SqliteStore:
             pool.put_nowait(reader)
         self._pool = pool
         self._writer_task = asyncio.create_task(self._run_writer(writer), name="gandalf-storage")
+        if self._retention > 0:
+            self._prune_task = asyncio.create_task(self._prune_forever(), name="gandalf-retention")
 
     async def _connect(self, opened: list[aiosqlite.Connection]) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self._database, uri=self._memory, isolation_level=None)
@@ -725,6 +799,10 @@ class SqliteStore:
 
     async def _shutdown(self, drain_seconds: float) -> None:
         self._accepting = False
+        prune = self._prune_task
+        if prune is not None:
+            prune.cancel()
+            await asyncio.wait({prune})
         task = self._writer_task
         if task is not None:
             self._queue.put_nowait(_STOP)
@@ -823,44 +901,117 @@ class SqliteStore:
         return msgspec.convert(rows, list[UsageRecord])
 
     async def usage_summary(
-        self, by: str, since: float, until: float | None = None
+        self,
+        by: str | None,
+        since: float,
+        until: float | None = None,
+        *,
+        bucket: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[UsageSummary]:
         """Usage records with ``since <= created_at < until`` summed per ``by``
-        (one of :data:`USAGE_GROUPS`; ``model`` is the upstream model, or the
-        alias when no target was reached), costliest first. Records still in
-        the write queue are not counted (:meth:`flush` first if they must)."""
-        sql = _SUMMARY_SELECTS.get(by)
+        (one of :data:`USAGE_GROUPS`, or None: one group of everything;
+        ``model`` is the upstream model, or the alias when no target was
+        reached) and, with ``bucket`` ('hour' | 'day'), per UTC hour or day
+        (``UsageSummary.bucket``: its start). Only groups with records appear.
+        Costliest first (within each bucket, oldest bucket first); ties by
+        requests, then group. ``limit`` / ``offset`` page through the rows.
+
+        Whole days are read from the daily rollups, whole hours around them
+        from the hourly ones, the partial hours at either edge from the raw
+        records: the same answer as summing the raw records, at a cost that
+        grows with days and hours rather than records. Raw
+        records older than ``database.usage_retention`` are gone: a partial
+        edge hour older than that counts nothing. Records still in the write
+        queue are not counted (:meth:`flush` first if they must)."""
+        sql = SUMMARY_SELECTS.get((by, bucket))
         if sql is None:
+            if bucket is not None and bucket not in BUCKETS:
+                raise ValueError(f"unknown bucket {bucket!r} (hour or day)")
             raise ValueError(f"cannot group usage by {by!r} (one of {', '.join(USAGE_GROUPS)})")
-        rows = await self._fetchall(sql, (since, math.inf if until is None else until))
+        if (limit is not None and limit < 0) or offset < 0:
+            raise ValueError("limit and offset must not be negative")
+        end = math.inf if until is None else until
+        ranges = split(since, end, days=bucket != "hour")
+        params = (*itertools.chain.from_iterable(ranges), -1 if limit is None else limit, offset)
+        rows = await self._fetchall(sql, params)
         return [
             UsageSummary(
                 group=row[0],
                 name=row[1],
                 prefix=row[2],
-                requests=row[3],
-                errors=row[4],
-                prompt_tokens=row[5],
-                completion_tokens=row[6],
-                total_tokens=row[7],
-                cached_prompt_tokens=row[8],
-                cache_write_tokens=row[9],
-                reasoning_tokens=row[10],
-                cost_usd=row[11],
-                unpriced=row[12],
+                bucket=None if row[3] is None else float(row[3]),
+                requests=row[4],
+                errors=row[5],
+                prompt_tokens=row[6],
+                completion_tokens=row[7],
+                total_tokens=row[8],
+                cached_prompt_tokens=row[9],
+                cache_write_tokens=row[10],
+                reasoning_tokens=row[11],
+                cost_usd=row[12],
+                unpriced=row[13],
             )
             for row in rows
         ]
 
     async def spend_since(self, kind: str, id: str, since: float) -> float:
         """USD spent by a key, team or org (``kind``) in records created at or
-        after ``since``: the sum of their known costs (0.0 when none). Reads
-        the (kind's id, created_at) index; queued records are not counted."""
-        sql = _SPEND_SELECTS.get(kind)
+        after ``since``: the sum of their known costs (0.0 when none). Whole
+        hours and days come from the rollups (read through their (scope, time)
+        indexes), so spend outlives the raw records' retention; queued records
+        are not counted."""
+        sql = SPEND_SELECTS.get(kind)
         if sql is None:
             raise ValueError(f"unknown spend scope {kind!r} (key, team or org)")
-        rows = await self._fetchall(sql, (id, since))
+        rows = await self._fetchall(sql, spend_params(id, since))
         return float(rows[0][0])
+
+    async def prune_usage(self, batch: int = 5000) -> int:
+        """Delete up to ``batch`` raw usage records older than the retention
+        (``usage_retention`` seconds before the store's clock), oldest first;
+        how many were deleted (0 when retention is off). Rollups are kept."""
+        if self._retention <= 0:
+            return 0
+        cutoff = self._clock() - self._retention
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(PRUNE_USAGE, (cutoff, batch))
+            return cur.rowcount
+
+        return await self._write(op)
+
+    async def _prune_forever(self) -> None:
+        """The retention loop: a bounded prune every ``retention_every``
+        seconds, sooner while old records remain (each prune is one short
+        write among the others, so the writer never stalls on it)."""
+        pause = self._retention_every  # not at once: start-up has better things to do
+        while True:
+            await self._retention_sleep(pause)
+            try:
+                deleted = await self.prune_usage(self._retention_batch)
+            except StorageError as exc:
+                logger.warning("pruning old usage records failed: %s", exc)
+                deleted = 0
+            if deleted:
+                logger.info("deleted %d usage record(s) older than the retention", deleted)
+            backlog = deleted >= self._retention_batch
+            pause = self._retention_backlog_pause if backlog else self._retention_every
+
+    # ----------------------------------------------------------------- live changes
+
+    async def change_version(self) -> int:
+        """The newest committed change's version (0: none yet)."""
+        rows = await self._fetchall("SELECT IFNULL(MAX(version), 0) FROM change_log", ())
+        return int(rows[0][0])
+
+    async def changes_since(self, version: int, limit: int = 100) -> list[Change]:
+        """The committed changes after ``version``, oldest first, at most
+        ``limit``. The log keeps the last :data:`CHANGE_LOG_KEEP`: when the first
+        change returned is not ``version + 1``, some were pruned (reload all)."""
+        rows = await self._fetchall(_CHANGES_SELECT, (version, limit))
+        return [Change(version=r[0], kind=r[1], id=r[2]) for r in rows]
 
     # ----------------------------------------------------------------- keys
 
@@ -875,13 +1026,16 @@ class SqliteStore:
 
     async def create_key(self, key: ApiKey) -> None:
         """Insert a key; ``created_at`` 0 means now. StorageError if its id or hash exists."""
-        row = _key_row(key, self._clock())
+        now = self._clock()
+        row = _key_row(key, now)
 
         async def op(conn: aiosqlite.Connection) -> None:
             try:
                 await conn.execute(_KEY_INSERT, row)
             except sqlite3.IntegrityError as exc:
                 raise StorageError(f"an API key with this id or hash exists: {exc}") from exc
+            # A worker may cache this hash as unknown (someone tried it before).
+            await _changed(conn, "key", key.key_hash, now)
 
         await self._write(op)
 
@@ -898,8 +1052,11 @@ class SqliteStore:
         """Mark a key revoked. False if there is no such key (True if already revoked)."""
 
         async def op(conn: aiosqlite.Connection) -> bool:
-            cur = await conn.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?", (key_id,))
-            return cur.rowcount > 0
+            cur = await conn.execute(_KEY_REVOKE, (key_id,))
+            hashes = list(await cur.fetchall())
+            for (key_hash,) in hashes:
+                await _changed(conn, "key", key_hash, self._clock())
+            return bool(hashes)
 
         return await self._write(op)
 
@@ -927,10 +1084,13 @@ class SqliteStore:
                 cur = await conn.execute(_KEY_INSERT_IF_ABSENT, row)
             except sqlite3.IntegrityError as exc:
                 raise StorageError(f"an API key with id {key.id!r} already exists") from exc
-            if cur.rowcount > 0:
-                return True
-            await conn.execute(_KEY_UPDATE_FROM_CONFIG, update)
-            return False
+            inserted = cur.rowcount > 0
+            changed = inserted
+            if not inserted:
+                changed = (await conn.execute(_KEY_UPDATE_FROM_CONFIG, update)).rowcount > 0
+            if changed:
+                await _changed(conn, "key", key.key_hash, self._clock())
+            return inserted
 
         return await self._write(op)
 
@@ -944,6 +1104,8 @@ class SqliteStore:
 
         async def op(conn: aiosqlite.Connection) -> int:
             cur = await conn.execute(_KEY_REVOKE_CONFIG_EXCEPT, (hashes,))
+            if cur.rowcount > 0:
+                await _changed(conn, "key", None, self._clock())
             return cur.rowcount
 
         return await self._write(op)
@@ -965,10 +1127,12 @@ class SqliteStore:
         route_aliases = _json([r.model_alias for r in routes])
 
         async def op(conn: aiosqlite.Connection) -> None:
-            await conn.executemany(_PROVIDER_UPSERT, provider_rows)
-            await conn.execute(_PROVIDER_PRUNE, (provider_names,))
-            await conn.executemany(_ROUTE_UPSERT, route_rows)
-            await conn.execute(_ROUTE_PRUNE, (route_aliases,))
+            changed = (await conn.executemany(_PROVIDER_UPSERT, provider_rows)).rowcount
+            changed += (await conn.execute(_PROVIDER_PRUNE, (provider_names,))).rowcount
+            changed += (await conn.executemany(_ROUTE_UPSERT, route_rows)).rowcount
+            changed += (await conn.execute(_ROUTE_PRUNE, (route_aliases,))).rowcount
+            if changed > 0:  # upserts touch only rows whose values differ
+                await _changed(conn, "routes", None, now)
 
         await self._write(op)
 
@@ -979,10 +1143,11 @@ class SqliteStore:
     async def upsert_provider(self, p: ProviderConfig) -> None:
         """Insert or replace a provider by name, keeping ``p.source``; never stores ``api_key``."""
         row = _provider_row(p, p.source, self._clock())
-        await self._execute(_PROVIDER_UPSERT, row)
+        await self._execute(_PROVIDER_UPSERT, row, change="routes")
 
     async def delete_provider(self, name: str) -> bool:
-        return await self._execute("DELETE FROM providers WHERE name = ?", (name,)) > 0
+        sql = "DELETE FROM providers WHERE name = ?"
+        return await self._execute(sql, (name,), change="routes") > 0
 
     async def list_routes(self) -> list[Route]:
         """Stored routes by alias, each route's targets ordered by priority."""
@@ -990,10 +1155,11 @@ class SqliteStore:
 
     async def upsert_route(self, r: Route) -> None:
         """Insert or replace a route by alias, keeping ``r.source``."""
-        await self._execute(_ROUTE_UPSERT, _route_row(r, r.source, self._clock()))
+        await self._execute(_ROUTE_UPSERT, _route_row(r, r.source, self._clock()), change="routes")
 
     async def delete_route(self, alias: str) -> bool:
-        return await self._execute("DELETE FROM routes WHERE model_alias = ?", (alias,)) > 0
+        sql = "DELETE FROM routes WHERE model_alias = ?"
+        return await self._execute(sql, (alias,), change="routes") > 0
 
     # ----------------------------------------------------------------- organizations and teams
 
@@ -1003,6 +1169,7 @@ class SqliteStore:
             "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?) "
             "ON CONFLICT (id) DO NOTHING",
             (org_id, name, self._clock()),
+            change="tenancy",
         )
 
     async def create_org(self, org: Organization) -> None:
@@ -1053,8 +1220,10 @@ class SqliteStore:
         team_rows = [_team_row(msgspec.structs.replace(t, source="config"), now) for t in teams]
 
         async def op(conn: aiosqlite.Connection) -> None:
-            await conn.executemany(_ORG_UPSERT, org_rows)
-            await conn.executemany(_TEAM_UPSERT, team_rows)
+            changed = (await conn.executemany(_ORG_UPSERT, org_rows)).rowcount
+            changed += (await conn.executemany(_TEAM_UPSERT, team_rows)).rowcount
+            if changed > 0:
+                await _changed(conn, "tenancy", None, now)
 
         await self._write(op)
 
@@ -1074,6 +1243,7 @@ class SqliteStore:
 
         async def op(conn: aiosqlite.Connection) -> list[str]:
             kept: list[str] = []
+            changed = False
             for table, column, kind, wanted in (
                 ("teams", "team_id", "team", wanted_teams),  # first: teams reference orgs
                 ("organizations", "org_id", "org", wanted_orgs),
@@ -1097,6 +1267,9 @@ class SqliteStore:
                         )
                     else:
                         await conn.execute(f"DELETE FROM {table} WHERE id = ?", (tenant,))
+                        changed = True
+            if changed or kept:
+                await _changed(conn, "tenancy", None, wall)
             return kept
 
         return await self._write(op)
@@ -1107,6 +1280,7 @@ class SqliteStore:
                 await conn.execute(sql, row)
             except sqlite3.IntegrityError as exc:
                 raise StorageError(f"cannot create {what}: {exc}") from exc
+            await _changed(conn, "tenancy", str(row[0]), self._clock())
 
         await self._write(op)
 
@@ -1126,6 +1300,8 @@ class SqliteStore:
                 )
                 raise TenantInUse(f"{kind} {tenant!r} still has {users}; revoke or move them first")
             cur = await conn.execute(f"DELETE FROM {table} WHERE id = ?", (tenant,))
+            if cur.rowcount > 0:
+                await _changed(conn, "tenancy", tenant, wall)
             return cur.rowcount > 0
 
         return await self._write(op)
@@ -1160,11 +1336,16 @@ class SqliteStore:
         self._queue.put_nowait(_WriteOp(fn, future))
         return await future
 
-    async def _execute(self, sql: str, params: Iterable[object]) -> int:
-        """One statement through the writer; the number of rows it changed."""
+    async def _execute(
+        self, sql: str, params: Iterable[object], *, change: str | None = None
+    ) -> int:
+        """One statement through the writer; the number of rows it changed.
+        ``change``: the kind of change to log when it changed any."""
 
         async def op(conn: aiosqlite.Connection) -> int:
             cur = await conn.execute(sql, params)
+            if change is not None and cur.rowcount > 0:
+                await _changed(conn, change, None, self._clock())
             return cur.rowcount
 
         return await self._write(op)
@@ -1217,10 +1398,15 @@ class SqliteStore:
         while True:
             try:
                 await conn.execute("BEGIN IMMEDIATE")
+                cur = await conn.execute(MAX_USAGE_ID)
+                last = (await cur.fetchone() or (0,))[0]
                 for start in range(0, len(batch), _ROWS_PER_INSERT):
                     chunk = batch[start : start + _ROWS_PER_INSERT]
                     params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
                     await conn.execute(_usage_insert(len(chunk)), params)
+                # The batch's sums into their hours and days, in the same transaction.
+                for upsert in ROLLUP_UPSERTS:
+                    await conn.execute(upsert, (last,))
                 await conn.commit()
             except Exception as exc:
                 await _rollback_quietly(conn)
@@ -1274,6 +1460,13 @@ class SqliteStore:
         else:
             if not future.done():
                 future.set_result(result)
+
+
+async def _changed(conn: aiosqlite.Connection, kind: str, id: str | None, now: float) -> None:
+    """Log a change (in the caller's transaction) for every worker to pick up;
+    keep only the newest CHANGE_LOG_KEEP entries."""
+    await conn.execute(_CHANGE_INSERT, (kind, id, now))
+    await conn.execute(_CHANGE_PRUNE, (CHANGE_LOG_KEEP,))
 
 
 async def _tenant_users(

@@ -1,0 +1,215 @@
+"""Usage rollups: the SQL that writes them and the queries that read them.
+
+``usage_hourly`` and ``usage_daily`` hold, per UTC hour (day) and (key, team,
+org, model, provider), the sums of the raw ``usage_records`` of that hour
+(day). The writer upserts the sums of each batch in the transaction that
+inserts the batch (:data:`ROLLUP_UPSERTS`), so every rollup equals the sum of
+its raw rows for as long as those rows are kept; retention deletes only raw
+rows.
+
+Reads (:func:`summary_sql`, :data:`SPEND_SELECTS`) split ``[since, until)``
+into whole days (daily rollups), the whole hours around them (hourly
+rollups) and the partial hours at either edge (raw rows): :func:`split`. Rollup dimensions store
+``''`` for "none" (a primary key column cannot be NULL): both sides read it
+back as NULL, so an id that is the empty string counts as none everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Final
+
+HOUR: Final = 3600
+DAY: Final = 86400
+# The rollup tables: name, time column, period (seconds), spend indexes. Days
+# answer long ranges (a 30-day report reads ~30 rows per group), hours the day
+# edges. Spend reads at most a day of hourly rows through the primary key, so
+# only the daily table carries (scope, day, cost) indexes: each index is paid
+# on every upsert.
+_TABLES: Final = (("usage_hourly", "hour", HOUR, False), ("usage_daily", "day", DAY, True))
+
+_DIMENSIONS: Final = ("key_id", "team_id", "org_id", "model", "provider")
+_MEASURES: Final = (
+    "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens",
+    "cached_prompt_tokens", "cache_write_tokens", "reasoning_tokens", "cost_usd", "unpriced",
+)  # fmt: skip
+# Raw sums in _MEASURES order (as the raw summary has always counted them).
+_RAW_SUMS: Final = (
+    "COUNT(*)", "SUM(status >= 400)", "SUM(prompt_tokens)", "SUM(completion_tokens)",
+    "SUM(total_tokens)", "SUM(cached_prompt_tokens)", "SUM(cache_write_tokens)",
+    "SUM(reasoning_tokens)", "TOTAL(cost_usd)", "SUM(cost_usd IS NULL AND status < 400)",
+)  # fmt: skip
+_RAW_MODEL: Final = "COALESCE(target_model, model_alias)"
+
+
+def _raw_start(period: int) -> str:
+    """The start of the period holding a raw record: created_at is unix
+    seconds >= 0, so truncation is floor and start <= created_at < start +
+    period exactly."""
+    return f"CAST(created_at AS INTEGER) / {period} * {period}"
+
+
+def _ddl(table: str, column: str, indexed: bool) -> str:
+    columns = ",\n".join(
+        [f"    {column} INTEGER NOT NULL"]
+        + [f"    {d} TEXT NOT NULL" for d in _DIMENSIONS]
+        + [f"    {m} {'REAL' if m == 'cost_usd' else 'INTEGER'} NOT NULL" for m in _MEASURES]
+    )
+    indexes = "".join(
+        f"CREATE INDEX {table}_{kind}_spend ON {table} ({kind}_id, {column}, cost_usd);\n"
+        for kind in ("key", "team", "org")
+        if indexed
+    )
+    return (
+        f"CREATE TABLE {table} (\n{columns},\n"
+        f"    PRIMARY KEY ({column}, {', '.join(_DIMENSIONS)})\n) WITHOUT ROWID;\n{indexes}"
+    )
+
+
+def _rollup_select(period: int, where: str) -> str:
+    return (
+        f"SELECT {_raw_start(period)}, IFNULL(key_id, ''), IFNULL(team_id, ''), "
+        f"IFNULL(org_id, ''), {_RAW_MODEL}, IFNULL(provider, ''), {', '.join(_RAW_SUMS)} "
+        f"FROM usage_records WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6"
+    )
+
+
+def _insert(table: str, column: str) -> str:
+    return f"INSERT INTO {table} ({', '.join((column, *_DIMENSIONS, *_MEASURES))}) "
+
+
+# Migration 7: the tables, filled from whatever raw rows exist.
+ROLLUP_SCHEMA: Final = "".join(
+    _ddl(table, column, indexed) + _insert(table, column) + _rollup_select(period, "true") + ";\n"
+    for table, column, period, indexed in _TABLES
+)
+# The raw rows with id > ? (the batch just inserted) added into their hours
+# and days: one statement per table, each with the same one parameter.
+ROLLUP_UPSERTS: Final = tuple(
+    _insert(table, column)
+    + _rollup_select(period, "id > ?")
+    + f" ON CONFLICT ({', '.join((column, *_DIMENSIONS))}) DO UPDATE SET "
+    + ", ".join(f"{m} = {m} + excluded.{m}" for m in _MEASURES)
+    for table, column, period, _ in _TABLES
+)
+MAX_USAGE_ID: Final = "SELECT IFNULL(MAX(id), 0) FROM usage_records"
+
+_Range = tuple[float, float]
+_EMPTY: Final[_Range] = (0.0, 0.0)
+
+
+def _ceil(t: float, period: int) -> float:
+    return math.ceil(t / period) * period if math.isfinite(t) else t
+
+
+def _floor(t: float, period: int) -> float:
+    return math.floor(t / period) * period if math.isfinite(t) else t
+
+
+def split(
+    since: float, until: float, *, days: bool = True
+) -> tuple[_Range, _Range, _Range, _Range, _Range]:
+    """``[since, until)`` as ``(raw, hours, days, hours, raw)`` half-open
+    ranges that tile it: whole days from the daily rollups (unless ``days``
+    is False: hour buckets), the whole hours around them from the hourly
+    ones, the partial hours at either edge from the raw records. Unused
+    ranges are empty (``lo >= hi``)."""
+    h1, h2 = _ceil(since, HOUR), _floor(until, HOUR)
+    if not h1 < h2:
+        return (since, until), _EMPTY, _EMPTY, _EMPTY, _EMPTY
+    d1, d2 = _ceil(since, DAY), _floor(until, DAY)
+    if not days or not d1 < d2:
+        return (since, h1), (h1, h2), _EMPTY, _EMPTY, (h2, until)
+    return (since, h1), (h1, d1), (d1, d2), (d2, h2), (h2, until)
+
+
+_GROUPS: Final[Mapping[str | None, tuple[str, str]]] = {
+    # by -> (raw expression, rollup expression)
+    None: ("NULL", "NULL"),
+    "key": ("NULLIF(key_id, '')", "NULLIF(key_id, '')"),
+    "team": ("NULLIF(team_id, '')", "NULLIF(team_id, '')"),
+    "org": ("NULLIF(org_id, '')", "NULLIF(org_id, '')"),
+    "model": (_RAW_MODEL, "model"),
+    "provider": ("NULLIF(provider, '')", "NULLIF(provider, '')"),
+}
+_BUCKETS: Final[Mapping[str | None, int | None]] = {None: None, "hour": HOUR, "day": DAY}
+_NAMES: Final[Mapping[str | None, tuple[str, str, str]]] = {
+    # by -> (join, name, prefix)
+    "key": ("LEFT JOIN api_keys k ON k.id = g.grp", "k.name", "k.prefix"),
+    "team": ("LEFT JOIN teams t ON t.id = g.grp", "t.name", "NULL"),
+    "org": ("LEFT JOIN organizations o ON o.id = g.grp", "o.name", "NULL"),
+}
+BUCKETS: Final = ("hour", "day")
+_SUM: Final = ", ".join(f"{'TOTAL' if m == 'cost_usd' else 'SUM'}({m}) AS {m}" for m in _MEASURES)
+
+
+def summary_sql(by: str | None, bucket: str | None) -> str:
+    """The summary query for ``by`` and ``bucket``; its parameters: the five
+    ranges of :func:`split` in order (each ``lo, hi``), then LIMIT and OFFSET.
+    Rows: grp, name, prefix, bucket, then the measures in
+    :class:`~gandalf.domain.UsageSummary` order. Costliest first (within each
+    bucket, buckets oldest first); ties by requests, then group."""
+    raw_group, rollup_group = _GROUPS[by]
+    size = _BUCKETS[bucket]
+    raw = (
+        f"SELECT {raw_group} AS grp, {'NULL' if size is None else _raw_start(size)} AS bucket, "
+        + ", ".join(f"{s} AS {m}" for s, m in zip(_RAW_SUMS, _MEASURES, strict=True))
+        + " FROM usage_records WHERE created_at >= ? AND created_at < ? GROUP BY grp, bucket"
+    )
+
+    def rolled(table: str, column: str, period: int) -> str:
+        if size is None:
+            start = "NULL"
+        elif size == period:  # already the bucket: lets GROUP BY follow the primary key
+            start = column
+        else:
+            start = f"{column} / {size} * {size}"
+        return (
+            f"SELECT {rollup_group} AS grp, {start} AS bucket, {_SUM} FROM {table} "
+            f"WHERE {column} >= ? AND {column} < ? GROUP BY grp, bucket"
+        )
+
+    hourly, daily = rolled("usage_hourly", "hour", HOUR), rolled("usage_daily", "day", DAY)
+    parts = " UNION ALL ".join((raw, hourly, daily, hourly, raw))
+    inner = f"SELECT grp, bucket, {_SUM} FROM ({parts}) GROUP BY grp, bucket"
+    join, name, prefix = _NAMES.get(by, ("", "NULL", "NULL"))
+    order = "g.cost_usd DESC, g.requests DESC, g.grp"
+    if bucket is not None:
+        order = "g.bucket, " + order
+    return (
+        f"SELECT g.grp, {name}, {prefix}, g.bucket, "
+        + ", ".join(f"g.{m}" for m in _MEASURES)
+        + f" FROM ({inner}) AS g {join} ORDER BY {order} LIMIT ? OFFSET ?"
+    )
+
+
+SUMMARY_SELECTS: Final[Mapping[tuple[str | None, str | None], str]] = {
+    (by, bucket): summary_sql(by, bucket) for by in _GROUPS for bucket in _BUCKETS
+}
+
+# A scope's spend since a time: the raw rows of the partial hour at the start,
+# the hourly rollups up to the next day, the daily ones after it
+# (parameters: id, since, h1, id, h1, d1, id, d1).
+SPEND_SELECTS: Final[Mapping[str, str]] = {
+    kind: (
+        f"SELECT (SELECT TOTAL(cost_usd) FROM usage_records WHERE {column} = ? "
+        "AND created_at >= ? AND created_at < ?) + (SELECT TOTAL(cost_usd) FROM usage_hourly "
+        f"WHERE {column} = ? AND hour >= ? AND hour < ?) + (SELECT TOTAL(cost_usd) "
+        f"FROM usage_daily WHERE {column} = ? AND day >= ?)"
+    )
+    for kind, column in (("key", "key_id"), ("team", "team_id"), ("org", "org_id"))
+}
+
+
+def spend_params(id: str, since: float) -> tuple[object, ...]:
+    """The parameters of a :data:`SPEND_SELECTS` query."""
+    h1, d1 = _ceil(since, HOUR), _ceil(since, DAY)
+    return (id, since, h1, id, h1, d1, id, d1)
+
+
+# Raw rows older than a cutoff, oldest first, at most ? per statement.
+PRUNE_USAGE: Final = (
+    "DELETE FROM usage_records WHERE id IN "
+    "(SELECT id FROM usage_records WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+)
