@@ -15,6 +15,7 @@ import signal
 import time
 
 from gandalf import bootstrap
+from gandalf.app.cache import InProcessCache, ResponseCache
 from gandalf.app.governor import LocalGovernor, share_from_env
 from gandalf.app.health import HealthRegistry
 from gandalf.app.passthrough import PassthroughService
@@ -22,7 +23,7 @@ from gandalf.app.pricing import build_pricing
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
-from gandalf.config import GandalfConfig, default_config_path, load_config
+from gandalf.config import CacheConfig, GandalfConfig, default_config_path, load_config
 from gandalf.domain import Scope, Tenancy
 from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
@@ -39,10 +40,16 @@ ENV_ACCESS_LOG = "GANDALF_ACCESS_LOG"
 
 
 def create_app(
-    config: GandalfConfig, *, access_log: bool | None = None, handle_signals: bool = False
+    config: GandalfConfig,
+    *,
+    access_log: bool | None = None,
+    handle_signals: bool = False,
+    response_cache: ResponseCache | None = None,
 ) -> GandalfApp:
     """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config;
-    ``handle_signals`` is for server workers (see GandalfApp)."""
+    ``handle_signals`` is for server workers (see GandalfApp);
+    ``response_cache``: the backend to use instead of building one from
+    ``config.cache`` (tests inject a clock this way)."""
 
     async def build() -> Runtime:
         store = SqliteStore(config.database.dsn)
@@ -56,11 +63,20 @@ def create_app(
             await registry.start()
             discovered = await discover_models(registry)
             routes = [*routes, *offered_routes(routes, providers, discovered)]
+            # One response cache per worker, built only when something caches:
+            # otherwise every route's ``cache`` stays None.
+            settings = config.cache or CacheConfig()
+            cache = response_cache
+            if cache is None and (config.cache is not None or any(r.cache for r in routes)):
+                cache = InProcessCache(settings.max_entries, settings.max_bytes)
             table = RouteTable.build(
                 routes,
                 registry.providers,
                 registry.disabled,
                 health=HealthRegistry(config.resilience),
+                cache=cache,
+                cache_ttl=settings.ttl,
+                cache_all=config.cache is not None,
             )
             # Prices resolved once here; per request a cost is arithmetic.
             pricing = build_pricing(providers, routes, config.pricing)

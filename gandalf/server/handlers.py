@@ -14,6 +14,7 @@ from typing import Protocol
 import msgspec
 import orjson
 
+from gandalf.app.cache import cache_control
 from gandalf.app.failover import Outcome
 from gandalf.app.proxy import ProxyService
 from gandalf.app.requests import decode_chat, decode_embeddings
@@ -239,6 +240,7 @@ class Api:
         "_all_models",
         "_anthropic",
         "_by_id",
+        "_caching",
         "_json_served",
         "_keys",
         "_models",
@@ -268,6 +270,8 @@ class Api:
         self._all_anthropic = _anthropic_list(list(self._anthropic.values()))
         self._json_served = ServedHeaders(JSON_HEADERS)
         self._sse_served = ServedHeaders(SSE_HEADERS)
+        # Only when some route caches is ``cache-control`` read at all.
+        self._caching = proxy.routes.caching
 
     def endpoints(self) -> dict[str, Endpoint]:
         call = KeyAuth(self._keys, Permission.CALL_MODELS)
@@ -291,6 +295,7 @@ class Api:
         identity = request.identity  # authenticated by the core before the body was read
         assert identity is not None
         chat = decode_chat(request.body)
+        control = cache_control(request.header(b"cache-control")) if self._caching else 0
         # Watch for a disconnect from now on: a client that gives up before the
         # answer (or its first byte) must cancel the upstream call too. Neither
         # costs a task or a timer unless the call outlives ``listen_after``.
@@ -298,7 +303,7 @@ class Api:
             watch = request.watch()
             try:
                 opened = await self._proxy.chat_stream(
-                    identity, chat, request.body, request.request_id, request.started
+                    identity, chat, request.body, request.request_id, request.started, control
                 )
             except BaseException:
                 if watch is not None:
@@ -314,7 +319,7 @@ class Api:
         request.track()
         try:
             outcome = await self._proxy.chat(
-                identity, chat, request.body, request.request_id, request.started
+                identity, chat, request.body, request.request_id, request.started, control
             )
         finally:
             request.untrack()
