@@ -1,0 +1,181 @@
+"""In-process cost of the response cache per chat request: the ASGI app driven
+directly (``test_micro.Driver``, the fake provider), with the young-generation
+GC threshold a server worker uses, interleaved over rounds.
+
+Two deterministic bodies (``temperature: 0``) are sent alternately, so every
+configuration does the same work apart from the cache:
+
+- ``off``: no ``cache:`` section (nothing on the path but ``entry.cache is None``);
+- ``coalesce``: no cache, the route has ``coalesce: true`` (the coalescer a miss reuses);
+- ``bypass``: the section present, bodies with ``temperature: 1`` (the
+  ``cache-control`` read and the determinism scan, then the upstream);
+- ``miss``: the section present, ``max_entries: 1``: each body evicts the
+  other, so every request is a miss (key + lookup + coalescer + store + evict);
+- ``miss-nostore``: the same with ``cache-control: no-store`` (no store, no evict);
+- ``hit``: the section present: every request after the first two is a hit;
+- ``stream-off`` / ``stream-hit``: the same two bodies with ``stream: true``.
+
+Then the cost of the Protocol's ``await`` on the lookup, against calling the
+in-process cache's synchronous ``lookup`` directly.
+
+    python bench/cache_micro.py [--rounds 5] [--requests 3000]
+
+Prints microseconds per request per configuration (best and median round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_micro import KEY, Driver
+
+from gandalf.app.cache import CachedAnswer, InProcessCache, cache_key
+from gandalf.config import CacheConfig, DatabaseConfig, GandalfConfig, KeyEntry, ServerConfig
+from gandalf.domain import ProviderConfig, Route, Target, Usage
+from gandalf.server.asgi import GandalfApp
+from gandalf.wiring import create_app
+
+CONFIGS = ("off", "coalesce", "bypass", "miss", "miss-nostore", "hit", "stream-off", "stream-hit")
+
+
+def body(text: str, *, temperature: float = 0, stream: bool = False) -> bytes:
+    payload: dict[str, Any] = {
+        "model": "bench-model",
+        "messages": [{"role": "user", "content": text}],
+        "temperature": temperature,
+    }
+    if stream:
+        payload["stream"] = True
+    return orjson.dumps(payload)
+
+
+def config(name: str) -> GandalfConfig:
+    cache = None
+    if name in ("bypass", "hit", "stream-hit", "miss-nostore"):
+        cache = CacheConfig()
+    elif name == "miss":
+        cache = CacheConfig(max_entries=1)
+    return GandalfConfig(
+        server=ServerConfig(access_log=False),
+        database=DatabaseConfig(dsn=":memory:"),
+        providers=(ProviderConfig(name="fake", type="fake"),),
+        routes=(
+            Route(
+                model_alias="bench-model",
+                targets=(Target(provider="fake", model="fake-1"),),
+                coalesce=name == "coalesce",
+            ),
+        ),
+        keys=(KeyEntry(name="bench", key=KEY, role="service_account"),),
+        cache=cache,
+    )
+
+
+def drivers(name: str, app: GandalfApp) -> tuple[Driver, Driver]:
+    temperature = 1.0 if name == "bypass" else 0.0
+    stream = name.startswith("stream")
+    path = "/v1/chat/completions"
+    one = body("Hello, how are you today?", temperature=temperature, stream=stream)
+    two = body("Hello, how are you tonight?", temperature=temperature, stream=stream)
+    pair = Driver(app, "POST", path, one), Driver(app, "POST", path, two)
+    if name == "miss-nostore":
+        for driver in pair:
+            driver.template["headers"].append((b"cache-control", b"no-store"))
+    return pair
+
+
+async def alternate(pair: tuple[Driver, Driver], n: int) -> None:
+    one, two = pair
+    for _ in range(n // 2):
+        await one.run(1)
+        await two.run(1)
+
+
+async def await_cost(n: int) -> tuple[float, float]:
+    """(sync lookup, awaited get) in ns per call, on a hit."""
+    cache = InProcessCache()
+    key = cache_key("m", body("x"))
+    assert key is not None
+    cache.store(key, CachedAnswer(b"{}", Usage(), "p", "m"), 300.0)
+    lookup, get = cache.lookup, cache.get
+    started = time.perf_counter()
+    for _ in range(n):
+        lookup(key)
+    sync = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(n):
+        await get(key)
+    awaited = time.perf_counter() - started
+    return sync / n * 1e9, awaited / n * 1e9
+
+
+def key_cost(n: int) -> float:
+    """cache_key of the bench body, in ns."""
+    payload = body("Hello, how are you today?")
+    started = time.perf_counter()
+    for _ in range(n):
+        cache_key("bench-model", payload)
+    return (time.perf_counter() - started) / n * 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=3000)
+    args = parser.parse_args()
+    gc.set_threshold(20_000, 10, 10)  # as Lifecycle.worker_ready sets it
+    loop: asyncio.AbstractEventLoop
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        loop = asyncio.new_event_loop()
+    apps: dict[str, GandalfApp] = {}
+    pairs: dict[str, tuple[Driver, Driver]] = {}
+    for name in CONFIGS:
+        app = create_app(config(name), access_log=False)
+        loop.run_until_complete(app.startup())
+        apps[name] = app
+        pairs[name] = drivers(name, app)
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    try:
+        for _ in range(args.rounds):
+            for name in CONFIGS:
+                loop.run_until_complete(alternate(pairs[name], 200))  # warm
+                started = time.perf_counter()
+                loop.run_until_complete(alternate(pairs[name], args.requests))
+                times[name].append((time.perf_counter() - started) / args.requests * 1e6)
+                for driver in pairs[name]:
+                    if set(driver.statuses) != {200}:
+                        raise SystemExit(f"{name}: statuses {driver.statuses}")
+        sync, awaited = loop.run_until_complete(await_cost(200_000))
+    finally:
+        for app in apps.values():
+            loop.run_until_complete(app.shutdown())
+        loop.close()
+    for name in CONFIGS:
+        base = min(times["stream-off" if name.startswith("stream") else "off"])
+        best = min(times[name])
+        print(
+            f"{name:12} best {best:6.1f} us  median {statistics.median(times[name]):6.1f} us"
+            f"  ({best - base:+.1f} us against off)"
+        )
+    print(f"cache_key (bench body): {key_cost(200_000):.0f} ns")
+    print(f"lookup on a hit: sync {sync:.0f} ns, awaited {awaited:.0f} ns")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
