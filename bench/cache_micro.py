@@ -15,8 +15,11 @@ configuration does the same work apart from the cache:
 - ``hit``: the section present: every request after the first two is a hit;
 - ``stream-off`` / ``stream-hit``: the same two bodies with ``stream: true``.
 
-Then the cost of the Protocol's ``await`` on the lookup, against calling the
-in-process cache's synchronous ``lookup`` directly.
+Then the same at the service level (``ProxyService.chat`` called directly,
+no server: far less noise): a plain route, a ``coalesce`` route, a caching
+route where every request misses (``max_entries: 1``) and one where every
+request hits; then ``cache_key`` alone and the cost of the Protocol's
+``await`` on the lookup, against the in-process cache's synchronous ``lookup``.
 
     python bench/cache_micro.py [--rounds 5] [--requests 3000] [--concurrency 1]
 
@@ -45,8 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_micro import KEY, Driver
 
 from gandalf.app.cache import CachedAnswer, InProcessCache, cache_key
+from gandalf.app.proxy import ProxyService
+from gandalf.app.requests import decode_chat
+from gandalf.app.router import RouteTable
 from gandalf.config import CacheConfig, DatabaseConfig, GandalfConfig, KeyEntry, ServerConfig
-from gandalf.domain import ProviderConfig, Route, Target, Usage
+from gandalf.domain import Identity, ProviderConfig, Route, Target, Usage, UsageRecord
+from gandalf.provider.fake import FakeProvider
 from gandalf.server.asgi import GandalfApp
 from gandalf.wiring import create_app
 
@@ -129,6 +136,46 @@ async def await_cost(n: int) -> tuple[float, float]:
     return sync / n * 1e9, awaited / n * 1e9
 
 
+class _Sink:
+    def record_usage(self, record: UsageRecord) -> None:
+        pass
+
+
+_IDENTITY = Identity(
+    key_id="k", key_hash="h", name="bench", org_id="default", team_id=None,
+    role="service_account", permissions=0xFFFF, allowed_models=None, expires_at=None,
+)  # fmt: skip
+SERVICE = (("plain", 10), ("coalesce", 10), ("cache", 1), ("cache", 10))
+
+
+async def service_level(n: int, rounds: int) -> dict[str, list[float]]:
+    """us per ``ProxyService.chat`` for each of :data:`SERVICE` (alias,
+    max_entries), two bodies alternating."""
+    providers = {"fake": FakeProvider(ProviderConfig(name="fake", type="fake"))}
+    target = (Target(provider="fake", model="fake-1"),)
+    routes = [
+        Route(model_alias="plain", targets=target),
+        Route(model_alias="coalesce", targets=target, coalesce=True),
+        Route(model_alias="cache", targets=target, cache=True),
+    ]
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for alias, entries in SERVICE:
+            cache = InProcessCache(entries)
+            table = RouteTable.build(routes, providers, {}, cache=cache, cache_all=False)
+            service = ProxyService(table, _Sink())
+            bodies = [body(f"hi {i}").replace(b"bench-model", alias.encode()) for i in range(2)]
+            requests = [decode_chat(b) for b in bodies]
+            for i in range(200):  # warm
+                await service.chat(_IDENTITY, requests[i & 1], bodies[i & 1], "r", 0.0)
+            started = time.perf_counter()
+            for i in range(n):
+                await service.chat(_IDENTITY, requests[i & 1], bodies[i & 1], "r", 0.0)
+            name = f"{alias}" + ("" if alias != "cache" else " hit" if entries > 1 else " miss")
+            times.setdefault(name, []).append((time.perf_counter() - started) / n * 1e6)
+    return times
+
+
 def key_cost(n: int) -> float:
     """cache_key of the bench body, in ns."""
     payload = body("Hello, how are you today?")
@@ -178,6 +225,7 @@ def main() -> int:
                         if set(driver.statuses) != {200}:
                             raise SystemExit(f"{name}: statuses {driver.statuses}")
         sync, awaited = loop.run_until_complete(await_cost(200_000))
+        service = loop.run_until_complete(service_level(20_000, args.rounds))
     finally:
         for app in apps.values():
             loop.run_until_complete(app.shutdown())
@@ -188,6 +236,14 @@ def main() -> int:
         print(
             f"{name:12} best {best:6.1f} us  median {statistics.median(times[name]):6.1f} us"
             f"  ({best - base:+.1f} us against off)"
+        )
+    print("service level (ProxyService.chat, fake provider):")
+    plain = min(service["plain"])
+    for name, runs in service.items():
+        best = min(runs)
+        print(
+            f"  {name:10} best {best:5.1f} us  median {statistics.median(runs):5.1f} us"
+            f"  ({best - plain:+.1f} us against plain)"
         )
     print(f"cache_key (bench body): {key_cost(200_000):.0f} ns")
     print(f"lookup on a hit: sync {sync:.0f} ns, awaited {awaited:.0f} ns")
