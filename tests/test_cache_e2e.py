@@ -28,9 +28,11 @@ from gandalf.app.cache import ENTRY_OVERHEAD, InProcessCache
 from gandalf.config import CacheConfig, DatabaseConfig, GandalfConfig, KeyEntry
 from gandalf.domain import ModelPrice, ProviderConfig, Resilience, Route, Target
 from gandalf.server.asgi import GandalfApp
+from gandalf.server.rsgi import RSGIApp
 from gandalf.wiring import create_app
 from tests.asgi_client import call
 from tests.mock_anthropic import MockAnthropic
+from tests.rsgi_client import rsgi_call
 from tests.upstream import MockUpstream, running_upstream
 
 KEY = "gnd_" + "c" * 40
@@ -278,6 +280,32 @@ def test_no_cache_still_stores_and_no_store_does_not(run: Callable[..., None]) -
         assert (await ask(client, private))[0] == "miss"  # nothing was stored
         assert (await ask(client, private))[0] == "hit"  # the second one was
         assert gw.calls(private) == 2
+
+    run(scenario)
+
+
+def test_cache_control_is_read_through_rsgi_too(run: Callable[..., None]) -> None:
+    """The handler reads ``cache-control`` through the one header accessor,
+    whichever interface delivered the request (RSGI's headers are a mapping)."""
+    text = unique("rsgi")
+    body = {"model": "gpt", "messages": user(text), "temperature": 0}
+    auth = ("authorization", f"Bearer {KEY}")
+
+    async def scenario(gw: Gateway) -> None:
+        rsgi = RSGIApp(gw.app)
+        path = "/v1/chat/completions"
+
+        async def label(*headers: tuple[str, str]) -> str | None:
+            reply = await rsgi_call(rsgi, "POST", path, headers=[auth, *headers], json=body)
+            assert reply.status == 200
+            return reply.header("x-gandalf-cache")
+
+        assert await label(("cache-control", "no-store")) == "miss"
+        assert await label(("cache-control", "no-store")) == "miss"
+        assert await label() == "miss"
+        assert await label() == "hit"
+        assert await label(("cache-control", "no-cache")) == "bypass"
+        assert gw.calls(text) == 4
 
     run(scenario)
 
