@@ -139,7 +139,9 @@ class CachedAnswer(msgspec.Struct):
 
 class ResponseCache(Protocol):
     """Where answers are kept. Async so that a shared backend (Redis) fits;
-    the in-process one answers without suspending."""
+    the in-process one answers without suspending. A backend never raises on
+    the request path: one that cannot answer (unreachable) says None / False,
+    so the request is served from upstream as on a miss."""
 
     async def get(self, key: bytes) -> CachedAnswer | None:
         """The live answer for ``key``, or None."""

@@ -214,9 +214,11 @@ class RecordedStream:
             if fill is not None and seen is not None and status == 200:
                 body = assemble(seen, stream.usage)
                 if body is not None:
-                    cache, key = fill
                     answer = CachedAnswer(body, usage or Usage(), slot.name, slot.target.model)
+                    await self._stream.aclose()  # the upstream first, then the cache
+                    cache, key = fill
                     await cache.backend.put(key, answer, cache.ttl)
+                    return
         await self._stream.aclose()
 
 
