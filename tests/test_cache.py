@@ -13,7 +13,10 @@ import pytest
 
 from gandalf.app._replay import assemble, replay
 from gandalf.app.cache import (
+    BYPASS,
     ENTRY_OVERHEAD,
+    HIT,
+    MISS,
     NO_CACHE,
     NO_STORE,
     CachedAnswer,
@@ -21,12 +24,16 @@ from gandalf.app.cache import (
     cache_control,
     cache_key,
 )
+from gandalf.app.proxy import ProxyService
 from gandalf.app.router import RouteTable
 from gandalf.config import parse_config, parse_size
 from gandalf.domain import ProviderConfig, Route, Target, Usage
-from gandalf.errors import ConfigError
+from gandalf.errors import ConfigError, GatewayError, RateLimited
 from gandalf.provider.fake import FakeProvider
 from gandalf.storage.sqlite import SqliteStore
+from tests.resilience_fakes import FakeProvider as ResilienceFake
+from tests.resilience_fakes import ListSink, chat_body
+from tests.test_pipeline import LIMITS, SCOPED, FakeGovernor
 
 
 class Clock:
@@ -450,3 +457,57 @@ def test_route_cache_setting_survives_the_store(tmp_path: Path) -> None:
 
     stored = {r.model_alias: (r.cache, r.cache_ttl) for r in asyncio.run(scenario())}
     assert stored == {"default": (None, None), "off": (False, None), "on": (True, 3600.0)}
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _service(governor: FakeGovernor) -> tuple[ProxyService, ListSink, ResilienceFake]:
+    provider = ResilienceFake("a")
+    table = RouteTable.build(
+        [Route(model_alias="m", targets=(Target(provider="a", model="a-model"),))],
+        {"a": provider},
+        {},
+        cache=InProcessCache(clock=Clock()),
+        cache_all=True,
+    )
+    sink = ListSink()
+    service = ProxyService(table, sink, governor=governor, cost=lambda p, m, u: 0.5)
+    return service, sink, provider
+
+
+def test_a_hit_settles_its_ticket_with_no_tokens_and_no_cost() -> None:
+    """RPM is taken at admission and never refunded; a hit settles 0 tokens and
+    0 USD, so TPM and budgets get their reservation back whole."""
+    governor = FakeGovernor()
+    service, sink, provider = _service(governor)
+    request, raw = chat_body("m", temperature=0)
+
+    async def scenario() -> list[Any]:
+        return [await service.chat(SCOPED, request, raw, f"r{i}", 0.0) for i in range(2)]
+
+    miss, hit = asyncio.run(scenario())
+    assert len(provider.calls) == 1
+    assert [c[0] for c in governor.calls] == ["admit", "settle", "admit", "settle"]
+    assert governor.ends() == [("settle", 1, 7, 0.5), ("settle", 2, 0, 0.0)]
+    assert (hit.attempts, hit.value.body) == (0, miss.value.body)
+    assert list(miss.headers) == [*LIMITS, MISS] and list(hit.headers) == [*LIMITS, HIT]
+    first, second = sink.records
+    assert (first.cache_hit, first.cost_usd, first.saved_usd) == (False, 0.5, None)
+    assert (second.cache_hit, second.cost_usd, second.saved_usd) == (True, 0.0, 0.5)
+    assert (second.attempts, second.status, second.total_tokens) == (0, 200, 7)
+
+
+def test_a_refusal_on_a_caching_route_says_what_the_cache_did() -> None:
+    governor = FakeGovernor(refuse=RateLimited("Rate limit of key 'x' reached: 10 rpm."))
+    service, sink, provider = _service(governor)
+
+    async def refused(**fields: Any) -> GatewayError:
+        request, raw = chat_body("m", **fields)
+        with pytest.raises(RateLimited) as caught:
+            await service.chat(SCOPED, request, raw, "r", 0.0)
+        return caught.value
+
+    assert MISS in asyncio.run(refused(temperature=0)).relayed
+    assert BYPASS in asyncio.run(refused(temperature=1)).relayed
+    assert provider.calls == [] and [r.status for r in sink.records] == [429, 429]
