@@ -81,6 +81,8 @@ def _config(
             _route("stream-die", "up", "stream-then-die", max_attempts=1),
             _route("stream-slow", "up", "slow-stream"),
             _route("tools", "claude", "claude-tools"),
+            _route("embed", "up", "embed-model"),
+            _route("embed-off", "up", "embed-model", cache=False),
         ),
         keys=(
             KeyEntry(name="app", key=KEY, role="member"),
@@ -540,6 +542,43 @@ def test_without_the_cache_section_nothing_caches(run: Callable[..., None]) -> N
 
 
 # --------------------------------------------------------------------------- coalescing, limits
+
+
+def test_embeddings_are_cached_too(run: Callable[..., None], db: Path) -> None:
+    text = unique("embed")
+
+    def upstream_calls(gw: Gateway) -> int:
+        return sum(
+            1
+            for r in gw.mock.received
+            if r.path.endswith("/embeddings") and r.json().get("input") == text
+        )
+
+    async def scenario(gw: Gateway) -> None:
+        client = gw.client()
+        create = client.embeddings.with_raw_response.create
+        labels, vectors = [], []
+        for user_id in ("a", "b"):  # ``user`` is not in the key
+            raw = await create(model="embed", input=text, dimensions=4, user=user_id)
+            labels.append(raw.headers.get("x-gandalf-cache"))
+            vectors.append(raw.parse().data[0].embedding)
+        assert labels == ["miss", "hit"] and vectors[0] == vectors[1]
+        other = await create(model="embed", input=text, dimensions=8)  # another request
+        assert other.headers["x-gandalf-cache"] == "miss"
+        assert upstream_calls(gw) == 2
+        no_store = {"cache-control": "no-store"}
+        raw = await create(model="embed", input=text + "!", extra_headers=no_store)
+        assert raw.headers["x-gandalf-cache"] == "miss" and len(gw.cache) == 2
+        off = await create(model="embed-off", input=text, dimensions=4)
+        assert "x-gandalf-cache" not in off.headers
+        assert upstream_calls(gw) == 3
+
+    run(scenario)
+    rows = [r for r in usage_rows(db) if r["model_alias"] == "embed"]
+    assert [(r["endpoint"], r["cache_hit"], r["attempts"]) for r in rows[:2]] == [
+        ("embeddings", 0, 1),
+        ("embeddings", 1, 0),
+    ]
 
 
 def test_concurrent_identical_misses_share_one_upstream_call(run: Callable[..., None]) -> None:

@@ -9,6 +9,9 @@ attribute and does nothing else), and only for a deterministic request
 or 1). Only successful answers (status 200) are stored, never an error; a
 stream only once it completed (app/proxy.py).
 
+Embeddings are cached the same way on the same routes (:func:`embeddings_key`:
+every embeddings request is deterministic), without coalescing.
+
 The key (:func:`cache_key`). The body is parsed (orjson) and every field that
 does not change the answer is dropped (:data:`IGNORED_FIELDS`: ``stream``,
 ``stream_options``, ``user``, ``metadata``, ``store``, ``safety_identifier``,
@@ -64,6 +67,7 @@ __all__ = [
     "RouteCache",
     "cache_control",
     "cache_key",
+    "embeddings_key",
 ]
 
 MAX_TEMPERATURE: Final = 0.3  # the contract: temperature <= 0.3 (or a seed) is deterministic
@@ -114,14 +118,32 @@ def cache_key(alias: str, body: bytes) -> bytes | None:
         return None
     if not isinstance(fields, dict):
         return None
-    for name in IGNORED_FIELDS:
-        fields.pop(name, None)
     for name in FLOAT_FIELDS:
         value = fields.get(name)
         if type(value) is int:
             fields[name] = float(value)
+    return _digest(alias, b"chat", fields)
+
+
+def embeddings_key(alias: str, body: bytes) -> bytes | None:
+    """The key of an embeddings ``body`` on route ``alias`` (embeddings are
+    deterministic: every request has one), normalised as :func:`cache_key`
+    (``user`` dropped); never equal to a chat key. None when orjson cannot
+    read it as an object."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(fields, dict):
+        return None
+    return _digest(alias, b"embeddings", fields)
+
+
+def _digest(alias: str, kind: bytes, fields: dict[str, object]) -> bytes:
+    for name in IGNORED_FIELDS:
+        fields.pop(name, None)
     digest = hashlib.blake2b(alias.encode(), digest_size=16)
-    digest.update(b"\x00")
+    digest.update(b"\x00" + kind + b"\x00")
     digest.update(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS))
     return digest.digest()
 

@@ -245,10 +245,11 @@ class Pipeline:
         model: str,
         usage: Usage,
         ticket: Ticket | None,
+        endpoint: str = "chat",
     ) -> None:
-        """The UsageRecord of a chat completion answered from the response
-        cache: status 200, no attempt, ``cache_hit``, ``cost_usd`` 0 and
-        ``saved_usd`` what the same usage costs on ``provider`` / ``model``
+        """The UsageRecord of a request (``endpoint``) answered from the
+        response cache: status 200, no attempt, ``cache_hit``, ``cost_usd`` 0
+        and ``saved_usd`` what the same usage costs on ``provider`` / ``model``
         (the ``cost`` hook). The tokens are the cached answer's. The ticket
         is settled with 0 tokens and 0 USD: a hit counts for RPM (taken at
         admission, never refunded) but not for TPM or budgets."""
@@ -268,7 +269,7 @@ class Pipeline:
                 (time.perf_counter() - started) * 1000.0,
                 200,
                 self._clock(),
-                "chat",
+                endpoint,
                 0,
                 identity.team_id,
                 usage.cached_prompt_tokens,

@@ -59,6 +59,7 @@ from gandalf.app.cache import (
     CachedAnswer,
     RouteCache,
     cache_key,
+    embeddings_key,
 )
 from gandalf.app.coalesce import Coalescer, is_deterministic
 from gandalf.app.failover import Failover, Outcome
@@ -597,12 +598,24 @@ class ProxyService:
         body: bytes,
         request_id: str,
         started: float,
+        cache_control: int = 0,
     ) -> Outcome[ProviderReply]:
+        """Serve one embeddings request (``cache_control`` as for :meth:`chat`)."""
         alias = request.model
         pipeline = self.pipeline
         ticket: Ticket | None = None
         try:
-            entry, ticket = pipeline.admit(self.routes, identity, alias, body, None)
+            entry = pipeline.route(self.routes, identity, alias)
+        except BaseException as exc:
+            pipeline.failed(identity, alias, request_id, started, "embeddings", exc, None)
+            raise
+        if entry.cache is not None:
+            return await self._cached_embeddings(
+                entry, entry.cache, identity, request, body, request_id, started, cache_control
+            )
+        try:
+            if identity.scopes:
+                ticket = pipeline.govern(identity, entry, body, None)
             outcome = await self._failover.serve(
                 entry, _embed, (request, body, request_id), request_id, self._monotonic()
             )
@@ -616,4 +629,54 @@ class ProxyService:
         )  # fmt: skip
         if ticket is not None:
             outcome.headers = ticket.headers
+        return outcome
+
+    async def _cached_embeddings(
+        self,
+        entry: RouteEntry,
+        cache: RouteCache,
+        identity: Identity,
+        request: EmbeddingsRequest,
+        body: bytes,
+        request_id: str,
+        started: float,
+        control: int,
+    ) -> Outcome[ProviderReply]:
+        """:meth:`embeddings` on a caching route: the lookup (unless
+        ``no-cache``), else the upstream call (not coalesced), its successful
+        answer stored (unless ``no-store``)."""
+        alias = request.model
+        pipeline = self.pipeline
+        ticket: Ticket | None = None
+        key = embeddings_key(alias, body)
+        label = _label(key, control)
+        try:
+            if identity.scopes:
+                ticket = pipeline.govern(identity, entry, body, None)
+            if key is not None and label is MISS:
+                answer = await cache.backend.get(key)
+                if answer is not None:
+                    pipeline.hit(
+                        identity, alias, request_id, started, answer.provider, answer.model,
+                        answer.usage, ticket, "embeddings",
+                    )  # fmt: skip
+                    reply = ProviderReply(body=answer.body, usage=answer.usage)
+                    return Outcome(reply, _slot_of(entry, answer), 0, _with(ticket, HIT))
+            outcome = await self._failover.serve(
+                entry, _embed, (request, body, request_id), request_id, self._monotonic()
+            )
+        except BaseException as exc:
+            pipeline.failed(identity, alias, request_id, started, "embeddings", exc, ticket)
+            if isinstance(exc, GatewayError):
+                exc.relayed = (*exc.relayed, label)
+            raise
+        reply, slot = outcome.value, outcome.slot
+        pipeline.account(
+            identity, alias, request_id, started, "embeddings", slot.name, slot.target.model,
+            reply.usage, reply.status, outcome.attempts, ticket,
+        )  # fmt: skip
+        if key is not None and not control & NO_STORE and reply.status == 200:
+            answer = CachedAnswer(reply.body, reply.usage, slot.name, slot.target.model)
+            await cache.backend.put(key, answer, cache.ttl)
+        outcome.headers = _with(ticket, label)
         return outcome

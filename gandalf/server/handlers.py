@@ -329,10 +329,11 @@ class Api:
         identity = request.identity
         assert identity is not None
         embed = decode_embeddings(request.body)
+        control = cache_control(request.header(b"cache-control")) if self._caching else 0
         request.track()
         try:
             outcome = await self._proxy.embeddings(
-                identity, embed, request.body, request.request_id, request.started
+                identity, embed, request.body, request.request_id, request.started, control
             )
         finally:
             request.untrack()
