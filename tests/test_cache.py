@@ -23,6 +23,7 @@ from gandalf.app.cache import (
     InProcessCache,
     cache_control,
     cache_key,
+    embeddings_key,
 )
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import RouteTable
@@ -119,6 +120,19 @@ def test_key_ignores_fields_that_do_not_change_the_answer(extra: dict[str, Any])
 )
 def test_key_changes_with_every_field_that_changes_the_answer(extra: dict[str, Any]) -> None:
     assert cache_key("gpt", body(**extra)) not in (None, cache_key("gpt", body()))
+
+
+def test_embeddings_key() -> None:
+    one = b'{"model":"e","input":"hi","dimensions":4,"user":"a"}'
+    two = b'{"dimensions":4, "input":"hi", "model":"e"}'
+    assert embeddings_key("e", one) is not None
+    assert embeddings_key("e", one) == embeddings_key("e", two)
+    assert embeddings_key("e", two) != embeddings_key("e", two.replace(b"4", b"8"))
+    assert embeddings_key("e", two) != embeddings_key("other", two)
+    assert embeddings_key("e", b"[1]") is None and embeddings_key("e", b"nope") is None
+    # Never a chat key, even for the same bytes.
+    chat = body(model="e")
+    assert embeddings_key("e", chat) != cache_key("e", chat)
 
 
 def test_key_includes_the_route_alias() -> None:
