@@ -449,7 +449,7 @@ def test_route_entries_resolve_their_cache_once() -> None:
     default, off, on = (table.resolve(a).cache for a in ("default", "off", "on"))
     assert off is None and default is not None and on is not None
     assert (default.ttl, on.ttl) == (300.0, 3600.0) and default.backend is cache
-    assert table.caching
+    assert table.caching and table.cache is cache  # for the admin API's purge
     # Absent section, a route that opts in: only that one (default bounds).
     table = RouteTable.build(_routes(), providers, {}, cache=cache, cache_all=False)
     assert [table.resolve(a).cache is not None for a in ("default", "off", "on")] == [

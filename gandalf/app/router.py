@@ -133,7 +133,7 @@ class RouteEntry:
 
 
 class RouteTable:
-    __slots__ = ("_entries", "caching", "health")
+    __slots__ = ("_entries", "cache", "caching", "health")
 
     def __init__(
         self, entries: Mapping[str, RouteEntry], health: HealthRegistry | None = None
@@ -142,6 +142,9 @@ class RouteTable:
         self.health = health if health is not None else HealthRegistry()
         # Does any route cache? (Handlers read ``cache-control`` only then.)
         self.caching = any(entry.cache is not None for entry in self._entries.values())
+        # The response cache the table was built with (``purge`` for the admin
+        # API's POST /admin/v1/cache/purge), None when nothing caches.
+        self.cache: ResponseCache | None = None
 
     @classmethod
     def build(
@@ -199,7 +202,9 @@ class RouteTable:
                 coalesce=route.coalesce,
                 cache=_route_cache(route, cache, cache_ttl, cache_all),
             )
-        return cls(entries, health)
+        table = cls(entries, health)
+        table.cache = cache
+        return table
 
     def resolve(self, alias: str) -> RouteEntry:
         """The entry for ``alias``; ModelNotFound or ProviderUnavailable otherwise."""
