@@ -60,6 +60,7 @@ from gandalf.errors import ConfigError
 
 __all__ = [
     "AuthConfig",
+    "CacheConfig",
     "DatabaseConfig",
     "GandalfConfig",
     "KeyEntry",
@@ -69,6 +70,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_size",
     "split_addr",
 ]
 
@@ -91,6 +93,12 @@ _DURATION_PARTS = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
 _PLAIN_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_HINT = "use e.g. 1048576, 512KiB, 256MiB, 1GiB"
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+}  # fmt: skip
 
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # "$$", a complete "${...}", or a "${" that is never closed.
@@ -193,6 +201,19 @@ class KeyEntry(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``cache:``: the response cache's bounds and default TTL (app/cache.py).
+    When the section is present every route caches deterministic requests
+    unless it says ``cache: false``; absent, none does (unless a route says
+    ``cache: true`` or ``cache: {ttl: ...}``: then these defaults bound it).
+    ``max_bytes`` accepts ``256MiB`` / ``1GiB`` / a plain number of bytes;
+    ``ttl`` a duration (float seconds here)."""
+
+    max_entries: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 10_000
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024**2
+    ttl: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+
+
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``limits:``: the default rpm / tpm of every key that sets none (0: unlimited)."""
 
@@ -227,6 +248,8 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     resilience: Resilience = msgspec.field(default_factory=Resilience)
     # ``pricing:``: prices (USD per million tokens) over the price library's.
     pricing: tuple[ModelPrice, ...] = ()
+    # ``cache:``: None when the section is absent (no route caches by default).
+    cache: CacheConfig | None = None
 
 
 # --------------------------------------------------------------------------- YAML-facing shapes
@@ -277,12 +300,17 @@ class _TargetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     weight: Annotated[int, msgspec.Meta(ge=0)] = 1
 
 
+class _RouteCacheIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    ttl: Annotated[float, msgspec.Meta(gt=0)] | None = None  # seconds; None: cache.ttl
+
+
 class _RouteIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     model_alias: str
     targets: Annotated[tuple[_TargetIn, ...], msgspec.Meta(min_length=1)]
     strategy: str = "priority"
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] | None = None
     coalesce: bool = False
+    cache: bool | _RouteCacheIn | None = None  # None: on when the top-level cache: is present
 
 
 _Limit = Annotated[int, msgspec.Meta(ge=0)]
@@ -351,6 +379,7 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     orgs: tuple[_OrgIn, ...] = ()
     teams: tuple[_TeamIn, ...] = ()
     pricing: tuple[_PriceIn, ...] = ()
+    cache: CacheConfig | None = None
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -362,6 +391,8 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "providers[]": _ProviderIn,
     "routes[]": _RouteIn,
     "routes[].targets[]": _TargetIn,
+    "routes[].cache": _RouteCacheIn,
+    "cache": CacheConfig,
     "keys[]": _KeyIn,
     "keys[].budget": _BudgetIn,
     "limits": Limits,
@@ -378,6 +409,7 @@ _DURATION_FIELDS: Mapping[str, tuple[str, ...]] = {
     "server": ("read_timeout", "write_timeout", "shutdown_timeout", "stream_keepalive"),
     "auth": ("key_cache_ttl", "negative_cache_ttl"),
     "resilience": ("backoff_base", "backoff_cap"),
+    "cache": ("ttl",),
 }
 _BREAKER_DURATIONS = ("open_for", "window")
 _TYPE_WORDS = {
@@ -497,6 +529,24 @@ def parse_retention(value: object) -> float:
         ) from None
 
 
+def parse_size(value: object) -> int:
+    """``256MiB``, ``1GiB``, ``512KiB`` (binary), ``10MB`` (decimal), ``100B`` or a
+    plain number of bytes (int or numeric string) -> int bytes. Raises
+    ``ValueError`` with a ready-to-show message unless the result is > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a size such as 256MiB, got {_kind(value)}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f"invalid size {value!r} ({_SIZE_HINT})")
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if size <= 0:
+        raise ValueError(f"size must be greater than 0, got {value!r}")
+    return size
+
+
 def split_addr(addr: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ``ValueError`` if malformed."""
     hint = f"invalid address {addr!r} (expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080)"
@@ -592,6 +642,7 @@ class _Loader:
             orgs=orgs,
             teams=teams,
             pricing=pricing,
+            cache=parsed.cache,
         )
 
     def expand(self, node: Any, path: str, depth: int) -> Any:
@@ -668,6 +719,21 @@ class _Loader:
             for i, entry in enumerate(providers):
                 if isinstance(entry, dict):
                     self.normalise_breaker(entry.get("breaker"), f"providers[{i}].breaker")
+        cache = data.get("cache")
+        if isinstance(cache, dict) and "max_bytes" in cache:
+            try:
+                cache["max_bytes"] = parse_size(cache["max_bytes"])
+            except ValueError as exc:
+                raise self.error("cache.max_bytes", str(exc)) from None
+        routes = data.get("routes")
+        if isinstance(routes, list):
+            for i, entry in enumerate(routes):
+                block = entry.get("cache") if isinstance(entry, dict) else None
+                if isinstance(block, dict) and "ttl" in block:
+                    try:
+                        block["ttl"] = parse_duration(block["ttl"])
+                    except ValueError as exc:
+                        raise self.error(f"routes[{i}].cache.ttl", str(exc)) from None
         keys = data.get("keys")
         if isinstance(keys, list):
             for i, entry in enumerate(keys):
@@ -858,6 +924,8 @@ class _Loader:
                     source="config",
                     max_attempts=r.max_attempts,
                     coalesce=r.coalesce,
+                    cache=r.cache if r.cache is None or isinstance(r.cache, bool) else True,
+                    cache_ttl=None if isinstance(r.cache, bool | None) else r.cache.ttl,
                 )
             )
         return tuple(out)

@@ -397,6 +397,11 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     source: str = "config"
     max_attempts: int | None = None  # upstream attempts per request; None: Resilience's
     coalesce: bool = False  # share one upstream call among identical deterministic requests
+    # Response cache (app/cache.py): None follows the top-level ``cache:``
+    # section (on when it is present), False opts out, True opts in;
+    # ``cache_ttl``: this route's entry lifetime in seconds (None: the default).
+    cache: bool | None = None
+    cache_ttl: float | None = None
 
 
 # --------------------------------------------------------------------------- requests
@@ -589,6 +594,8 @@ class UsageRecord(msgspec.Struct, array_like=True):
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float | None = None  # None: no known price for the target model
+    cache_hit: bool = False  # answered from the response cache (cost_usd 0, no upstream call)
+    saved_usd: float | None = None  # a cache hit: what the same answer cost upstream
 
 
 USAGE_GROUPS: tuple[str, ...] = ("key", "team", "org", "model", "provider")

@@ -15,6 +15,7 @@ import signal
 import time
 
 from gandalf import bootstrap
+from gandalf.app.cache import InProcessCache, ResponseCache
 from gandalf.app.governor import LocalGovernor, share_from_env
 from gandalf.app.health import HealthRegistry
 from gandalf.app.live import POLL_INTERVAL, Live, RouteBuilder, Watcher
@@ -24,7 +25,7 @@ from gandalf.app.pricing import build_pricing
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
-from gandalf.config import GandalfConfig, default_config_path, load_config
+from gandalf.config import CacheConfig, GandalfConfig, default_config_path, load_config
 from gandalf.domain import Scope, Tenancy
 from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
@@ -46,10 +47,13 @@ def create_app(
     access_log: bool | None = None,
     handle_signals: bool = False,
     live_interval: float = POLL_INTERVAL,
+    response_cache: ResponseCache | None = None,
 ) -> GandalfApp:
     """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config;
-    ``handle_signals`` is for server workers (see GandalfApp). ``live_interval``:
-    how often the worker polls for admin changes (app/live.py)."""
+    ``handle_signals`` is for server workers (see GandalfApp); ``live_interval``:
+    how often the worker polls for admin changes (app/live.py);
+    ``response_cache``: the backend to use instead of building one from
+    ``config.cache`` (tests inject a clock this way)."""
 
     async def build() -> Runtime:
         database = config.database
@@ -66,12 +70,21 @@ def create_app(
             registry = ProviderRegistry.build(providers)
             await registry.start()
             discovered = await discover_models(registry)
+            # One response cache per worker, built only when something caches:
+            # otherwise every route's ``cache`` stays None.
+            settings = config.cache or CacheConfig()
+            cache = response_cache
+            if cache is None and (config.cache is not None or any(r.cache for r in stored)):
+                cache = InProcessCache(settings.max_entries, settings.max_bytes)
             builder = RouteBuilder(
                 registry.providers,
                 registry.disabled,
                 providers,
                 discovered,
                 HealthRegistry(config.resilience),
+                cache=cache,
+                cache_ttl=settings.ttl,
+                cache_all=config.cache is not None,
             )
             routes = builder.routes(stored)
             table = builder.table(routes)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gandalf.app.cache import CachedAnswer, InProcessCache
 from gandalf.app.health import HealthRegistry
 from gandalf.app.live import Live, Pending, RouteBuilder, Watcher, pending_of
 from gandalf.app.router import RouteTable
@@ -25,6 +26,7 @@ from gandalf.domain import (
     Scope,
     Target,
     Tenancy,
+    Usage,
 )
 from gandalf.errors import AuthenticationError, ModelNotFound
 from gandalf.provider.registry import ProviderRegistry
@@ -281,6 +283,28 @@ def test_a_new_route_is_served_by_every_service_and_breakers_survive(tmp_path: P
         await world.watcher.step()
         with pytest.raises(ModelNotFound):
             world.services[1].routes.resolve("smart")
+
+    with_world(tmp_path, test)
+
+
+def test_a_live_route_change_keeps_cache_settings_and_empties_the_cache(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        cache = InProcessCache(100, 1 << 20)
+        builder = world.builder
+        builder.cache = cache  # as wiring builds it when a cache is configured
+        await cache.put(b"k", CachedAnswer(b"{}", Usage(), "fake", "fake-model"), 60.0)
+        cached = Route(
+            model_alias="cached",
+            targets=(Target(provider="fake", model="fake-model"),),
+            source="api",
+            cache=True,
+            cache_ttl=7.0,
+        )
+        await world.store.upsert_route(cached)
+        await world.watcher.step()
+        entry = world.services[0].routes.resolve("cached")
+        assert entry.cache is not None and entry.cache.ttl == 7.0
+        assert await cache.get(b"k") is None  # a route changed: its old answers are gone
 
     with_world(tmp_path, test)
 

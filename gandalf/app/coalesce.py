@@ -36,16 +36,23 @@ class _Sampling(msgspec.Struct):
 _sampling = msgspec.json.Decoder(_Sampling)
 
 
-def is_deterministic(body: bytes) -> bool:
-    """Does this chat body ask for a reproducible answer (``temperature`` 0 or
-    a ``seed``) with one choice (``n`` absent or 1)? False when unreadable."""
+def is_deterministic(body: bytes, max_temperature: float = 0.0) -> bool:
+    """Does this chat body ask for a reproducible answer (``temperature`` at
+    most ``max_temperature``, or a ``seed``) with one choice (``n`` absent or
+    1)? False when unreadable. Coalescing asks for ``temperature`` 0; the
+    response cache (app/cache.py) for the contract's ``<= 0.3``. A request
+    without ``temperature`` samples at the provider's default (1): not
+    deterministic."""
     try:
         sampling = _sampling.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return False
     if sampling.n not in (None, 1):
         return False
-    return sampling.temperature == 0 or sampling.seed is not None
+    if sampling.seed is not None:
+        return True
+    temperature = sampling.temperature
+    return temperature is not None and 0 <= temperature <= max_temperature
 
 
 class _Flight(Generic[_T]):

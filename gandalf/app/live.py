@@ -38,6 +38,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
+import msgspec
+
+from gandalf.app.cache import ResponseCache
 from gandalf.app.health import HealthRegistry
 from gandalf.app.router import RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
@@ -218,7 +221,16 @@ class RouteBuilder:
     own (:func:`~gandalf.app.router.offered_routes`). ``health`` is kept, so
     breakers survive a rebuild."""
 
-    __slots__ = ("_configs", "_disabled", "_discovered", "_providers", "health")
+    __slots__ = (
+        "_cache_all",
+        "_cache_ttl",
+        "_configs",
+        "_disabled",
+        "_discovered",
+        "_providers",
+        "cache",
+        "health",
+    )
 
     def __init__(
         self,
@@ -227,12 +239,21 @@ class RouteBuilder:
         configs: Sequence[ProviderConfig],
         discovered: Mapping[str, Sequence[str]],
         health: HealthRegistry,
+        *,
+        cache: ResponseCache | None = None,
+        cache_ttl: float = 300.0,
+        cache_all: bool = False,
     ) -> None:
         self._providers = providers
         self._disabled = disabled
         self._configs = configs
         self._discovered = discovered
         self.health = health
+        # The worker's response cache and its defaults (RouteTable.build), kept
+        # across rebuilds like the health registry.
+        self.cache = cache
+        self._cache_ttl = cache_ttl
+        self._cache_all = cache_all
 
     def routes(self, stored: Iterable[Route]) -> list[Route]:
         """``stored`` with unknown providers' targets skipped, plus the offered routes."""
@@ -251,20 +272,21 @@ class RouteBuilder:
                 )
                 if not targets:
                     continue
-                route = Route(
-                    model_alias=route.model_alias,
-                    targets=targets,
-                    strategy=route.strategy,
-                    source=route.source,
-                    max_attempts=route.max_attempts,
-                    coalesce=route.coalesce,
-                )
+                route = msgspec.structs.replace(route, targets=targets)
             kept.append(route)
         return [*kept, *offered_routes(kept, self._configs, self._discovered)]
 
     def table(self, routes: Iterable[Route]) -> RouteTable:
         """The table of ``routes`` (already through :meth:`routes`)."""
-        return RouteTable.build(routes, self._providers, self._disabled, health=self.health)
+        return RouteTable.build(
+            routes,
+            self._providers,
+            self._disabled,
+            health=self.health,
+            cache=self.cache,
+            cache_ttl=self._cache_ttl,
+            cache_all=self._cache_all,
+        )
 
 
 def budget_scopes(keys: Iterable[ApiKey], tenancy: Tenancy) -> list[Scope]:
@@ -342,6 +364,10 @@ class Live:
             table = self._builder.table(self._builder.routes(await self._store.list_routes()))
             for service in self._services:
                 service.routes = table
+            if table.cache is not None:
+                # A changed route may now answer differently (other targets,
+                # models, cache settings): its cached answers must not outlive it.
+                await table.cache.purge()
         tenancy = None
         if reload_tenancy:
             tenancy = await self._load_tenancy()

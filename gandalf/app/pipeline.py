@@ -6,6 +6,8 @@
                before the route is resolved, so a 403 comes before any 404 or
                503), the route, and the governor (rate limits, budget
                reservation) when the caller has limits
+    cache      a deterministic request on a caching route answered from the
+               response cache (app/cache.py; :meth:`Pipeline.hit` accounts it)
     coalesce   identical deterministic requests share one call (app/coalesce.py)
     serve      ``Failover.serve``: the only attempt code; an Outcome, or an
                error that carries the same facts (app/failover.py)
@@ -238,6 +240,56 @@ class Pipeline:
                 governor.settle(ticket, usage.total_tokens if usage is not None else 0, cost)
             else:
                 governor.release(ticket)
+
+    def hit(
+        self,
+        identity: Identity,
+        alias: str,
+        request_id: str,
+        started: float,
+        provider: str,
+        model: str,
+        usage: Usage,
+        ticket: Ticket | None,
+        endpoint: str = "chat",
+    ) -> None:
+        """The UsageRecord of a request (``endpoint``) answered from the
+        response cache: status 200, no attempt, ``cache_hit``, ``cost_usd`` 0
+        and ``saved_usd`` what the same usage costs on ``provider`` / ``model``
+        (the ``cost`` hook). The tokens are the cached answer's. The ticket
+        is settled with 0 tokens and 0 USD: a hit counts for RPM (taken at
+        admission, never refunded) but not for TPM or budgets."""
+        price = self._cost
+        saved = price(provider, model, usage) if price is not None else None
+        self._sink.record_usage(
+            UsageRecord(
+                request_id,
+                identity.key_id,
+                identity.org_id,
+                alias,
+                model,
+                provider,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
+                (time.perf_counter() - started) * 1000.0,
+                200,
+                self._clock(),
+                endpoint,
+                0,
+                identity.team_id,
+                usage.cached_prompt_tokens,
+                usage.cache_write_tokens,
+                usage.reasoning_tokens,
+                0.0,
+                True,
+                saved,
+            )
+        )
+        if ticket is not None:
+            governor = self._governor
+            assert governor is not None  # a ticket comes from it
+            governor.settle(ticket, 0, 0.0)
 
     def failed(
         self,

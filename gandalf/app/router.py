@@ -4,7 +4,7 @@ Built once from routes and the provider registry, then only read; a new
 configuration builds a new table and swaps it whole. Each entry carries its
 targets resolved into :class:`~gandalf.app.balancer.Slot` objects (provider,
 breaker, retry budget, latency stats) grouped into priority tiers, and the
-route's policy (strategy, max attempts, coalescing), so serving a request
+route's policy (strategy, max attempts, coalescing, response cache), so serving a request
 needs no lookup beyond the alias. Provider health lives in a
 :class:`~gandalf.app.health.HealthRegistry` that outlives any one table.
 """
@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from gandalf.app.balancer import LatencyStats, Slot, p2c_pick, tiers_of
+from gandalf.app.cache import ResponseCache, RouteCache
 from gandalf.app.health import HealthRegistry
 from gandalf.domain import STRATEGIES, Provider, ProviderConfig, Route, Target
 from gandalf.errors import ModelNotFound, ProviderUnavailable
@@ -68,6 +69,7 @@ class RouteEntry:
     __slots__ = (
         "_cumulative",
         "alias",
+        "cache",
         "coalesce",
         "fast",
         "max_attempts",
@@ -90,8 +92,12 @@ class RouteEntry:
         strategy: str = "priority",
         max_attempts: int = 1,
         coalesce: bool = False,
+        cache: RouteCache | None = None,
     ) -> None:
         self.alias = alias
+        # None on a route that does not cache (and on every route when no
+        # cache is configured): the request path tests only this attribute.
+        self.cache = cache
         self.targets = targets
         self.unavailable = unavailable
         self.slots = slots
@@ -127,13 +133,18 @@ class RouteEntry:
 
 
 class RouteTable:
-    __slots__ = ("_entries", "health")
+    __slots__ = ("_entries", "cache", "caching", "health")
 
     def __init__(
         self, entries: Mapping[str, RouteEntry], health: HealthRegistry | None = None
     ) -> None:
         self._entries = dict(entries)
         self.health = health if health is not None else HealthRegistry()
+        # Does any route cache? (Handlers read ``cache-control`` only then.)
+        self.caching = any(entry.cache is not None for entry in self._entries.values())
+        # The response cache the table was built with (``purge`` for the admin
+        # API's POST /admin/v1/cache/purge), None when nothing caches.
+        self.cache: ResponseCache | None = None
 
     @classmethod
     def build(
@@ -143,10 +154,18 @@ class RouteTable:
         disabled: Mapping[str, str],
         *,
         health: HealthRegistry | None = None,
+        cache: ResponseCache | None = None,
+        cache_ttl: float = 300.0,
+        cache_all: bool = False,
     ) -> RouteTable:
         """``providers``: enabled adapters by name; ``disabled``: name -> why it is
         off; ``health``: the providers' breakers and budgets (and the resilience
-        defaults) to keep using, else a new registry with the default policy."""
+        defaults) to keep using, else a new registry with the default policy.
+
+        ``cache``: the response cache (None: no route caches); ``cache_ttl``:
+        the default entry lifetime (seconds); ``cache_all``: routes that say
+        nothing about caching cache (the top-level ``cache:`` section is
+        present). A route's own ``cache`` (True / False) and ``cache_ttl`` win."""
         health = health if health is not None else HealthRegistry()
         resilience = health.resilience
         latency: dict[tuple[str, str], LatencyStats] = {}
@@ -181,8 +200,11 @@ class RouteTable:
                 strategy=route.strategy,
                 max_attempts=route.max_attempts or resilience.max_attempts,
                 coalesce=route.coalesce,
+                cache=_route_cache(route, cache, cache_ttl, cache_all),
             )
-        return cls(entries, health)
+        table = cls(entries, health)
+        table.cache = cache
+        return table
 
     def resolve(self, alias: str) -> RouteEntry:
         """The entry for ``alias``; ModelNotFound or ProviderUnavailable otherwise."""
@@ -207,3 +229,15 @@ class RouteTable:
 
     def __contains__(self, alias: object) -> bool:
         return alias in self._entries
+
+
+def _route_cache(
+    route: Route, cache: ResponseCache | None, ttl: float, cache_all: bool
+) -> RouteCache | None:
+    """The cache policy of ``route``, resolved once (None: it does not cache)."""
+    if cache is None:
+        return None
+    wanted = cache_all if route.cache is None else route.cache
+    if not wanted:
+        return None
+    return RouteCache(cache, route.cache_ttl if route.cache_ttl is not None else ttl)

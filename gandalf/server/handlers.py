@@ -14,6 +14,7 @@ from typing import Protocol
 import msgspec
 import orjson
 
+from gandalf.app.cache import cache_control
 from gandalf.app.failover import Outcome
 from gandalf.app.proxy import ProxyService
 from gandalf.app.requests import decode_chat, decode_embeddings
@@ -311,6 +312,9 @@ class Api:
         identity = request.identity  # authenticated by the core before the body was read
         assert identity is not None
         chat = decode_chat(request.body)
+        control = (
+            cache_control(request.header(b"cache-control")) if self._proxy.routes.caching else 0
+        )
         # Watch for a disconnect from now on: a client that gives up before the
         # answer (or its first byte) must cancel the upstream call too. Neither
         # costs a task or a timer unless the call outlives ``listen_after``.
@@ -318,7 +322,7 @@ class Api:
             watch = request.watch()
             try:
                 opened = await self._proxy.chat_stream(
-                    identity, chat, request.body, request.request_id, request.started
+                    identity, chat, request.body, request.request_id, request.started, control
                 )
             except BaseException:
                 if watch is not None:
@@ -334,7 +338,7 @@ class Api:
         request.track()
         try:
             outcome = await self._proxy.chat(
-                identity, chat, request.body, request.request_id, request.started
+                identity, chat, request.body, request.request_id, request.started, control
             )
         finally:
             request.untrack()
@@ -344,10 +348,13 @@ class Api:
         identity = request.identity
         assert identity is not None
         embed = decode_embeddings(request.body)
+        control = (
+            cache_control(request.header(b"cache-control")) if self._proxy.routes.caching else 0
+        )
         request.track()
         try:
             outcome = await self._proxy.embeddings(
-                identity, embed, request.body, request.request_id, request.started
+                identity, embed, request.body, request.request_id, request.started, control
             )
         finally:
             request.untrack()

@@ -171,6 +171,17 @@ CREATE INDEX usage_records_team_spend ON usage_records (team_id, created_at, cos
 CREATE INDEX usage_records_org_spend ON usage_records (org_id, created_at, cost_usd);
 """
 
+# Migration 5: the response cache (app/cache.py). Routes keep their cache
+# setting (NULL ``cache``: follow the top-level ``cache:`` section; NULL
+# ``cache_ttl``: its default TTL); usage records mark a cache hit and keep the
+# cost it saved (its ``cost_usd`` is 0).
+_MIGRATION_5: Final = """
+ALTER TABLE routes ADD COLUMN cache INTEGER;
+ALTER TABLE routes ADD COLUMN cache_ttl REAL;
+ALTER TABLE usage_records ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_records ADD COLUMN saved_usd REAL;
+"""
+
 # Migration 7: live changes and usage rollups.
 # ``change_log``: every write that changes keys, orgs, teams, routes or providers
 # appends a row in its own transaction; each worker polls ``version > last``
@@ -192,8 +203,7 @@ CREATE TABLE change_log (
 {ROLLUP_SCHEMA}
 """
 
-# Helpers C and A own migrations 5 and 6 (the lead merges them into one order).
-_MIGRATION_5: Final = "SELECT 1; -- reserved for the response cache (helper C)"
+# Helper A owns migration 6 (the admin API; the lead merges it in).
 _MIGRATION_6: Final = "SELECT 1; -- reserved for the admin API (helper A)"
 
 MIGRATIONS: Final[tuple[str, ...]] = (
@@ -447,7 +457,8 @@ def _provider_from_row(row: Sequence[Any]) -> ProviderConfig:
 
 # routes
 _ROUTE_COLUMNS: Final = (
-    "model_alias", "targets", "strategy", "source", "max_attempts", "coalesce", "updated_at",
+    "model_alias", "targets", "strategy", "source", "max_attempts", "coalesce", "cache",
+    "cache_ttl", "updated_at",
 )  # fmt: skip
 _ROUTE_SELECT: Final = f"SELECT {', '.join(_ROUTE_COLUMNS[:-1])} FROM routes ORDER BY model_alias"
 _ROUTE_UPSERT: Final = _upsert_sql("routes", _ROUTE_COLUMNS, "model_alias")
@@ -459,7 +470,8 @@ _ROUTE_PRUNE: Final = (
 
 def _route_row(r: Route, source: str, now: float) -> tuple[object, ...]:
     return (
-        r.model_alias, _json(r.targets), r.strategy, source, r.max_attempts, int(r.coalesce), now,
+        r.model_alias, _json(r.targets), r.strategy, source, r.max_attempts, int(r.coalesce),
+        None if r.cache is None else int(r.cache), r.cache_ttl, now,
     )  # fmt: skip
 
 
@@ -472,6 +484,8 @@ def _route_from_row(row: Sequence[Any]) -> Route:
         source=row[3],
         max_attempts=row[4],
         coalesce=bool(row[5]),
+        cache=None if row[6] is None else bool(row[6]),
+        cache_ttl=row[7],
     )
 
 
@@ -898,7 +912,8 @@ class SqliteStore:
     async def list_usage(self, limit: int = 1000) -> list[UsageRecord]:
         """The newest ``limit`` committed usage records, oldest first (newest last)."""
         rows = await self._fetchall(_USAGE_SELECT, (limit,))
-        return msgspec.convert(rows, list[UsageRecord])
+        # strict=False: SQLite gives ``cache_hit`` back as 0 / 1.
+        return msgspec.convert(rows, list[UsageRecord], strict=False)
 
     async def usage_summary(
         self,
