@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gandalf import __version__
+from gandalf.app import timespec
 from gandalf.app.governor import ENV_WORKERS
 from gandalf.config import GandalfConfig, default_config_path, load_config, split_addr
 from gandalf.domain import (
@@ -830,14 +831,15 @@ def _since(text: str, now: float) -> float:
     30m, 24h, 7d or 1d12h; ``all``: the beginning of time."""
     if text == "all":
         return 0.0
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
+    try:
+        seconds = timespec.duration(text)
+    except ValueError:
+        raise CliError(f"--since is too long a duration, got {_shown(text)}", EXIT_USAGE) from None
+    if seconds is None:
         raise CliError(
             f"--since must look like 30m, 24h, 7d or 2w (or all), got {_shown(text)}", EXIT_USAGE
         )
-    if any(len(n) > _MAX_DIGITS for n, _ in parts):
-        raise CliError(f"--since is too long a duration, got {_shown(text)}", EXIT_USAGE)
-    return max(now - sum(int(n) * _UNIT[u] for n, u in parts), 0.0)
+    return max(now - seconds, 0.0)
 
 
 def _group_label(by: str, row: UsageSummary) -> str:
@@ -871,6 +873,8 @@ async def _usage(args: argparse.Namespace) -> int:
     total = UsageSummary(group="TOTAL")
     for row in rows:
         for field in UsageSummary.__struct_fields__[3:]:
+            if field == "bucket":
+                continue
             setattr(total, field, getattr(total, field) + getattr(row, field))
     header = ["REQUESTS", "ERRORS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "COST USD"]
     table = [[args.by.upper(), *header]]

@@ -72,8 +72,10 @@ import aiosqlite
 import msgspec
 
 from gandalf.domain import (
+    USAGE_BUCKETS,
     USAGE_GROUPS,
     ApiKey,
+    AuditEntry,
     Budget,
     Organization,
     ProviderConfig,
@@ -83,6 +85,7 @@ from gandalf.domain import (
     UsageRecord,
     UsageSummary,
 )
+from gandalf.errors import InUse
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "StorageError", "TenantInUse"]
 
@@ -142,11 +145,30 @@ CREATE INDEX usage_records_team_spend ON usage_records (team_id, created_at, cos
 CREATE INDEX usage_records_org_spend ON usage_records (org_id, created_at, cost_usd);
 """
 
+# Migration 6: the admin API. A key can be blocked (refused like a revoked one,
+# but reversibly); every admin write is audited (who, what, when, the answer).
+_MIGRATION_6: Final = """
+ALTER TABLE api_keys ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS audit_log (
+    id          INTEGER PRIMARY KEY,
+    ts          REAL NOT NULL,
+    actor       TEXT,
+    action      TEXT NOT NULL,
+    resource    TEXT NOT NULL,
+    resource_id TEXT,
+    status      INTEGER NOT NULL,
+    detail      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts);
+"""
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
     _MIGRATION_2,
     _MIGRATION_3,
     _MIGRATION_4,
+    "-- reserved for helper C (the response cache's _MIGRATION_5)\nSELECT 1;",
+    _MIGRATION_6,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
@@ -244,23 +266,38 @@ _SUMMED = (
 )
 
 
-def _summary_select(column: str, join: str = "", name: str = "NULL", prefix: str = "NULL") -> str:
+def _summary_select(
+    column: str, join: str = "", name: str = "NULL", prefix: str = "NULL", bucket: int = 0
+) -> str:
+    # ``bucket`` seconds (3600, 86400): one row per (bucket, group), buckets in
+    # order; 0: one row per group. Ties are broken by the group, so LIMIT/OFFSET
+    # pages are stable.
+    start = f"CAST(created_at / {bucket} AS INTEGER) * {bucket}" if bucket else "NULL"
     inner = (
-        f"SELECT {column} AS grp, {_SUMMED} FROM usage_records "
-        "WHERE created_at >= ? AND created_at < ? GROUP BY grp"
+        f"SELECT {start} AS b, {column} AS grp, {_SUMMED} FROM usage_records "
+        "WHERE created_at >= ? AND created_at < ? GROUP BY b, grp"
     )
+    order = "g.b, " if bucket else ""
     return (
         f"SELECT g.grp, {name}, {prefix}, g.requests, g.e, g.p, g.c, g.t, g.cr, g.cw, g.r, "
-        f"g.cost, g.u FROM ({inner}) AS g {join} ORDER BY g.cost DESC, g.requests DESC"
+        f"g.cost, g.u, g.b FROM ({inner}) AS g {join} "
+        f"ORDER BY {order}g.cost DESC, g.requests DESC, g.grp LIMIT ? OFFSET ?"
     )
 
 
-_SUMMARY_SELECTS: Final[Mapping[str, str]] = {
-    "key": _summary_select("key_id", "LEFT JOIN api_keys k ON k.id = g.grp", "k.name", "k.prefix"),
-    "team": _summary_select("team_id", "LEFT JOIN teams t ON t.id = g.grp", "t.name"),
-    "org": _summary_select("org_id", "LEFT JOIN organizations o ON o.id = g.grp", "o.name"),
-    "model": _summary_select("COALESCE(target_model, model_alias)"),
-    "provider": _summary_select("provider"),
+_SUMMARY_GROUPS: Final[Mapping[str | None, tuple[str, ...]]] = {
+    None: ("NULL",),
+    "key": ("key_id", "LEFT JOIN api_keys k ON k.id = g.grp", "k.name", "k.prefix"),
+    "team": ("team_id", "LEFT JOIN teams t ON t.id = g.grp", "t.name"),
+    "org": ("org_id", "LEFT JOIN organizations o ON o.id = g.grp", "o.name"),
+    "model": ("COALESCE(target_model, model_alias)",),
+    "provider": ("provider",),
+}
+# (group_by or None for one total, bucket seconds or 0) -> the statement
+_SUMMARY_SELECTS: Final[Mapping[tuple[str | None, int], str]] = {
+    (by, bucket): _summary_select(*args, bucket=bucket)  # type: ignore[arg-type,misc]
+    for by, args in _SUMMARY_GROUPS.items()
+    for bucket in (0, *USAGE_BUCKETS.values())
 }
 _SPEND_SELECTS: Final[Mapping[str, str]] = {
     kind: f"SELECT TOTAL(cost_usd) FROM usage_records WHERE {column} = ? AND created_at >= ?"
@@ -294,7 +331,7 @@ _as_row: Final = msgspec.structs.astuple
 _KEY_COLUMNS: Final = (
     "id", "name", "key_hash", "prefix", "org_id", "team_id", "role",
     "allowed_models", "expires_at", "revoked", "created_at", "source",
-    "rpm", "tpm", "budget_usd", "budget_period",
+    "rpm", "tpm", "budget_usd", "budget_period", "blocked",
 )  # fmt: skip
 _KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys"
 _KEY_INSERT: Final = (
@@ -307,6 +344,11 @@ _KEY_UPDATE_FROM_CONFIG: Final = (
     "UPDATE api_keys SET name = ?, prefix = ?, org_id = ?, team_id = ?, role = ?, "
     "allowed_models = ?, expires_at = ?, rpm = ?, tpm = ?, budget_usd = ?, budget_period = ? "
     "WHERE key_hash = ?"
+)
+
+_KEY_UPDATE: Final = (
+    "UPDATE api_keys SET allowed_models = ?, expires_at = ?, rpm = ?, tpm = ?, "
+    "budget_usd = ?, budget_period = ?, blocked = ? WHERE id = ?"
 )
 
 # A config key that left the config is revoked (not deleted: usage keeps its key id).
@@ -322,6 +364,7 @@ def _key_row(key: ApiKey, now: float) -> tuple[object, ...]:
         key.id, key.name, key.key_hash, key.prefix, key.org_id, key.team_id, key.role,
         None if allowed is None else _json(allowed), key.expires_at, int(key.revoked),
         key.created_at or now, key.source, key.rpm, key.tpm, *_budget_columns(key.budget),
+        int(key.blocked),
     )  # fmt: skip
 
 
@@ -355,6 +398,7 @@ def _key_from_row(row: Sequence[Any]) -> ApiKey:
         rpm=row[12],
         tpm=row[13],
         budget=_budget(row[14], row[15]),
+        blocked=bool(row[16]),
     )
 
 
@@ -498,7 +542,18 @@ def _team_from_row(r: Sequence[Any]) -> Team:
     )  # fmt: skip
 
 
-class TenantInUse(StorageError):
+# audit_log: columns in AuditEntry field order, so an entry's astuple() is its row.
+_AUDIT_FIELDS: Final = AuditEntry.__struct_fields__
+_AUDIT_INSERT: Final = (
+    f"INSERT INTO audit_log ({', '.join(_AUDIT_FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(_AUDIT_FIELDS))})"
+)
+_AUDIT_SELECT: Final = (
+    f"SELECT {', '.join(_AUDIT_FIELDS)} FROM audit_log ORDER BY id DESC LIMIT ? OFFSET ?"
+)
+
+
+class TenantInUse(StorageError, InUse):
     """An organization or team cannot be deleted: keys (or teams) still belong to it."""
 
 
@@ -823,16 +878,38 @@ class SqliteStore:
         return msgspec.convert(rows, list[UsageRecord])
 
     async def usage_summary(
-        self, by: str, since: float, until: float | None = None
+        self,
+        by: str | None,
+        since: float,
+        until: float | None = None,
+        *,
+        bucket: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[UsageSummary]:
         """Usage records with ``since <= created_at < until`` summed per ``by``
         (one of :data:`USAGE_GROUPS`; ``model`` is the upstream model, or the
-        alias when no target was reached), costliest first. Records still in
-        the write queue are not counted (:meth:`flush` first if they must)."""
-        sql = _SUMMARY_SELECTS.get(by)
+        alias when no target was reached; None: one group of everything),
+        costliest first. ``bucket`` (``hour`` or ``day``, UTC) sums per bucket
+        and group instead, buckets oldest first, each row's ``bucket`` its
+        start. ``limit``/``offset`` page through the rows (None: all).
+        Records still in the write queue are not counted (:meth:`flush` first
+        if they must)."""
+        seconds = 0
+        if bucket is not None:
+            seconds = USAGE_BUCKETS.get(bucket, -1)
+            if seconds < 0:
+                raise ValueError(f"cannot bucket usage by {bucket!r} (hour or day)")
+        sql = _SUMMARY_SELECTS.get((by, seconds))
         if sql is None:
             raise ValueError(f"cannot group usage by {by!r} (one of {', '.join(USAGE_GROUPS)})")
-        rows = await self._fetchall(sql, (since, math.inf if until is None else until))
+        params = (
+            since,
+            math.inf if until is None else until,
+            -1 if limit is None else limit,
+            offset,
+        )
+        rows = await self._fetchall(sql, params)
         return [
             UsageSummary(
                 group=row[0],
@@ -848,6 +925,7 @@ class SqliteStore:
                 reasoning_tokens=row[10],
                 cost_usd=row[11],
                 unpriced=row[12],
+                bucket=None if row[13] is None else float(row[13]),
             )
             for row in rows
         ]
@@ -902,6 +980,17 @@ class SqliteStore:
             return cur.rowcount > 0
 
         return await self._write(op)
+
+    async def update_key(self, key: ApiKey) -> bool:
+        """Write what may change of key ``key.id`` after creation: allowed models,
+        expiry, limits, budget, blocked. False if there is no such key. Its
+        identity (hash, prefix, org, team, role) and revocation never change here."""
+        allowed = key.allowed_models
+        row = (
+            None if allowed is None else _json(allowed), key.expires_at, key.rpm, key.tpm,
+            *_budget_columns(key.budget), int(key.blocked), key.id,
+        )  # fmt: skip
+        return await self._execute(_KEY_UPDATE, row) > 0
 
     async def count_keys(self) -> int:
         rows = await self._fetchall("SELECT count(*) FROM api_keys", ())
@@ -1100,6 +1189,28 @@ class SqliteStore:
             return kept
 
         return await self._write(op)
+
+    # ----------------------------------------------------------------- audit
+
+    async def record_audit(self, entry: AuditEntry) -> None:
+        """Append one admin write to the audit log (through the writer)."""
+        await self._execute(_AUDIT_INSERT, msgspec.structs.astuple(entry))
+
+    async def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditEntry]:
+        """Audit entries, newest first, ``limit`` from ``offset``."""
+        rows = await self._fetchall(_AUDIT_SELECT, (limit, offset))
+        return [
+            AuditEntry(
+                ts=r[0],
+                actor=r[1],
+                action=r[2],
+                resource=r[3],
+                resource_id=r[4],
+                status=r[5],
+                detail=r[6],
+            )
+            for r in rows
+        ]
 
     async def _insert(self, sql: str, row: tuple[object, ...], what: str) -> None:
         async def op(conn: aiosqlite.Connection) -> None:
