@@ -15,20 +15,24 @@ import signal
 import time
 
 from gandalf import bootstrap
+from gandalf.admin.app import OPENAPI_PATH, PREFIX, create_admin_app
+from gandalf.admin.resources import PurgeHook, Services
 from gandalf.app.governor import LocalGovernor, share_from_env
 from gandalf.app.health import HealthRegistry
+from gandalf.app.keys import KeyManager
 from gandalf.app.passthrough import PassthroughService
 from gandalf.app.pricing import build_pricing
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
 from gandalf.config import GandalfConfig, default_config_path, load_config
-from gandalf.domain import Scope, Tenancy
+from gandalf.domain import Permission, Scope, Tenancy
 from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
 from gandalf.server.core import Runtime
-from gandalf.server.handlers import Api
+from gandalf.server.handlers import Api, KeyAuth
+from gandalf.server.mount import mount
 from gandalf.server.native import NativeApi
 from gandalf.server.rsgi import RSGIApp
 from gandalf.storage.sqlite import SqliteStore
@@ -39,10 +43,15 @@ ENV_ACCESS_LOG = "GANDALF_ACCESS_LOG"
 
 
 def create_app(
-    config: GandalfConfig, *, access_log: bool | None = None, handle_signals: bool = False
+    config: GandalfConfig,
+    *,
+    access_log: bool | None = None,
+    handle_signals: bool = False,
+    purge_cache: PurgeHook | None = None,
 ) -> GandalfApp:
     """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config;
-    ``handle_signals`` is for server workers (see GandalfApp)."""
+    ``handle_signals`` is for server workers (see GandalfApp); ``purge_cache``:
+    what the admin API's ``POST /cache/purge`` calls (None: no cache, 0 purged)."""
 
     async def build() -> Runtime:
         store = SqliteStore(config.database.dsn)
@@ -94,6 +103,42 @@ def create_app(
             )
             endpoints.update(native_exact)
             prefixes = [*api_prefixes, *native_prefixes]
+
+            started = registry
+
+            async def changed(kind: str, key_hash: str | None) -> None:
+                # This worker applies an admin change at once; other workers
+                # and instances learn of it through the change feed (issue 16).
+                if kind == "keys":
+                    keys.invalidate(key_hash)
+                elif kind == "tenants":
+                    keys.set_tenancy(await load_tenancy(store, config))
+                elif kind == "routes":
+                    stored = await store.list_routes()
+                    fresh = RouteTable.build(
+                        [*stored, *offered_routes(stored, providers, discovered)],
+                        started.providers,
+                        started.disabled,
+                        health=table.health,
+                    )
+                    proxy.routes = passthrough.routes = fresh
+
+            # The admin API (Starlette, off the hot path): tried only when no
+            # exact path matched, so /v1/* dispatch is untouched.
+            admin = create_admin_app(
+                Services(
+                    store,
+                    KeyManager(store),
+                    providers=providers,
+                    breakers=proxy.breakers,
+                    latency=lambda: proxy.routes.latencies(time.monotonic()),
+                    purge_cache=purge_cache,
+                    changed=changed,
+                    config_source=config.source,
+                )
+            )
+            endpoints[OPENAPI_PATH] = mount(admin, None)
+            prefixes.append((PREFIX + "/", mount(admin, KeyAuth(keys, Permission.READ_ADMIN))))
         except BaseException:
             if registry is not None:
                 await registry.close()
