@@ -153,6 +153,19 @@ class _Endpoint:
         )
 
 
+class _Methods:
+    """A path's operations by method (HEAD is answered as GET)."""
+
+    __slots__ = ("methods",)
+
+    def __init__(self, methods: dict[str, _Endpoint]) -> None:
+        self.methods = methods
+
+    async def handle(self, request: Request) -> Response:
+        method = request.method
+        return await self.methods["GET" if method == "HEAD" else method].handle(request)
+
+
 def create_admin_app(services: Services) -> Starlette:
     """The admin API for one worker; ``OPENAPI_PATH`` serves its OpenAPI 3.1
     document (generated once, here, from the operations' types)."""
@@ -162,9 +175,15 @@ def create_admin_app(services: Services) -> Starlette:
         return Response(document, 200, media_type=_JSON)
 
     routes = [Route(OPENAPI_PATH, schema, methods=["GET"], include_in_schema=False)]
+    # One Starlette route per path, whatever its methods: a 405 then lists
+    # every method the path has in ``allow`` (one route per method would
+    # list only the first route's).
+    paths: dict[str, dict[str, _Endpoint]] = {}
+    for op in OPS:
+        paths.setdefault(op.path, {})[op.method] = _Endpoint(op, services)
     routes += [
-        Route(PREFIX + op.path, _Endpoint(op, services).handle, methods=[op.method], name=op.name)
-        for op in OPS
+        Route(PREFIX + path, _Methods(methods).handle, methods=list(methods))
+        for path, methods in paths.items()
     ]
     return Starlette(
         routes=routes,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -39,6 +39,8 @@ from gandalf.domain import (
     UsageSummary,
 )
 from gandalf.errors import Conflict, InUse, InvalidRequest, NotFound
+
+_V = TypeVar("_V")
 
 
 class AdminStore(Protocol):
@@ -225,6 +227,11 @@ def _budget_out(budget: Budget | None) -> s.Budget | None:
     return None if budget is None else s.Budget(usd=budget.usd, period=budget.period)
 
 
+def _given(value: _V | msgspec.UnsetType) -> _V | None:
+    """A query parameter's value; None when it was left out."""
+    return None if value is msgspec.UNSET else value
+
+
 def _page(items: list[Any], limit: int, offset: int) -> tuple[list[Any], bool]:
     return items[offset : offset + limit], len(items) > offset + limit
 
@@ -338,8 +345,8 @@ async def _key_or_404(call: Call) -> ApiKey:
 async def list_keys(call: Call) -> s.KeyList:
     """List keys (filter by org or team); never their hashes."""
     q: s.KeyQuery = call.query
-    keys = await call.services.keys.list(q.org)
-    if q.team is not None:
+    keys = await call.services.keys.list(_given(q.org))
+    if q.team is not msgspec.UNSET:
         keys = [k for k in keys if k.team_id == q.team]
     now = call.services.clock()
     page, more = _page(keys, q.limit, q.offset)
@@ -505,7 +512,7 @@ async def delete_org(call: Call) -> s.Org:
 async def list_teams(call: Call) -> s.TeamList:
     """List teams (filter by org); ``read_only`` ones are declared in the config file."""
     q: s.TeamQuery = call.query
-    page, more = _page(await call.services.store.list_teams(q.org), q.limit, q.offset)
+    page, more = _page(await call.services.store.list_teams(_given(q.org)), q.limit, q.offset)
     return s.TeamList(
         data=[_team_out(t) for t in page], limit=q.limit, offset=q.offset, has_more=more
     )
@@ -719,16 +726,17 @@ async def usage(call: Call) -> s.UsagePage:
     q: s.UsageQuery = call.query
     now = call.services.clock()
     since = _when(q.since, "since", now)
-    until = now if q.until is None else _when(q.until, "until", now)
+    until = now if q.until is msgspec.UNSET else _when(q.until, "until", now)
     if until < since:
         raise InvalidRequest("until is before since.", param="until")
+    by, bucket = _given(q.group_by), _given(q.bucket)
     # One row more than asked tells whether another page follows.
     rows = await call.services.store.usage_summary(
-        q.group_by, since, until, bucket=q.bucket, limit=q.limit + 1, offset=q.offset
+        by, since, until, bucket=bucket, limit=q.limit + 1, offset=q.offset
     )
     return s.UsagePage(
-        group_by=q.group_by,
-        bucket=q.bucket,
+        group_by=by,
+        bucket=bucket,
         since=since,
         until=until,
         limit=q.limit,
@@ -789,7 +797,7 @@ _W = (400, 401, 403)  # every write: also a bad body
 OPS: tuple[Op, ...] = (
     Op("GET", "/keys", list_keys, s.KeyList, query=s.KeyQuery, errors=(400, *_R)),
     Op("POST", "/keys", create_key, s.KeyCreated, needs=_KEYS, body=s.KeyCreate, ok=201,
-       errors=_W, audit="create", resource="keys"),
+       errors=(*_W, 409), audit="create", resource="keys"),
     Op("GET", "/keys/{key_id}", get_key, s.Key, errors=(*_R, 404)),
     Op("PATCH", "/keys/{key_id}", update_key, s.Key, needs=_KEYS, body=s.KeyPatch,
        errors=(*_W, 404, 409), audit="update", resource="keys"),

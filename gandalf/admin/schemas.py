@@ -122,9 +122,11 @@ class KeyCreated(Key, kw_only=True):
     key: str
 
 
+# Query strings: optional parameters default to UNSET, not None, so that the
+# text "null" is refused (lax conversion would read it as None).
 class KeyQuery(PageQuery, kw_only=True):
-    org: Id | None = None
-    team: Id | None = None
+    org: Id | msgspec.UnsetType = msgspec.UNSET
+    team: Id | msgspec.UnsetType = msgspec.UNSET
 
 
 class KeyList(Page, kw_only=True):
@@ -169,7 +171,7 @@ class OrgList(Page, kw_only=True):
 
 
 class TeamQuery(PageQuery, kw_only=True):
-    org: Id | None = None
+    org: Id | msgspec.UnsetType = msgspec.UNSET
 
 
 class TeamList(Page, kw_only=True):
@@ -271,10 +273,10 @@ GroupBy = Literal["key", "team", "org", "model", "provider"]
 
 
 class UsageQuery(PageQuery, kw_only=True):
-    group_by: GroupBy | None = None  # None: one total
+    group_by: GroupBy | msgspec.UnsetType = msgspec.UNSET  # left out: one total
     since: Annotated[str, msgspec.Meta(max_length=64)] = "7d"  # 7d, epoch seconds or ISO 8601
-    until: Annotated[str, msgspec.Meta(max_length=64)] | None = None  # None: now
-    bucket: Literal["hour", "day"] | None = None
+    until: Annotated[str, msgspec.Meta(max_length=64)] | msgspec.UnsetType = msgspec.UNSET  # now
+    bucket: Literal["hour", "day"] | msgspec.UnsetType = msgspec.UNSET
 
 
 class UsageRow(msgspec.Struct, kw_only=True):

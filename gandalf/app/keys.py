@@ -15,7 +15,7 @@ import msgspec
 
 from gandalf.auth.apikey import display_prefix, generate_key, hash_key
 from gandalf.domain import BUDGET_PERIODS, ROLES, ApiKey, Budget
-from gandalf.errors import InvalidRequest
+from gandalf.errors import Conflict, InvalidRequest
 
 
 class _Unset:
@@ -93,7 +93,7 @@ class KeyManager:
                 and not other.revoked
                 and (other.expires_at is None or other.expires_at > now)
             ):
-                raise InvalidRequest(
+                raise Conflict(
                     f"An active key named {name!r} already exists in organization "
                     f"{org_id!r} ({other.id}); choose another name, or revoke that key first.",
                     param="name",
