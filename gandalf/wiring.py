@@ -26,7 +26,7 @@ from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
 from gandalf.config import GandalfConfig, default_config_path, load_config
-from gandalf.domain import Permission, Scope, Tenancy
+from gandalf.domain import ApiKey, Permission, Scope, Tenancy
 from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
@@ -106,13 +106,19 @@ def create_app(
 
             started = registry
 
-            async def changed(kind: str, key_hash: str | None) -> None:
+            async def changed(kind: str, key: ApiKey | None) -> None:
                 # This worker applies an admin change at once; other workers
                 # and instances learn of it through the change feed (issue 16).
-                if kind == "keys":
-                    keys.invalidate(key_hash)
+                # A budget new to this worker starts from its period's spend.
+                if kind == "keys" and key is not None:
+                    keys.invalidate(key.key_hash)
+                    if key.budget is not None:
+                        scope = Scope(kind="key", id=key.id, budget=key.budget)
+                        await governor.rebuild(store, [scope])
                 elif kind == "tenants":
-                    keys.set_tenancy(await load_tenancy(store, config))
+                    tenancy = await load_tenancy(store, config)
+                    keys.set_tenancy(tenancy)
+                    await governor.rebuild(store, await budget_scopes(store, tenancy))
                 elif kind == "routes":
                     stored = await store.list_routes()
                     fresh = RouteTable.build(

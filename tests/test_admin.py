@@ -262,7 +262,7 @@ def test_a_config_key_can_be_blocked_but_its_limits_belong_to_the_file() -> None
     run(scenario)
 
 
-def test_the_blocked_flag_outlives_a_restart_with_the_same_config(tmp_path: Any) -> None:
+def test_a_config_key_stays_blocked_or_revoked_across_restarts(tmp_path: Any) -> None:
     db = str(tmp_path / "g.db")
 
     async def main() -> None:
@@ -279,6 +279,17 @@ def test_the_blocked_flag_outlives_a_restart_with_the_same_config(tmp_path: Any)
         try:
             got = (await admin(app, "GET", f"/keys/{member['id']}")).json()
             assert got["blocked"] is True
+            viewer = next(k for k in keys if k["name"] == "viewer")
+            assert (await admin(app, "DELETE", f"/keys/{viewer['id']}")).status == 200
+        finally:
+            await app.shutdown()
+        app = create_app(make_config(db), access_log=False)
+        await app.startup()
+        try:
+            # still in the file, still revoked: a revocation is never undone by a restart
+            got = (await admin(app, "GET", f"/keys/{viewer['id']}")).json()
+            assert got["status"] == "revoked"
+            assert_error(await admin(app, "GET", "/keys", VIEWER), 401)
         finally:
             await app.shutdown()
 
@@ -345,6 +356,54 @@ def test_orgs_and_teams_made_over_http_and_config_ones_read_only() -> None:
         assert "gandalf.yaml" in error["message"]
         assert_error(await admin(app, "DELETE", "/teams/backend"), 409)
         assert_error(await admin(app, "DELETE", "/orgs/default"), 409)
+
+    run(scenario)
+
+
+def test_org_and_team_patch_apply_at_once_and_config_ones_are_read_only() -> None:
+    async def scenario(app: GandalfApp) -> None:
+        await admin(app, "POST", "/orgs", json={"id": "beta"})
+        await admin(app, "POST", "/teams", json={"id": "ops", "org": "beta"})
+        created = (await admin(app, "POST", "/keys", json={"name": "k", "team": "ops"})).json()
+        auth = [("authorization", f"Bearer {created['key']}")]
+        assert (await chat(app, auth)).status == 200
+        reply = await admin(app, "PATCH", "/teams/ops", json={"allowed_models": ["other"]})
+        assert reply.status == 200 and reply.json()["allowed_models"] == ["other"]
+        assert_error(await chat(app, auth), 403, "permission_denied")  # at once
+        patch = {"allowed_models": None, "rpm": 5, "name": "Ops", "budget_usd": 2}
+        team = (await admin(app, "PATCH", "/teams/ops", json=patch)).json()
+        assert team["name"] == "Ops" and team["rpm"] == 5 and team["allowed_models"] is None
+        assert team["budget"] == {"usd": 2.0, "period": "monthly"}
+        assert (await chat(app, auth)).status == 200
+        org = (await admin(app, "PATCH", "/orgs/beta", json={"budget_usd": 0})).json()
+        assert org["budget"] == {"usd": 0.0, "period": "monthly"}
+        assert_error(await chat(app, auth), 429, "insufficient_quota")  # at once
+        org = (await admin(app, "PATCH", "/orgs/beta", json={"budget_usd": None})).json()
+        assert org["budget"] is None
+        assert (await chat(app, auth)).status == 200
+        assert_error(await admin(app, "PATCH", "/orgs/acme", json={"rpm": 1}), 409)
+        assert_error(await admin(app, "PATCH", "/teams/backend", json={"rpm": 1}), 409)
+        assert_error(await admin(app, "PATCH", "/orgs/none", json={"rpm": 1}), 404)
+        assert_error(await admin(app, "PATCH", "/orgs/beta", json={"budget_period": "daily"}), 400)
+        assert (await admin(app, "GET", "/teams/ops")).json()["rpm"] == 5
+
+    run(scenario)
+
+
+def test_a_key_budget_set_over_http_counts_what_the_period_already_spent() -> None:
+    async def scenario(app: GandalfApp) -> None:
+        created = (await admin(app, "POST", "/keys", json={"name": "spender"})).json()
+        auth = [("authorization", f"Bearer {created['key']}")]
+        assert (await chat(app, auth)).status == 200
+        store = app_store(app)
+        store.record_usage(
+            UsageRecord("spent", created["id"], "default", "fake-model", "fake-1", "fake",
+                        1, 1, 2, 1.0, 200, time.time(), cost_usd=3.0)
+        )  # fmt: skip
+        await store.flush()
+        patch = {"budget_usd": 2.5, "budget_period": "total"}
+        assert (await admin(app, "PATCH", f"/keys/{created['id']}", json=patch)).status == 200
+        assert_error(await chat(app, auth), 429, "insufficient_quota")
 
     run(scenario)
 

@@ -22,7 +22,7 @@ import msgspec
 
 from gandalf.admin import schemas as s
 from gandalf.app.breaker import BreakerSnapshot
-from gandalf.app.keys import UNSET, KeyManager
+from gandalf.app.keys import UNSET, KeyManager, Unset
 from gandalf.app.timespec import instant
 from gandalf.domain import (
     STRATEGIES,
@@ -41,6 +41,7 @@ from gandalf.domain import (
 from gandalf.errors import Conflict, InUse, InvalidRequest, NotFound
 
 _V = TypeVar("_V")
+_T = TypeVar("_T", Organization, Team)
 
 
 class AdminStore(Protocol):
@@ -64,6 +65,10 @@ class AdminStore(Protocol):
 
     async def delete_team(self, team_id: str) -> bool: ...
 
+    async def update_org(self, org: Organization) -> bool: ...
+
+    async def update_team(self, team: Team) -> bool: ...
+
     async def list_routes(self) -> list[Route]: ...
 
     async def upsert_route(self, r: Route) -> None: ...
@@ -86,9 +91,9 @@ class AdminStore(Protocol):
     async def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditEntry]: ...
 
 
-# ``changed(kind, key_hash)``: something the workers hold changed ("keys" with
-# the key's hash, "tenants", "routes"); the wiring refreshes this worker at once.
-ChangeHook = Callable[[str, "str | None"], Awaitable[None]]
+# ``changed(kind, key)``: something the workers hold changed ("keys" with the
+# key as it is now, "tenants", "routes"); the wiring refreshes this worker at once.
+ChangeHook = Callable[[str, "ApiKey | None"], Awaitable[None]]
 PurgeHook = Callable[[], "Awaitable[int] | int"]
 
 
@@ -133,9 +138,9 @@ class Services:
         self.config_source = config_source
         self.clock = clock
 
-    async def notify(self, kind: str, key_hash: str | None = None) -> None:
+    async def notify(self, kind: str, key: ApiKey | None = None) -> None:
         if self.changed is not None:
-            await self.changed(kind, key_hash)
+            await self.changed(kind, key)
 
 
 class Call:
@@ -221,6 +226,25 @@ def _budget(usd: float | None, period: str | None) -> Budget | None:
             raise InvalidRequest("budget_period needs budget_usd.", param="budget_period")
         return None
     return Budget(usd=usd, period=period or "monthly")
+
+
+def _budget_patch(
+    usd: float | msgspec.UnsetType | None,
+    period: str | msgspec.UnsetType,
+    current: Budget | None,
+) -> Budget | Unset | None:
+    """A PATCH's budget: UNSET (unchanged), None (cleared) or the new one;
+    a period alone changes the current budget's period."""
+    if usd is not msgspec.UNSET:
+        if usd is None:  # cleared; a period beside it is a mistake
+            return _budget(None, period or None)
+        kept = current.period if current is not None else None
+        return _budget(usd, kept if period is msgspec.UNSET else period)
+    if period is not msgspec.UNSET:
+        if current is None:
+            raise InvalidRequest("budget_period needs budget_usd.", param="budget_period")
+        return Budget(usd=current.usd, period=period)
+    return UNSET
 
 
 def _budget_out(budget: Budget | None) -> s.Budget | None:
@@ -411,31 +435,19 @@ async def update_key(call: Call) -> s.Key:
             f"Key {key.id!r} is declared in {services.config_source}: change "
             f"{', '.join(owned)} there; only 'blocked' can change over the admin API."
         )
-    budget: Budget | object | None = UNSET
-    if b.budget_usd is not msgspec.UNSET:
-        if b.budget_usd is None:  # cleared; a period beside it is a mistake
-            budget = _budget(None, b.budget_period or None)
-        else:
-            period: str | None = key.budget.period if key.budget is not None else None
-            if b.budget_period is not msgspec.UNSET:
-                period = b.budget_period
-            budget = _budget(b.budget_usd, period)
-    elif b.budget_period is not msgspec.UNSET:
-        if key.budget is None:
-            raise InvalidRequest("budget_period needs budget_usd.", param="budget_period")
-        budget = Budget(usd=key.budget.usd, period=b.budget_period)
+    budget = _budget_patch(b.budget_usd, b.budget_period, key.budget)
     updated = await services.keys.update(
         key.id,
         allowed_models=UNSET if b.allowed_models is msgspec.UNSET else b.allowed_models,
         expires_at=UNSET if b.expires_at is msgspec.UNSET else b.expires_at,
         rpm=None if b.rpm is msgspec.UNSET else b.rpm,
         tpm=None if b.tpm is msgspec.UNSET else b.tpm,
-        budget=budget,  # type: ignore[arg-type]
+        budget=budget,
         blocked=None if b.blocked is msgspec.UNSET else b.blocked,
     )
     if updated is None:
         raise NotFound(f"No key with id {key.id!r}.")
-    await services.notify("keys", key.key_hash)
+    await services.notify("keys", updated)
     return _key_out(updated, services.clock())
 
 
@@ -445,8 +457,9 @@ async def revoke_key(call: Call) -> s.Key:
     services = call.services
     key = await _key_or_404(call)
     await services.keys.revoke(key.id)
-    await services.notify("keys", key.key_hash)
-    return _key_out(msgspec.structs.replace(key, revoked=True), services.clock())
+    revoked = msgspec.structs.replace(key, revoked=True)
+    await services.notify("keys", revoked)
+    return _key_out(revoked, services.clock())
 
 
 # --------------------------------------------------------------------------- orgs and teams
@@ -507,6 +520,53 @@ async def delete_org(call: Call) -> s.Org:
         raise Conflict(f"{exc}.") from None
     await services.notify("tenants")
     return _org_out(org)
+
+
+def _patched(level: _T, b: s.TenantPatch) -> _T:
+    changes: dict[str, object] = {}
+    for field in ("name", "rpm", "tpm"):
+        value = getattr(b, field)
+        if value is not msgspec.UNSET:
+            changes[field] = value
+    if b.allowed_models is not msgspec.UNSET:
+        models = b.allowed_models
+        changes["allowed_models"] = None if models is None else tuple(models)
+    budget = _budget_patch(b.budget_usd, b.budget_period, level.budget)
+    if not isinstance(budget, Unset):
+        changes["budget"] = budget
+    return msgspec.structs.replace(level, **changes)
+
+
+async def update_org(call: Call) -> s.Org:
+    """Change an organization's name, allowed models, limits or budget; config
+    ones are read-only (409)."""
+    services = call.services
+    org_id = call.params["org_id"]
+    org = await services.store.get_org(org_id)
+    if org is None:
+        raise NotFound(f"No org {org_id!r}.")
+    if org.source == "config":
+        raise _read_only("org", org_id, services.config_source)
+    updated = _patched(org, call.body)
+    await services.store.update_org(updated)
+    await services.notify("tenants")
+    return _org_out(updated)
+
+
+async def update_team(call: Call) -> s.Team:
+    """Change a team's name, allowed models, limits or budget; config ones are
+    read-only (409)."""
+    services = call.services
+    team_id = call.params["team_id"]
+    team = await services.store.get_team(team_id)
+    if team is None:
+        raise NotFound(f"No team {team_id!r}.")
+    if team.source == "config":
+        raise _read_only("team", team_id, services.config_source)
+    updated = _patched(team, call.body)
+    await services.store.update_team(updated)
+    await services.notify("tenants")
+    return _team_out(updated)
 
 
 async def list_teams(call: Call) -> s.TeamList:
@@ -807,12 +867,16 @@ OPS: tuple[Op, ...] = (
     Op("POST", "/orgs", create_org, s.Org, needs=_CONFIG, body=s.OrgCreate, ok=201,
        errors=(*_W, 409), audit="create", resource="orgs"),
     Op("GET", "/orgs/{org_id}", get_org, s.Org, errors=(*_R, 404)),
+    Op("PATCH", "/orgs/{org_id}", update_org, s.Org, needs=_CONFIG, body=s.TenantPatch,
+       errors=(*_W, 404, 409), audit="update", resource="orgs"),
     Op("DELETE", "/orgs/{org_id}", delete_org, s.Org, needs=_CONFIG, errors=(*_R, 404, 409),
        audit="delete", resource="orgs"),
     Op("GET", "/teams", list_teams, s.TeamList, query=s.TeamQuery, errors=(400, *_R)),
     Op("POST", "/teams", create_team, s.Team, needs=_CONFIG, body=s.TeamCreate, ok=201,
        errors=(*_W, 409), audit="create", resource="teams"),
     Op("GET", "/teams/{team_id}", get_team, s.Team, errors=(*_R, 404)),
+    Op("PATCH", "/teams/{team_id}", update_team, s.Team, needs=_CONFIG, body=s.TenantPatch,
+       errors=(*_W, 404, 409), audit="update", resource="teams"),
     Op("DELETE", "/teams/{team_id}", delete_team, s.Team, needs=_CONFIG,
        errors=(*_R, 404, 409), audit="delete", resource="teams"),
     Op("GET", "/routes", list_routes, s.RouteList, query=s.PageQuery, errors=(400, *_R)),

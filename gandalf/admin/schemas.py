@@ -150,6 +150,17 @@ class TeamCreate(OrgCreate, kw_only=True):
     org: Id
 
 
+class TenantPatch(_In):
+    """Left out: unchanged; ``null``: cleared (``allowed_models``, ``budget_usd``)."""
+
+    name: Name | msgspec.UnsetType = msgspec.UNSET
+    allowed_models: Models | msgspec.UnsetType | None = msgspec.UNSET
+    rpm: Count | msgspec.UnsetType = msgspec.UNSET
+    tpm: Count | msgspec.UnsetType = msgspec.UNSET
+    budget_usd: Usd | msgspec.UnsetType | None = msgspec.UNSET
+    budget_period: Period | msgspec.UnsetType = msgspec.UNSET
+
+
 class Org(msgspec.Struct, kw_only=True):
     id: str
     name: str

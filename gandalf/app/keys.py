@@ -18,7 +18,7 @@ from gandalf.domain import BUDGET_PERIODS, ROLES, ApiKey, Budget
 from gandalf.errors import Conflict, InvalidRequest
 
 
-class _Unset:
+class Unset:
     """No change asked (a PATCH that leaves a field out); None means "clear it"."""
 
     __slots__ = ()
@@ -27,7 +27,7 @@ class _Unset:
         return "UNSET"
 
 
-UNSET: Final = _Unset()
+UNSET: Final = Unset()
 
 
 class KeyStore(Protocol):
@@ -123,11 +123,11 @@ class KeyManager:
         self,
         key_id: str,
         *,
-        allowed_models: Sequence[str] | _Unset | None = UNSET,
-        expires_at: float | _Unset | None = UNSET,
+        allowed_models: Sequence[str] | Unset | None = UNSET,
+        expires_at: float | Unset | None = UNSET,
         rpm: int | None = None,
         tpm: int | None = None,
-        budget: Budget | _Unset | None = UNSET,
+        budget: Budget | Unset | None = UNSET,
         blocked: bool | None = None,
     ) -> ApiKey | None:
         """Change what may change of a key after creation; returns it as stored
@@ -139,9 +139,9 @@ class KeyManager:
         if key is None:
             return None
         changes: dict[str, object] = {}
-        if not isinstance(allowed_models, _Unset):
+        if not isinstance(allowed_models, Unset):
             changes["allowed_models"] = None if allowed_models is None else tuple(allowed_models)
-        if not isinstance(expires_at, _Unset):
+        if not isinstance(expires_at, Unset):
             if expires_at is not None and expires_at <= self._clock():
                 raise InvalidRequest("expires_at is in the past.", param="expires_at")
             changes["expires_at"] = expires_at
@@ -149,7 +149,7 @@ class KeyManager:
             changes["rpm"] = rpm
         if tpm is not None:
             changes["tpm"] = tpm
-        if not isinstance(budget, _Unset):
+        if not isinstance(budget, Unset):
             changes["budget"] = budget
         if blocked is not None:
             changes["blocked"] = blocked

@@ -505,6 +505,22 @@ _TEAM_UPSERT: Final = (
     + " ON CONFLICT (id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in ("org_id", "name", *_LIMIT_COLUMNS))
 )
+_TENANT_SET: Final = (
+    "SET name = ?, allowed_models = ?, rpm = ?, tpm = ?, budget_usd = ?, budget_period = ? "
+    "WHERE id = ?"
+)
+_ORG_UPDATE: Final = "UPDATE organizations " + _TENANT_SET
+_TEAM_UPDATE: Final = "UPDATE teams " + _TENANT_SET
+
+
+def _tenant_update(t: Organization | Team, tenant_id: str) -> tuple[object, ...]:
+    allowed = t.allowed_models
+    return (
+        t.name, None if allowed is None else _json(allowed), t.rpm, t.tpm,
+        *_budget_columns(t.budget), tenant_id,
+    )  # fmt: skip
+
+
 # Live keys: neither revoked nor expired (at the given time).
 _LIVE_KEYS: Final = (
     "SELECT count(*) FROM api_keys WHERE {column} = ? AND revoked = 0 "
@@ -1131,6 +1147,16 @@ class SqliteStore:
     async def delete_team(self, team_id: str) -> bool:
         """Delete a team; False if there is none; TenantInUse while live keys belong to it."""
         return await self._delete_tenant("teams", "team_id", team_id, "team")
+
+    async def update_org(self, org: Organization) -> bool:
+        """Write an organization's name, allowed models, limits and budget (by
+        id; its source and created_at stay). False if there is none."""
+        return await self._execute(_ORG_UPDATE, _tenant_update(org, org.id)) > 0
+
+    async def update_team(self, team: Team) -> bool:
+        """Write a team's name, allowed models, limits and budget (by id; its
+        org, source and created_at stay). False if there is none."""
+        return await self._execute(_TEAM_UPDATE, _tenant_update(team, team.id)) > 0
 
     async def upsert_config_tenants(
         self, orgs: Sequence[Organization], teams: Sequence[Team]
