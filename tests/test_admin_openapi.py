@@ -16,22 +16,31 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from gandalf.auth.apikey import generate_key
 from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry
 from gandalf.domain import Organization, ProviderConfig, Route, Target
+from gandalf.server.asgi import GandalfApp
 from gandalf.wiring import create_app
 
 ADMIN = generate_key()
 
-APP = create_app(
-    GandalfConfig(
-        database=DatabaseConfig(dsn=":memory:"),
-        providers=(ProviderConfig(name="fake", type="fake"),),
-        routes=(Route(model_alias="fake-model", targets=(Target(provider="fake", model="f"),)),),
-        orgs=(Organization(id="acme", name="Acme", source="config"),),
-        keys=(KeyEntry(name="admin", key=ADMIN, role="admin"),),
-    ),
-    access_log=False,
-)
 
-schema = schemathesis.openapi.from_asgi("/admin/v1/openapi.json", APP)
+def _app() -> GandalfApp:
+    return create_app(
+        GandalfConfig(
+            database=DatabaseConfig(dsn=":memory:"),
+            providers=(ProviderConfig(name="fake", type="fake"),),
+            routes=(
+                Route(model_alias="fake-model", targets=(Target(provider="fake", model="f"),)),
+            ),
+            orgs=(Organization(id="acme", name="Acme", source="config"),),
+            keys=(KeyEntry(name="admin", key=ADMIN, role="admin"),),
+        ),
+        access_log=False,
+    )
+
+
+# Loaded at collection (schemathesis' pytest fixture loader does not work with
+# this pytest): it starts the app's lifespan on schemathesis' own event-loop
+# thread, an in-memory store that lives until the test process exits.
+schema = schemathesis.openapi.from_asgi("/admin/v1/openapi.json", _app())
 
 
 @schema.parametrize()
