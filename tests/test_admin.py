@@ -304,6 +304,17 @@ def test_key_creation_checks_the_team_and_org() -> None:
         assert error["param"] == "team"
         body = {"name": "a", "team": "backend", "org": "default"}
         assert assert_error(await admin(app, "POST", "/keys", json=body), 400)["param"] == "team"
+        typo = {"name": "a", "allowed_models": ["fake-model", "fake-modle"]}
+        error = assert_error(await admin(app, "POST", "/keys", json=typo), 400)
+        assert error["param"] == "allowed_models[1]"
+        globbed = {"name": "g", "allowed_models": ["fake-*"]}
+        assert (await admin(app, "POST", "/keys", json=globbed)).status == 201
+        assert_error(
+            await admin(
+                app, "POST", "/keys", json={**globbed, "name": "h", "allowed_models": ["gpt-*"]}
+            ),
+            400,
+        )
         assert (await admin(app, "POST", "/keys", json={"name": "dup"})).status == 201
         assert_error(await admin(app, "POST", "/keys", json={"name": "dup"}), 409, "conflict")
 

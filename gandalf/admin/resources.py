@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -37,6 +38,7 @@ from gandalf.domain import (
     Target,
     Team,
     UsageSummary,
+    is_glob,
 )
 from gandalf.errors import Conflict, InUse, InvalidRequest, NotFound
 
@@ -359,6 +361,27 @@ def _read_only(kind: str, ident: str, source: str) -> Conflict:
 # --------------------------------------------------------------------------- keys
 
 
+async def _check_models(services: Services, models: Sequence[str] | None) -> None:
+    """Refuse an allowed model no route or provider serves, as ``gandalf keys
+    create --models`` does: a typo would make a key refused on every request.
+    A glob must match something known. A provider that lists its models at run
+    time (Ollama without ``models``) could serve any name: nothing is refused."""
+    if not models:
+        return
+    providers = services.providers
+    if any(p.type == "ollama" and not p.models for p in providers):
+        return
+    known = {r.model_alias for r in await services.store.list_routes()}
+    known.update(m for p in providers for m in p.models)
+    for i, model in enumerate(models):
+        if model in known or (is_glob(model) and any(fnmatchcase(k, model) for k in known)):
+            continue
+        raise InvalidRequest(
+            f"No route or provider serves {model!r}; add the route first.",
+            param=f"allowed_models[{i}]",
+        )
+
+
 async def _key_or_404(call: Call) -> ApiKey:
     key = await call.services.keys.get(call.params["key_id"])
     if key is None:
@@ -394,6 +417,7 @@ async def create_key(call: Call) -> s.KeyCreated:
             raise InvalidRequest(
                 f"Team {team.id!r} belongs to org {team.org_id!r}, not {org!r}.", param="team"
             )
+    await _check_models(services, b.allowed_models)
     key, plaintext = await services.keys.create(
         name=b.name,
         role=b.role,
@@ -436,6 +460,8 @@ async def update_key(call: Call) -> s.Key:
             f"{', '.join(owned)} there; only 'blocked' can change over the admin API."
         )
     budget = _budget_patch(b.budget_usd, b.budget_period, key.budget)
+    if b.allowed_models is not msgspec.UNSET:
+        await _check_models(services, b.allowed_models)
     updated = await services.keys.update(
         key.id,
         allowed_models=UNSET if b.allowed_models is msgspec.UNSET else b.allowed_models,
