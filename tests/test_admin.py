@@ -129,6 +129,8 @@ def test_unknown_paths_wrong_methods_and_bad_bodies_answer_in_the_error_shape() 
         reply = await admin(app, "PUT", "/keys")
         assert_error(reply, 405, "method_not_allowed")
         assert sorted((reply.header("allow") or "").split(", ")) == ["GET", "HEAD", "POST"]
+        head = await admin(app, "HEAD", "/keys")
+        assert head.status == 200 and head.body == b""
         error = assert_error(await admin(app, "POST", "/keys", body=b"{not json"), 400)
         assert error["type"] == "invalid_request_error"
         error = assert_error(await admin(app, "POST", "/keys", json={"name": "a", "nope": 1}), 400)

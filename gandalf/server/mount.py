@@ -85,7 +85,9 @@ class AsgiMount:
                 chunks.append(message.get("body", b""))
 
         await self.app(scope, receive, send)
-        return Response(status, b"".join(chunks), tuple(out))
+        # HEAD: the headers of a GET without its body (an HTTP/1.1 client reads none).
+        body_out = b"" if request.method == "HEAD" else b"".join(chunks)
+        return Response(status, body_out, tuple(out))
 
 
 def mount(app: ASGIApp, auth: KeyAuth | None) -> Endpoint:
