@@ -128,6 +128,16 @@ def create_app(
                         health=table.health,
                     )
                     proxy.routes = passthrough.routes = fresh
+                    # A target new to this worker gets its price (the library is
+                    # asked in a child process: off the event loop).
+                    if not all(
+                        pricing.knows(t.provider, t.model) for r in stored for t in r.targets
+                    ):
+                        pricing.adopt(
+                            await asyncio.to_thread(
+                                build_pricing, providers, stored, config.pricing
+                            )
+                        )
 
             # The admin API (Starlette, off the hot path): tried only when no
             # exact path matched, so /v1/* dispatch is untouched.

@@ -462,6 +462,29 @@ def test_routes_made_over_http_serve_and_config_routes_are_read_only() -> None:
     run(scenario)
 
 
+def test_a_route_made_over_http_is_priced_so_budgets_bound_it() -> None:
+    """A target no start-up route had gets its price at once: a request that
+    cannot fit the key's budget is refused before the upstream call (429),
+    not sent upstream unpriced (here the upstream is down: a 502)."""
+
+    async def scenario(app: GandalfApp) -> None:
+        key = {"name": "b", "budget_usd": 0.000001, "budget_period": "total"}
+        created = (await admin(app, "POST", "/keys", json=key)).json()
+        body = {"model_alias": "mini", "targets": [{"provider": "openai", "model": "gpt-4o-mini"}]}
+        assert (await admin(app, "POST", "/routes", json=body)).status == 201
+        auth = [("authorization", f"Bearer {created['key']}")]
+        reply = await call(
+            app,
+            "POST",
+            "/v1/chat/completions",
+            headers=auth,
+            json={**CHAT, "model": "mini", "max_tokens": 1000},
+        )
+        assert_error(reply, 429, "insufficient_quota")
+
+    run(scenario)
+
+
 # --------------------------------------------------------------------------- providers
 
 
