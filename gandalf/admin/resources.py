@@ -216,7 +216,8 @@ class Op:
         self.audit = audit
         self.resource = resource
         self.name = handler.__name__.strip("_")
-        self.summary = (inspect.getdoc(handler) or "").split("\n\n")[0].replace("\n", " ")
+        doc = (inspect.getdoc(handler) or "").split("\n\n")[0]
+        self.summary = doc.replace("\n", " ").replace("``", "`")
 
 
 # --------------------------------------------------------------------------- helpers
