@@ -615,13 +615,14 @@ async def _keys(args: argparse.Namespace) -> int:
             )
             now = time.time()
             for k in rows:
-                status = (
-                    "revoked"
-                    if k.revoked
-                    else (
-                        "expired" if k.expires_at is not None and k.expires_at <= now else "active"
-                    )
-                )
+                if k.revoked:
+                    status = "revoked"
+                elif k.blocked:  # by the admin API; reversible
+                    status = "blocked"
+                elif k.expires_at is not None and k.expires_at <= now:
+                    status = "expired"
+                else:
+                    status = "active"
                 expires = (
                     "never"
                     if k.expires_at is None
