@@ -466,5 +466,10 @@ class InUse(Exception):
     subclass: ``TenantInUse``); the admin API answers it with a 409."""
 
 
+class Clash(Exception):
+    """A create broke a constraint of the store (the id exists: a concurrent
+    create; or what it refers to is gone); the admin API answers a 409."""
+
+
 class ConfigError(Exception):
     """A configuration problem, already phrased as ``file: key.path: problem``."""

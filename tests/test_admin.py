@@ -667,3 +667,41 @@ def test_admin_v1_without_a_slash_is_a_404(method: str) -> None:
         assert_error(await call(app, method, "/admin/v1"), 404)
 
     run(scenario)
+
+
+def test_a_create_that_loses_a_race_is_a_409_not_a_500() -> None:
+    """Two creates of one id: the second passes the existence check, then the
+    store's constraint refuses it (CannotCreate): a 409 conflict."""
+    from gandalf.admin.app import create_admin_app
+    from gandalf.admin.resources import Services
+    from gandalf.app.keys import KeyManager
+    from gandalf.domain import ApiKey, Identity
+    from gandalf.server.types import Receive, Scope, Send
+    from gandalf.storage.sqlite import CannotCreate, SqliteStore
+
+    class Racing(SqliteStore):
+        async def get_org(self, org_id: str) -> Organization | None:
+            return None  # the other create has not committed yet
+
+        async def create_org(self, org: Organization) -> None:
+            raise CannotCreate(f"cannot create organization {org.id!r}: UNIQUE constraint")
+
+    async def main() -> None:
+        store = Racing(":memory:")
+        await store.open()
+        try:
+            app = create_admin_app(Services(store, KeyManager(store)))
+            key = ApiKey(id="key_a", name="a", key_hash="h", prefix="gnd_", role="admin")
+            identity = Identity.from_key(key)
+
+            async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+                scope["state"] = {"identity": identity}
+                await app(scope, receive, send)
+
+            reply = await call(asgi, "POST", "/admin/v1/orgs", json={"id": "x"})
+            assert_error(reply, 409, "conflict")
+            assert "UNIQUE" in reply.json()["error"]["message"]
+        finally:
+            await store.close()
+
+    asyncio.run(main())

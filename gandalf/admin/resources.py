@@ -40,7 +40,7 @@ from gandalf.domain import (
     UsageSummary,
     is_glob,
 )
-from gandalf.errors import Conflict, InUse, InvalidRequest, NotFound
+from gandalf.errors import Clash, Conflict, InUse, InvalidRequest, NotFound
 
 _V = TypeVar("_V")
 _T = TypeVar("_T", Organization, Team)
@@ -525,7 +525,10 @@ async def create_org(call: Call) -> s.Org:
         source="api",
         created_at=call.services.clock(),
     )
-    await store.create_org(org)
+    try:
+        await store.create_org(org)
+    except Clash as exc:  # a concurrent create of the same id
+        raise Conflict(f"{exc}.") from None
     await call.services.notify("tenants")
     return _org_out(org)
 
@@ -632,7 +635,10 @@ async def create_team(call: Call) -> s.Team:
         source="api",
         created_at=call.services.clock(),
     )
-    await store.create_team(team)
+    try:
+        await store.create_team(team)
+    except Clash as exc:  # a concurrent create, or its org deleted meanwhile
+        raise Conflict(f"{exc}.") from None
     await call.services.notify("tenants")
     return _team_out(team)
 

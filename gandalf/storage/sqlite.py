@@ -85,9 +85,16 @@ from gandalf.domain import (
     UsageRecord,
     UsageSummary,
 )
-from gandalf.errors import InUse
+from gandalf.errors import Clash, InUse
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "StorageError", "TenantInUse"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "CannotCreate",
+    "SqliteStore",
+    "StorageError",
+    "TenantInUse",
+]
 
 logger = logging.getLogger("gandalf.storage")
 
@@ -567,6 +574,11 @@ _AUDIT_INSERT: Final = (
 _AUDIT_SELECT: Final = (
     f"SELECT {', '.join(_AUDIT_FIELDS)} FROM audit_log ORDER BY id DESC LIMIT ? OFFSET ?"
 )
+
+
+class CannotCreate(StorageError, Clash):
+    """An insert broke a constraint: the id exists (a concurrent create), or
+    what it refers to does not (a team's organization)."""
 
 
 class TenantInUse(StorageError, InUse):
@@ -1243,7 +1255,7 @@ class SqliteStore:
             try:
                 await conn.execute(sql, row)
             except sqlite3.IntegrityError as exc:
-                raise StorageError(f"cannot create {what}: {exc}") from exc
+                raise CannotCreate(f"cannot create {what}: {exc}") from exc
 
         await self._write(op)
 
