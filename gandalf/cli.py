@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gandalf import __version__
+from gandalf.app import timespec
 from gandalf.app.governor import ENV_WORKERS
 from gandalf.config import GandalfConfig, default_config_path, load_config, split_addr
 from gandalf.domain import (
@@ -614,13 +615,14 @@ async def _keys(args: argparse.Namespace) -> int:
             )
             now = time.time()
             for k in rows:
-                status = (
-                    "revoked"
-                    if k.revoked
-                    else (
-                        "expired" if k.expires_at is not None and k.expires_at <= now else "active"
-                    )
-                )
+                if k.revoked:
+                    status = "revoked"
+                elif k.blocked:  # by the admin API; reversible
+                    status = "blocked"
+                elif k.expires_at is not None and k.expires_at <= now:
+                    status = "expired"
+                else:
+                    status = "active"
                 expires = (
                     "never"
                     if k.expires_at is None
@@ -830,14 +832,15 @@ def _since(text: str, now: float) -> float:
     30m, 24h, 7d or 1d12h; ``all``: the beginning of time."""
     if text == "all":
         return 0.0
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
+    try:
+        seconds = timespec.duration(text)
+    except ValueError:
+        raise CliError(f"--since is too long a duration, got {_shown(text)}", EXIT_USAGE) from None
+    if seconds is None:
         raise CliError(
             f"--since must look like 30m, 24h, 7d or 2w (or all), got {_shown(text)}", EXIT_USAGE
         )
-    if any(len(n) > _MAX_DIGITS for n, _ in parts):
-        raise CliError(f"--since is too long a duration, got {_shown(text)}", EXIT_USAGE)
-    return max(now - sum(int(n) * _UNIT[u] for n, u in parts), 0.0)
+    return max(now - seconds, 0.0)
 
 
 # The counts and cost a summary row sums (not its group, names or bucket).

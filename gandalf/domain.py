@@ -31,13 +31,14 @@ class Permission(enum.IntFlag):
     MANAGE_KEYS = 8
     MANAGE_CONFIG = 16  # providers, routes, orgs, teams
     READ_ALL_USAGE = 32
+    READ_ADMIN = 64  # the admin API's reads (/admin/v1 GETs): admin and viewer
 
 
 ROLE_PERMISSIONS: dict[str, Permission] = {
-    "admin": Permission(0b111111),
+    "admin": Permission(0b1111111),
     "member": Permission.CALL_MODELS | Permission.READ_MODELS | Permission.READ_USAGE,
     "service_account": Permission.CALL_MODELS | Permission.READ_MODELS,
-    "viewer": Permission.READ_MODELS | Permission.READ_USAGE,
+    "viewer": Permission.READ_MODELS | Permission.READ_USAGE | Permission.READ_ADMIN,
 }
 
 
@@ -62,6 +63,8 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     rpm: int = 0  # this key's own requests per minute; 0: unlimited
     tpm: int = 0  # this key's own tokens per minute; 0: unlimited
     budget: Budget | None = None  # this key's own spending limit
+    # Refused like a revoked key while set, but reversible (the admin API's PATCH).
+    blocked: bool = False
 
 
 # --------------------------------------------------------------------------- governance
@@ -640,6 +643,22 @@ class Change(msgspec.Struct, frozen=True, array_like=True):
     version: int
     kind: str
     id: str | None = None
+
+
+USAGE_BUCKETS: dict[str, int] = {"hour": 3600, "day": 86400}
+
+
+class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One admin write (done or refused): who, what, when. ``detail`` is a JSON
+    object without secrets (a key's plaintext or hash never appears)."""
+
+    ts: float
+    actor: str | None  # the key id that asked; None when unknown
+    action: str  # create | update | delete | purge ...
+    resource: str  # keys | orgs | teams | routes | cache
+    resource_id: str | None = None
+    status: int = 200  # the answer's HTTP status: refused writes are audited too
+    detail: str = "{}"
 
 
 # --------------------------------------------------------------------------- protocols

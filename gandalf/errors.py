@@ -9,6 +9,7 @@
     │   ├── MethodNotAllowed             405
     │   ├── RequestTimeout               408 request_timeout (+ connection: close)
     │   ├── IncompleteBody               400 incomplete_body (+ connection: close)
+    │   ├── Conflict                     409 conflict (the admin API: read-only or in use)
     │   └── ModelNotFound                404 model_not_found
     ├── AuthenticationError              401 invalid_api_key
     ├── PermissionDenied                 403 permission_denied
@@ -130,6 +131,7 @@ class InvalidRequest(GatewayError):
 
 _AT = re.compile(r" - at `\$(.*)`$")
 _MISSING = re.compile(r"Object missing required field `([^`]+)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]+)`")
 
 
 def invalid_body(exc: msgspec.ValidationError | msgspec.DecodeError) -> InvalidRequest:
@@ -149,6 +151,11 @@ def invalid_body(exc: msgspec.ValidationError | msgspec.DecodeError) -> InvalidR
         field = missing.group(1)
         param = f"{param}.{field}" if param else field
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    unknown = _UNKNOWN.match(text)
+    if unknown is not None:  # bodies that forbid unknown fields (the admin API's)
+        field = unknown.group(1)
+        param = f"{param}.{field}" if param else field
+        return InvalidRequest(f"Unknown parameter: '{param}'.", param=param)
     where = f" at '{param}'" if param else ""
     return InvalidRequest(f"Invalid request body{where}: {text}.", param=param)
 
@@ -243,6 +250,14 @@ class IncompleteBody(InvalidRequest):
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         return _CLOSE
+
+
+class Conflict(InvalidRequest):
+    """The admin API cannot do this to the object as it is: it is declared in the
+    config file (read-only over HTTP), still in use, or already exists."""
+
+    status = 409
+    code = "conflict"
 
 
 class ModelNotFound(InvalidRequest):
@@ -444,6 +459,16 @@ class UpstreamClientError(UpstreamError):
         if self.raw_body is not None:
             return self.raw_body
         return super().body()
+
+
+class InUse(Exception):
+    """An object cannot be deleted while others depend on it (storage raises a
+    subclass: ``TenantInUse``); the admin API answers it with a 409."""
+
+
+class Clash(Exception):
+    """A create broke a constraint of the store (the id exists: a concurrent
+    create; or what it refers to is gone); the admin API answers a 409."""
 
 
 class ConfigError(Exception):

@@ -15,9 +15,12 @@ import signal
 import time
 
 from gandalf import bootstrap
+from gandalf.admin.app import OPENAPI_PATH, PREFIX, create_admin_app
+from gandalf.admin.resources import Services
 from gandalf.app.cache import InProcessCache, ResponseCache
 from gandalf.app.governor import LocalGovernor, share_from_env
 from gandalf.app.health import HealthRegistry
+from gandalf.app.keys import KeyManager
 from gandalf.app.live import POLL_INTERVAL, Live, RouteBuilder, Watcher
 from gandalf.app.live import budget_scopes as _budget_scopes
 from gandalf.app.passthrough import PassthroughService
@@ -26,12 +29,13 @@ from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
 from gandalf.config import CacheConfig, GandalfConfig, default_config_path, load_config
-from gandalf.domain import Scope, Tenancy
+from gandalf.domain import ApiKey, Permission, Route, Scope, Tenancy
 from gandalf.errors import GatewayError
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
 from gandalf.server.core import Runtime
-from gandalf.server.handlers import Api
+from gandalf.server.handlers import Api, KeyAuth
+from gandalf.server.mount import mount
 from gandalf.server.native import NativeApi
 from gandalf.server.rsgi import RSGIApp
 from gandalf.storage.sqlite import SqliteStore
@@ -121,6 +125,16 @@ def create_app(
             )
             endpoints.update(native_exact)
             prefixes = [*api_prefixes, *native_prefixes]
+
+            async def price_new_targets(stored: list[Route]) -> None:
+                # A target new to this worker gets its price (the library is
+                # asked in a child process: off the event loop).
+                if not all(pricing.knows(t.provider, t.model) for r in stored for t in r.targets):
+                    fresh = await asyncio.to_thread(
+                        build_pricing, providers, stored, config.pricing
+                    )
+                    pricing.adopt(fresh)
+
             live = Live(
                 store,
                 keys,
@@ -129,9 +143,37 @@ def create_app(
                 lambda: load_tenancy(store, config),
                 governor=governor,
                 budgeted=budgeted,
+                routes_changed=price_new_targets,
             )
             watcher = Watcher(store, live.apply, version=version, interval=live_interval)
             watcher.start()
+
+            async def changed(kind: str, key: ApiKey | None) -> None:
+                # An admin write: this worker applies it before answering (the
+                # store logged it in the change feed, which every other worker
+                # polls within live_interval).
+                await watcher.step()
+
+            async def purge_cache() -> int:
+                cache = proxy.routes.cache
+                return 0 if cache is None else await cache.purge()
+
+            # The admin API (Starlette, off the hot path): tried only when no
+            # exact path matched, so /v1/* dispatch is untouched.
+            admin = create_admin_app(
+                Services(
+                    store,
+                    KeyManager(store),
+                    providers=providers,
+                    breakers=proxy.breakers,
+                    latency=lambda: proxy.routes.latencies(time.monotonic()),
+                    purge_cache=purge_cache,
+                    changed=changed,
+                    config_source=config.source,
+                )
+            )
+            endpoints[OPENAPI_PATH] = mount(admin, None)
+            prefixes.append((PREFIX + "/", mount(admin, KeyAuth(keys, Permission.READ_ADMIN))))
         except BaseException:
             if registry is not None:
                 await registry.close()

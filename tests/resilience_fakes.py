@@ -165,7 +165,7 @@ IDENTITY = Identity(
     org_id="org",
     team_id=None,
     role="member",
-    permissions=0b111111,
+    permissions=0b1111111,
     allowed_models=None,
     expires_at=None,
 )

@@ -142,3 +142,24 @@ def test_config_reconciled_again_unchanged_logs_nothing(tmp_path: Path) -> None:
         assert stored is not None and stored.rpm == 9
 
     run(tmp_path / "g.db", test)
+
+
+def test_admin_updates_log_their_change(tmp_path: Path) -> None:
+    # The admin API's PATCHes (a key blocked, an org's or team's limits) reach
+    # every worker through the log like creations and deletions.
+    async def test(store: SqliteStore) -> None:
+        await store.create_key(key(2))
+        await store.create_org(Organization(id="o2", name="O"))
+        await store.create_team(Team(id="t2", org_id="o2", name="T"))
+        version = await store.change_version()
+        assert await store.update_key(key(2, blocked=True))
+        assert await store.update_org(Organization(id="o2", name="O", rpm=5))
+        assert await store.update_team(Team(id="t2", org_id="o2", name="T", tpm=50))
+        assert not await store.update_key(key(9))  # no such key: nothing changed, nothing logged
+        assert await kinds_after(store, version) == [
+            ("key", f"{2:064x}"),
+            ("tenancy", None),
+            ("tenancy", None),
+        ]
+
+    run(tmp_path / "g.db", test)

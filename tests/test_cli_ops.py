@@ -229,3 +229,31 @@ def test_keys_list_shows_models_expiry_and_source(
     opened = next(r for r in rows if " open " in r).split()
     assert scoped[-1] == "smart" and scoped[-2] == "cli" and scoped[-3].endswith("Z")
     assert opened[-3:] == ["never", "cli", "all"]
+
+
+def test_keys_list_shows_a_key_the_admin_api_blocked(
+    config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    import msgspec
+
+    from gandalf.config import load_config
+    from gandalf.storage.sqlite import SqliteStore
+
+    assert _create(config, "--name", "paused") == 0
+
+    async def block() -> None:
+        store = SqliteStore(load_config(config).database.dsn)
+        await store.open()
+        try:
+            [key] = [k for k in await store.list_keys() if k.name == "paused"]
+            assert await store.update_key(msgspec.structs.replace(key, blocked=True))
+        finally:
+            await store.close()
+
+    asyncio.run(block())
+    capsys.readouterr()
+    assert cli.main(["keys", "list", "--config", config]) == 0
+    row = next(r for r in capsys.readouterr().out.splitlines() if " paused " in r)
+    assert " blocked " in row

@@ -168,3 +168,40 @@ def test_queries_read_indexes(tmp_path: Path) -> None:
             assert "USING INDEX usage_records_created_at" in plan, plan
             assert "SEARCH usage_hourly USING PRIMARY KEY (hour>? AND hour<?)" in plan, plan
             assert "SEARCH usage_daily USING PRIMARY KEY (day>? AND day<?)" in plan, plan
+
+
+def test_summaries_in_total_per_bucket_and_by_page(tmp_path: Path) -> None:
+    """``by=None`` sums everything in one group; ``bucket`` sums per UTC hour or
+    day (oldest first, its start in ``bucket``); ``limit``/``offset`` page."""
+    day = 86400.0
+    at = [10 * day, 10 * day + 3600, 10 * day + 3700, 11 * day + 1]
+    records = [
+        record(i + 1, key=f"k{i % 2}", team=None, org="o", model="m", provider="p", at=t)
+        for i, t in enumerate(at)
+    ]
+
+    async def test(store: SqliteStore) -> None:
+        for r in records:
+            store.record_usage(r)
+        await store.flush()
+        [total] = await store.usage_summary(None, 0.0)
+        assert (total.group, total.requests, total.bucket) == (None, 4, None)
+        days = await store.usage_summary(None, 0.0, bucket="day")
+        assert [(s.bucket, s.requests) for s in days] == [(10 * day, 3), (11 * day, 1)]
+        hours = await store.usage_summary("key", 0.0, bucket="hour")
+        assert [(s.bucket, s.group, s.requests) for s in hours] == [
+            (10 * day, "k0", 1),
+            (10 * day + 3600, "k0", 1),  # same cost as k1's: ties ordered by group
+            (10 * day + 3600, "k1", 1),
+            (11 * day, "k1", 1),
+        ]
+        page = await store.usage_summary("key", 0.0, bucket="hour", limit=2, offset=1)
+        assert [(s.bucket, s.group) for s in page] == [
+            (10 * day + 3600, "k0"),
+            (10 * day + 3600, "k1"),
+        ]
+        assert await store.usage_summary("key", 0.0, 10 * day + 3600, bucket="day") != []
+        with pytest.raises(ValueError, match="unknown bucket"):
+            await store.usage_summary("key", 0.0, bucket="week")
+
+    run(tmp_path / "g.db", test)

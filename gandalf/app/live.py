@@ -123,6 +123,7 @@ class Watcher:
         "_batch",
         "_failed_logged",
         "_feed",
+        "_lock",
         "_sleep",
         "_task",
         "interval",
@@ -149,19 +150,23 @@ class Watcher:
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
         self._failed_logged = -math.inf
+        # One step at a time: the poll loop and an admin write applying its own
+        # change at once (wiring's ``changed``) must not interleave.
+        self._lock = asyncio.Lock()
 
     async def step(self) -> Pending | None:
         """Poll once; what was applied (None: nothing changed)."""
-        changes = await self._feed.changes_since(self.version, self._batch)
-        if not changes:
-            return None
-        pending = pending_of(changes, self.version, self._batch)
-        newest = changes[-1].version
-        if pending.everything:
-            newest = max(newest, await self._feed.change_version())
-        await self._apply(pending)
-        self.version = newest
-        return pending
+        async with self._lock:
+            changes = await self._feed.changes_since(self.version, self._batch)
+            if not changes:
+                return None
+            pending = pending_of(changes, self.version, self._batch)
+            newest = changes[-1].version
+            if pending.everything:
+                newest = max(newest, await self._feed.change_version())
+            await self._apply(pending)
+            self.version = newest
+            return pending
 
     async def run(self) -> None:
         """Poll forever (until cancelled); never raises otherwise."""
@@ -326,6 +331,7 @@ class Live:
         "_governor",
         "_keys",
         "_load_tenancy",
+        "_routes_changed",
         "_services",
         "_store",
     )
@@ -340,8 +346,11 @@ class Live:
         *,
         governor: BudgetLoader | None = None,
         budgeted: Iterable[Scope] = (),
+        routes_changed: Callable[[list[Route]], Awaitable[None]] | None = None,
     ) -> None:
-        """``budgeted``: the budget levels the governor already loaded (at start)."""
+        """``budgeted``: the budget levels the governor already loaded (at start);
+        ``routes_changed``: called with the stored routes after a new route
+        table is served (wiring prices targets new to the worker)."""
         self._store = store
         self._keys = keys
         self._services = tuple(services)
@@ -349,6 +358,7 @@ class Live:
         self._load_tenancy = load_tenancy
         self._governor = governor
         self._budgeted = {(s.kind, s.id, s.budget) for s in budgeted}
+        self._routes_changed = routes_changed
 
     async def apply(self, pending: Pending) -> None:
         """Apply ``pending``: keys first (no await: a revocation waits for
@@ -361,13 +371,16 @@ class Live:
             for key_hash in pending.keys:
                 keys.invalidate(key_hash)
         if pending.routes or everything:
-            table = self._builder.table(self._builder.routes(await self._store.list_routes()))
+            stored = await self._store.list_routes()
+            table = self._builder.table(self._builder.routes(stored))
             for service in self._services:
                 service.routes = table
             if table.cache is not None:
                 # A changed route may now answer differently (other targets,
                 # models, cache settings): its cached answers must not outlive it.
                 await table.cache.purge()
+            if self._routes_changed is not None:
+                await self._routes_changed(stored)
         tenancy = None
         if reload_tenancy:
             tenancy = await self._load_tenancy()

@@ -149,6 +149,16 @@ class Pricing:
         # Pairs the gateway may call that have no price (their cost is None).
         self.unpriced: tuple[tuple[str, str], ...] = tuple(unpriced)
 
+    def knows(self, provider: str, model: str) -> bool:
+        """Was the pair priced, or found to have no price, when this was built?"""
+        return self.rates(provider, model) is not None or (provider, model) in self.unpriced
+
+    def adopt(self, other: Pricing) -> None:
+        """Take ``other``'s rates in place (a route added at run time, by the
+        admin API): the hooks bound to this object at start-up see them."""
+        self._rates = other._rates
+        self.unpriced = other.unpriced
+
     def rates(self, provider: str | None, model: str | None) -> Rates | None:
         """The rates of ``model`` served by the provider named ``provider``;
         None when unknown (the budget code then cannot bound the cost)."""

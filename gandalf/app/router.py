@@ -218,6 +218,20 @@ class RouteTable:
     def aliases(self) -> list[str]:
         return list(self._entries)
 
+    def latencies(self, now: float) -> dict[str, float]:
+        """Provider name -> its targets' highest latency estimate (seconds) on
+        the routes that track latency (``least_latency`` with several targets);
+        providers no such route measured are absent. For the admin API."""
+        out: dict[str, float] = {}
+        for entry in self._entries.values():
+            if not entry.tracks_latency:
+                continue
+            for slot in entry.slots:
+                estimate = slot.latency.estimate(now)
+                if estimate > out.get(slot.name, 0.0):
+                    out[slot.name] = estimate
+        return out
+
     def models(self) -> list[tuple[str, str]]:
         """(alias, owner) for every alias that can serve now; the owner is the
         provider of its first target."""

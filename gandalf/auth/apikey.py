@@ -242,7 +242,7 @@ class KeyCache:
             self._entries.pop(key_hash, None)
 
     def _admit(self, stored: ApiKey | None) -> Identity | None:
-        if stored is None or stored.revoked:
+        if stored is None or stored.revoked or stored.blocked:
             return None
         if stored.expires_at is not None and self._wall() >= stored.expires_at:
             return None

@@ -91,6 +91,7 @@ import msgspec
 from gandalf.domain import (
     USAGE_GROUPS,
     ApiKey,
+    AuditEntry,
     Budget,
     Change,
     Organization,
@@ -101,6 +102,7 @@ from gandalf.domain import (
     UsageRecord,
     UsageSummary,
 )
+from gandalf.errors import Clash, InUse
 from gandalf.storage._rollups import (
     BUCKETS,
     MAX_USAGE_ID,
@@ -113,7 +115,14 @@ from gandalf.storage._rollups import (
     split,
 )
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "StorageError", "TenantInUse"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "CannotCreate",
+    "SqliteStore",
+    "StorageError",
+    "TenantInUse",
+]
 
 logger = logging.getLogger("gandalf.storage")
 
@@ -182,6 +191,23 @@ ALTER TABLE usage_records ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE usage_records ADD COLUMN saved_usd REAL;
 """
 
+# Migration 6: the admin API. A key can be blocked (refused like a revoked one,
+# but reversibly); every admin write is audited (who, what, when, the answer).
+_MIGRATION_6: Final = """
+ALTER TABLE api_keys ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS audit_log (
+    id          INTEGER PRIMARY KEY,
+    ts          REAL NOT NULL,
+    actor       TEXT,
+    action      TEXT NOT NULL,
+    resource    TEXT NOT NULL,
+    resource_id TEXT,
+    status      INTEGER NOT NULL,
+    detail      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts);
+"""
+
 # Migration 7: live changes and usage rollups.
 # ``change_log``: every write that changes keys, orgs, teams, routes or providers
 # appends a row in its own transaction; each worker polls ``version > last``
@@ -202,9 +228,6 @@ CREATE TABLE change_log (
 );
 {ROLLUP_SCHEMA}
 """
-
-# Helper A owns migration 6 (the admin API; the lead merges it in).
-_MIGRATION_6: Final = "SELECT 1; -- reserved for the admin API (helper A)"
 
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
@@ -334,7 +357,7 @@ _as_row: Final = msgspec.structs.astuple
 _KEY_COLUMNS: Final = (
     "id", "name", "key_hash", "prefix", "org_id", "team_id", "role",
     "allowed_models", "expires_at", "revoked", "created_at", "source",
-    "rpm", "tpm", "budget_usd", "budget_period",
+    "rpm", "tpm", "budget_usd", "budget_period", "blocked",
 )  # fmt: skip
 _KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys"
 _KEY_INSERT: Final = (
@@ -356,6 +379,10 @@ _KEY_UPDATE_FROM_CONFIG: Final = (
 )
 
 _KEY_REVOKE: Final = "UPDATE api_keys SET revoked = 1 WHERE id = ? RETURNING key_hash"
+_KEY_UPDATE: Final = (
+    "UPDATE api_keys SET allowed_models = ?, expires_at = ?, rpm = ?, tpm = ?, "
+    "budget_usd = ?, budget_period = ?, blocked = ? WHERE id = ?"
+)
 
 # A config key that left the config is revoked (not deleted: usage keeps its key id).
 _KEY_REVOKE_CONFIG_EXCEPT: Final = (
@@ -370,6 +397,7 @@ def _key_row(key: ApiKey, now: float) -> tuple[object, ...]:
         key.id, key.name, key.key_hash, key.prefix, key.org_id, key.team_id, key.role,
         None if allowed is None else _json(allowed), key.expires_at, int(key.revoked),
         key.created_at or now, key.source, key.rpm, key.tpm, *_budget_columns(key.budget),
+        int(key.blocked),
     )  # fmt: skip
 
 
@@ -403,6 +431,7 @@ def _key_from_row(row: Sequence[Any]) -> ApiKey:
         rpm=row[12],
         tpm=row[13],
         budget=_budget(row[14], row[15]),
+        blocked=bool(row[16]),
     )
 
 
@@ -520,6 +549,22 @@ _TEAM_UPSERT: Final = (
     + f" WHERE ({', '.join(f'teams.{c}' for c in _TEAM_UPDATED)})"
     + f" IS NOT ({', '.join(f'excluded.{c}' for c in _TEAM_UPDATED)})"
 )
+_TENANT_SET: Final = (
+    "SET name = ?, allowed_models = ?, rpm = ?, tpm = ?, budget_usd = ?, budget_period = ? "
+    "WHERE id = ?"
+)
+_ORG_UPDATE: Final = "UPDATE organizations " + _TENANT_SET
+_TEAM_UPDATE: Final = "UPDATE teams " + _TENANT_SET
+
+
+def _tenant_update(t: Organization | Team, tenant_id: str) -> tuple[object, ...]:
+    allowed = t.allowed_models
+    return (
+        t.name, None if allowed is None else _json(allowed), t.rpm, t.tpm,
+        *_budget_columns(t.budget), tenant_id,
+    )  # fmt: skip
+
+
 # Live keys: neither revoked nor expired (at the given time).
 _LIVE_KEYS: Final = (
     "SELECT count(*) FROM api_keys WHERE {column} = ? AND revoked = 0 "
@@ -566,7 +611,23 @@ _CHANGES_SELECT: Final = (
 )
 
 
-class TenantInUse(StorageError):
+# audit_log: columns in AuditEntry field order, so an entry's astuple() is its row.
+_AUDIT_FIELDS: Final = AuditEntry.__struct_fields__
+_AUDIT_INSERT: Final = (
+    f"INSERT INTO audit_log ({', '.join(_AUDIT_FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(_AUDIT_FIELDS))})"
+)
+_AUDIT_SELECT: Final = (
+    f"SELECT {', '.join(_AUDIT_FIELDS)} FROM audit_log ORDER BY id DESC LIMIT ? OFFSET ?"
+)
+
+
+class CannotCreate(StorageError, Clash):
+    """An insert broke a constraint: the id exists (a concurrent create), or
+    what it refers to does not (a team's organization)."""
+
+
+class TenantInUse(StorageError, InUse):
     """An organization or team cannot be deleted: keys (or teams) still belong to it."""
 
 
@@ -1075,6 +1136,26 @@ class SqliteStore:
 
         return await self._write(op)
 
+    async def update_key(self, key: ApiKey) -> bool:
+        """Write what may change of key ``key.id`` after creation: allowed models,
+        expiry, limits, budget, blocked. False if there is no such key. Its
+        identity (hash, prefix, org, team, role) and revocation never change here."""
+        allowed = key.allowed_models
+        row = (
+            None if allowed is None else _json(allowed), key.expires_at, key.rpm, key.tpm,
+            *_budget_columns(key.budget), int(key.blocked), key.id,
+        )  # fmt: skip
+
+        async def op(conn: aiosqlite.Connection) -> bool:
+            cur = await conn.execute(_KEY_UPDATE, row)
+            if cur.rowcount <= 0:
+                return False
+            # Every worker forgets this key (by hash: what its cache holds).
+            await _changed(conn, "key", key.key_hash or None, self._clock())
+            return True
+
+        return await self._write(op)
+
     async def count_keys(self) -> int:
         rows = await self._fetchall("SELECT count(*) FROM api_keys", ())
         return int(rows[0][0])
@@ -1225,6 +1306,18 @@ class SqliteStore:
         """Delete a team; False if there is none; TenantInUse while live keys belong to it."""
         return await self._delete_tenant("teams", "team_id", team_id, "team")
 
+    async def update_org(self, org: Organization) -> bool:
+        """Write an organization's name, allowed models, limits and budget (by
+        id; its source and created_at stay). False if there is none."""
+        return await self._execute(_ORG_UPDATE, _tenant_update(org, org.id), change="tenancy") > 0
+
+    async def update_team(self, team: Team) -> bool:
+        """Write a team's name, allowed models, limits and budget (by id; its
+        org, source and created_at stay). False if there is none."""
+        return (
+            await self._execute(_TEAM_UPDATE, _tenant_update(team, team.id), change="tenancy") > 0
+        )
+
     async def upsert_config_tenants(
         self, orgs: Sequence[Organization], teams: Sequence[Team]
     ) -> None:
@@ -1289,12 +1382,34 @@ class SqliteStore:
 
         return await self._write(op)
 
+    # ----------------------------------------------------------------- audit
+
+    async def record_audit(self, entry: AuditEntry) -> None:
+        """Append one admin write to the audit log (through the writer)."""
+        await self._execute(_AUDIT_INSERT, msgspec.structs.astuple(entry))
+
+    async def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditEntry]:
+        """Audit entries, newest first, ``limit`` from ``offset``."""
+        rows = await self._fetchall(_AUDIT_SELECT, (limit, offset))
+        return [
+            AuditEntry(
+                ts=r[0],
+                actor=r[1],
+                action=r[2],
+                resource=r[3],
+                resource_id=r[4],
+                status=r[5],
+                detail=r[6],
+            )
+            for r in rows
+        ]
+
     async def _insert(self, sql: str, row: tuple[object, ...], what: str) -> None:
         async def op(conn: aiosqlite.Connection) -> None:
             try:
                 await conn.execute(sql, row)
             except sqlite3.IntegrityError as exc:
-                raise StorageError(f"cannot create {what}: {exc}") from exc
+                raise CannotCreate(f"cannot create {what}: {exc}") from exc
             await _changed(conn, "tenancy", str(row[0]), self._clock())
 
         await self._write(op)
