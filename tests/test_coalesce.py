@@ -1,4 +1,4 @@
-"""The coalescer: one call per key in flight, shielded from its waiters' cancellations."""
+"""The coalescer: one call per key in flight, made by its leader, shared with followers."""
 
 from __future__ import annotations
 
@@ -64,18 +64,40 @@ def test_different_keys_do_not_share() -> None:
     asyncio.run(scenario())
 
 
-def test_a_cancelled_waiter_does_not_cancel_the_call_for_the_others() -> None:
+def test_a_follower_that_leaves_does_not_disturb_the_call() -> None:
     async def scenario() -> None:
         coalescer: Coalescer[str] = Coalescer()
         call = Call()
         leader = asyncio.create_task(coalescer.join("k", call))
-        follower = asyncio.create_task(coalescer.join("k", call))
+        quitter = asyncio.create_task(coalescer.join("k", call))
+        stayer = asyncio.create_task(coalescer.join("k", call))
         await settle()
-        leader.cancel()  # even the one that started it
+        quitter.cancel()
         await settle()
-        assert leader.cancelled() and not call.cancelled
+        assert quitter.cancelled() and not call.cancelled
         call.gate.set()
-        assert await follower == ("answer 1", False)
+        assert await leader == ("answer 1", True)
+        assert await stayer == ("answer 1", False)
+        assert call.starts == 1
+
+    asyncio.run(scenario())
+
+
+def test_when_the_leader_leaves_a_follower_leads_a_new_call_for_the_others() -> None:
+    async def scenario() -> None:
+        coalescer: Coalescer[str] = Coalescer()
+        call = Call()
+        leader = asyncio.create_task(coalescer.join("k", call))
+        followers = [asyncio.create_task(coalescer.join("k", call)) for _ in range(3)]
+        await settle()
+        leader.cancel()  # its client left: the call was its own and goes with it
+        await settle()
+        assert leader.cancelled() and call.cancelled
+        assert call.starts == 2 and len(coalescer) == 1  # one follower took over
+        call.gate.set()
+        results = await asyncio.gather(*followers)
+        assert [r[0] for r in results] == ["answer 2"] * 3
+        assert sorted(r[1] for r in results) == [False, False, True]
 
     asyncio.run(scenario())
 

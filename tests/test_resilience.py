@@ -512,7 +512,10 @@ def test_identical_deterministic_requests_share_one_upstream_call() -> None:
     assert {(r.provider, r.status, r.total_tokens) for r in h.sink.records} == {("a", 200, 7)}
 
 
-def test_a_cancelled_waiter_does_not_cancel_the_shared_call() -> None:
+def test_waiters_that_leave_and_a_leader_that_leaves_on_a_coalescing_route() -> None:
+    """A follower leaving disturbs nobody; the leader leaving takes its call
+    along (it was the leader's own), and a follower leads one new call for the
+    rest (app/coalesce.py)."""
     a = FakeProvider("a")
     a.gate = asyncio.Event()
     h = Harness([route("m", ("a", 1), coalesce=True)], [a])
@@ -532,8 +535,9 @@ def test_a_cancelled_waiter_does_not_cancel_the_shared_call() -> None:
         assert leader.cancelled() and followers[0].cancelled()
 
     asyncio.run(scenario())
-    assert h.calls("a") == 1
+    assert h.calls("a") == 2
     assert sorted(r.status for r in h.sink.records) == [200, 200, 499, 499]
+    assert sorted(r.attempts for r in h.sink.records if r.status == 200) == [0, 1]
 
 
 def test_a_shared_failure_reaches_every_waiter_with_its_attempts() -> None:

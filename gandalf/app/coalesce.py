@@ -3,13 +3,15 @@
 Only for routes that turn it on (``coalesce: true``), only for non-streamed
 chat completions, and only for requests whose answer is meant to be the same
 every time (:func:`is_deterministic`: ``temperature`` 0 or a ``seed``, and one
-choice). The first such request (the leader) starts the call in a task of its
-own; identical requests arriving while it runs (the followers) wait for the
-same task. Every waiter awaits it through ``asyncio.shield``: a waiter that is
-cancelled (its client went away) stops waiting without cancelling the call for
-the others. When the last waiter has gone the call is cancelled, since nobody
-wants its answer. The entry leaves the map when the call ends, so only
-requests that overlap in time share; this is not a cache.
+choice). The first such request (the leader) makes the call itself, in its own
+task, as an uncoalesced request would (no task, future or shield of its own:
+most requests meet nobody, and they pay one dict entry); identical requests
+arriving while it runs (the followers) wait for its result on a future,
+through ``asyncio.shield``, so a follower whose client goes away stops waiting
+without disturbing anyone. When the leader's client goes away its call is
+cancelled with it, and the followers start again: one of them leads a new
+call, the others follow it. The entry leaves the map when the call ends, so
+only requests that overlap in time share; this is not a cache.
 """
 
 from __future__ import annotations
@@ -55,12 +57,19 @@ def is_deterministic(body: bytes, max_temperature: float = 0.0) -> bool:
     return temperature is not None and 0 <= temperature <= max_temperature
 
 
-class _Flight(Generic[_T]):
-    __slots__ = ("task", "waiters")
+class _Again:
+    """What followers get when the leader's call was cancelled: start again."""
 
-    def __init__(self, task: asyncio.Task[_T]) -> None:
-        self.task = task
-        self.waiters = 0
+
+_AGAIN = _Again()
+
+
+class _Flight(Generic[_T]):
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        # Made by the first follower: a leader nobody joined never needs one.
+        self.future: asyncio.Future[_T | _Again] | None = None
 
 
 class Coalescer(Generic[_T]):
@@ -76,35 +85,43 @@ class Coalescer(Generic[_T]):
         return len(self._flights)
 
     async def join(self, key: Hashable, start: Callable[[], Awaitable[_T]]) -> tuple[_T, bool]:
-        """The result of the call for ``key`` (started with ``start()`` unless
-        one is in flight), and whether this caller started it. The call's
+        """The result of the call for ``key`` (made here with ``start()``
+        unless one is in flight), and whether this caller made it. The call's
         exception, if it raises, is raised to every waiter."""
         flights = self._flights
-        flight = flights.get(key)
-        leader = flight is None
-        if flight is None:
-            task: asyncio.Task[_T] = asyncio.ensure_future(start())
-            flight = flights[key] = _Flight(task)
-            self.started += 1
-            task.add_done_callback(lambda done: self._landed(key, flight, done))
-        flight.waiters += 1
-        try:
-            result = await asyncio.shield(flight.task)
-        except asyncio.CancelledError:
-            flight.waiters -= 1
-            task = flight.task
-            if not task.done() and flight.waiters == 0:
-                # This waiter was cancelled (the call was not: it is still
-                # running) and nobody else wants the answer any more.
-                if flights.get(key) is flight:
-                    del flights[key]  # a newcomer must not join a dying call
-                task.cancel()
-            raise
-        flight.waiters -= 1
-        return result, leader
+        while True:
+            flight = flights.get(key)
+            if flight is None:
+                return await self._lead(key, start), True
+            future = flight.future
+            if future is None:
+                future = flight.future = asyncio.get_running_loop().create_future()
+            result = await asyncio.shield(future)
+            if not isinstance(result, _Again):
+                return result, False
+            # The leader's client left and took its call along: start again.
 
-    def _landed(self, key: Hashable, flight: _Flight[_T], task: asyncio.Task[_T]) -> None:
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure nobody waited for is not logged as lost
+    async def _lead(self, key: Hashable, start: Callable[[], Awaitable[_T]]) -> _T:
+        flights = self._flights
+        flight: _Flight[_T] = _Flight()
+        flights[key] = flight
+        self.started += 1
+        try:
+            result = await start()
+        except BaseException as exc:
+            if flights.get(key) is flight:
+                del flights[key]
+            future = flight.future
+            if future is not None and not future.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    future.set_result(_AGAIN)
+                else:
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: followers that left never will
+            raise
+        if flights.get(key) is flight:
+            del flights[key]
+        future = flight.future
+        if future is not None and not future.done():
+            future.set_result(result)
+        return result
