@@ -629,7 +629,7 @@ class UsageSummary(msgspec.Struct, kw_only=True):
     bucket: float | None = None  # the bucket's start (unix seconds, UTC); None: not bucketed
 
 
-CHANGE_KINDS: tuple[str, ...] = ("key", "tenancy", "routes")
+CHANGE_KINDS: tuple[str, ...] = ("key", "tenancy", "routes", "cache")
 
 
 class Change(msgspec.Struct, frozen=True, array_like=True):
@@ -637,7 +637,8 @@ class Change(msgspec.Struct, frozen=True, array_like=True):
 
     ``kind`` is one of :data:`CHANGE_KINDS`: ``key`` (``id``: the key's
     SHA-256 hex; None: any key may have changed), ``tenancy`` (orgs or teams;
-    ``id`` informative), ``routes`` (routes or providers). ``version``
+    ``id`` informative), ``routes`` (routes or providers), ``cache`` (the
+    response cache was purged: every worker empties its own). ``version``
     increases by one per change, in commit order."""
 
     version: int

@@ -155,8 +155,12 @@ def create_app(
                 await watcher.step()
 
             async def purge_cache() -> int:
+                # This worker's entries at once (their count is the answer);
+                # every other worker empties its own from the change log.
                 cache = proxy.routes.cache
-                return 0 if cache is None else await cache.purge()
+                purged = 0 if cache is None else await cache.purge()
+                await store.log_cache_purge()
+                return purged
 
             # The admin API (Starlette, off the hot path): tried only when no
             # exact path matched, so /v1/* dispatch is untouched.

@@ -309,6 +309,23 @@ def test_a_live_route_change_keeps_cache_settings_and_empties_the_cache(tmp_path
     with_world(tmp_path, test)
 
 
+def test_a_cache_purge_empties_every_workers_cache(tmp_path: Path) -> None:
+    async def test(world: World) -> None:
+        cache = InProcessCache(100, 1 << 20)
+        world.builder.cache = cache
+        table = world.builder.table(world.builder.routes([]))
+        for service in world.services:
+            service.routes = table
+        await cache.put(b"k", CachedAnswer(b"{}", Usage(), "fake", "fake-model"), 60.0)
+        await world.store.log_cache_purge()  # what another worker's purge writes
+        pending = await world.watcher.step()
+        assert pending is not None and pending.cache and not pending.routes
+        assert world.services[0].routes is table  # nothing rebuilt
+        assert await cache.get(b"k") is None
+
+    with_world(tmp_path, test)
+
+
 def test_a_route_to_a_provider_this_worker_does_not_run_is_skipped(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -127,3 +127,31 @@ def test_revocation_and_new_routes_are_live_in_both_workers(tmp_path: Path) -> N
                 )
             assert "smart" in {m["id"] for m in listed.json()["data"]}
         assert server.terminate() == 0
+
+
+def test_a_cache_purge_reaches_both_workers(tmp_path: Path) -> None:
+    config = {
+        "server": {"workers": 2},
+        "database": {"dsn": str(tmp_path / "live.db")},
+        "providers": [{"name": "fake", "models": ["fake-model"]}],
+        "cache": {"ttl": "1h"},
+        "keys": [],
+    }
+    server = GandalfServer(tmp_path, config)
+    with server:
+        process = server.process
+        assert process is not None
+        wait_until(lambda: len(children(process.pid)) == 2, 10, "two workers")
+        workers = children(process.pid)
+        admin = server.printed_keys()[0]
+        offset = len(server.stderr())
+        with httpx.Client(base_url=server.url, timeout=10.0) as client:
+            purged = client.post(
+                "/admin/v1/cache/purge", headers={"authorization": f"Bearer {admin}"}
+            )
+        start = time.monotonic()
+        assert purged.status_code == 200 and purged.json() == {"purged": 0}
+        took = wait_for_both(server, workers, offset, start)
+        assert took < LIVE_DEADLINE, f"the purge took {took:.3f}s to reach both workers"
+        assert all("cache=True" in p for p in applied(server, offset).values())
+        assert server.terminate() == 0

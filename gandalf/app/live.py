@@ -64,13 +64,14 @@ class ChangeFeed(Protocol):
 class Pending:
     """What a run of changes asks to reload."""
 
-    __slots__ = ("all_keys", "everything", "keys", "routes", "tenancy")
+    __slots__ = ("all_keys", "cache", "everything", "keys", "routes", "tenancy")
 
     def __init__(self) -> None:
         self.keys: set[str] = set()  # key hashes
         self.all_keys = False
         self.tenancy = False
         self.routes = False
+        self.cache = False  # a purge of the response cache
         self.everything = False
 
     def add(self, change: Change) -> None:
@@ -84,6 +85,8 @@ class Pending:
             self.tenancy = True
         elif kind == "routes":
             self.routes = True
+        elif kind == "cache":
+            self.cache = True
         else:  # a kind this version does not know: a newer writer; be safe
             self.everything = True
 
@@ -96,7 +99,7 @@ class Pending:
     def __repr__(self) -> str:
         return (
             f"Pending(keys={len(self.keys)}, all_keys={self.all_keys}, tenancy={self.tenancy}, "
-            f"routes={self.routes}, everything={self.everything})"
+            f"routes={self.routes}, cache={self.cache}, everything={self.everything})"
         )
 
 
@@ -381,6 +384,10 @@ class Live:
                 await table.cache.purge()
             if self._routes_changed is not None:
                 await self._routes_changed(stored)
+        elif pending.cache:
+            cache = self._services[0].routes.cache if self._services else None
+            if cache is not None:
+                await cache.purge()
         tenancy = None
         if reload_tenancy:
             tenancy = await self._load_tenancy()

@@ -1077,6 +1077,14 @@ class SqliteStore:
 
     # ----------------------------------------------------------------- live changes
 
+    async def log_cache_purge(self) -> None:
+        """Tell every worker to empty its response cache (a ``cache`` change)."""
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await _changed(conn, "cache", None, self._clock())
+
+        await self._write(op)
+
     async def change_version(self) -> int:
         """The newest committed change's version (0: none yet)."""
         rows = await self._fetchall("SELECT IFNULL(MAX(version), 0) FROM change_log", ())
