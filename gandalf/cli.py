@@ -16,7 +16,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ from gandalf.domain import (
     is_glob,
 )
 from gandalf.errors import ConfigError, GatewayError
+from gandalf.observability.metrics import ENV_METRICS_DIR
 from gandalf.storage.sqlite import SqliteStore, StorageError, TenantInUse
 
 if TYPE_CHECKING:
@@ -253,7 +256,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gandalf.wiring import WorkerLoader, configure_logging
 
-    configure_logging()  # bootstrap's lines (revoked keys) and reload problems
+    # bootstrap's lines (revoked keys) and reload problems
+    configure_logging(config.log.level, config.log.format)
     _check_port(host, port)  # before a first admin key is made and shown
     key_file = os.environ.get(FIRST_KEY_FILE_ENV) or None
     if key_file is not None:
@@ -312,7 +316,16 @@ def _serve(args: argparse.Namespace) -> int:
         respawn_interval=RESPAWN_INTERVAL,
     )
     server.on_reload(reloader.apply)
-    server.serve(target_loader=loader)
+    metrics_dir = None
+    if config.server.metrics:
+        # Where the workers' metric snapshots meet (gandalf/observability/metrics.py).
+        metrics_dir = tempfile.mkdtemp(prefix="gandalf-metrics-")
+        os.environ[ENV_METRICS_DIR] = metrics_dir
+    try:
+        server.serve(target_loader=loader)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return EXIT_OK
 
 

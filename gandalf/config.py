@@ -121,6 +121,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     access_log: bool = True
     workers: Annotated[int, msgspec.Meta(ge=1)] = 1
     interface: Literal["asgi", "rsgi"] = "asgi"  # granian's; rsgi is faster, asgi portable
+    # GET /metrics (Prometheus text, every worker merged); a key's id as a label only on opt-in.
+    metrics: bool = True
+    metrics_key_id: bool = False
 
     @property
     def host(self) -> str:
@@ -131,6 +134,16 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     def port(self) -> int:
         """The port part of ``addr`` (1-65535)."""
         return split_addr(self.addr)[1]
+
+
+class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``log:``. ``level``: gandalf's own log lines at and above it; the access log
+    writes its ``info`` lines (status below 500) at ``debug`` and ``info`` only, its
+    ``error`` lines (500 and above) always. ``format``: gandalf's own lines as one
+    JSON object per line (``json``) or as text; the access log is JSON either way."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "text"
 
 
 class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -208,6 +221,7 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
     providers: tuple[ProviderConfig, ...] = ()
     routes: tuple[Route, ...] = ()
     keys: tuple[KeyEntry, ...] = ()
@@ -346,6 +360,7 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     orgs: tuple[_OrgIn, ...] = ()
     teams: tuple[_TeamIn, ...] = ()
     pricing: tuple[_PriceIn, ...] = ()
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -354,6 +369,7 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "server": ServerConfig,
     "database": DatabaseConfig,
     "auth": AuthConfig,
+    "log": LogConfig,
     "providers[]": _ProviderIn,
     "routes[]": _RouteIn,
     "routes[].targets[]": _TargetIn,
@@ -551,6 +567,7 @@ class _Loader:
             server=server,
             database=database,
             auth=parsed.auth,
+            log=parsed.log,
             providers=providers,
             routes=routes,
             keys=keys,

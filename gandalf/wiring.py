@@ -13,8 +13,11 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from gandalf import bootstrap
+from gandalf.app.balancer import Slot
+from gandalf.app.failover import AttemptHook
 from gandalf.app.governor import LocalGovernor, share_from_env
 from gandalf.app.health import HealthRegistry
 from gandalf.app.passthrough import PassthroughService
@@ -25,10 +28,13 @@ from gandalf.auth.apikey import KeyCache
 from gandalf.config import GandalfConfig, default_config_path, load_config
 from gandalf.domain import Scope, Tenancy
 from gandalf.errors import GatewayError
+from gandalf.observability import facts
+from gandalf.observability.logs import LEVELS, JsonFormatter
+from gandalf.observability.metrics import ENV_METRICS_DIR, Metrics
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
 from gandalf.server.core import Runtime
-from gandalf.server.handlers import Api
+from gandalf.server.handlers import Api, metrics_endpoint
 from gandalf.server.native import NativeApi
 from gandalf.server.rsgi import RSGIApp
 from gandalf.storage.sqlite import SqliteStore
@@ -42,7 +48,22 @@ def create_app(
     config: GandalfConfig, *, access_log: bool | None = None, handle_signals: bool = False
 ) -> GandalfApp:
     """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config;
-    ``handle_signals`` is for server workers (see GandalfApp)."""
+    ``handle_signals`` is for server workers (see GandalfApp).
+
+    With ``server.metrics`` (the default) the worker records into a
+    :class:`~gandalf.observability.metrics.Metrics` and serves ``GET /metrics``;
+    its snapshots meet the other workers' in ``$GANDALF_METRICS_DIR`` when
+    ``gandalf serve`` set it."""
+    server = config.server
+    logs = access_log if access_log is not None else server.access_log
+    metrics = (
+        Metrics(key_id=server.metrics_key_id, directory=os.environ.get(ENV_METRICS_DIR) or None)
+        if server.metrics
+        else None
+    )
+    # The pipeline's observe hook: only when something reads what it leaves.
+    observe = facts.observe if logs or metrics is not None else None
+    attempt = _attempts(metrics) if metrics is not None else None
 
     async def build() -> Runtime:
         store = SqliteStore(config.database.dsn)
@@ -79,9 +100,24 @@ def create_app(
             await governor.rebuild(store, await budget_scopes(store, tenancy))
             price, cost = pricing.worst_case, pricing.cost
             created = int(time.time())
-            proxy = ProxyService(table, store, governor=governor, price=price, cost=cost)
+            proxy = ProxyService(
+                table,
+                store,
+                governor=governor,
+                price=price,
+                cost=cost,
+                observe=observe,
+                attempt=attempt,
+            )
             passthrough = PassthroughService(
-                table, registry.natives, store, governor=governor, price=price, cost=cost
+                table,
+                registry.natives,
+                store,
+                governor=governor,
+                price=price,
+                cost=cost,
+                observe=observe,
+                attempt=attempt,
             )
             api = Api(proxy, keys, store, created=created)
             native = NativeApi(passthrough, keys, created=created)
@@ -94,6 +130,9 @@ def create_app(
             )
             endpoints.update(native_exact)
             prefixes = [*api_prefixes, *native_prefixes]
+            if metrics is not None:
+                endpoints["/metrics"] = metrics_endpoint(metrics)
+                metrics.gauges = _gauges(app, proxy, store)
         except BaseException:
             if registry is not None:
                 await registry.close()
@@ -113,21 +152,45 @@ def create_app(
 
         return Runtime(endpoints, close, prefixes)
 
-    server = config.server
     app = GandalfApp(
         build,
         max_body_bytes=server.max_body_bytes,
         read_timeout=server.read_timeout,
         shutdown_timeout=server.shutdown_timeout,
-        access_log=server.access_log if access_log is None else access_log,
+        access_log=logs,
         stream_keepalive=server.stream_keepalive,
         handle_signals=handle_signals,
+        metrics=metrics,
+        log_info=LEVELS[config.log.level] <= logging.INFO,
     )
     if handle_signals:
         # A server worker: the lifecycle flushes the access log at shutdown; this
         # writes a line that a request ending after it (or without one) buffered.
         atexit.register(app.core.access.flush)
     return app
+
+
+def _attempts(metrics: Metrics) -> AttemptHook:
+    """The failover's ``attempt`` hook: each upstream attempt's duration."""
+    upstream = metrics.upstream
+
+    def attempt(slot: Slot, seconds: float, ok: bool) -> None:
+        upstream(slot.name, slot.target.model, seconds, ok)
+
+    return attempt
+
+
+def _gauges(
+    app: GandalfApp, proxy: ProxyService, store: SqliteStore
+) -> Callable[[], tuple[int, list[tuple[str, str]], int]]:
+    """What a scrape reads from this worker: requests in flight, every
+    provider's breaker state, usage records dropped (none on the hot path)."""
+
+    def gauges() -> tuple[int, list[tuple[str, str]], int]:
+        breakers = [(b.provider, b.state) for b in proxy.breakers()]
+        return app.core.inflight, breakers, store.dropped_usage
+
+    return gauges
 
 
 async def budget_scopes(store: SqliteStore, tenancy: Tenancy) -> list[Scope]:
@@ -182,14 +245,20 @@ async def discover_models(registry: ProviderRegistry) -> dict[str, list[str]]:
     return found
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: str = "info", form: str = "text") -> None:
+    """Gandalf's own log lines on stderr, at ``level`` and above (``log.level``),
+    as text or as one JSON object per line (``log.format``). Once per process:
+    the first call's settings stay (a worker is configured before it logs)."""
     root = logging.getLogger("gandalf")
     if root.handlers:
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if form == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(LEVELS.get(level, logging.INFO))
     root.propagate = False
 
 
@@ -217,7 +286,7 @@ class WorkerLoader:
         # the main process's handler on its own copy of the server when a whole process
         # group is signalled (a closed terminal).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        configure_logging()
+        configure_logging(self.config.log.level, self.config.log.format)
         app = create_app(self.config, access_log=self.access_log, handle_signals=True)
         return RSGIApp(app) if self.interface == "rsgi" else app
 
@@ -225,8 +294,8 @@ class WorkerLoader:
 def worker_app() -> GandalfApp:
     """granian factory: one app per worker, configured from the environment
     (``GANDALF_CONFIG``, ``GANDALF_ACCESS_LOG``) set by ``gandalf serve``."""
-    configure_logging()
     config = load_config(default_config_path(os.environ))
+    configure_logging(config.log.level, config.log.format)
     flag = os.environ.get(ENV_ACCESS_LOG)
     return create_app(config, access_log=None if flag is None else flag == "1", handle_signals=True)
 

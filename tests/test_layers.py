@@ -23,7 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "storage": {"domain", "errors"},
     "auth": {"domain", "errors"},
     "app": {"domain", "errors", "auth"},
-    "server": {"domain", "errors", "app", "auth"},
+    # metrics, log format, request facts: read by the server core, built by wiring
+    "observability": {"domain", "errors"},
+    "server": {"domain", "errors", "app", "auth", "observability"},
     "bootstrap": {"domain", "errors", "config", "app", "auth"},
     "wiring": {
         "domain",
@@ -35,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
         "provider",
         "storage",
         "bootstrap",
+        "observability",
     },
     "cli": {
         "domain",
@@ -47,6 +50,7 @@ ALLOWED: dict[str, set[str]] = {
         "storage",
         "bootstrap",
         "wiring",
+        "observability",
     },
     "__main__": {"cli"},
     "healthcheck": {"config"},  # the container's HEALTHCHECK: stdlib urllib + split_addr
@@ -57,6 +61,7 @@ FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "domain": {"aiohttp", "aiosqlite", "granian", "yaml"},
     "app": {"aiohttp", "aiosqlite", "granian"},
     "auth": {"aiohttp", "aiosqlite", "granian"},
+    "observability": {"aiohttp", "aiosqlite", "granian", "opentelemetry"},
 }
 
 

@@ -34,9 +34,12 @@ from gandalf.app.retry import Backoff, parse_retry_after
 from gandalf.app.router import RouteEntry
 from gandalf.errors import CircuitOpen, GatewayError, printable
 
-__all__ = ["Failover", "Outcome", "failure_of", "observe"]
+__all__ = ["AttemptHook", "Failover", "Outcome", "failure_of", "observe"]
 
 logger = logging.getLogger("gandalf.resilience")
+
+# ``attempt(slot, seconds, ok)``: one upstream attempt on ``slot`` ended (metrics).
+AttemptHook = Callable[[Slot, float, bool], object]
 
 _T = TypeVar("_T")
 _A = TypeVar("_A")
@@ -95,9 +98,11 @@ def observe(slot: Slot, started: float, ended: float) -> None:
 class Failover:
     """The routing loop, with time and chance injected: ``monotonic`` for
     breakers and latency, ``clock`` (wall time) for HTTP-date Retry-After,
-    ``rng`` for backoff jitter and per-request orders, ``sleep`` for the waits."""
+    ``rng`` for backoff jitter and per-request orders, ``sleep`` for the waits.
+    ``attempt``: told of each attempt's duration and outcome (None: not called;
+    an attempt ended by a cancellation is not told)."""
 
-    __slots__ = ("_backoff", "_clock", "_monotonic", "_rng", "_sleep")
+    __slots__ = ("_attempt", "_backoff", "_clock", "_monotonic", "_rng", "_sleep")
 
     def __init__(
         self,
@@ -107,7 +112,9 @@ class Failover:
         clock: Callable[[], float],
         rng: random.Random,
         sleep: Callable[[float], Awaitable[object]],
+        attempt: AttemptHook | None = None,
     ) -> None:
+        self._attempt = attempt
         self._backoff = backoff
         self._monotonic = monotonic
         self._clock = clock
@@ -143,6 +150,9 @@ class Failover:
         except GatewayError as exc:
             if track:
                 slot.latency.outstanding -= 1
+            hook = self._attempt
+            if hook is not None:
+                hook(slot, self._monotonic() - now, False)
             return await self._route(entry, invoke, arg, request_id, now, slot, exc)
         except BaseException as exc:
             if track:
@@ -150,8 +160,13 @@ class Failover:
             slot.breaker.release(now)
             _interrupted(exc, slot, 1)
             raise
-        if track:
-            observe(slot, now, self._monotonic())
+        hook = self._attempt
+        if track or hook is not None:
+            ended = self._monotonic()
+            if track:
+                observe(slot, now, ended)
+            if hook is not None:
+                hook(slot, ended - now, True)
         slot.breaker.record_success(now)
         return Outcome(result, slot, 1)
 
@@ -216,12 +231,16 @@ class Failover:
             stats = slot.latency
             if track:
                 stats.outstanding += 1
+            # ``now`` may be older than this attempt (a failed first one): time it alone.
+            began = self._monotonic() if self._attempt is not None else now
             try:
                 result = await invoke(slot, arg)
             except GatewayError as exc:
                 end = self._monotonic()
                 if track:
                     stats.outstanding -= 1
+                if self._attempt is not None:
+                    self._attempt(slot, end - began, False)
                 last = self._failed(slot, exc, end, attempts, request_id, retries)
                 now = end
                 continue
@@ -234,6 +253,8 @@ class Failover:
             end = self._monotonic()
             if track:
                 observe(slot, now, end)
+            if self._attempt is not None:
+                self._attempt(slot, end - began, True)
             breaker.record_success(end)
             return Outcome(result, slot, attempts)
         if last is None:

@@ -27,6 +27,9 @@ Hooks, injected once at start-up (defaults make each one free when unused):
 - ``cost``: ``cost(provider, target_model, usage) -> float | None``, a served
   request's USD from its usage (cached and reasoning tokens at their own
   prices); None when unpriced (the default). Written to ``cost_usd``.
+- ``observe``: ``observe(record)``, called with each request's UsageRecord
+  once it is built (metrics and the access log read it); None by default,
+  then not called.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from gandalf.errors import GatewayError, PermissionDenied
 
 __all__ = [
     "CostOf",
+    "Observe",
     "Pipeline",
     "PriceWorstCase",
     "UsageSink",
@@ -62,6 +66,7 @@ class UsageSink(Protocol):
 
 PriceWorstCase = Callable[[RouteEntry, int, int], "float | None"]
 CostOf = Callable[[str, str, Usage], "float | None"]
+Observe = Callable[[UsageRecord], object]
 
 
 _NOTHING = Usage()  # the counts of a request nothing served (read only)
@@ -117,7 +122,7 @@ class Pipeline:
     """The stages around the upstream call, built once per service: ``admit``
     before it, ``account`` / ``failed`` after it."""
 
-    __slots__ = ("_clock", "_cost", "_governor", "_price", "_sink")
+    __slots__ = ("_clock", "_cost", "_governor", "_observe", "_price", "_sink")
 
     def __init__(
         self,
@@ -127,8 +132,10 @@ class Pipeline:
         governor: Governor | None = None,
         price: PriceWorstCase = no_price,
         cost: CostOf = no_cost,
+        observe: Observe | None = None,
     ) -> None:
         self._sink = sink
+        self._observe = observe
         self._clock = clock
         self._governor = governor
         self._price = price
@@ -231,6 +238,9 @@ class Pipeline:
             cost,
         )
         self._sink.record_usage(record)
+        observe = self._observe
+        if observe is not None:
+            observe(record)
         if ticket is not None:
             governor = self._governor
             assert governor is not None  # a ticket comes from it

@@ -40,11 +40,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from gandalf.app.balancer import Slot
 from gandalf.app.breaker import BreakerSnapshot
 from gandalf.app.coalesce import Coalescer, is_deterministic
-from gandalf.app.failover import Failover, Outcome
+from gandalf.app.failover import AttemptHook, Failover, Outcome
 from gandalf.app.governance import Governor, Ticket
 from gandalf.app.health import STREAM_FAILURE_WEIGHTS
 from gandalf.app.pipeline import (
     CostOf,
+    Observe,
     Pipeline,
     PriceWorstCase,
     UsageSink,
@@ -209,6 +210,8 @@ class ProxyService:
         governor: Governor | None = None,
         price: PriceWorstCase = no_price,
         cost: CostOf = no_cost,
+        observe: Observe | None = None,
+        attempt: AttemptHook | None = None,
     ) -> None:
         """``clock``: wall time (usage records, HTTP-date Retry-After);
         ``monotonic``: breakers, budgets and latency; ``rng``: jitter and
@@ -217,7 +220,9 @@ class ProxyService:
         ``governor``, ``price``, ``cost``: the pipeline's hooks
         (app/pipeline.py); None / unpriced by default."""
         self.routes = routes
-        self.pipeline = Pipeline(sink, clock=clock, governor=governor, price=price, cost=cost)
+        self.pipeline = Pipeline(
+            sink, clock=clock, governor=governor, price=price, cost=cost, observe=observe
+        )
         self._monotonic = monotonic
         self._rng = rng if rng is not None else random.Random()
         resilience = routes.health.resilience
@@ -227,6 +232,7 @@ class ProxyService:
             clock=clock,
             rng=self._rng,
             sleep=sleep,
+            attempt=attempt,
         )
         self._coalescer: Coalescer[_Landed] = Coalescer()
 

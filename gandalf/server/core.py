@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -31,7 +32,9 @@ from gandalf.errors import (
     RequestTimeout,
     printable,
 )
-from gandalf.server.accesslog import AccessLog
+from gandalf.observability.facts import take
+from gandalf.observability.metrics import Metrics
+from gandalf.server.accesslog import AccessLog, trace_id_of
 from gandalf.server.handlers import Endpoint
 from gandalf.server.wire import JSON_CT, JSON_HEADERS, Request, Response, StreamWatcher
 
@@ -143,7 +146,7 @@ class ServerCore:
 
     Public surface for the adapters: :attr:`endpoints` (None until started:
     answer NOT_READY_BODY with 503), :meth:`enter` / :meth:`leave` around each
-    request, :meth:`respond`, ``access.record`` (when :attr:`access_log`),
+    request, :meth:`respond`, :meth:`finished` (when :attr:`observed`),
     :attr:`watcher` and :attr:`keepalive` for streams, :attr:`max_body`.
     For the lifecycle: :meth:`start`, :meth:`stop`, :attr:`inflight`,
     :meth:`cancel_all`, :meth:`wait_idle`.
@@ -158,7 +161,10 @@ class ServerCore:
         "access_log",
         "endpoints",
         "keepalive",
+        "log_info",
         "max_body",
+        "metrics",
+        "observed",
         "reads",
         "watcher",
     )
@@ -171,10 +177,19 @@ class ServerCore:
         read_timeout: float = 30.0,
         access_log: bool = True,
         stream_keepalive: float = 15.0,
+        metrics: Metrics | None = None,
+        log_info: bool = True,
     ) -> None:
+        """``metrics``: record every request there (None: metrics off);
+        ``log_info``: write the access log's ``info`` lines (status below 500),
+        not only its ``error`` ones (``log.level`` above info)."""
         self._build = build
         self.max_body = max_body_bytes
         self.access_log = access_log
+        self.metrics = metrics
+        self.log_info = log_info
+        # Anything to do when a request ends (the adapters test this one flag).
+        self.observed = access_log or metrics is not None
         self.access = AccessLog()  # record only when access_log; flushed at shutdown
         self.keepalive = stream_keepalive
         self.watcher = StreamWatcher(tick=min(0.2, stream_keepalive / 2))
@@ -191,6 +206,10 @@ class ServerCore:
         runtime = await self._build()
         self._runtime = runtime
         self.endpoints = runtime.endpoints
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.paths = frozenset(runtime.endpoints)
+            metrics.start()
 
     @property
     def started(self) -> bool:
@@ -203,7 +222,11 @@ class ServerCore:
             return
         self._runtime = None
         self.endpoints = None
-        await runtime.close()
+        try:
+            await runtime.close()
+        finally:
+            if self.metrics is not None:
+                self.metrics.stop()  # the last snapshot: its counts outlive this worker
 
     @property
     def inflight(self) -> int:
@@ -235,6 +258,37 @@ class ServerCore:
         except TimeoutError:
             return False
         return True
+
+    def finished(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        started: float,
+        request_id: str,
+        traceparent: bytes | str | None = None,
+    ) -> None:
+        """A request ended with ``status`` (``started``: its ``perf_counter()``):
+        its access log line and its metrics, with the facts its model call left
+        (gandalf/observability/facts.py). ``traceparent``: the client's header."""
+        facts, cache, first = take()
+        if self.access_log and (status >= 500 or self.log_info):
+            self.access.record(
+                method,
+                path,
+                status,
+                started,
+                request_id,
+                facts,
+                trace_id_of(traceparent),
+                cache,
+            )
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.request(path, status, time.perf_counter() - started, facts)
+            if first and facts is not None:
+                model = facts.target_model or ""
+                metrics.first_token(facts.model_alias, facts.provider or "", model, first - started)
 
     # ------------------------------------------------------------------ requests
 

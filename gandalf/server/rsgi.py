@@ -204,8 +204,8 @@ class RSGIApp:
             protocol.response_bytes(
                 503, [*_NOT_READY_HEADERS, ("x-request-id", request_id)], NOT_READY_BODY
             )
-            if core.access_log:
-                core.access.record(method, path, status, started, request_id)
+            if core.observed:
+                core.finished(method, path, status, started, request_id, headers.get("traceparent"))
             return
         refused: GatewayError | None = None
         if (authorization is not None or api_key is not None) and _duplicated(headers):
@@ -254,5 +254,5 @@ class RSGIApp:
                 )
         finally:
             core.leave(task)
-            if core.access_log:
-                core.access.record(method, path, status, started, request_id)
+            if core.observed:
+                core.finished(method, path, status, started, request_id, headers.get("traceparent"))
