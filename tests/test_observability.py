@@ -391,7 +391,12 @@ def _fields(config: GandalfConfig) -> dict[str, Any]:
 def test_trace_id_of_accepts_only_w3c_traceparents() -> None:
     assert trace_id_of(TRACEPARENT.encode()) == b'"0af7651916cd43dd8448eb211c80319c"'
     assert trace_id_of(TRACEPARENT) == b'"0af7651916cd43dd8448eb211c80319c"'
+    assert trace_id_of(TRACEPARENT + "-future") == b'"0af7651916cd43dd8448eb211c80319c"'
     for bad in (
+        TRACEPARENT.upper(),
+        TRACEPARENT.replace("0af7", "0-f7"),
+        TRACEPARENT[:-1],
+        TRACEPARENT + "x",
         None,
         b"",
         b"garbage",

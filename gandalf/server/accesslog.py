@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 from collections.abc import Callable
 
@@ -41,9 +40,10 @@ _HEAD = (
     b'{"ts":%.3f,"level":"%b","request_id":%b,"trace_id":%b,"method":%b,"path":%b,'
     b'"status":%d,"ms":%.2f,'
 )
+# Who served whom: the same few combinations over and over, so each is encoded once.
+_WHO = b'"key_id":%b,"org":%b,"team":%b,"route":%b,"provider":%b,"model":%b,'
 _FACTS = (
-    b'"key_id":%b,"org":%b,"team":%b,"route":%b,"provider":%b,"model":%b,"attempts":%d,'
-    b'"tokens":{"prompt":%d,"completion":%d,"total":%d},"cost_usd":%b,"cache":%b}\n'
+    b'%b"attempts":%d,"tokens":{"prompt":%d,"completion":%d,"total":%d},"cost_usd":%b,"cache":%b}\n'
 )
 _LINE = _HEAD + _FACTS
 _NO_FACTS = (
@@ -64,19 +64,33 @@ _ENCODED_MAX = 4096
 
 
 def trace_id_of(traceparent: bytes | str | None) -> bytes:
-    """The JSON of the trace id in a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``),
-    or ``null`` when there is none or it is malformed."""
+    """The JSON of the trace id in a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``,
+    lower-case hex, trace id not all zeros), or ``null`` when there is none or it is
+    malformed. A string is checked the same way (RSGI gives headers as ``str``)."""
     if traceparent is None:
         return _NULL
     if isinstance(traceparent, str):
         traceparent = traceparent.encode("latin-1", "replace")
-    match = _TRACEPARENT.fullmatch(traceparent.strip())
-    if match is None or match.group(1) == b"0" * 32:
+    # Plain byte tests (a regex costs ~0.4 µs here): three dashes, where they belong,
+    # and only lower-case hex digits besides.
+    if (
+        len(traceparent) < 55
+        or traceparent[2] != 45
+        or traceparent[35] != 45
+        or traceparent[52] != 45
+        or traceparent.count(45, 0, 55) != 3
+        or (len(traceparent) > 55 and traceparent[55] != 45)
+        or traceparent[:55].translate(None, _HEX_DASH)
+    ):
         return _NULL
-    return b'"%b"' % match.group(1)
+    trace_id = traceparent[3:35]
+    if trace_id == _ZERO_TRACE:
+        return _NULL
+    return b'"' + trace_id + b'"'
 
 
-_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?")
+_HEX_DASH = b"0123456789abcdef-"
+_ZERO_TRACE = b"0" * 32
 
 
 def write_stderr(data: bytes) -> None:
@@ -100,13 +114,14 @@ class AccessLog:
     calls :meth:`flush`, which also forgets a flush scheduled on that loop.
     """
 
-    __slots__ = ("_buffer", "_encoded", "_pending", "write")
+    __slots__ = ("_buffer", "_encoded", "_pending", "_who", "write")
 
     def __init__(self, write: Callable[[bytes], object] = write_stderr) -> None:
         self.write = write
         self._buffer = bytearray()
         self._pending: asyncio.Handle | None = None  # the scheduled flush, if any
         self._encoded: dict[str | None, bytes] = {None: _NULL}
+        self._who: dict[tuple[str | None, ...], bytes] = {}
 
     def _encode(self, value: str | None) -> bytes:
         encoded = self._encoded.get(value)
@@ -142,10 +157,20 @@ class AccessLog:
                 _dumps(path),
                 status,
                 (time.perf_counter() - started) * 1000.0,
-                _encode(cache),
+                _NULL if cache is None else _encode(cache),
             )
         else:
-            cost = facts.cost_usd
+            key = (
+                facts.key_id,
+                facts.org_id,
+                facts.team_id,
+                facts.model_alias,
+                facts.provider,
+                facts.target_model,
+            )
+            who = self._who.get(key)
+            if who is None:
+                who = self._encode_who(key)
             buffer += _LINE % (
                 time.time(),
                 b"info" if status < 500 else b"error",
@@ -155,18 +180,13 @@ class AccessLog:
                 _dumps(path),
                 status,
                 (time.perf_counter() - started) * 1000.0,
-                _encode(facts.key_id),
-                _encode(facts.org_id),
-                _encode(facts.team_id),
-                _encode(facts.model_alias),
-                _encode(facts.provider),
-                _encode(facts.target_model),
+                who,
                 facts.attempts,
                 facts.prompt_tokens,
                 facts.completion_tokens,
                 facts.total_tokens,
-                _NULL if cost is None else b"%r" % cost,
-                _encode(cache),
+                _dumps(facts.cost_usd),
+                _NULL if cache is None else _encode(cache),
             )
         if len(buffer) >= FLUSH_BYTES:
             self.flush()
@@ -175,6 +195,12 @@ class AccessLog:
                 self._pending = asyncio.get_running_loop().call_soon(self._flush_soon)
             except RuntimeError:  # no loop running: nobody would flush later
                 self.flush()
+
+    def _encode_who(self, key: tuple[str | None, ...]) -> bytes:
+        who: bytes = _WHO % tuple(self._encode(value) for value in key)
+        if len(self._who) < _ENCODED_MAX:
+            self._who[key] = who
+        return who
 
     def _flush_soon(self) -> None:
         self._pending = None
