@@ -33,6 +33,7 @@ from gandalf.server.accesslog import trace_id_of
 from gandalf.server.asgi import GandalfApp
 from gandalf.wiring import create_app
 from tests.asgi_client import Reply, call
+from tests.upstream import MockUpstream
 
 KEY = generate_key()
 CHAT = "/v1/chat/completions"
@@ -437,3 +438,83 @@ def test_json_formatter_writes_one_object_per_line() -> None:
         )
     parsed = orjson.loads(formatter.format(record))
     assert parsed["level"] == "error" and "ValueError: boom" in parsed["exc"]
+
+
+# --------------------------------------------------------------------------- upstream ids
+
+
+def _upstream_config(tmp: Path, base_url: str) -> GandalfConfig:
+    return GandalfConfig(
+        server=ServerConfig(access_log=False),
+        database=DatabaseConfig(dsn=str(tmp / "g.db")),
+        providers=(
+            ProviderConfig(name="bad", type="openai", base_url=base_url, api_key="sk-1"),
+            ProviderConfig(name="good", type="openai", base_url=base_url, api_key="sk-2"),
+        ),
+        routes=(
+            Route(model_alias="m", targets=(Target(provider="good", model="ok-model"),)),
+            Route(
+                model_alias="fo",
+                targets=(
+                    Target(provider="bad", model="status-500", priority=1),
+                    Target(provider="good", model="ok-model", priority=2),
+                ),
+            ),
+        ),
+        keys=(KeyEntry(name="k", key=KEY, role="member"),),
+    )
+
+
+def test_the_request_id_and_traceparent_reach_the_upstream(
+    mock: MockUpstream, tmp_path: Path
+) -> None:
+    """The upstream sees our x-request-id always and the client's traceparent,
+    unchanged, when it is a valid one; an invalid one is not forwarded."""
+    app = create_app(_upstream_config(tmp_path, mock.base_url))
+
+    async def main() -> list[Reply]:
+        await app.startup()
+        try:
+            return [
+                await _chat(app, headers=[("traceparent", TRACEPARENT)]),
+                await _chat(app, stream=True, headers=[("traceparent", TRACEPARENT)]),
+                await _chat(app, headers=[("x-request-id", "client-id-1")]),
+                await _chat(app, headers=[("traceparent", "00-nonsense")]),
+            ]
+        finally:
+            await app.shutdown()
+
+    mock.clear()
+    replies = asyncio.run(main())
+    assert all(r.status == 200 for r in replies), [r.body for r in replies]
+    seen = [{k.lower(): v for k, v in received.headers.items()} for received in mock.received]
+    assert len(seen) == 4
+    for reply, headers in zip(replies, seen, strict=True):
+        assert headers.get("x-request-id") == reply.header("x-request-id")
+    assert seen[2]["x-request-id"] == "client-id-1"
+    assert seen[0].get("traceparent") == TRACEPARENT
+    assert seen[1].get("traceparent") == TRACEPARENT
+    assert "traceparent" not in seen[2] and "traceparent" not in seen[3]
+
+
+def test_each_upstream_attempt_is_timed_and_a_failover_counts_two(
+    mock: MockUpstream, tmp_path: Path
+) -> None:
+    app = create_app(_upstream_config(tmp_path, mock.base_url))
+
+    async def main() -> str:
+        await app.startup()
+        try:
+            reply = await _chat(app, model="fo")
+            assert reply.status == 200, reply.body
+            return (await call(app, "GET", "/metrics")).body.decode()
+        finally:
+            await app.shutdown()
+
+    families = _families(asyncio.run(main()))
+    name = "gandalf_upstream_duration_seconds"
+    failed = _sample(families, name, f"{name}_count", provider="bad", outcome="error")
+    served = _sample(families, name, f"{name}_count", provider="good", outcome="success")
+    assert (failed, served) == (1, 1)
+    requests = _sample(families, "gandalf_requests", "gandalf_requests_total", route="fo")
+    assert requests == 1

@@ -63,6 +63,16 @@ _os_write = os.write  # tests replace it
 _ENCODED_MAX = 4096
 
 
+def valid_traceparent(traceparent: bytes | str) -> str | None:
+    """``traceparent`` as a header value to forward, or None when it is not a
+    valid W3C traceparent (see :func:`trace_id_of`)."""
+    if trace_id_of(traceparent) is _NULL:
+        return None
+    if isinstance(traceparent, bytes):
+        return traceparent.decode("latin-1")
+    return traceparent
+
+
 def trace_id_of(traceparent: bytes | str | None) -> bytes:
     """The JSON of the trace id in a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``,
     lower-case hex, trace id not all zeros), or ``null`` when there is none or it is

@@ -182,6 +182,7 @@ class GandalfApp:
                 length,
                 read_asgi_body,
                 refused,
+                traceparent,
             )
             if response is None:
                 pass  # the client is gone

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
+from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN, UPSTREAM_IDS
 from gandalf.errors import (
     BodyTooLarge,
     GatewayError,
@@ -34,7 +34,7 @@ from gandalf.errors import (
 )
 from gandalf.observability.facts import take
 from gandalf.observability.metrics import Metrics
-from gandalf.server.accesslog import AccessLog, trace_id_of
+from gandalf.server.accesslog import AccessLog, trace_id_of, valid_traceparent
 from gandalf.server.handlers import Endpoint
 from gandalf.server.wire import JSON_CT, JSON_HEADERS, Request, Response, StreamWatcher
 
@@ -307,13 +307,19 @@ class ServerCore:
         length: bytes | None,
         read_body: BodyReader,
         refused: GatewayError | None = None,
+        traceparent: bytes | str | None = None,
     ) -> Response | None:
         """Dispatch ``request``, authenticate it, read its body, run the handler
         and turn every failure into a response in the endpoint's error shape.
         None: the client is gone (nobody to answer; log it as 499).
 
         ``refused``: the adapter found the request unacceptable from its headers
-        alone (two credential headers): answered in the endpoint's shape."""
+        alone (two credential headers): answered in the endpoint's shape.
+        ``traceparent``: the client's W3C header, forwarded upstream when valid
+        (with the request id, always: domain.UPSTREAM_IDS)."""
+        UPSTREAM_IDS.set(
+            (request.request_id, None if traceparent is None else valid_traceparent(traceparent))
+        )
         endpoints = self.endpoints
         assert endpoints is not None
         endpoint = None
