@@ -146,6 +146,17 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     format: Literal["json", "text"] = "text"
 
 
+class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``tracing:`` (needs the ``otel`` extra): spans exported over OTLP/HTTP to
+    ``otlp_endpoint`` (a collector's traces URL, e.g. ``http://otel:4318/v1/traces``);
+    ``sample_ratio`` of the traces that start here are kept (a client's own
+    ``traceparent`` decides for its trace); ``service_name`` names the service."""
+
+    otlp_endpoint: str
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+    service_name: str = "gandalf"
+
+
 class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """SQLite location. After loading, a relative file path has been made absolute against the
     config file's directory; ``:memory:`` and ``file:`` URIs are left unchanged."""
@@ -222,6 +233,8 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    # None: no tracing, and opentelemetry is never imported.
+    tracing: TracingConfig | None = None
     providers: tuple[ProviderConfig, ...] = ()
     routes: tuple[Route, ...] = ()
     keys: tuple[KeyEntry, ...] = ()
@@ -361,6 +374,7 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     teams: tuple[_TeamIn, ...] = ()
     pricing: tuple[_PriceIn, ...] = ()
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    tracing: TracingConfig | None = None
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -370,6 +384,7 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "database": DatabaseConfig,
     "auth": AuthConfig,
     "log": LogConfig,
+    "tracing": TracingConfig,
     "providers[]": _ProviderIn,
     "routes[]": _RouteIn,
     "routes[].targets[]": _TargetIn,
@@ -568,6 +583,7 @@ class _Loader:
             database=database,
             auth=parsed.auth,
             log=parsed.log,
+            tracing=self.check_tracing(parsed.tracing),
             providers=providers,
             routes=routes,
             keys=keys,
@@ -687,6 +703,16 @@ class _Loader:
         except ValueError as exc:
             raise self.error("server.addr", str(exc)) from None
         return server
+
+    def check_tracing(self, tracing: TracingConfig | None) -> TracingConfig | None:
+        if tracing is None:
+            return None
+        endpoint = tracing.otlp_endpoint
+        if not endpoint.startswith(("http://", "https://")) or len(endpoint) < 10:
+            self.fail("tracing.otlp_endpoint", "must be an http:// or https:// URL")
+        if not tracing.service_name.strip():
+            self.fail("tracing.service_name", "must not be empty")
+        return tracing
 
     def resolve_database(self, database: DatabaseConfig) -> DatabaseConfig:
         dsn = database.dsn

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gandalf import bootstrap
 from gandalf.app.balancer import Slot
@@ -27,7 +28,7 @@ from gandalf.app.router import ModelLister, RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
 from gandalf.config import GandalfConfig, default_config_path, load_config
 from gandalf.domain import Scope, Tenancy
-from gandalf.errors import GatewayError
+from gandalf.errors import ConfigError, GatewayError
 from gandalf.observability import facts
 from gandalf.observability.logs import LEVELS, JsonFormatter
 from gandalf.observability.metrics import ENV_METRICS_DIR, Metrics
@@ -39,13 +40,20 @@ from gandalf.server.native import NativeApi
 from gandalf.server.rsgi import RSGIApp
 from gandalf.storage.sqlite import SqliteStore
 
+if TYPE_CHECKING:
+    from gandalf.observability.tracing import Tracing
+
 logger = logging.getLogger("gandalf")
 
 ENV_ACCESS_LOG = "GANDALF_ACCESS_LOG"
 
 
 def create_app(
-    config: GandalfConfig, *, access_log: bool | None = None, handle_signals: bool = False
+    config: GandalfConfig,
+    *,
+    access_log: bool | None = None,
+    handle_signals: bool = False,
+    span_exporter: object | None = None,
 ) -> GandalfApp:
     """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config;
     ``handle_signals`` is for server workers (see GandalfApp).
@@ -53,7 +61,11 @@ def create_app(
     With ``server.metrics`` (the default) the worker records into a
     :class:`~gandalf.observability.metrics.Metrics` and serves ``GET /metrics``;
     its snapshots meet the other workers' in ``$GANDALF_METRICS_DIR`` when
-    ``gandalf serve`` set it."""
+    ``gandalf serve`` set it.
+
+    With a ``tracing:`` section, spans go to its OTLP endpoint (``span_exporter``:
+    an OpenTelemetry SpanExporter to use instead, for tests); without one,
+    opentelemetry is not imported at all."""
     server = config.server
     logs = access_log if access_log is not None else server.access_log
     metrics = (
@@ -62,8 +74,9 @@ def create_app(
         else None
     )
     # The pipeline's observe hook: only when something reads what it leaves.
-    observe = facts.observe if logs or metrics is not None else None
+    observe = facts.observe if logs or metrics is not None or config.tracing else None
     attempt = _attempts(metrics) if metrics is not None else None
+    tracing = _tracing(config, span_exporter) if config.tracing is not None else None
 
     async def build() -> Runtime:
         store = SqliteStore(config.database.dsn)
@@ -108,6 +121,7 @@ def create_app(
                 cost=cost,
                 observe=observe,
                 attempt=attempt,
+                tracer=tracing,
             )
             passthrough = PassthroughService(
                 table,
@@ -118,6 +132,7 @@ def create_app(
                 cost=cost,
                 observe=observe,
                 attempt=attempt,
+                tracer=tracing,
             )
             api = Api(proxy, keys, store, created=created)
             native = NativeApi(passthrough, keys, created=created)
@@ -145,6 +160,8 @@ def create_app(
                 await started_registry.close()
             finally:
                 await store.close()
+                if tracing is not None:
+                    tracing.shutdown()  # the spans still buffered go out
                 if store.dropped_usage:
                     logger.warning(
                         "%d usage record(s) were dropped (queue full)", store.dropped_usage
@@ -162,12 +179,32 @@ def create_app(
         handle_signals=handle_signals,
         metrics=metrics,
         log_info=LEVELS[config.log.level] <= logging.INFO,
+        tracing=tracing,
     )
     if handle_signals:
         # A server worker: the lifecycle flushes the access log at shutdown; this
         # writes a line that a request ending after it (or without one) buffered.
         atexit.register(app.core.access.flush)
     return app
+
+
+def _tracing(config: GandalfConfig, exporter: object | None) -> Tracing:
+    """The worker's tracer for ``config.tracing`` (imports opentelemetry)."""
+    settings = config.tracing
+    assert settings is not None
+    try:
+        from gandalf.observability.tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            f"{config.source}: tracing: needs the otel extra "
+            f"(pip install 'gandalf-gateway[otel]'): {exc}"
+        ) from None
+    return Tracing(
+        settings.otlp_endpoint,
+        settings.sample_ratio,
+        settings.service_name,
+        exporter=exporter,  # type: ignore[arg-type]
+    )
 
 
 def _attempts(metrics: Metrics) -> AttemptHook:

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Protocol
 
 from gandalf.app.balancer import Slot
-from gandalf.app.failover import AttemptHook, Failover, failure_of
+from gandalf.app.failover import AttemptHook, AttemptTracer, Failover, failure_of
 from gandalf.app.governance import Governor, Ticket
 from gandalf.app.health import STREAM_FAILURE_WEIGHTS
 from gandalf.app.pipeline import (
@@ -204,6 +204,7 @@ class PassthroughService:
         cost: CostOf = no_cost,
         observe: Observe | None = None,
         attempt: AttemptHook | None = None,
+        tracer: AttemptTracer | None = None,
     ) -> None:
         """``governor``, ``price``, ``cost``: the pipeline's hooks
         (app/pipeline.py); None / unpriced by default. ``monotonic``, ``rng``,
@@ -222,6 +223,7 @@ class PassthroughService:
             rng=rng if rng is not None else random.Random(),
             sleep=sleep,
             attempt=attempt,
+            tracer=tracer,
         )
         # (alias, api) -> (the route's entry, its targets of that API as an entry
         # of their own: the same slots, so breakers and latency are shared).

@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from gandalf.app.balancer import Slot
 from gandalf.app.breaker import BreakerSnapshot
 from gandalf.app.coalesce import Coalescer, is_deterministic
-from gandalf.app.failover import AttemptHook, Failover, Outcome
+from gandalf.app.failover import AttemptHook, AttemptTracer, Failover, Outcome
 from gandalf.app.governance import Governor, Ticket
 from gandalf.app.health import STREAM_FAILURE_WEIGHTS
 from gandalf.app.pipeline import (
@@ -212,6 +212,7 @@ class ProxyService:
         cost: CostOf = no_cost,
         observe: Observe | None = None,
         attempt: AttemptHook | None = None,
+        tracer: AttemptTracer | None = None,
     ) -> None:
         """``clock``: wall time (usage records, HTTP-date Retry-After);
         ``monotonic``: breakers, budgets and latency; ``rng``: jitter and
@@ -233,6 +234,7 @@ class ProxyService:
             rng=self._rng,
             sleep=sleep,
             attempt=attempt,
+            tracer=tracer,
         )
         self._coalescer: Coalescer[_Landed] = Coalescer()
 

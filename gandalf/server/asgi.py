@@ -22,6 +22,7 @@ from gandalf.observability.metrics import Metrics
 from gandalf.server.core import (
     DUPLICATE_CREDENTIALS,
     NOT_READY_BODY,
+    RequestTracer,
     Runtime,
     ServerCore,
     declared_length,
@@ -89,6 +90,7 @@ class GandalfApp:
         handle_signals: bool = False,
         metrics: Metrics | None = None,
         log_info: bool = True,
+        tracing: RequestTracer | None = None,
     ) -> None:
         """``handle_signals``: in a server worker, start the drain deadline on
         SIGTERM/SIGINT (see Lifecycle). ``metrics``, ``log_info``: see ServerCore."""
@@ -100,6 +102,7 @@ class GandalfApp:
             stream_keepalive=stream_keepalive,
             metrics=metrics,
             log_info=log_info,
+            tracing=tracing,
         )
         self.lifecycle = Lifecycle(
             self.core, shutdown_timeout=shutdown_timeout, handle_signals=handle_signals

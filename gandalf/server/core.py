@@ -20,9 +20,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN, UPSTREAM_IDS
+from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN, UPSTREAM_IDS, UsageRecord
 from gandalf.errors import (
     BodyTooLarge,
     GatewayError,
@@ -57,6 +57,14 @@ DUPLICATE_CREDENTIALS = InvalidRequest(
 # BodyTooLarge past ``limit``, IncompleteBody when the client stops sending
 # before the body it announced is complete, InvalidRequest for a bad length.
 BodyReader = Callable[[Request, "bytes | None", int], Awaitable[bytes]]
+
+
+class RequestTracer(Protocol):
+    """A span per request (observability/tracing.py), when tracing is on."""
+
+    def start_request(self, method: str, path: str, traceparent: bytes | str | None) -> None: ...
+
+    def end_request(self, status: int, facts: UsageRecord | None) -> None: ...
 
 
 class Runtime:
@@ -166,6 +174,7 @@ class ServerCore:
         "metrics",
         "observed",
         "reads",
+        "tracing",
         "watcher",
     )
 
@@ -179,8 +188,10 @@ class ServerCore:
         stream_keepalive: float = 15.0,
         metrics: Metrics | None = None,
         log_info: bool = True,
+        tracing: RequestTracer | None = None,
     ) -> None:
         """``metrics``: record every request there (None: metrics off);
+        ``tracing``: a span per request (None: tracing off);
         ``log_info``: write the access log's ``info`` lines (status below 500),
         not only its ``error`` ones (``log.level`` above info)."""
         self._build = build
@@ -189,7 +200,8 @@ class ServerCore:
         self.metrics = metrics
         self.log_info = log_info
         # Anything to do when a request ends (the adapters test this one flag).
-        self.observed = access_log or metrics is not None
+        self.tracing = tracing
+        self.observed = access_log or metrics is not None or tracing is not None
         self.access = AccessLog()  # record only when access_log; flushed at shutdown
         self.keepalive = stream_keepalive
         self.watcher = StreamWatcher(tick=min(0.2, stream_keepalive / 2))
@@ -283,6 +295,9 @@ class ServerCore:
                 trace_id_of(traceparent),
                 cache,
             )
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.end_request(status, facts)
         metrics = self.metrics
         if metrics is not None:
             metrics.request(path, status, time.perf_counter() - started, facts)
@@ -320,6 +335,9 @@ class ServerCore:
         UPSTREAM_IDS.set(
             (request.request_id, None if traceparent is None else valid_traceparent(traceparent))
         )
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.start_request(request.method, request.path, traceparent)
         endpoints = self.endpoints
         assert endpoints is not None
         endpoint = None
