@@ -2,10 +2,13 @@
 (``test_micro.Driver``, the fake provider), with the young-generation GC threshold
 a server worker uses, configurations interleaved over rounds.
 
-Configurations: ``off`` (no metrics, no access log), ``metrics`` (``server.metrics``:
-every request recorded; snapshots not written: one process), ``log`` (the access
-log with every contract field, written to a temporary file as a redirected stderr
-would be), ``both``. Each for a non-streamed chat completion and for a streamed
+Configurations: ``off`` (no metrics, no access log, no tracing), ``metrics``
+(``server.metrics``: every request recorded; snapshots not written: one process),
+``log`` (the access log with every contract field, written to a temporary file as
+a redirected stderr would be), ``both``; ``traced`` (tracing, every trace sampled,
+spans handed to an exporter that drops them: the SDK's cost without the network)
+and ``traced0`` (tracing with ``sample_ratio: 0``: spans made but not recorded).
+Each for a non-streamed chat completion and for a streamed
 one (9 SSE events: the first-chunk note for time to first token is in the relay).
 
     python bench/observability_micro.py [--rounds 7] [--requests 3000]
@@ -28,14 +31,16 @@ import sys
 import tempfile
 import time
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from test_micro import CHAT_BODY, KEY, STREAM_BODY, Driver
 
-from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry, ServerConfig
+from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry, ServerConfig, TracingConfig
 from gandalf.domain import ModelPrice, ProviderConfig, Route, Target, UsageRecord
 from gandalf.observability import facts
 from gandalf.observability.metrics import Metrics
@@ -44,11 +49,22 @@ from gandalf.server.core import Runtime, ServerCore
 from gandalf.wiring import create_app
 
 CONFIGS = ("off", "metrics", "log", "both")
+TRACED = ("traced", "traced0")
 _PRICE = (ModelPrice(provider="fake", model="fake-1", input=1.0, output=2.0),)
 
 
+class _Drop(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
 def config(name: str) -> GandalfConfig:
+    tracing = None
+    if name in TRACED:
+        ratio = 1.0 if name == "traced" else 0.0
+        tracing = TracingConfig(otlp_endpoint="http://127.0.0.1:9/v1/traces", sample_ratio=ratio)
     return GandalfConfig(
+        tracing=tracing,
         server=ServerConfig(
             access_log=name in ("log", "both"), metrics=name in ("metrics", "both")
         ),
@@ -94,17 +110,18 @@ def ab(rounds: int, requests: int, write: Callable[[bytes], None]) -> None:
     """The whole app, each configuration, chat and stream, interleaved."""
     loop = _loop()
     apps: dict[str, GandalfApp] = {}
-    for name in CONFIGS:
-        app = create_app(config(name))
+    for name in (*CONFIGS, *TRACED):
+        app = create_app(config(name), span_exporter=_Drop() if name in TRACED else None)
         app.core.access.write = write
         loop.run_until_complete(app.startup())
         apps[name] = app
     kinds = {"chat": CHAT_BODY, "stream": STREAM_BODY}
-    times: dict[tuple[str, str], list[float]] = {(k, n): [] for k in kinds for n in CONFIGS}
+    names = (*CONFIGS, *TRACED)
+    times: dict[tuple[str, str], list[float]] = {(k, n): [] for k in kinds for n in names}
     try:
         for _ in range(rounds):
             for kind, body in kinds.items():
-                for name in CONFIGS:
+                for name in names:
                     driver = Driver(apps[name], "POST", "/v1/chat/completions", body)
                     loop.run_until_complete(driver.run(200))  # warm: key cache, label series
                     started = time.perf_counter()
@@ -119,7 +136,7 @@ def ab(rounds: int, requests: int, write: Callable[[bytes], None]) -> None:
         loop.close()
     for kind in kinds:
         base = min(times[kind, "off"])
-        for name in CONFIGS:
+        for name in names:
             runs = times[kind, name]
             best = min(runs)
             print(

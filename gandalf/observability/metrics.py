@@ -55,7 +55,7 @@ __all__ = [
 
 ENV_METRICS_DIR = "GANDALF_METRICS_DIR"
 SNAPSHOT_INTERVAL = 1.0
-STALE_AFTER = 30.0
+STALE_AFTER = 10.0  # a live worker rewrites its file every second
 MAX_SERIES = 5_000
 
 # Seconds. A model call takes from a few ms (a cache, an embedding) to minutes (a long answer).
