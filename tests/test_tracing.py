@@ -231,3 +231,17 @@ def test_tracing_section_parses() -> None:
     assert config.tracing == TracingConfig(
         otlp_endpoint="http://otel:4318/v1/traces", sample_ratio=0.25, service_name="gandalf"
     )
+
+
+def test_an_unsampled_trace_makes_no_client_span_and_forwards_the_clients_traceparent(
+    mock: MockUpstream, tmp_path: Path
+) -> None:
+    exporter = InMemorySpanExporter()
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"
+    app = create_app(_config(tmp_path, mock.base_url), span_exporter=exporter)
+    mock.clear()
+    (reply,) = _run(app, ("fo", {"headers": [("traceparent", unsampled)]}))
+    assert reply.status == 200, reply.body
+    assert exporter.get_finished_spans() == ()  # the client's flag says: not sampled
+    sent = [{k.lower(): v for k, v in r.headers.items()} for r in mock.received]
+    assert [h["traceparent"] for h in sent] == [unsampled, unsampled]

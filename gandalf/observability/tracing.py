@@ -160,8 +160,13 @@ class Tracing:
     # ------------------------------------------------------------------ client spans
 
     def begin(self, slot: Any) -> object:
-        """A CLIENT span for an attempt on ``slot``; the upstream call forwards its context."""
+        """A CLIENT span for an attempt on ``slot``; the upstream call forwards its
+        context. None when the request's trace is not sampled: its spans would be
+        dropped anyway (ParentBased), and the upstream gets the client's own
+        ``traceparent``, if any, unchanged."""
         server = _SERVER.get()
+        if server is not None and not server.is_recording():
+            return None
         model = slot.target.model
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
@@ -188,6 +193,8 @@ class Tracing:
         return span
 
     def end(self, span: object, error: BaseException | None, result: object) -> None:
+        if span is None:
+            return
         assert isinstance(span, Span)
         if span.is_recording():
             if error is not None:
