@@ -31,8 +31,10 @@ from gandalf.observability.logs import JsonFormatter
 from gandalf.observability.metrics import DURATION_BUCKETS, Metrics
 from gandalf.server.accesslog import trace_id_of
 from gandalf.server.asgi import GandalfApp
+from gandalf.server.rsgi import RSGIApp
 from gandalf.wiring import create_app
 from tests.asgi_client import Reply, call
+from tests.rsgi_client import rsgi_call
 from tests.upstream import MockUpstream
 
 KEY = generate_key()
@@ -518,3 +520,36 @@ def test_each_upstream_attempt_is_timed_and_a_failover_counts_two(
     assert (failed, served) == (1, 1)
     requests = _sample(families, "gandalf_requests", "gandalf_requests_total", route="fo")
     assert requests == 1
+
+
+def test_rsgi_requests_are_logged_counted_and_forward_the_ids(
+    mock: MockUpstream, tmp_path: Path
+) -> None:
+    """The RSGI adapter (str headers) feeds the same access line, metrics and
+    upstream ids as ASGI."""
+    config = _upstream_config(tmp_path, mock.base_url)
+    app = create_app(config, access_log=True)
+    written = _logged(app)
+    rsgi = RSGIApp(app)
+
+    async def main() -> tuple[Reply, str]:
+        await app.startup()
+        try:
+            headers = [("authorization", f"Bearer {KEY}"), ("traceparent", TRACEPARENT)]
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            reply = await rsgi_call(rsgi, "POST", CHAT, headers=headers, json=body)
+            scrape = await rsgi_call(rsgi, "GET", "/metrics")
+            return reply, scrape.body.decode()
+        finally:
+            await app.shutdown()
+
+    mock.clear()
+    reply, text = asyncio.run(main())
+    assert reply.status == 200, reply.body
+    line = _lines(written)[0]
+    assert line["trace_id"] == TRACEPARENT.split("-")[1] and line["provider"] == "good"
+    families = _families(text)
+    assert _sample(families, "gandalf_requests", "gandalf_requests_total", route="m") == 1
+    (sent,) = [{k.lower(): v for k, v in r.headers.items()} for r in mock.received]
+    assert sent["traceparent"] == TRACEPARENT
+    assert sent["x-request-id"] == line["request_id"]
