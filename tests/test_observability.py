@@ -553,3 +553,25 @@ def test_rsgi_requests_are_logged_counted_and_forward_the_ids(
     (sent,) = [{k.lower(): v for k, v in r.headers.items()} for r in mock.received]
     assert sent["traceparent"] == TRACEPARENT
     assert sent["x-request-id"] == line["request_id"]
+
+
+def test_the_gateways_own_rate_limit_refusals_are_counted(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    limited = GandalfConfig(
+        **{**_fields(config), "keys": (KeyEntry(name="k", key=KEY, role="member", rpm=1),)}
+    )
+    app = create_app(limited, access_log=False)
+
+    async def main() -> str:
+        await app.startup()
+        try:
+            assert [(await _chat(app)).status for _ in range(3)] == [200, 429, 429]
+            return (await call(app, "GET", "/metrics")).body.decode()
+        finally:
+            await app.shutdown()
+
+    families = _families(asyncio.run(main()))
+    rejected = "gandalf_ratelimit_rejections"
+    assert _sample(families, rejected, f"{rejected}_total", route="m") == 2
+    refused = _sample(families, "gandalf_requests", "gandalf_requests_total", status="4xx")
+    assert refused == 2

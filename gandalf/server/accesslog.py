@@ -11,7 +11,8 @@ target model), ``attempts`` (upstream attempts), ``tokens``
 (``{"prompt","completion","total"}``), ``cost_usd`` (null: unpriced) and
 ``cache`` (the response cache's verdict, null when it was not consulted).
 Every string goes through orjson, which escapes every control character, so a
-client cannot forge or break lines.
+client cannot forge or break lines. ``log.level`` above ``info`` keeps only
+the ``error`` lines (the server core decides; this writer writes what it gets).
 
 Why not the ``logging`` module: a record per request (LogRecord, formatter,
 handler lock, a write and a flush per line) cost ~0.13 ms of CPU per request,

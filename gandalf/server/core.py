@@ -6,9 +6,11 @@ back; this module does the rest, the same way for both: dispatch (one dict
 lookup, then path prefixes), authentication from the headers *before* the body
 is read (a caller without a valid key never gets a byte of its body read),
 the body read (capped at ``max_body_bytes`` and bounded in time by
-``read_timeout``), the handler, the one error boundary, in-flight tracking
-and the access log (written by ``accesslog.py``). Drain and signals are in
-``lifecycle.py``.
+``read_timeout``), the handler, the one error boundary, in-flight tracking,
+and when a request ends (:meth:`ServerCore.finished`) its access log line
+(written by ``accesslog.py``), its metrics and its tracing span, with the
+facts its model call left (``observability/facts.py``). Drain and signals
+are in ``lifecycle.py``.
 
 Per request: one dict lookup, a cached key check (a dict get), one capped
 body read registered with a worker-wide deadline timer, the handler.
