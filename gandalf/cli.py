@@ -37,7 +37,7 @@ from gandalf.domain import (
     is_glob,
 )
 from gandalf.errors import ConfigError, GatewayError
-from gandalf.observability.metrics import ENV_METRICS_DIR
+from gandalf.observability.metrics import ENV_METRICS_DIR, serve_metrics
 from gandalf.storage.sqlite import SqliteStore, StorageError, TenantInUse
 
 if TYPE_CHECKING:
@@ -317,13 +317,33 @@ def _serve(args: argparse.Namespace) -> int:
     )
     server.on_reload(reloader.apply)
     metrics_dir = None
+    scrapes = None
     if config.server.metrics:
         # Where the workers' metric snapshots meet (gandalf/observability/metrics.py).
         metrics_dir = tempfile.mkdtemp(prefix="gandalf-metrics-")
         os.environ[ENV_METRICS_DIR] = metrics_dir
+        if config.server.metrics_addr:
+            metrics_host, metrics_port = split_addr(config.server.metrics_addr)
+            try:
+                scrapes = serve_metrics(
+                    metrics_host,
+                    metrics_port,
+                    metrics_dir,
+                    key_id=config.server.metrics_key_id,
+                )
+            except OSError as exc:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+                raise CliError(
+                    f"server.metrics_addr {config.server.metrics_addr}: cannot listen: "
+                    f"{exc.strerror or exc}",
+                    EXIT_USAGE,
+                ) from None
     try:
         server.serve(target_loader=loader)
     finally:
+        if scrapes is not None:
+            scrapes.shutdown()
+            scrapes.server_close()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return EXIT_OK

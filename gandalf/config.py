@@ -124,6 +124,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # GET /metrics (Prometheus text, every worker merged); a key's id as a label only on opt-in.
     metrics: bool = True
     metrics_key_id: bool = False
+    # "host:port": /metrics there (served by gandalf serve's main process), not on ``addr``.
+    metrics_addr: str = ""
 
     @property
     def host(self) -> str:
@@ -702,6 +704,13 @@ class _Loader:
             split_addr(server.addr)
         except ValueError as exc:
             raise self.error("server.addr", str(exc)) from None
+        if server.metrics_addr:
+            try:
+                where = split_addr(server.metrics_addr)
+            except ValueError as exc:
+                raise self.error("server.metrics_addr", str(exc)) from None
+            if where == split_addr(server.addr):
+                self.fail("server.metrics_addr", "must differ from server.addr")
         return server
 
     def check_tracing(self, tracing: TracingConfig | None) -> TracingConfig | None:

@@ -145,7 +145,7 @@ def create_app(
             )
             endpoints.update(native_exact)
             prefixes = [*api_prefixes, *native_prefixes]
-            if metrics is not None:
+            if metrics is not None and not server.metrics_addr:
                 endpoints["/metrics"] = metrics_endpoint(metrics)
                 metrics.gauges = _gauges(app, proxy, store)
         except BaseException:

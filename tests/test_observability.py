@@ -575,3 +575,14 @@ def test_the_gateways_own_rate_limit_refusals_are_counted(tmp_path: Path) -> Non
     assert _sample(families, rejected, f"{rejected}_total", route="m") == 2
     refused = _sample(families, "gandalf_requests", "gandalf_requests_total", status="4xx")
     assert refused == 2
+
+
+def test_metrics_addr_is_checked() -> None:
+    config = parse_config("server: {metrics_addr: '127.0.0.1:9464'}\n", source="g.yaml")
+    assert config.server.metrics_addr == "127.0.0.1:9464" and config.server.metrics
+    with pytest.raises(ConfigError, match=r"server\.metrics_addr"):
+        parse_config("server: {metrics_addr: 'nope'}\n", source="g.yaml")
+    with pytest.raises(ConfigError, match="must differ"):
+        parse_config(
+            "server: {addr: '127.0.0.1:8080', metrics_addr: '127.0.0.1:8080'}\n", source="g.yaml"
+        )

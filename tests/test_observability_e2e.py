@@ -16,7 +16,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from gandalf.auth.apikey import generate_key
-from tests.serve import GandalfServer, wait_until
+from tests.serve import GandalfServer, free_port, wait_until
 
 KEY = generate_key()
 CHAT = "/v1/chat/completions"
@@ -102,3 +102,32 @@ def test_two_workers_merge_their_metrics_and_log_json(tmp_path: Path) -> None:
     assert own and all(line["logger"].startswith("gandalf") for line in own), parsed[-3:]
     # gandalf's own lines are JSON with log.format: json: no text-formatted one is left.
     assert " gandalf." not in server.stderr(), server.stderr()[-2000:]
+
+
+def test_metrics_on_their_own_address(tmp_path: Path) -> None:
+    """server.metrics_addr: /metrics there (the main process merges the workers'
+    snapshots), and not on the API's address."""
+    metrics_port = free_port()
+    config = _config()
+    config["server"] = {"workers": 2, "metrics_addr": f"127.0.0.1:{metrics_port}"}
+    with GandalfServer(tmp_path, config) as server:
+        for _ in range(4):
+            with httpx.Client(base_url=server.url, timeout=30.0) as client:
+                reply = client.post(
+                    CHAT,
+                    json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"authorization": f"Bearer {KEY}"},
+                )
+            assert reply.status_code == 200
+        with httpx.Client(timeout=30.0) as client:
+            assert client.get(f"{server.url}/metrics").status_code == 404
+
+            def scraped() -> float:
+                scrape = client.get(f"http://127.0.0.1:{metrics_port}/metrics")
+                assert scrape.status_code == 200
+                assert scrape.headers["content-type"].startswith("text/plain; version=0.0.4")
+                return _totals(scrape.text)[0]
+
+            # Snapshots are written every second: wait (bounded) for both workers'.
+            wait_until(lambda: scraped() == 4, 10.0, "the workers' snapshots")
+            assert client.get(f"http://127.0.0.1:{metrics_port}/other").status_code == 404

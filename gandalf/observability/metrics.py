@@ -37,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 
@@ -51,6 +53,7 @@ __all__ = [
     "MAX_SERIES",
     "TTFT_BUCKETS",
     "Metrics",
+    "serve_metrics",
 ]
 
 ENV_METRICS_DIR = "GANDALF_METRICS_DIR"
@@ -409,6 +412,37 @@ class Metrics:
         out.append(f"gandalf_usage_dropped_total {_fmt(dropped)}")
         out.append("")
         return "\n".join(out).encode()
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def serve_metrics(host: str, port: int, directory: str, *, key_id: bool) -> ThreadingHTTPServer:
+    """``server.metrics_addr``: ``GET /metrics`` on its own address, answered by
+    ``gandalf serve``'s main process from the workers' snapshot files (so never
+    by a worker, and never on the API's listener), in a daemon thread. Anything
+    else is a 404. The caller ``shutdown()`` s it when the server stops."""
+    metrics = Metrics(key_id=key_id, directory=directory)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404)
+                return
+            body = metrics.exposition()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scrapes are not access-logged
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="gandalf-metrics", daemon=True).start()
+    return server
 
 
 def _alive(pid: object, ts: object, now: float) -> bool:
