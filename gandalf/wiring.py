@@ -145,9 +145,10 @@ def create_app(
             )
             endpoints.update(native_exact)
             prefixes = [*api_prefixes, *native_prefixes]
-            if metrics is not None and not server.metrics_addr:
-                endpoints["/metrics"] = metrics_endpoint(metrics)
-                metrics.gauges = _gauges(app, proxy, store)
+            if metrics is not None:
+                metrics.gauges = _gauges(app, proxy, store)  # in every snapshot
+                if not server.metrics_addr:  # else gandalf serve's main process answers
+                    endpoints["/metrics"] = metrics_endpoint(metrics)
         except BaseException:
             if registry is not None:
                 await registry.close()

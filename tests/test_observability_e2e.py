@@ -130,4 +130,7 @@ def test_metrics_on_their_own_address(tmp_path: Path) -> None:
 
             # Snapshots are written every second: wait (bounded) for both workers'.
             wait_until(lambda: scraped() == 4, 10.0, "the workers' snapshots")
+            # The workers' gauges reach the main process too: the fake provider's breaker.
+            text = client.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            assert 'gandalf_breaker_state{provider="fake"} 0' in text
             assert client.get(f"http://127.0.0.1:{metrics_port}/other").status_code == 404
