@@ -344,17 +344,22 @@ def write_gandalf_config(
     *,
     access_log: bool = True,
     governance: str = "off",
+    metrics: bool = True,
 ) -> Path:
     """The bench config: one openai-type provider pointing at the mock, one route, one key.
 
     Written to ``<tmpdir>/<name>.yaml`` with its own SQLite file ``<tmpdir>/<name>.db``.
     ``access_log``: the server's access log, on as shipped (the benches measure what
-    users run; ``--access-log off`` measures the gateway without it).
+    users run; ``--access-log off`` measures the gateway without it). ``metrics``
+    False writes ``server.metrics: false`` (True leaves the key out: the default is
+    on, and an older revision does not know it).
     """
     path = tmpdir / f"{name}.yaml"
     log = "true" if access_log else "false"
     path.write_text(
-        f'server: {{addr: "127.0.0.1:{port}", access_log: {log}}}\n'
+        f'server: {{addr: "127.0.0.1:{port}", access_log: {log}'
+        + ("" if metrics else ", metrics: false")
+        + "}\n"
         f'database: {{dsn: "{tmpdir / f"{name}.db"}"}}\n'
         "providers:\n"
         f'  - {{name: mock, type: openai, base_url: "http://127.0.0.1:{mock_port}/v1", '
@@ -389,6 +394,7 @@ def launch_gandalf(
     name: str | None = None,
     access_log: bool = True,
     governance: str = "off",
+    metrics: bool = True,
 ) -> Server:
     """``python -m gandalf serve --config <tmpdir>/<name>.yaml --interface I``, the
     ``gandalf`` package imported from ``repo``; waits for /healthz. Named ``gandalf``
@@ -397,7 +403,13 @@ def launch_gandalf(
         name = "gandalf" if interface == "asgi" else f"gandalf-{interface}"
     port = free_port()
     config = write_gandalf_config(
-        tmpdir, port, mock_port, name, access_log=access_log, governance=governance
+        tmpdir,
+        port,
+        mock_port,
+        name,
+        access_log=access_log,
+        governance=governance,
+        metrics=metrics,
     )
     log_path = tmpdir / f"{name}.log"
     cmd = [

@@ -79,6 +79,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the base's (default: as --governance; on needs a base that knows orgs:); "
         "--base HEAD --governance on --base-governance off measures what limits cost",
     )
+    parser.add_argument(
+        "--metrics",
+        choices=("on", "off"),
+        default="on",
+        help="this checkout's server.metrics (default on: the shipped default)",
+    )
+    parser.add_argument(
+        "--base-metrics",
+        choices=("on", "off"),
+        help="the base's (default: as --metrics; off needs a base that knows server.metrics); "
+        "--base HEAD --metrics on --base-metrics off measures what metrics cost",
+    )
     return parser.parse_args(argv)
 
 
@@ -121,9 +133,11 @@ def compare(
     threads = 1 if args.connections == 1 else 2
     base_log = args.base_access_log or args.access_log
     base_gov = args.base_governance or args.governance
+    base_metrics = args.base_metrics or args.metrics
     results: dict[str, list[float]] = {
-        f"A (this checkout, log {args.access_log}, limits {args.governance})": [],
-        f"B ({args.base}, log {base_log}, limits {base_gov})": [],
+        f"A (this checkout, log {args.access_log}, limits {args.governance}, "
+        f"metrics {args.metrics})": [],
+        f"B ({args.base}, log {base_log}, limits {base_gov}, metrics {base_metrics})": [],
     }
     cpu_ms: dict[str, list[float]] = {label: [] for label in results}
     with ProcGroup() as group:
@@ -142,6 +156,7 @@ def compare(
                     name=f"ab-{round_no}-{'a' if repo == REPO_DIR else 'b'}",
                     access_log=(args.access_log if repo == REPO_DIR else base_log) == "on",
                     governance=args.governance if repo == REPO_DIR else base_gov,
+                    metrics=(args.metrics if repo == REPO_DIR else base_metrics) == "on",
                 )
                 url = server.url + CHAT_PATH
                 run_wrk(

@@ -16,7 +16,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ from gandalf.domain import (
     is_glob,
 )
 from gandalf.errors import ConfigError, GatewayError
+from gandalf.observability.metrics import ENV_METRICS_DIR, serve_metrics
 from gandalf.storage.sqlite import SqliteStore, StorageError, TenantInUse
 
 if TYPE_CHECKING:
@@ -254,7 +257,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gandalf.wiring import WorkerLoader, configure_logging
 
-    configure_logging()  # bootstrap's lines (revoked keys) and reload problems
+    # bootstrap's lines (revoked keys) and reload problems
+    configure_logging(config.log.level, config.log.format)
     _check_port(host, port)  # before a first admin key is made and shown
     key_file = os.environ.get(FIRST_KEY_FILE_ENV) or None
     if key_file is not None:
@@ -313,7 +317,36 @@ def _serve(args: argparse.Namespace) -> int:
         respawn_interval=RESPAWN_INTERVAL,
     )
     server.on_reload(reloader.apply)
-    server.serve(target_loader=loader)
+    metrics_dir = None
+    scrapes = None
+    if config.server.metrics:
+        # Where the workers' metric snapshots meet (gandalf/observability/metrics.py).
+        metrics_dir = tempfile.mkdtemp(prefix="gandalf-metrics-")
+        os.environ[ENV_METRICS_DIR] = metrics_dir
+        if config.server.metrics_addr:
+            metrics_host, metrics_port = split_addr(config.server.metrics_addr)
+            try:
+                scrapes = serve_metrics(
+                    metrics_host,
+                    metrics_port,
+                    metrics_dir,
+                    key_id=config.server.metrics_key_id,
+                )
+            except OSError as exc:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+                raise CliError(
+                    f"server.metrics_addr {config.server.metrics_addr}: cannot listen: "
+                    f"{exc.strerror or exc}",
+                    EXIT_USAGE,
+                ) from None
+    try:
+        server.serve(target_loader=loader)
+    finally:
+        if scrapes is not None:
+            scrapes.shutdown()
+            scrapes.server_close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return EXIT_OK
 
 

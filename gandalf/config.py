@@ -129,6 +129,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     access_log: bool = True
     workers: Annotated[int, msgspec.Meta(ge=1)] = 1
     interface: Literal["asgi", "rsgi"] = "asgi"  # granian's; rsgi is faster, asgi portable
+    # GET /metrics (Prometheus text, every worker merged); a key's id as a label only on opt-in.
+    metrics: bool = True
+    metrics_key_id: bool = False
+    # "host:port": /metrics there (served by gandalf serve's main process), not on ``addr``.
+    metrics_addr: str = ""
 
     @property
     def host(self) -> str:
@@ -139,6 +144,27 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     def port(self) -> int:
         """The port part of ``addr`` (1-65535)."""
         return split_addr(self.addr)[1]
+
+
+class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``log:``. ``level``: gandalf's own log lines at and above it; the access log
+    writes its ``info`` lines (status below 500) at ``debug`` and ``info`` only, its
+    ``error`` lines (500 and above) always. ``format``: gandalf's own lines as one
+    JSON object per line (``json``) or as text; the access log is JSON either way."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "text"
+
+
+class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``tracing:`` (needs the ``otel`` extra): spans exported over OTLP/HTTP to
+    ``otlp_endpoint`` (a collector's traces URL, e.g. ``http://otel:4318/v1/traces``);
+    ``sample_ratio`` of the traces that start here are kept (a client's own
+    ``traceparent`` decides for its trace); ``service_name`` names the service."""
+
+    otlp_endpoint: str
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+    service_name: str = "gandalf"
 
 
 class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -234,6 +260,9 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    # None: no tracing, and opentelemetry is never imported.
+    tracing: TracingConfig | None = None
     providers: tuple[ProviderConfig, ...] = ()
     routes: tuple[Route, ...] = ()
     keys: tuple[KeyEntry, ...] = ()
@@ -380,6 +409,8 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     teams: tuple[_TeamIn, ...] = ()
     pricing: tuple[_PriceIn, ...] = ()
     cache: CacheConfig | None = None
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    tracing: TracingConfig | None = None
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -388,6 +419,8 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "server": ServerConfig,
     "database": DatabaseConfig,
     "auth": AuthConfig,
+    "log": LogConfig,
+    "tracing": TracingConfig,
     "providers[]": _ProviderIn,
     "routes[]": _RouteIn,
     "routes[].targets[]": _TargetIn,
@@ -633,6 +666,8 @@ class _Loader:
             server=server,
             database=database,
             auth=parsed.auth,
+            log=parsed.log,
+            tracing=self.check_tracing(parsed.tracing),
             providers=providers,
             routes=routes,
             keys=keys,
@@ -773,7 +808,24 @@ class _Loader:
             split_addr(server.addr)
         except ValueError as exc:
             raise self.error("server.addr", str(exc)) from None
+        if server.metrics_addr:
+            try:
+                where = split_addr(server.metrics_addr)
+            except ValueError as exc:
+                raise self.error("server.metrics_addr", str(exc)) from None
+            if where == split_addr(server.addr):
+                self.fail("server.metrics_addr", "must differ from server.addr")
         return server
+
+    def check_tracing(self, tracing: TracingConfig | None) -> TracingConfig | None:
+        if tracing is None:
+            return None
+        endpoint = tracing.otlp_endpoint
+        if not endpoint.startswith(("http://", "https://")) or len(endpoint) < 10:
+            self.fail("tracing.otlp_endpoint", "must be an http:// or https:// URL")
+        if not tracing.service_name.strip():
+            self.fail("tracing.service_name", "must not be empty")
+        return tracing
 
     def resolve_database(self, database: DatabaseConfig) -> DatabaseConfig:
         dsn = database.dsn

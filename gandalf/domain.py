@@ -12,6 +12,7 @@ import enum
 import fnmatch
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Annotated, Literal, Protocol
 
 import msgspec
@@ -668,6 +669,16 @@ class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
 # accounts for the stream knows why it ended.
 CANCEL_DISCONNECT = "client disconnected"
 CANCEL_SHUTDOWN = "server shutting down"
+
+# What every upstream request carries so a provider's logs and traces meet the
+# gateway's (provider/transport.py adds it as ``x-request-id`` and ``traceparent``):
+# (the gateway's request id, the W3C traceparent to send: the client's own,
+# unchanged, or the upstream attempt's span when tracing is on; None: none).
+# Set by the server core once per request; every request runs in its own task,
+# so in its own copy of the context.
+UPSTREAM_IDS: ContextVar[tuple[str, str | None] | None] = ContextVar(
+    "gandalf_upstream_ids", default=None
+)
 
 
 class ChatStream(Protocol):

@@ -13,11 +13,15 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gandalf import bootstrap
 from gandalf.admin.app import OPENAPI_PATH, PREFIX, create_admin_app
 from gandalf.admin.resources import Services
+from gandalf.app.balancer import Slot
 from gandalf.app.cache import InProcessCache, ResponseCache
+from gandalf.app.failover import AttemptHook
 from gandalf.app.governor import LocalGovernor, share_from_env
 from gandalf.app.health import HealthRegistry
 from gandalf.app.keys import KeyManager
@@ -30,15 +34,21 @@ from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
 from gandalf.config import CacheConfig, GandalfConfig, default_config_path, load_config
 from gandalf.domain import ApiKey, Permission, Route, Scope, Tenancy
-from gandalf.errors import GatewayError
+from gandalf.errors import ConfigError, GatewayError
+from gandalf.observability import facts
+from gandalf.observability.logs import LEVELS, JsonFormatter
+from gandalf.observability.metrics import ENV_METRICS_DIR, Metrics
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
 from gandalf.server.core import Runtime
-from gandalf.server.handlers import Api, KeyAuth
+from gandalf.server.handlers import Api, KeyAuth, metrics_endpoint
 from gandalf.server.mount import mount
 from gandalf.server.native import NativeApi
 from gandalf.server.rsgi import RSGIApp
 from gandalf.storage.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from gandalf.observability.tracing import Tracing
 
 logger = logging.getLogger("gandalf")
 
@@ -52,12 +62,33 @@ def create_app(
     handle_signals: bool = False,
     live_interval: float = POLL_INTERVAL,
     response_cache: ResponseCache | None = None,
+    span_exporter: object | None = None,
 ) -> GandalfApp:
     """The Gandalf ASGI app for ``config``. ``access_log`` overrides the config;
     ``handle_signals`` is for server workers (see GandalfApp); ``live_interval``:
     how often the worker polls for admin changes (app/live.py);
     ``response_cache``: the backend to use instead of building one from
-    ``config.cache`` (tests inject a clock this way)."""
+    ``config.cache`` (tests inject a clock this way).
+
+    With ``server.metrics`` (the default) the worker records into a
+    :class:`~gandalf.observability.metrics.Metrics` and serves ``GET /metrics``;
+    its snapshots meet the other workers' in ``$GANDALF_METRICS_DIR`` when
+    ``gandalf serve`` set it.
+
+    With a ``tracing:`` section, spans go to its OTLP endpoint (``span_exporter``:
+    an OpenTelemetry SpanExporter to use instead, for tests); without one,
+    opentelemetry is not imported at all."""
+    server = config.server
+    logs = access_log if access_log is not None else server.access_log
+    metrics = (
+        Metrics(key_id=server.metrics_key_id, directory=os.environ.get(ENV_METRICS_DIR) or None)
+        if server.metrics
+        else None
+    )
+    # The pipeline's observe hook: only when something reads what it leaves.
+    observe = facts.observe if logs or metrics is not None or config.tracing else None
+    attempt = _attempts(metrics) if metrics is not None else None
+    tracing = _tracing(config, span_exporter) if config.tracing is not None else None
 
     async def build() -> Runtime:
         database = config.database
@@ -110,9 +141,27 @@ def create_app(
             await governor.rebuild(store, budgeted)
             price, cost = pricing.worst_case, pricing.cost
             created = int(time.time())
-            proxy = ProxyService(table, store, governor=governor, price=price, cost=cost)
+            proxy = ProxyService(
+                table,
+                store,
+                governor=governor,
+                price=price,
+                cost=cost,
+                observe=observe,
+                attempt=attempt,
+                tracer=tracing,
+                verdict=facts.cached if observe is not None else None,
+            )
             passthrough = PassthroughService(
-                table, registry.natives, store, governor=governor, price=price, cost=cost
+                table,
+                registry.natives,
+                store,
+                governor=governor,
+                price=price,
+                cost=cost,
+                observe=observe,
+                attempt=attempt,
+                tracer=tracing,
             )
             api = Api(proxy, keys, store, created=created)
             native = NativeApi(passthrough, keys, created=created)
@@ -178,6 +227,10 @@ def create_app(
             )
             endpoints[OPENAPI_PATH] = mount(admin, None)
             prefixes.append((PREFIX + "/", mount(admin, KeyAuth(keys, Permission.READ_ADMIN))))
+            if metrics is not None:
+                metrics.gauges = _gauges(app, proxy, store)  # in every snapshot
+                if not server.metrics_addr:  # else gandalf serve's main process answers
+                    endpoints["/metrics"] = metrics_endpoint(metrics)
         except BaseException:
             if registry is not None:
                 await registry.close()
@@ -191,6 +244,8 @@ def create_app(
                 await started_registry.close()
             finally:
                 await store.close()
+                if tracing is not None:
+                    tracing.shutdown()  # the spans still buffered go out
                 if store.dropped_usage:
                     logger.warning(
                         "%d usage record(s) were dropped (queue full)", store.dropped_usage
@@ -198,21 +253,65 @@ def create_app(
 
         return Runtime(endpoints, close, prefixes)
 
-    server = config.server
     app = GandalfApp(
         build,
         max_body_bytes=server.max_body_bytes,
         read_timeout=server.read_timeout,
         shutdown_timeout=server.shutdown_timeout,
-        access_log=server.access_log if access_log is None else access_log,
+        access_log=logs,
         stream_keepalive=server.stream_keepalive,
         handle_signals=handle_signals,
+        metrics=metrics,
+        log_info=LEVELS[config.log.level] <= logging.INFO,
+        tracing=tracing,
     )
     if handle_signals:
         # A server worker: the lifecycle flushes the access log at shutdown; this
         # writes a line that a request ending after it (or without one) buffered.
         atexit.register(app.core.access.flush)
     return app
+
+
+def _tracing(config: GandalfConfig, exporter: object | None) -> Tracing:
+    """The worker's tracer for ``config.tracing`` (imports opentelemetry)."""
+    settings = config.tracing
+    assert settings is not None
+    try:
+        from gandalf.observability.tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            f"{config.source}: tracing: needs the otel extra "
+            f"(pip install 'gandalf-gateway[otel]'): {exc}"
+        ) from None
+    return Tracing(
+        settings.otlp_endpoint,
+        settings.sample_ratio,
+        settings.service_name,
+        exporter=exporter,  # type: ignore[arg-type]
+    )
+
+
+def _attempts(metrics: Metrics) -> AttemptHook:
+    """The failover's ``attempt`` hook: each upstream attempt's duration."""
+    upstream = metrics.upstream
+
+    def attempt(slot: Slot, seconds: float, ok: bool) -> None:
+        upstream(slot.name, slot.target.model, seconds, ok)
+
+    return attempt
+
+
+def _gauges(
+    app: GandalfApp, proxy: ProxyService, store: SqliteStore
+) -> Callable[[], tuple[int, list[tuple[str, str]], int]]:
+    """What a scrape reads from this worker: requests in flight, every
+    provider's breaker state, usage records dropped (none on the hot path)."""
+
+    def gauges() -> tuple[int, list[tuple[str, str]], int]:
+        breakers = [(b.provider, b.state) for b in proxy.breakers()]
+        return app.core.inflight, breakers, store.dropped_usage
+
+    return gauges
 
 
 async def budget_scopes(store: SqliteStore, tenancy: Tenancy) -> list[Scope]:
@@ -252,14 +351,20 @@ async def discover_models(registry: ProviderRegistry) -> dict[str, list[str]]:
     return found
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: str = "info", form: str = "text") -> None:
+    """Gandalf's own log lines on stderr, at ``level`` and above (``log.level``),
+    as text or as one JSON object per line (``log.format``). Once per process:
+    the first call's settings stay (a worker is configured before it logs)."""
     root = logging.getLogger("gandalf")
     if root.handlers:
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if form == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(LEVELS.get(level, logging.INFO))
     root.propagate = False
 
 
@@ -287,7 +392,7 @@ class WorkerLoader:
         # the main process's handler on its own copy of the server when a whole process
         # group is signalled (a closed terminal).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        configure_logging()
+        configure_logging(self.config.log.level, self.config.log.format)
         app = create_app(self.config, access_log=self.access_log, handle_signals=True)
         return RSGIApp(app) if self.interface == "rsgi" else app
 
@@ -295,8 +400,8 @@ class WorkerLoader:
 def worker_app() -> GandalfApp:
     """granian factory: one app per worker, configured from the environment
     (``GANDALF_CONFIG``, ``GANDALF_ACCESS_LOG``) set by ``gandalf serve``."""
-    configure_logging()
     config = load_config(default_config_path(os.environ))
+    configure_logging(config.log.level, config.log.format)
     flag = os.environ.get(ENV_ACCESS_LOG)
     return create_app(config, access_log=None if flag is None else flag == "1", handle_signals=True)
 

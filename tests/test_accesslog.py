@@ -13,7 +13,26 @@ from gandalf.server import accesslog
 from gandalf.server.accesslog import FLUSH_BYTES, AccessLog, write_stderr
 from gandalf.server.asgi import GandalfApp, Runtime
 
-FIELDS = ["ts", "method", "path", "status", "ms", "request_id"]
+FIELDS = [
+    "ts",
+    "level",
+    "request_id",
+    "trace_id",
+    "method",
+    "path",
+    "status",
+    "ms",
+    "key_id",
+    "org",
+    "team",
+    "route",
+    "provider",
+    "model",
+    "attempts",
+    "tokens",
+    "cost_usd",
+    "cache",
+]
 
 
 def lines(written: list[bytes]) -> list[dict[str, Any]]:

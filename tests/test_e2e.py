@@ -696,7 +696,26 @@ def test_usage_rows_are_written_by_shutdown(
             assert row["total_tokens"] == 0
 
 
-ACCESS_FIELDS = ["ts", "method", "path", "status", "ms", "request_id"]
+ACCESS_FIELDS = [
+    "ts",
+    "level",
+    "request_id",
+    "trace_id",
+    "method",
+    "path",
+    "status",
+    "ms",
+    "key_id",
+    "org",
+    "team",
+    "route",
+    "provider",
+    "model",
+    "attempts",
+    "tokens",
+    "cost_usd",
+    "cache",
+]
 
 
 @pytest.mark.parametrize("interface", ["asgi", "rsgi"])
@@ -743,6 +762,7 @@ def test_sigterm_drains_in_flight_requests(dead_port: int, tmp_path: Path, inter
         assert [(e["method"], e["status"]) for e in chats] == [("POST", 200)] * parked
         assert all(list(e) == ACCESS_FIELDS for e in access)
         assert len({e["request_id"] for e in chats}) == parked
+        assert all(e["route"] == "up-gate" and e["model"] == "gate" for e in chats)
     rows = db_rows(db, "SELECT status, model_alias, target_model FROM usage_records")
     assert [tuple(r) for r in rows] == [(200, "up-gate", "gate")] * parked
 

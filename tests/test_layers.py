@@ -23,9 +23,11 @@ ALLOWED: dict[str, set[str]] = {
     "storage": {"domain", "errors"},
     "auth": {"domain", "errors"},
     "app": {"domain", "errors", "auth"},
-    "server": {"domain", "errors", "app", "auth"},
+    "server": {"domain", "errors", "app", "auth", "observability"},
     # The admin API sits beside server: storage only through its Protocol.
     "admin": {"domain", "errors", "app", "auth"},
+    # metrics, log format, request facts: read by the server core, built by wiring
+    "observability": {"domain", "errors"},
     "bootstrap": {"domain", "errors", "config", "app", "auth"},
     "wiring": {
         "domain",
@@ -38,6 +40,7 @@ ALLOWED: dict[str, set[str]] = {
         "provider",
         "storage",
         "bootstrap",
+        "observability",
     },
     "cli": {
         "domain",
@@ -50,6 +53,7 @@ ALLOWED: dict[str, set[str]] = {
         "storage",
         "bootstrap",
         "wiring",
+        "observability",
     },
     "__main__": {"cli"},
     "healthcheck": {"config"},  # the container's HEALTHCHECK: stdlib urllib + split_addr
@@ -57,11 +61,13 @@ ALLOWED: dict[str, set[str]] = {
 }
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     # starlette: the admin API mounts through a plain ASGI bridge (server/mount.py).
-    "server": {"aiohttp", "aiosqlite", "starlette"},
+    "server": {"aiohttp", "aiosqlite", "starlette", "opentelemetry"},
     "admin": {"aiohttp", "aiosqlite", "granian"},
     "domain": {"aiohttp", "aiosqlite", "granian", "yaml"},
-    "app": {"aiohttp", "aiosqlite", "granian"},
+    "app": {"aiohttp", "aiosqlite", "granian", "opentelemetry"},
     "auth": {"aiohttp", "aiosqlite", "granian"},
+    # opentelemetry only in observability/tracing.py, imported lazily by wiring
+    "observability": {"aiohttp", "aiosqlite", "granian"},
 }
 
 

@@ -24,7 +24,7 @@ import logging
 import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -34,9 +34,23 @@ from gandalf.app.retry import Backoff, parse_retry_after
 from gandalf.app.router import RouteEntry
 from gandalf.errors import CircuitOpen, GatewayError, printable
 
-__all__ = ["Failover", "Outcome", "failure_of", "observe"]
+__all__ = ["AttemptHook", "AttemptTracer", "Failover", "Outcome", "failure_of", "observe"]
 
 logger = logging.getLogger("gandalf.resilience")
+
+# ``attempt(slot, seconds, ok)``: one upstream attempt on ``slot`` ended (metrics).
+AttemptHook = Callable[[Slot, float, bool], object]
+
+
+class AttemptTracer(Protocol):
+    """Wraps each upstream attempt in a span (observability/tracing.py): ``begin``
+    before the call (it may set what the call forwards upstream), ``end`` after
+    it with the exception that ended it (None: it answered) and its result."""
+
+    def begin(self, slot: Slot) -> object: ...
+
+    def end(self, span: object, error: BaseException | None, result: object) -> None: ...
+
 
 _T = TypeVar("_T")
 _A = TypeVar("_A")
@@ -95,9 +109,12 @@ def observe(slot: Slot, started: float, ended: float) -> None:
 class Failover:
     """The routing loop, with time and chance injected: ``monotonic`` for
     breakers and latency, ``clock`` (wall time) for HTTP-date Retry-After,
-    ``rng`` for backoff jitter and per-request orders, ``sleep`` for the waits."""
+    ``rng`` for backoff jitter and per-request orders, ``sleep`` for the waits.
+    ``attempt``: told of each attempt's duration and outcome (None: not called;
+    an attempt ended by a cancellation is not told). ``tracer``: a span around
+    each attempt (None: tracing off)."""
 
-    __slots__ = ("_backoff", "_clock", "_monotonic", "_rng", "_sleep")
+    __slots__ = ("_attempt", "_backoff", "_clock", "_monotonic", "_rng", "_sleep", "_tracer")
 
     def __init__(
         self,
@@ -107,7 +124,11 @@ class Failover:
         clock: Callable[[], float],
         rng: random.Random,
         sleep: Callable[[float], Awaitable[object]],
+        attempt: AttemptHook | None = None,
+        tracer: AttemptTracer | None = None,
     ) -> None:
+        self._attempt = attempt
+        self._tracer = tracer
         self._backoff = backoff
         self._monotonic = monotonic
         self._clock = clock
@@ -138,11 +159,17 @@ class Failover:
         track = entry.tracks_latency
         if track:
             slot.latency.outstanding += 1
+        tracer = self._tracer
+        if tracer is not None:
+            return await self._traced(entry, invoke, arg, request_id, now, slot, tracer)
         try:
             result = await invoke(slot, arg)
         except GatewayError as exc:
             if track:
                 slot.latency.outstanding -= 1
+            hook = self._attempt
+            if hook is not None:
+                hook(slot, self._monotonic() - now, False)
             return await self._route(entry, invoke, arg, request_id, now, slot, exc)
         except BaseException as exc:
             if track:
@@ -150,8 +177,55 @@ class Failover:
             slot.breaker.release(now)
             _interrupted(exc, slot, 1)
             raise
-        if track:
-            observe(slot, now, self._monotonic())
+        hook = self._attempt
+        if track or hook is not None:
+            ended = self._monotonic()
+            if track:
+                observe(slot, now, ended)
+            if hook is not None:
+                hook(slot, ended - now, True)
+        slot.breaker.record_success(now)
+        return Outcome(result, slot, 1)
+
+    async def _traced(
+        self,
+        entry: RouteEntry,
+        invoke: Callable[[Slot, _A], Awaitable[_T]],
+        arg: _A,
+        request_id: str,
+        now: float,
+        slot: Slot,
+        tracer: AttemptTracer,
+    ) -> Outcome[_T]:
+        """:meth:`serve`'s first attempt inside a span (tracing on): the same
+        steps, kept apart so the untraced path pays nothing for it."""
+        track = entry.tracks_latency
+        span = tracer.begin(slot)
+        try:
+            result = await invoke(slot, arg)
+        except GatewayError as exc:
+            tracer.end(span, exc, None)
+            if track:
+                slot.latency.outstanding -= 1
+            hook = self._attempt
+            if hook is not None:
+                hook(slot, self._monotonic() - now, False)
+            return await self._route(entry, invoke, arg, request_id, now, slot, exc)
+        except BaseException as exc:
+            tracer.end(span, exc, None)
+            if track:
+                slot.latency.outstanding -= 1
+            slot.breaker.release(now)
+            _interrupted(exc, slot, 1)
+            raise
+        tracer.end(span, None, result)
+        hook = self._attempt
+        if track or hook is not None:
+            ended = self._monotonic()
+            if track:
+                observe(slot, now, ended)
+            if hook is not None:
+                hook(slot, ended - now, True)
         slot.breaker.record_success(now)
         return Outcome(result, slot, 1)
 
@@ -216,24 +290,38 @@ class Failover:
             stats = slot.latency
             if track:
                 stats.outstanding += 1
+            # ``now`` may be older than this attempt (a failed first one): time it alone.
+            began = self._monotonic() if self._attempt is not None else now
+            tracer = self._tracer
+            span = tracer.begin(slot) if tracer is not None else None
             try:
                 result = await invoke(slot, arg)
             except GatewayError as exc:
+                if tracer is not None:
+                    tracer.end(span, exc, None)
                 end = self._monotonic()
                 if track:
                     stats.outstanding -= 1
+                if self._attempt is not None:
+                    self._attempt(slot, end - began, False)
                 last = self._failed(slot, exc, end, attempts, request_id, retries)
                 now = end
                 continue
             except BaseException as exc:
+                if tracer is not None:
+                    tracer.end(span, exc, None)
                 if track:
                     stats.outstanding -= 1
                 breaker.release(now)
                 _interrupted(exc, slot, attempts)
                 raise
+            if tracer is not None:
+                tracer.end(span, None, result)
             end = self._monotonic()
             if track:
                 observe(slot, now, end)
+            if self._attempt is not None:
+                self._attempt(slot, end - began, True)
             breaker.record_success(end)
             return Outcome(result, slot, attempts)
         if last is None:

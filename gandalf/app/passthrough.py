@@ -23,11 +23,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Protocol
 
 from gandalf.app.balancer import Slot
-from gandalf.app.failover import Failover, failure_of
+from gandalf.app.failover import AttemptHook, AttemptTracer, Failover, failure_of
 from gandalf.app.governance import Governor, Ticket
 from gandalf.app.health import STREAM_FAILURE_WEIGHTS
 from gandalf.app.pipeline import (
     CostOf,
+    Observe,
     Pipeline,
     PriceWorstCase,
     UsageSink,
@@ -201,6 +202,9 @@ class PassthroughService:
         governor: Governor | None = None,
         price: PriceWorstCase = no_price,
         cost: CostOf = no_cost,
+        observe: Observe | None = None,
+        attempt: AttemptHook | None = None,
+        tracer: AttemptTracer | None = None,
     ) -> None:
         """``governor``, ``price``, ``cost``: the pipeline's hooks
         (app/pipeline.py); None / unpriced by default. ``monotonic``, ``rng``,
@@ -208,7 +212,9 @@ class PassthroughService:
         self.routes = routes
         self._natives = natives
         self._monotonic = monotonic
-        self.pipeline = Pipeline(sink, clock=clock, governor=governor, price=price, cost=cost)
+        self.pipeline = Pipeline(
+            sink, clock=clock, governor=governor, price=price, cost=cost, observe=observe
+        )
         resilience = routes.health.resilience
         self._failover = Failover(
             Backoff(resilience.backoff_base, resilience.backoff_cap),
@@ -216,6 +222,8 @@ class PassthroughService:
             clock=clock,
             rng=rng if rng is not None else random.Random(),
             sleep=sleep,
+            attempt=attempt,
+            tracer=tracer,
         )
         # (alias, api) -> (the route's entry, its targets of that API as an entry
         # of their own: the same slots, so breakers and latency are shared).

@@ -29,6 +29,11 @@ Hooks, injected once at start-up (defaults make each one free when unused):
 - ``cost``: ``cost(provider, target_model, usage) -> float | None``, a served
   request's USD from its usage (cached and reasoning tokens at their own
   prices); None when unpriced (the default). Written to ``cost_usd``.
+- ``verdict``: ``verdict(result)``, the response cache's ``hit`` / ``miss`` /
+  ``bypass`` for a request on a caching route; None by default.
+- ``observe``: ``observe(record)``, called with each request's UsageRecord
+  once it is built (metrics and the access log read it); None by default,
+  then not called.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from gandalf.errors import GatewayError, PermissionDenied
 
 __all__ = [
     "CostOf",
+    "Observe",
     "Pipeline",
     "PriceWorstCase",
     "UsageSink",
@@ -64,6 +70,8 @@ class UsageSink(Protocol):
 
 PriceWorstCase = Callable[[RouteEntry, int, int], "float | None"]
 CostOf = Callable[[str, str, Usage], "float | None"]
+Observe = Callable[[UsageRecord], object]
+Verdict = Callable[[str], object]  # the response cache's verdict: hit | miss | bypass
 
 
 _NOTHING = Usage()  # the counts of a request nothing served (read only)
@@ -119,7 +127,7 @@ class Pipeline:
     """The stages around the upstream call, built once per service: ``admit``
     before it, ``account`` / ``failed`` after it."""
 
-    __slots__ = ("_clock", "_cost", "_governor", "_price", "_sink")
+    __slots__ = ("_clock", "_cost", "_governor", "_observe", "_price", "_sink", "_verdict")
 
     def __init__(
         self,
@@ -129,8 +137,12 @@ class Pipeline:
         governor: Governor | None = None,
         price: PriceWorstCase = no_price,
         cost: CostOf = no_cost,
+        observe: Observe | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
         self._sink = sink
+        self._observe = observe
+        self._verdict = verdict
         self._clock = clock
         self._governor = governor
         self._price = price
@@ -233,6 +245,9 @@ class Pipeline:
             cost,
         )
         self._sink.record_usage(record)
+        observe = self._observe
+        if observe is not None:
+            observe(record)
         if ticket is not None:
             governor = self._governor
             assert governor is not None  # a ticket comes from it
@@ -261,35 +276,48 @@ class Pipeline:
         admission, never refunded) but not for TPM or budgets."""
         price = self._cost
         saved = price(provider, model, usage) if price is not None else None
-        self._sink.record_usage(
-            UsageRecord(
-                request_id,
-                identity.key_id,
-                identity.org_id,
-                alias,
-                model,
-                provider,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.total_tokens,
-                (time.perf_counter() - started) * 1000.0,
-                200,
-                self._clock(),
-                endpoint,
-                0,
-                identity.team_id,
-                usage.cached_prompt_tokens,
-                usage.cache_write_tokens,
-                usage.reasoning_tokens,
-                0.0,
-                True,
-                saved,
-            )
+        record = UsageRecord(
+            request_id,
+            identity.key_id,
+            identity.org_id,
+            alias,
+            model,
+            provider,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens,
+            (time.perf_counter() - started) * 1000.0,
+            200,
+            self._clock(),
+            endpoint,
+            0,
+            identity.team_id,
+            usage.cached_prompt_tokens,
+            usage.cache_write_tokens,
+            usage.reasoning_tokens,
+            0.0,
+            True,
+            saved,
         )
+        self._sink.record_usage(record)
+        observe = self._observe
+        if observe is not None:
+            observe(record)
+        verdict = self._verdict
+        if verdict is not None:
+            verdict("hit")
         if ticket is not None:
             governor = self._governor
             assert governor is not None  # a ticket comes from it
             governor.settle(ticket, 0, 0.0)
+
+    def verdict(self, label: tuple[bytes, bytes]) -> None:
+        """The response cache's ``x-gandalf-cache`` header for this request
+        (hit / miss / bypass), handed to the ``verdict`` hook (the access log's
+        ``cache`` field and the cache metric) when there is one."""
+        verdict = self._verdict
+        if verdict is not None:
+            verdict(label[1].decode("ascii"))
 
     def failed(
         self,

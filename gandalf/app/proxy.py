@@ -62,14 +62,16 @@ from gandalf.app.cache import (
     embeddings_key,
 )
 from gandalf.app.coalesce import Coalescer, is_deterministic
-from gandalf.app.failover import Failover, Outcome
+from gandalf.app.failover import AttemptHook, AttemptTracer, Failover, Outcome
 from gandalf.app.governance import Governor, Ticket
 from gandalf.app.health import STREAM_FAILURE_WEIGHTS
 from gandalf.app.pipeline import (
     CostOf,
+    Observe,
     Pipeline,
     PriceWorstCase,
     UsageSink,
+    Verdict,
     failure_status,
     no_cost,
     no_price,
@@ -318,6 +320,10 @@ class ProxyService:
         governor: Governor | None = None,
         price: PriceWorstCase = no_price,
         cost: CostOf = no_cost,
+        observe: Observe | None = None,
+        attempt: AttemptHook | None = None,
+        tracer: AttemptTracer | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
         """``clock``: wall time (usage records, HTTP-date Retry-After);
         ``monotonic``: breakers, budgets and latency; ``rng``: jitter and
@@ -326,7 +332,15 @@ class ProxyService:
         ``governor``, ``price``, ``cost``: the pipeline's hooks
         (app/pipeline.py); None / unpriced by default."""
         self.routes = routes
-        self.pipeline = Pipeline(sink, clock=clock, governor=governor, price=price, cost=cost)
+        self.pipeline = Pipeline(
+            sink,
+            clock=clock,
+            governor=governor,
+            price=price,
+            cost=cost,
+            observe=observe,
+            verdict=verdict,
+        )
         self._monotonic = monotonic
         self._rng = rng if rng is not None else random.Random()
         resilience = routes.health.resilience
@@ -336,6 +350,8 @@ class ProxyService:
             clock=clock,
             rng=self._rng,
             sleep=sleep,
+            attempt=attempt,
+            tracer=tracer,
         )
         self._coalescer: Coalescer[_Landed] = Coalescer()
 
@@ -420,6 +436,7 @@ class ProxyService:
         shared = follower = False
         key = cache_key(alias, body)
         label = _label(key, control)
+        pipeline.verdict(label)
         try:
             if identity.scopes:
                 ticket = pipeline.govern(identity, entry, body, request.output_limit)
@@ -562,6 +579,7 @@ class ProxyService:
         ticket: Ticket | None = None
         key = cache_key(alias, body)
         label = _label(key, control)
+        pipeline.verdict(label)
         try:
             if identity.scopes:
                 ticket = pipeline.govern(identity, entry, body, request.output_limit)
@@ -650,6 +668,7 @@ class ProxyService:
         ticket: Ticket | None = None
         key = embeddings_key(alias, body)
         label = _label(key, control)
+        pipeline.verdict(label)
         try:
             if identity.scopes:
                 ticket = pipeline.govern(identity, entry, body, None)

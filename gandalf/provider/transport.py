@@ -52,12 +52,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 import msgspec
 
-from gandalf.domain import ProviderConfig
+from gandalf.domain import UPSTREAM_IDS, ProviderConfig
 from gandalf.errors import (
     GatewayError,
     UpstreamAuthError,
@@ -124,6 +124,23 @@ def headers_arrived(resp: aiohttp.ClientResponse, read_timeout: float | None) ->
             protocol.start_timeout()
 
 
+class _UpstreamRequest(aiohttp.ClientRequest):
+    """Every upstream request, whichever adapter sends it, with the gateway's
+    request id (``x-request-id``) and the W3C ``traceparent`` of the request
+    being served (domain.UPSTREAM_IDS); an adapter's own value wins."""
+
+    def update_headers(self, headers: Any) -> None:
+        super().update_headers(headers)
+        ids = UPSTREAM_IDS.get()
+        if ids is not None:
+            sent = self.headers
+            if "x-request-id" not in sent:
+                sent["x-request-id"] = ids[0]
+            traceparent = ids[1]
+            if traceparent is not None and "traceparent" not in sent:
+                sent["traceparent"] = traceparent
+
+
 def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
     """A pooled keep-alive session for one provider. Call inside a running loop."""
     connector = aiohttp.TCPConnector(
@@ -140,6 +157,7 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
         # No Accept-Encoding: LLM answers are small, and gzip would cost CPU both ways.
         skip_auto_headers=("User-Agent", "Accept-Encoding"),
         raise_for_status=False,
+        request_class=_UpstreamRequest,
     )
 
 

@@ -18,9 +18,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from gandalf.errors import GatewayError, IncompleteBody
+from gandalf.observability.metrics import Metrics
 from gandalf.server.core import (
     DUPLICATE_CREDENTIALS,
     NOT_READY_BODY,
+    RequestTracer,
     Runtime,
     ServerCore,
     declared_length,
@@ -86,15 +88,21 @@ class GandalfApp:
         access_log: bool = True,
         stream_keepalive: float = 15.0,
         handle_signals: bool = False,
+        metrics: Metrics | None = None,
+        log_info: bool = True,
+        tracing: RequestTracer | None = None,
     ) -> None:
         """``handle_signals``: in a server worker, start the drain deadline on
-        SIGTERM/SIGINT (see Lifecycle)."""
+        SIGTERM/SIGINT (see Lifecycle). ``metrics``, ``log_info``: see ServerCore."""
         self.core = ServerCore(
             build,
             max_body_bytes=max_body_bytes,
             read_timeout=read_timeout,
             access_log=access_log,
             stream_keepalive=stream_keepalive,
+            metrics=metrics,
+            log_info=log_info,
+            tracing=tracing,
         )
         self.lifecycle = Lifecycle(
             self.core, shutdown_timeout=shutdown_timeout, handle_signals=handle_signals
@@ -126,7 +134,7 @@ class GandalfApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         core = self.core
-        caller_id = authorization = api_key = length = None
+        caller_id = authorization = api_key = length = traceparent = None
         refused: GatewayError | None = None
         headers = scope["headers"]
         for name, value in headers:
@@ -142,6 +150,8 @@ class GandalfApp:
                 api_key = value
             elif name == b"x-request-id":
                 caller_id = value
+            elif name == b"traceparent":
+                traceparent = value
         request_id = (caller_id is not None and sane_request_id(caller_id)) or uuid7()
         method: str = scope["method"]
         path: str = scope["path"]
@@ -149,8 +159,8 @@ class GandalfApp:
         if core.endpoints is None:
             status = 503
             await _send(send, 503, NOT_READY_BODY, JSON_HEADERS, request_id)
-            if core.access_log:
-                core.access.record(method, path, status, started, request_id)
+            if core.observed:
+                core.finished(method, path, status, started, request_id, traceparent)
             return
         task = asyncio.current_task()
         assert task is not None
@@ -175,6 +185,7 @@ class GandalfApp:
                 length,
                 read_asgi_body,
                 refused,
+                traceparent,
             )
             if response is None:
                 pass  # the client is gone
@@ -208,8 +219,8 @@ class GandalfApp:
                 )
         finally:
             core.leave(task)
-            if core.access_log:
-                core.access.record(method, path, status, started, request_id)
+            if core.observed:
+                core.finished(method, path, status, started, request_id, traceparent)
 
     # ------------------------------------------------------------------ lifespan
 

@@ -6,9 +6,11 @@ back; this module does the rest, the same way for both: dispatch (one dict
 lookup, then path prefixes), authentication from the headers *before* the body
 is read (a caller without a valid key never gets a byte of its body read),
 the body read (capped at ``max_body_bytes`` and bounded in time by
-``read_timeout``), the handler, the one error boundary, in-flight tracking
-and the access log (written by ``accesslog.py``). Drain and signals are in
-``lifecycle.py``.
+``read_timeout``), the handler, the one error boundary, in-flight tracking,
+and when a request ends (:meth:`ServerCore.finished`) its access log line
+(written by ``accesslog.py``), its metrics and its tracing span, with the
+facts its model call left (``observability/facts.py``). Drain and signals
+are in ``lifecycle.py``.
 
 Per request: one dict lookup, a cached key check (a dict get), one capped
 body read registered with a worker-wide deadline timer, the handler.
@@ -18,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
+from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN, UPSTREAM_IDS, UsageRecord
 from gandalf.errors import (
     BodyTooLarge,
     GatewayError,
@@ -31,7 +34,9 @@ from gandalf.errors import (
     RequestTimeout,
     printable,
 )
-from gandalf.server.accesslog import AccessLog
+from gandalf.observability.facts import take
+from gandalf.observability.metrics import Metrics
+from gandalf.server.accesslog import AccessLog, trace_id_of, valid_traceparent
 from gandalf.server.handlers import Endpoint
 from gandalf.server.wire import JSON_CT, JSON_HEADERS, Request, Response, StreamWatcher
 
@@ -54,6 +59,14 @@ DUPLICATE_CREDENTIALS = InvalidRequest(
 # BodyTooLarge past ``limit``, IncompleteBody when the client stops sending
 # before the body it announced is complete, InvalidRequest for a bad length.
 BodyReader = Callable[[Request, "bytes | None", int], Awaitable[bytes]]
+
+
+class RequestTracer(Protocol):
+    """A span per request (observability/tracing.py), when tracing is on."""
+
+    def start_request(self, method: str, path: str, traceparent: bytes | str | None) -> None: ...
+
+    def end_request(self, status: int, facts: UsageRecord | None) -> None: ...
 
 
 class Runtime:
@@ -143,7 +156,7 @@ class ServerCore:
 
     Public surface for the adapters: :attr:`endpoints` (None until started:
     answer NOT_READY_BODY with 503), :meth:`enter` / :meth:`leave` around each
-    request, :meth:`respond`, ``access.record`` (when :attr:`access_log`),
+    request, :meth:`respond`, :meth:`finished` (when :attr:`observed`),
     :attr:`watcher` and :attr:`keepalive` for streams, :attr:`max_body`.
     For the lifecycle: :meth:`start`, :meth:`stop`, :attr:`inflight`,
     :meth:`cancel_all`, :meth:`wait_idle`.
@@ -158,8 +171,12 @@ class ServerCore:
         "access_log",
         "endpoints",
         "keepalive",
+        "log_info",
         "max_body",
+        "metrics",
+        "observed",
         "reads",
+        "tracing",
         "watcher",
     )
 
@@ -171,10 +188,22 @@ class ServerCore:
         read_timeout: float = 30.0,
         access_log: bool = True,
         stream_keepalive: float = 15.0,
+        metrics: Metrics | None = None,
+        log_info: bool = True,
+        tracing: RequestTracer | None = None,
     ) -> None:
+        """``metrics``: record every request there (None: metrics off);
+        ``tracing``: a span per request (None: tracing off);
+        ``log_info``: write the access log's ``info`` lines (status below 500),
+        not only its ``error`` ones (``log.level`` above info)."""
         self._build = build
         self.max_body = max_body_bytes
         self.access_log = access_log
+        self.metrics = metrics
+        self.log_info = log_info
+        # Anything to do when a request ends (the adapters test this one flag).
+        self.tracing = tracing
+        self.observed = access_log or metrics is not None or tracing is not None
         self.access = AccessLog()  # record only when access_log; flushed at shutdown
         self.keepalive = stream_keepalive
         self.watcher = StreamWatcher(tick=min(0.2, stream_keepalive / 2))
@@ -191,6 +220,10 @@ class ServerCore:
         runtime = await self._build()
         self._runtime = runtime
         self.endpoints = runtime.endpoints
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.paths = frozenset(runtime.endpoints)
+            metrics.start()
 
     @property
     def started(self) -> bool:
@@ -203,7 +236,11 @@ class ServerCore:
             return
         self._runtime = None
         self.endpoints = None
-        await runtime.close()
+        try:
+            await runtime.close()
+        finally:
+            if self.metrics is not None:
+                self.metrics.stop()  # the last snapshot: its counts outlive this worker
 
     @property
     def inflight(self) -> int:
@@ -236,6 +273,42 @@ class ServerCore:
             return False
         return True
 
+    def finished(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        started: float,
+        request_id: str,
+        traceparent: bytes | str | None = None,
+    ) -> None:
+        """A request ended with ``status`` (``started``: its ``perf_counter()``):
+        its access log line and its metrics, with the facts its model call left
+        (gandalf/observability/facts.py). ``traceparent``: the client's header."""
+        facts, cache, first = take()
+        if self.access_log and (status >= 500 or self.log_info):
+            self.access.record(
+                method,
+                path,
+                status,
+                started,
+                request_id,
+                facts,
+                trace_id_of(traceparent),
+                cache,
+            )
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.end_request(status, facts)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.request(path, status, time.perf_counter() - started, facts)
+            if cache is not None and facts is not None:
+                metrics.cache_result(facts.model_alias, cache)
+            if first and facts is not None:
+                model = facts.target_model or ""
+                metrics.first_token(facts.model_alias, facts.provider or "", model, first - started)
+
     # ------------------------------------------------------------------ requests
 
     def _prefixed(self, path: str) -> Endpoint:
@@ -253,13 +326,22 @@ class ServerCore:
         length: bytes | None,
         read_body: BodyReader,
         refused: GatewayError | None = None,
+        traceparent: bytes | str | None = None,
     ) -> Response | None:
         """Dispatch ``request``, authenticate it, read its body, run the handler
         and turn every failure into a response in the endpoint's error shape.
         None: the client is gone (nobody to answer; log it as 499).
 
         ``refused``: the adapter found the request unacceptable from its headers
-        alone (two credential headers): answered in the endpoint's shape."""
+        alone (two credential headers): answered in the endpoint's shape.
+        ``traceparent``: the client's W3C header, forwarded upstream when valid
+        (with the request id, always: domain.UPSTREAM_IDS)."""
+        UPSTREAM_IDS.set(
+            (request.request_id, None if traceparent is None else valid_traceparent(traceparent))
+        )
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.start_request(request.method, request.path, traceparent)
         endpoints = self.endpoints
         assert endpoints is not None
         endpoint = None

@@ -21,6 +21,7 @@ from gandalf.app.requests import decode_chat, decode_embeddings
 from gandalf.auth.apikey import KeyCache, credential
 from gandalf.domain import Identity, Permission, ProviderReply
 from gandalf.errors import GatewayError, ModelNotFound, NotReady, PermissionDenied, header_value
+from gandalf.observability.metrics import Metrics
 from gandalf.server.wire import (
     HEALTH_OK,
     JSON_CT,
@@ -416,3 +417,16 @@ class Api:
         if await self._ready.ping():
             return Response(200, READY_OK)
         raise NotReady("Not ready: the database does not answer.")
+
+
+METRICS_HEADERS: Headers = ((b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),)
+
+
+def metrics_endpoint(metrics: Metrics) -> Endpoint:
+    """``GET /metrics``: every worker's metrics merged, in Prometheus text format.
+    Open, like /healthz (the contract: bind it privately)."""
+
+    async def scrape(request: Request) -> Response:
+        return Response(200, metrics.exposition(), METRICS_HEADERS)
+
+    return Endpoint({"GET": scrape}, reads_body=False)

@@ -192,6 +192,7 @@ class RSGIApp:
         authorization = headers.get("authorization")
         api_key = headers.get("x-api-key")
         caller_id = headers.get("x-request-id")
+        traceparent = headers.get("traceparent")
         length = headers.get("content-length")
         request_id = (
             caller_id is not None and sane_request_id(caller_id.encode("latin-1"))
@@ -204,8 +205,8 @@ class RSGIApp:
             protocol.response_bytes(
                 503, [*_NOT_READY_HEADERS, ("x-request-id", request_id)], NOT_READY_BODY
             )
-            if core.access_log:
-                core.access.record(method, path, status, started, request_id)
+            if core.observed:
+                core.finished(method, path, status, started, request_id, traceparent)
             return
         refused: GatewayError | None = None
         if (authorization is not None or api_key is not None) and _duplicated(headers):
@@ -234,6 +235,7 @@ class RSGIApp:
                 length.encode("latin-1") if length is not None else None,
                 read_rsgi_body,
                 refused,
+                traceparent,
             )
             if response is None:
                 pass  # the client is gone
@@ -254,5 +256,5 @@ class RSGIApp:
                 )
         finally:
             core.leave(task)
-            if core.access_log:
-                core.access.record(method, path, status, started, request_id)
+            if core.observed:
+                core.finished(method, path, status, started, request_id, traceparent)

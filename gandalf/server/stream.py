@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
 from gandalf.errors import GatewayError
+from gandalf.observability.facts import first_chunk
 from gandalf.server.types import Message, Receive, Send
 from gandalf.server.wire import Response, StreamWatcher
 
@@ -106,12 +107,16 @@ async def relay(
             watch.keep_alive(write, keepalive, every)
         else:
             watch.keep_alive(write, 0.0)
+        first = True
         async for chunk in stream:
             if watch.sending is not None:  # a keep-alive is being written: let it finish
                 await watch.sending
             await write(chunk)
             watch.last_sent = loop.time()
             watch.last_chunk = chunk
+            if first:  # time to first token (metrics)
+                first = False
+                first_chunk()
         await writer.end()
     except asyncio.CancelledError as exc:
         reason = exc.args[0] if exc.args else None
