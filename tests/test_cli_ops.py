@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from gandalf import cli
-from tests.serve import REPO_ROOT, gandalf_env, run_cli, wait_until
+from tests.serve import REPO_ROOT, free_port, gandalf_env, run_cli, wait_until
 
 CONFIG = """\
 database: {{dsn: {db}}}
@@ -130,7 +130,10 @@ def test_a_database_in_a_missing_directory_is_one_line_naming_database_dsn(
 ) -> None:
     path = tmp_path / "g.yaml"
     db = tmp_path / "missing" / "g.db"
-    path.write_text(CONFIG.format(db=db), encoding="utf-8")
+    # A port of its own: the default 8080 may be taken on a developer's machine, and
+    # a busy port would be the first thing serve reports.
+    server = f'server: {{addr: "127.0.0.1:{free_port()}"}}\n'
+    path.write_text(server + CONFIG.format(db=db), encoding="utf-8")
     result = run_cli(*argv, "--config", str(path), timeout=60)
     assert result.returncode == cli.EXIT_FAILURE
     assert result.stderr == (
