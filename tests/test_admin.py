@@ -696,3 +696,17 @@ def test_a_create_that_loses_a_race_is_a_409_not_a_500() -> None:
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_route_alias_in_the_path_follows_the_bodys_rules() -> None:
+    # PUT takes the alias from the path: control characters (which would reach
+    # logs and metric labels) and overlong aliases are refused as in a POST body.
+    async def scenario(app: GandalfApp) -> None:
+        body = {"targets": [{"provider": "fake", "model": "fake-1"}]}
+        for alias in ("\x1b[31m", "a" * 201):
+            reply = await admin(app, "PUT", f"/routes/{alias}", json=body)
+            assert_error(reply, 400)
+            assert reply.json()["error"]["param"] == "model_alias"
+        assert (await admin(app, "PUT", "/routes/fine", json=body)).status == 200
+
+    run(scenario)

@@ -674,6 +674,13 @@ def _validated(services: Services, alias: str, b: s.RouteBody) -> Route:
     """``b`` as a stored route (``source: api``), checked as the config checks routes."""
     if not alias.strip():
         raise InvalidRequest("model_alias must not be empty.", param="model_alias")
+    try:  # the path's alias (PUT) under the same rules as a body's (POST)
+        msgspec.convert(alias, s.Name)
+    except msgspec.ValidationError:
+        raise InvalidRequest(
+            "model_alias must be at most 200 characters, without control characters.",
+            param="model_alias",
+        ) from None
     known = {p.name for p in services.providers}
     if b.strategy not in STRATEGIES:  # the schema's enum; kept in step with domain
         raise InvalidRequest(f"strategy must be one of {', '.join(STRATEGIES)}.", param="strategy")
