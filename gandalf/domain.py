@@ -647,9 +647,6 @@ class Change(msgspec.Struct, frozen=True, array_like=True):
     id: str | None = None
 
 
-USAGE_BUCKETS: dict[str, int] = {"hour": 3600, "day": 86400}
-
-
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
     """One admin write (done or refused): who, what, when. ``detail`` is a JSON
     object without secrets (a key's plaintext or hash never appears)."""

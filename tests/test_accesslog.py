@@ -13,6 +13,8 @@ from gandalf.server import accesslog
 from gandalf.server.accesslog import FLUSH_BYTES, AccessLog, write_stderr
 from gandalf.server.asgi import GandalfApp, Runtime
 
+# The access line's fields, in the contract's order (CONTRACT.md, "Observability");
+# test_e2e and test_observability check served lines against the same list.
 FIELDS = [
     "ts",
     "level",

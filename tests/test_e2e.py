@@ -27,6 +27,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from gandalf.auth.apikey import generate_key
 from tests.serve import GandalfServer, free_port, route, run_cli, scenario_providers, wait_until
+from tests.test_accesslog import FIELDS  # the access line's contract fields, in order
 from tests.upstream import MockUpstream, running_upstream
 
 UPSTREAM_SECRET = "sk-upstream-secret"
@@ -696,28 +697,6 @@ def test_usage_rows_are_written_by_shutdown(
             assert row["total_tokens"] == 0
 
 
-ACCESS_FIELDS = [
-    "ts",
-    "level",
-    "request_id",
-    "trace_id",
-    "method",
-    "path",
-    "status",
-    "ms",
-    "key_id",
-    "org",
-    "team",
-    "route",
-    "provider",
-    "model",
-    "attempts",
-    "tokens",
-    "cost_usd",
-    "cache",
-]
-
-
 @pytest.mark.parametrize("interface", ["asgi", "rsgi"])
 def test_sigterm_drains_in_flight_requests(dead_port: int, tmp_path: Path, interface: str) -> None:
     parked = 20
@@ -760,7 +739,7 @@ def test_sigterm_drains_in_flight_requests(dead_port: int, tmp_path: Path, inter
         access = [orjson.loads(line) for line in server.stderr().splitlines() if line[:1] == "{"]
         chats = [e for e in access if e["path"] == "/v1/chat/completions"]
         assert [(e["method"], e["status"]) for e in chats] == [("POST", 200)] * parked
-        assert all(list(e) == ACCESS_FIELDS for e in access)
+        assert all(list(e) == FIELDS for e in access)
         assert len({e["request_id"] for e in chats}) == parked
         assert all(e["route"] == "up-gate" and e["model"] == "gate" for e in chats)
     rows = db_rows(db, "SELECT status, model_alias, target_model FROM usage_records")

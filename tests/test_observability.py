@@ -36,31 +36,12 @@ from gandalf.server.rsgi import RSGIApp
 from gandalf.wiring import create_app
 from tests.asgi_client import Reply, call
 from tests.rsgi_client import rsgi_call
+from tests.test_accesslog import FIELDS  # the access line's contract fields, in order
 from tests.upstream import MockUpstream
 
 KEY = generate_key()
 CHAT = "/v1/chat/completions"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-FIELDS = [
-    "ts",
-    "level",
-    "request_id",
-    "trace_id",
-    "method",
-    "path",
-    "status",
-    "ms",
-    "key_id",
-    "org",
-    "team",
-    "route",
-    "provider",
-    "model",
-    "attempts",
-    "tokens",
-    "cost_usd",
-    "cache",
-]
 
 
 def _config(tmp: Path, **server: Any) -> GandalfConfig:

@@ -7,11 +7,11 @@ clock when it is looked at (no timer task, no sleeps). A full bucket lets a
 burst of up to the whole minute's limit through, then one request (or token)
 every 60/limit seconds: the same shape OpenAI's limits have.
 
-A request must fit every level of its scopes: :meth:`RateLimits.check` looks
+A request must fit every level of its scopes: :meth:`RateLimits.admit` looks
 at all of them first and raises :class:`~gandalf.errors.RateLimited` for the
-one that would make the caller wait longest; only when all fit does
-:meth:`RateLimits.take` take from all (no level is charged for a request
-another level refused). TPM is charged the request's estimate up front and
+one that would make the caller wait longest (:meth:`RateLimits.verify`); only
+when all fit does it take from all (no level is charged for a request another
+level refused). TPM is charged the request's estimate up front and
 corrected with the real total when it is known (:meth:`RateLimits.correct`):
 a refund, or a further charge that may take the bucket below zero, so the
 requests after it wait until the overshoot has refilled.
@@ -122,10 +122,6 @@ class Bucket:
         """Seconds until ``need`` fits (the level refilled at ``now``)."""
         return (need - self.level) / self.rate
 
-    def full_in(self) -> float:
-        """Seconds until the bucket is full again (``x-ratelimit-reset-*``)."""
-        return (self.capacity - self.level) / self.rate if self.rate else 0.0
-
 
 class Rate:
     """The RPM and TPM buckets of one level (None where it sets no limit)."""
@@ -231,26 +227,6 @@ class RateLimits:
         self.verify(rates, tokens)
         return rates
 
-    @staticmethod
-    def refill(rates: list[Rate], now: float) -> None:
-        """Refill every bucket of ``rates`` to ``now`` (Bucket.refill written
-        out: this runs for every level of every limited request)."""
-        for rate in rates:
-            bucket = rate.rpm
-            if bucket is not None:
-                elapsed = now - bucket.stamp
-                if elapsed > 0:
-                    level = bucket.level + elapsed * bucket.rate
-                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
-                    bucket.stamp = now
-            bucket = rate.tpm
-            if bucket is not None:
-                elapsed = now - bucket.stamp
-                if elapsed > 0:
-                    level = bucket.level + elapsed * bucket.rate
-                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
-                    bucket.stamp = now
-
     def verify(self, rates: list[Rate], tokens: int) -> None:
         """Nothing, if one request of ``tokens`` tokens fits every level of
         ``rates`` (refilled); else raise the RateLimited of the level that
@@ -269,16 +245,6 @@ class RateLimits:
                     worst = (wait, rate, "tokens", bucket, tokens)
         if worst is not None:
             raise _refusal(worst[1], worst[2], worst[3], worst[4], self.share)
-
-    @staticmethod
-    def take(rates: list[Rate], tokens: int) -> None:
-        """Take one request and ``tokens`` tokens from every level (after
-        :meth:`check` passed, with no ``await`` in between)."""
-        for rate in rates:
-            if rate.rpm is not None:
-                rate.rpm.level -= 1
-            if rate.tpm is not None:
-                rate.tpm.level -= tokens
 
     def correct(self, rates: list[Rate], delta: int) -> None:
         """Charge ``delta`` more tokens to every TPM bucket of ``rates`` (a

@@ -107,16 +107,6 @@ class Rates(msgspec.Struct, frozen=True, kw_only=True):
             + reasoning * rates.reasoning
         )
 
-    def per_million(self) -> dict[str, float]:
-        """The base rates in USD per million tokens (for display)."""
-        return {
-            "input": round(self.input / _PER_MILLION, 6),
-            "output": round(self.output / _PER_MILLION, 6),
-            "cached_input": round(self.cached_input / _PER_MILLION, 6),
-            "cache_write": round(self.cache_write / _PER_MILLION, 6),
-            "reasoning": round(self.reasoning / _PER_MILLION, 6),
-        }
-
 
 def configured_rates(price: ModelPrice) -> Rates:
     """The rates of a ``pricing:`` entry (USD per million tokens)."""
