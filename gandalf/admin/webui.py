@@ -59,7 +59,7 @@ _SECURITY = {
     ),
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # "no-referrer" makes Chromium send Origin: null
 }
 _TYPES = {
     ".js": "text/javascript; charset=utf-8",

@@ -7,7 +7,7 @@ const API = "/admin/v1";
 let SESSION = null; // {key_id, name, role, can_write, csrf, expires}
 
 // ------------------------------------------------------------------ DOM helpers
-// Text is always set as text (never innerHTML): nothing the API returns can inject markup.
+// Text is always set as text (never as HTML): nothing the API returns can inject markup.
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -83,12 +83,21 @@ function bucketsBetween(since, until, bucket) {
   return out;
 }
 
+// The axis top: the smallest of 1, 2, 2.5, 5 (x 10^k) at or above max, so the four
+// gridlines fall on round numbers.
+function niceTop(max) {
+  if (!(max > 0)) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(max)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= max) return m * p;
+  return 10 * p;
+}
+
 // series: [{name, values: Map(bucket -> number)}]; times: bucket starts.
 function lineChart(title, times, series, { format = compact, bucket = "hour", id } = {}) {
-  const W = 640, H = 220, L = 48, R = 10, T = 10, B = 26;
+  const W = 520, H = 200, L = 46, R = 12, T = 10, B = 24;
   let max = 0;
   for (const se of series) for (const t of times) max = Math.max(max, se.values.get(t) || 0);
-  const top = max > 0 ? max * 1.1 : 1;
+  const top = niceTop(max);
   const x = (i) => L + (times.length <= 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (times.length - 1));
   const y = (v) => T + (H - T - B) * (1 - v / top);
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title, "data-series": series.length });
@@ -100,7 +109,8 @@ function lineChart(title, times, series, { format = compact, bucket = "hour", id
   const ticks = Math.min(6, times.length);
   for (let k = 0; k < ticks; k++) {
     const i = ticks <= 1 ? 0 : Math.round((k * (times.length - 1)) / (ticks - 1));
-    svg.append(s("text", { x: x(i), y: H - 8, "text-anchor": "middle" }, fmtTime(times[i], bucket)));
+    const anchor = ticks > 1 && k === 0 ? "start" : ticks > 1 && k === ticks - 1 ? "end" : "middle";
+    svg.append(s("text", { x: x(i), y: H - 7, "text-anchor": anchor }, fmtTime(times[i], bucket)));
   }
   series.forEach((se, n) => {
     const color = COLORS[n % COLORS.length];
