@@ -52,6 +52,17 @@ async function api(method, path, body) {
 }
 const q = (params) => "?" + new URLSearchParams(Object.entries(params).filter(([, v]) => v !== "" && v !== null && v !== undefined)).toString();
 async function usage(params) { return api("GET", "/usage" + q({ limit: 1000, ...params })); }
+// Every row (page after page, at most 20,000): charts must not lose the last buckets.
+async function usageAll(params) {
+  const first = await usage(params);
+  let page = first;
+  for (let n = 1; page.has_more && n < 20; n++) {
+    // The first page's range, absolute: "7d" would move with the clock between pages.
+    page = await usage({ ...params, since: String(first.since), until: String(first.until), offset: page.offset + page.limit });
+    first.data.push(...page.data);
+  }
+  return first;
+}
 
 // ------------------------------------------------------------------ formatting
 const nf = new Intl.NumberFormat("en-US");
@@ -150,23 +161,27 @@ function groupedSeries(rows, measure, n = 6) {
 }
 
 // ------------------------------------------------------------------ pages
-const RANGES = { "24h": ["24h", "hour"], "7d": ["7d", "hour"], "30d": ["30d", "day"] };
+// range -> [since, bucket of the totals, bucket of the per-model/provider series]: a
+// week's totals per hour, its per-group series per day (8 models x 168 hours would be
+// 1,344 rows to sum, send and draw for lines nobody can tell apart).
+const RANGES = { "24h": ["24h", "hour", "hour"], "7d": ["7d", "hour", "day"], "30d": ["30d", "day", "day"] };
 let overviewRange = "24h";
 
 async function overview() {
-  const [since, bucket] = RANGES[overviewRange];
+  const [since, bucket, per] = RANGES[overviewRange];
   const picker = h("select", { id: "range", onchange: (e) => { overviewRange = e.target.value; overview(); } },
     Object.keys(RANGES).map((r) => h("option", { value: r, selected: r === overviewRange }, "Last " + r)));
   show(h("h1", {}, "Overview"), h("div", { class: "toolbar" }, picker, h("span", { class: "muted small" }, "UTC; per " + bucket)), h("p", { class: "muted" }, "Loading…"));
   let total, byModel, byProvider;
   try {
     [total, byModel, byProvider] = await Promise.all([
-      usage({ since, bucket }),
-      usage({ since, bucket, group_by: "model" }),
-      usage({ since, bucket, group_by: "provider" }),
+      usageAll({ since, bucket }),
+      usageAll({ since, bucket: per, group_by: "model" }),
+      usageAll({ since, bucket: per, group_by: "provider" }),
     ]);
   } catch (err) { show(h("h1", {}, "Overview"), errorBox(err)); return; }
   const times = bucketsBetween(total.since, total.until, bucket);
+  const perTimes = bucketsBetween(byModel.since, byModel.until, per);
   const rows = total.data;
   const sum = (f) => rows.reduce((a, r) => a + f(r), 0);
   const requests = sum((r) => r.requests), errors = sum((r) => r.errors);
@@ -183,10 +198,10 @@ async function overview() {
       { name: "completion", values: seriesOf(rows, (r) => r.completion_tokens) }], { bucket, id: "chart-tokens" }),
     lineChart("Spend (USD)", times, [{ name: "Spend (USD)", values: seriesOf(rows, (r) => r.cost_usd) }], { bucket, format: (v) => "$" + compact(v), id: "chart-spend" }),
     lineChart("Error rate", times, [{ name: "Error rate", values: errRate }], { bucket, format: (v) => (100 * v).toFixed(0) + "%", id: "chart-errors" }),
-    lineChart("Requests per model", times, groupedSeries(byModel.data, (r) => r.requests), { bucket, id: "chart-models" }),
-    lineChart("Requests per provider", times, groupedSeries(byProvider.data, (r) => r.requests), { bucket, id: "chart-providers" }),
-    lineChart("Spend per provider", times, groupedSeries(byProvider.data, (r) => r.cost_usd), { bucket, format: (v) => "$" + compact(v), id: "chart-provider-spend" }),
-    lineChart("Errors per provider", times, groupedSeries(byProvider.data, (r) => r.errors), { bucket, id: "chart-provider-errors" }),
+    lineChart("Requests per model", perTimes, groupedSeries(byModel.data, (r) => r.requests), { bucket: per, id: "chart-models" }),
+    lineChart("Requests per provider", perTimes, groupedSeries(byProvider.data, (r) => r.requests), { bucket: per, id: "chart-providers" }),
+    lineChart("Spend per provider", perTimes, groupedSeries(byProvider.data, (r) => r.cost_usd), { bucket: per, format: (v) => "$" + compact(v), id: "chart-provider-spend" }),
+    lineChart("Errors per provider", perTimes, groupedSeries(byProvider.data, (r) => r.errors), { bucket: per, id: "chart-provider-errors" }),
   );
   show(h("h1", {}, "Overview"), h("div", { class: "toolbar" }, picker, h("span", { class: "muted small" }, "UTC; per " + bucket)), tiles, charts);
 }
@@ -205,7 +220,7 @@ async function spendFor(group, items) {
   const periods = [...new Set(items.filter((i) => i.budget).map((i) => i.budget.period))];
   const spend = new Map();
   await Promise.all(periods.map(async (p) => {
-    const page = await usage({ group_by: group, since: String(periodStart(p)) });
+    const page = await usageAll({ group_by: group, since: String(periodStart(p)) });
     for (const r of page.data) spend.set(p + "\u0000" + r.group, r.cost_usd);
   }));
   return (item) => (item.budget ? spend.get(item.budget.period + "\u0000" + item.id) || 0 : null);
@@ -385,8 +400,10 @@ function csvCell(v) {
 }
 async function exportCsv(st) {
   const lines = [USAGE_COLUMNS.join(",")];
+  let range = {};
   for (let offset = 0, n = 0; n < 100; n++) { // at most 100,000 rows
-    const page = await usage({ ...st, offset });
+    const page = await usage({ ...st, ...range, offset });
+    range = { since: String(page.since), until: String(page.until) }; // fixed after the first page
     for (const r of page.data) lines.push(USAGE_COLUMNS.map((c) => csvCell(c === "bucket" && r.bucket !== null ? new Date(r.bucket * 1000).toISOString() : r[c])).join(","));
     if (!page.has_more) break;
     offset += page.limit;
@@ -402,7 +419,7 @@ async function providersPage() {
   let providers, health, recent;
   try {
     [providers, health, recent] = await Promise.all([api("GET", "/providers?limit=1000"), api("GET", "/providers/health"),
-      usage({ group_by: "provider", since: "24h", bucket: "hour" })]);
+      usageAll({ group_by: "provider", since: "24h", bucket: "hour" })]);
   } catch (err) { show(h("h1", {}, "Providers"), errorBox(err)); return; }
   const hp = new Map(health.data.map((x) => [x.provider, x]));
   const lastHour = Date.now() / 1000 - 3600;
