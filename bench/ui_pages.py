@@ -69,21 +69,25 @@ def pages(now: float) -> dict[str, list[str]]:
     """Each page's admin API calls, as the page's script makes them (app.js):
     every page of each (``usageAll``), or the first only (``!``)."""
     month, day = int(_month_start(now)), int(_day_start(now))
+    hour = int(now // 3600 * 3600)
+    # app.js's aligned(): "24h" from 23 hours before this hour's start, "Nd" from
+    # N - 1 days before today's (UTC).
+    h24, d7, d30 = hour - 23 * 3600, day - 6 * 86400, day - 29 * 86400
     return {
         "overview 24h": [
-            "/usage?limit=1000&since=24h&bucket=hour",
-            "/usage?limit=1000&since=24h&bucket=hour&group_by=model",
-            "/usage?limit=1000&since=24h&bucket=hour&group_by=provider",
+            f"/usage?limit=1000&since={h24}&bucket=hour",
+            f"/usage?limit=1000&since={h24}&bucket=hour&group_by=model",
+            f"/usage?limit=1000&since={h24}&bucket=hour&group_by=provider",
         ],
         "overview 7d": [
-            "/usage?limit=1000&since=7d&bucket=hour",
-            "/usage?limit=1000&since=7d&bucket=day&group_by=model",
-            "/usage?limit=1000&since=7d&bucket=day&group_by=provider",
+            f"/usage?limit=1000&since={d7}&bucket=hour",
+            f"/usage?limit=1000&since={d7}&bucket=day&group_by=model",
+            f"/usage?limit=1000&since={d7}&bucket=day&group_by=provider",
         ],
         "overview 30d": [
-            "/usage?limit=1000&since=30d&bucket=day",
-            "/usage?limit=1000&since=30d&bucket=day&group_by=model",
-            "/usage?limit=1000&since=30d&bucket=day&group_by=provider",
+            f"/usage?limit=1000&since={d30}&bucket=day",
+            f"/usage?limit=1000&since={d30}&bucket=day&group_by=model",
+            f"/usage?limit=1000&since={d30}&bucket=day&group_by=provider",
         ],
         "keys": [
             "/keys?limit=1000",
@@ -97,13 +101,13 @@ def pages(now: float) -> dict[str, list[str]]:
             f"/usage?limit=1000&group_by=team&since={month}",
         ],
         # The explorer shows one page (1,000 rows); only its CSV export reads them all.
-        "usage: by model, 7d": ["!/usage?limit=1000&group_by=model&since=7d"],
-        "usage: by key per day, 30d": ["!/usage?limit=1000&group_by=key&since=30d&bucket=day"],
-        "usage: by team per hour, 7d": ["!/usage?limit=1000&group_by=team&since=7d&bucket=hour"],
+        "usage: by model, 7d": [f"!/usage?limit=1000&group_by=model&since={d7}"],
+        "usage: by key per day, 30d": [f"!/usage?limit=1000&group_by=key&since={d30}&bucket=day"],
+        "usage: by team per hour, 7d": [f"!/usage?limit=1000&group_by=team&since={d7}&bucket=hour"],
         "providers": [
             "/providers?limit=1000",
             "/providers/health",
-            "/usage?limit=1000&group_by=provider&since=24h&bucket=hour",
+            f"/usage?limit=1000&group_by=provider&since={h24}&bucket=hour",
         ],
     }
 

@@ -361,3 +361,30 @@ def test_login_and_a_cookie_write_through_the_rsgi_adapter() -> None:
         assert made.status == 201, made.body
 
     run(scenario)
+
+
+def test_gandalf_serve_shares_the_session_secret_with_its_workers(tmp_path: Path) -> None:
+    """Two workers: a session made in one is accepted by both. Each request
+    goes on a new connection, so the kernel spreads them over the workers
+    (with an unshared secret, about half would be 401)."""
+    import httpx
+
+    from tests.serve import GandalfServer, route
+
+    config = {
+        "server": {"access_log": False, "workers": 2},
+        "providers": [{"name": "fake", "type": "fake"}],
+        "routes": [route("fake-model", "fake", "fake-1")],
+        "keys": [{"name": "admin", "key": ADMIN, "role": "admin"}],
+    }
+    with GandalfServer(tmp_path, config, unset=[ENV_SECRET]) as server:
+        with httpx.Client(base_url=server.url, timeout=10.0) as client:
+            reply = client.post("/ui/login", data={"key": ADMIN}, follow_redirects=False)
+        assert reply.status_code == 303, reply.text
+        cookie = reply.headers["set-cookie"].split(";")[0]
+        statuses = []
+        for _ in range(24):
+            headers = {"cookie": cookie, "connection": "close"}
+            with httpx.Client(base_url=server.url, timeout=10.0, headers=headers) as one:
+                statuses.append(one.get("/admin/v1/keys").status_code)
+        assert statuses == [200] * 24, statuses

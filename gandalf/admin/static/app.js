@@ -51,7 +51,18 @@ async function api(method, path, body) {
   return data;
 }
 const q = (params) => "?" + new URLSearchParams(Object.entries(params).filter(([, v]) => v !== "" && v !== null && v !== undefined)).toString();
-async function usage(params) { return api("GET", "/usage" + q({ limit: 1000, ...params })); }
+// "24h" / "7d": from the start of an hour / a UTC day (the last one partial, so
+// "7d" is today and the 6 days before). Whole hours and days are read from the
+// rollups alone; only the current hour comes from the raw rows. Other text as given.
+function aligned(since) {
+  const m = /^(\d+)([hd])$/.exec(since || "");
+  if (!m) return since;
+  const size = m[2] === "d" ? 86400 : 3600;
+  return String(Math.floor(Date.now() / 1000 / size) * size - (Number(m[1]) - 1) * size);
+}
+async function usage(params) {
+  return api("GET", "/usage" + q({ limit: 1000, ...params, since: aligned(params.since) }));
+}
 // Every row (page after page, at most 20,000): charts must not lose the last buckets.
 async function usageAll(params) {
   const first = await usage(params);
