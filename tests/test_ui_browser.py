@@ -153,6 +153,10 @@ def test_overview_charts_draw_the_requests_this_test_made(
 
 def test_create_a_key_see_it_once_edit_and_revoke_it(gateway: GandalfServer, page: Any) -> None:
     login(page, gateway, ADMIN)
+    # The login page of a live session goes back to the console (a link from another
+    # site arrives without the SameSite=Strict cookie and lands there).
+    page.goto(gateway.url + "/ui/login")
+    page.wait_for_url(gateway.url + "/ui/")
     page.click("a[data-page=keys]")
     page.wait_for_selector("#create-key")
     page.fill("#create-key input[name=name]", "browser-key")

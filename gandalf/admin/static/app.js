@@ -128,11 +128,12 @@ function lineChart(title, times, series, { format = compact, bucket = "hour", id
     svg.append(s("line", { class: "axis", x1: L, x2: W - R, y1: yy, y2: yy }));
     svg.append(s("text", { x: L - 4, y: yy + 3, "text-anchor": "end" }, format(v)));
   }
-  const ticks = Math.min(6, times.length);
+  const ticks = Math.min(5, times.length);
+  const short = (t) => (bucket === "day" ? fmtTime(t, "day") : new Date(t * 1000).toISOString().slice(11, 16));
   for (let k = 0; k < ticks; k++) {
     const i = ticks <= 1 ? 0 : Math.round((k * (times.length - 1)) / (ticks - 1));
     const anchor = ticks > 1 && k === 0 ? "start" : ticks > 1 && k === ticks - 1 ? "end" : "middle";
-    svg.append(s("text", { x: x(i), y: H - 7, "text-anchor": anchor }, fmtTime(times[i], bucket)));
+    svg.append(s("text", { x: x(i), y: H - 7, "text-anchor": anchor }, short(times[i])));
   }
   series.forEach((se, n) => {
     const color = COLORS[n % COLORS.length];
