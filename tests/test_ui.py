@@ -122,8 +122,6 @@ def test_login_refuses_bad_keys_member_keys_and_other_sites() -> None:
         assert cross.status == 403 and cross.header("set-cookie") is None
         same = await login(app, ADMIN, ("origin", "http://gw:8080"), ("host", "gw:8080"))
         assert same.status == 303 and same.header("set-cookie")
-        # Markup in an error is escaped (the message is fixed text, but still).
-        assert b"<script" not in bad.body
 
     run(scenario)
 
@@ -139,10 +137,11 @@ def test_a_write_with_the_cookie_needs_the_csrf_token(method: str) -> None:
         body: dict[str, Any] | None = (
             {"name": "ui"} if method == "POST" else {"blocked": True} if method == "PATCH" else None
         )
+        wrong = csrf[:-1] + ("B" if csrf.endswith("A") else "A")
         for headers in (
             [("cookie", cookie), JSON],
             [("cookie", cookie), JSON, ("x-csrf-token", "")],
-            [("cookie", cookie), JSON, ("x-csrf-token", csrf[:-2] + "AA")],
+            [("cookie", cookie), JSON, ("x-csrf-token", wrong)],
         ):
             refused = await call(app, method, path, headers=headers, json=body)
             assert refused.status == 403, refused.body
@@ -239,7 +238,7 @@ def test_a_tampered_or_foreign_cookie_is_refused() -> None:
         sid, kid, exp, mac = value.split(".")
         forged = [
             f"{name}={sid}.{kid}.{int(exp) + 3600}.{mac}",  # a longer life
-            f"{name}={sid}.{kid}.{exp}.{mac[:-1]}A",
+            f"{name}={sid}.{kid}.{exp}.{mac[:-1]}{'B' if mac.endswith('A') else 'A'}",
             f"{name}=garbage",
             f"{name}={'x' * 5000}",
         ]

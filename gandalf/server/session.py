@@ -13,7 +13,8 @@ from __future__ import annotations
 from gandalf.auth.apikey import KeyCache
 from gandalf.auth.session import CSRF_HEADER, Sessions
 from gandalf.domain import Identity, Permission
-from gandalf.server.handlers import KeyAuth, _permitted
+from gandalf.errors import PermissionDenied
+from gandalf.server.handlers import KeyAuth
 from gandalf.server.wire import Request
 
 _COOKIE = b"cookie"
@@ -36,7 +37,7 @@ class SessionAuth(KeyAuth):
             return None  # no credential at all: load() answers the usual 401
         self.sessions.check_csrf(session, request.method, request.header(CSRF_HEADER))
         identity = self.sessions.cached(session)
-        return None if identity is None else _permitted(identity, self.needs, self.bits)
+        return None if identity is None else self._permitted(identity)
 
     async def load(self, request: Request) -> Identity:
         if request.authorization is not None or request.api_key is not None:
@@ -45,5 +46,11 @@ class SessionAuth(KeyAuth):
         if session is None:
             return await super().load(request)  # the usual "Missing API key" 401
         self.sessions.check_csrf(session, request.method, request.header(CSRF_HEADER))
-        identity = await self.sessions.load(session)
-        return _permitted(identity, self.needs, self.bits)
+        return self._permitted(await self.sessions.load(session))
+
+    def _permitted(self, identity: Identity) -> Identity:
+        # The login page admits only admin and viewer keys, but a key's role can
+        # change under a live session (revoked and re-made, or edited in the file).
+        if identity.permissions & self.bits != self.bits:
+            raise PermissionDenied(f"Keys with role '{identity.role}' cannot use the admin API.")
+        return identity
