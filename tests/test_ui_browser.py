@@ -265,3 +265,34 @@ def test_logout_ends_the_session(gateway: GandalfServer, page: Any) -> None:
     assert page.evaluate("fetch('/admin/v1/keys').then(r => r.status)") == 401
     page.goto(gateway.url + "/ui/")
     assert page.url.endswith("/ui/login")
+
+
+def test_orgs_and_teams_created_edited_and_deleted(gateway: GandalfServer, page: Any) -> None:
+    login(page, gateway, ADMIN)
+    page.click("a[data-page=tenants]")
+    page.wait_for_selector("#orgs")
+    org_form = page.locator("main form").nth(0)
+    org_form.locator("input[name=id]").fill("ui-org")
+    org_form.locator("button[type=submit]").click()
+    page.wait_for_selector("#orgs tr[data-id=ui-org]")
+    team_form = page.locator("main form").nth(1)
+    team_form.locator("input[name=id]").fill("ui-team")
+    team_form.locator("input[name=org]").fill("ui-org")
+    team_form.locator("input[name=budget_usd]").fill("20")
+    team_form.locator("button[type=submit]").click()
+    page.wait_for_selector("#teams tr[data-id=ui-team]")
+    assert "$0.00 / $20.00 monthly" in page.inner_text("#teams tr[data-id=ui-team]")
+    page.click("#teams button.edit[data-id=ui-team]")
+    page.fill("#edit-tenant input[name=rpm]", "30")
+    page.select_option("#edit-tenant select[name=budget_period]", "weekly")
+    page.click("#edit-tenant button[type=submit]")
+    page.wait_for_selector("#teams tr[data-id=ui-team]")
+    with api(gateway) as client:
+        team = client.get("/admin/v1/teams/ui-team").json()
+    assert team["rpm"] == 30 and team["budget"] == {"usd": 20.0, "period": "weekly"}
+    page.click("#teams button.danger[data-id=ui-team]")
+    page.wait_for_selector("#teams tr[data-id=ui-team]", state="detached")
+    page.click("#orgs button.danger[data-id=ui-org]")
+    page.wait_for_selector("#orgs tr[data-id=ui-org]", state="detached")
+    with api(gateway) as client:
+        assert client.get("/admin/v1/orgs/ui-org").status_code == 404

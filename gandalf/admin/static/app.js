@@ -344,13 +344,15 @@ async function tenantsPage(flash) {
     [orgSpend, teamSpend] = await Promise.all([spendFor("org", orgs), spendFor("team", teams)]);
   } catch (err) { show(h("h1", {}, "Orgs & teams"), errorBox(err)); return; }
   const w = SESSION.can_write;
-  const del = (kind, item) => (w && !item.read_only ? h("button", { class: "danger", onclick: async () => {
-    try { await api("DELETE", `/${kind}/${encodeURIComponent(item.id)}`); tenantsPage(); } catch (err) { main().prepend(errorBox(err)); }
-  } }, "Delete") : (item.read_only ? h("span", { class: "muted small" }, "config") : ""));
+  const del = (kind, item) => (w && !item.read_only ? [
+    h("button", { class: "edit", "data-id": item.id, onclick: () => editTenant(kind, item) }, "Edit"), " ",
+    h("button", { class: "danger", "data-id": item.id, onclick: async () => {
+      try { await api("DELETE", `/${kind}/${encodeURIComponent(item.id)}`); tenantsPage(); } catch (err) { main().prepend(errorBox(err)); }
+    } }, "Delete")] : (item.read_only ? h("span", { class: "muted small", title: "declared in the config file" }, "config") : ""));
   const table = (kind, items, spentOf, withOrg) => h("div", { class: "card table-wrap" }, h("h2", {}, kind === "orgs" ? "Organizations" : "Teams"),
     h("table", { id: kind }, h("thead", {}, h("tr", {}, h("th", {}, "Id"), h("th", {}, "Name"), withOrg ? h("th", {}, "Org") : null,
       h("th", { class: "num" }, "RPM"), h("th", { class: "num" }, "TPM"), h("th", {}, "Models"), h("th", {}, "Spend vs budget"), h("th", {}, ""))),
-    h("tbody", {}, items.length ? items.map((i) => h("tr", {}, h("td", {}, i.id), h("td", {}, i.name), withOrg ? h("td", {}, i.org) : null,
+    h("tbody", {}, items.length ? items.map((i) => h("tr", { "data-id": i.id }, h("td", {}, i.id), h("td", {}, i.name), withOrg ? h("td", {}, i.org) : null,
       h("td", { class: "num" }, i.rpm || "–"), h("td", { class: "num" }, i.tpm || "–"),
       h("td", { class: "small" }, i.allowed_models ? i.allowed_models.join(", ") : "all"), budgetCell(i, spentOf(i)), h("td", {}, del(kind, i))))
       : h("tr", {}, h("td", { colspan: 8, class: "empty" }, "None.")))));
@@ -368,6 +370,24 @@ async function tenantsPage(flash) {
   show(h("h1", {}, "Orgs & teams"), flash || null,
     table("orgs", orgs, orgSpend, false), w ? h("div", { class: "card" }, h("h2", {}, "New organization"), create("orgs")) : null,
     table("teams", teams, teamSpend, true), w ? h("div", { class: "card" }, h("h2", {}, "New team"), create("teams")) : null);
+}
+
+function editTenant(kind, item) {
+  const what = kind === "orgs" ? "org" : "team";
+  const form = h("form", { class: "inline", id: "edit-tenant", onsubmit: async (e) => {
+    e.preventDefault();
+    const v = formValues(form);
+    const body = { name: v.name || item.name, rpm: num(v.rpm) || 0, tpm: num(v.tpm) || 0 };
+    if (v.budget_usd === "") body.budget_usd = null; else { body.budget_usd = num(v.budget_usd); body.budget_period = v.budget_period; }
+    try { await api("PATCH", `/${kind}/${encodeURIComponent(item.id)}`, body); tenantsPage(h("div", { class: "notice" }, `The ${what} “${item.id}” is updated.`)); }
+    catch (err) { form.before(errorBox(err)); }
+  } },
+    field("Name", "name", { value: item.name }),
+    field("RPM", "rpm", { type: "number", min: 0, value: item.rpm }), field("TPM", "tpm", { type: "number", min: 0, value: item.tpm }),
+    field("Budget USD", "budget_usd", { type: "number", min: 0, step: "any", value: item.budget ? item.budget.usd : "" }),
+    periodSelect("budget_period", item.budget ? item.budget.period : "monthly"),
+    h("button", { class: "primary", type: "submit" }, "Save"), h("button", { type: "button", onclick: () => tenantsPage() }, "Cancel"));
+  show(h("h1", {}, "Orgs & teams"), h("div", { class: "card" }, h("h2", {}, `Edit the ${what} “${item.id}”`), form));
 }
 
 const USAGE_COLUMNS = ["group", "name", "bucket", "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens",
