@@ -218,9 +218,8 @@ def create_ui_app(keys: KeyCache, sessions: Sessions) -> Starlette:
             "csrf": codec.csrf(session),
             "expires": session.expires,
         }
-        return Response(
-            _ENCODER.encode(info), 200, {"cache-control": "no-store"}, media_type="application/json"
-        )
+        headers = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
+        return Response(_ENCODER.encode(info), 200, headers, media_type="application/json")
 
     async def static(request: Request) -> Response:
         asset = assets.get(request.path_params["name"])
