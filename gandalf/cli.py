@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from gandalf import __version__
 from gandalf.app import timespec
 from gandalf.app.governor import ENV_WORKERS
+from gandalf.auth.session import share_secret
 from gandalf.config import GandalfConfig, default_config_path, load_config, split_addr
 from gandalf.domain import (
     BUDGET_PERIODS,
@@ -280,6 +281,9 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["GANDALF_ACCESS_LOG"] = "1" if access_log else "0"
     # Each worker enforces 1/workers of every rate limit and budget (app/governor.py).
     os.environ[ENV_WORKERS] = str(workers)
+    # One web UI session secret for every worker of this start (gandalf/auth/session.py);
+    # an operator's own (64+ hex digits) keeps sessions across restarts.
+    share_secret(os.environ)
     loader = WorkerLoader(
         config, interface=interface, access_log=False if args.no_access_log else None
     )

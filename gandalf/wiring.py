@@ -13,12 +13,15 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from gandalf import bootstrap
 from gandalf.admin.app import OPENAPI_PATH, PREFIX, create_admin_app
 from gandalf.admin.resources import Services
+from gandalf.admin.webui import FORWARDED as UI_FORWARDED
+from gandalf.admin.webui import PREFIX as UI_PREFIX
+from gandalf.admin.webui import create_ui_app
 from gandalf.app.balancer import Slot
 from gandalf.app.cache import InProcessCache, ResponseCache
 from gandalf.app.failover import AttemptHook
@@ -32,6 +35,7 @@ from gandalf.app.pricing import build_pricing
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
+from gandalf.auth.session import SessionCodec, Sessions, secret_from_env
 from gandalf.config import CacheConfig, GandalfConfig, default_config_path, load_config
 from gandalf.domain import ApiKey, Permission, Route, Scope, Tenancy
 from gandalf.errors import ConfigError, GatewayError
@@ -41,10 +45,11 @@ from gandalf.observability.metrics import ENV_METRICS_DIR, Metrics
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
 from gandalf.server.core import Runtime
-from gandalf.server.handlers import Api, KeyAuth, metrics_endpoint
+from gandalf.server.handlers import Api, metrics_endpoint
 from gandalf.server.mount import mount
 from gandalf.server.native import NativeApi
 from gandalf.server.rsgi import RSGIApp
+from gandalf.server.session import SessionAuth
 from gandalf.storage.sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -89,6 +94,9 @@ def create_app(
     observe = facts.observe if logs or metrics is not None or config.tracing else None
     attempt = _attempts(metrics) if metrics is not None else None
     tracing = _tracing(config, span_exporter) if config.tracing is not None else None
+    # The web UI's session-signing secret: gandalf serve gives every worker the
+    # same one (so any worker reads a session another made); else this process's own.
+    ui_secret = secret_from_env()
 
     async def build() -> Runtime:
         database = config.database
@@ -226,7 +234,13 @@ def create_app(
                 )
             )
             endpoints[OPENAPI_PATH] = mount(admin, None)
-            prefixes.append((PREFIX + "/", mount(admin, KeyAuth(keys, Permission.READ_ADMIN))))
+            # The web UI (/ui/): its session cookie also authenticates the admin API.
+            sessions = Sessions(SessionCodec(ui_secret), keys, _key_hash_of(store))
+            admin_auth = SessionAuth(keys, Permission.READ_ADMIN, sessions)
+            prefixes.append((PREFIX + "/", mount(admin, admin_auth)))
+            ui = mount(create_ui_app(keys, sessions), None, UI_FORWARDED)
+            endpoints[UI_PREFIX] = ui
+            prefixes.append((UI_PREFIX + "/", ui))
             if metrics is not None:
                 metrics.gauges = _gauges(app, proxy, store)  # in every snapshot
                 if not server.metrics_addr:  # else gandalf serve's main process answers
@@ -289,6 +303,16 @@ def _tracing(config: GandalfConfig, exporter: object | None) -> Tracing:
         settings.service_name,
         exporter=exporter,  # type: ignore[arg-type]
     )
+
+
+def _key_hash_of(store: SqliteStore) -> Callable[[str], Awaitable[str | None]]:
+    """Key id -> its hash (a UI session names its key by id)."""
+
+    async def key_hash_of(key_id: str) -> str | None:
+        key = await store.get_key(key_id)
+        return None if key is None else key.key_hash
+
+    return key_hash_of
 
 
 def _attempts(metrics: Metrics) -> AttemptHook:

@@ -161,6 +161,10 @@ class KeyCache:
         """
         return self._known(hashlib.sha256(key.encode()).hexdigest())
 
+    def cached_hash(self, key_hash: str) -> Identity | None:
+        """:meth:`cached` for a key known by its SHA-256 hex (a UI session)."""
+        return self._known(key_hash)
+
     def _known(self, key_hash: str) -> Identity | None:
         entry = self._entries.get(key_hash)
         if entry is None or self._clock() >= entry[1]:
@@ -173,7 +177,10 @@ class KeyCache:
         Raises AuthenticationError for a bad key, StoreUnavailable when the
         lookup itself fails (nothing is cached then).
         """
-        key_hash = hashlib.sha256(key.encode()).hexdigest()
+        return await self.load_hash(hashlib.sha256(key.encode()).hexdigest())
+
+    async def load_hash(self, key_hash: str) -> Identity:
+        """:meth:`load` for a key known by its SHA-256 hex (a UI session)."""
         pending = self._inflight.get(key_hash)
         if pending is not None:
             return self._check(await asyncio.shield(pending), key_hash)
