@@ -31,6 +31,7 @@ from tests.upstream import MockUpstream, running_upstream
 
 KEY = generate_key()
 OTHER = generate_key()
+ROOT = "http://127.0.0.1:{}"
 
 # family -> (text route, tools route or None, json route or None)
 FAMILIES: dict[str, tuple[str, str | None, str | None]] = {
@@ -39,6 +40,8 @@ FAMILIES: dict[str, tuple[str, str | None, str | None]] = {
     "anthropic": ("claude-text", "claude-tools", "claude-json"),
     "gemini": ("gemini-text", "gemini-tools", "gemini-json"),
     "fake": ("fake-text", None, None),
+    "azure": ("az-text", None, None),
+    "ollama": ("ol-text", None, None),
 }
 TEXT = [(family, routes[0]) for family, routes in FAMILIES.items()]
 TOOLS = [(f, r[1]) for f, r in FAMILIES.items() if r[1] is not None]
@@ -98,6 +101,18 @@ def gateway(
             },
             {"name": "gem", "type": "gemini", "base_url": gemini_mock.base_url, "api_key": "g"},
             {"name": "fake", "type": "fake"},
+            {
+                "name": "az",
+                "type": "azure",
+                "base_url": ROOT.format(upstream.port),
+                "api_key": "az",
+            },
+            {
+                "name": "local",
+                "type": "ollama",
+                "base_url": ROOT.format(upstream.port),
+                "models": ["x"],
+            },
         ],
         "routes": [
             route("up-text", "up", "echo-model"),
@@ -112,6 +127,8 @@ def gateway(
             route("gemini-tools", "gem", "gemini-tools"),
             route("gemini-json", "gem", "gemini-json"),
             route("fake-text", "fake", "fake-model"),
+            route("az-text", "az", "ok-azure"),
+            route("ol-text", "local", "ok-ollama"),
         ],
         "keys": [
             {"name": "app", "key": KEY, "role": "member"},
@@ -165,7 +182,15 @@ def test_create_answers_text_on_every_provider(client: OpenAI, family: str, mode
     assert "hello there" in response.output_text
     assert response.usage is not None and response.usage.total_tokens > 0
     assert response.output[0].type == "message"
-    assert raw.headers["x-gandalf-provider"] in ("up", "upchat", "claude", "gem", "fake")
+    assert raw.headers["x-gandalf-provider"] in (
+        "up",
+        "upchat",
+        "claude",
+        "gem",
+        "fake",
+        "az",
+        "local",
+    )
 
 
 @pytest.mark.parametrize(("family", "model"), TEXT)

@@ -217,7 +217,10 @@ class OpenAIProvider(transport.UpstreamClient):
         self._headers = headers
         # The Responses API relayed (``responses: true``, the default), or None:
         # Gandalf translates it through chat for this provider.
-        self.responses = ResponsesRelay(self) if config.responses is not False else None
+        # Only type openai: Azure and Ollama reuse this adapter but serve the
+        # Responses API elsewhere or not at all.
+        relays = config.type == "openai" and config.responses is not False
+        self.responses = ResponsesRelay(self) if relays else None
 
     async def chat(self, call: ChatCall) -> ProviderReply:
         model = call.target.model
