@@ -27,7 +27,7 @@ from gandalf.auth.apikey import generate_key
 from tests.mock_anthropic import MockAnthropic
 from tests.mock_gemini import MockGemini
 from tests.serve import GandalfServer, route, wait_until
-from tests.upstream import MockUpstream, running_upstream
+from tests.upstream import MockUpstream
 
 KEY = generate_key()
 OTHER = generate_key()
@@ -66,12 +66,6 @@ TIME: Any = {
 
 class Echo(BaseModel):
     echo: str
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[MockUpstream]:
-    with running_upstream() as mock:
-        yield mock
 
 
 @pytest.fixture(scope="module")
