@@ -89,7 +89,7 @@ class ToolChoiceObject(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class TextFormat(msgspec.Struct, kw_only=True, omit_defaults=True):
-    type: str = "text"
+    type: str  # required: omit_defaults would drop a default from the echo
     name: str | None = None
     schema: dict[str, Any] | None = None
     description: str | None = None
@@ -504,7 +504,7 @@ def skeleton(request: ResponsesRequest, response_id: str, created_at: float) -> 
     """The Response to ``request`` before any output (status ``in_progress``)."""
     text = request.text or TextConfig()
     if text.format is None:
-        text = TextConfig(format=TextFormat(), verbosity=text.verbosity)
+        text = TextConfig(format=TextFormat(type="text"), verbosity=text.verbosity)
     return ResponseObject(
         id=response_id,
         created_at=created_at,
