@@ -24,7 +24,7 @@ from gandalf.domain import (
     StoredResponse,
     Target,
 )
-from gandalf.errors import ConfigError
+from gandalf.errors import ConfigError, StoreUnavailable
 from gandalf.storage.sqlite import SqliteStore
 from gandalf.wiring import create_app
 from tests.mock_anthropic import MockAnthropic
@@ -257,6 +257,8 @@ def test_the_store_keeps_responses_per_key_until_they_expire() -> None:
         try:
             await store.save_response(_stored("resp_a", "key1", 1100.0))
             await store.save_response(_stored("resp_b", "key1", None))
+            await store.save_response(_stored("resp_b", "key2", None))  # same id, another key
+            await store.delete_response("resp_b", "key2")
             assert (await store.get_response("resp_a", "key1")) is not None
             assert await store.get_response("resp_a", "key2") is None
             assert not await store.delete_response("resp_a", "key2")
@@ -300,3 +302,48 @@ def test_only_openai_providers_relay_the_responses_api() -> None:
     assert [p.responses for p in config.providers] == [None, False]
     with pytest.raises(ConfigError, match=r"providers\[0\]\.responses"):
         _parse("providers:\n  - { name: c, type: anthropic, api_key: k, responses: true }\n")
+
+
+class _BrokenStore:
+    """A store whose database does not answer."""
+
+    async def save_response(self, stored: StoredResponse) -> None:
+        raise OSError("disk gone")
+
+    async def get_response(self, response_id: str, key_id: str) -> StoredResponse | None:
+        raise OSError("disk gone")
+
+    async def delete_response(self, response_id: str, key_id: str) -> bool:
+        raise OSError("disk gone")
+
+
+def test_a_store_that_does_not_answer_is_a_503_and_never_loses_an_answer() -> None:
+    from gandalf.app.proxy import ProxyService
+    from gandalf.app.responses import ResponsesService
+    from gandalf.app.responses_wire import decode_request
+    from gandalf.app.router import RouteTable
+
+    identity = _identity()
+    service = ResponsesService(ProxyService(RouteTable({}), _Sink()), _BrokenStore())
+    job_body = b'{"model":"m","input":"hi","previous_response_id":"resp_1"}'
+
+    async def main() -> None:
+        with pytest.raises(StoreUnavailable):
+            await service.retrieve(identity, "resp_1")
+        with pytest.raises(StoreUnavailable):
+            await service.delete(identity, "resp_1")
+        with pytest.raises(StoreUnavailable):
+            await service._job(identity, decode_request(job_body), job_body, "req")
+
+    asyncio.run(main())
+
+
+class _Sink:
+    def record_usage(self, record: Any) -> None:
+        return None
+
+
+def _identity() -> Any:
+    from gandalf.domain import ApiKey, Identity
+
+    return Identity.from_key(ApiKey(id="k1", name="k", key_hash="h", prefix="gnd_xxxx"))

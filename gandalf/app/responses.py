@@ -65,7 +65,7 @@ from gandalf.domain import (
     StoredResponse,
     Usage,
 )
-from gandalf.errors import GatewayError, NotFound
+from gandalf.errors import GatewayError, NotFound, StoreUnavailable
 
 __all__ = ["ResponseStore", "ResponsesService", "ResponsesStream"]
 
@@ -282,7 +282,7 @@ class ResponsesService:
         previous = request.previous_response_id
         if previous is None:
             return _Job(request, body, items, body, request_id)
-        stored = await self._store.get_response(previous, identity.key_id)
+        stored = await self._load(previous, identity.key_id)
         if stored is None:
             raise NotFound(
                 f"Previous response with id '{previous}' not found.",
@@ -294,6 +294,13 @@ class ResponsesService:
         fields.pop("previous_response_id", None)
         fields["input"] = msgspec.Raw(_encoder.encode(items))
         return _Job(request, body, items, _encoder.encode(fields), request_id)
+
+    async def _load(self, response_id: str, key_id: str) -> StoredResponse | None:
+        try:
+            return await self._store.get_response(response_id, key_id)
+        except Exception as exc:  # the database did not answer: retrying may help
+            logger.warning("reading stored response %s failed: %s", response_id, exc)
+            raise _unavailable() from None
 
     async def save(self, identity: Identity, job: _Job, response: bytes) -> None:
         """Keep ``response`` (a Response object's JSON) and the conversation it
@@ -403,7 +410,7 @@ class ResponsesService:
 
     async def retrieve(self, identity: Identity, response_id: str) -> bytes:
         """The stored Response ``response_id`` of the caller's key (404 else)."""
-        stored = await self._store.get_response(response_id, identity.key_id)
+        stored = await self._load(response_id, identity.key_id)
         if stored is None:
             raise _not_found(response_id)
         return stored.response
@@ -411,9 +418,18 @@ class ResponsesService:
     async def delete(self, identity: Identity, response_id: str) -> bytes:
         """Delete the caller's stored Response ``response_id`` (404 when none);
         the deletion object OpenAI answers."""
-        if not await self._store.delete_response(response_id, identity.key_id):
+        try:
+            deleted = await self._store.delete_response(response_id, identity.key_id)
+        except Exception as exc:
+            logger.warning("deleting stored response %s failed: %s", response_id, exc)
+            raise _unavailable() from None
+        if not deleted:
             raise _not_found(response_id)
         return _encoder.encode({"id": response_id, "object": "response", "deleted": True})
+
+
+def _unavailable() -> StoreUnavailable:
+    return StoreUnavailable("Stored responses cannot be read right now: try again later.")
 
 
 def _not_found(response_id: str) -> NotFound:

@@ -231,17 +231,19 @@ CREATE TABLE change_log (
 """
 
 # Migration 8: the Responses API's stored responses (app/responses.py), per
-# key, until ``expires_at`` (NULL: until deleted). ``input``: the conversation
-# answered (a JSON array of items); ``response``: the Response object (JSON).
-# Plain SQL on purpose (the PostgreSQL twin is the same statement with BYTEA).
+# key (part of the primary key: no key can replace another's), until
+# ``expires_at`` (NULL: until deleted). ``input``: the conversation answered (a
+# JSON array of items); ``response``: the Response object (JSON). Plain SQL on
+# purpose: the PostgreSQL twin is the same with BYTEA for BLOB.
 _MIGRATION_8: Final = """
 CREATE TABLE responses (
-    id         TEXT PRIMARY KEY,
     key_id     TEXT NOT NULL,
+    id         TEXT NOT NULL,
     created_at REAL NOT NULL,
     expires_at REAL,
     input      BLOB NOT NULL,
-    response   BLOB NOT NULL
+    response   BLOB NOT NULL,
+    PRIMARY KEY (key_id, id)
 );
 CREATE INDEX responses_expires_at ON responses (expires_at);
 """
