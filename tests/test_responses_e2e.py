@@ -316,6 +316,8 @@ def test_previous_response_id_continues_on_any_provider(
     assert "previous_response_id" not in sent  # resolved by Gandalf, never relayed
     assert "My name is Gandalf." in json.dumps(sent)
     assert first.output_text in json.dumps(sent)  # the answer is in the history too
+    if "input" in sent:  # relayed: the history's items without another provider's ids
+        assert [item.get("id") for item in sent["input"]] == [None] * len(sent["input"])
 
 
 def test_retrieve_and_delete(client: OpenAI) -> None:

@@ -140,6 +140,21 @@ class _Job:
         return None if model == self.request.model else model
 
 
+# Output items whose ``id`` is optional as input: dropped there, since the id
+# may be another provider's (or Gandalf's own) and mean nothing upstream.
+_ID_OPTIONAL = frozenset({b'"message"', b'"function_call"'})
+
+
+def _as_input(item: msgspec.Raw) -> msgspec.Raw:
+    """A stored output item as the next request's input item."""
+    fields = _fields.decode(item)
+    kind = fields.get("type")
+    if kind is None or bytes(kind) not in _ID_OPTIONAL or "id" not in fields:
+        return item
+    del fields["id"]
+    return msgspec.Raw(_encoder.encode(fields))
+
+
 def _relay(slot: Slot) -> ResponsesUpstream | None:
     relay: ResponsesUpstream | None = getattr(slot.provider, "responses", None)
     return relay
@@ -288,7 +303,10 @@ class ResponsesService:
                 f"Previous response with id '{previous}' not found.",
                 param="previous_response_id",
             )
-        history = [*_items.decode(stored.input), *_output.decode(stored.response).output]
+        history = [
+            *_items.decode(stored.input),
+            *map(_as_input, _output.decode(stored.response).output),
+        ]
         items = [*history, *items]
         fields = _fields.decode(body)
         fields.pop("previous_response_id", None)
