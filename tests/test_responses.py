@@ -5,6 +5,7 @@ the in-band stream error, the store (per key, retention) and its config."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,9 +15,15 @@ import httpx2 as httpx  # the SDKs here are built on httpx2 (an httpx fork)
 import openai
 import pytest
 
+from gandalf.app.proxy import ProxyService
+from gandalf.app.responses import ResponsesService
+from gandalf.app.responses_wire import decode_request
+from gandalf.app.router import RouteTable
 from gandalf.config import CacheConfig, DatabaseConfig, GandalfConfig, KeyEntry, parse_config
 from gandalf.domain import (
+    ApiKey,
     Budget,
+    Identity,
     ModelPrice,
     ProviderConfig,
     Resilience,
@@ -25,9 +32,11 @@ from gandalf.domain import (
     Target,
 )
 from gandalf.errors import ConfigError, StoreUnavailable
+from gandalf.server.rsgi import RSGIApp
 from gandalf.storage.sqlite import SqliteStore
 from gandalf.wiring import create_app
 from tests.mock_anthropic import MockAnthropic
+from tests.rsgi_client import rsgi_call
 from tests.upstream import MockUpstream
 
 KEY = "gnd_" + "r" * 40
@@ -318,10 +327,6 @@ class _BrokenStore:
 
 
 def test_a_store_that_does_not_answer_is_a_503_and_never_loses_an_answer() -> None:
-    from gandalf.app.proxy import ProxyService
-    from gandalf.app.responses import ResponsesService
-    from gandalf.app.responses_wire import decode_request
-    from gandalf.app.router import RouteTable
 
     identity = _identity()
     service = ResponsesService(ProxyService(RouteTable({}), _Sink()), _BrokenStore())
@@ -343,7 +348,39 @@ class _Sink:
         return None
 
 
-def _identity() -> Any:
-    from gandalf.domain import ApiKey, Identity
-
+def _identity() -> Identity:
     return Identity.from_key(ApiKey(id="k1", name="k", key_hash="h", prefix="gnd_xxxx"))
+
+
+def test_the_rsgi_interface_serves_it_too(
+    upstream: MockUpstream, anthropic_mock: MockAnthropic, tmp_path: Path
+) -> None:
+    auth = ("authorization", f"Bearer {KEY}")
+
+    async def main() -> None:
+        app = create_app(_config(upstream, anthropic_mock, tmp_path / "g.db"), access_log=False)
+        await app.startup()
+        try:
+            rsgi = RSGIApp(app)
+            body = {"model": "falls-over", "input": "over rsgi", "stream": True}
+            streamed = await rsgi_call(rsgi, "POST", "/v1/responses", headers=[auth], json=body)
+            assert streamed.status == 200
+            assert (streamed.header("content-type") or "").startswith("text/event-stream")
+            last = streamed.body.rstrip().split(b"\n")[-1]
+            assert last.startswith(b"data: ")
+            done = json.loads(last[6:])
+            assert done["type"] == "response.completed"
+            path = "/v1/responses/" + done["response"]["id"]
+            got = await rsgi_call(rsgi, "GET", path, headers=[auth])
+            assert got.status == 200 and got.json()["id"] == done["response"]["id"]
+            gone = await rsgi_call(rsgi, "DELETE", path, headers=[auth])
+            assert gone.json() == {
+                "id": done["response"]["id"],
+                "object": "response",
+                "deleted": True,
+            }
+            assert (await rsgi_call(rsgi, "GET", path, headers=[auth])).status == 404
+        finally:
+            await app.shutdown()
+
+    asyncio.run(main())
