@@ -384,3 +384,58 @@ def test_the_rsgi_interface_serves_it_too(
             await app.shutdown()
 
     asyncio.run(main())
+
+
+class _OneStore:
+    """A store holding one response, whatever its JSON."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+
+    async def save_response(self, stored: StoredResponse) -> None:
+        return None
+
+    async def get_response(self, response_id: str, key_id: str) -> StoredResponse | None:
+        return StoredResponse(
+            id=response_id,
+            key_id=key_id,
+            created_at=0.0,
+            expires_at=None,
+            input=b'[{"role":"user","content":"first"}]',
+            response=self.response,
+        )
+
+    async def delete_response(self, response_id: str, key_id: str) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stored", "history"),
+    [
+        (
+            b'{"id":"r","output":[1,{"type":"message","id":"m","role":"assistant","content":"a"}]}',
+            [1, {"type": "message", "role": "assistant", "content": "a"}],
+        ),
+        (b'{"id":"r","output":null}', []),
+        (b'{"id":"r","output":"odd"}', []),
+        (
+            b'{"id":"r","output":[{"type":"reasoning","id":"rs_1"}]}',
+            [{"type": "reasoning", "id": "rs_1"}],
+        ),
+    ],
+)
+def test_a_stored_upstream_answer_of_any_shape_continues(stored: bytes, history: list[Any]) -> None:
+    service = ResponsesService(ProxyService(RouteTable({}), _Sink()), _OneStore(stored))
+    body = b'{"model":"m","input":"next","previous_response_id":"r"}'
+
+    async def main() -> None:
+        job = await service._job(_identity(), decode_request(body), body, "req")
+        sent = json.loads(job.relay_body)
+        assert "previous_response_id" not in sent
+        assert sent["input"] == [
+            {"role": "user", "content": "first"},
+            *history,
+            {"role": "user", "content": "next"},
+        ]
+
+    asyncio.run(main())

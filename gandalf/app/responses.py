@@ -87,7 +87,10 @@ class ResponseStore(Protocol):
 
 
 class _Output(msgspec.Struct):
-    output: list[msgspec.Raw] = msgspec.field(default_factory=list)
+    """What Gandalf reads of a Response it stores: its id and output items
+    (any JSON value kept: an upstream's odd output is not Gandalf's to refuse)."""
+
+    output: list[msgspec.Raw] | None = None
     id: str | None = None
 
 
@@ -147,7 +150,10 @@ _ID_OPTIONAL = frozenset({b'"message"', b'"function_call"'})
 
 def _as_input(item: msgspec.Raw) -> msgspec.Raw:
     """A stored output item as the next request's input item."""
-    fields = _fields.decode(item)
+    try:
+        fields = _fields.decode(item)
+    except msgspec.DecodeError:
+        return item  # not an object: sent on as it was stored
     kind = fields.get("type")
     if kind is None or bytes(kind) not in _ID_OPTIONAL or "id" not in fields:
         return item
@@ -303,10 +309,11 @@ class ResponsesService:
                 f"Previous response with id '{previous}' not found.",
                 param="previous_response_id",
             )
-        history = [
-            *_items.decode(stored.input),
-            *map(_as_input, _output.decode(stored.response).output),
-        ]
+        try:
+            output = _output.decode(stored.response).output or []
+        except msgspec.DecodeError:
+            output = []  # stored, so it was a JSON object; its output was not a list
+        history = [*_items.decode(stored.input), *map(_as_input, output)]
         items = [*history, *items]
         fields = _fields.decode(body)
         fields.pop("previous_response_id", None)
