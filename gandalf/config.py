@@ -240,6 +240,15 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     ttl: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
 
+class ResponsesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``responses:``: the Responses API's stored responses (``store``,
+    ``previous_response_id``, GET / DELETE ``/v1/responses/{id}``), kept in
+    the database ``retention`` seconds after they were made (YAML ``30d``,
+    ``12h``, ...; ``0``, ``none`` or ``forever``: kept until deleted)."""
+
+    retention: Annotated[float, msgspec.Meta(ge=0)] = 30 * 86400.0
+
+
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``limits:``: the default rpm / tpm of every key that sets none (0: unlimited)."""
 
@@ -279,6 +288,7 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     pricing: tuple[ModelPrice, ...] = ()
     # ``cache:``: None when the section is absent (no route caches by default).
     cache: CacheConfig | None = None
+    responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
 
 
 # --------------------------------------------------------------------------- YAML-facing shapes
@@ -320,6 +330,9 @@ class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     first_byte_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
     breaker: _BreakerIn | None = None
     max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 33_554_432  # 32 MiB
+    # /v1/responses: relay to this provider (true, the default for type openai)
+    # or translate through chat (false). Only OpenAI-compatible types relay.
+    responses: bool | None = None
 
 
 class _TargetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -411,6 +424,7 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     cache: CacheConfig | None = None
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     tracing: TracingConfig | None = None
+    responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -426,6 +440,7 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "routes[].targets[]": _TargetIn,
     "routes[].cache": _RouteCacheIn,
     "cache": CacheConfig,
+    "responses": ResponsesConfig,
     "keys[]": _KeyIn,
     "keys[].budget": _BudgetIn,
     "limits": Limits,
@@ -678,6 +693,7 @@ class _Loader:
             teams=teams,
             pricing=pricing,
             cache=parsed.cache,
+            responses=parsed.responses,
         )
 
     def expand(self, node: Any, path: str, depth: int) -> Any:
@@ -746,6 +762,12 @@ class _Loader:
                 database["usage_retention"] = parse_retention(database["usage_retention"])
             except ValueError as exc:
                 raise self.error("database.usage_retention", str(exc)) from None
+        responses = data.get("responses")
+        if isinstance(responses, dict) and "retention" in responses:
+            try:
+                responses["retention"] = parse_retention(responses["retention"])
+            except ValueError as exc:
+                raise self.error("responses.retention", str(exc)) from None
         resilience = data.get("resilience")
         if isinstance(resilience, dict):
             self.normalise_breaker(resilience.get("breaker"), "resilience.breaker")
@@ -855,6 +877,12 @@ class _Loader:
                 )
             seen[p.name] = i
             ptype = self.provider_type(p, path)
+            if p.responses and ptype != "openai":
+                self.fail(
+                    f"{path}.responses",
+                    f"only type openai relays /v1/responses; type {ptype!r} is translated "
+                    "through chat (leave it unset or false)",
+                )
             raw_url = _raw_field(raw, i, "base_url")
             base_url = self.base_url(p, ptype, path, raw_url)
             # Keep the references, never their values (nor a default, which could be a secret).
@@ -899,6 +927,7 @@ class _Loader:
                     connect_timeout_ms=min(p.connect_timeout_ms, p.timeout_ms),
                     first_byte_timeout_ms=p.first_byte_timeout_ms,
                     max_response_bytes=p.max_response_bytes,
+                    responses=p.responses,
                     breaker=_merge_breaker(resilience.breaker, p.breaker)
                     if p.breaker is not None
                     else None,

@@ -378,6 +378,10 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     # The largest non-streamed answer read from this provider (bytes); larger
     # is a 502 upstream_response_too_large (provider/transport.py).
     max_response_bytes: int = 33_554_432
+    # The Responses API (``/v1/responses``): True relays it to this provider
+    # (an OpenAI-compatible one that serves it); False makes Gandalf translate
+    # it through chat; None: the type's default (relayed for ``openai`` only).
+    responses: bool | None = None
 
     def __repr__(self) -> str:  # never show the secret
         return (
@@ -714,6 +718,53 @@ class Provider(Protocol):
     async def stream(self, call: ChatCall) -> ChatStream: ...
 
     async def embeddings(self, call: EmbeddingsCall) -> ProviderReply: ...
+
+
+# --------------------------------------------------------------------------- the Responses API
+
+
+class StoredResponse(msgspec.Struct, kw_only=True):
+    """A Response Gandalf keeps (``store``), for ``previous_response_id``, GET
+    and DELETE: the conversation it answered (``input``: a JSON array of input
+    items, the history from earlier responses included) and the Response
+    object itself (``response``: JSON, its ``output`` the items it added).
+    Readable only with the key that made it (``key_id``)."""
+
+    id: str
+    key_id: str
+    created_at: float
+    expires_at: float | None
+    input: bytes
+    response: bytes
+
+
+class RelayedResponses(Protocol):
+    """A Responses API stream relayed from an upstream that serves it: its
+    bytes as they come; ``usage`` and ``response`` (the terminal event's
+    Response, raw JSON) once the upstream sent them."""
+
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def events(self) -> int: ...
+
+    @property
+    def response(self) -> bytes | None: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ResponsesUpstream(Protocol):
+    """A provider's own ``/v1/responses`` (its adapter's ``responses``
+    attribute; None or absent: Gandalf translates through chat). ``model``
+    replaces the body's when the target names another."""
+
+    async def create(self, body: bytes, model: str | None) -> ProviderReply: ...
+
+    async def stream(self, body: bytes, model: str | None) -> RelayedResponses: ...
 
 
 # --------------------------------------------------------------------------- native passthrough

@@ -33,6 +33,7 @@ from gandalf.app.live import budget_scopes as _budget_scopes
 from gandalf.app.passthrough import PassthroughService
 from gandalf.app.pricing import build_pricing
 from gandalf.app.proxy import ProxyService
+from gandalf.app.responses import ResponsesService
 from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
 from gandalf.auth.session import SessionCodec, Sessions, secret_from_env
@@ -48,6 +49,7 @@ from gandalf.server.core import Runtime
 from gandalf.server.handlers import Api, metrics_endpoint
 from gandalf.server.mount import mount
 from gandalf.server.native import NativeApi
+from gandalf.server.responses import ResponsesApi
 from gandalf.server.rsgi import RSGIApp
 from gandalf.server.session import SessionAuth
 from gandalf.storage.sqlite import SqliteStore
@@ -182,6 +184,13 @@ def create_app(
             )
             endpoints.update(native_exact)
             prefixes = [*api_prefixes, *native_prefixes]
+            # The Responses API: its own endpoints, sharing the chat service's
+            # routes, pipeline and failover (app/responses.py).
+            responses = ResponsesApi(
+                ResponsesService(proxy, store, retention=config.responses.retention), keys
+            )
+            endpoints.update(responses.endpoints())
+            prefixes = [*responses.prefixes(), *prefixes]
 
             async def price_new_targets(stored: list[Route]) -> None:
                 # A target new to this worker gets its price (the library is

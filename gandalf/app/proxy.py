@@ -355,6 +355,11 @@ class ProxyService:
         )
         self._coalescer: Coalescer[_Landed] = Coalescer()
 
+    @property
+    def failover(self) -> Failover:
+        """The attempt policy (the Responses API serves through it too)."""
+        return self._failover
+
     def breakers(self) -> list[BreakerSnapshot]:
         """Every provider's circuit breaker now, by provider name (for the admin
         API and metrics)."""

@@ -97,6 +97,7 @@ from gandalf.domain import (
     Organization,
     ProviderConfig,
     Route,
+    StoredResponse,
     Target,
     Team,
     UsageRecord,
@@ -229,6 +230,39 @@ CREATE TABLE change_log (
 {ROLLUP_SCHEMA}
 """
 
+# Migration 8: the Responses API's stored responses (app/responses.py), per
+# key (part of the primary key: no key can replace another's), until
+# ``expires_at`` (NULL: until deleted). ``input``: the conversation answered (a
+# JSON array of items); ``response``: the Response object (JSON). Plain SQL on
+# purpose: the PostgreSQL twin is the same with BYTEA for BLOB.
+_MIGRATION_8: Final = """
+CREATE TABLE responses (
+    key_id     TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    input      BLOB NOT NULL,
+    response   BLOB NOT NULL,
+    PRIMARY KEY (key_id, id)
+);
+CREATE INDEX responses_expires_at ON responses (expires_at);
+"""
+
+# The stored responses' statements (migration 8), in one place.
+_RESPONSE_INSERT: Final = (
+    "INSERT OR REPLACE INTO responses (id, key_id, created_at, expires_at, input, response) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_RESPONSE_SELECT: Final = (
+    "SELECT id, key_id, created_at, expires_at, input, response FROM responses "
+    "WHERE id = ? AND key_id = ? AND (expires_at IS NULL OR expires_at > ?)"
+)
+_RESPONSE_DELETE: Final = "DELETE FROM responses WHERE id = ? AND key_id = ?"
+# Expired rows go a bounded batch at a time, with each save.
+_RESPONSE_PRUNE: Final = (
+    "DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE expires_at <= ? LIMIT 100)"
+)
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
     _MIGRATION_2,
@@ -237,6 +271,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _MIGRATION_5,
     _MIGRATION_6,
     _MIGRATION_7,
+    _MIGRATION_8,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
@@ -1395,6 +1430,39 @@ class SqliteStore:
     async def record_audit(self, entry: AuditEntry) -> None:
         """Append one admin write to the audit log (through the writer)."""
         await self._execute(_AUDIT_INSERT, msgspec.structs.astuple(entry))
+
+    # ----------------------------------------------------------------- stored responses
+
+    async def save_response(self, stored: StoredResponse) -> None:
+        """Keep ``stored`` (replacing one with its id), committed before this
+        returns (the client may continue from it at once); expired responses
+        go too, a bounded batch per save."""
+        row = (
+            stored.id, stored.key_id, stored.created_at, stored.expires_at,
+            stored.input, stored.response,
+        )  # fmt: skip
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(_RESPONSE_PRUNE, (self._clock(),))
+            await conn.execute(_RESPONSE_INSERT, row)
+
+        await self._write(op)
+
+    async def get_response(self, response_id: str, key_id: str) -> StoredResponse | None:
+        """The response ``response_id`` of key ``key_id``, unless it expired
+        (another key's is None, as a missing one)."""
+        rows = await self._fetchall(_RESPONSE_SELECT, (response_id, key_id, self._clock()))
+        if not rows:
+            return None
+        r = rows[0]
+        return StoredResponse(
+            id=r[0], key_id=r[1], created_at=r[2], expires_at=r[3],
+            input=bytes(r[4]), response=bytes(r[5]),
+        )  # fmt: skip
+
+    async def delete_response(self, response_id: str, key_id: str) -> bool:
+        """Delete key ``key_id``'s response ``response_id``; whether there was one."""
+        return await self._execute(_RESPONSE_DELETE, (response_id, key_id)) > 0
 
     async def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditEntry]:
         """Audit entries, newest first, ``limit`` from ``offset``."""
