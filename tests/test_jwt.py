@@ -559,3 +559,84 @@ def test_a_jwt_calls_models_with_its_orgs_limits_and_usage_shows_who(tmp_path: P
     uid = users[0][0]
     assert users[0][1:] == ("alice", "acme", "service_account")
     assert sorted(rows) == [(uid, "acme", 200), (uid, "acme", 200), (uid, "acme", 429)]
+
+
+ADMIN = "gnd_" + "a" * 43
+
+
+def test_issuers_are_managed_at_run_time_through_the_admin_api(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with idp() as provider, idp() as configured:
+            text = f"""
+database: {{ dsn: "{tmp_path / "g.db"}" }}
+providers: [{{ name: fake, type: fake }}]
+routes: [{{ model_alias: gpt-4o, targets: [{{ provider: fake, model: m }}] }}]
+auth:
+  admin_key: {ADMIN}
+  jwt: [{{ issuer: "{configured.url}", audience: gandalf }}]
+"""
+            app = create_app(parse_config(text, source="g.yaml", env={}), access_log=False)
+            await app.startup()
+            admin = [("authorization", f"Bearer {ADMIN}")]
+            body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+            token = sign(RSA_KEY, "RS256", "rsa-1", iss=provider.url, now=time.time())
+
+            async def chat() -> Reply:
+                headers = [("authorization", f"Bearer {token}")]
+                return await call(app, "POST", "/v1/chat/completions", headers=headers, json=body)
+
+            try:
+                first = await chat()
+                assert first.status == 401 and "wrong issuer" in first.json()["error"]["message"]
+                bad = await call(
+                    app,
+                    "POST",
+                    "/admin/v1/auth/issuers",
+                    headers=admin,
+                    json={"issuer": provider.url, "audience": ["gandalf"], "algorithms": ["HS256"]},
+                )
+                assert bad.status == 400 and "HMAC" in bad.json()["error"]["message"]
+                added = await call(
+                    app,
+                    "POST",
+                    "/admin/v1/auth/issuers",
+                    headers=admin,
+                    json={"issuer": provider.url, "audience": ["gandalf"]},
+                )
+                assert added.status == 201, added.body
+                assert added.json()["source"] == "api" and added.json()["jwks_url"] is None
+                assert (await chat()).status == 200  # discovery + keys at the unknown kid
+                listed = await call(app, "GET", "/admin/v1/auth/issuers", headers=admin)
+                assert [(i["issuer"], i["read_only"]) for i in listed.json()["data"]] == sorted(
+                    [(configured.url, True), (provider.url, False)]
+                )
+                again = await call(
+                    app,
+                    "POST",
+                    "/admin/v1/auth/issuers",
+                    headers=admin,
+                    json={"issuer": configured.url, "audience": ["gandalf"]},
+                )
+                assert again.status == 409
+                gone = await call(
+                    app,
+                    "DELETE",
+                    "/admin/v1/auth/issuers",
+                    headers=admin,
+                    query=f"issuer={provider.url}",
+                )
+                assert gone.status == 200, gone.body
+                after = await chat()  # the cached token is forgotten with its issuer
+                assert after.status == 401 and "wrong issuer" in after.json()["error"]["message"]
+                locked = await call(
+                    app,
+                    "DELETE",
+                    "/admin/v1/auth/issuers",
+                    headers=admin,
+                    query=f"issuer={configured.url}",
+                )
+                assert locked.status == 409
+            finally:
+                await app.shutdown()
+
+    asyncio.run(main())
