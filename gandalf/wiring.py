@@ -132,7 +132,9 @@ def create_app(
             # JWT sign-in: the issuers of auth.jwt (reconciled) and the admin
             # API's; their JWKS fetched now, then refreshed in the background.
             jwks = JwksClient()
-            tokens = TokenVerifier(jwks, await store.list_issuers(), users=store)
+            tokens = TokenVerifier(
+                jwks, await store.list_issuers(), users=store, max_size=auth.key_cache_size
+            )
             if tokens.enabled:
                 await tokens.refresh_due()
             keys = KeyCache(

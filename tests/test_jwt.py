@@ -548,12 +548,35 @@ def test_a_jwt_calls_models_with_its_orgs_limits_and_usage_shows_who(tmp_path: P
                 assert native.status == 401
                 assert native.json()["type"] == "error"
                 assert native.json()["error"]["type"] == "authentication_error"
+                # The admin API takes a JWT too: by its mapped role.
+                users = await call(app, "GET", "/admin/v1/auth/users", headers=headers)
+                assert users.status == 403  # a service account may not read it
+                boss = sign(
+                    EC_KEY,
+                    "ES256",
+                    "ec-1",
+                    iss=provider.url,
+                    now=now,
+                    sub="bob",
+                    realm_access={"roles": ["admin"]},
+                )
+                users = await call(
+                    app,
+                    "GET",
+                    "/admin/v1/auth/users",
+                    headers=[("authorization", f"Bearer {boss}")],
+                )
+                assert users.status == 200, users.body
+                listed = {(u["subject"], u["org"], u["role"]) for u in users.json()["data"]}
+                assert ("alice", "acme", "service_account") in listed
             finally:
                 await app.shutdown()
 
     asyncio.run(main())
     with sqlite3.connect(db) as conn:
-        users = conn.execute("SELECT id, subject, org_id, role FROM users").fetchall()
+        users = conn.execute(
+            "SELECT id, subject, org_id, role FROM users WHERE subject = 'alice'"
+        ).fetchall()
         rows = conn.execute("SELECT key_id, org_id, status FROM usage_records").fetchall()
     assert len(users) == 1
     uid = users[0][0]

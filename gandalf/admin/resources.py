@@ -40,6 +40,7 @@ from gandalf.domain import (
     Target,
     Team,
     UsageSummary,
+    User,
     is_glob,
     issuer_problem,
 )
@@ -98,6 +99,8 @@ class AdminStore(Protocol):
     async def upsert_issuer(self, issuer: JwtIssuer) -> None: ...
 
     async def delete_issuer(self, issuer: str) -> bool: ...
+
+    async def list_users(self, org_id: str | None = None) -> list[User]: ...
 
     async def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditEntry]: ...
 
@@ -974,6 +977,32 @@ async def delete_issuer(call: Call) -> s.Issuer:
     return _issuer_out(existing)
 
 
+async def list_users(call: Call) -> s.JwtUserList:
+    """Everyone who signed in with a JWT (recorded on first sight), oldest first."""
+    q: s.UserQuery = call.query
+    org = None if q.org is msgspec.UNSET else q.org
+    page, more = _page(await call.services.store.list_users(org), q.limit, q.offset)
+    return s.JwtUserList(
+        data=[
+            s.JwtUser(
+                id=u.id,
+                issuer=u.issuer,
+                subject=u.subject,
+                name=u.name,
+                org=u.org_id,
+                team=u.team_id,
+                role=u.role,
+                first_seen=u.first_seen,
+                last_seen=u.last_seen,
+            )
+            for u in page
+        ],
+        limit=q.limit,
+        offset=q.offset,
+        has_more=more,
+    )
+
+
 # --------------------------------------------------------------------------- the table
 
 _KEYS = Permission.MANAGE_KEYS
@@ -1028,6 +1057,7 @@ OPS: tuple[Op, ...] = (
        ok=201, errors=(*_W, 409), audit="create", resource="issuers"),
     Op("DELETE", "/auth/issuers", delete_issuer, s.Issuer, needs=_CONFIG, query=s.IssuerQuery,
        errors=(*_W, 404, 409), audit="delete", resource="issuers"),
+    Op("GET", "/auth/users", list_users, s.JwtUserList, query=s.UserQuery, errors=(400, *_R)),
 )  # fmt: skip
 
 

@@ -386,3 +386,26 @@ class IssuerList(msgspec.Struct, kw_only=True):
 
 class IssuerQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     issuer: Url
+
+
+class UserQuery(PageQuery, kw_only=True):
+    org: Id | msgspec.UnsetType = msgspec.UNSET
+
+
+class JwtUser(msgspec.Struct, kw_only=True):
+    """Someone who signed in with a JWT. ``id`` is what their usage records
+    carry as the key id (``usage?group_by=key``)."""
+
+    id: str
+    issuer: str
+    subject: str
+    name: str
+    org: str
+    team: str | None
+    role: str
+    first_seen: float
+    last_seen: float
+
+
+class JwtUserList(Page, kw_only=True):
+    data: list[JwtUser]

@@ -34,7 +34,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 import orjson
@@ -361,15 +361,15 @@ class TokenVerifier:
     async def refresh_due(self) -> float:
         """Refresh every issuer whose keys are due (never fetched, ``refresh``
         seconds old, or a failed fetch ``RETRY_AFTER_FAILURE`` ago); returns the
-        seconds until the next one is due."""
-        soonest = math.inf
-        for state in list(self._issuers.values()):
-            if self._clock() >= state.due:
-                await self._fetch(state)
-            soonest = min(soonest, state.due - self._clock())
-        return max(soonest, 0.0)
+        seconds until the next one is due. Issuers are fetched concurrently: a
+        hanging IdP delays the others by nothing (each fetch is time-bounded)."""
+        states = list(self._issuers.values())
+        now = self._clock()
+        await asyncio.gather(*(self._fetch(state) for state in states if now >= state.due))
+        now = self._clock()
+        return max(min((state.due - now for state in states), default=math.inf), 0.0)
 
-    async def run(self, sleep: Callable[[float], Awaitable[object]] | None = None) -> None:
+    async def run(self) -> None:
         """The background refresher: refresh what is due, wait until the next
         is (or the issuers change), forever. Cancel it to stop."""
         self._wake = wake = asyncio.Event()
