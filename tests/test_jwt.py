@@ -76,6 +76,7 @@ class Idp:
         self.discoveries = 0
         self.down = False
         self.url = ""
+        self.fetched = asyncio.Event()  # set at each JWKS fetch
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -91,6 +92,7 @@ class Idp:
 
     async def jwks(self, request: web.Request) -> web.Response:
         self.fetches += 1
+        self.fetched.set()
         if self.down:
             return web.Response(status=500)
         return web.json_response({"keys": self.keys})
@@ -423,6 +425,26 @@ def test_the_idp_down_keeps_the_known_keys_and_retries() -> None:
         assert provider.fetches == 3
 
     run(scenario)
+
+
+def test_the_background_refresher_fetches_an_issuer_added_later() -> None:
+    async def main() -> None:
+        async with idp() as provider:
+            fetcher = JwksClient()
+            verifier = TokenVerifier(fetcher)
+            task = asyncio.create_task(verifier.run())
+            try:
+                await asyncio.sleep(0)  # let it start and wait (nothing is due)
+                assert provider.fetches == 0
+                verifier.set_issuers([issuer(provider.url)])  # wakes it
+                await asyncio.wait_for(provider.fetched.wait(), 10)
+                assert provider.fetches == 1
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await fetcher.close()
+
+    asyncio.run(main())
 
 
 def test_two_issuers_at_once_each_with_its_own_keys() -> None:

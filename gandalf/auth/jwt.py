@@ -374,8 +374,8 @@ class TokenVerifier:
         is (or the issuers change), forever. Cancel it to stop."""
         self._wake = wake = asyncio.Event()
         while True:
+            wake.clear()  # before the refresh: a change during it wakes the wait below
             wait = await self.refresh_due()
-            wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=min(wait, 3600.0))
 
