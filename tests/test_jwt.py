@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -685,3 +687,22 @@ auth:
                 await app.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_gateway_without_issuers_never_imports_joserfc(tmp_path: Path) -> None:
+    code = f"""
+import asyncio, sys
+from gandalf.config import parse_config
+from gandalf.wiring import create_app
+config = parse_config('database: {{ dsn: "{tmp_path / "g.db"}" }}', source="g.yaml", env={{}})
+app = create_app(config, access_log=False)
+async def main():
+    await app.startup()
+    await app.shutdown()
+asyncio.run(main())
+print("joserfc" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "False", out.stderr
