@@ -79,6 +79,7 @@ class Idp:
         self.down = False
         self.url = ""
         self.fetched = asyncio.Event()  # set at each JWKS fetch
+        self.gate: asyncio.Event | None = None  # when set: the JWKS answer waits for it
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -95,6 +96,8 @@ class Idp:
     async def jwks(self, request: web.Request) -> web.Response:
         self.fetches += 1
         self.fetched.set()
+        if self.gate is not None:
+            await self.gate.wait()
         if self.down:
             return web.Response(status=500)
         return web.json_response({"keys": self.keys})
@@ -405,6 +408,25 @@ def test_an_unknown_kid_forces_one_rate_limited_refresh_then_rotated_keys_work()
         )
         assert all(isinstance(r, AuthenticationError) for r in results)
         assert provider.fetches == 3
+
+    run(scenario)
+
+
+def test_an_issuer_removed_during_a_forced_refresh_does_not_admit_its_token() -> None:
+    async def scenario(
+        provider: Idp, verifier: TokenVerifier, clocks: Clocks, users: Users
+    ) -> None:
+        provider.keys.append(_jwk(ROTATED, "RS256", "rsa-2"))
+        provider.gate = gate = asyncio.Event()
+        provider.fetched.clear()
+        token = sign(ROTATED, "RS256", "rsa-2", iss=provider.url)
+        pending = asyncio.create_task(verify(verifier, token))
+        await asyncio.wait_for(provider.fetched.wait(), 10)  # the forced refresh is in flight
+        verifier.set_issuers([])
+        gate.set()
+        with pytest.raises(AuthenticationError, match="wrong issuer"):
+            await pending
+        assert verifier.cached(hashlib.sha256(token.encode()).hexdigest()) is None
 
     run(scenario)
 

@@ -251,6 +251,10 @@ class TokenVerifier:
         if not good:
             raise _refused("bad signature")
         identity, until = self._admit(state, claims, token_hash, tenancy)
+        if self._issuers.get(state.config.issuer) is not state:
+            # The issuers changed while this one's keys were fetched: the
+            # token was checked against settings that are gone.
+            raise _refused("wrong issuer (the issuer was just removed or changed; retry)")
         cache = self._cache
         if len(cache) >= self._max:
             del cache[next(iter(cache))]  # oldest insertion first
