@@ -44,6 +44,7 @@ from gandalf.domain import (
 )
 from gandalf.errors import AuthenticationError, ConfigError
 from gandalf.provider.jwks import JwksClient
+from gandalf.storage.sqlite import SqliteStore
 from gandalf.wiring import create_app
 from tests.asgi_client import Reply, call
 
@@ -628,6 +629,16 @@ def test_a_jwt_calls_models_with_its_orgs_limits_and_usage_shows_who(tmp_path: P
     uid = users[0][0]
     assert users[0][1:] == ("alice", "acme", "service_account")
     assert sorted(rows) == [(uid, "acme", 200), (uid, "acme", 200), (uid, "acme", 429)]
+
+    async def by_key() -> list[tuple[str | None, str | None, int]]:
+        store = SqliteStore(str(db))
+        await store.open()
+        try:
+            return [(r.group, r.name, r.requests) for r in await store.usage_summary("key", 0.0)]
+        finally:
+            await store.close()
+
+    assert asyncio.run(by_key()) == [(uid, "alice", 3)]  # usage by key names the user
 
 
 ADMIN = "gnd_" + "a" * 43
