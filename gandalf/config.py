@@ -47,6 +47,8 @@ from gandalf.domain import (
     TYPES_NEEDING_KEY,
     BreakerPolicy,
     Budget,
+    JwtClaims,
+    JwtIssuer,
     ModelPrice,
     Organization,
     ProviderConfig,
@@ -55,6 +57,7 @@ from gandalf.domain import (
     Target,
     Team,
     is_glob,
+    issuer_problem,
 )
 from gandalf.errors import ConfigError
 
@@ -187,13 +190,16 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     key_cache_ttl: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     negative_cache_ttl: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     key_cache_size: Annotated[int, msgspec.Meta(gt=0)] = 10_000
+    # Trusted identity providers: a Bearer token that is not a gnd_ key is
+    # verified as a JWT against these (auth/jwt.py); empty: JWTs are refused.
+    jwt: tuple[JwtIssuer, ...] = ()
 
     def __repr__(self) -> str:
         secret = "'***'" if self.admin_key else "''"
         return (
             f"AuthConfig(admin_key={secret}, key_cache_ttl={self.key_cache_ttl!r}, "
             f"negative_cache_ttl={self.negative_cache_ttl!r}, "
-            f"key_cache_size={self.key_cache_size!r})"
+            f"key_cache_size={self.key_cache_size!r}, jwt={self.jwt!r})"
         )
 
 
@@ -433,6 +439,8 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "server": ServerConfig,
     "database": DatabaseConfig,
     "auth": AuthConfig,
+    "auth.jwt[]": JwtIssuer,
+    "auth.jwt[].claims": JwtClaims,
     "log": LogConfig,
     "tracing": TracingConfig,
     "providers[]": _ProviderIn,
@@ -669,6 +677,7 @@ class _Loader:
             raise self.error(*_translate_validation_error(str(exc))) from None
         server = self.check_server(parsed.server)
         database = self.resolve_database(parsed.database)
+        self.check_jwt(parsed.auth.jwt)
         resilience = self.build_resilience(parsed.resilience)
         providers = self.build_providers(parsed.providers, raw.get("providers"), resilience)
         routes = self.build_routes(parsed.routes, {p.name for p in providers})
@@ -756,6 +765,7 @@ class _Loader:
                         block[field] = parse_duration(block[field])
                     except ValueError as exc:
                         raise self.error(f"{section}.{field}", str(exc)) from None
+        self.normalise_jwt(data.get("auth"))
         database = data.get("database")
         if isinstance(database, dict) and "usage_retention" in database:
             try:
@@ -799,6 +809,36 @@ class _Loader:
                         entry["expires_at"] = _parse_expiry(entry["expires_at"])
                     except ValueError as exc:
                         raise self.error(f"keys[{i}].expires_at", str(exc)) from None
+
+    def normalise_jwt(self, auth: Any) -> None:
+        """``auth.jwt[]``: durations to seconds, a lone audience to a list; an
+        issuer's ``source`` is not the file's to set."""
+        issuers = auth.get("jwt") if isinstance(auth, dict) else None
+        if not isinstance(issuers, list):
+            return
+        for i, entry in enumerate(issuers):
+            if not isinstance(entry, dict):
+                continue
+            if "source" in entry:
+                self.fail(f"auth.jwt[{i}].source", "unknown key (set by the gateway)")
+            for field in ("leeway", "refresh"):
+                if field in entry:
+                    try:
+                        entry[field] = parse_duration(entry[field])
+                    except ValueError as exc:
+                        raise self.error(f"auth.jwt[{i}].{field}", str(exc)) from None
+            if isinstance(entry.get("audience"), str):
+                entry["audience"] = [entry["audience"]]
+
+    def check_jwt(self, issuers: tuple[JwtIssuer, ...]) -> None:
+        seen: set[str] = set()
+        for i, issuer in enumerate(issuers):
+            problem = issuer_problem(issuer)
+            if problem is not None:
+                self.fail(f"auth.jwt[{i}].{problem[0]}", problem[1])
+            if issuer.issuer in seen:
+                self.fail(f"auth.jwt[{i}].issuer", f"{issuer.issuer!r} is listed twice")
+            seen.add(issuer.issuer)
 
     def normalise_breaker(self, block: Any, path: str) -> None:
         if not isinstance(block, dict):

@@ -36,6 +36,7 @@ from gandalf.app.proxy import ProxyService
 from gandalf.app.responses import ResponsesService
 from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
+from gandalf.auth.jwt import TokenVerifier
 from gandalf.auth.session import SessionCodec, Sessions, secret_from_env
 from gandalf.config import CacheConfig, GandalfConfig, default_config_path, load_config
 from gandalf.domain import ApiKey, Permission, Route, Scope, Tenancy
@@ -43,6 +44,7 @@ from gandalf.errors import ConfigError, GatewayError
 from gandalf.observability import facts
 from gandalf.observability.logs import LEVELS, JsonFormatter
 from gandalf.observability.metrics import ENV_METRICS_DIR, Metrics
+from gandalf.provider.jwks import JwksClient
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
 from gandalf.server.core import Runtime
@@ -137,12 +139,21 @@ def create_app(
             pricing = build_pricing(providers, routes, config.pricing)
             auth = config.auth
             tenancy = await load_tenancy(store, config)
+            # JWT sign-in: the issuers of auth.jwt (reconciled) and the admin
+            # API's; their JWKS fetched now, then refreshed in the background.
+            jwks = JwksClient()
+            tokens = TokenVerifier(
+                jwks, await store.list_issuers(), users=store, max_size=auth.key_cache_size
+            )
+            if tokens.enabled:
+                await tokens.refresh_due()
             keys = KeyCache(
                 store,
                 ttl=auth.key_cache_ttl,
                 negative_ttl=auth.negative_cache_ttl,
                 max_size=auth.key_cache_size,
                 tenancy=tenancy,
+                tokens=tokens,
             )
             # Limits and budgets: this worker's share (GANDALF_WORKERS), with
             # the spend of every budget's current period read back first.
@@ -260,9 +271,13 @@ def create_app(
             await store.close()
             raise
         started_registry = registry
+        refresher = asyncio.create_task(tokens.run(), name="gandalf-jwks")
 
         async def close() -> None:
             try:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
+                await jwks.close()
                 await watcher.close()
                 await started_registry.close()
             finally:

@@ -18,7 +18,8 @@ a reader connection) and hands them, summed up as a :class:`Pending`, to
 - rebuilds the route table from the stored routes and swaps it into every
   service whole (one attribute assignment each; breakers and latency stats
   live in the health registry, which the new table keeps);
-- reads back the spend of budget levels the governor has not loaded yet.
+- reads back the spend of budget levels the governor has not loaded yet;
+- installs the trusted JWT issuers anew (``issuers`` changes, auth/jwt.py).
 
 Requests never wait for any of this: they keep using the old table, cache
 entries and tenancy until the swap. When the log was pruned past the last
@@ -44,7 +45,16 @@ from gandalf.app.cache import ResponseCache
 from gandalf.app.health import HealthRegistry
 from gandalf.app.router import RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
-from gandalf.domain import ApiKey, Change, Provider, ProviderConfig, Route, Scope, Tenancy
+from gandalf.domain import (
+    ApiKey,
+    Change,
+    JwtIssuer,
+    Provider,
+    ProviderConfig,
+    Route,
+    Scope,
+    Tenancy,
+)
 
 logger = logging.getLogger("gandalf.live")
 
@@ -64,7 +74,7 @@ class ChangeFeed(Protocol):
 class Pending:
     """What a run of changes asks to reload."""
 
-    __slots__ = ("all_keys", "cache", "everything", "keys", "routes", "tenancy")
+    __slots__ = ("all_keys", "cache", "everything", "issuers", "keys", "routes", "tenancy")
 
     def __init__(self) -> None:
         self.keys: set[str] = set()  # key hashes
@@ -72,6 +82,7 @@ class Pending:
         self.tenancy = False
         self.routes = False
         self.cache = False  # a purge of the response cache
+        self.issuers = False  # the trusted JWT issuers
         self.everything = False
 
     def add(self, change: Change) -> None:
@@ -87,6 +98,8 @@ class Pending:
             self.routes = True
         elif kind == "cache":
             self.cache = True
+        elif kind == "issuers":
+            self.issuers = True
         else:  # a kind this version does not know: a newer writer; be safe
             self.everything = True
 
@@ -99,7 +112,8 @@ class Pending:
     def __repr__(self) -> str:
         return (
             f"Pending(keys={len(self.keys)}, all_keys={self.all_keys}, tenancy={self.tenancy}, "
-            f"routes={self.routes}, cache={self.cache}, everything={self.everything})"
+            f"routes={self.routes}, cache={self.cache}, issuers={self.issuers}, "
+            f"everything={self.everything})"
         )
 
 
@@ -211,6 +225,8 @@ class LiveStore(Protocol):
     async def get_key_by_hash(self, key_hash: str) -> ApiKey | None: ...
 
     async def spend_since(self, kind: str, id: str, since: float) -> float: ...
+
+    async def list_issuers(self) -> list[JwtIssuer]: ...
 
 
 class Routed(Protocol):
@@ -388,6 +404,11 @@ class Live:
             cache = self._services[0].routes.cache if self._services else None
             if cache is not None:
                 await cache.purge()
+        tokens = keys.tokens
+        if tokens is not None and (pending.issuers or everything):
+            # New issuers' keys are fetched by the background refresher (or a
+            # token's unknown kid); removed issuers' tokens stop working now.
+            tokens.set_issuers(await self._store.list_issuers())
         tenancy = None
         if reload_tenancy:
             tenancy = await self._load_tenancy()

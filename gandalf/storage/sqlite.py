@@ -94,6 +94,7 @@ from gandalf.domain import (
     AuditEntry,
     Budget,
     Change,
+    JwtIssuer,
     Organization,
     ProviderConfig,
     Route,
@@ -102,6 +103,7 @@ from gandalf.domain import (
     Team,
     UsageRecord,
     UsageSummary,
+    User,
 )
 from gandalf.errors import Clash, InUse
 from gandalf.storage._rollups import (
@@ -263,6 +265,33 @@ _RESPONSE_PRUNE: Final = (
     "DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE expires_at <= ? LIMIT 100)"
 )
 
+# Migration 9: JWT / OIDC sign-in (auth/jwt.py). ``users``: everyone who signed
+# in with a JWT, recorded on first sight; ``id`` is derived from (issuer,
+# subject) (domain.user_id) and is what their usage records carry as
+# ``key_id``. ``jwt_issuers``: the trusted issuers, config-sourced (reconciled
+# at start-up) or added with the admin API; ``settings`` is the issuer as JSON.
+# Changes to issuers are logged as kind 'issuers'.
+_MIGRATION_9: Final = """
+CREATE TABLE users (
+    id         TEXT PRIMARY KEY,
+    issuer     TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    name       TEXT NOT NULL DEFAULT '',
+    org_id     TEXT NOT NULL DEFAULT 'default',
+    team_id    TEXT,
+    role       TEXT NOT NULL DEFAULT 'member',
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL
+);
+CREATE INDEX users_org_id ON users (org_id);
+CREATE TABLE jwt_issuers (
+    issuer     TEXT PRIMARY KEY,
+    settings   TEXT NOT NULL,
+    source     TEXT NOT NULL DEFAULT 'config',
+    updated_at REAL NOT NULL
+);
+"""
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
     _MIGRATION_2,
@@ -272,8 +301,34 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _MIGRATION_6,
     _MIGRATION_7,
     _MIGRATION_8,
+    _MIGRATION_9,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
+
+_ISSUER_DECODER: Final = msgspec.json.Decoder(JwtIssuer)
+_ISSUER_UPSERT: Final = """
+INSERT INTO jwt_issuers (issuer, settings, source, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (issuer) DO UPDATE SET settings = excluded.settings, source = excluded.source,
+    updated_at = excluded.updated_at
+WHERE jwt_issuers.settings IS NOT excluded.settings OR jwt_issuers.source IS NOT excluded.source
+"""
+_USER_FIELDS: Final = (
+    "id",
+    "issuer",
+    "subject",
+    "name",
+    "org_id",
+    "team_id",
+    "role",
+    "first_seen",
+    "last_seen",
+)
+_USER_COLUMNS: Final = ", ".join(_USER_FIELDS)
+_USER_UPSERT: Final = f"""
+INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET name = excluded.name, org_id = excluded.org_id,
+    team_id = excluded.team_id, role = excluded.role, last_seen = excluded.last_seen
+"""
 
 BUSY_TIMEOUT_MS: Final = 5000
 RETRY_BASE: Final = 0.1  # seconds: the first backoff after a busy/locked usage batch
@@ -1131,6 +1186,71 @@ class SqliteStore:
         change returned is not ``version + 1``, some were pruned (reload all)."""
         rows = await self._fetchall(_CHANGES_SELECT, (version, limit))
         return [Change(version=r[0], kind=r[1], id=r[2]) for r in rows]
+
+    # ----------------------------------------------------------------- JWT issuers and users
+
+    async def list_issuers(self) -> list[JwtIssuer]:
+        """The trusted JWT issuers, by issuer URL."""
+        rows = await self._fetchall("SELECT settings, source FROM jwt_issuers ORDER BY issuer", ())
+        return [msgspec.structs.replace(_ISSUER_DECODER.decode(r[0]), source=r[1]) for r in rows]
+
+    async def upsert_issuer(self, issuer: JwtIssuer) -> None:
+        """Insert or replace an issuer by URL, keeping ``issuer.source``."""
+        await self._execute(
+            _ISSUER_UPSERT,
+            (issuer.issuer, msgspec.json.encode(issuer).decode(), issuer.source, self._clock()),
+            change="issuers",
+        )
+
+    async def delete_issuer(self, issuer: str) -> bool:
+        sql = "DELETE FROM jwt_issuers WHERE issuer = ?"
+        return await self._execute(sql, (issuer,), change="issuers") > 0
+
+    async def reconcile_issuers(self, issuers: Sequence[JwtIssuer]) -> None:
+        """Make the config-sourced issuers exactly ``issuers`` (taking over an
+        API-made one of the same URL); API-made ones are left alone."""
+        now = self._clock()
+        rows = [(i.issuer, msgspec.json.encode(i).decode(), "config", now) for i in issuers]
+        names = _json([i.issuer for i in issuers])
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            changed = (await conn.executemany(_ISSUER_UPSERT, rows)).rowcount
+            cur = await conn.execute(
+                "DELETE FROM jwt_issuers WHERE source = 'config' "
+                "AND issuer NOT IN (SELECT value FROM json_each(?))",
+                (names,),
+            )
+            if changed + cur.rowcount > 0:
+                await _changed(conn, "issuers", None, now)
+
+        await self._write(op)
+
+    async def record_user(self, user: User) -> None:
+        """Insert a user seen for the first time, or update who they are now
+        (name, org, team, role, last seen); ``first_seen`` is kept."""
+        await self._execute(
+            _USER_UPSERT,
+            (
+                user.id,
+                user.issuer,
+                user.subject,
+                user.name,
+                user.org_id,
+                user.team_id,
+                user.role,
+                user.first_seen or self._clock(),
+                user.last_seen or self._clock(),
+            ),
+        )
+
+    async def list_users(self, org_id: str | None = None) -> list[User]:
+        sql = f"SELECT {_USER_COLUMNS} FROM users"
+        params: tuple[object, ...] = ()
+        if org_id is not None:
+            sql += " WHERE org_id = ?"
+            params = (org_id,)
+        rows = await self._fetchall(sql + " ORDER BY first_seen, id", params)
+        return [User(**dict(zip(_USER_FIELDS, r, strict=True))) for r in rows]
 
     # ----------------------------------------------------------------- keys
 
