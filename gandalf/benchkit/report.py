@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 COLORS = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed")
@@ -81,7 +81,8 @@ def _errors_text(run: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- compare
 
 
-_COMPARED = (
+_Metric = Callable[[dict[str, Any]], "float | None"]
+_COMPARED: tuple[tuple[str, _Metric, bool], ...] = (
     ("req/s", lambda r: r["rps"], True),
     ("tokens/s", lambda r: r["tokens_per_s"], True),
     ("p50 ms", lambda r: (r["latency_ms"] or {}).get("p50"), False),
@@ -203,17 +204,20 @@ def _frame(
         y = top + ph - (t / ymax * ph if ymax else 0)
         parts.append(
             f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>'
-            f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{_fmt(t)}</text>'
+            f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" '
+            f'text-anchor="end">{_fmt(t)}</text>'
         )
     for t in _ticks(xmax):
         x = left + (t / xmax * pw if xmax else 0)
         parts.append(
-            f'<text x="{x:.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle">{_fmt(t)}</text>'
+            f'<text x="{x:.1f}" y="{top + ph + 14}" font-size="10" '
+            f'text-anchor="middle">{_fmt(t)}</text>'
         )
     parts.append(
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>'
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#999"/>'
-        f'<text x="{left + pw / 2}" y="{h - 4}" font-size="11" text-anchor="middle">{html.escape(xlabel)}</text>'
+        f'<text x="{left + pw / 2}" y="{h - 4}" font-size="11" '
+        f'text-anchor="middle">{html.escape(xlabel)}</text>'
         f'<text x="12" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
         f'transform="rotate(-90 12 {top + ph / 2})">{html.escape(ylabel)}</text>'
     )
@@ -267,7 +271,8 @@ def bar_chart(
     sx, sy = _scale(xmax, ymax)
     bars = "".join(
         f'<rect x="{edges[i] * sx:.1f}" y="{196 - c * sy:.1f}" '
-        f'width="{max((edges[i + 1] - edges[i]) * sx - 1, 1):.1f}" height="{c * sy:.1f}" fill="{COLORS[0]}"/>'
+        f'width="{max((edges[i + 1] - edges[i]) * sx - 1, 1):.1f}" '
+        f'height="{c * sy:.1f}" fill="{COLORS[0]}"/>'
         for i, c in enumerate(counts)
     )
     return _frame(title, xlabel, ylabel, xmax, ymax, bars)
@@ -287,7 +292,8 @@ def _summary_table(run: dict[str, Any]) -> str:
             rows.append(
                 (
                     f"{name} ms",
-                    f"p50 {s['p50']:.1f} · p90 {s['p90']:.1f} · p99 {s['p99']:.1f} · max {s['max']:.1f}",
+                    f"p50 {s['p50']:.1f} · p90 {s['p90']:.1f} · "
+                    f"p99 {s['p99']:.1f} · max {s['max']:.1f}",
                 )
             )
     ceiling = run.get("client_ceiling_rps")
@@ -300,7 +306,8 @@ def _summary_table(run: dict[str, Any]) -> str:
             (
                 "schedule",
                 f"{ol['scheduled']} due, {ol['sent']} sent, {ol['missed']} missed, "
-                f"{ol['late']} late (> {ol['late_threshold_ms']:g} ms; p99 {lat.get('p99', 0):.1f} ms)",
+                f"{ol['late']} late (> {ol['late_threshold_ms']:g} ms; "
+                f"p99 {lat.get('p99', 0):.1f} ms)",
             )
         )
     cells = "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)

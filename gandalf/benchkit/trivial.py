@@ -191,12 +191,12 @@ def start_process(chunks: int = 20, timeout: float = 15.0) -> tuple[subprocess.P
         while b"\n" not in buf:
             left = deadline - time.monotonic()
             if left <= 0 or proc.poll() is not None:
-                proc.kill()
-                proc.wait()
+                stop_process(proc)
                 raise RuntimeError("the trivial server did not start")
             if sel.select(left):
                 piece = os.read(proc.stdout.fileno(), 4096)
                 if not piece:
+                    stop_process(proc)
                     raise RuntimeError("the trivial server closed its stdout")
                 buf += piece
     finally:
@@ -211,6 +211,8 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 if __name__ == "__main__":
