@@ -3,10 +3,11 @@
 
 - ``mock``: the bench mock alone (far faster than any Python client: the built-in
   client must say it is client-bound, and does);
-- ``mock+10ms``: the mock answering after 10 ms (a target slower than the client:
+- ``mock+20ms``: the mock answering after 20 ms (a target slower than the client:
   the numbers must agree);
 - ``gandalf``: ``gandalf serve`` (one worker, pinned to CPU 0 when there are two)
-  in front of the mock.
+  in front of the mock: the gateway's own limit;
+- ``gandalf→mock+20ms``: the same in front of the 20 ms mock.
 
 Each pair is measured ``--rounds`` times, interleaved, and the round with the median
 req/s kept. Prints a Markdown table (req/s and latency of both, the difference,
@@ -40,6 +41,8 @@ from _procs import (
 )
 from _wrk import INSTALL_HINT, have_wrk
 from mock_upstream import start_mock
+
+SLOW_MS = 20.0  # the slow mock's delay: a target slower than any client
 
 
 def bench(url: str, engine: str, conns: str, duration: int, out: Path, cpus: str | None) -> Any:
@@ -92,17 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmpdir = Path(tmp)
         mock_proc, mock_port = start_mock(0, cpus=client_cpus)
         group.add(mock_proc)
-        slow_proc, slow_port = start_mock(0, latency_ms=10.0, cpus=client_cpus)
+        slow_proc, slow_port = start_mock(0, latency_ms=SLOW_MS, cpus=client_cpus)
         group.add(slow_proc)
         for proc, port in ((mock_proc, mock_port), (slow_proc, slow_port)):
             wait_port(Server("mock", proc, port), 10.0)
-        gw = launch_gandalf(
-            group, tmpdir, mock_port, workers=1, cpus="0" if two else None, access_log=False
+        gw_cpus = "0" if two else None
+        gw = launch_gandalf(group, tmpdir, mock_port, workers=1, cpus=gw_cpus, access_log=False)
+        gw_slow = launch_gandalf(
+            group, tmpdir, slow_port, workers=1, cpus=gw_cpus, access_log=False, name="slow"
         )
         targets = {
             "mock": f"http://127.0.0.1:{mock_port}/v1",
-            "mock+10ms": f"http://127.0.0.1:{slow_port}/v1",
+            f"mock+{SLOW_MS:g}ms": f"http://127.0.0.1:{slow_port}/v1",
             "gandalf": f"{gw.url}/v1",
+            f"gandalf→mock+{SLOW_MS:g}ms": f"{gw_slow.url}/v1",
         }
         got: dict[tuple[str, str], list[Any]] = {}
         for _ in range(args.rounds):  # interleaved: drift on a shared machine hits both

@@ -33,6 +33,7 @@ from typing import IO, Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from gandalf.benchkit import stats
 
@@ -141,7 +142,7 @@ class Recorder:
 
 async def one_request(
     session: aiohttp.ClientSession,
-    url: str,
+    url: str | URL,
     body: bytes,
     headers: dict[str, str],
     stream: bool,
@@ -240,6 +241,7 @@ async def run_closed(
     """``concurrency`` workers, back to back, for warm-up plus duration."""
     rec = Recorder()
     body, headers = scenario.body(), scenario.headers()
+    url = URL(scenario.url)  # parsed once, not per request
     async with session(concurrency, scenario.timeout) as http:
         start = time.perf_counter()
         rec.w0 = start + scenario.warmup
@@ -247,7 +249,7 @@ async def run_closed(
 
         async def worker() -> None:
             while time.perf_counter() < rec.w1:
-                await one_request(http, scenario.url, body, headers, scenario.stream, rec)
+                await one_request(http, url, body, headers, scenario.stream, rec)
 
         ticker = asyncio.create_task(_ticker(rec, start, progress, every))
         cpu0 = time.process_time()
@@ -265,6 +267,7 @@ async def run_open(
     """Requests due at ``rate`` per second, whatever the answers (see the module)."""
     rec = Recorder()
     body, headers = scenario.body(), scenario.headers()
+    url = URL(scenario.url)
     first = math.ceil(scenario.warmup * rate - 1e-9)  # the first measured request's index
     total = math.ceil((scenario.warmup + scenario.duration) * rate - 1e-9)
     in_flight: set[asyncio.Task[None]] = set()
@@ -286,7 +289,7 @@ async def run_open(
                 rec.missed += measured
                 continue
             task = asyncio.create_task(
-                one_request(http, scenario.url, body, headers, scenario.stream, rec, at=due)
+                one_request(http, url, body, headers, scenario.stream, rec, at=due)
             )
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
