@@ -171,10 +171,9 @@ async def _one_run(
     notes: list[str] = []
     if use_wrk:
         probe = engine.Recorder(w0=0.0, w1=float("inf"))
-        async with engine.session(1, scenario.timeout) as session:
-            await engine.one_request(
-                session, scenario.url, scenario.body(), scenario.headers(), False, probe
-            )
+        pool = engine.Pool(scenario.url, scenario.body(), scenario.headers())
+        await engine.one_request(pool, False, scenario.timeout, probe)
+        pool.close()
         per_answer = probe.tokens if probe.ok else 0
         concurrency = int(step["concurrency"])
         run = await asyncio.to_thread(wrk.run, scenario, concurrency, per_answer)
