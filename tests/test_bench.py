@@ -7,6 +7,7 @@ a sleep."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -133,6 +134,69 @@ def test_progress_line_on_a_terminal_and_plain_lines_elsewhere() -> None:
     show(rec, 1.0)  # under 5 s since the last line: nothing yet
     show(rec, 5.0)
     assert plain.getvalue().count("\n") == 1 and "\r" not in plain.getvalue()
+
+
+_USAGE_BODY = b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":7,"total_tokens":8}}'
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(_USAGE_BODY), _USAGE_BODY),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"".join(
+            b"%x\r\n%s\r\n" % (len(part), part) for part in (_USAGE_BODY[:10], _USAGE_BODY[10:])
+        )
+        + b"0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + _USAGE_BODY,
+    ],
+    ids=["content-length", "chunked", "close-delimited"],
+)
+def test_the_client_reads_every_framing(answer: bytes) -> None:
+    """Two requests in a row, each answered and read whole (usage found), with the
+    connection reused or, after a close-delimited answer, opened anew."""
+    connections = 0
+    handlers: list[asyncio.Future[None]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        finished = asyncio.get_running_loop().create_future()
+        handlers.append(finished)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(answer)
+                await writer.drain()
+                if b"Connection: close" in answer:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+        await writer.wait_closed()
+        finished.set_result(None)
+
+    async def main() -> engine.Recorder:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = engine.Pool(f"http://127.0.0.1:{port}/v1/chat/completions", b"{}", {})
+        rec = engine.Recorder(w0=0.0, w1=math.inf)
+        try:
+            for _ in range(2):
+                await engine.one_request(pool, False, 5.0, rec)
+        finally:
+            await pool.aclose()
+            server.close()
+            await server.wait_closed()
+            await asyncio.wait_for(asyncio.gather(*handlers), 5.0)  # each saw its client go
+        return rec
+
+    rec = asyncio.run(main())
+    assert rec.ok == 2 and not rec.errors
+    assert rec.tokens == 14 and rec.tokens_from_usage == 2
+    assert connections == (2 if b"Connection: close" in answer else 1)
 
 
 # ---------------------------------------------------------------------------- the mock

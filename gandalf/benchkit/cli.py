@@ -173,7 +173,7 @@ async def _one_run(
         probe = engine.Recorder(w0=0.0, w1=float("inf"))
         pool = engine.Pool(scenario.url, scenario.body(), scenario.headers())
         await engine.one_request(pool, False, scenario.timeout, probe)
-        pool.close()
+        await pool.aclose()
         per_answer = probe.tokens if probe.ok else 0
         concurrency = int(step["concurrency"])
         run = await asyncio.to_thread(wrk.run, scenario, concurrency, per_answer)
@@ -201,10 +201,12 @@ async def _one_run(
         near = bool(ceiling) and run["rps"] >= CEILING_NEAR * (ceiling or 0.0)
         if near or rec.cpu >= CPU_BUSY:
             run["client_bound"] = True
-            why = [f"the client kept {rec.cpu:.0%} of a core busy"]
+            why = []
+            if rec.cpu >= CPU_BUSY:
+                why.append(f"the client kept {rec.cpu:.0%} of a core busy")
             if near and ceiling:
                 why.append(
-                    f"{run['rps']:,.0f} req/s is at or above {CEILING_NEAR:.0%} of its own "
+                    f"{run['rps']:,.0f} req/s is {run['rps'] / ceiling:.0%} of the client's own "
                     f"ceiling ({ceiling:,.0f} req/s against a trivial local server)"
                 )
             notes.append(

@@ -23,6 +23,7 @@ content chunks counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import ssl
 import sys
@@ -184,10 +185,13 @@ class Pool:
     def release(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._idle.append((reader, writer))
 
-    def close(self) -> None:
-        for _, writer in self._idle:
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for _, writer in idle:
             writer.close()
-        self._idle.clear()
+        for _, writer in idle:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
 
 class _ConnectFailed(Exception):
@@ -374,7 +378,7 @@ async def run_closed(
         rec.cpu = (time.process_time() - cpu0) / (time.perf_counter() - start)
         ticker.cancel()
     finally:
-        pool.close()
+        await pool.aclose()
     return rec
 
 
@@ -417,7 +421,7 @@ async def run_open(
         rec.cpu = (time.process_time() - cpu0) / (time.perf_counter() - start)
         ticker.cancel()
     finally:
-        pool.close()
+        await pool.aclose()
     return rec
 
 
