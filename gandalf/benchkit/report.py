@@ -177,13 +177,15 @@ def _json_script(data: Any, ident: str) -> str:
     return f'<script type="application/json" id="{ident}">{text}</script>'
 
 
-def _ticks(top: float, n: int = 4) -> list[float]:
-    if top <= 0:
-        return [0.0]
-    raw = top / n
+def _ticks(top: float, n: int = 4, low: float = 0.0) -> list[float]:
+    """Round values between ``low`` and ``top``, about ``n`` steps apart."""
+    if top <= low:
+        return [low]
+    raw = (top - low) / n
     mag = 10.0 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    return [round(step * i, 6) for i in range(int(top / step) + 1)]
+    first = math.ceil(low / step - 1e-9)
+    return [round(step * i, 6) for i in range(first, int(top / step + 1e-9) + 1)]
 
 
 def _fmt(v: float) -> str:
@@ -191,7 +193,15 @@ def _fmt(v: float) -> str:
 
 
 def _frame(
-    title: str, xlabel: str, ylabel: str, xmax: float, ymax: float, inner: str, legend: str = ""
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    xmax: float,
+    ymax: float,
+    inner: str,
+    legend: str = "",
+    xmin: float = 0.0,
+    xticks: Sequence[tuple[float, str]] | None = None,
 ) -> str:
     w, h, left, right, top, bottom = 520, 260, 56, 12, 28, 36
     pw, ph = w - left - right, h - top - bottom
@@ -207,11 +217,12 @@ def _frame(
             f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" '
             f'text-anchor="end">{_fmt(t)}</text>'
         )
-    for t in _ticks(xmax):
-        x = left + (t / xmax * pw if xmax else 0)
+    span = xmax - xmin
+    for t, label in xticks or [(t, _fmt(t)) for t in _ticks(xmax, low=xmin)]:
+        x = left + ((t - xmin) / span * pw if span else 0)
         parts.append(
             f'<text x="{x:.1f}" y="{top + ph + 14}" font-size="10" '
-            f'text-anchor="middle">{_fmt(t)}</text>'
+            f'text-anchor="middle">{html.escape(label)}</text>'
         )
     parts.append(
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>'
@@ -234,19 +245,24 @@ def line_chart(
     xlabel: str,
     ylabel: str,
     series: Sequence[tuple[str, Sequence[float | None], Sequence[float | None]]],
+    xticks: Sequence[tuple[float, str]] | None = None,
 ) -> str:
-    """Lines (gaps where a value is None), one per ``(name, xs, ys)``."""
+    """Lines (gaps where a value is None), one per ``(name, xs, ys)``; ``xticks``:
+    labelled positions (categories), the axis then spanning half a step around them."""
     xs_all = [x for _, xs, _ in series for x in xs if x is not None]
     ys_all = [y for _, _, ys in series for y in ys if y is not None]
+    xmin = 0.0
     xmax = max(xs_all, default=1.0) or 1.0
+    if xticks:
+        xmin, xmax = min(t for t, _ in xticks) - 0.5, max(t for t, _ in xticks) + 0.5
     ymax = (max(ys_all, default=1.0) or 1.0) * 1.1
-    sx, sy = _scale(xmax, ymax)
+    sx, sy = _scale(xmax - xmin, ymax)
     inner = []
     legend = []
     for i, (name, xs, ys) in enumerate(series):
         color = COLORS[i % len(COLORS)]
         points = " ".join(
-            f"{x * sx:.1f},{196 - y * sy:.1f}"
+            f"{(x - xmin) * sx:.1f},{196 - y * sy:.1f}"
             for x, y in zip(xs, ys, strict=True)
             if x is not None and y is not None
         )
@@ -257,7 +273,7 @@ def line_chart(
             f'<text x="{520 - 12 - 70 * (len(series) - i)}" y="17" font-size="11" fill="{color}">'
             f"\u25a0 {html.escape(name)}</text>"
         )
-    return _frame(title, xlabel, ylabel, xmax, ymax, "".join(inner), "".join(legend))
+    return _frame(title, xlabel, ylabel, xmax, ymax, "".join(inner), "".join(legend), xmin, xticks)
 
 
 def bar_chart(
@@ -266,16 +282,16 @@ def bar_chart(
     """A histogram: ``counts[i]`` between ``edges[i]`` and ``edges[i + 1]``."""
     if not counts:
         return ""
-    xmax = edges[-1] or 1.0
+    xmin, xmax = edges[0], edges[-1]
     ymax = max(counts) * 1.1 or 1.0
-    sx, sy = _scale(xmax, ymax)
+    sx, sy = _scale(xmax - xmin, ymax)
     bars = "".join(
-        f'<rect x="{edges[i] * sx:.1f}" y="{196 - c * sy:.1f}" '
+        f'<rect x="{(edges[i] - xmin) * sx:.1f}" y="{196 - c * sy:.1f}" '
         f'width="{max((edges[i + 1] - edges[i]) * sx - 1, 1):.1f}" '
         f'height="{c * sy:.1f}" fill="{COLORS[0]}"/>'
         for i, c in enumerate(counts)
     )
-    return _frame(title, xlabel, ylabel, xmax, ymax, bars)
+    return _frame(title, xlabel, ylabel, xmax, ymax, bars, xmin=xmin)
 
 
 def _summary_table(run: dict[str, Any]) -> str:
@@ -357,22 +373,21 @@ def overview_charts(report: dict[str, Any]) -> list[str]:
     runs = report["runs"]
     if len(runs) < 2:
         return []
-    xs = list(range(1, len(runs) + 1))
+    xs: list[float | None] = [float(i) for i in range(1, len(runs) + 1)]
+    ticks = [(float(i), run_label(r)) for i, r in enumerate(runs, 1)]
     return [
         line_chart(
-            "Requests/s per run",
-            "run (see the table)",
-            "req/s",
-            [("req/s", xs, [r["rps"] for r in runs])],
+            "Requests/s per run", "run", "req/s", [("req/s", xs, [r["rps"] for r in runs])], ticks
         ),
         line_chart(
             "Latency per run",
-            "run (see the table)",
+            "run",
             "ms",
             [
                 ("p50", xs, [(r["latency_ms"] or {}).get("p50") for r in runs]),
                 ("p99", xs, [(r["latency_ms"] or {}).get("p99") for r in runs]),
             ],
+            ticks,
         ),
     ]
 

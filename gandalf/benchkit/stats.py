@@ -35,16 +35,20 @@ def cdf(values: Sequence[float]) -> list[list[float]]:
 
 
 def histogram(values: Sequence[float], bins: int = 30) -> dict[str, list[float]]:
-    """Equal-width bins from 0 to the 99.9th percentile (the rest in the last bin)."""
+    """Equal-width bins from the smallest value to the 99.9th percentile (the rest
+    in the last bin)."""
     if not values:
         return {"edges_ms": [], "counts": []}
     ordered = sorted(values)
-    top = percentile(ordered, 99.9) or ordered[-1] or 1.0
-    width = top / bins
+    low = ordered[0]
+    top = percentile(ordered, 99.9)
+    if top <= low:
+        top = low + 1.0
+    width = (top - low) / bins
     counts = [0] * bins
     for v in ordered:
-        counts[min(int(v / width), bins - 1) if width else 0] += 1
-    edges = [round(width * i, 3) for i in range(bins + 1)]
+        counts[min(int((v - low) / width), bins - 1)] += 1
+    edges = [round(low + width * i, 3) for i in range(bins + 1)]
     return {"edges_ms": edges, "counts": [float(c) for c in counts]}
 
 
