@@ -1,5 +1,6 @@
 """Command line: ``gandalf serve``, ``gandalf keys create|list|revoke`` and
-``gandalf orgs|teams create|list|delete``, ``gandalf usage``.
+``gandalf orgs|teams create|list|delete``, ``gandalf usage``, ``gandalf bench``
+(benchkit/: a load generator for any OpenAI-compatible endpoint).
 
 Exit codes scripts can rely on: 0 success, 1 runtime failure (database,
 port, server), 2 bad usage or bad configuration (including a refused delete),
@@ -28,6 +29,7 @@ from gandalf import __version__
 from gandalf.app import timespec
 from gandalf.app.governor import ENV_WORKERS
 from gandalf.auth.session import share_secret
+from gandalf.benchkit.options import add_parser as add_bench_parser
 from gandalf.config import GandalfConfig, default_config_path, load_config, split_addr
 from gandalf.domain import (
     BUDGET_PERIODS,
@@ -154,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
         "--since", default="7d", help="how far back: 30m, 24h, 7d, 2w, or all (default: 7d)"
     )
     usage.add_argument("--json", action="store_true", help="a JSON list of objects instead")
+
+    add_bench_parser(sub)  # gandalf bench: benchkit/options.py
     return parser
 
 
@@ -172,6 +176,10 @@ def _limit_options(parser: argparse.ArgumentParser, whose: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":  # a client: no config, no database
+        from gandalf.benchkit.cli import main as bench_main
+
+        return bench_main(args)
     try:
         if args.command == "serve":
             return _serve(args)

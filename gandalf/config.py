@@ -47,6 +47,7 @@ from gandalf.domain import (
     TYPES_NEEDING_KEY,
     BreakerPolicy,
     Budget,
+    FakeErrors,
     JwtClaims,
     JwtIssuer,
     ModelPrice,
@@ -318,6 +319,19 @@ class _ResilienceIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     breaker: _BreakerIn = msgspec.field(default_factory=_BreakerIn)
 
 
+_Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class _FakeErrorsIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``providers[].errors`` (type fake only): see domain.FakeErrors."""
+
+    rate_429: _Rate = 0.0
+    rate_5xx: _Rate = 0.0
+    rate_timeout: _Rate = 0.0
+    retry_after: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 1
+    seed: int | None = None
+
+
 class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: str
     type: str | None = None
@@ -330,6 +344,7 @@ class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     ttft_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     tokens_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    errors: _FakeErrorsIn | None = None  # type fake only: injected failures
     max_tokens: Annotated[int, msgspec.Meta(gt=0)] | None = None
     api_version: str = ""
     connect_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] = 5_000
@@ -960,6 +975,7 @@ class _Loader:
                     latency_ms=p.latency_ms,
                     ttft_ms=p.ttft_ms,
                     tokens_per_second=p.tokens_per_second,
+                    errors=self.fake_errors(p, ptype, path),
                     max_tokens=p.max_tokens,
                     api_version=p.api_version,
                     disabled_reason=reason,
@@ -974,6 +990,32 @@ class _Loader:
                 )
             )
         return tuple(out)
+
+    def fake_errors(self, p: _ProviderIn, ptype: str, path: str) -> FakeErrors | None:
+        """``errors:`` for a fake provider; refused on any other type (a real
+        upstream's failures are its own). None when no rate is above 0."""
+        e = p.errors
+        if e is None:
+            return None
+        if ptype != "fake":
+            self.fail(
+                f"{path}.errors", f"only a provider of type 'fake' injects errors, not {ptype!r}"
+            )
+        total = e.rate_429 + e.rate_5xx + e.rate_timeout
+        if total > 1.0 + 1e-9:
+            self.fail(
+                f"{path}.errors",
+                f"rate_429 + rate_5xx + rate_timeout must be at most 1, got {total:g}",
+            )
+        if total == 0:
+            return None
+        return FakeErrors(
+            rate_429=e.rate_429,
+            rate_5xx=e.rate_5xx,
+            rate_timeout=e.rate_timeout,
+            retry_after=e.retry_after,
+            seed=e.seed,
+        )
 
     def provider_type(self, p: _ProviderIn, path: str) -> str:
         types = ", ".join(PROVIDER_TYPES)

@@ -509,6 +509,24 @@ class Resilience(msgspec.Struct, frozen=True, kw_only=True):
     breaker: BreakerPolicy = msgspec.field(default_factory=BreakerPolicy)
 
 
+class FakeErrors(msgspec.Struct, frozen=True, kw_only=True):
+    """Fake provider only: failures injected on purpose, so a team can test its
+    app's retries and timeouts against a gateway that misbehaves like a real
+    upstream. Each chat request draws one number: below ``rate_429`` it is
+    answered 429 (``retry-after: retry_after``), below ``rate_429 + rate_5xx``
+    an upstream 5xx (the gateway's 502), below the sum of all three it waits
+    the provider's header timeout (``first_byte_timeout_ms``, else
+    ``timeout_ms``) and fails as an upstream timeout (504). The rates sum to
+    at most 1 (config.py). ``seed`` makes the sequence repeatable (tests);
+    None draws from the OS's entropy."""
+
+    rate_429: float = 0.0
+    rate_5xx: float = 0.0
+    rate_timeout: float = 0.0
+    retry_after: int = 1  # seconds, the 429's retry-after header
+    seed: int | None = None
+
+
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One upstream provider instance.
 
@@ -531,6 +549,7 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: int = 0  # fake provider only: simulated upstream latency
     ttft_ms: int = 0  # fake provider only: time to first streamed token
     tokens_per_second: float = 0.0  # fake provider only: stream pace (0: as fast as possible)
+    errors: FakeErrors | None = None  # fake provider only: injected failures (config only)
     # Output-token limit sent when a request sets none and the provider requires
     # one (Anthropic); None: the adapter's default.
     max_tokens: int | None = None
