@@ -3,8 +3,10 @@
 One :class:`RedisLink` per worker: one client over one connection pool (a
 ``BlockingConnectionPool``: a burst larger than the pool waits for a
 connection, bounded by the timeout, instead of failing), every command
-bounded by ``redis.timeout`` (connect and read), and no client-side retries
-(redis-py's default would multiply a dead server's timeout).
+bounded by ``redis.timeout`` (connect and read), and one immediate retry on
+a connection error only (a pooled connection that a restarted Redis closed
+is replaced at once), never on a timeout (that would multiply a dead
+server's wait).
 
 :class:`RedisLink` also tracks outages for every user of the link (governor,
 cache, notifications): after a failure it reports Redis down for
@@ -16,6 +18,8 @@ request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +39,16 @@ class RedisLink:
     ``prefix``: put before every key and channel. ``clock``: monotonic
     seconds (injectable for tests)."""
 
-    __slots__ = ("_clock", "client", "down", "down_until", "failures", "prefix", "retry_interval")
+    __slots__ = (
+        "_clock",
+        "_dropping",
+        "client",
+        "down",
+        "down_until",
+        "failures",
+        "prefix",
+        "retry_interval",
+    )
 
     def __init__(
         self,
@@ -52,6 +65,7 @@ class RedisLink:
         self.down = False  # an outage is going on (logged once)
         self.down_until = 0.0  # monotonic time before which Redis is not asked
         self.failures = 0  # commands that failed (tests and diagnostics)
+        self._dropping: asyncio.Task[None] | None = None
 
     def skip(self) -> bool:
         """True while Redis is known down and not due for another try."""
@@ -64,6 +78,10 @@ class RedisLink:
         self.down_until = self._clock() + self.retry_interval
         if not self.down:
             self.down = True
+            # The idle pooled connections are dead too (a killed or restarted
+            # Redis): dropped now, so recovery starts from fresh ones.
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing pooled
+                self._dropping = asyncio.get_running_loop().create_task(self._drop_idle())
             logger.warning(
                 "Redis is unreachable (%s: %s: %s); retrying every %gs, "
                 "shared limits, cache and notifications follow redis.on_error meanwhile",
@@ -72,6 +90,10 @@ class RedisLink:
                 exc,
                 self.retry_interval,
             )
+
+    async def _drop_idle(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.connection_pool.disconnect(inuse_connections=False)
 
     def succeeded(self) -> None:
         """A command succeeded: an outage, if any, is over."""
@@ -91,6 +113,7 @@ def connect(
     from redis.asyncio import BlockingConnectionPool, Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     pool = BlockingConnectionPool.from_url(
         url,
@@ -98,7 +121,7 @@ def connect(
         timeout=timeout,  # waiting for a free connection
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
     client = Redis.from_pool(pool)  # the client owns (and closes) the pool
     return RedisLink(client, prefix, retry_interval=retry_interval)

@@ -62,6 +62,8 @@ class RedisNotifier:
             pubsub = link.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                if link.down:
+                    link.succeeded()
                 self._wake()  # anything published while not subscribed
                 while not self._closed:
                     message = await pubsub.get_message(timeout=LISTEN_TIMEOUT)
