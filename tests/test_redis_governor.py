@@ -24,6 +24,7 @@ from gandalf.domain import Budget, Scope
 from gandalf.errors import LimitsUnavailable, QuotaExceeded, RateLimited
 from gandalf.scaleout.connection import RedisLink, connect
 from gandalf.scaleout.governor import RedisGovernor, RedisTicket
+from gandalf.scaleout.resp import ConnectionLost, PipelinedConnection, ReplyError
 from tests.redis_server import OwnRedis
 from tests.serve import free_port
 from tests.services import redis_url
@@ -325,3 +326,56 @@ def test_redis_down_fails_closed_with_a_503_when_configured(prefix: str) -> None
             await link.close()
 
     run(main)
+
+
+# ------------------------------------------------------------------ the pipelined connection
+
+
+def test_the_pipelined_connection_answers_in_order_and_reloads_a_flushed_script(
+    own_redis: OwnRedis, prefix: str
+) -> None:
+    async def main() -> None:
+        fast = PipelinedConnection(own_redis.url.replace("/0", "/2"), timeout=1.0)
+        link = _link(own_redis.url.replace("/0", "/2"), prefix)
+        gov = RedisGovernor(link, fallback=None)
+        try:
+            replies = await asyncio.gather(
+                *(fast.call("ECHO", f"n{i}") for i in range(200)), fast.call("SELECT", 2)
+            )
+            assert replies[:200] == [f"n{i}".encode() for i in range(200)]
+            assert await fast.call("HSET", "h", "a", "1") == 1
+            assert await fast.call("HGETALL", "h") == [b"a", b"1"]
+            assert await fast.call("GET", "missing") is None
+            with pytest.raises(ReplyError):
+                await fast.call("HGETALL")  # wrong number of arguments
+            await gov.admit_shared((key(rpm=5),), Estimate(1, None))
+            await fast.call("SCRIPT", "FLUSH")  # this test's own server
+            ticket = await gov.admit_shared((key(rpm=5),), Estimate(1, None))
+            assert dict(ticket.headers)[b"x-ratelimit-remaining-requests"] == b"3"
+        finally:
+            await fast.close()
+            await link.close()
+
+    run(main)
+
+
+def test_a_redis_that_never_answers_fails_the_call_within_the_timeout() -> None:
+    async def main() -> float:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1 << 16)
+            await asyncio.Event().wait()  # a hung server: never answers
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        fast = PipelinedConnection(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            with pytest.raises(ConnectionLost):
+                await fast.call("PING")
+            return loop.time() - started
+        finally:
+            await fast.close()
+            server.close()
+
+    assert run(main) < 1.0

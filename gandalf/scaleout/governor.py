@@ -40,7 +40,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gandalf.app.budget import Spend, SpendSource, period_bounds
 from gandalf.app.governance import Estimate, Ticket
@@ -49,6 +49,7 @@ from gandalf.app.limits import Rate, RateLimits
 from gandalf.domain import Scope
 from gandalf.errors import LimitsUnavailable
 from gandalf.scaleout.connection import RedisLink, is_redis_failure
+from gandalf.scaleout.resp import ReplyError
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -201,6 +202,7 @@ class _Plan:
         "budget_keys",
         "head",
         "keys",
+        "nkeys",
         "prefix",
         "rates",
         "spends",
@@ -233,6 +235,7 @@ class _Plan:
         self.budget_keys: list[str] = []
         self.budget_args: list[float] = []
         self.keys: list[str] = []
+        self.nkeys = 0
         self.args: list[float] = []
         self.until = _INF
         self.roll(now)
@@ -250,6 +253,7 @@ class _Plan:
         self.budget_keys = keys
         self.budget_args = [args[i] for i in range(1, len(args), 2)]
         self.keys = [*self._rate_keys, *keys]
+        self.nkeys = len(self.keys)
         self.args = [*self._rate_args, *args]
         self.until = until
 
@@ -347,8 +351,25 @@ class RedisGovernor:
             if now >= plan.until:
                 plan.roll(now)
         tokens = estimate.tokens
+        fast = link.fast
         try:
-            reply = await self._admit(keys=plan.keys, args=[*plan.head, tokens, usd, *plan.args])
+            if fast is not None:
+                try:
+                    reply: Any = await fast.call(
+                        b"EVALSHA", self._admit.sha, plan.nkeys, *plan.keys, *plan.head,
+                        tokens, usd, *plan.args,
+                    )  # fmt: skip
+                except ReplyError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    reply = await fast.call(
+                        b"EVAL", ADMIT, plan.nkeys, *plan.keys, *plan.head, tokens, usd,
+                        *plan.args,
+                    )  # fmt: skip  # EVAL also caches it for the next EVALSHA
+            else:
+                reply = await self._admit(
+                    keys=plan.keys, args=[*plan.head, tokens, usd, *plan.args]
+                )
         except Exception as exc:  # redis-py's errors and OSError alike: Redis did not answer
             if not is_redis_failure(exc):
                 raise
