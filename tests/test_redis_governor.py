@@ -361,9 +361,13 @@ def test_the_pipelined_connection_answers_in_order_and_reloads_a_flushed_script(
 
 def test_a_redis_that_never_answers_fails_the_call_within_the_timeout() -> None:
     async def main() -> float:
+        done = asyncio.Event()
+
         async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader.read(1 << 16)
-            await asyncio.Event().wait()  # a hung server: never answers
+            await done.wait()  # a hung server: never answers
+            writer.close()
+            await writer.wait_closed()
 
         server = await asyncio.start_server(silent, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
@@ -376,6 +380,8 @@ def test_a_redis_that_never_answers_fails_the_call_within_the_timeout() -> None:
             return loop.time() - started
         finally:
             await fast.close()
+            done.set()
             server.close()
+            await server.wait_closed()
 
     assert run(main) < 1.0
