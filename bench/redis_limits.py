@@ -31,10 +31,12 @@ from _procs import (
     ProcGroup,
     Server,
     chat_headers,
+    cpu_seconds,
     free_port,
     install_signal_handlers,
     launch_mock,
     stop_process,
+    tree_pids,
     wait_http_ok,
 )
 from _wrk import WrkResult, have_wrk, run_wrk, write_script
@@ -84,6 +86,17 @@ def launch(group: ProcGroup, tmp: Path, name: str, mock_port: int, redis: str) -
     return server
 
 
+def redis_server_pid(url: str) -> int:
+    """The pid of the redis-server behind ``url`` (it must run on this machine)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
+
+
 def drop_prefix(url: str, prefix: str) -> None:
     import redis
 
@@ -108,6 +121,8 @@ def main() -> int:
         return 2
     install_signal_handlers()
     results: dict[str, list[WrkResult]] = {name: [] for name in CONFIGS}
+    cpus: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
+    redis_pid = redis_server_pid(args.redis)
     with tempfile.TemporaryDirectory(prefix=f"bench-{uuid.uuid4().hex[:8]}-") as name:
         tmp = Path(name)
         script = write_script(tmp / "chat.lua", CHAT_BODY, chat_headers())
@@ -126,6 +141,8 @@ def main() -> int:
                                 duration_s=2,
                                 cpus=None,
                             )  # warm-up
+                            pids = tree_pids(server.proc.pid)
+                            before = cpu_seconds(pids), cpu_seconds([redis_pid])
                             result = run_wrk(
                                 server.url + "/v1/chat/completions",
                                 script,
@@ -134,13 +151,19 @@ def main() -> int:
                                 duration_s=args.duration,
                                 cpus=None,
                             )
+                            gandalf_cpu = cpu_seconds(pids) - before[0]
+                            redis_cpu = cpu_seconds([redis_pid]) - before[1]
                         finally:
                             stop_process(server.proc)
                         results[config].append(result)
+                        per = 1e6 / max(1, result.requests)
+                        cpus[config].append((gandalf_cpu * per, redis_cpu * per))
                         print(
                             f"round {round_ + 1} {config:6} {result.rps:8.0f} req/s  "
                             f"p50 {result.p50_us / 1000:6.2f} ms  "
-                            f"p99 {result.p99_us / 1000:6.2f} ms  errors {result.errors}",
+                            f"p99 {result.p99_us / 1000:6.2f} ms  errors {result.errors}  "
+                            f"CPU/request: gandalf {gandalf_cpu * per:5.0f} us, "
+                            f"redis-server {redis_cpu * per:4.0f} us",
                             flush=True,
                         )
         finally:
@@ -151,7 +174,9 @@ def main() -> int:
         print(
             f"  {config:6} {statistics.median(r.rps for r in runs):8.0f} req/s  "
             f"p50 {statistics.median(r.p50_us for r in runs) / 1000:6.2f} ms  "
-            f"p99 {statistics.median(r.p99_us for r in runs) / 1000:6.2f} ms"
+            f"p99 {statistics.median(r.p99_us for r in runs) / 1000:6.2f} ms  "
+            f"CPU/request: gandalf {statistics.median(c[0] for c in cpus[config]):5.0f} us, "
+            f"redis-server {statistics.median(c[1] for c in cpus[config]):4.0f} us"
         )
     return 0
 
