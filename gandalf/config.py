@@ -267,6 +267,14 @@ class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_entry_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024**2
     pool_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 64
 
+    def __repr__(self) -> str:  # the URL's password never printed
+        url = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", self.url)
+        return (
+            f"RedisConfig(url={url!r}, prefix={self.prefix!r}, on_error={self.on_error!r}, "
+            f"timeout={self.timeout!r}, retry_interval={self.retry_interval!r}, "
+            f"max_entry_bytes={self.max_entry_bytes!r}, pool_size={self.pool_size!r})"
+        )
+
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``limits:``: the default rpm / tpm of every key that sets none (0: unlimited)."""
@@ -876,6 +884,14 @@ class _Loader:
             return None
         if not redis.url.startswith(("redis://", "rediss://", "unix://")):
             self.fail("redis.url", "must be a redis://, rediss:// or unix:// URL")
+        try:
+            parts = urlsplit(redis.url)
+            parts.port  # noqa: B018  # raises on a port that is not a number
+            database = parts.path.strip("/")
+            if parts.scheme != "unix" and database and not database.isdigit():
+                raise ValueError(f"database {database!r} is not a number")
+        except ValueError as exc:
+            self.fail("redis.url", f"invalid URL: {exc}")
         if _CONTROL.search(redis.prefix) or " " in redis.prefix:
             self.fail("redis.prefix", "must not contain spaces or control characters")
         return redis

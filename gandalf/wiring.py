@@ -306,20 +306,21 @@ def create_app(
 def _redis_link(config: GandalfConfig) -> RedisLink:
     settings = config.redis
     assert settings is not None
+    from gandalf.scaleout.connection import connect
+
     try:
-        from gandalf.scaleout.connection import connect
+        return connect(  # imports redis-py
+            settings.url,
+            timeout=settings.timeout,
+            pool_size=settings.pool_size,
+            prefix=settings.prefix,
+            retry_interval=settings.retry_interval,
+        )
     except ImportError as exc:
         raise ConfigError(
             f"{config.source}: redis: needs the redis extra "
             f"(pip install 'gandalf-gateway[redis]'): {exc}"
         ) from None
-    return connect(
-        settings.url,
-        timeout=settings.timeout,
-        pool_size=settings.pool_size,
-        prefix=settings.prefix,
-        retry_interval=settings.retry_interval,
-    )
 
 
 def _redis_governor(link: RedisLink, local: LocalGovernor, config: GandalfConfig) -> RedisGovernor:

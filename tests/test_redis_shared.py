@@ -229,12 +229,16 @@ def test_the_redis_section_is_validated() -> None:
     assert (config.redis.timeout, config.redis.max_entry_bytes) == (0.1, 2 * 1024**2)
     assert config.redis.on_error == "open" and config.redis.prefix == "gandalf:"
     assert parse_config("cache: {}\n", source="g.yaml").redis is None
+    secret = parse_config("redis: {url: 'redis://u:s3cret@h:6379/1'}\n", source="g.yaml")
+    assert "s3cret" not in repr(secret.redis) and "u:***@h" in repr(secret.redis)
     for text, problem in [
         ("redis: {url: 'http://x'}", "g.yaml: redis.url: must be a redis://"),
         ("redis: {url: 'redis://x', on_error: maybe}", "g.yaml: redis.on_error: invalid"),
         ("cache: {backend: redis}", "g.yaml: cache.backend: redis needs a redis: section"),
         ("redis: {url: 'redis://x', timeout: soon}", "g.yaml: redis.timeout: invalid duration"),
         ("redis: {}", "g.yaml: redis.url"),
+        ("redis: {url: 'redis://h:abc/0'}", "g.yaml: redis.url: invalid URL"),
+        ("redis: {url: 'redis://h:6379/x'}", "g.yaml: redis.url: invalid URL"),
     ]:
         with pytest.raises(ConfigError) as refused:
             parse_config(text + "\n", source="g.yaml")
