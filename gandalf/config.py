@@ -69,6 +69,7 @@ __all__ = [
     "GandalfConfig",
     "KeyEntry",
     "Limits",
+    "RedisConfig",
     "ServerConfig",
     "default_config_path",
     "load_config",
@@ -245,6 +246,41 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_entries: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 10_000
     max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024**2
     ttl: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    # Where entries live: ``memory`` (each worker its own), ``redis`` (shared by
+    # every worker and instance; needs ``redis:``) or ``auto``: redis when a
+    # ``redis:`` section is present, else memory.
+    backend: Literal["auto", "memory", "redis"] = "auto"
+
+
+class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``redis:``: the Redis shared by every worker and instance (rate limits,
+    budget reservations, the response cache, change notifications).
+
+    ``on_error``: what a request meets while Redis does not answer: ``open``
+    (the default) serves it under this worker's own limits and budgets (the
+    in-process governor, as without Redis), ``closed`` refuses a limited
+    request with a 503 ``limits_unavailable``. ``timeout``: the bound on one
+    command (and on connecting), so a dead Redis never stalls a request for
+    longer; after a failure Redis is not asked again for ``retry_interval``.
+    ``prefix``: put before every key and channel (several gateways may share
+    one Redis). ``max_entry_bytes``: a cached answer larger than this is not
+    stored in Redis (the total is bounded by Redis's own ``maxmemory``)."""
+
+    url: str
+    prefix: str = "gandalf:"
+    on_error: Literal["open", "closed"] = "open"
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.25
+    retry_interval: Annotated[float, msgspec.Meta(gt=0, le=600)] = 1.0
+    max_entry_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024**2
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 64
+
+    def __repr__(self) -> str:  # the URL's password never printed
+        url = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", self.url)
+        return (
+            f"RedisConfig(url={url!r}, prefix={self.prefix!r}, on_error={self.on_error!r}, "
+            f"timeout={self.timeout!r}, retry_interval={self.retry_interval!r}, "
+            f"max_entry_bytes={self.max_entry_bytes!r}, pool_size={self.pool_size!r})"
+        )
 
 
 class ResponsesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -296,6 +332,8 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     # ``cache:``: None when the section is absent (no route caches by default).
     cache: CacheConfig | None = None
     responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
+    # ``redis:``: None when absent (everything stays in the worker).
+    redis: RedisConfig | None = None
 
 
 # --------------------------------------------------------------------------- YAML-facing shapes
@@ -446,6 +484,7 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     tracing: TracingConfig | None = None
     responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
+    redis: RedisConfig | None = None
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -464,6 +503,7 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "routes[].cache": _RouteCacheIn,
     "cache": CacheConfig,
     "responses": ResponsesConfig,
+    "redis": RedisConfig,
     "keys[]": _KeyIn,
     "keys[].budget": _BudgetIn,
     "limits": Limits,
@@ -481,6 +521,7 @@ _DURATION_FIELDS: Mapping[str, tuple[str, ...]] = {
     "auth": ("key_cache_ttl", "negative_cache_ttl"),
     "resilience": ("backoff_base", "backoff_cap"),
     "cache": ("ttl",),
+    "redis": ("timeout", "retry_interval"),
 }
 _BREAKER_DURATIONS = ("open_for", "window")
 _TYPE_WORDS = {
@@ -718,6 +759,7 @@ class _Loader:
             pricing=pricing,
             cache=parsed.cache,
             responses=parsed.responses,
+            redis=self.check_redis(parsed.redis, parsed.cache),
         )
 
     def expand(self, node: Any, path: str, depth: int) -> Any:
@@ -807,6 +849,12 @@ class _Loader:
                 cache["max_bytes"] = parse_size(cache["max_bytes"])
             except ValueError as exc:
                 raise self.error("cache.max_bytes", str(exc)) from None
+        redis = data.get("redis")
+        if isinstance(redis, dict) and "max_entry_bytes" in redis:
+            try:
+                redis["max_entry_bytes"] = parse_size(redis["max_entry_bytes"])
+            except ValueError as exc:
+                raise self.error("redis.max_entry_bytes", str(exc)) from None
         routes = data.get("routes")
         if isinstance(routes, list):
             for i, entry in enumerate(routes):
@@ -903,6 +951,27 @@ class _Loader:
         if not tracing.service_name.strip():
             self.fail("tracing.service_name", "must not be empty")
         return tracing
+
+    def check_redis(
+        self, redis: RedisConfig | None, cache: CacheConfig | None
+    ) -> RedisConfig | None:
+        if redis is None:
+            if cache is not None and cache.backend == "redis":
+                self.fail("cache.backend", "redis needs a redis: section (redis: {url: ...})")
+            return None
+        if not redis.url.startswith(("redis://", "rediss://", "unix://")):
+            self.fail("redis.url", "must be a redis://, rediss:// or unix:// URL")
+        try:
+            parts = urlsplit(redis.url)
+            parts.port  # noqa: B018  # raises on a port that is not a number
+            database = parts.path.strip("/")
+            if parts.scheme != "unix" and database and not database.isdigit():
+                raise ValueError(f"database {database!r} is not a number")
+        except ValueError as exc:
+            self.fail("redis.url", f"invalid URL: {exc}")
+        if _CONTROL.search(redis.prefix) or " " in redis.prefix:
+            self.fail("redis.prefix", "must not contain spaces or control characters")
+        return redis
 
     def resolve_database(self, database: DatabaseConfig) -> DatabaseConfig:
         dsn = database.dsn

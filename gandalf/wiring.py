@@ -58,6 +58,9 @@ from gandalf.storage.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from gandalf.observability.tracing import Tracing
+    from gandalf.scaleout.connection import RedisLink
+    from gandalf.scaleout.governor import RedisGovernor
+    from gandalf.scaleout.notify import RedisNotifier
 
 logger = logging.getLogger("gandalf")
 
@@ -107,6 +110,9 @@ def create_app(
         store = SqliteStore(database.dsn, usage_retention=database.usage_retention)
         await store.open()
         registry: ProviderRegistry | None = None
+        # Redis (redis:): shared limits, budgets, cache and change notifications.
+        link = _redis_link(config) if config.redis is not None else None
+        notifier: RedisNotifier | None = None
         try:
             await bootstrap.reconcile(store, config)
             # Changes committed from here on are applied by the watcher, even
@@ -122,7 +128,11 @@ def create_app(
             settings = config.cache or CacheConfig()
             cache = response_cache
             if cache is None and (config.cache is not None or any(r.cache for r in stored)):
-                cache = InProcessCache(settings.max_entries, settings.max_bytes)
+                cache = (
+                    _redis_cache(link, config)
+                    if link is not None and settings.backend != "memory"
+                    else InProcessCache(settings.max_entries, settings.max_bytes)
+                )
             builder = RouteBuilder(
                 registry.providers,
                 registry.disabled,
@@ -157,7 +167,10 @@ def create_app(
             )
             # Limits and budgets: this worker's share (GANDALF_WORKERS), with
             # the spend of every budget's current period read back first.
-            governor = LocalGovernor(share=share_from_env())
+            local = LocalGovernor(share=share_from_env())
+            governor: LocalGovernor | RedisGovernor = (
+                local if link is None else _redis_governor(link, local, config)
+            )
             budgeted = await budget_scopes(store, tenancy)
             await governor.rebuild(store, budgeted)
             price, cost = pricing.worst_case, pricing.cost
@@ -222,14 +235,24 @@ def create_app(
                 budgeted=budgeted,
                 routes_changed=price_new_targets,
             )
-            watcher = Watcher(store, live.apply, version=version, interval=live_interval)
+            watcher = Watcher(
+                store,
+                live.apply,
+                version=version,
+                interval=live_interval,
+                wakeable=link is not None,
+            )
             watcher.start()
+            if link is not None:
+                notifier = _redis_notifier(link, watcher)
 
             async def changed(kind: str, key: ApiKey | None) -> None:
                 # An admin write: this worker applies it before answering (the
                 # store logged it in the change feed, which every other worker
-                # polls within live_interval).
+                # polls within live_interval; with Redis, they are woken at once).
                 await watcher.step()
+                if notifier is not None:
+                    await notifier.publish()
 
             async def purge_cache() -> int:
                 # This worker's entries at once (their count is the answer);
@@ -237,6 +260,8 @@ def create_app(
                 cache = proxy.routes.cache
                 purged = 0 if cache is None else await cache.purge()
                 await store.log_cache_purge()
+                if notifier is not None:
+                    await notifier.publish()
                 return purged
 
             # The admin API (Starlette, off the hot path): tried only when no
@@ -268,6 +293,7 @@ def create_app(
         except BaseException:
             if registry is not None:
                 await registry.close()
+            await _close_redis(link, notifier, None)
             await store.close()
             raise
         started_registry = registry
@@ -281,6 +307,7 @@ def create_app(
                 await watcher.close()
                 await started_registry.close()
             finally:
+                await _close_redis(link, notifier, governor)
                 await store.close()
                 if tracing is not None:
                     tracing.shutdown()  # the spans still buffered go out
@@ -308,6 +335,71 @@ def create_app(
         # writes a line that a request ending after it (or without one) buffered.
         atexit.register(app.core.access.flush)
     return app
+
+
+# --------------------------------------------------------------------------- Redis (redis:)
+# Imported only when configured: without ``redis:`` redis-py is never imported.
+
+
+def _redis_link(config: GandalfConfig) -> RedisLink:
+    settings = config.redis
+    assert settings is not None
+    from gandalf.scaleout.connection import connect
+
+    try:
+        return connect(  # imports redis-py
+            settings.url,
+            timeout=settings.timeout,
+            pool_size=settings.pool_size,
+            prefix=settings.prefix,
+            retry_interval=settings.retry_interval,
+        )
+    except ImportError as exc:
+        raise ConfigError(
+            f"{config.source}: redis: needs the redis extra "
+            f"(pip install 'gandalf-gateway[redis]'): {exc}"
+        ) from None
+
+
+def _redis_governor(link: RedisLink, local: LocalGovernor, config: GandalfConfig) -> RedisGovernor:
+    """The shared governor; ``local`` serves while Redis is down when
+    ``redis.on_error`` is open (closed: such requests get a 503)."""
+    from gandalf.scaleout.governor import RedisGovernor
+
+    assert config.redis is not None
+    governor = RedisGovernor(link, fallback=local if config.redis.on_error == "open" else None)
+    governor.start()
+    return governor
+
+
+def _redis_cache(link: RedisLink, config: GandalfConfig) -> ResponseCache:
+    from gandalf.scaleout.cache import RedisCache
+
+    assert config.redis is not None
+    return RedisCache(link, config.redis.max_entry_bytes)
+
+
+def _redis_notifier(link: RedisLink, watcher: Watcher) -> RedisNotifier:
+    from gandalf.scaleout.notify import RedisNotifier
+
+    notifier = RedisNotifier(link, watcher.wake)
+    notifier.start()
+    return notifier
+
+
+async def _close_redis(
+    link: RedisLink | None,
+    notifier: RedisNotifier | None,
+    governor: LocalGovernor | RedisGovernor | None,
+) -> None:
+    """Stop the notifier, flush the governor's corrections, close the pool."""
+    if link is None:
+        return
+    if notifier is not None:
+        await notifier.close()
+    if governor is not None and not isinstance(governor, LocalGovernor):
+        await governor.close()
+    await link.close()
 
 
 def _tracing(config: GandalfConfig, exporter: object | None) -> Tracing:

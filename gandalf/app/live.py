@@ -32,6 +32,7 @@ is skipped with a warning (a new provider needs a restart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -143,6 +144,7 @@ class Watcher:
         "_lock",
         "_sleep",
         "_task",
+        "_woken",
         "interval",
         "version",
     )
@@ -156,7 +158,11 @@ class Watcher:
         interval: float = POLL_INTERVAL,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         batch: int = BATCH,
+        wakeable: bool = False,
     ) -> None:
+        """``wakeable``: :meth:`wake` cuts the wait before the next poll short
+        (a notification from another instance); otherwise ``sleep`` paces the
+        loop alone."""
         if interval <= 0 or batch < 1:
             raise ValueError("interval > 0 and batch >= 1 are required")
         self._feed = feed
@@ -170,6 +176,25 @@ class Watcher:
         # One step at a time: the poll loop and an admin write applying its own
         # change at once (wiring's ``changed``) must not interleave.
         self._lock = asyncio.Lock()
+        self._woken = asyncio.Event() if wakeable else None
+
+    def wake(self) -> None:
+        """Poll now rather than at the end of the interval (a no-op unless
+        ``wakeable``)."""
+        if self._woken is not None:
+            self._woken.set()
+
+    async def _pause(self) -> None:
+        """The wait before the next poll: ``interval``, or until :meth:`wake`."""
+        woken = self._woken
+        if woken is None:
+            await self._sleep(self.interval)
+            return
+        if not woken.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await woken.wait()
+        woken.clear()
 
     async def step(self) -> Pending | None:
         """Poll once; what was applied (None: nothing changed)."""
@@ -188,7 +213,7 @@ class Watcher:
     async def run(self) -> None:
         """Poll forever (until cancelled); never raises otherwise."""
         while True:
-            await self._sleep(self.interval)
+            await self._pause()
             try:
                 await self.step()
             except asyncio.CancelledError:

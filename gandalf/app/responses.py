@@ -372,7 +372,12 @@ class ResponsesService:
         try:
             job = await self._job(identity, request, body, request_id)
             if identity.scopes:
-                ticket = pipeline.govern(identity, entry, job.relay_body, request.max_output_tokens)
+                limit = request.max_output_tokens
+                ticket = (
+                    pipeline.govern(identity, entry, job.relay_body, limit)
+                    if pipeline.local
+                    else await pipeline.govern_shared(identity, entry, job.relay_body, limit)
+                )
             outcome = await proxy.failover.serve(entry, _create, job, request_id, self.monotonic())
         except BaseException as exc:
             pipeline.failed(identity, alias, request_id, started, ENDPOINT, exc, ticket)
@@ -418,7 +423,12 @@ class ResponsesService:
         try:
             job = await self._job(identity, request, body, request_id)
             if identity.scopes:
-                ticket = pipeline.govern(identity, entry, job.relay_body, request.max_output_tokens)
+                limit = request.max_output_tokens
+                ticket = (
+                    pipeline.govern(identity, entry, job.relay_body, limit)
+                    if pipeline.local
+                    else await pipeline.govern_shared(identity, entry, job.relay_body, limit)
+                )
             opened = await proxy.failover.serve(entry, _open, job, request_id, self.monotonic())
         except BaseException as exc:
             pipeline.failed(identity, alias, request_id, started, ENDPOINT, exc, ticket)
