@@ -82,7 +82,6 @@ import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from operator import attrgetter
 from typing import Any, Final, TypeVar
 
 import aiosqlite
@@ -92,17 +91,14 @@ from gandalf.domain import (
     USAGE_GROUPS,
     ApiKey,
     AuditEntry,
-    Budget,
     Change,
     Organization,
     ProviderConfig,
     Route,
-    Target,
     Team,
     UsageRecord,
     UsageSummary,
 )
-from gandalf.errors import Clash, InUse
 from gandalf.storage._rollups import (
     BUCKETS,
     MAX_USAGE_ID,
@@ -114,8 +110,32 @@ from gandalf.storage._rollups import (
     spend_params,
     split,
 )
+from gandalf.storage._rows import (
+    _KEY_COLUMNS,
+    _KEY_CONFIG_COLUMNS,
+    _LIMIT_COLUMNS,
+    _ORG_COLUMNS,
+    _PROVIDER_COLUMNS,
+    _ROUTE_COLUMNS,
+    _TEAM_COLUMNS,
+    _budget_columns,
+    _json,
+    _key_from_row,
+    _key_row,
+    _org_from_row,
+    _org_row,
+    _provider_from_row,
+    _provider_row,
+    _route_from_row,
+    _route_row,
+    _team_from_row,
+    _team_row,
+    _tenant_update,
+)
+from gandalf.storage.protocol import CHANGE_LOG_KEEP, CannotCreate, StorageError, TenantInUse
 
 __all__ = [
+    "CHANGE_LOG_KEEP",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "CannotCreate",
@@ -258,16 +278,7 @@ RETENTION_BACKLOG_PAUSE: Final = 0.5
 _DROP_WARNING_INTERVAL: Final = 1.0  # seconds between "usage dropped" warnings
 
 
-class StorageError(Exception):
-    """The store cannot do what was asked (not open, constraint violated, SQLite error)."""
-
-
 # --------------------------------------------------------------------------- codecs
-
-_ENCODER: Final = msgspec.json.Encoder()
-_STRINGS: Final = msgspec.json.Decoder(tuple[str, ...])
-_TARGETS: Final = msgspec.json.Decoder(tuple[Target, ...])
-_BY_PRIORITY: Final = attrgetter("priority")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -307,10 +318,6 @@ def _private(path: str) -> None:
             continue
         except OSError as exc:
             logger.warning("cannot restrict the permissions of database file %s: %s", file, exc)
-
-
-def _json(value: object) -> str:
-    return _ENCODER.encode(value).decode()
 
 
 def _upsert_sql(table: str, columns: tuple[str, ...], key: str) -> str:
@@ -354,11 +361,6 @@ _USAGE_SELECT: Final = (
 _as_row: Final = msgspec.structs.astuple
 
 # api_keys
-_KEY_COLUMNS: Final = (
-    "id", "name", "key_hash", "prefix", "org_id", "team_id", "role",
-    "allowed_models", "expires_at", "revoked", "created_at", "source",
-    "rpm", "tpm", "budget_usd", "budget_period", "blocked",
-)  # fmt: skip
 _KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys"
 _KEY_INSERT: Final = (
     f"INSERT INTO api_keys ({', '.join(_KEY_COLUMNS)}) "
@@ -368,10 +370,6 @@ _KEY_INSERT_IF_ABSENT: Final = _KEY_INSERT + " ON CONFLICT (key_hash) DO NOTHING
 # Config may change what a bootstrap key is; never its identity or its revocation.
 # Only when something differs: an unchanged key logs no change (each worker's
 # start-up reconciles the config keys again).
-_KEY_CONFIG_COLUMNS: Final = (
-    "name", "prefix", "org_id", "team_id", "role", "allowed_models", "expires_at", "rpm", "tpm",
-    "budget_usd", "budget_period",
-)  # fmt: skip
 _KEY_UPDATE_FROM_CONFIG: Final = (
     f"UPDATE api_keys SET {', '.join(f'{c} = ?{n}' for n, c in enumerate(_KEY_CONFIG_COLUMNS, 1))} "
     f"WHERE key_hash = ?{len(_KEY_CONFIG_COLUMNS) + 1} AND ({', '.join(_KEY_CONFIG_COLUMNS)}) "
@@ -391,55 +389,7 @@ _KEY_REVOKE_CONFIG_EXCEPT: Final = (
 )
 
 
-def _key_row(key: ApiKey, now: float) -> tuple[object, ...]:
-    allowed = key.allowed_models
-    return (
-        key.id, key.name, key.key_hash, key.prefix, key.org_id, key.team_id, key.role,
-        None if allowed is None else _json(allowed), key.expires_at, int(key.revoked),
-        key.created_at or now, key.source, key.rpm, key.tpm, *_budget_columns(key.budget),
-        int(key.blocked),
-    )  # fmt: skip
-
-
-def _budget_columns(budget: Budget | None) -> tuple[float | None, str | None]:
-    return (None, None) if budget is None else (budget.usd, budget.period)
-
-
-def _budget(usd: float | None, period: str | None) -> Budget | None:
-    return None if usd is None else Budget(usd=usd, period=period or "monthly")
-
-
-def _models(text: str | None) -> tuple[str, ...] | None:
-    return None if text is None else _STRINGS.decode(text)
-
-
-def _key_from_row(row: Sequence[Any]) -> ApiKey:
-    allowed = row[7]
-    return ApiKey(
-        id=row[0],
-        name=row[1],
-        key_hash=row[2],
-        prefix=row[3],
-        org_id=row[4],
-        team_id=row[5],
-        role=row[6],
-        allowed_models=None if allowed is None else _STRINGS.decode(allowed),
-        expires_at=row[8],
-        revoked=bool(row[9]),
-        created_at=row[10],
-        source=row[11],
-        rpm=row[12],
-        tpm=row[13],
-        budget=_budget(row[14], row[15]),
-        blocked=bool(row[16]),
-    )
-
-
 # providers
-_PROVIDER_COLUMNS: Final = (
-    "name", "type", "base_url", "api_key_ref", "models", "priority", "timeout_ms",
-    "enabled", "latency_ms", "source", "updated_at",
-)  # fmt: skip
 _PROVIDER_SELECT: Final = (
     f"SELECT {', '.join(_PROVIDER_COLUMNS[:-1])} FROM providers ORDER BY priority, name"
 )
@@ -449,46 +399,7 @@ _PROVIDER_PRUNE: Final = (
 )
 
 
-def _safe_key_ref(provider: ProviderConfig) -> str | None:
-    """The ``${ENV}`` reference to store, or None.
-
-    A reference that is not a ``${...}`` expansion, or that equals the resolved
-    key, would put a plaintext secret in the database: it is not stored.
-    """
-    ref = provider.api_key_ref
-    if ref is None or "${" not in ref or ref == provider.api_key:
-        return None
-    return ref
-
-
-def _provider_row(p: ProviderConfig, source: str, now: float) -> tuple[object, ...]:
-    # p.api_key is deliberately absent: the secret never reaches the database.
-    return (
-        p.name, p.type, p.base_url, _safe_key_ref(p), _json(p.models), p.priority,
-        p.timeout_ms, int(p.enabled), p.latency_ms, source, now,
-    )  # fmt: skip
-
-
-def _provider_from_row(row: Sequence[Any]) -> ProviderConfig:
-    return ProviderConfig(
-        name=row[0],
-        type=row[1],
-        base_url=row[2],
-        api_key_ref=row[3],
-        models=_STRINGS.decode(row[4]),
-        priority=row[5],
-        timeout_ms=row[6],
-        enabled=bool(row[7]),
-        latency_ms=row[8],
-        source=row[9],
-    )
-
-
 # routes
-_ROUTE_COLUMNS: Final = (
-    "model_alias", "targets", "strategy", "source", "max_attempts", "coalesce", "cache",
-    "cache_ttl", "updated_at",
-)  # fmt: skip
 _ROUTE_SELECT: Final = f"SELECT {', '.join(_ROUTE_COLUMNS[:-1])} FROM routes ORDER BY model_alias"
 _ROUTE_UPSERT: Final = _upsert_sql("routes", _ROUTE_COLUMNS, "model_alias")
 _ROUTE_PRUNE: Final = (
@@ -497,31 +408,7 @@ _ROUTE_PRUNE: Final = (
 )
 
 
-def _route_row(r: Route, source: str, now: float) -> tuple[object, ...]:
-    return (
-        r.model_alias, _json(r.targets), r.strategy, source, r.max_attempts, int(r.coalesce),
-        None if r.cache is None else int(r.cache), r.cache_ttl, now,
-    )  # fmt: skip
-
-
-def _route_from_row(row: Sequence[Any]) -> Route:
-    targets = tuple(sorted(_TARGETS.decode(row[1]), key=_BY_PRIORITY))
-    return Route(
-        model_alias=row[0],
-        targets=targets,
-        strategy=row[2],
-        source=row[3],
-        max_attempts=row[4],
-        coalesce=bool(row[5]),
-        cache=None if row[6] is None else bool(row[6]),
-        cache_ttl=row[7],
-    )
-
-
 # organizations and teams: the columns after the first three (four) are the same
-_LIMIT_COLUMNS: Final = ("allowed_models", "rpm", "tpm", "budget_usd", "budget_period", "source")
-_ORG_COLUMNS: Final = ("id", "name", "created_at", *_LIMIT_COLUMNS)
-_TEAM_COLUMNS: Final = ("id", "org_id", "name", "created_at", *_LIMIT_COLUMNS)
 _ORG_INSERT: Final = (
     f"INSERT INTO organizations ({', '.join(_ORG_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_ORG_COLUMNS))})"
@@ -557,14 +444,6 @@ _ORG_UPDATE: Final = "UPDATE organizations " + _TENANT_SET
 _TEAM_UPDATE: Final = "UPDATE teams " + _TENANT_SET
 
 
-def _tenant_update(t: Organization | Team, tenant_id: str) -> tuple[object, ...]:
-    allowed = t.allowed_models
-    return (
-        t.name, None if allowed is None else _json(allowed), t.rpm, t.tpm,
-        *_budget_columns(t.budget), tenant_id,
-    )  # fmt: skip
-
-
 # Live keys: neither revoked nor expired (at the given time).
 _LIVE_KEYS: Final = (
     "SELECT count(*) FROM api_keys WHERE {column} = ? AND revoked = 0 "
@@ -572,38 +451,7 @@ _LIVE_KEYS: Final = (
 )
 
 
-def _limit_values(
-    allowed: tuple[str, ...] | None, rpm: int, tpm: int, budget: Budget | None, source: str
-) -> tuple[object, ...]:
-    return (None if allowed is None else _json(allowed), rpm, tpm, *_budget_columns(budget), source)
-
-
-def _org_row(o: Organization, now: float) -> tuple[object, ...]:
-    limits = _limit_values(o.allowed_models, o.rpm, o.tpm, o.budget, o.source)
-    return (o.id, o.name, o.created_at or now, *limits)
-
-
-def _team_row(t: Team, now: float) -> tuple[object, ...]:
-    limits = _limit_values(t.allowed_models, t.rpm, t.tpm, t.budget, t.source)
-    return (t.id, t.org_id, t.name, t.created_at or now, *limits)
-
-
-def _org_from_row(r: Sequence[Any]) -> Organization:
-    return Organization(
-        id=r[0], name=r[1], created_at=r[2], allowed_models=_models(r[3]), rpm=r[4], tpm=r[5],
-        budget=_budget(r[6], r[7]), source=r[8],
-    )  # fmt: skip
-
-
-def _team_from_row(r: Sequence[Any]) -> Team:
-    return Team(
-        id=r[0], org_id=r[1], name=r[2], created_at=r[3], allowed_models=_models(r[4]),
-        rpm=r[5], tpm=r[6], budget=_budget(r[7], r[8]), source=r[9],
-    )  # fmt: skip
-
-
 # change_log
-CHANGE_LOG_KEEP: Final = 1000
 _CHANGE_INSERT: Final = "INSERT INTO change_log (kind, id, at) VALUES (?, ?, ?)"
 _CHANGE_PRUNE: Final = "DELETE FROM change_log WHERE version <= last_insert_rowid() - ?"
 _CHANGES_SELECT: Final = (
@@ -620,15 +468,6 @@ _AUDIT_INSERT: Final = (
 _AUDIT_SELECT: Final = (
     f"SELECT {', '.join(_AUDIT_FIELDS)} FROM audit_log ORDER BY id DESC LIMIT ? OFFSET ?"
 )
-
-
-class CannotCreate(StorageError, Clash):
-    """An insert broke a constraint: the id exists (a concurrent create), or
-    what it refers to does not (a team's organization)."""
-
-
-class TenantInUse(StorageError, InUse):
-    """An organization or team cannot be deleted: keys (or teams) still belong to it."""
 
 
 # --------------------------------------------------------------------------- writer queue items
