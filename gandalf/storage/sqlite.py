@@ -82,7 +82,7 @@ import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import aiosqlite
 import msgspec
@@ -132,6 +132,14 @@ from gandalf.storage._rows import (
     _team_row,
     _tenant_update,
 )
+from gandalf.storage._writer import (
+    RETENTION_BATCH,
+    RETENTION_EVERY,
+    RETRY_BASE,
+    RETRY_CAP,
+    BatchedWriter,
+    WriteOp,
+)
 from gandalf.storage.protocol import CHANGE_LOG_KEEP, CannotCreate, StorageError, TenantInUse
 
 __all__ = [
@@ -146,7 +154,6 @@ __all__ = [
 
 logger = logging.getLogger("gandalf.storage")
 
-_T = TypeVar("_T")
 
 # Migration 2: routing and resilience. Usage records count the upstream attempts
 # a request made (0: it shared a coalesced call); routes keep their retry and
@@ -261,21 +268,11 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
 BUSY_TIMEOUT_MS: Final = 5000
-RETRY_BASE: Final = 0.1  # seconds: the first backoff after a busy/locked usage batch
-RETRY_CAP: Final = 5.0  # seconds: the longest backoff
 # SQLite primary result codes worth waiting out (sqlite3.Error.sqlite_errorcode & 0xFF):
 # another connection holds a lock, or the disk failed or filled up for now.
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13
 _TRANSIENT: Final = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL})
-_RETRY_LOG_EVERY: Final = 10  # log the first failed attempt of a batch, then every 10th
 PING_TIMEOUT: Final = 2.0  # seconds
-# Usage retention: a pass deletes at most RETENTION_BATCH raw records (a few
-# tens of ms of writer time), every RETENTION_EVERY seconds, or after
-# RETENTION_BACKLOG_PAUSE while older records remain.
-RETENTION_EVERY: Final = 60.0
-RETENTION_BATCH: Final = 5000
-RETENTION_BACKLOG_PAUSE: Final = 0.5
-_DROP_WARNING_INTERVAL: Final = 1.0  # seconds between "usage dropped" warnings
 
 
 # --------------------------------------------------------------------------- codecs
@@ -473,31 +470,6 @@ _AUDIT_SELECT: Final = (
 # --------------------------------------------------------------------------- writer queue items
 
 
-class _WriteOp:
-    """One write: ``fn`` runs on the writer connection inside its own transaction."""
-
-    __slots__ = ("fn", "future")
-
-    def __init__(
-        self,
-        fn: Callable[[aiosqlite.Connection], Awaitable[Any]],
-        future: asyncio.Future[Any],
-    ) -> None:
-        self.fn = fn
-        self.future = future
-
-
-class _Stop:
-    """The shutdown sentinel: the writer exits once everything before it is done."""
-
-    __slots__ = ()
-
-
-_STOP: Final = _Stop()
-
-_Item = UsageRecord | _WriteOp | _Stop
-
-
 def _statements(script: str) -> list[str]:
     """Split an SQL script into statements; semicolons in comments and strings are safe."""
     statements: list[str] = []
@@ -520,14 +492,10 @@ async def _rollback_quietly(conn: aiosqlite.Connection) -> None:
         logger.warning("rollback failed", exc_info=True)
 
 
-async def _noop(conn: aiosqlite.Connection) -> None:
-    return None
-
-
 # --------------------------------------------------------------------------- the store
 
 
-class SqliteStore:
+class SqliteStore(BatchedWriter[aiosqlite.Connection]):
     """Gandalf's persistent state in one SQLite database.
 
     Lifecycle: construct, ``await open()``, use, ``await close()``. Each process
@@ -575,46 +543,31 @@ class SqliteStore:
             raise ValueError("readers, queue_size and batch_size must be at least 1")
         if busy_timeout_ms < 0 or retry_base <= 0 or retry_cap < retry_base:
             raise ValueError("busy_timeout_ms >= 0 and 0 < retry_base <= retry_cap are required")
-        if usage_retention < 0 or retention_every <= 0 or retention_batch < 1:
-            raise ValueError("usage_retention >= 0, retention_every > 0, retention_batch >= 1")
-        self._retention = usage_retention
-        self._retention_every = retention_every
-        self._retention_batch = retention_batch
-        self._retention_sleep = retention_sleep
-        self._retention_backlog_pause = min(RETENTION_BACKLOG_PAUSE, retention_every)
-        self._prune_task: asyncio.Task[None] | None = None
+        super().__init__(
+            queue_size=queue_size,
+            batch_size=batch_size,
+            usage_linger=usage_linger,
+            clock=clock,
+            retry_base=retry_base,
+            retry_cap=retry_cap,
+            retry_sleep=retry_sleep,
+            rng=rng,
+            usage_retention=usage_retention,
+            retention_every=retention_every,
+            retention_batch=retention_batch,
+            retention_sleep=retention_sleep,
+        )
         self._dsn = dsn
         self._memory = dsn == ":memory:"
         self._database = (
             f"file:gandalf-mem-{uuid.uuid4().hex}?mode=memory&cache=shared" if self._memory else dsn
         )
         self._reader_count = readers
-        self._queue_size = queue_size
-        self._batch_size = batch_size
-        self._linger = usage_linger
-        self._clock = clock
         self._migrations = tuple(migrations)
         self._busy_timeout_ms = int(busy_timeout_ms)
-        self._retry_base = retry_base
-        self._retry_cap = retry_cap
-        self._retry_sleep = retry_sleep
-        self._rng = rng if rng is not None else random.Random()
-        # The usage batch the writer holds (while it retries it): lost if the
-        # writer is stopped before it commits.
-        self._holding: list[UsageRecord] | None = None
-        # Unbounded on purpose: write operations and the stop sentinel must
-        # always get in; record_usage enforces queue_size for usage records.
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._writer_conn: aiosqlite.Connection | None = None
         self._reader_conns: list[aiosqlite.Connection] = []
         self._pool: asyncio.Queue[aiosqlite.Connection] | None = None
-        self._writer_task: asyncio.Task[None] | None = None
-        self._close_task: asyncio.Task[None] | None = None
-        self._accepting = True
-        self._dropped = 0
-        self._written = 0
-        self._failed = 0
-        self._last_drop_warning = float("-inf")
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -663,9 +616,7 @@ class SqliteStore:
         for reader in self._reader_conns:
             pool.put_nowait(reader)
         self._pool = pool
-        self._writer_task = asyncio.create_task(self._run_writer(writer), name="gandalf-storage")
-        if self._retention > 0:
-            self._prune_task = asyncio.create_task(self._prune_forever(), name="gandalf-retention")
+        self._start(writer)
 
     async def _connect(self, opened: list[aiosqlite.Connection]) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self._database, uri=self._memory, isolation_level=None)
@@ -700,59 +651,6 @@ class SqliteStore:
         if current != target:
             logger.info("database %s migrated from version %d to %d", self._dsn, current, target)
 
-    async def close(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 bounds the drain
-        """Flush queued writes, stop the writer, close every connection. Idempotent.
-
-        Everything queued before the call is written, unless that takes longer
-        than ``timeout`` seconds: then the rest is abandoned (operations fail
-        with StorageError, usage records count as dropped) and logged.
-        """
-        if self._close_task is None:
-            self._close_task = asyncio.create_task(self._shutdown(drain_seconds=timeout))
-        await asyncio.shield(self._close_task)
-
-    async def _shutdown(self, drain_seconds: float) -> None:
-        self._accepting = False
-        prune = self._prune_task
-        if prune is not None:
-            prune.cancel()
-            await asyncio.wait({prune})
-        task = self._writer_task
-        if task is not None:
-            self._queue.put_nowait(_STOP)
-            done, _ = await asyncio.wait({task}, timeout=drain_seconds)
-            if not done:
-                logger.error(
-                    "storage writer did not drain within %.1fs; abandoning %d queued items",
-                    drain_seconds,
-                    self._queue.qsize(),
-                )
-                task.cancel()
-                await asyncio.wait({task})
-            elif not task.cancelled():
-                task.exception()  # already logged by the writer; retrieved here
-        self._abandon_queued()
-        conns = [c for c in (self._writer_conn, *self._reader_conns) if c is not None]
-        self._pool = None
-        for conn in conns:
-            try:
-                await conn.close()
-            except Exception:
-                logger.warning("closing a database connection failed", exc_info=True)
-
-    def _abandon_queued(self) -> None:
-        holding, self._holding = self._holding, None
-        lost = len(holding) if holding is not None else 0
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, UsageRecord):
-                lost += 1
-            elif isinstance(item, _WriteOp) and not item.future.done():
-                item.future.set_exception(StorageError("store closed before the write ran"))
-        if lost:
-            self._dropped += lost
-            logger.error("store closed with %d usage records unwritten", lost)
-
     async def ping(self) -> bool:
         """True if the store is open, its writer alive and a reader answers ``SELECT 1``.
 
@@ -768,46 +666,6 @@ class SqliteStore:
         return rows == [(1,)]
 
     # ----------------------------------------------------------------- usage
-
-    def record_usage(self, rec: UsageRecord) -> None:
-        """Queue one usage record for the writer. Never blocks, never raises.
-
-        When ``queue_size`` items are already waiting (or the store is closing)
-        the record is dropped and counted in ``dropped_usage``.
-        """
-        queue = self._queue
-        if self._accepting and queue.qsize() < self._queue_size:
-            queue.put_nowait(rec)
-        else:
-            self._drop_usage()
-
-    def _drop_usage(self) -> None:
-        self._dropped += 1
-        now = self._clock()
-        if abs(now - self._last_drop_warning) >= _DROP_WARNING_INTERVAL:
-            self._last_drop_warning = now
-            logger.warning(
-                "usage queue full or closed: %d usage records dropped so far", self._dropped
-            )
-
-    @property
-    def dropped_usage(self) -> int:
-        """Usage records dropped because the queue was full or the store closed."""
-        return self._dropped
-
-    @property
-    def usage_written(self) -> int:
-        """Usage records committed to the database by this store."""
-        return self._written
-
-    @property
-    def usage_failed(self) -> int:
-        """Usage records lost because their batch failed to commit (each failure is logged)."""
-        return self._failed
-
-    async def flush(self) -> None:
-        """Return once everything queued before this call has been written (or failed)."""
-        await self._write(_noop)
 
     async def list_usage(self, limit: int = 1000) -> list[UsageRecord]:
         """The newest ``limit`` committed usage records, oldest first (newest last)."""
@@ -896,23 +754,6 @@ class SqliteStore:
             return cur.rowcount
 
         return await self._write(op)
-
-    async def _prune_forever(self) -> None:
-        """The retention loop: a bounded prune every ``retention_every``
-        seconds, sooner while old records remain (each prune is one short
-        write among the others, so the writer never stalls on it)."""
-        pause = self._retention_every  # not at once: start-up has better things to do
-        while True:
-            await self._retention_sleep(pause)
-            try:
-                deleted = await self.prune_usage(self._retention_batch)
-            except StorageError as exc:
-                logger.warning("pruning old usage records failed: %s", exc)
-                deleted = 0
-            if deleted:
-                logger.info("deleted %d usage record(s) older than the retention", deleted)
-            backlog = deleted >= self._retention_batch
-            pause = self._retention_backlog_pause if backlog else self._retention_every
 
     # ----------------------------------------------------------------- live changes
 
@@ -1305,14 +1146,6 @@ class SqliteStore:
 
     # ----------------------------------------------------------------- writes
 
-    async def _write(self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]) -> _T:
-        """Run ``fn`` on the writer connection in its own transaction; its result or error."""
-        if self._writer_task is None or not self._accepting:
-            raise StorageError("store is not open")
-        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_WriteOp(fn, future))
-        return await future
-
     async def _execute(
         self, sql: str, params: Iterable[object], *, change: str | None = None
     ) -> int:
@@ -1327,94 +1160,38 @@ class SqliteStore:
 
         return await self._write(op)
 
-    async def _run_writer(self, conn: aiosqlite.Connection) -> None:
-        """Drain the queue in order until the stop sentinel; survive every failing item."""
-        queue = self._queue
-        batch_size = self._batch_size
-        linger = self._linger
-        loop = asyncio.get_running_loop()
-        last_batch = float("-inf")
-        item: _Item | None = None
+    async def _commit_usage(self, conn: aiosqlite.Connection, batch: list[UsageRecord]) -> None:
+        """Insert ``batch`` and add it into the rollups in one transaction (the
+        writer retries a transient failure: see the module doc)."""
         try:
-            while True:
-                if item is None:
-                    item = await queue.get()
-                if isinstance(item, UsageRecord):
-                    # Each transaction costs several thread hand-offs: under load,
-                    # let records gather for up to `linger` since the last batch.
-                    wait = last_batch + linger - loop.time()
-                    if wait > 0 and queue.qsize() < batch_size:
-                        await asyncio.sleep(wait)
-                    batch = [item]
-                    item = None
-                    while len(batch) < batch_size and not queue.empty():
-                        following = queue.get_nowait()
-                        if isinstance(following, UsageRecord):
-                            batch.append(following)
-                        else:
-                            item = following  # keeps order: handled right after the batch
-                            break
-                    await self._write_usage(conn, batch)
-                    last_batch = loop.time()
-                elif isinstance(item, _WriteOp):
-                    await self._run_op(conn, item)
-                    item = None
-                else:
-                    return
+            await conn.execute("BEGIN IMMEDIATE")
+            cur = await conn.execute(MAX_USAGE_ID)
+            last = (await cur.fetchone() or (0,))[0]
+            for start in range(0, len(batch), _ROWS_PER_INSERT):
+                chunk = batch[start : start + _ROWS_PER_INSERT]
+                params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
+                await conn.execute(_usage_insert(len(chunk)), params)
+            # The batch's sums into their hours and days, in the same transaction.
+            for upsert in ROLLUP_UPSERTS:
+                await conn.execute(upsert, (last,))
+            await conn.commit()
         except Exception:
-            logger.exception("storage writer crashed")
+            await _rollback_quietly(conn)
             raise
-        finally:
-            if isinstance(item, _WriteOp) and not item.future.done():
-                item.future.set_exception(StorageError("store closed before the write ran"))
 
-    async def _write_usage(self, conn: aiosqlite.Connection, batch: list[UsageRecord]) -> None:
-        """Commit ``batch``, retrying while the database is busy (see the module doc)."""
-        self._holding = batch
-        retries = 0
-        while True:
+    def _transient(self, exc: BaseException) -> bool:
+        return _transient(exc)
+
+    async def _disconnect(self) -> None:
+        conns = [c for c in (self._writer_conn, *self._reader_conns) if c is not None]
+        self._pool = None
+        for conn in conns:
             try:
-                await conn.execute("BEGIN IMMEDIATE")
-                cur = await conn.execute(MAX_USAGE_ID)
-                last = (await cur.fetchone() or (0,))[0]
-                for start in range(0, len(batch), _ROWS_PER_INSERT):
-                    chunk = batch[start : start + _ROWS_PER_INSERT]
-                    params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
-                    await conn.execute(_usage_insert(len(chunk)), params)
-                # The batch's sums into their hours and days, in the same transaction.
-                for upsert in ROLLUP_UPSERTS:
-                    await conn.execute(upsert, (last,))
-                await conn.commit()
-            except Exception as exc:
-                await _rollback_quietly(conn)
-                if not _transient(exc):
-                    self._holding = None
-                    self._failed += len(batch)
-                    logger.exception("writing a batch of %d usage records failed", len(batch))
-                    return
-                span = min(self._retry_cap, self._retry_base * 2.0**retries)
-                delay = self._rng.uniform(span / 2, span)
-                if retries % _RETRY_LOG_EVERY == 0:
-                    logger.warning(
-                        "writing a batch of %d usage records failed (%s), attempt %d; "
-                        "retrying in %.2fs, keeping the records",
-                        len(batch),
-                        exc,
-                        retries + 1,
-                        delay,
-                    )
-                retries += 1
-                await self._retry_sleep(delay)
-            else:
-                self._holding = None
-                self._written += len(batch)
-                if retries:
-                    logger.warning(
-                        "wrote the batch of %d usage records after %d retries", len(batch), retries
-                    )
-                return
+                await conn.close()
+            except Exception:
+                logger.warning("closing a database connection failed", exc_info=True)
 
-    async def _run_op(self, conn: aiosqlite.Connection, op: _WriteOp) -> None:
+    async def _run_op(self, conn: aiosqlite.Connection, op: WriteOp[aiosqlite.Connection]) -> None:
         future = op.future
         if future.done():  # the caller was cancelled before its turn
             return
