@@ -2,7 +2,10 @@
 
 Both engines keep the same columns with the same meaning: booleans as 0/1
 integers, lists as JSON text, a budget as (usd, period). Column tuples here
-are in table order; the SQL that uses them lives with each engine.
+are in table order. The statements both engines share are written here once
+in SQLite's spelling (``?`` placeholders, ``?N`` for a repeated one, ``IS NOT``
+between row values); the PostgreSQL store translates them at import time
+(``postgres._pg``). Engine-specific statements live with each engine.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import msgspec
 
 from gandalf.domain import (
     ApiKey,
+    AuditEntry,
     Budget,
     Organization,
     ProviderConfig,
     Route,
     Target,
     Team,
+    UsageRecord,
 )
 
 _ENCODER: Final = msgspec.json.Encoder()
@@ -209,3 +214,164 @@ def _team_from_row(r: Sequence[Any]) -> Team:
         id=r[0], org_id=r[1], name=r[2], created_at=r[3], allowed_models=_models(r[4]),
         rpm=r[5], tpm=r[6], budget=_budget(r[7], r[8]), source=r[9],
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- shared SQL
+
+
+def _upsert_sql(table: str, columns: tuple[str, ...], key: str) -> str:
+    """INSERT ... ON CONFLICT(key) DO UPDATE, touching the row only if a value changed.
+
+    The last column is the ``updated_at`` stamp: it is written but not compared,
+    so re-applying identical values leaves the row (and its stamp) alone.
+    """
+    updated = [c for c in columns if c != key]
+    compared = updated[:-1]
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in updated)
+        + f" WHERE ({', '.join(f'{table}.{c}' for c in compared)})"
+        f" IS NOT ({', '.join(f'excluded.{c}' for c in compared)})"
+    )
+
+
+# usage_records: columns in UsageRecord field order, so a record's astuple() is its row.
+_USAGE_FIELDS: Final = UsageRecord.__struct_fields__
+
+
+_USAGE_SELECT: Final = (
+    f"SELECT {', '.join(_USAGE_FIELDS)} FROM "
+    "(SELECT * FROM usage_records ORDER BY id DESC LIMIT ?) ORDER BY id"
+)
+
+
+# api_keys
+_KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys"
+
+
+_KEY_INSERT: Final = (
+    f"INSERT INTO api_keys ({', '.join(_KEY_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_KEY_COLUMNS))})"
+)
+
+
+_KEY_INSERT_IF_ABSENT: Final = _KEY_INSERT + " ON CONFLICT (key_hash) DO NOTHING"
+
+
+# Config may change what a bootstrap key is; never its identity or its revocation.
+# Only when something differs: an unchanged key logs no change (each worker's
+# start-up reconciles the config keys again).
+_KEY_UPDATE_FROM_CONFIG: Final = (
+    f"UPDATE api_keys SET {', '.join(f'{c} = ?{n}' for n, c in enumerate(_KEY_CONFIG_COLUMNS, 1))} "
+    f"WHERE key_hash = ?{len(_KEY_CONFIG_COLUMNS) + 1} AND ({', '.join(_KEY_CONFIG_COLUMNS)}) "
+    f"IS NOT ({', '.join(f'?{n}' for n in range(1, len(_KEY_CONFIG_COLUMNS) + 1))})"
+)
+
+
+_KEY_REVOKE: Final = "UPDATE api_keys SET revoked = 1 WHERE id = ? RETURNING key_hash"
+
+
+_KEY_UPDATE: Final = (
+    "UPDATE api_keys SET allowed_models = ?, expires_at = ?, rpm = ?, tpm = ?, "
+    "budget_usd = ?, budget_period = ?, blocked = ? WHERE id = ?"
+)
+
+
+# providers
+_PROVIDER_SELECT: Final = (
+    f"SELECT {', '.join(_PROVIDER_COLUMNS[:-1])} FROM providers ORDER BY priority, name"
+)
+
+
+_PROVIDER_UPSERT: Final = _upsert_sql("providers", _PROVIDER_COLUMNS, "name")
+
+
+# routes
+_ROUTE_SELECT: Final = f"SELECT {', '.join(_ROUTE_COLUMNS[:-1])} FROM routes ORDER BY model_alias"
+
+
+_ROUTE_UPSERT: Final = _upsert_sql("routes", _ROUTE_COLUMNS, "model_alias")
+
+
+# organizations and teams: the columns after the first three (four) are the same
+_ORG_INSERT: Final = (
+    f"INSERT INTO organizations ({', '.join(_ORG_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_ORG_COLUMNS))})"
+)
+
+
+_TEAM_INSERT: Final = (
+    f"INSERT INTO teams ({', '.join(_TEAM_COLUMNS)}) VALUES ({', '.join('?' * len(_TEAM_COLUMNS))})"
+)
+
+
+_ORG_SELECT: Final = f"SELECT {', '.join(_ORG_COLUMNS)} FROM organizations"
+
+
+_TEAM_SELECT: Final = f"SELECT {', '.join(_TEAM_COLUMNS)} FROM teams"
+
+
+# Config takes a row over whatever made it (created_at stays); same for teams.
+# ... touching (and logging) a row only when a value differs.
+_ORG_UPDATED: Final = ("name", *_LIMIT_COLUMNS)
+
+
+_TEAM_UPDATED: Final = ("org_id", "name", *_LIMIT_COLUMNS)
+
+
+_ORG_UPSERT: Final = (
+    _ORG_INSERT
+    + " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _ORG_UPDATED)
+    + f" WHERE ({', '.join(f'organizations.{c}' for c in _ORG_UPDATED)})"
+    + f" IS NOT ({', '.join(f'excluded.{c}' for c in _ORG_UPDATED)})"
+)
+
+
+_TEAM_UPSERT: Final = (
+    _TEAM_INSERT
+    + " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _TEAM_UPDATED)
+    + f" WHERE ({', '.join(f'teams.{c}' for c in _TEAM_UPDATED)})"
+    + f" IS NOT ({', '.join(f'excluded.{c}' for c in _TEAM_UPDATED)})"
+)
+
+
+_TENANT_SET: Final = (
+    "SET name = ?, allowed_models = ?, rpm = ?, tpm = ?, budget_usd = ?, budget_period = ? "
+    "WHERE id = ?"
+)
+
+
+_ORG_UPDATE: Final = "UPDATE organizations " + _TENANT_SET
+
+
+_TEAM_UPDATE: Final = "UPDATE teams " + _TENANT_SET
+
+
+# Live keys: neither revoked nor expired (at the given time).
+_LIVE_KEYS: Final = (
+    "SELECT count(*) FROM api_keys WHERE {column} = ? AND revoked = 0 "
+    "AND (expires_at IS NULL OR expires_at > ?)"
+)
+
+
+_CHANGES_SELECT: Final = (
+    "SELECT version, kind, id FROM change_log WHERE version > ? ORDER BY version LIMIT ?"
+)
+
+
+# audit_log: columns in AuditEntry field order, so an entry's astuple() is its row.
+_AUDIT_FIELDS: Final = AuditEntry.__struct_fields__
+
+
+_AUDIT_INSERT: Final = (
+    f"INSERT INTO audit_log ({', '.join(_AUDIT_FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(_AUDIT_FIELDS))})"
+)
+
+
+_AUDIT_SELECT: Final = (
+    f"SELECT {', '.join(_AUDIT_FIELDS)} FROM audit_log ORDER BY id DESC LIMIT ? OFFSET ?"
+)
