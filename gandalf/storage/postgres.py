@@ -28,10 +28,12 @@ Writes
     still in use) and their change-log versions cannot interleave.
 
 Change log
-    A change's version is the previous one plus one, taken under the write
-    lock: versions are gapless and commit in increasing order, so a watcher
-    that read up to ``v`` never later finds a new change at or below ``v``
-    (a sequence would leave gaps on rollback, and commit out of order).
+    A change's version is the previous one plus one, counted in a one-row
+    table whose row lock is held until the commit: versions are gapless,
+    never reused, and commit in increasing order, so a watcher that read up
+    to ``v`` never later finds a new change at or below ``v`` (a sequence
+    would leave gaps on rollback, which make watchers reload everything, and
+    could commit out of order).
     Watchers poll ``changes_since``; there is no LISTEN/NOTIFY wake-up.
 
 Migrations
@@ -315,8 +317,9 @@ CREATE TABLE IF NOT EXISTS audit_log (
 CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts);
 """
 
-# Version 7: live changes and usage rollups. ``version`` is assigned by the
-# store (previous + 1 under WRITE_LOCK), not by a sequence: see the module doc.
+# Version 7: live changes and usage rollups. ``version`` comes from the
+# one-row ``change_counter`` (not a sequence: see the module doc), so like
+# SQLite's AUTOINCREMENT it is never reused, even with the log emptied.
 _MIGRATION_7: Final = f"""
 CREATE TABLE change_log (
     version BIGINT PRIMARY KEY,
@@ -324,6 +327,8 @@ CREATE TABLE change_log (
     id      TEXT,
     at      DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE change_counter (version BIGINT NOT NULL);
+INSERT INTO change_counter (version) VALUES (0);
 {rollup_schema(pg=True)}
 """
 
@@ -387,10 +392,12 @@ _TEAM_BY_ID: Final = _pg(_TEAM_SELECT + " WHERE id = ?")
 _TEAMS_OF_ORG: Final = _pg(_TEAM_SELECT + " WHERE org_id = ? ORDER BY created_at, id")
 _PG_LIVE_KEYS: Final = _pg(_LIVE_KEYS)
 _PG_CHANGES_SELECT: Final = _pg(_CHANGES_SELECT)
-# Gapless and in commit order: run under WRITE_LOCK (see the module doc).
+# Gapless and in commit order: the counter's row lock is held to the commit
+# (and the caller holds WRITE_LOCK anyway; see the module doc).
 _PG_CHANGE_INSERT: Final = (
-    "INSERT INTO change_log (version, kind, id, at) "
-    "SELECT COALESCE(MAX(version), 0) + 1, $1, $2, $3 FROM change_log RETURNING version"
+    "WITH next AS (UPDATE change_counter SET version = version + 1 RETURNING version) "
+    "INSERT INTO change_log (version, kind, id, at) SELECT version, $1, $2, $3 FROM next "
+    "RETURNING version"
 )
 _PG_CHANGE_PRUNE: Final = "DELETE FROM change_log WHERE version <= $1"
 _PG_AUDIT_INSERT: Final = _pg(_AUDIT_INSERT)
