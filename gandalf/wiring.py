@@ -32,7 +32,13 @@ from gandalf.app.pricing import build_pricing
 from gandalf.app.proxy import ProxyService
 from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
-from gandalf.config import CacheConfig, GandalfConfig, default_config_path, load_config
+from gandalf.config import (
+    POSTGRES_SCHEMES,
+    CacheConfig,
+    GandalfConfig,
+    default_config_path,
+    load_config,
+)
 from gandalf.domain import ApiKey, Permission, Route, Scope, Tenancy
 from gandalf.errors import ConfigError, GatewayError
 from gandalf.observability import facts
@@ -45,7 +51,7 @@ from gandalf.server.handlers import Api, KeyAuth, metrics_endpoint
 from gandalf.server.mount import mount
 from gandalf.server.native import NativeApi
 from gandalf.server.rsgi import RSGIApp
-from gandalf.storage.sqlite import SqliteStore
+from gandalf.storage.protocol import Store
 
 if TYPE_CHECKING:
     from gandalf.observability.tracing import Tracing
@@ -91,8 +97,7 @@ def create_app(
     tracing = _tracing(config, span_exporter) if config.tracing is not None else None
 
     async def build() -> Runtime:
-        database = config.database
-        store = SqliteStore(database.dsn, usage_retention=database.usage_retention)
+        store = make_store(config)
         await store.open()
         registry: ProviderRegistry | None = None
         try:
@@ -272,6 +277,31 @@ def create_app(
     return app
 
 
+def make_store(config: GandalfConfig, *, server: bool = True) -> Store:
+    """The store ``database.dsn`` names, not yet open: PostgreSQL for a
+    ``postgresql://`` (or ``postgres://``) URL, SQLite for anything else. The
+    only place that names a backend. ``server``: a gateway worker's store
+    (retention runs, the configured pool); False: a one-shot CLI command's
+    (one reader, no background pruning).
+
+    Raises ConfigError when PostgreSQL is asked for and asyncpg is missing."""
+    database = config.database
+    retention = database.usage_retention if server else 0.0
+    if database.dsn.startswith(POSTGRES_SCHEMES):
+        try:
+            from gandalf.storage.postgres import PostgresStore
+        except ImportError:
+            raise ConfigError(
+                f"{config.source}: database.dsn: PostgreSQL needs asyncpg: "
+                "pip install 'gandalf-gateway[postgres]'"
+            ) from None
+        pool = database.pool_size if server else min(2, database.pool_size)
+        return PostgresStore(database.dsn, pool_size=pool, usage_retention=retention)
+    from gandalf.storage.sqlite import SqliteStore
+
+    return SqliteStore(database.dsn, readers=2 if server else 1, usage_retention=retention)
+
+
 def _tracing(config: GandalfConfig, exporter: object | None) -> Tracing:
     """The worker's tracer for ``config.tracing`` (imports opentelemetry)."""
     settings = config.tracing
@@ -302,7 +332,7 @@ def _attempts(metrics: Metrics) -> AttemptHook:
 
 
 def _gauges(
-    app: GandalfApp, proxy: ProxyService, store: SqliteStore
+    app: GandalfApp, proxy: ProxyService, store: Store
 ) -> Callable[[], tuple[int, list[tuple[str, str]], int]]:
     """What a scrape reads from this worker: requests in flight, every
     provider's breaker state, usage records dropped (none on the hot path)."""
@@ -314,12 +344,12 @@ def _gauges(
     return gauges
 
 
-async def budget_scopes(store: SqliteStore, tenancy: Tenancy) -> list[Scope]:
+async def budget_scopes(store: Store, tenancy: Tenancy) -> list[Scope]:
     """Every key, team and org that sets a budget, as the governor keys them."""
     return _budget_scopes(await store.list_keys(), tenancy)
 
 
-async def load_tenancy(store: SqliteStore, config: GandalfConfig) -> Tenancy:
+async def load_tenancy(store: Store, config: GandalfConfig) -> Tenancy:
     """The orgs and teams (config-declared and CLI-made, as reconciled into
     ``store``) and the per-key default limits that identities are built against.
     A reload replaces the workers, so each builds its own afresh; a process that
