@@ -360,10 +360,12 @@ def _pg(sql: str) -> str:
     return pieces[0] + "".join(f"${n}{piece}" for n, piece in enumerate(pieces[1:], 1))
 
 
+# Text orders as SQLite's (bytes), whatever the database's collation.
+_BYTES: Final = ' COLLATE "C"'
 _KEY_BY_HASH: Final = _pg(_KEY_SELECT + " WHERE key_hash = ?")
 _KEY_BY_ID: Final = _pg(_KEY_SELECT + " WHERE id = ?")
-_KEYS: Final = _KEY_SELECT + " ORDER BY created_at, id"
-_KEYS_OF_ORG: Final = _pg(_KEY_SELECT + " WHERE org_id = ? ORDER BY created_at, id")
+_KEYS: Final = _KEY_SELECT + " ORDER BY created_at, id" + _BYTES
+_KEYS_OF_ORG: Final = _pg(_KEY_SELECT + " WHERE org_id = ? ORDER BY created_at, id" + _BYTES)
 _PG_KEY_INSERT: Final = _pg(_KEY_INSERT)
 _PG_KEY_INSERT_IF_ABSENT: Final = _pg(_KEY_INSERT_IF_ABSENT)
 _PG_KEY_UPDATE_FROM_CONFIG: Final = _pg(_KEY_UPDATE_FROM_CONFIG)
@@ -389,7 +391,11 @@ _PG_ORG_UPDATE: Final = _pg(_ORG_UPDATE)
 _PG_TEAM_UPDATE: Final = _pg(_TEAM_UPDATE)
 _ORG_BY_ID: Final = _pg(_ORG_SELECT + " WHERE id = ?")
 _TEAM_BY_ID: Final = _pg(_TEAM_SELECT + " WHERE id = ?")
-_TEAMS_OF_ORG: Final = _pg(_TEAM_SELECT + " WHERE org_id = ? ORDER BY created_at, id")
+_TEAMS_OF_ORG: Final = _pg(_TEAM_SELECT + " WHERE org_id = ? ORDER BY created_at, id" + _BYTES)
+_ORGS: Final = _ORG_SELECT + " ORDER BY created_at, id" + _BYTES
+_TEAMS: Final = _TEAM_SELECT + " ORDER BY created_at, id" + _BYTES
+_PG_PROVIDER_SELECT: Final = _PROVIDER_SELECT + _BYTES  # ... ORDER BY priority, name
+_PG_ROUTE_SELECT: Final = _ROUTE_SELECT + _BYTES  # ... ORDER BY model_alias
 _PG_LIVE_KEYS: Final = _pg(_LIVE_KEYS)
 _PG_CHANGES_SELECT: Final = _pg(_CHANGES_SELECT)
 # Gapless and in commit order: the counter's row lock is held to the commit
@@ -796,7 +802,7 @@ class PostgresStore(BatchedWriter[asyncpg.Pool]):
         await self._write(op)
 
     async def list_providers(self) -> list[ProviderConfig]:
-        return [_provider_from_row(row) for row in await self._fetch(_PROVIDER_SELECT)]
+        return [_provider_from_row(row) for row in await self._fetch(_PG_PROVIDER_SELECT)]
 
     async def upsert_provider(self, p: ProviderConfig) -> None:
         row = _provider_row(p, p.source, self._clock())
@@ -807,7 +813,7 @@ class PostgresStore(BatchedWriter[asyncpg.Pool]):
         return await self._execute(sql, (name,), change="routes") > 0
 
     async def list_routes(self) -> list[Route]:
-        return [_route_from_row(row) for row in await self._fetch(_ROUTE_SELECT)]
+        return [_route_from_row(row) for row in await self._fetch(_PG_ROUTE_SELECT)]
 
     async def upsert_route(self, r: Route) -> None:
         row = _route_row(r, r.source, self._clock())
@@ -835,7 +841,7 @@ class PostgresStore(BatchedWriter[asyncpg.Pool]):
         return _org_from_row(rows[0]) if rows else None
 
     async def list_orgs(self) -> list[Organization]:
-        rows = await self._fetch(_ORG_SELECT + " ORDER BY created_at, id")
+        rows = await self._fetch(_ORGS)
         return [_org_from_row(r) for r in rows]
 
     async def delete_org(self, org_id: str) -> bool:
@@ -855,7 +861,7 @@ class PostgresStore(BatchedWriter[asyncpg.Pool]):
 
     async def list_teams(self, org_id: str | None = None) -> list[Team]:
         if org_id is None:
-            rows = await self._fetch(_TEAM_SELECT + " ORDER BY created_at, id")
+            rows = await self._fetch(_TEAMS)
         else:
             rows = await self._fetch(_TEAMS_OF_ORG, org_id)
         return [_team_from_row(r) for r in rows]
