@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import random
 import sys
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from gandalf.config import parse_config
 from gandalf.domain import ApiKey, Change, Organization, Route, Target, UsageRecord
 from gandalf.errors import ConfigError
 from gandalf.storage import postgres
+from gandalf.storage._rollups import PG_SPEND_SELECTS, PG_SUMMARY_SELECTS, spend_params, split
 from gandalf.storage.postgres import PostgresStore, redact
 from gandalf.storage.protocol import CannotCreate, StorageError, Store, TenantInUse
 from gandalf.storage.sqlite import SqliteStore
@@ -280,3 +282,37 @@ def test_postgres_without_asyncpg_says_which_extra_to_install(
     )
     sqlite = parse_config("database: {dsn: ':memory:'}\n", source="g.yaml", env={})
     assert isinstance(wiring.make_store(sqlite), SqliteStore)  # SQLite needs none of it
+
+
+def test_postgres_queries_can_read_their_indexes() -> None:
+    """As tests/test_usage_query.py checks for SQLite: spend reads one covering
+    index per table (index-only), summaries read ranges through created_at and
+    the rollups' primary keys. Sequential scans are switched off so that the
+    planner's choice on empty tables says which index it can use."""
+    with postgres_database() as dsn:
+        run(dsn, lambda store: store.flush())
+
+        async def plans() -> tuple[dict[str, str], str]:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute("SET enable_seqscan = off")
+                spend = {
+                    kind: " ".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *params))
+                    for kind, sql in PG_SPEND_SELECTS.items()
+                    for params in [spend_params("x", 0.0)]
+                }
+                ranges = itertools.chain.from_iterable(split(10.0, 1e9))
+                sql = PG_SUMMARY_SELECTS[("key", None)]
+                rows = await conn.fetch("EXPLAIN " + sql, *ranges, None, 0)
+                return spend, " ".join(r[0] for r in rows)
+            finally:
+                await conn.close()
+
+        spend, summary = asyncio.run(plans())
+    for kind, plan in spend.items():
+        assert f"Index Only Scan using usage_records_{kind}_spend" in plan, plan
+        assert f"Index Only Scan using usage_daily_{kind}_spend" in plan, plan
+        assert "Index Scan using usage_hourly_pkey" in plan, plan
+    for index in ("usage_records_created_at", "usage_hourly_pkey", "usage_daily_pkey"):
+        assert f"Index Scan using {index}" in summary, summary
+    assert "Seq Scan" not in summary
