@@ -501,8 +501,7 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
         try:
             writer = await self._connect(opened)
             if not self._memory:
-                cur = await writer.execute("PRAGMA journal_mode=WAL")
-                mode = await cur.fetchone()
+                mode = await self._wal(writer)
                 if mode is None or str(mode[0]).lower() != "wal":
                     logger.warning("database %s is not in WAL mode (%s)", self._dsn, mode)
             await self._migrate(writer)
@@ -525,6 +524,24 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
             pool.put_nowait(reader)
         self._pool = pool
         self._start(writer)
+
+    async def _wal(self, conn: aiosqlite.Connection) -> Any:
+        """Switch to WAL; the pragma's row. Two processes opening a fresh file at
+        once: the switch can fail at once with "database is locked" (SQLite does
+        not wait on its busy handler there), so it is retried, for up to
+        ``busy_timeout_ms`` like any other lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout_ms / 1000
+        pause = 0.005
+        while True:
+            try:
+                cur = await conn.execute("PRAGMA journal_mode=WAL")
+                return await cur.fetchone()
+            except sqlite3.OperationalError as exc:
+                if not _transient(exc) or loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     async def _connect(self, opened: list[aiosqlite.Connection]) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self._database, uri=self._memory, isolation_level=None)
