@@ -235,7 +235,8 @@ def test_a_newer_database_is_refused() -> None:
 
         async def main() -> None:
             store = PostgresStore(dsn)
-            with pytest.raises(StorageError, match="schema version 99, newer than the 7"):
+            newer = f"schema version 99, newer than the {postgres.SCHEMA_VERSION} "
+            with pytest.raises(StorageError, match=newer):
                 await store.open()
 
         asyncio.run(main())
