@@ -208,7 +208,7 @@ def main() -> None:
         now = time.time()
 
         async def create() -> None:  # the schema before the rollups
-            store = SqliteStore(str(path), migrations=MIGRATIONS[:-1])
+            store = SqliteStore(str(path), migrations=MIGRATIONS[:6])
             await store.open()
             await store.close()
 

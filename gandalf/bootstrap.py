@@ -26,7 +26,15 @@ import msgspec
 from gandalf.app.keys import KeyManager, KeyStore, new_key_id
 from gandalf.auth.apikey import display_prefix, hash_key
 from gandalf.config import GandalfConfig
-from gandalf.domain import TYPES_NEEDING_KEY, ApiKey, Organization, ProviderConfig, Route, Team
+from gandalf.domain import (
+    TYPES_NEEDING_KEY,
+    ApiKey,
+    JwtIssuer,
+    Organization,
+    ProviderConfig,
+    Route,
+    Team,
+)
 
 logger = logging.getLogger("gandalf")
 
@@ -47,6 +55,8 @@ class BootstrapStore(KeyStore, Protocol):
     ) -> list[str]: ...
 
     async def count_keys(self) -> int: ...
+
+    async def reconcile_issuers(self, issuers: Sequence[JwtIssuer]) -> None: ...
 
     async def revoke_config_keys_except(self, key_hashes: Sequence[str]) -> int: ...
 
@@ -71,6 +81,7 @@ async def reconcile(store: BootstrapStore, config: GandalfConfig) -> int:
     await store.ensure_org("default", "Default")
     await store.reconcile([_storable(p) for p in config.providers], config.routes)
     await store.upsert_config_tenants(config.orgs, config.teams)
+    await store.reconcile_issuers(config.auth.jwt)
     added = 0
     now = time.time()
     hashes: list[str] = []

@@ -1,5 +1,6 @@
 """Command line: ``gandalf serve``, ``gandalf keys create|list|revoke`` and
-``gandalf orgs|teams create|list|delete``, ``gandalf usage``.
+``gandalf orgs|teams create|list|delete``, ``gandalf usage``, ``gandalf bench``
+(benchkit/: a load generator for any OpenAI-compatible endpoint).
 
 Exit codes scripts can rely on: 0 success, 1 runtime failure (database,
 port, server), 2 bad usage or bad configuration (including a refused delete),
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING
 from gandalf import __version__
 from gandalf.app import timespec
 from gandalf.app.governor import ENV_WORKERS
+from gandalf.auth.session import share_secret
+from gandalf.benchkit.options import add_parser as add_bench_parser
 from gandalf.config import (
     POSTGRES_SCHEMES,
     GandalfConfig,
@@ -159,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
         "--since", default="7d", help="how far back: 30m, 24h, 7d, 2w, or all (default: 7d)"
     )
     usage.add_argument("--json", action="store_true", help="a JSON list of objects instead")
+
+    add_bench_parser(sub)  # gandalf bench: benchkit/options.py
     return parser
 
 
@@ -177,6 +182,10 @@ def _limit_options(parser: argparse.ArgumentParser, whose: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":  # a client: no config, no database
+        from gandalf.benchkit.cli import main as bench_main
+
+        return bench_main(args)
     try:
         if args.command == "serve":
             return _serve(args)
@@ -292,6 +301,9 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["GANDALF_ACCESS_LOG"] = "1" if access_log else "0"
     # Each worker enforces 1/workers of every rate limit and budget (app/governor.py).
     os.environ[ENV_WORKERS] = str(workers)
+    # One web UI session secret for every worker of this start (gandalf/auth/session.py);
+    # an operator's own (64+ hex digits) keeps sessions across restarts.
+    share_secret(os.environ)
     loader = WorkerLoader(
         config, interface=interface, access_log=False if args.no_access_log else None
     )

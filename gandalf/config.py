@@ -47,6 +47,9 @@ from gandalf.domain import (
     TYPES_NEEDING_KEY,
     BreakerPolicy,
     Budget,
+    FakeErrors,
+    JwtClaims,
+    JwtIssuer,
     ModelPrice,
     Organization,
     ProviderConfig,
@@ -55,6 +58,7 @@ from gandalf.domain import (
     Target,
     Team,
     is_glob,
+    issuer_problem,
 )
 from gandalf.errors import ConfigError
 
@@ -65,6 +69,7 @@ __all__ = [
     "GandalfConfig",
     "KeyEntry",
     "Limits",
+    "RedisConfig",
     "ServerConfig",
     "default_config_path",
     "load_config",
@@ -197,13 +202,16 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     key_cache_ttl: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     negative_cache_ttl: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     key_cache_size: Annotated[int, msgspec.Meta(gt=0)] = 10_000
+    # Trusted identity providers: a Bearer token that is not a gnd_ key is
+    # verified as a JWT against these (auth/jwt.py); empty: JWTs are refused.
+    jwt: tuple[JwtIssuer, ...] = ()
 
     def __repr__(self) -> str:
         secret = "'***'" if self.admin_key else "''"
         return (
             f"AuthConfig(admin_key={secret}, key_cache_ttl={self.key_cache_ttl!r}, "
             f"negative_cache_ttl={self.negative_cache_ttl!r}, "
-            f"key_cache_size={self.key_cache_size!r})"
+            f"key_cache_size={self.key_cache_size!r}, jwt={self.jwt!r})"
         )
 
 
@@ -248,6 +256,50 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_entries: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 10_000
     max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024**2
     ttl: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    # Where entries live: ``memory`` (each worker its own), ``redis`` (shared by
+    # every worker and instance; needs ``redis:``) or ``auto``: redis when a
+    # ``redis:`` section is present, else memory.
+    backend: Literal["auto", "memory", "redis"] = "auto"
+
+
+class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``redis:``: the Redis shared by every worker and instance (rate limits,
+    budget reservations, the response cache, change notifications).
+
+    ``on_error``: what a request meets while Redis does not answer: ``open``
+    (the default) serves it under this worker's own limits and budgets (the
+    in-process governor, as without Redis), ``closed`` refuses a limited
+    request with a 503 ``limits_unavailable``. ``timeout``: the bound on one
+    command (and on connecting), so a dead Redis never stalls a request for
+    longer; after a failure Redis is not asked again for ``retry_interval``.
+    ``prefix``: put before every key and channel (several gateways may share
+    one Redis). ``max_entry_bytes``: a cached answer larger than this is not
+    stored in Redis (the total is bounded by Redis's own ``maxmemory``)."""
+
+    url: str
+    prefix: str = "gandalf:"
+    on_error: Literal["open", "closed"] = "open"
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.25
+    retry_interval: Annotated[float, msgspec.Meta(gt=0, le=600)] = 1.0
+    max_entry_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024**2
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 64
+
+    def __repr__(self) -> str:  # the URL's password never printed
+        url = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", self.url)
+        return (
+            f"RedisConfig(url={url!r}, prefix={self.prefix!r}, on_error={self.on_error!r}, "
+            f"timeout={self.timeout!r}, retry_interval={self.retry_interval!r}, "
+            f"max_entry_bytes={self.max_entry_bytes!r}, pool_size={self.pool_size!r})"
+        )
+
+
+class ResponsesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``responses:``: the Responses API's stored responses (``store``,
+    ``previous_response_id``, GET / DELETE ``/v1/responses/{id}``), kept in
+    the database ``retention`` seconds after they were made (YAML ``30d``,
+    ``12h``, ...; ``0``, ``none`` or ``forever``: kept until deleted)."""
+
+    retention: Annotated[float, msgspec.Meta(ge=0)] = 30 * 86400.0
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -289,6 +341,9 @@ class GandalfConfig(msgspec.Struct, frozen=True, kw_only=True):
     pricing: tuple[ModelPrice, ...] = ()
     # ``cache:``: None when the section is absent (no route caches by default).
     cache: CacheConfig | None = None
+    responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
+    # ``redis:``: None when absent (everything stays in the worker).
+    redis: RedisConfig | None = None
 
 
 # --------------------------------------------------------------------------- YAML-facing shapes
@@ -312,6 +367,19 @@ class _ResilienceIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     breaker: _BreakerIn = msgspec.field(default_factory=_BreakerIn)
 
 
+_Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class _FakeErrorsIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``providers[].errors`` (type fake only): see domain.FakeErrors."""
+
+    rate_429: _Rate = 0.0
+    rate_5xx: _Rate = 0.0
+    rate_timeout: _Rate = 0.0
+    retry_after: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 1
+    seed: int | None = None
+
+
 class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: str
     type: str | None = None
@@ -324,12 +392,16 @@ class _ProviderIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     ttft_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     tokens_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    errors: _FakeErrorsIn | None = None  # type fake only: injected failures
     max_tokens: Annotated[int, msgspec.Meta(gt=0)] | None = None
     api_version: str = ""
     connect_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] = 5_000
     first_byte_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
     breaker: _BreakerIn | None = None
     max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 33_554_432  # 32 MiB
+    # /v1/responses: relay to this provider (true, the default for type openai)
+    # or translate through chat (false). Only OpenAI-compatible types relay.
+    responses: bool | None = None
 
 
 class _TargetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -421,6 +493,8 @@ class _ConfigIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     cache: CacheConfig | None = None
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     tracing: TracingConfig | None = None
+    responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
+    redis: RedisConfig | None = None
 
 
 # Key path with list indices replaced by "[]" -> the struct found there (for unknown-key hints).
@@ -429,6 +503,8 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "server": ServerConfig,
     "database": DatabaseConfig,
     "auth": AuthConfig,
+    "auth.jwt[]": JwtIssuer,
+    "auth.jwt[].claims": JwtClaims,
     "log": LogConfig,
     "tracing": TracingConfig,
     "providers[]": _ProviderIn,
@@ -436,6 +512,8 @@ _SHAPES: Mapping[str, type[msgspec.Struct]] = {
     "routes[].targets[]": _TargetIn,
     "routes[].cache": _RouteCacheIn,
     "cache": CacheConfig,
+    "responses": ResponsesConfig,
+    "redis": RedisConfig,
     "keys[]": _KeyIn,
     "keys[].budget": _BudgetIn,
     "limits": Limits,
@@ -453,6 +531,7 @@ _DURATION_FIELDS: Mapping[str, tuple[str, ...]] = {
     "auth": ("key_cache_ttl", "negative_cache_ttl"),
     "resilience": ("backoff_base", "backoff_cap"),
     "cache": ("ttl",),
+    "redis": ("timeout", "retry_interval"),
 }
 _BREAKER_DURATIONS = ("open_for", "window")
 _TYPE_WORDS = {
@@ -664,6 +743,7 @@ class _Loader:
             raise self.error(*_translate_validation_error(str(exc))) from None
         server = self.check_server(parsed.server)
         database = self.resolve_database(parsed.database)
+        self.check_jwt(parsed.auth.jwt)
         resilience = self.build_resilience(parsed.resilience)
         providers = self.build_providers(parsed.providers, raw.get("providers"), resilience)
         routes = self.build_routes(parsed.routes, {p.name for p in providers})
@@ -688,6 +768,8 @@ class _Loader:
             teams=teams,
             pricing=pricing,
             cache=parsed.cache,
+            responses=parsed.responses,
+            redis=self.check_redis(parsed.redis, parsed.cache),
         )
 
     def expand(self, node: Any, path: str, depth: int) -> Any:
@@ -750,12 +832,19 @@ class _Loader:
                         block[field] = parse_duration(block[field])
                     except ValueError as exc:
                         raise self.error(f"{section}.{field}", str(exc)) from None
+        self.normalise_jwt(data.get("auth"))
         database = data.get("database")
         if isinstance(database, dict) and "usage_retention" in database:
             try:
                 database["usage_retention"] = parse_retention(database["usage_retention"])
             except ValueError as exc:
                 raise self.error("database.usage_retention", str(exc)) from None
+        responses = data.get("responses")
+        if isinstance(responses, dict) and "retention" in responses:
+            try:
+                responses["retention"] = parse_retention(responses["retention"])
+            except ValueError as exc:
+                raise self.error("responses.retention", str(exc)) from None
         resilience = data.get("resilience")
         if isinstance(resilience, dict):
             self.normalise_breaker(resilience.get("breaker"), "resilience.breaker")
@@ -770,6 +859,12 @@ class _Loader:
                 cache["max_bytes"] = parse_size(cache["max_bytes"])
             except ValueError as exc:
                 raise self.error("cache.max_bytes", str(exc)) from None
+        redis = data.get("redis")
+        if isinstance(redis, dict) and "max_entry_bytes" in redis:
+            try:
+                redis["max_entry_bytes"] = parse_size(redis["max_entry_bytes"])
+            except ValueError as exc:
+                raise self.error("redis.max_entry_bytes", str(exc)) from None
         routes = data.get("routes")
         if isinstance(routes, list):
             for i, entry in enumerate(routes):
@@ -787,6 +882,36 @@ class _Loader:
                         entry["expires_at"] = _parse_expiry(entry["expires_at"])
                     except ValueError as exc:
                         raise self.error(f"keys[{i}].expires_at", str(exc)) from None
+
+    def normalise_jwt(self, auth: Any) -> None:
+        """``auth.jwt[]``: durations to seconds, a lone audience to a list; an
+        issuer's ``source`` is not the file's to set."""
+        issuers = auth.get("jwt") if isinstance(auth, dict) else None
+        if not isinstance(issuers, list):
+            return
+        for i, entry in enumerate(issuers):
+            if not isinstance(entry, dict):
+                continue
+            if "source" in entry:
+                self.fail(f"auth.jwt[{i}].source", "unknown key (set by the gateway)")
+            for field in ("leeway", "refresh"):
+                if field in entry:
+                    try:
+                        entry[field] = parse_duration(entry[field])
+                    except ValueError as exc:
+                        raise self.error(f"auth.jwt[{i}].{field}", str(exc)) from None
+            if isinstance(entry.get("audience"), str):
+                entry["audience"] = [entry["audience"]]
+
+    def check_jwt(self, issuers: tuple[JwtIssuer, ...]) -> None:
+        seen: set[str] = set()
+        for i, issuer in enumerate(issuers):
+            problem = issuer_problem(issuer)
+            if problem is not None:
+                self.fail(f"auth.jwt[{i}].{problem[0]}", problem[1])
+            if issuer.issuer in seen:
+                self.fail(f"auth.jwt[{i}].issuer", f"{issuer.issuer!r} is listed twice")
+            seen.add(issuer.issuer)
 
     def normalise_breaker(self, block: Any, path: str) -> None:
         if not isinstance(block, dict):
@@ -837,6 +962,27 @@ class _Loader:
             self.fail("tracing.service_name", "must not be empty")
         return tracing
 
+    def check_redis(
+        self, redis: RedisConfig | None, cache: CacheConfig | None
+    ) -> RedisConfig | None:
+        if redis is None:
+            if cache is not None and cache.backend == "redis":
+                self.fail("cache.backend", "redis needs a redis: section (redis: {url: ...})")
+            return None
+        if not redis.url.startswith(("redis://", "rediss://", "unix://")):
+            self.fail("redis.url", "must be a redis://, rediss:// or unix:// URL")
+        try:
+            parts = urlsplit(redis.url)
+            parts.port  # noqa: B018  # raises on a port that is not a number
+            database = parts.path.strip("/")
+            if parts.scheme != "unix" and database and not database.isdigit():
+                raise ValueError(f"database {database!r} is not a number")
+        except ValueError as exc:
+            self.fail("redis.url", f"invalid URL: {exc}")
+        if _CONTROL.search(redis.prefix) or " " in redis.prefix:
+            self.fail("redis.prefix", "must not contain spaces or control characters")
+        return redis
+
     def resolve_database(self, database: DatabaseConfig) -> DatabaseConfig:
         dsn = database.dsn
         if not dsn:
@@ -873,6 +1019,12 @@ class _Loader:
                 )
             seen[p.name] = i
             ptype = self.provider_type(p, path)
+            if p.responses and ptype != "openai":
+                self.fail(
+                    f"{path}.responses",
+                    f"only type openai relays /v1/responses; type {ptype!r} is translated "
+                    "through chat (leave it unset or false)",
+                )
             raw_url = _raw_field(raw, i, "base_url")
             base_url = self.base_url(p, ptype, path, raw_url)
             # Keep the references, never their values (nor a default, which could be a secret).
@@ -910,6 +1062,7 @@ class _Loader:
                     latency_ms=p.latency_ms,
                     ttft_ms=p.ttft_ms,
                     tokens_per_second=p.tokens_per_second,
+                    errors=self.fake_errors(p, ptype, path),
                     max_tokens=p.max_tokens,
                     api_version=p.api_version,
                     disabled_reason=reason,
@@ -917,12 +1070,39 @@ class _Loader:
                     connect_timeout_ms=min(p.connect_timeout_ms, p.timeout_ms),
                     first_byte_timeout_ms=p.first_byte_timeout_ms,
                     max_response_bytes=p.max_response_bytes,
+                    responses=p.responses,
                     breaker=_merge_breaker(resilience.breaker, p.breaker)
                     if p.breaker is not None
                     else None,
                 )
             )
         return tuple(out)
+
+    def fake_errors(self, p: _ProviderIn, ptype: str, path: str) -> FakeErrors | None:
+        """``errors:`` for a fake provider; refused on any other type (a real
+        upstream's failures are its own). None when no rate is above 0."""
+        e = p.errors
+        if e is None:
+            return None
+        if ptype != "fake":
+            self.fail(
+                f"{path}.errors", f"only a provider of type 'fake' injects errors, not {ptype!r}"
+            )
+        total = e.rate_429 + e.rate_5xx + e.rate_timeout
+        if total > 1.0 + 1e-9:
+            self.fail(
+                f"{path}.errors",
+                f"rate_429 + rate_5xx + rate_timeout must be at most 1, got {total:g}",
+            )
+        if total == 0:
+            return None
+        return FakeErrors(
+            rate_429=e.rate_429,
+            rate_5xx=e.rate_5xx,
+            rate_timeout=e.rate_timeout,
+            retry_after=e.retry_after,
+            seed=e.seed,
+        )
 
     def provider_type(self, p: _ProviderIn, path: str) -> str:
         types = ", ".join(PROVIDER_TYPES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import hashlib
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -300,6 +301,173 @@ class Tenancy:
         self.tpm = tpm
 
 
+# --------------------------------------------------------------------------- JWT / OIDC sign-in
+
+# Signature algorithms an issuer may allow: asymmetric only. ``none`` and the
+# HMAC family are refused at configuration time: with a public JWKS, an HMAC
+# "secret" would be the public key anyone can read.
+JWT_ALGORITHMS: tuple[str, ...] = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+    "Ed25519",
+)
+JWT_DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256", "ES256")
+
+ClaimPath = tuple[str | int, ...]
+_CLAIM_STEP = re.compile(r"([^.\[\]]+)((?:\[\d{1,4}\])*)")
+
+
+def claim_path(text: str) -> ClaimPath:
+    """``realm_access.roles[0]`` -> ``("realm_access", "roles", 0)``: names
+    separated by dots, each optionally followed by list indices. Raises
+    ValueError for anything else (empty names, unclosed brackets).
+
+    A name holding a dot (Auth0's namespaced ``https://x.example/org``) cannot
+    be written as a path; such claims are read whole when the path has no
+    bracket and the token holds that exact name (see ``claim_value``)."""
+    steps: list[str | int] = []
+    if not text or len(text) > 200:
+        raise ValueError("a claim path is 1 to 200 characters")
+    for part in text.split("."):
+        match = _CLAIM_STEP.fullmatch(part)
+        if match is None:
+            raise ValueError(
+                f"{text!r} is not a claim path (names joined by '.', with optional [index]: "
+                "'realm_access.roles[0]')"
+            )
+        steps.append(match.group(1))
+        steps.extend(int(i) for i in re.findall(r"\d+", match.group(2)))
+    return tuple(steps)
+
+
+def claim_value(claims: Mapping[str, object], path: str, steps: ClaimPath) -> object:
+    """The value at ``steps`` in ``claims`` (None when any step is missing or of
+    the wrong kind). ``path`` itself is tried first as one claim name, so a
+    namespaced claim like ``https://example.com/org`` is found."""
+    if path in claims:
+        return claims[path]
+    node: object = claims
+    for step in steps:
+        if isinstance(step, int):
+            if not isinstance(node, list) or step >= len(node):
+                return None
+            node = node[step]
+        else:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(step)
+            if node is None:
+                return None
+    return node
+
+
+class JwtClaims(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where an issuer's tokens say who the caller is (claim paths, see
+    :func:`claim_path`); None: that claim is not read (the issuer's default
+    applies). ``role``'s value must be one of :data:`ROLES`; when the path
+    points at a list, its first known role is taken."""
+
+    subject: str = "sub"
+    name: str | None = None
+    org: str | None = None
+    team: str | None = None
+    role: str | None = None
+
+
+class JwtIssuer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One trusted identity provider (``auth.jwt[]``, or the admin API).
+
+    ``jwks_url`` "" means OIDC discovery: ``{issuer}/.well-known/openid-configuration``
+    names it. ``audience``: a token must name one of these in ``aud``.
+    ``leeway``: seconds of clock skew allowed on ``exp`` / ``nbf``; ``refresh``:
+    seconds between background JWKS fetches. ``default_org`` / ``default_role``:
+    for tokens whose mapped claim is absent (a role claim that is not a known
+    role counts as absent). ``source``: ``config`` or ``api``."""
+
+    issuer: str
+    audience: tuple[str, ...]
+    jwks_url: str = ""
+    claims: JwtClaims = msgspec.field(default_factory=JwtClaims)
+    algorithms: tuple[str, ...] = JWT_DEFAULT_ALGORITHMS
+    leeway: float = 60.0
+    refresh: float = 900.0
+    default_org: str = "default"
+    default_role: str = "member"
+    source: str = "config"
+
+
+def issuer_problem(issuer: JwtIssuer) -> tuple[str, str] | None:
+    """The first thing wrong with ``issuer`` as ``(field, problem)``, else None.
+    Shared by the config loader and the admin API, so both refuse alike."""
+    if not issuer.issuer.startswith(("https://", "http://")) or len(issuer.issuer) > 500:
+        return "issuer", "must be an https:// URL (as the tokens' 'iss' claim spells it)"
+    if issuer.jwks_url and not issuer.jwks_url.startswith(("https://", "http://")):
+        return "jwks_url", "must be an https:// URL (or left out for OIDC discovery)"
+    if not issuer.audience or not all(issuer.audience):
+        return "audience", "must name at least one audience (the tokens' 'aud')"
+    if not issuer.algorithms:
+        return "algorithms", "must allow at least one algorithm"
+    for alg in issuer.algorithms:
+        if alg not in JWT_ALGORITHMS:
+            why = (
+                "'none' is never accepted"
+                if alg.lower() == "none"
+                else "HMAC algorithms are never accepted (the JWKS is public)"
+                if alg.upper().startswith("HS")
+                else "not a supported algorithm"
+            )
+            return "algorithms", f"{alg!r}: {why}; use {', '.join(JWT_ALGORITHMS)}"
+    if not 0 <= issuer.leeway <= 600:
+        return "leeway", "must be between 0s and 10m"
+    if not 10 <= issuer.refresh <= 86400:
+        return "refresh", "must be between 10s and 24h"
+    if issuer.default_role not in ROLES:
+        return "default_role", f"must be one of {', '.join(ROLES)}"
+    if not issuer.default_org:
+        return "default_org", "must not be empty"
+    for field in ("subject", "name", "org", "team", "role"):
+        path = getattr(issuer.claims, field)
+        if path is None:
+            continue
+        try:
+            claim_path(path)
+        except ValueError as exc:
+            return f"claims.{field}", str(exc)
+    return None
+
+
+class User(msgspec.Struct, frozen=True, kw_only=True):
+    """A person or service signed in with a JWT, recorded on first sight.
+
+    ``id`` is derived from (issuer, subject) alone (:func:`user_id`), so every
+    worker names the same user alike without asking the store; usage records
+    carry it where an API key's id would be."""
+
+    id: str
+    issuer: str
+    subject: str
+    name: str = ""
+    org_id: str = "default"
+    team_id: str | None = None
+    role: str = "member"
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+
+
+def user_id(issuer: str, subject: str) -> str:
+    """The stable id of the user ``subject`` of ``issuer``: ``usr_`` + 20 hex."""
+    digest = hashlib.sha256(f"{issuer}\0{subject}".encode()).hexdigest()
+    return "usr_" + digest[:20]
+
+
 # --------------------------------------------------------------------------- providers and routes
 
 ProviderType = Literal["openai", "anthropic", "gemini", "ollama", "azure", "fake"]
@@ -341,6 +509,24 @@ class Resilience(msgspec.Struct, frozen=True, kw_only=True):
     breaker: BreakerPolicy = msgspec.field(default_factory=BreakerPolicy)
 
 
+class FakeErrors(msgspec.Struct, frozen=True, kw_only=True):
+    """Fake provider only: failures injected on purpose, so a team can test its
+    app's retries and timeouts against a gateway that misbehaves like a real
+    upstream. Each chat request draws one number: below ``rate_429`` it is
+    answered 429 (``retry-after: retry_after``), below ``rate_429 + rate_5xx``
+    an upstream 5xx (the gateway's 502), below the sum of all three it waits
+    the provider's header timeout (``first_byte_timeout_ms``, else
+    ``timeout_ms``) and fails as an upstream timeout (504). The rates sum to
+    at most 1 (config.py). ``seed`` makes the sequence repeatable (tests);
+    None draws from the OS's entropy."""
+
+    rate_429: float = 0.0
+    rate_5xx: float = 0.0
+    rate_timeout: float = 0.0
+    retry_after: int = 1  # seconds, the 429's retry-after header
+    seed: int | None = None
+
+
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One upstream provider instance.
 
@@ -363,6 +549,7 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: int = 0  # fake provider only: simulated upstream latency
     ttft_ms: int = 0  # fake provider only: time to first streamed token
     tokens_per_second: float = 0.0  # fake provider only: stream pace (0: as fast as possible)
+    errors: FakeErrors | None = None  # fake provider only: injected failures (config only)
     # Output-token limit sent when a request sets none and the provider requires
     # one (Anthropic); None: the adapter's default.
     max_tokens: int | None = None
@@ -378,6 +565,10 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     # The largest non-streamed answer read from this provider (bytes); larger
     # is a 502 upstream_response_too_large (provider/transport.py).
     max_response_bytes: int = 33_554_432
+    # The Responses API (``/v1/responses``): True relays it to this provider
+    # (an OpenAI-compatible one that serves it); False makes Gandalf translate
+    # it through chat; None: the type's default (relayed for ``openai`` only).
+    responses: bool | None = None
 
     def __repr__(self) -> str:  # never show the secret
         return (
@@ -630,7 +821,7 @@ class UsageSummary(msgspec.Struct, kw_only=True):
     bucket: float | None = None  # the bucket's start (unix seconds, UTC); None: not bucketed
 
 
-CHANGE_KINDS: tuple[str, ...] = ("key", "tenancy", "routes", "cache")
+CHANGE_KINDS: tuple[str, ...] = ("key", "tenancy", "routes", "cache", "issuers")
 
 
 class Change(msgspec.Struct, frozen=True, array_like=True):
@@ -639,7 +830,8 @@ class Change(msgspec.Struct, frozen=True, array_like=True):
     ``kind`` is one of :data:`CHANGE_KINDS`: ``key`` (``id``: the key's
     SHA-256 hex; None: any key may have changed), ``tenancy`` (orgs or teams;
     ``id`` informative), ``routes`` (routes or providers), ``cache`` (the
-    response cache was purged: every worker empties its own). ``version``
+    response cache was purged: every worker empties its own), ``issuers``
+    (the trusted JWT issuers changed: ``id`` the issuer). ``version``
     increases by one per change, in commit order."""
 
     version: int
@@ -714,6 +906,53 @@ class Provider(Protocol):
     async def stream(self, call: ChatCall) -> ChatStream: ...
 
     async def embeddings(self, call: EmbeddingsCall) -> ProviderReply: ...
+
+
+# --------------------------------------------------------------------------- the Responses API
+
+
+class StoredResponse(msgspec.Struct, kw_only=True):
+    """A Response Gandalf keeps (``store``), for ``previous_response_id``, GET
+    and DELETE: the conversation it answered (``input``: a JSON array of input
+    items, the history from earlier responses included) and the Response
+    object itself (``response``: JSON, its ``output`` the items it added).
+    Readable only with the key that made it (``key_id``)."""
+
+    id: str
+    key_id: str
+    created_at: float
+    expires_at: float | None
+    input: bytes
+    response: bytes
+
+
+class RelayedResponses(Protocol):
+    """A Responses API stream relayed from an upstream that serves it: its
+    bytes as they come; ``usage`` and ``response`` (the terminal event's
+    Response, raw JSON) once the upstream sent them."""
+
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def events(self) -> int: ...
+
+    @property
+    def response(self) -> bytes | None: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ResponsesUpstream(Protocol):
+    """A provider's own ``/v1/responses`` (its adapter's ``responses``
+    attribute; None or absent: Gandalf translates through chat). ``model``
+    replaces the body's when the target names another."""
+
+    async def create(self, body: bytes, model: str | None) -> ProviderReply: ...
+
+    async def stream(self, body: bytes, model: str | None) -> RelayedResponses: ...
 
 
 # --------------------------------------------------------------------------- native passthrough

@@ -354,6 +354,19 @@ class NotReady(GatewayError):
     code = "not_ready"
 
 
+class LimitsUnavailable(GatewayError):
+    """The shared rate limits and budgets (Redis) did not answer and the
+    configured policy is ``redis.on_error: closed``: a limited request is
+    refused rather than served unchecked; it may succeed when retried."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "limits_unavailable"
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return ((b"retry-after", b"1"), *self.routing_headers())
+
+
 class StoreUnavailable(GatewayError):
     """The database did not answer a lookup the request needs (its API key was
     not in the key cache): the request may succeed when retried."""

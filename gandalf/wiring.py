@@ -13,12 +13,15 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from gandalf import bootstrap
 from gandalf.admin.app import OPENAPI_PATH, PREFIX, create_admin_app
 from gandalf.admin.resources import Services
+from gandalf.admin.webui import FORWARDED as UI_FORWARDED
+from gandalf.admin.webui import PREFIX as UI_PREFIX
+from gandalf.admin.webui import create_ui_app
 from gandalf.app.balancer import Slot
 from gandalf.app.cache import InProcessCache, ResponseCache
 from gandalf.app.failover import AttemptHook
@@ -30,8 +33,11 @@ from gandalf.app.live import budget_scopes as _budget_scopes
 from gandalf.app.passthrough import PassthroughService
 from gandalf.app.pricing import build_pricing
 from gandalf.app.proxy import ProxyService
+from gandalf.app.responses import ResponsesService
 from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
+from gandalf.auth.jwt import TokenVerifier
+from gandalf.auth.session import SessionCodec, Sessions, secret_from_env
 from gandalf.config import (
     POSTGRES_SCHEMES,
     CacheConfig,
@@ -44,17 +50,23 @@ from gandalf.errors import ConfigError, GatewayError
 from gandalf.observability import facts
 from gandalf.observability.logs import LEVELS, JsonFormatter
 from gandalf.observability.metrics import ENV_METRICS_DIR, Metrics
+from gandalf.provider.jwks import JwksClient
 from gandalf.provider.registry import ProviderRegistry
 from gandalf.server.asgi import GandalfApp
 from gandalf.server.core import Runtime
-from gandalf.server.handlers import Api, KeyAuth, metrics_endpoint
+from gandalf.server.handlers import Api, metrics_endpoint
 from gandalf.server.mount import mount
 from gandalf.server.native import NativeApi
+from gandalf.server.responses import ResponsesApi
 from gandalf.server.rsgi import RSGIApp
+from gandalf.server.session import SessionAuth
 from gandalf.storage.protocol import Store
 
 if TYPE_CHECKING:
     from gandalf.observability.tracing import Tracing
+    from gandalf.scaleout.connection import RedisLink
+    from gandalf.scaleout.governor import RedisGovernor
+    from gandalf.scaleout.notify import RedisNotifier
 
 logger = logging.getLogger("gandalf")
 
@@ -95,11 +107,17 @@ def create_app(
     observe = facts.observe if logs or metrics is not None or config.tracing else None
     attempt = _attempts(metrics) if metrics is not None else None
     tracing = _tracing(config, span_exporter) if config.tracing is not None else None
+    # The web UI's session-signing secret: gandalf serve gives every worker the
+    # same one (so any worker reads a session another made); else this process's own.
+    ui_secret = secret_from_env()
 
     async def build() -> Runtime:
         store = make_store(config)
         await store.open()
         registry: ProviderRegistry | None = None
+        # Redis (redis:): shared limits, budgets, cache and change notifications.
+        link = _redis_link(config) if config.redis is not None else None
+        notifier: RedisNotifier | None = None
         try:
             await bootstrap.reconcile(store, config)
             # Changes committed from here on are applied by the watcher, even
@@ -115,7 +133,11 @@ def create_app(
             settings = config.cache or CacheConfig()
             cache = response_cache
             if cache is None and (config.cache is not None or any(r.cache for r in stored)):
-                cache = InProcessCache(settings.max_entries, settings.max_bytes)
+                cache = (
+                    _redis_cache(link, config)
+                    if link is not None and settings.backend != "memory"
+                    else InProcessCache(settings.max_entries, settings.max_bytes)
+                )
             builder = RouteBuilder(
                 registry.providers,
                 registry.disabled,
@@ -132,16 +154,28 @@ def create_app(
             pricing = build_pricing(providers, routes, config.pricing)
             auth = config.auth
             tenancy = await load_tenancy(store, config)
+            # JWT sign-in: the issuers of auth.jwt (reconciled) and the admin
+            # API's; their JWKS fetched now, then refreshed in the background.
+            jwks = JwksClient()
+            tokens = TokenVerifier(
+                jwks, await store.list_issuers(), users=store, max_size=auth.key_cache_size
+            )
+            if tokens.enabled:
+                await tokens.refresh_due()
             keys = KeyCache(
                 store,
                 ttl=auth.key_cache_ttl,
                 negative_ttl=auth.negative_cache_ttl,
                 max_size=auth.key_cache_size,
                 tenancy=tenancy,
+                tokens=tokens,
             )
             # Limits and budgets: this worker's share (GANDALF_WORKERS), with
             # the spend of every budget's current period read back first.
-            governor = LocalGovernor(share=share_from_env())
+            local = LocalGovernor(share=share_from_env())
+            governor: LocalGovernor | RedisGovernor = (
+                local if link is None else _redis_governor(link, local, config)
+            )
             budgeted = await budget_scopes(store, tenancy)
             await governor.rebuild(store, budgeted)
             price, cost = pricing.worst_case, pricing.cost
@@ -179,6 +213,13 @@ def create_app(
             )
             endpoints.update(native_exact)
             prefixes = [*api_prefixes, *native_prefixes]
+            # The Responses API: its own endpoints, sharing the chat service's
+            # routes, pipeline and failover (app/responses.py).
+            responses = ResponsesApi(
+                ResponsesService(proxy, store, retention=config.responses.retention), keys
+            )
+            endpoints.update(responses.endpoints())
+            prefixes = [*responses.prefixes(), *prefixes]
 
             async def price_new_targets(stored: list[Route]) -> None:
                 # A target new to this worker gets its price (the library is
@@ -199,14 +240,24 @@ def create_app(
                 budgeted=budgeted,
                 routes_changed=price_new_targets,
             )
-            watcher = Watcher(store, live.apply, version=version, interval=live_interval)
+            watcher = Watcher(
+                store,
+                live.apply,
+                version=version,
+                interval=live_interval,
+                wakeable=link is not None,
+            )
             watcher.start()
+            if link is not None:
+                notifier = _redis_notifier(link, watcher)
 
             async def changed(kind: str, key: ApiKey | None) -> None:
                 # An admin write: this worker applies it before answering (the
                 # store logged it in the change feed, which every other worker
-                # polls within live_interval).
+                # polls within live_interval; with Redis, they are woken at once).
                 await watcher.step()
+                if notifier is not None:
+                    await notifier.publish()
 
             async def purge_cache() -> int:
                 # This worker's entries at once (their count is the answer);
@@ -214,6 +265,8 @@ def create_app(
                 cache = proxy.routes.cache
                 purged = 0 if cache is None else await cache.purge()
                 await store.log_cache_purge()
+                if notifier is not None:
+                    await notifier.publish()
                 return purged
 
             # The admin API (Starlette, off the hot path): tried only when no
@@ -231,7 +284,13 @@ def create_app(
                 )
             )
             endpoints[OPENAPI_PATH] = mount(admin, None)
-            prefixes.append((PREFIX + "/", mount(admin, KeyAuth(keys, Permission.READ_ADMIN))))
+            # The web UI (/ui/): its session cookie also authenticates the admin API.
+            sessions = Sessions(SessionCodec(ui_secret), keys, _key_hash_of(store))
+            admin_auth = SessionAuth(keys, Permission.READ_ADMIN, sessions)
+            prefixes.append((PREFIX + "/", mount(admin, admin_auth)))
+            ui = mount(create_ui_app(keys, sessions), None, UI_FORWARDED)
+            endpoints[UI_PREFIX] = ui
+            prefixes.append((UI_PREFIX + "/", ui))
             if metrics is not None:
                 metrics.gauges = _gauges(app, proxy, store)  # in every snapshot
                 if not server.metrics_addr:  # else gandalf serve's main process answers
@@ -239,15 +298,21 @@ def create_app(
         except BaseException:
             if registry is not None:
                 await registry.close()
+            await _close_redis(link, notifier, None)
             await store.close()
             raise
         started_registry = registry
+        refresher = asyncio.create_task(tokens.run(), name="gandalf-jwks")
 
         async def close() -> None:
             try:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
+                await jwks.close()
                 await watcher.close()
                 await started_registry.close()
             finally:
+                await _close_redis(link, notifier, governor)
                 await store.close()
                 if tracing is not None:
                     tracing.shutdown()  # the spans still buffered go out
@@ -302,6 +367,71 @@ def make_store(config: GandalfConfig, *, server: bool = True) -> Store:
     return SqliteStore(database.dsn, readers=2 if server else 1, usage_retention=retention)
 
 
+# --------------------------------------------------------------------------- Redis (redis:)
+# Imported only when configured: without ``redis:`` redis-py is never imported.
+
+
+def _redis_link(config: GandalfConfig) -> RedisLink:
+    settings = config.redis
+    assert settings is not None
+    from gandalf.scaleout.connection import connect
+
+    try:
+        return connect(  # imports redis-py
+            settings.url,
+            timeout=settings.timeout,
+            pool_size=settings.pool_size,
+            prefix=settings.prefix,
+            retry_interval=settings.retry_interval,
+        )
+    except ImportError as exc:
+        raise ConfigError(
+            f"{config.source}: redis: needs the redis extra "
+            f"(pip install 'gandalf-gateway[redis]'): {exc}"
+        ) from None
+
+
+def _redis_governor(link: RedisLink, local: LocalGovernor, config: GandalfConfig) -> RedisGovernor:
+    """The shared governor; ``local`` serves while Redis is down when
+    ``redis.on_error`` is open (closed: such requests get a 503)."""
+    from gandalf.scaleout.governor import RedisGovernor
+
+    assert config.redis is not None
+    governor = RedisGovernor(link, fallback=local if config.redis.on_error == "open" else None)
+    governor.start()
+    return governor
+
+
+def _redis_cache(link: RedisLink, config: GandalfConfig) -> ResponseCache:
+    from gandalf.scaleout.cache import RedisCache
+
+    assert config.redis is not None
+    return RedisCache(link, config.redis.max_entry_bytes)
+
+
+def _redis_notifier(link: RedisLink, watcher: Watcher) -> RedisNotifier:
+    from gandalf.scaleout.notify import RedisNotifier
+
+    notifier = RedisNotifier(link, watcher.wake)
+    notifier.start()
+    return notifier
+
+
+async def _close_redis(
+    link: RedisLink | None,
+    notifier: RedisNotifier | None,
+    governor: LocalGovernor | RedisGovernor | None,
+) -> None:
+    """Stop the notifier, flush the governor's corrections, close the pool."""
+    if link is None:
+        return
+    if notifier is not None:
+        await notifier.close()
+    if governor is not None and not isinstance(governor, LocalGovernor):
+        await governor.close()
+    await link.close()
+
+
 def _tracing(config: GandalfConfig, exporter: object | None) -> Tracing:
     """The worker's tracer for ``config.tracing`` (imports opentelemetry)."""
     settings = config.tracing
@@ -319,6 +449,16 @@ def _tracing(config: GandalfConfig, exporter: object | None) -> Tracing:
         settings.service_name,
         exporter=exporter,  # type: ignore[arg-type]
     )
+
+
+def _key_hash_of(store: Store) -> Callable[[str], Awaitable[str | None]]:
+    """Key id -> its hash (a UI session names its key by id)."""
+
+    async def key_hash_of(key_id: str) -> str | None:
+        key = await store.get_key(key_id)
+        return None if key is None else key.key_hash
+
+    return key_hash_of
 
 
 def _attempts(metrics: Metrics) -> AttemptHook:

@@ -1057,7 +1057,7 @@ def test_unknown_key_lists_valid_keys() -> None:
     assert error("bogus: 1\n") == (
         "gandalf.yaml: bogus: unknown key "
         "(expected one of: server, database, auth, providers, routes, keys, resilience, "
-        "limits, orgs, teams, pricing, cache, log, tracing)"
+        "limits, orgs, teams, pricing, cache, log, tracing, responses, redis)"
     )
 
 

@@ -253,6 +253,71 @@ MATRIX: list[tuple[str, tuple[str, str, str, str, str], tuple[str, ...]]] = [
             "test_providers_e2e::test_anthropic_errors",
         ),
     ),
+    (
+        "Responses API (`/v1/responses`)",
+        (
+            "native (`responses: false`: via chat)",
+            "via chat: Messages API",
+            "via chat: generateContent",
+            "via chat (`/v1`)",
+            "via chat: deployment URL",
+        ),
+        (
+            "test_responses_e2e::test_create_answers_text_on_every_provider",
+            "test_responses_e2e::test_stream_gives_the_typed_events_on_every_provider",
+        ),
+    ),
+    (
+        "Responses: function calls and outputs",
+        (
+            "native",
+            "`tool_use` / `tool_result`",
+            "`functionCall` / `functionResponse`",
+            "via chat",
+            "via chat",
+        ),
+        (
+            "test_responses_e2e::test_function_calling_round_trip",
+            "test_responses_e2e::test_streamed_function_call",
+            "test_responses_wire::test_items_become_chat_messages",
+        ),
+    ),
+    (
+        "Responses: `text.format` (`responses.parse`)",
+        ("native", "forced tool with the schema", "`responseJsonSchema`", "via chat", "via chat"),
+        (
+            "test_responses_e2e::test_parse_with_a_pydantic_model",
+            "test_responses_wire::test_options_become_chat_options",
+        ),
+    ),
+    (
+        "Responses: `reasoning.effort`",
+        ("native", "400", "400", "400", "`reasoning_effort`"),
+        (
+            "test_responses_e2e::test_reasoning_effort_on_a_provider_without_it_is_a_400",
+            "test_responses_wire::test_options_become_chat_options",
+        ),
+    ),
+    (
+        "Responses: `store`, `previous_response_id`, GET / DELETE",
+        (
+            "kept by Gandalf",
+            "kept by Gandalf",
+            "kept by Gandalf",
+            "kept by Gandalf",
+            "kept by Gandalf",
+        ),
+        (
+            "test_responses_e2e::test_previous_response_id_continues_on_any_provider",
+            "test_responses_e2e::test_retrieve_and_delete",
+            "test_responses_e2e::test_a_key_cannot_reach_another_keys_response",
+        ),
+    ),
+    (
+        "Responses: built-in tools (web search, file search, ...)",
+        ("400", "400", "400", "400", "400"),
+        ("test_responses_e2e::test_bad_input_is_a_400_naming_it",),
+    ),
 ]
 
 

@@ -50,6 +50,8 @@ answers 404 without an ``api-version`` query.
 per input (``dimensions`` honoured, ``encoding_format: base64`` gives
 little-endian float32 in base64); ``status-NNN`` models fail as for chat.
 
+``POST /v1/responses``: a minimal Responses API (tests/mock_responses.py).
+
 Every request is recorded (path, headers, body) in ``received``.
 """
 
@@ -65,6 +67,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from tests import mock_responses
 from tests.background import BackgroundServer
 
 SLOW_CHUNKS = 3
@@ -220,6 +223,7 @@ class MockUpstream(BackgroundServer):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/api/chat", self._ollama)
         app.router.add_post("/api/generate", self._ollama)
@@ -426,6 +430,28 @@ class MockUpstream(BackgroundServer):
             if model != "stream-then-die":
                 log.closed = True
             raise
+        return resp
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/responses`` (tests/mock_responses.py says what it answers)."""
+        body = await request.read()
+        self.received.append(Received(request.path_qs, dict(request.headers), body))
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return web.json_response(_BAD_JSON, status=400)
+        model = str(payload.get("model", ""))
+        if model.startswith("status-"):
+            status = int(model.split("-", 1)[1])
+            return web.json_response(_error_body(status), status=status)
+        response = mock_responses.answer(payload, len(self.received))
+        if payload.get("stream") is not True:
+            return web.json_response(response)
+        resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in mock_responses.events(response):
+            await resp.write(event)
+        await resp.write_eof()
         return resp
 
     async def _azure(self, request: web.Request) -> web.StreamResponse:

@@ -31,6 +31,8 @@ from gandalf.domain import (
     AuditEntry,
     Budget,
     Identity,
+    JwtClaims,
+    JwtIssuer,
     Organization,
     Permission,
     ProviderConfig,
@@ -38,7 +40,9 @@ from gandalf.domain import (
     Target,
     Team,
     UsageSummary,
+    User,
     is_glob,
+    issuer_problem,
 )
 from gandalf.errors import Clash, Conflict, InUse, InvalidRequest, NotFound
 
@@ -89,6 +93,14 @@ class AdminStore(Protocol):
     ) -> list[UsageSummary]: ...
 
     async def record_audit(self, entry: AuditEntry) -> None: ...
+
+    async def list_issuers(self) -> list[JwtIssuer]: ...
+
+    async def upsert_issuer(self, issuer: JwtIssuer) -> None: ...
+
+    async def delete_issuer(self, issuer: str) -> bool: ...
+
+    async def list_users(self, org_id: str | None = None) -> list[User]: ...
 
     async def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditEntry]: ...
 
@@ -887,6 +899,110 @@ async def purge_cache(call: Call) -> s.Purged:
     return s.Purged(purged=int(count))
 
 
+# --------------------------------------------------------------------------- JWT issuers
+
+
+def _issuer_out(i: JwtIssuer) -> s.Issuer:
+    c = i.claims
+    return s.Issuer(
+        issuer=i.issuer,
+        audience=list(i.audience),
+        jwks_url=i.jwks_url or None,
+        claims=s.IssuerClaims(subject=c.subject, name=c.name, org=c.org, team=c.team, role=c.role),
+        algorithms=list(i.algorithms),
+        leeway=i.leeway,
+        refresh=i.refresh,
+        default_org=i.default_org,
+        default_role=i.default_role,
+        source=i.source,
+        read_only=i.source == "config",
+    )
+
+
+async def _issuer(services: Services, url: str) -> JwtIssuer | None:
+    for issuer in await services.store.list_issuers():
+        if issuer.issuer == url:
+            return issuer
+    return None
+
+
+async def list_issuers(call: Call) -> s.IssuerList:
+    """The trusted JWT issuers; ``read_only`` ones come from the config file."""
+    return s.IssuerList(data=[_issuer_out(i) for i in await call.services.store.list_issuers()])
+
+
+async def create_issuer(call: Call) -> s.Issuer:
+    """Trust a JWT issuer (``source: api``), live in every worker; its keys are
+    fetched in the background (or at a token's first unknown ``kid``)."""
+    b: s.IssuerCreate = call.body
+    services = call.services
+    c = b.claims
+    issuer = JwtIssuer(
+        issuer=b.issuer,
+        audience=tuple(b.audience),
+        jwks_url=b.jwks_url or "",
+        claims=JwtClaims(subject=c.subject, name=c.name, org=c.org, team=c.team, role=c.role),
+        algorithms=tuple(b.algorithms),
+        leeway=b.leeway,
+        refresh=b.refresh,
+        default_org=b.default_org,
+        default_role=b.default_role,
+        source="api",
+    )
+    problem = issuer_problem(issuer)
+    if problem is not None:
+        raise InvalidRequest(f"{problem[0]}: {problem[1]}.", param=problem[0])
+    existing = await _issuer(services, b.issuer)
+    if existing is not None:
+        if existing.source == "config":
+            raise _read_only("issuer", b.issuer, services.config_source)
+        raise Conflict(f"Issuer {b.issuer!r} is trusted already; DELETE it first.")
+    await services.store.upsert_issuer(issuer)
+    await services.notify("issuers")
+    return _issuer_out(issuer)
+
+
+async def delete_issuer(call: Call) -> s.Issuer:
+    """Stop trusting an API-added issuer (``?issuer=URL``): its tokens are
+    refused at once in every worker; config issuers are read-only (409)."""
+    q: s.IssuerQuery = call.query
+    services = call.services
+    existing = await _issuer(services, q.issuer)
+    if existing is None:
+        raise NotFound(f"No issuer {q.issuer!r}.")
+    if existing.source == "config":
+        raise _read_only("issuer", q.issuer, services.config_source)
+    await services.store.delete_issuer(q.issuer)
+    await services.notify("issuers")
+    return _issuer_out(existing)
+
+
+async def list_users(call: Call) -> s.JwtUserList:
+    """Everyone who signed in with a JWT (recorded on first sight), oldest first."""
+    q: s.UserQuery = call.query
+    org = None if q.org is msgspec.UNSET else q.org
+    page, more = _page(await call.services.store.list_users(org), q.limit, q.offset)
+    return s.JwtUserList(
+        data=[
+            s.JwtUser(
+                id=u.id,
+                issuer=u.issuer,
+                subject=u.subject,
+                name=u.name,
+                org=u.org_id,
+                team=u.team_id,
+                role=u.role,
+                first_seen=u.first_seen,
+                last_seen=u.last_seen,
+            )
+            for u in page
+        ],
+        limit=q.limit,
+        offset=q.offset,
+        has_more=more,
+    )
+
+
 # --------------------------------------------------------------------------- the table
 
 _KEYS = Permission.MANAGE_KEYS
@@ -936,6 +1052,12 @@ OPS: tuple[Op, ...] = (
     Op("GET", "/audit", audit, s.AuditList, query=s.PageQuery, errors=(400, *_R)),
     Op("POST", "/cache/purge", purge_cache, s.Purged, needs=_CONFIG, errors=_R,
        audit="purge", resource="cache"),
+    Op("GET", "/auth/issuers", list_issuers, s.IssuerList, errors=_R),
+    Op("POST", "/auth/issuers", create_issuer, s.Issuer, needs=_CONFIG, body=s.IssuerCreate,
+       ok=201, errors=(*_W, 409), audit="create", resource="issuers"),
+    Op("DELETE", "/auth/issuers", delete_issuer, s.Issuer, needs=_CONFIG, query=s.IssuerQuery,
+       errors=(*_W, 404, 409), audit="delete", resource="issuers"),
+    Op("GET", "/auth/users", list_users, s.JwtUserList, query=s.UserQuery, errors=(400, *_R)),
 )  # fmt: skip
 
 

@@ -331,3 +331,81 @@ class AuditList(Page, kw_only=True):
 
 class Purged(msgspec.Struct, kw_only=True):
     purged: int
+
+
+# --------------------------------------------------------------------------- JWT issuers
+
+Url = Annotated[str, msgspec.Meta(min_length=8, max_length=500, pattern=r"^https?://[^\s]+$")]
+ClaimPathText = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class IssuerClaims(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Claim paths (``realm_access.roles[0]``); null: not read."""
+
+    subject: ClaimPathText = "sub"
+    name: ClaimPathText | None = None
+    org: ClaimPathText | None = None
+    team: ClaimPathText | None = None
+    role: ClaimPathText | None = None
+
+
+class IssuerCreate(_In):
+    """A trusted identity provider. ``jwks_url`` left out: OIDC discovery.
+    ``leeway`` / ``refresh`` in seconds. ``algorithms``: never none or HMAC."""
+
+    issuer: Url
+    audience: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=20)]
+    jwks_url: Url | None = None
+    claims: IssuerClaims = msgspec.field(default_factory=IssuerClaims)
+    algorithms: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=20)] = msgspec.field(
+        default_factory=lambda: ["RS256", "ES256"]
+    )
+    leeway: Annotated[float, msgspec.Meta(ge=0, le=600)] = 60.0
+    refresh: Annotated[float, msgspec.Meta(ge=10, le=86400)] = 900.0
+    default_org: Name = "default"
+    default_role: RoleName = "member"
+
+
+class Issuer(msgspec.Struct, kw_only=True):
+    issuer: str
+    audience: list[str]
+    jwks_url: str | None
+    claims: IssuerClaims
+    algorithms: list[str]
+    leeway: float
+    refresh: float
+    default_org: str
+    default_role: str
+    source: str  # config (read-only here: change gandalf.yaml) | api
+    read_only: bool
+
+
+class IssuerList(msgspec.Struct, kw_only=True):
+    data: list[Issuer]
+
+
+class IssuerQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    issuer: Url
+
+
+class UserQuery(PageQuery, kw_only=True):
+    org: Id | msgspec.UnsetType = msgspec.UNSET
+
+
+class JwtUser(msgspec.Struct, kw_only=True):
+    """Someone who signed in with a JWT. ``id`` is what their usage records
+    carry as the key id (``usage?group_by=key``)."""
+
+    id: str
+    issuer: str
+    subject: str
+    name: str
+    org: str
+    team: str | None
+    role: str
+    first_seen: float
+    last_seen: float
+
+
+class JwtUserList(Page, kw_only=True):
+    data: list[JwtUser]

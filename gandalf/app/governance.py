@@ -14,13 +14,18 @@ loop cannot both pass a check that only one of them fits). It raises
 the ``x-ratelimit-*`` response headers of the tightest level (empty when no
 level sets rpm/tpm).
 
+With a governor shared by several instances (Redis) the check-and-take is a
+round trip: such a governor is a :class:`SharedGovernor`, whose
+``admit_shared`` the pipeline awaits instead (``Pipeline.local`` False);
+without one the request path has no extra ``await``.
+
 When ``identity.scopes`` is empty nothing is limited: the pipeline skips the
 governor entirely (a feature that is off costs nothing).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -45,3 +50,12 @@ class Governor(Protocol):
     def settle(self, ticket: Ticket, tokens: int, usd: float | None) -> None: ...
 
     def release(self, ticket: Ticket) -> None: ...
+
+
+@runtime_checkable
+class SharedGovernor(Governor, Protocol):
+    """A governor whose state lives outside the process: ``admit_shared``
+    does what ``admit`` does (the same checks, headers and 429s) in one
+    awaited round trip, atomic across every instance."""
+
+    async def admit_shared(self, scopes: tuple[Scope, ...], estimate: Estimate) -> Ticket: ...

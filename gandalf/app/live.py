@@ -18,7 +18,8 @@ a reader connection) and hands them, summed up as a :class:`Pending`, to
 - rebuilds the route table from the stored routes and swaps it into every
   service whole (one attribute assignment each; breakers and latency stats
   live in the health registry, which the new table keeps);
-- reads back the spend of budget levels the governor has not loaded yet.
+- reads back the spend of budget levels the governor has not loaded yet;
+- installs the trusted JWT issuers anew (``issuers`` changes, auth/jwt.py).
 
 Requests never wait for any of this: they keep using the old table, cache
 entries and tenancy until the swap. When the log was pruned past the last
@@ -31,6 +32,7 @@ is skipped with a warning (a new provider needs a restart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -44,7 +46,16 @@ from gandalf.app.cache import ResponseCache
 from gandalf.app.health import HealthRegistry
 from gandalf.app.router import RouteTable, offered_routes
 from gandalf.auth.apikey import KeyCache
-from gandalf.domain import ApiKey, Change, Provider, ProviderConfig, Route, Scope, Tenancy
+from gandalf.domain import (
+    ApiKey,
+    Change,
+    JwtIssuer,
+    Provider,
+    ProviderConfig,
+    Route,
+    Scope,
+    Tenancy,
+)
 
 logger = logging.getLogger("gandalf.live")
 
@@ -64,7 +75,7 @@ class ChangeFeed(Protocol):
 class Pending:
     """What a run of changes asks to reload."""
 
-    __slots__ = ("all_keys", "cache", "everything", "keys", "routes", "tenancy")
+    __slots__ = ("all_keys", "cache", "everything", "issuers", "keys", "routes", "tenancy")
 
     def __init__(self) -> None:
         self.keys: set[str] = set()  # key hashes
@@ -72,6 +83,7 @@ class Pending:
         self.tenancy = False
         self.routes = False
         self.cache = False  # a purge of the response cache
+        self.issuers = False  # the trusted JWT issuers
         self.everything = False
 
     def add(self, change: Change) -> None:
@@ -87,6 +99,8 @@ class Pending:
             self.routes = True
         elif kind == "cache":
             self.cache = True
+        elif kind == "issuers":
+            self.issuers = True
         else:  # a kind this version does not know: a newer writer; be safe
             self.everything = True
 
@@ -99,7 +113,8 @@ class Pending:
     def __repr__(self) -> str:
         return (
             f"Pending(keys={len(self.keys)}, all_keys={self.all_keys}, tenancy={self.tenancy}, "
-            f"routes={self.routes}, cache={self.cache}, everything={self.everything})"
+            f"routes={self.routes}, cache={self.cache}, issuers={self.issuers}, "
+            f"everything={self.everything})"
         )
 
 
@@ -129,6 +144,7 @@ class Watcher:
         "_lock",
         "_sleep",
         "_task",
+        "_woken",
         "interval",
         "version",
     )
@@ -142,7 +158,11 @@ class Watcher:
         interval: float = POLL_INTERVAL,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         batch: int = BATCH,
+        wakeable: bool = False,
     ) -> None:
+        """``wakeable``: :meth:`wake` cuts the wait before the next poll short
+        (a notification from another instance); otherwise ``sleep`` paces the
+        loop alone."""
         if interval <= 0 or batch < 1:
             raise ValueError("interval > 0 and batch >= 1 are required")
         self._feed = feed
@@ -156,6 +176,25 @@ class Watcher:
         # One step at a time: the poll loop and an admin write applying its own
         # change at once (wiring's ``changed``) must not interleave.
         self._lock = asyncio.Lock()
+        self._woken = asyncio.Event() if wakeable else None
+
+    def wake(self) -> None:
+        """Poll now rather than at the end of the interval (a no-op unless
+        ``wakeable``)."""
+        if self._woken is not None:
+            self._woken.set()
+
+    async def _pause(self) -> None:
+        """The wait before the next poll: ``interval``, or until :meth:`wake`."""
+        woken = self._woken
+        if woken is None:
+            await self._sleep(self.interval)
+            return
+        if not woken.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await woken.wait()
+        woken.clear()
 
     async def step(self) -> Pending | None:
         """Poll once; what was applied (None: nothing changed)."""
@@ -174,7 +213,7 @@ class Watcher:
     async def run(self) -> None:
         """Poll forever (until cancelled); never raises otherwise."""
         while True:
-            await self._sleep(self.interval)
+            await self._pause()
             try:
                 await self.step()
             except asyncio.CancelledError:
@@ -211,6 +250,8 @@ class LiveStore(Protocol):
     async def get_key_by_hash(self, key_hash: str) -> ApiKey | None: ...
 
     async def spend_since(self, kind: str, id: str, since: float) -> float: ...
+
+    async def list_issuers(self) -> list[JwtIssuer]: ...
 
 
 class Routed(Protocol):
@@ -388,6 +429,11 @@ class Live:
             cache = self._services[0].routes.cache if self._services else None
             if cache is not None:
                 await cache.purge()
+        tokens = keys.tokens
+        if tokens is not None and (pending.issuers or everything):
+            # New issuers' keys are fetched by the background refresher (or a
+            # token's unknown kid); removed issuers' tokens stop working now.
+            tokens.set_issuers(await self._store.list_issuers())
         tenancy = None
         if reload_tenancy:
             tenancy = await self._load_tenancy()

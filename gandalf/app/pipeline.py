@@ -44,7 +44,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gandalf.app.failover import failure_of
-from gandalf.app.governance import Estimate, Governor, Ticket
+from gandalf.app.governance import Estimate, Governor, SharedGovernor, Ticket
 from gandalf.app.governor import DEFAULT_OUTPUT_ALLOWANCE
 from gandalf.app.router import RouteEntry, RouteTable
 from gandalf.domain import CANCEL_SHUTDOWN, Identity, Usage, UsageRecord
@@ -127,7 +127,17 @@ class Pipeline:
     """The stages around the upstream call, built once per service: ``admit``
     before it, ``account`` / ``failed`` after it."""
 
-    __slots__ = ("_clock", "_cost", "_governor", "_observe", "_price", "_sink", "_verdict")
+    __slots__ = (
+        "_clock",
+        "_cost",
+        "_governor",
+        "_observe",
+        "_price",
+        "_shared",
+        "_sink",
+        "_verdict",
+        "local",
+    )
 
     def __init__(
         self,
@@ -145,6 +155,10 @@ class Pipeline:
         self._verdict = verdict
         self._clock = clock
         self._governor = governor
+        # A shared governor (Redis) is awaited through govern_shared; callers
+        # test ``local`` (one attribute) only for a caller with limits.
+        self._shared = governor if isinstance(governor, SharedGovernor) else None
+        self.local = self._shared is None
         self._price = price
         # The default hook is not called at all: a call per request for a None.
         self._cost: CostOf | None = None if cost is no_cost else cost
@@ -174,6 +188,17 @@ class Pipeline:
         # The worst-case cost only matters to a budget: without one it is not priced.
         price = self._price if identity.budgeted else None
         return governor.admit(identity.scopes, estimate(entry, body, max_output, price))
+
+    async def govern_shared(
+        self, identity: Identity, entry: RouteEntry, body: bytes, max_output: int | None
+    ) -> Ticket | None:
+        """:meth:`govern` through the shared governor (one round trip to it);
+        call only when :attr:`local` is False."""
+        shared = self._shared
+        if not identity.scopes or shared is None:
+            return None
+        price = self._price if identity.budgeted else None
+        return await shared.admit_shared(identity.scopes, estimate(entry, body, max_output, price))
 
     def admit(
         self,

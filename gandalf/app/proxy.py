@@ -355,6 +355,11 @@ class ProxyService:
         )
         self._coalescer: Coalescer[_Landed] = Coalescer()
 
+    @property
+    def failover(self) -> Failover:
+        """The attempt policy (the Responses API serves through it too)."""
+        return self._failover
+
     def breakers(self) -> list[BreakerSnapshot]:
         """Every provider's circuit breaker now, by provider name (for the admin
         API and metrics)."""
@@ -387,7 +392,11 @@ class ProxyService:
             )
         try:
             if identity.scopes:
-                ticket = pipeline.govern(identity, entry, body, request.output_limit)
+                ticket = (
+                    pipeline.govern(identity, entry, body, request.output_limit)
+                    if pipeline.local
+                    else await pipeline.govern_shared(identity, entry, body, request.output_limit)
+                )
             if entry.coalesce and is_deterministic(body):
                 shared = True
                 landed, leader = await self._coalescer.join(
@@ -439,7 +448,11 @@ class ProxyService:
         pipeline.verdict(label)
         try:
             if identity.scopes:
-                ticket = pipeline.govern(identity, entry, body, request.output_limit)
+                ticket = (
+                    pipeline.govern(identity, entry, body, request.output_limit)
+                    if pipeline.local
+                    else await pipeline.govern_shared(identity, entry, body, request.output_limit)
+                )
             if key is not None:
                 if label is MISS:
                     answer = await cache.backend.get(key)
@@ -546,7 +559,11 @@ class ProxyService:
             )
         try:
             if identity.scopes:
-                ticket = pipeline.govern(identity, entry, body, request.output_limit)
+                ticket = (
+                    pipeline.govern(identity, entry, body, request.output_limit)
+                    if pipeline.local
+                    else await pipeline.govern_shared(identity, entry, body, request.output_limit)
+                )
             opened = await self._failover.serve(
                 entry, _stream, (request, body, request_id), request_id, self._monotonic()
             )
@@ -582,7 +599,11 @@ class ProxyService:
         pipeline.verdict(label)
         try:
             if identity.scopes:
-                ticket = pipeline.govern(identity, entry, body, request.output_limit)
+                ticket = (
+                    pipeline.govern(identity, entry, body, request.output_limit)
+                    if pipeline.local
+                    else await pipeline.govern_shared(identity, entry, body, request.output_limit)
+                )
             if key is not None and label is MISS:
                 answer = await cache.backend.get(key)
                 events = replay(answer.body, request.wants_usage) if answer is not None else None
@@ -633,7 +654,11 @@ class ProxyService:
             )
         try:
             if identity.scopes:
-                ticket = pipeline.govern(identity, entry, body, None)
+                ticket = (
+                    pipeline.govern(identity, entry, body, None)
+                    if pipeline.local
+                    else await pipeline.govern_shared(identity, entry, body, None)
+                )
             outcome = await self._failover.serve(
                 entry, _embed, (request, body, request_id), request_id, self._monotonic()
             )
@@ -671,7 +696,11 @@ class ProxyService:
         pipeline.verdict(label)
         try:
             if identity.scopes:
-                ticket = pipeline.govern(identity, entry, body, None)
+                ticket = (
+                    pipeline.govern(identity, entry, body, None)
+                    if pipeline.local
+                    else await pipeline.govern_shared(identity, entry, body, None)
+                )
             if key is not None and label is MISS:
                 answer = await cache.backend.get(key)
                 if answer is not None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from gandalf.auth.jwt import TokenVerifier
 from gandalf.domain import ApiKey, Identity, Tenancy
 from gandalf.errors import AuthenticationError, GatewayError, StoreUnavailable
 
@@ -102,6 +103,7 @@ class KeyCache:
         "_max",
         "_neg_ttl",
         "_tenancy",
+        "_tokens",
         "_ttl",
         "_wall",
     )
@@ -116,10 +118,14 @@ class KeyCache:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         tenancy: Tenancy | None = None,
+        tokens: TokenVerifier | None = None,
     ) -> None:
         """``tenancy``: the orgs, teams and default limits identities are built
-        against (None: keys only, no team/org restrictions or limits)."""
+        against (None: keys only, no team/org restrictions or limits).
+        ``tokens``: verifies Bearer credentials that are not ``gnd_`` keys as
+        JWTs (None: they are refused as malformed keys)."""
         self._lookup = lookup
+        self._tokens = tokens
         self._tenancy = tenancy
         self._ttl = ttl
         self._neg_ttl = negative_ttl
@@ -139,20 +145,50 @@ class KeyCache:
 
     def from_headers(self, authorization: bytes | None, api_key: bytes | None) -> Identity | None:
         """The hot path: the identity for a request's credential if the cache
-        knows it, else None (then call :func:`credential` and :meth:`load`).
+        knows it, else None (then call :meth:`authenticate`).
 
-        Hashes the header bytes as they are: only well-formed keys ever enter
-        the cache, so a malformed credential is always a miss.
+        Hashes the header bytes as they are: only well-formed keys (and
+        verified JWTs, Bearer only) ever enter the caches, so a malformed
+        credential is always a miss.
         """
-        if authorization is not None:
-            if authorization[:7].lower() != _BEARER:
+        if authorization is None:
+            if api_key is None:
                 return None
-            raw = authorization[7:].strip()
-        elif api_key is not None:
-            raw = api_key.strip()
-        else:
+            return self._known(hashlib.sha256(api_key.strip()).hexdigest())
+        if authorization[:7].lower() != _BEARER:
             return None
-        return self._known(hashlib.sha256(raw).hexdigest())
+        raw = authorization[7:].strip()
+        digest = hashlib.sha256(raw).hexdigest()
+        identity = self._known(digest)
+        if identity is None and self._tokens is not None:
+            return self._tokens.cached(digest)  # a JWT verified before (Bearer only)
+        return identity
+
+    @property
+    def tokens(self) -> TokenVerifier | None:
+        return self._tokens
+
+    async def authenticate(self, authorization: bytes | None, api_key: bytes | None) -> Identity:
+        """The identity for a request's credential on a cache miss: a Bearer
+        token that is not a ``gnd_`` key is verified as a JWT when issuers are
+        configured; anything else is looked up as a key (:meth:`load`).
+        Raises AuthenticationError (401) / StoreUnavailable (503)."""
+        tokens = self._tokens
+        if (
+            tokens is not None
+            and tokens.enabled
+            and authorization is not None
+            and authorization[:7].lower() == _BEARER
+        ):
+            raw = authorization[7:].strip()
+            if not raw.startswith(b"gnd_"):
+                try:
+                    token = raw.decode("ascii")
+                except UnicodeDecodeError:
+                    raise AuthenticationError("Invalid token: not a well-formed JWT.") from None
+                digest = hashlib.sha256(raw).hexdigest()
+                return await tokens.verify(token, digest, self._tenancy)
+        return await self.load(credential(authorization, api_key))
 
     def cached(self, key: str) -> Identity | None:
         """The identity for ``key`` if the cache knows it; None on a miss.
@@ -160,6 +196,10 @@ class KeyCache:
         Raises AuthenticationError for a key the cache knows to be bad.
         """
         return self._known(hashlib.sha256(key.encode()).hexdigest())
+
+    def cached_hash(self, key_hash: str) -> Identity | None:
+        """:meth:`cached` for a key known by its SHA-256 hex (a UI session)."""
+        return self._known(key_hash)
 
     def _known(self, key_hash: str) -> Identity | None:
         entry = self._entries.get(key_hash)
@@ -173,7 +213,10 @@ class KeyCache:
         Raises AuthenticationError for a bad key, StoreUnavailable when the
         lookup itself fails (nothing is cached then).
         """
-        key_hash = hashlib.sha256(key.encode()).hexdigest()
+        return await self.load_hash(hashlib.sha256(key.encode()).hexdigest())
+
+    async def load_hash(self, key_hash: str) -> Identity:
+        """:meth:`load` for a key known by its SHA-256 hex (a UI session)."""
         pending = self._inflight.get(key_hash)
         if pending is not None:
             return self._check(await asyncio.shield(pending), key_hash)
@@ -230,6 +273,8 @@ class KeyCache:
         self._tenancy = tenancy
         self._generation += 1
         self._entries.clear()
+        if self._tokens is not None:
+            self._tokens.forget_tokens()
 
     def invalidate(self, key_hash: str | None = None) -> None:
         """Forget ``key_hash`` (None: every key), so its next request reads the

@@ -2,7 +2,9 @@
 
 It echoes the last user message back and estimates usage at ~4 characters a
 token, so demos, tests, sidecar smoke tests and the bench all work out of the
-box. ``latency_ms`` simulates upstream latency.
+box. ``latency_ms`` simulates upstream latency; ``ttft_ms`` and
+``tokens_per_second`` pace a stream; ``errors`` (domain.FakeErrors) injects
+429s, 5xx and timeouts on purpose, for testing a client's retries.
 
 It runs on the gateway's event loop, so it bounds its own work per request
 whatever the gateway let through: a reply is at most :data:`MAX_REPLY_TOKENS`
@@ -18,6 +20,7 @@ import asyncio
 import base64
 import hashlib
 import math
+import random
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -28,11 +31,17 @@ from gandalf.domain import (
     ChatCall,
     ChatMessage,
     EmbeddingsCall,
+    FakeErrors,
     ProviderConfig,
     ProviderReply,
     Usage,
 )
-from gandalf.errors import InvalidRequest
+from gandalf.errors import (
+    InvalidRequest,
+    UpstreamClientError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 MAX_REPLY_TOKENS = 4096  # ~16 KiB of echoed text: at most 4,096 stream events
 MAX_EMBEDDING_VALUES = 131_072  # inputs x dimensions: ~50 ms of work
@@ -213,8 +222,55 @@ class FakeStream:
         self._closed = True
 
 
+class _Injector:
+    """Draws, per chat request, whether it fails and how (domain.FakeErrors)."""
+
+    __slots__ = ("_5xx", "_429", "_random", "_retry_after", "_timeout", "_wait", "provider")
+
+    def __init__(self, provider: str, errors: FakeErrors, wait: float) -> None:
+        self.provider = provider
+        self._429 = errors.rate_429
+        self._5xx = self._429 + errors.rate_5xx
+        self._timeout = self._5xx + errors.rate_timeout
+        self._retry_after = str(errors.retry_after)
+        self._random = random.Random(errors.seed)  # not for secrets: a test sequence
+        self._wait = wait
+
+    async def maybe_fail(self) -> None:
+        draw = self._random.random()
+        if draw >= self._timeout:
+            return
+        if draw < self._429:
+            raise UpstreamClientError(
+                f"Rate limit reached for provider '{self.provider}' "
+                "(injected by the fake provider's errors.rate_429).",
+                status=429,
+                retry_after=self._retry_after,
+                error_type="rate_limit_exceeded",
+                error_code="rate_limit_exceeded",
+            )
+        if draw < self._5xx:
+            raise UpstreamError(
+                f"Upstream provider '{self.provider}' returned HTTP 500 "
+                "(injected by the fake provider's errors.rate_5xx)."
+            )
+        await asyncio.sleep(self._wait)
+        raise UpstreamTimeout(
+            f"Upstream provider '{self.provider}' timed out after {self._wait * 1000:g} ms "
+            "(injected by the fake provider's errors.rate_timeout)."
+        )
+
+
 class FakeProvider:
-    __slots__ = ("_delay", "_dimensions", "_token_delay", "_ttft", "config", "name")
+    __slots__ = (
+        "_delay",
+        "_dimensions",
+        "_inject",
+        "_token_delay",
+        "_ttft",
+        "config",
+        "name",
+    )
 
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
@@ -224,6 +280,16 @@ class FakeProvider:
         tps = config.tokens_per_second
         self._token_delay = 1.0 / tps if tps > 0 else 0.0
         self._dimensions = 1536
+        # None unless errors are configured: the healthy path pays one test.
+        self._inject = (
+            _Injector(
+                config.name,
+                config.errors,
+                (config.first_byte_timeout_ms or config.timeout_ms) / 1000.0,
+            )
+            if config.errors is not None
+            else None
+        )
 
     async def start(self) -> None:
         return None
@@ -234,6 +300,8 @@ class FakeProvider:
     async def chat(self, call: ChatCall) -> ProviderReply:
         if self._delay:
             await asyncio.sleep(self._delay)
+        if self._inject is not None:
+            await self._inject.maybe_fail()
         messages = call.request.messages
         text = reply_text(messages, call.request.output_limit)
         prompt = estimate_tokens(prompt_chars(messages))
@@ -256,6 +324,8 @@ class FakeProvider:
     async def stream(self, call: ChatCall) -> FakeStream:
         if self._delay:
             await asyncio.sleep(self._delay)
+        if self._inject is not None:
+            await self._inject.maybe_fail()
         messages = call.request.messages
         text = reply_text(messages, call.request.output_limit)
         prompt = estimate_tokens(prompt_chars(messages))

@@ -25,7 +25,7 @@ from gandalf.domain import (
 )
 from gandalf.errors import GatewayError, UpstreamError
 from gandalf.provider import transport
-from gandalf.provider.sse import EventRelay
+from gandalf.provider.sse import EventParser, EventRelay
 from gandalf.provider.usage import OpenAIUsage
 
 
@@ -204,7 +204,7 @@ class OpenAIChatStream:
 class OpenAIProvider(transport.UpstreamClient):
     """Any OpenAI-compatible upstream (OpenAI itself, vLLM, the bench mock, ...)."""
 
-    __slots__ = ("_chat_url", "_embeddings_url", "_headers")
+    __slots__ = ("_chat_url", "_embeddings_url", "_headers", "responses")
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
@@ -215,6 +215,12 @@ class OpenAIProvider(transport.UpstreamClient):
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
         self._headers = headers
+        # The Responses API relayed (``responses: true``, the default), or None:
+        # Gandalf translates it through chat for this provider.
+        # Only type openai: Azure and Ollama reuse this adapter but serve the
+        # Responses API elsewhere or not at all.
+        relays = config.type == "openai" and config.responses is not False
+        self.responses = ResponsesRelay(self) if relays else None
 
     async def chat(self, call: ChatCall) -> ProviderReply:
         model = call.target.model
@@ -297,3 +303,186 @@ class OpenAIProvider(transport.UpstreamClient):
         return OpenAIChatStream(
             resp, EventRelay(drop_usage=not wants_usage), errors.stream_body, self.name
         )
+
+
+# ------------------------------------------------------------- the Responses API, relayed
+
+
+class _ResponsesUsageIn(msgspec.Struct, gc=False):
+    """A Response's ``usage`` (input / output tokens and their details)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    input_tokens_details: dict[str, int | None] | None = None
+    output_tokens_details: dict[str, int | None] | None = None
+
+    def domain(self) -> Usage:
+        details_in = self.input_tokens_details or {}
+        details_out = self.output_tokens_details or {}
+        return Usage(
+            prompt_tokens=self.input_tokens,
+            completion_tokens=self.output_tokens,
+            total_tokens=self.total_tokens or self.input_tokens + self.output_tokens,
+            cached_prompt_tokens=details_in.get("cached_tokens") or 0,
+            reasoning_tokens=details_out.get("reasoning_tokens") or 0,
+        )
+
+
+class _ResponseUsageOnly(msgspec.Struct):
+    usage: _ResponsesUsageIn | None = None
+
+
+class _Terminal(msgspec.Struct):
+    """A stream event: its ``response`` kept raw (the final one is stored)."""
+
+    type: str = ""
+    response: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_NULL = msgspec.Raw(b"null")
+_response_usage = msgspec.json.Decoder(_ResponseUsageOnly)
+_terminal = msgspec.json.Decoder(_Terminal)
+# The events that end a Responses stream (each carries the whole Response).
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def response_usage(body: bytes) -> Usage | None:
+    """The usage of a Response object (zeros when absent); None when ``body``
+    is not a JSON object."""
+    try:
+        usage = _response_usage.decode(body).usage
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return usage.domain() if usage is not None else _ZERO
+
+
+class ResponsesRelayStream:
+    """An upstream Responses API stream, relayed byte for byte. Its events are
+    parsed on the side for the terminal one (``response.completed`` /
+    ``incomplete`` / ``failed``): its usage, and the whole Response
+    (:attr:`response`, raw JSON) the gateway stores. The upstream closing
+    before a terminal event is an UpstreamError."""
+
+    __slots__ = ("_errors", "_name", "_parser", "_resp", "events", "headers", "response", "usage")
+
+    def __init__(
+        self, resp: aiohttp.ClientResponse, errors: transport.UpstreamErrors, name: str
+    ) -> None:
+        self._resp = resp
+        self._errors = errors
+        self._name = name
+        self._parser = EventParser()
+        self.headers = relayed_headers(resp.raw_headers)
+        self.usage: Usage | None = None
+        self.response: bytes | None = None  # the terminal event's Response
+        self.events = 0
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    def _watch(self, events: list[tuple[bytes, bytes]]) -> None:
+        for _name, data in events:
+            self.events += 1
+            if b'"response.' not in data or self.response is not None:
+                continue
+            try:
+                event = _terminal.decode(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if event.type in _TERMINAL and event.response != _NULL:
+                self.response = bytes(event.response)
+                self.usage = response_usage(self.response)
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        resp = self._resp
+        parser = self._parser
+        complete = False
+        try:
+            with self._errors:
+                async for chunk in resp.content.iter_any():
+                    self._watch(parser.feed(chunk))
+                    yield chunk
+            self._watch(parser.finish())
+            if self.response is None:
+                raise UpstreamError(
+                    f"Upstream provider '{self._name}' ended the stream before the response "
+                    "completed."
+                )
+            complete = True
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.close()
+
+    async def aclose(self) -> None:
+        self._resp.close()
+
+
+class ResponsesRelay:
+    """What a provider that serves ``/v1/responses`` itself offers: the body
+    relayed (the model replaced when the target names another), the answer
+    relayed as bytes with its usage read."""
+
+    __slots__ = ("_owner", "_url")
+
+    def __init__(self, owner: OpenAIProvider) -> None:
+        self._owner = owner
+        self._url = owner.config.base_url.rstrip("/") + "/responses"
+
+    async def create(self, body: bytes, model: str | None) -> ProviderReply:
+        owner = self._owner
+        if model is not None:
+            body = rewrite_body(body, model=model)
+        session = owner._live_session()
+        errors = owner._errors
+        with errors:
+            async with session.post(self._url, data=body, headers=owner._headers) as resp:
+                if errors.lift_first_byte:
+                    transport.headers_arrived(resp, None)
+                data = await transport.read_body(resp, errors)
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+                raw_headers = resp.raw_headers
+        if status >= 300:
+            error = transport.http_status_error(owner.name, status, data, retry_after)
+            error.relayed = relayed_headers(raw_headers)
+            raise error
+        usage = response_usage(data)
+        if usage is None:
+            raise UpstreamError(
+                f"Upstream provider '{owner.name}' returned a response that is not a JSON object."
+            )
+        return ProviderReply(
+            body=data, usage=usage, status=status, headers=relayed_headers(raw_headers)
+        )
+
+    async def stream(self, body: bytes, model: str | None) -> ResponsesRelayStream:
+        owner = self._owner
+        if model is not None:
+            body = rewrite_body(body, model=model)
+        session = owner._live_session()
+        errors = owner._errors
+        with errors:
+            resp = await session.post(
+                self._url, data=body, headers=owner._headers, timeout=owner._stream_timeout
+            )
+            status = resp.status
+            if status >= 300 or not resp.content_type.startswith("text/event-stream"):
+                try:
+                    data = await transport.read_body(resp, errors)
+                    retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+                finally:
+                    resp.release()
+                if status >= 300:
+                    error = transport.http_status_error(owner.name, status, data, retry_after)
+                    error.relayed = relayed_headers(resp.raw_headers)
+                    raise error
+                raise UpstreamError(
+                    f"Upstream provider '{owner.name}' answered a streaming request with "
+                    f"'{resp.content_type}' instead of an event stream."
+                )
+        if errors.first_byte_ms != errors.timeout_ms:
+            transport.headers_arrived(resp, errors.timeout_s)
+        return ResponsesRelayStream(resp, errors.stream_body, owner.name)

@@ -18,7 +18,7 @@ from gandalf.app.cache import cache_control
 from gandalf.app.failover import Outcome
 from gandalf.app.proxy import ProxyService
 from gandalf.app.requests import decode_chat, decode_embeddings
-from gandalf.auth.apikey import KeyCache, credential
+from gandalf.auth.apikey import KeyCache
 from gandalf.domain import Identity, Permission, ProviderReply
 from gandalf.errors import GatewayError, ModelNotFound, NotReady, PermissionDenied, header_value
 from gandalf.observability.metrics import Metrics
@@ -95,7 +95,7 @@ class KeyAuth:
 
     async def load(self, request: Request) -> Identity:
         """The identity from the store (a cache miss), or the 401 / 403."""
-        identity = await self.keys.load(credential(*self._credentials(request)))
+        identity = await self.keys.authenticate(*self._credentials(request))
         return _permitted(identity, self.needs, self.bits)
 
 

@@ -33,14 +33,15 @@ class AsgiMount:
     """Calls ``app`` for one request and returns its whole answer (no streams:
     the admin API answers JSON documents)."""
 
-    __slots__ = ("app",)
+    __slots__ = ("app", "forwarded")
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, forwarded: tuple[bytes, ...] = FORWARDED) -> None:
         self.app = app
+        self.forwarded = forwarded
 
     async def __call__(self, request: Request) -> Response:
         headers = []
-        for name in FORWARDED:
+        for name in self.forwarded:
             value = request.header(name)
             if value is not None:
                 headers.append((name, value))
@@ -90,8 +91,9 @@ class AsgiMount:
         return Response(status, body_out, tuple(out))
 
 
-def mount(app: ASGIApp, auth: KeyAuth | None) -> Endpoint:
+def mount(app: ASGIApp, auth: KeyAuth | None, forwarded: tuple[bytes, ...] = FORWARDED) -> Endpoint:
     """An endpoint (every method, body read) that runs ``app`` in memory, the
-    caller authenticated by ``auth`` first (None: open, e.g. a schema document)."""
-    handler = AsgiMount(app)
+    caller authenticated by ``auth`` first (None: open, e.g. a schema document).
+    ``forwarded``: the request headers ``app`` sees (lower-case names)."""
+    handler = AsgiMount(app, forwarded)
     return Endpoint(dict.fromkeys(METHODS, handler), reads_body=True, auth=auth)

@@ -188,7 +188,12 @@ _GROUPS: Final[Mapping[str | None, tuple[str, str]]] = {
 _BUCKETS: Final[Mapping[str | None, int | None]] = {None: None, "hour": HOUR, "day": DAY}
 _NAMES: Final[Mapping[str | None, tuple[str, str, str]]] = {
     # by -> (join, name, prefix)
-    "key": ("LEFT JOIN api_keys k ON k.id = g.grp", "k.name", "k.prefix"),
+    # A JWT user (migration 9) is named like a key: usage rows carry their id.
+    "key": (
+        "LEFT JOIN api_keys k ON k.id = g.grp LEFT JOIN users u ON u.id = g.grp",
+        "COALESCE(k.name, u.name)",
+        "k.prefix",
+    ),
     "team": ("LEFT JOIN teams t ON t.id = g.grp", "t.name", "NULL"),
     "org": ("LEFT JOIN organizations o ON o.id = g.grp", "o.name", "NULL"),
 }

@@ -20,12 +20,15 @@ from gandalf.domain import (
     ApiKey,
     AuditEntry,
     Budget,
+    JwtIssuer,
     Organization,
     ProviderConfig,
     Route,
+    StoredResponse,
     Target,
     Team,
     UsageRecord,
+    User,
 )
 
 _ENCODER: Final = msgspec.json.Encoder()
@@ -375,3 +378,85 @@ _AUDIT_INSERT: Final = (
 _AUDIT_SELECT: Final = (
     f"SELECT {', '.join(_AUDIT_FIELDS)} FROM audit_log ORDER BY id DESC LIMIT ? OFFSET ?"
 )
+
+
+# jwt_issuers (migration 9): ``settings`` is the issuer as JSON, ``source`` beside it.
+_ISSUER_DECODER: Final = msgspec.json.Decoder(JwtIssuer)
+
+
+_ISSUER_UPSERT: Final = """
+INSERT INTO jwt_issuers (issuer, settings, source, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (issuer) DO UPDATE SET settings = excluded.settings, source = excluded.source,
+    updated_at = excluded.updated_at
+WHERE (jwt_issuers.settings, jwt_issuers.source) IS NOT (excluded.settings, excluded.source)
+"""
+
+
+_ISSUER_SELECT: Final = "SELECT settings, source FROM jwt_issuers ORDER BY issuer"
+
+
+_ISSUER_DELETE: Final = "DELETE FROM jwt_issuers WHERE issuer = ?"
+
+
+def _issuer_row(issuer: JwtIssuer, source: str, now: float) -> tuple[object, ...]:
+    return (issuer.issuer, _ENCODER.encode(issuer).decode(), source, now)
+
+
+def _issuer_from_row(row: Sequence[Any]) -> JwtIssuer:
+    return msgspec.structs.replace(_ISSUER_DECODER.decode(row[0]), source=row[1])
+
+
+# users (migration 9): everyone who signed in with a JWT.
+_USER_FIELDS: Final = (
+    "id", "issuer", "subject", "name", "org_id", "team_id", "role", "first_seen", "last_seen",
+)  # fmt: skip
+
+
+_USER_COLUMNS: Final = ", ".join(_USER_FIELDS)
+
+
+# First sight inserts; later ones update who the user is now (first_seen stays).
+_USER_UPSERT: Final = f"""
+INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET name = excluded.name, org_id = excluded.org_id,
+    team_id = excluded.team_id, role = excluded.role, last_seen = excluded.last_seen
+"""
+
+
+_USER_SELECT: Final = f"SELECT {_USER_COLUMNS} FROM users"
+
+
+def _user_row(user: User, now: float) -> tuple[object, ...]:
+    return (
+        user.id, user.issuer, user.subject, user.name, user.org_id, user.team_id, user.role,
+        user.first_seen or now, user.last_seen or now,
+    )  # fmt: skip
+
+
+def _user_from_row(row: Sequence[Any]) -> User:
+    return User(**dict(zip(_USER_FIELDS, row, strict=True)))
+
+
+# responses (migration 8): stored Responses API answers, per key.
+_RESPONSE_SELECT: Final = (
+    "SELECT id, key_id, created_at, expires_at, input, response FROM responses "
+    "WHERE id = ? AND key_id = ? AND (expires_at IS NULL OR expires_at > ?)"
+)
+
+
+_RESPONSE_DELETE: Final = "DELETE FROM responses WHERE id = ? AND key_id = ?"
+
+
+def _response_row(stored: StoredResponse) -> tuple[object, ...]:
+    """In _RESPONSE_INSERT's column order (id first)."""
+    return (
+        stored.id, stored.key_id, stored.created_at, stored.expires_at,
+        stored.input, stored.response,
+    )  # fmt: skip
+
+
+def _response_from_row(r: Sequence[Any]) -> StoredResponse:
+    return StoredResponse(
+        id=r[0], key_id=r[1], created_at=r[2], expires_at=r[3],
+        input=bytes(r[4]), response=bytes(r[5]),
+    )  # fmt: skip

@@ -4,7 +4,7 @@ errors every implementation raises.
 Two implementations: :class:`~gandalf.storage.sqlite.SqliteStore` (one
 machine, the default) and :class:`~gandalf.storage.postgres.PostgresStore`
 (several instances on one PostgreSQL). Only ``wiring.py`` names them
-(``open_store``); everything else types against :class:`Store`, and one test
+(``make_store``); everything else types against :class:`Store`, and one test
 suite (tests/test_store_contract.py) holds both to the same behaviour.
 
 Shared semantics, whatever the engine:
@@ -15,8 +15,8 @@ Shared semantics, whatever the engine:
 - Usage: ``record_usage`` never blocks and never raises; one writer task
   batches records into one transaction each, adding their sums into the
   hourly and daily rollups in that same transaction.
-- Change log: every write that changes keys, orgs, teams, routes or
-  providers appends a ``Change`` in its own transaction, with versions that
+- Change log: every write that changes keys, orgs, teams, routes,
+  providers or JWT issuers appends a ``Change`` in its own transaction, with versions that
   become visible in increasing order (a poller that read up to ``v`` never
   later sees a new change numbered ``<= v``). The newest
   :data:`CHANGE_LOG_KEEP` are kept.
@@ -35,12 +35,15 @@ from gandalf.domain import (
     ApiKey,
     AuditEntry,
     Change,
+    JwtIssuer,
     Organization,
     ProviderConfig,
     Route,
+    StoredResponse,
     Team,
     UsageRecord,
     UsageSummary,
+    User,
 )
 from gandalf.errors import Clash, InUse
 
@@ -183,3 +186,23 @@ class Store(Protocol):
     async def record_audit(self, entry: AuditEntry) -> None: ...
 
     async def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditEntry]: ...
+
+    # JWT issuers and users (migration 9)
+    async def list_issuers(self) -> list[JwtIssuer]: ...
+
+    async def upsert_issuer(self, issuer: JwtIssuer) -> None: ...
+
+    async def delete_issuer(self, issuer: str) -> bool: ...
+
+    async def reconcile_issuers(self, issuers: Sequence[JwtIssuer]) -> None: ...
+
+    async def record_user(self, user: User) -> None: ...
+
+    async def list_users(self, org_id: str | None = None) -> list[User]: ...
+
+    # stored responses (migration 8)
+    async def save_response(self, stored: StoredResponse) -> None: ...
+
+    async def get_response(self, response_id: str, key_id: str) -> StoredResponse | None: ...
+
+    async def delete_response(self, response_id: str, key_id: str) -> bool: ...

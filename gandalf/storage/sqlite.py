@@ -92,12 +92,15 @@ from gandalf.domain import (
     ApiKey,
     AuditEntry,
     Change,
+    JwtIssuer,
     Organization,
     ProviderConfig,
     Route,
+    StoredResponse,
     Team,
     UsageRecord,
     UsageSummary,
+    User,
 )
 from gandalf.storage._rollups import (
     BUCKETS,
@@ -114,6 +117,9 @@ from gandalf.storage._rows import (
     _AUDIT_INSERT,
     _AUDIT_SELECT,
     _CHANGES_SELECT,
+    _ISSUER_DELETE,
+    _ISSUER_SELECT,
+    _ISSUER_UPSERT,
     _KEY_INSERT,
     _KEY_INSERT_IF_ABSENT,
     _KEY_REVOKE,
@@ -127,6 +133,8 @@ from gandalf.storage._rows import (
     _ORG_UPSERT,
     _PROVIDER_SELECT,
     _PROVIDER_UPSERT,
+    _RESPONSE_DELETE,
+    _RESPONSE_SELECT,
     _ROUTE_SELECT,
     _ROUTE_UPSERT,
     _TEAM_INSERT,
@@ -135,7 +143,11 @@ from gandalf.storage._rows import (
     _TEAM_UPSERT,
     _USAGE_FIELDS,
     _USAGE_SELECT,
+    _USER_SELECT,
+    _USER_UPSERT,
     _budget_columns,
+    _issuer_from_row,
+    _issuer_row,
     _json,
     _key_from_row,
     _key_row,
@@ -143,11 +155,15 @@ from gandalf.storage._rows import (
     _org_row,
     _provider_from_row,
     _provider_row,
+    _response_from_row,
+    _response_row,
     _route_from_row,
     _route_row,
     _team_from_row,
     _team_row,
     _tenant_update,
+    _user_from_row,
+    _user_row,
 )
 from gandalf.storage._writer import (
     RETENTION_BATCH,
@@ -273,6 +289,62 @@ CREATE TABLE change_log (
 {ROLLUP_SCHEMA}
 """
 
+# Migration 8: the Responses API's stored responses (app/responses.py), per
+# key (part of the primary key: no key can replace another's), until
+# ``expires_at`` (NULL: until deleted). ``input``: the conversation answered (a
+# JSON array of items); ``response``: the Response object (JSON). Plain SQL on
+# purpose: the PostgreSQL twin is the same with BYTEA for BLOB.
+_MIGRATION_8: Final = """
+CREATE TABLE responses (
+    key_id     TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    input      BLOB NOT NULL,
+    response   BLOB NOT NULL,
+    PRIMARY KEY (key_id, id)
+);
+CREATE INDEX responses_expires_at ON responses (expires_at);
+"""
+
+# The stored responses' SQLite-only statements (migration 8; the shared ones
+# are in storage/_rows.py).
+_RESPONSE_INSERT: Final = (
+    "INSERT OR REPLACE INTO responses (id, key_id, created_at, expires_at, input, response) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+# Expired rows go a bounded batch at a time, with each save.
+_RESPONSE_PRUNE: Final = (
+    "DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE expires_at <= ? LIMIT 100)"
+)
+
+# Migration 9: JWT / OIDC sign-in (auth/jwt.py). ``users``: everyone who signed
+# in with a JWT, recorded on first sight; ``id`` is derived from (issuer,
+# subject) (domain.user_id) and is what their usage records carry as
+# ``key_id``. ``jwt_issuers``: the trusted issuers, config-sourced (reconciled
+# at start-up) or added with the admin API; ``settings`` is the issuer as JSON.
+# Changes to issuers are logged as kind 'issuers'.
+_MIGRATION_9: Final = """
+CREATE TABLE users (
+    id         TEXT PRIMARY KEY,
+    issuer     TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    name       TEXT NOT NULL DEFAULT '',
+    org_id     TEXT NOT NULL DEFAULT 'default',
+    team_id    TEXT,
+    role       TEXT NOT NULL DEFAULT 'member',
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL
+);
+CREATE INDEX users_org_id ON users (org_id);
+CREATE TABLE jwt_issuers (
+    issuer     TEXT PRIMARY KEY,
+    settings   TEXT NOT NULL,
+    source     TEXT NOT NULL DEFAULT 'config',
+    updated_at REAL NOT NULL
+);
+"""
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
     _MIGRATION_2,
@@ -281,6 +353,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _MIGRATION_5,
     _MIGRATION_6,
     _MIGRATION_7,
+    _MIGRATION_8,
+    _MIGRATION_9,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
@@ -702,6 +776,54 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
         rows = await self._fetchall(_CHANGES_SELECT, (version, limit))
         return [Change(version=r[0], kind=r[1], id=r[2]) for r in rows]
 
+    # ----------------------------------------------------------------- JWT issuers and users
+
+    async def list_issuers(self) -> list[JwtIssuer]:
+        """The trusted JWT issuers, by issuer URL."""
+        return [_issuer_from_row(r) for r in await self._fetchall(_ISSUER_SELECT, ())]
+
+    async def upsert_issuer(self, issuer: JwtIssuer) -> None:
+        """Insert or replace an issuer by URL, keeping ``issuer.source``."""
+        row = _issuer_row(issuer, issuer.source, self._clock())
+        await self._execute(_ISSUER_UPSERT, row, change="issuers")
+
+    async def delete_issuer(self, issuer: str) -> bool:
+        return await self._execute(_ISSUER_DELETE, (issuer,), change="issuers") > 0
+
+    async def reconcile_issuers(self, issuers: Sequence[JwtIssuer]) -> None:
+        """Make the config-sourced issuers exactly ``issuers`` (taking over an
+        API-made one of the same URL); API-made ones are left alone."""
+        now = self._clock()
+        rows = [_issuer_row(i, "config", now) for i in issuers]
+        names = _json([i.issuer for i in issuers])
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            changed = (await conn.executemany(_ISSUER_UPSERT, rows)).rowcount
+            cur = await conn.execute(
+                "DELETE FROM jwt_issuers WHERE source = 'config' "
+                "AND issuer NOT IN (SELECT value FROM json_each(?))",
+                (names,),
+            )
+            if changed + cur.rowcount > 0:
+                await _changed(conn, "issuers", None, now)
+
+        await self._write(op)
+
+    async def record_user(self, user: User) -> None:
+        """Insert a user seen for the first time, or update who they are now
+        (name, org, team, role, last seen); ``first_seen`` is kept."""
+        await self._execute(_USER_UPSERT, _user_row(user, self._clock()))
+
+    async def list_users(self, org_id: str | None = None) -> list[User]:
+        """Users by first sight (then id), of one org or all."""
+        sql = _USER_SELECT
+        params: tuple[object, ...] = ()
+        if org_id is not None:
+            sql += " WHERE org_id = ?"
+            params = (org_id,)
+        rows = await self._fetchall(sql + " ORDER BY first_seen, id", params)
+        return [_user_from_row(r) for r in rows]
+
     # ----------------------------------------------------------------- keys
 
     async def get_key_by_hash(self, key_hash: str) -> ApiKey | None:
@@ -1000,6 +1122,30 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
     async def record_audit(self, entry: AuditEntry) -> None:
         """Append one admin write to the audit log (through the writer)."""
         await self._execute(_AUDIT_INSERT, msgspec.structs.astuple(entry))
+
+    # ----------------------------------------------------------------- stored responses
+
+    async def save_response(self, stored: StoredResponse) -> None:
+        """Keep ``stored`` (replacing one with its id), committed before this
+        returns (the client may continue from it at once); expired responses
+        go too, a bounded batch per save."""
+        row = _response_row(stored)
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(_RESPONSE_PRUNE, (self._clock(),))
+            await conn.execute(_RESPONSE_INSERT, row)
+
+        await self._write(op)
+
+    async def get_response(self, response_id: str, key_id: str) -> StoredResponse | None:
+        """The response ``response_id`` of key ``key_id``, unless it expired
+        (another key's is None, as a missing one)."""
+        rows = await self._fetchall(_RESPONSE_SELECT, (response_id, key_id, self._clock()))
+        return _response_from_row(rows[0]) if rows else None
+
+    async def delete_response(self, response_id: str, key_id: str) -> bool:
+        """Delete key ``key_id``'s response ``response_id``; whether there was one."""
+        return await self._execute(_RESPONSE_DELETE, (response_id, key_id)) > 0
 
     async def list_audit(self, limit: int = 100, offset: int = 0) -> list[AuditEntry]:
         """Audit entries, newest first, ``limit`` from ``offset``."""
