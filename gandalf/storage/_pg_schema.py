@@ -169,6 +169,42 @@ INSERT INTO change_counter (version) VALUES (0);
 {rollup_schema(pg=True)}
 """
 
+# Version 8: the Responses API's stored responses, per key (app/responses.py).
+_MIGRATION_8: Final = """
+CREATE TABLE responses (
+    key_id     TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION,
+    input      BYTEA NOT NULL,
+    response   BYTEA NOT NULL,
+    PRIMARY KEY (key_id, id)
+);
+CREATE INDEX responses_expires_at ON responses (expires_at);
+"""
+
+# Version 9: JWT / OIDC sign-in: users seen, trusted issuers (auth/jwt.py).
+_MIGRATION_9: Final = """
+CREATE TABLE users (
+    id         TEXT PRIMARY KEY,
+    issuer     TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    name       TEXT NOT NULL DEFAULT '',
+    org_id     TEXT NOT NULL DEFAULT 'default',
+    team_id    TEXT,
+    role       TEXT NOT NULL DEFAULT 'member',
+    first_seen DOUBLE PRECISION NOT NULL,
+    last_seen  DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX users_org_id ON users (org_id);
+CREATE TABLE jwt_issuers (
+    issuer     TEXT PRIMARY KEY,
+    settings   TEXT NOT NULL,
+    source     TEXT NOT NULL DEFAULT 'config',
+    updated_at DOUBLE PRECISION NOT NULL
+);
+"""
+
 # MIGRATIONS[i] brings a database from version i to i + 1, like SQLite's tuple
 # (same numbers, same meaning). Append only.
 MIGRATIONS: Final[tuple[str, ...]] = (
@@ -179,5 +215,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _MIGRATION_5,
     _MIGRATION_6,
     _MIGRATION_7,
+    _MIGRATION_8,
+    _MIGRATION_9,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)

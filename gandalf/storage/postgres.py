@@ -70,12 +70,15 @@ from gandalf.domain import (
     ApiKey,
     AuditEntry,
     Change,
+    JwtIssuer,
     Organization,
     ProviderConfig,
     Route,
+    StoredResponse,
     Team,
     UsageRecord,
     UsageSummary,
+    User,
 )
 from gandalf.storage._pg_schema import MIGRATIONS, SCHEMA_VERSION
 from gandalf.storage._rollups import (
@@ -92,6 +95,9 @@ from gandalf.storage._rows import (
     _AUDIT_INSERT,
     _AUDIT_SELECT,
     _CHANGES_SELECT,
+    _ISSUER_DELETE,
+    _ISSUER_SELECT,
+    _ISSUER_UPSERT,
     _KEY_INSERT,
     _KEY_INSERT_IF_ABSENT,
     _KEY_REVOKE,
@@ -105,6 +111,8 @@ from gandalf.storage._rows import (
     _ORG_UPSERT,
     _PROVIDER_SELECT,
     _PROVIDER_UPSERT,
+    _RESPONSE_DELETE,
+    _RESPONSE_SELECT,
     _ROUTE_SELECT,
     _ROUTE_UPSERT,
     _TEAM_INSERT,
@@ -112,7 +120,11 @@ from gandalf.storage._rows import (
     _TEAM_UPDATE,
     _TEAM_UPSERT,
     _USAGE_FIELDS,
+    _USER_SELECT,
+    _USER_UPSERT,
     _budget_columns,
+    _issuer_from_row,
+    _issuer_row,
     _json,
     _key_from_row,
     _key_row,
@@ -120,11 +132,15 @@ from gandalf.storage._rows import (
     _org_row,
     _provider_from_row,
     _provider_row,
+    _response_from_row,
+    _response_row,
     _route_from_row,
     _route_row,
     _team_from_row,
     _team_row,
     _tenant_update,
+    _user_from_row,
+    _user_row,
 )
 from gandalf.storage._writer import (
     RETENTION_BATCH,
@@ -236,6 +252,31 @@ _PG_CHANGE_INSERT: Final = (
 _PG_CHANGE_PRUNE: Final = "DELETE FROM change_log WHERE version <= $1"
 _PG_AUDIT_INSERT: Final = _pg(_AUDIT_INSERT)
 _PG_AUDIT_SELECT: Final = _pg(_AUDIT_SELECT)
+# JWT issuers and users (migration 9).
+_PG_ISSUER_UPSERT: Final = _pg(_ISSUER_UPSERT)
+_PG_ISSUER_SELECT: Final = _ISSUER_SELECT + _BYTES  # ... ORDER BY issuer
+_PG_ISSUER_DELETE: Final = _pg(_ISSUER_DELETE)
+_PG_ISSUER_PRUNE: Final = (
+    "DELETE FROM jwt_issuers WHERE source = 'config' AND issuer <> ALL($1::text[])"
+)
+_PG_USER_UPSERT: Final = _pg(_USER_UPSERT)
+_USERS: Final = _USER_SELECT + " ORDER BY first_seen, id" + _BYTES
+_USERS_OF_ORG: Final = _USER_SELECT + " WHERE org_id = $1 ORDER BY first_seen, id" + _BYTES
+# Stored responses (migration 8). Saving replaces the row of the same
+# (key_id, id), as SQLite's INSERT OR REPLACE does; expired rows go a bounded
+# batch per save.
+_PG_RESPONSE_INSERT: Final = (
+    "INSERT INTO responses (id, key_id, created_at, expires_at, input, response) "
+    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key_id, id) DO UPDATE SET "
+    "created_at = excluded.created_at, expires_at = excluded.expires_at, "
+    "input = excluded.input, response = excluded.response"
+)
+_PG_RESPONSE_PRUNE: Final = (
+    "DELETE FROM responses WHERE (key_id, id) IN "
+    "(SELECT key_id, id FROM responses WHERE expires_at <= $1 LIMIT 100)"
+)
+_PG_RESPONSE_SELECT: Final = _pg(_RESPONSE_SELECT)
+_PG_RESPONSE_DELETE: Final = _pg(_RESPONSE_DELETE)
 _PG_USAGE_SELECT: Final = (
     f"SELECT {', '.join(_USAGE_FIELDS)} FROM "
     "(SELECT * FROM usage_records ORDER BY id DESC LIMIT $1) AS newest ORDER BY id"
@@ -758,6 +799,61 @@ class PostgresStore(BatchedWriter[asyncpg.Pool]):
             return kept
 
         return await self._write(op)
+
+    # ----------------------------------------------------------------- JWT issuers and users
+
+    async def list_issuers(self) -> list[JwtIssuer]:
+        return [_issuer_from_row(r) for r in await self._fetch(_PG_ISSUER_SELECT)]
+
+    async def upsert_issuer(self, issuer: JwtIssuer) -> None:
+        row = _issuer_row(issuer, issuer.source, self._clock())
+        await self._execute(_PG_ISSUER_UPSERT, row, change="issuers")
+
+    async def delete_issuer(self, issuer: str) -> bool:
+        return await self._execute(_PG_ISSUER_DELETE, (issuer,), change="issuers") > 0
+
+    async def reconcile_issuers(self, issuers: Sequence[JwtIssuer]) -> None:
+        now = self._clock()
+        rows = [_issuer_row(i, "config", now) for i in issuers]
+        names = [i.issuer for i in issuers]
+
+        async def op(conn: asyncpg.Connection) -> None:
+            changed = 0
+            for row in rows:  # one at a time: executemany reports no counts
+                changed += _count(await conn.execute(_PG_ISSUER_UPSERT, *row))
+            changed += _count(await conn.execute(_PG_ISSUER_PRUNE, names))
+            if changed > 0:
+                await _changed(conn, "issuers", None, now)
+
+        await self._write(op)
+
+    async def record_user(self, user: User) -> None:
+        await self._execute(_PG_USER_UPSERT, _user_row(user, self._clock()))
+
+    async def list_users(self, org_id: str | None = None) -> list[User]:
+        if org_id is None:
+            rows = await self._fetch(_USERS)
+        else:
+            rows = await self._fetch(_USERS_OF_ORG, org_id)
+        return [_user_from_row(r) for r in rows]
+
+    # ----------------------------------------------------------------- stored responses
+
+    async def save_response(self, stored: StoredResponse) -> None:
+        row = _response_row(stored)
+
+        async def op(conn: asyncpg.Connection) -> None:
+            await conn.execute(_PG_RESPONSE_PRUNE, self._clock())
+            await conn.execute(_PG_RESPONSE_INSERT, *row)
+
+        await self._write(op)
+
+    async def get_response(self, response_id: str, key_id: str) -> StoredResponse | None:
+        rows = await self._fetch(_PG_RESPONSE_SELECT, response_id, key_id, self._clock())
+        return _response_from_row(rows[0]) if rows else None
+
+    async def delete_response(self, response_id: str, key_id: str) -> bool:
+        return await self._execute(_PG_RESPONSE_DELETE, (response_id, key_id)) > 0
 
     # ----------------------------------------------------------------- audit
 
