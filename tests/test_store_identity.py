@@ -200,3 +200,17 @@ def test_responses_are_kept_per_key_until_they_expire(store_dsn: str) -> None:
         assert await store.get_response("resp_b", "key1") is None
 
     run(store_dsn, check)
+
+
+def test_pruning_an_expired_response_keeps_another_keys_of_the_same_id(store_dsn: str) -> None:
+    async def check(store: Store, now: list[float]) -> None:
+        now[0] = 1000.0
+        await store.save_response(stored("resp_x", "key1", 1100.0))
+        await store.save_response(stored("resp_x", "key2", None))
+        now[0] = 1200.0
+        await store.save_response(stored("resp_y", "key1", None))  # prunes key1's resp_x
+        assert await store.get_response("resp_x", "key2") == stored("resp_x", "key2", None)
+        now[0] = 1000.0  # key1's is gone for good, not just hidden by its expiry
+        assert await store.get_response("resp_x", "key1") is None
+
+    run(store_dsn, check)

@@ -447,6 +447,14 @@ _RESPONSE_SELECT: Final = (
 _RESPONSE_DELETE: Final = "DELETE FROM responses WHERE id = ? AND key_id = ?"
 
 
+# Expired rows go a bounded batch at a time, with each save; by (key_id, id),
+# the primary key: another key's response of the same id is not expired with it.
+_RESPONSE_PRUNE: Final = (
+    "DELETE FROM responses WHERE (key_id, id) IN "
+    "(SELECT key_id, id FROM responses WHERE expires_at <= ? LIMIT 100)"
+)
+
+
 def _response_row(stored: StoredResponse) -> tuple[object, ...]:
     """In _RESPONSE_INSERT's column order (id first)."""
     return (

@@ -112,6 +112,7 @@ from gandalf.storage._rows import (
     _PROVIDER_SELECT,
     _PROVIDER_UPSERT,
     _RESPONSE_DELETE,
+    _RESPONSE_PRUNE,
     _RESPONSE_SELECT,
     _ROUTE_SELECT,
     _ROUTE_UPSERT,
@@ -271,10 +272,7 @@ _PG_RESPONSE_INSERT: Final = (
     "created_at = excluded.created_at, expires_at = excluded.expires_at, "
     "input = excluded.input, response = excluded.response"
 )
-_PG_RESPONSE_PRUNE: Final = (
-    "DELETE FROM responses WHERE (key_id, id) IN "
-    "(SELECT key_id, id FROM responses WHERE expires_at <= $1 LIMIT 100)"
-)
+_PG_RESPONSE_PRUNE: Final = _pg(_RESPONSE_PRUNE)
 _PG_RESPONSE_SELECT: Final = _pg(_RESPONSE_SELECT)
 _PG_RESPONSE_DELETE: Final = _pg(_RESPONSE_DELETE)
 _PG_USAGE_SELECT: Final = (

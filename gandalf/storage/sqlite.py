@@ -134,6 +134,7 @@ from gandalf.storage._rows import (
     _PROVIDER_SELECT,
     _PROVIDER_UPSERT,
     _RESPONSE_DELETE,
+    _RESPONSE_PRUNE,
     _RESPONSE_SELECT,
     _ROUTE_SELECT,
     _ROUTE_UPSERT,
@@ -312,10 +313,6 @@ CREATE INDEX responses_expires_at ON responses (expires_at);
 _RESPONSE_INSERT: Final = (
     "INSERT OR REPLACE INTO responses (id, key_id, created_at, expires_at, input, response) "
     "VALUES (?, ?, ?, ?, ?, ?)"
-)
-# Expired rows go a bounded batch at a time, with each save.
-_RESPONSE_PRUNE: Final = (
-    "DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE expires_at <= ? LIMIT 100)"
 )
 
 # Migration 9: JWT / OIDC sign-in (auth/jwt.py). ``users``: everyone who signed
