@@ -525,7 +525,7 @@ def test_the_tenancy_of_the_mapped_org_and_team_applies() -> None:
 # ---------------------------------------------------------------------------- through the gateway
 
 
-def _config(url: str, db: Path) -> str:
+def _config(url: str, db: Path | str) -> str:
     return f"""
 database: {{ dsn: "{db}" }}
 providers:
@@ -621,9 +621,9 @@ def test_a_jwt_calls_models_with_its_orgs_limits_and_usage_shows_who(store_dsn: 
 
     asyncio.run(main())
 
-    async def stored() -> tuple[
-        list[User], list[tuple[str | None, str, int]], list[tuple[str | None, str | None, int]]
-    ]:
+    Rows = list[tuple[str | None, str | None, int]]
+
+    async def stored() -> tuple[list[User], Rows, Rows]:
         store = make_store(db)
         await store.open()
         try:
