@@ -20,6 +20,7 @@ import itertools
 import random
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -59,6 +60,49 @@ def test_each_store_has_the_whole_protocol_with_its_signatures(engine: type) -> 
             continue
         assert inspect.signature(got) == inspect.signature(want), name
         assert inspect.iscoroutinefunction(got) == inspect.iscoroutinefunction(want), name
+
+
+def test_both_engines_have_the_same_tables_and_columns_at_each_version(tmp_path: Path) -> None:
+    """The same version number means the same schema: after all migrations,
+    every table has the same columns on SQLite and PostgreSQL (one engine's
+    new migration without its twin fails here, as does a column spelt apart)."""
+    from gandalf.storage import sqlite
+
+    assert len(postgres.MIGRATIONS) == len(sqlite.MIGRATIONS)
+
+    async def columns(store: Store, sql: str) -> dict[str, set[str]]:
+        await store.open()
+        try:
+            tables: dict[str, set[str]] = {}
+            if isinstance(store, PostgresStore):
+                rows = await store._fetch(sql)
+            else:
+                assert isinstance(store, SqliteStore)
+                rows = await store._fetchall(sql, ())
+            for table, column in rows:
+                tables.setdefault(table, set()).add(column)
+            return tables
+        finally:
+            await store.close()
+
+    lite = asyncio.run(
+        columns(
+            SqliteStore(f"{tmp_path}/schema.db"),
+            "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p "
+            "WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
+        )
+    )
+    with postgres_database() as dsn:
+        pg = asyncio.run(
+            columns(
+                PostgresStore(dsn),
+                "SELECT table_name::text, column_name::text FROM information_schema.columns "
+                "WHERE table_schema = 'public'",
+            )
+        )
+    pg.pop("change_counter")  # PostgreSQL's change-version counter (SQLite: AUTOINCREMENT)
+    assert pg == lite
+    assert {"responses", "users", "jwt_issuers"} <= set(pg)
 
 
 def test_errors_are_the_shared_classes(store_dsn: str) -> None:

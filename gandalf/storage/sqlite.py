@@ -42,9 +42,10 @@ Rollups and retention
     bounded background passes; rollups are kept forever.
 
 Change log
-    Every write that changes keys, orgs, teams, routes or providers appends a
-    row to ``change_log`` inside its own transaction (``_changed(conn, kind,
-    id, now)``; kinds ``key`` with the key's hash, ``tenancy``, ``routes``),
+    Every write that changes keys, orgs, teams, routes, providers or JWT
+    issuers appends a row to ``change_log`` inside its own transaction
+    (``_changed(conn, kind, id, now)``; kinds ``key`` with the key's hash,
+    ``tenancy``, ``routes``, ``issuers``),
     only when it changed a row; every worker polls it (``changes_since``) and
     reloads what changed (app/live.py). A new write method that changes one of
     those MUST do the same, or workers see the change only at restart (keys:
