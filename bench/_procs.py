@@ -345,10 +345,12 @@ def write_gandalf_config(
     access_log: bool = True,
     governance: str = "off",
     metrics: bool = True,
+    dsn: str | None = None,
 ) -> Path:
     """The bench config: one openai-type provider pointing at the mock, one route, one key.
 
-    Written to ``<tmpdir>/<name>.yaml`` with its own SQLite file ``<tmpdir>/<name>.db``.
+    Written to ``<tmpdir>/<name>.yaml`` with its own SQLite file ``<tmpdir>/<name>.db``
+    (``dsn``: that database instead, e.g. a ``postgresql://`` URL).
     ``access_log``: the server's access log, on as shipped (the benches measure what
     users run; ``--access-log off`` measures the gateway without it). ``metrics``
     False writes ``server.metrics: false`` (True leaves the key out: the default is
@@ -360,7 +362,7 @@ def write_gandalf_config(
         f'server: {{addr: "127.0.0.1:{port}", access_log: {log}'
         + ("" if metrics else ", metrics: false")
         + "}\n"
-        f'database: {{dsn: "{tmpdir / f"{name}.db"}"}}\n'
+        f'database: {{dsn: "{dsn or tmpdir / f"{name}.db"}"}}\n'
         "providers:\n"
         f'  - {{name: mock, type: openai, base_url: "http://127.0.0.1:{mock_port}/v1", '
         'api_key: "sk-bench"}\n'
@@ -395,6 +397,7 @@ def launch_gandalf(
     access_log: bool = True,
     governance: str = "off",
     metrics: bool = True,
+    dsn: str | None = None,
 ) -> Server:
     """``python -m gandalf serve --config <tmpdir>/<name>.yaml --interface I``, the
     ``gandalf`` package imported from ``repo``; waits for /healthz. Named ``gandalf``
@@ -410,6 +413,7 @@ def launch_gandalf(
         access_log=access_log,
         governance=governance,
         metrics=metrics,
+        dsn=dsn,
     )
     log_path = tmpdir / f"{name}.log"
     cmd = [

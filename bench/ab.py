@@ -10,6 +10,7 @@ between rounds of one version is the noise to compare against.
     python bench/ab.py --base HEAD~3 --mode stream --rounds 6
     python bench/ab.py --base HEAD~3 --access-log off  # with the access log off
     python bench/ab.py --base HEAD --access-log on --base-access-log off   # its cost
+    python bench/ab.py --base HEAD --dsn postgresql://127.0.0.1/bench  # PostgreSQL vs SQLite
 
 The other revision is checked out with ``git worktree`` into a temporary
 directory (removed afterwards); both import their own ``gandalf`` package.
@@ -91,6 +92,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the base's (default: as --metrics; off needs a base that knows server.metrics); "
         "--base HEAD --metrics on --base-metrics off measures what metrics cost",
     )
+    parser.add_argument(
+        "--dsn",
+        help="this checkout's database.dsn (default: an SQLite file of its own), e.g. "
+        "postgresql://host/db; the base keeps SQLite unless --base-dsn says otherwise",
+    )
+    parser.add_argument("--base-dsn", help="the base's database.dsn (default: SQLite)")
     return parser.parse_args(argv)
 
 
@@ -134,10 +141,12 @@ def compare(
     base_log = args.base_access_log or args.access_log
     base_gov = args.base_governance or args.governance
     base_metrics = args.base_metrics or args.metrics
+    db_a = "PostgreSQL" if args.dsn else "SQLite"
+    db_b = "PostgreSQL" if args.base_dsn else "SQLite"
     results: dict[str, list[float]] = {
         f"A (this checkout, log {args.access_log}, limits {args.governance}, "
-        f"metrics {args.metrics})": [],
-        f"B ({args.base}, log {base_log}, limits {base_gov}, metrics {base_metrics})": [],
+        f"metrics {args.metrics}, {db_a})": [],
+        f"B ({args.base}, log {base_log}, limits {base_gov}, metrics {base_metrics}, {db_b})": [],
     }
     cpu_ms: dict[str, list[float]] = {label: [] for label in results}
     with ProcGroup() as group:
@@ -157,6 +166,7 @@ def compare(
                     access_log=(args.access_log if repo == REPO_DIR else base_log) == "on",
                     governance=args.governance if repo == REPO_DIR else base_gov,
                     metrics=(args.metrics if repo == REPO_DIR else base_metrics) == "on",
+                    dsn=args.dsn if repo == REPO_DIR else args.base_dsn,
                 )
                 url = server.url + CHAT_PATH
                 run_wrk(

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from gandalf.domain import USAGE_GROUPS, UsageRecord
-from gandalf.storage.sqlite import _USAGE_FIELDS, MIGRATIONS, SqliteStore
+from gandalf.storage._rows import _USAGE_FIELDS
+from gandalf.storage.sqlite import MIGRATIONS, SqliteStore
 
 DAY = 86400.0
 

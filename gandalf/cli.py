@@ -30,7 +30,13 @@ from gandalf.app import timespec
 from gandalf.app.governor import ENV_WORKERS
 from gandalf.auth.session import share_secret
 from gandalf.benchkit.options import add_parser as add_bench_parser
-from gandalf.config import GandalfConfig, default_config_path, load_config, split_addr
+from gandalf.config import (
+    POSTGRES_SCHEMES,
+    GandalfConfig,
+    default_config_path,
+    load_config,
+    split_addr,
+)
 from gandalf.domain import (
     BUDGET_PERIODS,
     USAGE_GROUPS,
@@ -42,7 +48,7 @@ from gandalf.domain import (
 )
 from gandalf.errors import ConfigError, GatewayError
 from gandalf.observability.metrics import ENV_METRICS_DIR, serve_metrics
-from gandalf.storage.sqlite import SqliteStore, StorageError, TenantInUse
+from gandalf.storage.protocol import StorageError, Store, TenantInUse
 
 if TYPE_CHECKING:
     from gandalf.wiring import WorkerLoader
@@ -203,8 +209,12 @@ def _load(path_arg: str | None) -> GandalfConfig:
     return load_config(path)
 
 
-async def _open_store(config: GandalfConfig) -> SqliteStore:
-    store = SqliteStore(config.database.dsn, readers=1)
+async def _open_store(config: GandalfConfig) -> Store:
+    # The composition root picks the backend (database.dsn); imported here, not
+    # at the top, because ``gandalf --help`` and friends need none of it.
+    from gandalf.wiring import make_store
+
+    store = make_store(config, server=False)
     try:
         await store.open()
     except Exception as exc:
@@ -218,6 +228,8 @@ def _database_problem(dsn: str, exc: Exception) -> str:
     """Why ``dsn`` cannot be opened, in words an operator can act on (one line)."""
     import sqlite3
 
+    if dsn.startswith(POSTGRES_SCHEMES):  # the store's message names the server, no password
+        return _one_line(str(exc))
     if dsn != ":memory:" and not dsn.startswith("file:"):
         folder = os.path.dirname(dsn) or "."
         if not os.path.isdir(folder):
@@ -557,7 +569,7 @@ def _escape_control(match: re.Match[str]) -> str:
     return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or f"\\x{ord(char):02x}"
 
 
-async def _check_models(config: GandalfConfig, store: SqliteStore, models: list[str]) -> None:
+async def _check_models(config: GandalfConfig, store: Store, models: list[str]) -> None:
     """Refuse a ``--models`` name no route or provider serves: a typo would make a key
     that is refused on every request. Names are the config's and the database's route
     aliases and provider models; a provider that lists its models at run time (Ollama
@@ -752,7 +764,7 @@ def _models_text(models: tuple[str, ...] | None) -> str:
 # ---------------------------------------------------------------------------- orgs and teams
 
 
-async def _declare_tenants(config: GandalfConfig, store: SqliteStore) -> None:
+async def _declare_tenants(config: GandalfConfig, store: Store) -> None:
     """Write the config's orgs and teams (and ``default``) to the database, as
     the server does at every start, so the CLI sees them before a first start:
     idempotent, and nothing is pruned here (that is the server's reconcile)."""
@@ -788,7 +800,7 @@ async def _tenants(args: argparse.Namespace) -> int:
         await store.close()
 
 
-async def _tenant_create(args: argparse.Namespace, kind: str, store: SqliteStore) -> int:
+async def _tenant_create(args: argparse.Namespace, kind: str, store: Store) -> int:
     _tenant_id(f"{kind} id", args.id)
     if args.name is not None:
         _tenant_id("--name", args.name)
@@ -848,7 +860,7 @@ def _tenant_list(kind: str, rows: Sequence[Organization | Team]) -> None:
 
 
 async def _tenant_delete(
-    args: argparse.Namespace, kind: str, config: GandalfConfig, store: SqliteStore
+    args: argparse.Namespace, kind: str, config: GandalfConfig, store: Store
 ) -> int:
     if kind == "org" and args.id == "default":
         raise CliError("the default org cannot be deleted", EXIT_USAGE)

@@ -33,7 +33,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Final, Literal, NoReturn
 from urllib.parse import urlsplit
 
 import msgspec
@@ -172,16 +172,26 @@ class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     service_name: str = "gandalf"
 
 
+# database.dsn prefixes that name a PostgreSQL database (anything else is SQLite).
+POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
+
+
 class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """SQLite location. After loading, a relative file path has been made absolute against the
-    config file's directory; ``:memory:`` and ``file:`` URIs are left unchanged.
+    """The database. ``dsn``: an SQLite file path (after loading, a relative one has been made
+    absolute against the config file's directory; ``:memory:`` and ``file:`` URIs are left
+    unchanged), or a ``postgresql://`` (or ``postgres://``) URL for a PostgreSQL database that
+    several instances share (left unchanged; needs the ``postgres`` extra).
 
     ``usage_retention``: seconds raw usage records are kept (YAML ``30d``, ``12h``, ...;
     ``0``, ``none`` or ``forever``: keep them forever, stored as 0.0). Hourly rollups are
-    kept forever whatever it says."""
+    kept forever whatever it says.
+
+    ``pool_size``: PostgreSQL connections per worker at most (one writes, the rest read);
+    unused with SQLite."""
 
     dsn: str = "gandalf.db"
     usage_retention: Annotated[float, msgspec.Meta(ge=0)] = 30 * 86400.0
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
 
 
 class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -979,6 +989,14 @@ class _Loader:
             self.fail("database.dsn", "must not be empty")
         if dsn == ":memory:" or dsn.startswith("file:"):
             return database
+        if dsn.startswith(POSTGRES_SCHEMES):
+            return database
+        if "://" in dsn:
+            self.fail(
+                "database.dsn",
+                "must be an SQLite file path or a postgresql:// URL, got "
+                f"{dsn.split('://', 1)[0]}://...",
+            )
         dsn = os.path.expanduser(dsn)
         if not os.path.isabs(dsn):
             base = os.path.dirname(os.path.abspath(self.source))

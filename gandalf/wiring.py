@@ -38,7 +38,13 @@ from gandalf.app.router import ModelLister
 from gandalf.auth.apikey import KeyCache
 from gandalf.auth.jwt import TokenVerifier
 from gandalf.auth.session import SessionCodec, Sessions, secret_from_env
-from gandalf.config import CacheConfig, GandalfConfig, default_config_path, load_config
+from gandalf.config import (
+    POSTGRES_SCHEMES,
+    CacheConfig,
+    GandalfConfig,
+    default_config_path,
+    load_config,
+)
 from gandalf.domain import ApiKey, Permission, Route, Scope, Tenancy
 from gandalf.errors import ConfigError, GatewayError
 from gandalf.observability import facts
@@ -54,7 +60,7 @@ from gandalf.server.native import NativeApi
 from gandalf.server.responses import ResponsesApi
 from gandalf.server.rsgi import RSGIApp
 from gandalf.server.session import SessionAuth
-from gandalf.storage.sqlite import SqliteStore
+from gandalf.storage.protocol import Store
 
 if TYPE_CHECKING:
     from gandalf.observability.tracing import Tracing
@@ -106,8 +112,7 @@ def create_app(
     ui_secret = secret_from_env()
 
     async def build() -> Runtime:
-        database = config.database
-        store = SqliteStore(database.dsn, usage_retention=database.usage_retention)
+        store = make_store(config)
         await store.open()
         registry: ProviderRegistry | None = None
         # Redis (redis:): shared limits, budgets, cache and change notifications.
@@ -337,6 +342,31 @@ def create_app(
     return app
 
 
+def make_store(config: GandalfConfig, *, server: bool = True) -> Store:
+    """The store ``database.dsn`` names, not yet open: PostgreSQL for a
+    ``postgresql://`` (or ``postgres://``) URL, SQLite for anything else. The
+    only place that names a backend. ``server``: a gateway worker's store
+    (retention runs, the configured pool); False: a one-shot CLI command's
+    (one reader, no background pruning).
+
+    Raises ConfigError when PostgreSQL is asked for and asyncpg is missing."""
+    database = config.database
+    retention = database.usage_retention if server else 0.0
+    if database.dsn.startswith(POSTGRES_SCHEMES):
+        try:
+            from gandalf.storage.postgres import PostgresStore
+        except ImportError:
+            raise ConfigError(
+                f"{config.source}: database.dsn: PostgreSQL needs asyncpg: "
+                "pip install 'gandalf-gateway[postgres]'"
+            ) from None
+        pool = database.pool_size if server else min(2, database.pool_size)
+        return PostgresStore(database.dsn, pool_size=pool, usage_retention=retention)
+    from gandalf.storage.sqlite import SqliteStore
+
+    return SqliteStore(database.dsn, readers=2 if server else 1, usage_retention=retention)
+
+
 # --------------------------------------------------------------------------- Redis (redis:)
 # Imported only when configured: without ``redis:`` redis-py is never imported.
 
@@ -421,7 +451,7 @@ def _tracing(config: GandalfConfig, exporter: object | None) -> Tracing:
     )
 
 
-def _key_hash_of(store: SqliteStore) -> Callable[[str], Awaitable[str | None]]:
+def _key_hash_of(store: Store) -> Callable[[str], Awaitable[str | None]]:
     """Key id -> its hash (a UI session names its key by id)."""
 
     async def key_hash_of(key_id: str) -> str | None:
@@ -442,7 +472,7 @@ def _attempts(metrics: Metrics) -> AttemptHook:
 
 
 def _gauges(
-    app: GandalfApp, proxy: ProxyService, store: SqliteStore
+    app: GandalfApp, proxy: ProxyService, store: Store
 ) -> Callable[[], tuple[int, list[tuple[str, str]], int]]:
     """What a scrape reads from this worker: requests in flight, every
     provider's breaker state, usage records dropped (none on the hot path)."""
@@ -454,12 +484,12 @@ def _gauges(
     return gauges
 
 
-async def budget_scopes(store: SqliteStore, tenancy: Tenancy) -> list[Scope]:
+async def budget_scopes(store: Store, tenancy: Tenancy) -> list[Scope]:
     """Every key, team and org that sets a budget, as the governor keys them."""
     return _budget_scopes(await store.list_keys(), tenancy)
 
 
-async def load_tenancy(store: SqliteStore, config: GandalfConfig) -> Tenancy:
+async def load_tenancy(store: Store, config: GandalfConfig) -> Tenancy:
     """The orgs and teams (config-declared and CLI-made, as reconciled into
     ``store``) and the per-key default limits that identities are built against.
     A reload replaces the workers, so each builds its own afresh; a process that

@@ -33,6 +33,15 @@ def postgres_dsn() -> str:
     return dsn
 
 
+def postgres_wanted() -> bool:
+    """Should a test that runs on either engine take PostgreSQL? Yes when its
+    server is given, and always in CI (where :func:`postgres_dsn` then fails
+    if it is missing); else SQLite."""
+    return bool(os.environ.get("GANDALF_TEST_POSTGRES")) or (
+        os.environ.get("GANDALF_TEST_SERVICES_REQUIRED") == "1"
+    )
+
+
 def redis_url() -> str:
     """The URL of a Redis server the tests may use (each test takes keys under its own prefix)."""
     url = os.environ.get("GANDALF_TEST_REDIS", "")

@@ -14,11 +14,12 @@ from gandalf.config import GandalfConfig, parse_config
 from gandalf.storage.sqlite import SqliteStore
 from gandalf.wiring import create_app
 from tests.asgi_client import call
+from tests.stores import make_store
 
 MODELS = "/v1/models"
 
 
-def config_text(db: Path, keys: dict[str, str], admin: str) -> str:
+def config_text(db: Path | str, keys: dict[str, str], admin: str) -> str:
     entries = "".join(f"  - {{name: {name}, key: {key}}}\n" for name, key in keys.items())
     return (
         f"database: {{dsn: {db}}}\n"
@@ -47,14 +48,14 @@ def statuses(config: GandalfConfig, keys: list[str]) -> list[int]:
     return asyncio.run(main())
 
 
-def test_keys_that_leave_the_config_are_revoked_at_the_next_start(tmp_path: Path) -> None:
-    db = tmp_path / "g.db"
+def test_keys_that_leave_the_config_are_revoked_at_the_next_start(store_dsn: str) -> None:
+    db = store_dsn
     key_a, key_b, admin_x, admin_y = (generate_key() for _ in range(4))
     first = parse_config(config_text(db, {"a": key_a, "b": key_b}, admin_x), source="g.yaml")
     assert statuses(first, [key_a, key_b, admin_x]) == [200, 200, 200]
 
     async def cli_key() -> str:
-        store = SqliteStore(str(db))
+        store = make_store(db)
         await store.open()
         try:
             _, plaintext = await KeyManager(store).create(name="from-cli")
@@ -71,14 +72,14 @@ def test_keys_that_leave_the_config_are_revoked_at_the_next_start(tmp_path: Path
     assert got == [401, 401, 401, 200, 200, 200]
 
 
-def test_the_first_admin_key_is_not_revoked_by_a_config_without_keys(tmp_path: Path) -> None:
-    db = tmp_path / "g.db"
+def test_the_first_admin_key_is_not_revoked_by_a_config_without_keys(store_dsn: str) -> None:
+    db = store_dsn
     config = parse_config(
         f"database: {{dsn: {db}}}\nproviders: [{{name: fake, type: fake}}]\n", source="g.yaml"
     )
 
     async def first() -> str | None:
-        store = SqliteStore(str(db))
+        store = make_store(db)
         await store.open()
         try:
             await bootstrap.reconcile(store, config)

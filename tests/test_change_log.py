@@ -5,20 +5,18 @@ worker's watcher (app/live.py) sees it; writes that change nothing log none."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sqlite3
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import pytest
 
 from gandalf.domain import ApiKey, Change, Organization, ProviderConfig, Route, Target, Team
-from gandalf.storage.sqlite import CHANGE_LOG_KEEP, SqliteStore, StorageError
+from gandalf.storage.protocol import CHANGE_LOG_KEEP, StorageError, Store
+from tests.stores import execute, make_store
 
 
-def run(db: Path, test: Callable[[SqliteStore], Awaitable[None]]) -> None:
+def run(dsn: str, test: Callable[[Store], Awaitable[None]]) -> None:
     async def main() -> None:
-        store = SqliteStore(str(db))
+        store = make_store(dsn)
         await store.open()
         try:
             await test(store)
@@ -39,12 +37,12 @@ def key(n: int, **fields: object) -> ApiKey:
     return ApiKey(**values)  # type: ignore[arg-type]
 
 
-async def kinds_after(store: SqliteStore, version: int) -> list[tuple[str, str | None]]:
+async def kinds_after(store: Store, version: int) -> list[tuple[str, str | None]]:
     return [(c.kind, c.id) for c in await store.changes_since(version)]
 
 
-def test_each_write_logs_its_change(tmp_path: Path) -> None:
-    async def test(store: SqliteStore) -> None:
+def test_each_write_logs_its_change(store_dsn: str) -> None:
+    async def test(store: Store) -> None:
         assert await store.change_version() == 0
         await store.create_key(key(1))
         assert await store.changes_since(0) == [Change(1, "key", f"{1:064x}")]
@@ -82,11 +80,11 @@ def test_each_write_logs_its_change(tmp_path: Path) -> None:
         assert await store.revoke_config_keys_except([]) == 0
         assert await kinds_after(store, v) == [("key", f"{2:064x}"), ("key", None)]
 
-    run(tmp_path / "g.db", test)
+    run(store_dsn, test)
 
 
-def test_a_failed_write_logs_nothing(tmp_path: Path) -> None:
-    async def test(store: SqliteStore) -> None:
+def test_a_failed_write_logs_nothing(store_dsn: str) -> None:
+    async def test(store: Store) -> None:
         await store.create_key(key(1))
         with pytest.raises(StorageError):
             await store.create_key(key(1))
@@ -94,13 +92,11 @@ def test_a_failed_write_logs_nothing(tmp_path: Path) -> None:
             await store.create_team(Team(id="t", org_id="missing", name="T"))
         assert await store.change_version() == 1
 
-    run(tmp_path / "g.db", test)
+    run(store_dsn, test)
 
 
-def test_the_log_keeps_the_newest_entries_and_versions_never_repeat(tmp_path: Path) -> None:
-    db = tmp_path / "g.db"
-
-    async def test(store: SqliteStore) -> None:
+def test_the_log_keeps_the_newest_entries_and_versions_never_repeat(store_dsn: str) -> None:
+    async def test(store: Store) -> None:
         for n in range(CHANGE_LOG_KEEP + 5):
             await store.ensure_org(f"o{n}", "O")
         newest = await store.change_version()
@@ -108,23 +104,21 @@ def test_the_log_keeps_the_newest_entries_and_versions_never_repeat(tmp_path: Pa
         first = (await store.changes_since(0, limit=1))[0]
         assert first.version == newest - CHANGE_LOG_KEEP + 1  # a gap: older ones pruned
 
-    run(db, test)
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute("DELETE FROM change_log")  # even emptied, a version is never reused
-        conn.commit()
+    run(store_dsn, test)
+    execute(store_dsn, "DELETE FROM change_log")  # even emptied, a version is never reused
 
-    async def again(store: SqliteStore) -> None:
+    async def again(store: Store) -> None:
         await store.ensure_org("late", "O")
         assert await store.change_version() == CHANGE_LOG_KEEP + 6
 
-    run(db, again)
+    run(store_dsn, again)
 
 
-def test_config_reconciled_again_unchanged_logs_nothing(tmp_path: Path) -> None:
+def test_config_reconciled_again_unchanged_logs_nothing(store_dsn: str) -> None:
     """Every worker reconciles the config at start-up: only real changes reach
     the other workers (each would otherwise drop its whole key cache)."""
 
-    async def test(store: SqliteStore) -> None:
+    async def test(store: Store) -> None:
         orgs = [Organization(id="o1", name="O", rpm=5)]
         teams = [Team(id="t1", org_id="o1", name="T")]
         await store.upsert_config_tenants(orgs, teams)
@@ -141,13 +135,13 @@ def test_config_reconciled_again_unchanged_logs_nothing(tmp_path: Path) -> None:
         stored = await store.get_key("key-1")
         assert stored is not None and stored.rpm == 9
 
-    run(tmp_path / "g.db", test)
+    run(store_dsn, test)
 
 
-def test_admin_updates_log_their_change(tmp_path: Path) -> None:
+def test_admin_updates_log_their_change(store_dsn: str) -> None:
     # The admin API's PATCHes (a key blocked, an org's or team's limits) reach
     # every worker through the log like creations and deletions.
-    async def test(store: SqliteStore) -> None:
+    async def test(store: Store) -> None:
         await store.create_key(key(2))
         await store.create_org(Organization(id="o2", name="O"))
         await store.create_team(Team(id="t2", org_id="o2", name="T"))
@@ -162,4 +156,4 @@ def test_admin_updates_log_their_change(tmp_path: Path) -> None:
             ("tenancy", None),
         ]
 
-    run(tmp_path / "g.db", test)
+    run(store_dsn, test)

@@ -499,6 +499,32 @@ def test_special_dsns_are_kept(dsn: str) -> None:
     assert parse(f"database: {{ dsn: '{dsn}' }}\n").database.dsn == dsn
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    ["postgresql://gw:${PGPASSWORD}@db:5432/gandalf", "postgres://db/gandalf?sslmode=require"],
+)
+def test_postgres_dsns_are_kept(dsn: str) -> None:
+    """A PostgreSQL URL is not a file path (it used to be made one)."""
+    cfg = parse(f"database: {{ dsn: '{dsn}', pool_size: 8 }}\n", env={"PGPASSWORD": "pw"})
+    assert cfg.database.dsn == dsn.replace("${PGPASSWORD}", "pw")
+    assert cfg.database.pool_size == 8
+
+
+def test_other_url_dsns_are_refused_without_showing_them() -> None:
+    message = error("database: { dsn: 'mysql://u:secret@db/g' }\n")
+    assert message == (
+        "gandalf.yaml: database.dsn: must be an SQLite file path or a postgresql:// URL, "
+        "got mysql://..."
+    )
+
+
+@pytest.mark.parametrize("size", [0, 101])
+def test_pool_size_bounds(size: int) -> None:
+    assert error(f"database: {{ pool_size: {size} }}\n").startswith(
+        "gandalf.yaml: database.pool_size:"
+    )
+
+
 def test_absolute_dsn_is_kept(tmp_path: Path) -> None:
     dsn = str(tmp_path / "x.db")
     assert parse(f"database: {{ dsn: '{dsn}' }}\n").database.dsn == dsn

@@ -13,7 +13,6 @@ import base64
 import hashlib
 import hmac
 import json
-import sqlite3
 import subprocess
 import sys
 import time
@@ -44,9 +43,9 @@ from gandalf.domain import (
 )
 from gandalf.errors import AuthenticationError, ConfigError
 from gandalf.provider.jwks import JwksClient
-from gandalf.storage.sqlite import SqliteStore
 from gandalf.wiring import create_app
 from tests.asgi_client import Reply, call
+from tests.stores import make_store
 
 NOW = 1_900_000_000.0  # the wall clock of the unit tests
 AUD = "gandalf"
@@ -526,7 +525,7 @@ def test_the_tenancy_of_the_mapped_org_and_team_applies() -> None:
 # ---------------------------------------------------------------------------- through the gateway
 
 
-def _config(url: str, db: Path) -> str:
+def _config(url: str, db: Path | str) -> str:
     return f"""
 database: {{ dsn: "{db}" }}
 providers:
@@ -543,8 +542,9 @@ auth:
 """
 
 
-def test_a_jwt_calls_models_with_its_orgs_limits_and_usage_shows_who(tmp_path: Path) -> None:
-    db = tmp_path / "g.db"
+def test_a_jwt_calls_models_with_its_orgs_limits_and_usage_shows_who(store_dsn: str) -> None:
+    """On each store (store_dsn: SQLite, then PostgreSQL)."""
+    db = store_dsn
 
     async def main() -> None:
         async with idp() as provider:
@@ -620,35 +620,40 @@ def test_a_jwt_calls_models_with_its_orgs_limits_and_usage_shows_who(tmp_path: P
                 await app.shutdown()
 
     asyncio.run(main())
-    with sqlite3.connect(db) as conn:
-        users = conn.execute(
-            "SELECT id, subject, org_id, role FROM users WHERE subject = 'alice'"
-        ).fetchall()
-        rows = conn.execute("SELECT key_id, org_id, status FROM usage_records").fetchall()
-    assert len(users) == 1
-    uid = users[0][0]
-    assert users[0][1:] == ("alice", "acme", "service_account")
-    assert sorted(rows) == [(uid, "acme", 200), (uid, "acme", 200), (uid, "acme", 429)]
 
-    async def by_key() -> list[tuple[str | None, str | None, int]]:
-        store = SqliteStore(str(db))
+    Rows = list[tuple[str | None, str | None, int]]
+
+    async def stored() -> tuple[list[User], Rows, Rows]:
+        store = make_store(db)
         await store.open()
         try:
-            return [(r.group, r.name, r.requests) for r in await store.usage_summary("key", 0.0)]
+            return (
+                await store.list_users(),
+                [(r.key_id, r.org_id, r.status) for r in await store.list_usage()],
+                [(r.group, r.name, r.requests) for r in await store.usage_summary("key", 0.0)],
+            )
         finally:
             await store.close()
 
-    assert asyncio.run(by_key()) == [(uid, "alice", 3)]  # usage by key names the user
+    users, rows, by_key = asyncio.run(stored())
+    users = [u for u in users if u.subject == "alice"]
+    assert len(users) == 1
+    uid = users[0].id
+    assert (users[0].org_id, users[0].role) == ("acme", "service_account")
+    assert sorted(rows) == [(uid, "acme", 200), (uid, "acme", 200), (uid, "acme", 429)]
+    assert by_key == [(uid, "alice", 3)]  # usage by key names the user
 
 
 ADMIN = "gnd_" + "a" * 43
 
 
-def test_issuers_are_managed_at_run_time_through_the_admin_api(tmp_path: Path) -> None:
+def test_issuers_are_managed_at_run_time_through_the_admin_api(store_dsn: str) -> None:
+    """On each store (store_dsn: SQLite, then PostgreSQL)."""
+
     async def main() -> None:
         async with idp() as provider, idp() as configured:
             text = f"""
-database: {{ dsn: "{tmp_path / "g.db"}" }}
+database: {{ dsn: "{store_dsn}" }}
 providers: [{{ name: fake, type: fake }}]
 routes: [{{ model_alias: gpt-4o, targets: [{{ provider: fake, model: m }}] }}]
 auth:

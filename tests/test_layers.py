@@ -2,7 +2,8 @@
 
 cli -> wiring -> server -> app/auth -> domain/errors; provider and storage
 import only domain and errors; server never imports aiohttp, aiosqlite,
-provider or storage; domain imports nothing from gandalf.
+provider or storage; domain imports nothing from gandalf; asyncpg only in
+storage, redis only in scaleout.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "observability": {"aiohttp", "aiosqlite", "granian"},
     "scaleout": {"aiohttp", "aiosqlite", "granian", "starlette"},
 }
+# The PostgreSQL and Redis clients stay behind their adapters: asyncpg only in
+# storage (postgres.py), redis only in scaleout. Every other layer, wiring and
+# cli included, reaches them through those packages (imported when configured).
+CLIENT_HOMES: dict[str, str] = {"asyncpg": "storage", "redis": "scaleout"}
+for _layer in ALLOWED:
+    FORBIDDEN_THIRD_PARTY.setdefault(_layer, set()).update(
+        client for client, home in CLIENT_HOMES.items() if home != _layer
+    )
 
 
 def layer_of(path: Path) -> str:
@@ -134,3 +143,12 @@ def test_a_violation_would_be_caught(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("from gandalf.storage.sqlite import SqliteStore\nimport aiohttp\n")
     assert {"gandalf.storage.sqlite", "aiohttp"} <= imports_of(bad)
+
+
+def test_database_and_redis_clients_stay_in_their_packages() -> None:
+    assert "asyncpg" not in FORBIDDEN_THIRD_PARTY["storage"]
+    assert "redis" not in FORBIDDEN_THIRD_PARTY["scaleout"]
+    for layer in set(ALLOWED) - {"storage", "scaleout"}:
+        assert {"asyncpg", "redis"} <= FORBIDDEN_THIRD_PARTY[layer], layer
+    assert "redis" in FORBIDDEN_THIRD_PARTY["storage"]
+    assert "asyncpg" in FORBIDDEN_THIRD_PARTY["scaleout"]

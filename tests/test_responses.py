@@ -54,7 +54,7 @@ def _route(alias: str, *targets: tuple[str, str], **policy: Any) -> Route:
     )
 
 
-def _config(mock: MockUpstream, claude: MockAnthropic, db: Path) -> GandalfConfig:
+def _config(mock: MockUpstream, claude: MockAnthropic, db: Path | str) -> GandalfConfig:
     return GandalfConfig(
         database=DatabaseConfig(dsn=str(db)),
         providers=(
@@ -88,15 +88,10 @@ def _config(mock: MockUpstream, claude: MockAnthropic, db: Path) -> GandalfConfi
 Scenario = Callable[[httpx.AsyncClient], Awaitable[None]]
 
 
-@pytest.fixture
-def run(
-    upstream: MockUpstream, anthropic_mock: MockAnthropic, tmp_path: Path
-) -> Callable[[Scenario], Path]:
-    """``run(scenario)``: the app in process, the scenario against it through
-    an httpx client; returns the database (usage flushed)."""
-    db = tmp_path / "gandalf.db"
-
-    def runner(scenario: Scenario) -> Path:
+def _runner(
+    upstream: MockUpstream, anthropic_mock: MockAnthropic, db: Path | str
+) -> Callable[[Scenario], None]:
+    def runner(scenario: Scenario) -> None:
         async def main() -> None:
             app = create_app(_config(upstream, anthropic_mock, db), access_log=False)
             await app.startup()
@@ -108,9 +103,32 @@ def run(
                 await app.shutdown()
 
         asyncio.run(main())
-        return db
 
     return runner
+
+
+@pytest.fixture
+def run(
+    upstream: MockUpstream, anthropic_mock: MockAnthropic, tmp_path: Path
+) -> Callable[[Scenario], Path]:
+    """``run(scenario)``: the app in process, the scenario against it through
+    an httpx client; returns the database (usage flushed)."""
+    db = tmp_path / "gandalf.db"
+    runner = _runner(upstream, anthropic_mock, db)
+
+    def run_and_return(scenario: Scenario) -> Path:
+        runner(scenario)
+        return db
+
+    return run_and_return
+
+
+@pytest.fixture
+def run_each(
+    upstream: MockUpstream, anthropic_mock: MockAnthropic, store_dsn: str
+) -> Callable[[Scenario], None]:
+    """``run`` on each store in turn (store_dsn: SQLite, then PostgreSQL)."""
+    return _runner(upstream, anthropic_mock, store_dsn)
 
 
 def sdk(http: httpx.AsyncClient, key: str = KEY) -> openai.AsyncOpenAI:
@@ -223,7 +241,7 @@ def test_a_failed_stream_is_not_stored(run: Callable[[Scenario], Path]) -> None:
     run(scenario)
 
 
-def test_a_completed_stream_is_stored(run: Callable[[Scenario], Path]) -> None:
+def test_a_completed_stream_is_stored(run_each: Callable[[Scenario], None]) -> None:
     async def scenario(http: httpx.AsyncClient) -> None:
         client = sdk(http)
         async with client.responses.stream(model="up", input="keep this") as stream:
@@ -231,7 +249,28 @@ def test_a_completed_stream_is_stored(run: Callable[[Scenario], Path]) -> None:
         got = await client.responses.retrieve(final.id)
         assert got.output_text == final.output_text and "keep this" in got.output_text
 
-    run(scenario)
+    run_each(scenario)
+
+
+def test_a_stored_response_continues_then_is_deleted_on_each_store(
+    run_each: Callable[[Scenario], None], upstream: MockUpstream
+) -> None:
+    async def scenario(http: httpx.AsyncClient) -> None:
+        client = sdk(http)
+        first = await client.responses.create(model="up", input="My name is Gandalf.")
+        second = await client.responses.create(
+            model="up", input="What is my name?", previous_response_id=first.id
+        )
+        sent = upstream.received[-1].json()
+        assert "previous_response_id" not in sent and "My name is Gandalf." in json.dumps(sent)
+        assert (await client.responses.retrieve(second.id)).output_text == second.output_text
+        with pytest.raises(openai.NotFoundError):  # another key's: as if missing
+            await sdk(http, LIMITED).responses.retrieve(second.id)
+        await client.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(first.id)
+
+    run_each(scenario)
 
 
 def test_the_model_must_be_allowed(run: Callable[[Scenario], Path]) -> None:

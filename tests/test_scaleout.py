@@ -10,21 +10,23 @@ processes sharing one database and one Redis.
     served under local limits; closed: 503 ``limits_unavailable``), and both
     recover when it is back. (f) runs a redis-server of its own.
 
-The database is a parameter (:func:`database_dsn`): a SQLite file shared by
-both processes (WAL) unless ``GANDALF_TEST_SCALEOUT_DSN`` names another
-(the PostgreSQL store's DSN once it exists).
+The database is a parameter (:func:`database_dsn`): a fresh PostgreSQL
+database whenever PostgreSQL is available (always in CI), else a SQLite file
+shared by both processes (WAL); ``GANDALF_TEST_SCALEOUT_DSN`` names another.
+(d) reads the recorded spend back from that database directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import pytest
@@ -32,7 +34,8 @@ import pytest
 from gandalf.auth.apikey import generate_key
 from tests.redis_server import OwnRedis
 from tests.serve import GandalfServer, route, wait_until
-from tests.services import redis_url
+from tests.services import postgres_wanted, redis_url
+from tests.stores import postgres_database
 from tests.upstream import MockUpstream, running_upstream
 
 ADMIN = generate_key()
@@ -44,9 +47,23 @@ CHAT = "/v1/chat/completions"
 RPM = 5
 
 
-def database_dsn(tmp: Path) -> str:
-    """The database both instances share."""
-    return os.environ.get("GANDALF_TEST_SCALEOUT_DSN") or str(tmp / "shared.db")
+@contextlib.contextmanager
+def database_dsn(tmp: Path) -> Iterator[str]:
+    """The database both instances share: ``GANDALF_TEST_SCALEOUT_DSN`` if set;
+    else a new PostgreSQL database when PostgreSQL is available (dropped
+    after); else a SQLite file in ``tmp``."""
+    override = os.environ.get("GANDALF_TEST_SCALEOUT_DSN")
+    if override:
+        yield override
+    elif postgres_wanted():
+        with postgres_database() as dsn:
+            yield dsn
+    else:
+        yield str(tmp / "shared.db")
+
+
+def _is_postgres(dsn: str) -> bool:
+    return dsn.startswith(("postgresql://", "postgres://"))
 
 
 def _config(dsn: str, redis: dict[str, Any], mock: MockUpstream) -> dict[str, Any]:
@@ -89,9 +106,8 @@ class Pair:
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     url = redis_url()
     tmp = tmp_path_factory.mktemp("scaleout")
-    dsn = database_dsn(tmp)
     redis = {"url": url, "prefix": f"gtest:{uuid.uuid4().hex[:12]}:"}
-    with running_upstream() as mock:
+    with database_dsn(tmp) as dsn, running_upstream() as mock:
         config = _config(dsn, redis, mock)
         # One after the other: the second finds the schema and the seeded keys.
         with GandalfServer(tmp, config, name="a") as a, GandalfServer(tmp, config, name="b") as b:
@@ -231,13 +247,31 @@ async def _race(pair: Pair, count: int) -> list[httpx.Response]:
         return list(await asyncio.gather(*tasks))
 
 
+_SPEND: Final = (
+    "SELECT count(*), coalesce(sum(u.cost_usd), 0) FROM usage_records u "
+    "JOIN api_keys k ON k.id = u.key_id WHERE k.name = {} AND u.status = 200"
+)
+
+
 def _spend(dsn: str, key_name: str) -> tuple[int, float]:
-    with sqlite3.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*), coalesce(sum(u.cost_usd), 0) FROM usage_records u "
-            "JOIN api_keys k ON k.id = u.key_id WHERE k.name = ? AND u.status = 200",
-            (key_name,),
-        ).fetchone()
+    """(requests served, USD recorded) for the key ``key_name``, read from
+    the shared database itself (PostgreSQL or the SQLite file)."""
+    if _is_postgres(dsn):
+        return asyncio.run(_pg_spend(dsn, key_name))
+    with contextlib.closing(sqlite3.connect(dsn)) as conn:
+        row = conn.execute(_SPEND.format("?"), (key_name,)).fetchone()
+    return int(row[0]), float(row[1])
+
+
+async def _pg_spend(dsn: str, key_name: str) -> tuple[int, float]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        row = await conn.fetchrow(_SPEND.format("$1"), key_name)
+    finally:
+        await conn.close()
+    assert row is not None
     return int(row[0]), float(row[1])
 
 
@@ -248,9 +282,9 @@ def test_a_budget_that_fits_ten_serves_at_most_ten_across_both(pair: Pair) -> No
     assert len(served) + len(refused) == 30, [r.status_code for r in replies]
     assert 1 <= len(served) <= 10
     assert {r.json()["error"]["code"] for r in refused} == {"insufficient_quota"}
-    if pair.dsn.endswith(".db"):  # the usage rows agree (SQLite read here directly)
-        wait_until(lambda: _spend(pair.dsn, "budget")[0] == len(served), 10, "usage rows")
-        assert _spend(pair.dsn, "budget")[1] <= 10.5
+    # The usage rows agree, read from the shared database directly.
+    wait_until(lambda: _spend(pair.dsn, "budget")[0] == len(served), 10, "usage rows")
+    assert _spend(pair.dsn, "budget")[1] <= 10.5
 
 
 # --------------------------------------------------------------------------- (e)
@@ -277,8 +311,11 @@ def test_a_cache_entry_filled_through_a_is_a_hit_on_b(pair: Pair) -> None:
 
 
 def test_killing_redis_follows_the_policy_without_a_500_and_both_recover(tmp_path: Path) -> None:
-    dsn = database_dsn(tmp_path)
-    with OwnRedis(tmp_path) as own, running_upstream() as mock:
+    with (
+        database_dsn(tmp_path) as dsn,
+        OwnRedis(tmp_path) as own,
+        running_upstream() as mock,
+    ):
         opened = _config(dsn, {"url": own.url, "timeout": "200ms", "retry_interval": "200ms"}, mock)
         closed = {**opened, "redis": {**opened["redis"], "on_error": "closed"}}
         with (

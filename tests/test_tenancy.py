@@ -30,10 +30,11 @@ from gandalf.domain import (
     allowed_chain,
 )
 from gandalf.errors import ConfigError
-from gandalf.storage.sqlite import SqliteStore, StorageError, TenantInUse
+from gandalf.storage.protocol import StorageError, TenantInUse
 from gandalf.wiring import create_app, load_tenancy
 from tests.asgi_client import Reply, call
 from tests.serve import GandalfServer, render_config, route, wait_until
+from tests.stores import make_store
 
 KEY = "gnd_" + "k" * 43
 KEY_B = "gnd_" + "b" * 43
@@ -352,9 +353,11 @@ def test_a_model_refused_by_a_glob_is_403_and_unlisted_over_http() -> None:
 # ---------------------------------------------------------------------------- store and reconcile
 
 
-def test_orgs_and_teams_keep_their_limits_and_refuse_deletion_while_keys_live() -> None:
+def test_orgs_and_teams_keep_their_limits_and_refuse_deletion_while_keys_live(
+    store_dsn: str,
+) -> None:
     async def scenario() -> None:
-        store = SqliteStore(":memory:")
+        store = make_store(store_dsn)
         await store.open()
         try:
             org = Organization(
@@ -397,8 +400,8 @@ def reconciled_config(db: str, orgs: str, teams: str, keys: str) -> GandalfConfi
     )
 
 
-def test_reconcile_at_start_and_reload(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    db = str(tmp_path / "g.db")
+def test_reconcile_at_start_and_reload(store_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    db = store_dsn
     budget = "{ usd: 10, period: daily }"
     svc = f"{{ name: svc, key: {KEY}, team: backend, rpm: 100, budget: {budget} }}"
     first = reconciled_config(
@@ -413,7 +416,7 @@ def test_reconcile_at_start_and_reload(tmp_path: Path, caplog: pytest.LogCapture
     )
 
     async def scenario() -> None:
-        store = SqliteStore(db)
+        store = make_store(db)
         await store.open()
         try:
             await store.create_org(Organization(id="mine", name="Mine", rpm=1))  # the CLI's

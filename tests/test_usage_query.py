@@ -17,12 +17,13 @@ import pytest
 
 from gandalf.domain import USAGE_GROUPS, ApiKey, Organization, Team, UsageRecord, UsageSummary
 from gandalf.storage._rollups import SPEND_SELECTS, SUMMARY_SELECTS
-from gandalf.storage.sqlite import SqliteStore
+from gandalf.storage.protocol import Store
+from tests.stores import make_store
 
 
-def run(db: Path, test: Callable[[SqliteStore], Awaitable[None]]) -> None:
+def run(db: Path | str, test: Callable[[Store], Awaitable[None]]) -> None:
     async def main() -> None:
-        store = SqliteStore(str(db))
+        store = make_store(str(db))
         await store.open()
         try:
             await test(store)
@@ -87,10 +88,10 @@ def expected(by: str, since: float) -> dict[str | None, UsageSummary]:
 
 
 @pytest.mark.parametrize("by", USAGE_GROUPS)
-def test_summary_sums_each_group_since(tmp_path: Path, by: str) -> None:
+def test_summary_sums_each_group_since(store_dsn: str, by: str) -> None:
     got: list[UsageSummary] = []
 
-    async def test(store: SqliteStore) -> None:
+    async def test(store: Store) -> None:
         await store.create_org(Organization(id="o1", name="Acme"))
         await store.create_team(Team(id="t1", org_id="o1", name="Backend"))
         key = ApiKey(id="k1", name="svc", key_hash="a" * 64, prefix="gnd_abcd", org_id="o1")
@@ -100,7 +101,7 @@ def test_summary_sums_each_group_since(tmp_path: Path, by: str) -> None:
         await store.flush()
         got.extend(await store.usage_summary(by, since=100.0))
 
-    run(tmp_path / "g.db", test)
+    run(store_dsn, test)
     want = expected(by, 100.0)
     assert {s.group for s in got} == set(want)
     costs = [s.cost_usd for s in got]
@@ -119,8 +120,8 @@ def test_summary_sums_each_group_since(tmp_path: Path, by: str) -> None:
         assert s == w
 
 
-def test_summary_until_and_unknown_grouping(tmp_path: Path) -> None:
-    async def test(store: SqliteStore) -> None:
+def test_summary_until_and_unknown_grouping(store_dsn: str) -> None:
+    async def test(store: Store) -> None:
         for r in RECORDS:
             store.record_usage(r)
         await store.flush()
@@ -130,11 +131,11 @@ def test_summary_until_and_unknown_grouping(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="cannot group usage by 'route'"):
             await store.usage_summary("route", since=0.0)
 
-    run(tmp_path / "g.db", test)
+    run(store_dsn, test)
 
 
-def test_spend_since_per_scope(tmp_path: Path) -> None:
-    async def test(store: SqliteStore) -> None:
+def test_spend_since_per_scope(store_dsn: str) -> None:
+    async def test(store: Store) -> None:
         for r in RECORDS:
             store.record_usage(r)
         await store.flush()
@@ -147,7 +148,7 @@ def test_spend_since_per_scope(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="unknown spend scope"):
             await store.spend_since("model", "gpt-4o", 0.0)
 
-    run(tmp_path / "g.db", test)
+    run(store_dsn, test)
 
 
 def test_queries_read_indexes(tmp_path: Path) -> None:
@@ -170,7 +171,7 @@ def test_queries_read_indexes(tmp_path: Path) -> None:
             assert "SEARCH usage_daily USING PRIMARY KEY (day>? AND day<?)" in plan, plan
 
 
-def test_summaries_in_total_per_bucket_and_by_page(tmp_path: Path) -> None:
+def test_summaries_in_total_per_bucket_and_by_page(store_dsn: str) -> None:
     """``by=None`` sums everything in one group; ``bucket`` sums per UTC hour or
     day (oldest first, its start in ``bucket``); ``limit``/``offset`` page."""
     day = 86400.0
@@ -180,7 +181,7 @@ def test_summaries_in_total_per_bucket_and_by_page(tmp_path: Path) -> None:
         for i, t in enumerate(at)
     ]
 
-    async def test(store: SqliteStore) -> None:
+    async def test(store: Store) -> None:
         for r in records:
             store.record_usage(r)
         await store.flush()
@@ -204,4 +205,4 @@ def test_summaries_in_total_per_bucket_and_by_page(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="unknown bucket"):
             await store.usage_summary("key", 0.0, bucket="week")
 
-    run(tmp_path / "g.db", test)
+    run(store_dsn, test)

@@ -20,7 +20,10 @@ import pytest
 
 from gandalf.domain import USAGE_GROUPS, UsageRecord, UsageSummary
 from gandalf.storage._rollups import HOUR, SUMMARY_SELECTS, split
-from gandalf.storage.sqlite import _USAGE_FIELDS, MIGRATIONS, SqliteStore
+from gandalf.storage._rows import _USAGE_FIELDS
+from gandalf.storage.protocol import Store
+from gandalf.storage.sqlite import MIGRATIONS
+from tests.stores import execute, make_store
 
 T0 = 1_800_000_000.0 - 1_800_000_000.0 % 86400  # a UTC midnight
 COLUMNS = {"key": "key_id", "team": "team_id", "org": "org_id", "provider": "provider"}
@@ -31,12 +34,12 @@ MEASURES = (
 
 
 def run(
-    db: Path,
-    test: Callable[[SqliteStore], Awaitable[None]],
+    db: Path | str,
+    test: Callable[[Store], Awaitable[None]],
     **options: object,
 ) -> None:
     async def main() -> None:
-        store = SqliteStore(str(db), **options)  # type: ignore[arg-type]
+        store = make_store(str(db), **options)
         await store.open()
         try:
             await test(store)
@@ -146,14 +149,14 @@ def compare(
         assert row.cost_usd == pytest.approx(ref.cost_usd, rel=1e-12, abs=1e-12)
 
 
-def test_summary_from_rollups_equals_the_raw_sum(tmp_path: Path) -> None:
+def test_summary_from_rollups_equals_the_raw_sum(store_dsn: str) -> None:
     """Random records in several writer batches over three days; every
     grouping, bucket and window answers what summing the records answers."""
     rng = random.Random(16)
     span = 3 * 86400.0
     records = random_records(rng, 1500, span)
 
-    async def test(store: SqliteStore) -> None:
+    async def test(store: Store) -> None:
         for start in range(0, len(records), 200):  # several batches, hours upserted twice
             for r in records[start : start + 200]:
                 store.record_usage(r)
@@ -165,29 +168,27 @@ def test_summary_from_rollups_equals_the_raw_sum(tmp_path: Path) -> None:
                     got = await store.usage_summary(by, since, until, bucket=bucket)
                     compare(got, reference(records, by, since, end, bucket))
 
-    run(tmp_path / "g.db", test, batch_size=64)
+    run(store_dsn, test, batch_size=64)
 
 
-def test_rollups_are_read_for_whole_hours_only(tmp_path: Path) -> None:
+def test_rollups_are_read_for_whole_hours_only(store_dsn: str) -> None:
     """Proof that the rollups answer: rows removed from the raw table behind
     the store's back still count for whole hours, not at the edges."""
-    db = tmp_path / "g.db"
+    db = store_dsn
     records = [
         UsageRecord(f"r{i}", "k1", "o1", "a", "m", "p", 1, 1, 2, 1.0, 200, T0 + i * 600.0)
         for i in range(12)  # two hours, one record every 10 minutes
     ]
 
-    async def write(store: SqliteStore) -> None:
+    async def write(store: Store) -> None:
         for r in records:
             store.record_usage(r)
         await store.flush()
 
     run(db, write)
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute("DELETE FROM usage_records")
-        conn.commit()
+    execute(db, "DELETE FROM usage_records")
 
-    async def read(store: SqliteStore) -> None:
+    async def read(store: Store) -> None:
         [whole] = await store.usage_summary("key", T0, T0 + 2 * HOUR)
         assert whole.requests == 12
         # [T0 + 1s, T0 + 2h + 1s): only the hour [T0 + 1h, T0 + 2h) is whole
@@ -225,25 +226,22 @@ def test_split_tiles_the_window() -> None:
     )
 
 
-def test_whole_days_are_read_from_the_daily_rollups(tmp_path: Path) -> None:
-    db = tmp_path / "g.db"
+def test_whole_days_are_read_from_the_daily_rollups(store_dsn: str) -> None:
+    db = store_dsn
     records = [
         UsageRecord(f"r{i}", "k1", "o1", "a", "m", "p", 1, 1, 2, 1.0, 200, T0 + i * 3600.0)
         for i in range(72)  # three days, one an hour
     ]
 
-    async def write(store: SqliteStore) -> None:
+    async def write(store: Store) -> None:
         for r in records:
             store.record_usage(r)
         await store.flush()
 
     run(db, write)
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute("DELETE FROM usage_records")
-        conn.execute("DELETE FROM usage_hourly")
-        conn.commit()
+    execute(db, "DELETE FROM usage_records; DELETE FROM usage_hourly")
 
-    async def read(store: SqliteStore) -> None:
+    async def read(store: Store) -> None:
         [total] = await store.usage_summary(None, T0 - 5, T0 + 3 * 86400.0 + 5)
         assert total.requests == 72  # only the daily rollups are left
         days = await store.usage_summary("key", T0, T0 + 3 * 86400.0, bucket="day")
@@ -270,7 +268,7 @@ def test_migration_backfills_rollups_from_existing_rows(tmp_path: Path) -> None:
         )
         conn.commit()
 
-    async def read(store: SqliteStore) -> None:
+    async def read(store: Store) -> None:
         for by in ("key", "model"):
             got = await store.usage_summary(by, T0, T0 + 86400.0, bucket="hour")
             compare(got, reference(records, by, T0, T0 + 86400.0, "hour"))
@@ -282,14 +280,14 @@ def test_migration_backfills_rollups_from_existing_rows(tmp_path: Path) -> None:
             assert rolled == len(records)
 
 
-def test_paging_and_order(tmp_path: Path) -> None:
+def test_paging_and_order(store_dsn: str) -> None:
     records = [
         UsageRecord(f"r{i}", f"k{i % 4}", "o", "a", "m", "p", 1, 1, 2, 1.0, 200,
                     T0 + i * 900.0, cost_usd=float(i % 4))
         for i in range(16)
     ]  # fmt: skip
 
-    async def test(store: SqliteStore) -> None:
+    async def test(store: Store) -> None:
         for r in records:
             store.record_usage(r)
         await store.flush()
@@ -305,11 +303,11 @@ def test_paging_and_order(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="group"):
             await store.usage_summary("route", T0)
 
-    run(tmp_path / "g.db", test)
+    run(store_dsn, test)
 
 
 def test_retention_deletes_old_raw_rows_in_bounded_passes_and_keeps_rollups(
-    tmp_path: Path,
+    store_dsn: str,
 ) -> None:
     """Raw rows older than the retention go, at most ``batch`` per pass; the
     rollups (and so usage summaries of whole hours and budget spend) stay."""
@@ -325,7 +323,7 @@ def test_retention_deletes_old_raw_rows_in_bounded_passes_and_keeps_rollups(
         sleeps.append(delay)
         await asyncio.Event().wait()
 
-    async def test(store: SqliteStore) -> None:
+    async def test(store: Store) -> None:
         for r in records:
             store.record_usage(r)
         await store.flush()
@@ -352,7 +350,7 @@ def test_retention_deletes_old_raw_rows_in_bounded_passes_and_keeps_rollups(
         )
 
     run(
-        tmp_path / "g.db",
+        store_dsn,
         test,
         clock=lambda: now[0],
         usage_retention=30 * 86400.0,
@@ -360,17 +358,17 @@ def test_retention_deletes_old_raw_rows_in_bounded_passes_and_keeps_rollups(
     )
 
 
-def test_retention_off_keeps_everything(tmp_path: Path) -> None:
-    async def test(store: SqliteStore) -> None:
+def test_retention_off_keeps_everything(store_dsn: str) -> None:
+    async def test(store: Store) -> None:
         store.record_usage(UsageRecord("r", "k", "o", "a", "m", "p", 1, 1, 2, 1.0, 200, 1.0))
         await store.flush()
         assert await store.prune_usage() == 0
         assert len(await store.list_usage()) == 1
 
-    run(tmp_path / "g.db", test, clock=lambda: T0)
+    run(store_dsn, test, clock=lambda: T0)
 
 
-def test_the_background_loop_prunes_a_backlog_in_short_steps(tmp_path: Path) -> None:
+def test_the_background_loop_prunes_a_backlog_in_short_steps(store_dsn: str) -> None:
     """Each pass deletes at most ``retention_batch``; a full pass is followed
     by a short pause, an incomplete one by the full interval."""
     now = [T0 + 10 * 86400.0]
@@ -393,7 +391,7 @@ def test_the_background_loop_prunes_a_backlog_in_short_steps(tmp_path: Path) -> 
         async with asyncio.timeout(5):
             await slept.wait()
 
-    async def test(store: SqliteStore) -> None:
+    async def test(store: Store) -> None:
         for r in records:
             store.record_usage(r)
         await store.flush()
@@ -407,7 +405,7 @@ def test_the_background_loop_prunes_a_backlog_in_short_steps(tmp_path: Path) -> 
         assert total.requests == 250
 
     run(
-        tmp_path / "g.db",
+        store_dsn,
         test,
         clock=lambda: now[0],
         usage_retention=86400.0,
@@ -448,7 +446,7 @@ def test_a_hundred_thousand_rows_answer_from_the_rollups_as_the_raw_table_does(
         conn.commit()
     since, until = T0 + 1234.5, T0 + span - 999.0  # both edges inside an hour
 
-    async def read(store: SqliteStore) -> None:
+    async def read(store: Store) -> None:
         got = await store.usage_summary("key", since, until)
         with contextlib.closing(sqlite3.connect(db)) as conn:
             raw = {r[0]: r[1:] for r in conn.execute(_RAW_BY_KEY, (since, until))}

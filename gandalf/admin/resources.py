@@ -51,7 +51,7 @@ _T = TypeVar("_T", Organization, Team)
 
 
 class AdminStore(Protocol):
-    """What the admin API needs from storage (SqliteStore implements it)."""
+    """What the admin API needs from storage (every Store implements it)."""
 
     async def list_keys(self, org_id: str | None = None) -> list[ApiKey]: ...
 

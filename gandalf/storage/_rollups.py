@@ -12,6 +12,12 @@ into whole days (daily rollups), the whole hours around them (hourly
 rollups) and the partial hours at either edge (raw rows): :func:`split`. Rollup dimensions store
 ``''`` for "none" (a primary key column cannot be NULL): both sides read it
 back as NULL, so an id that is the empty string counts as none everywhere.
+
+Every statement exists for SQLite (the module's plain names) and PostgreSQL
+(the ``PG_`` names, ``$n`` placeholders, same parameters in the same order),
+built by the same functions so the two cannot drift apart. PostgreSQL keeps
+hour and day starts as ``double precision`` like ``created_at``, so the
+ranges of :func:`split` (floats, infinity included) compare without casts.
 """
 
 from __future__ import annotations
@@ -40,21 +46,41 @@ _RAW_SUMS: Final = (
     "SUM(total_tokens)", "SUM(cached_prompt_tokens)", "SUM(cache_write_tokens)",
     "SUM(reasoning_tokens)", "TOTAL(cost_usd)", "SUM(cost_usd IS NULL AND status < 400)",
 )  # fmt: skip
+# PostgreSQL: SUM over integers is numeric there (asyncpg: Decimal), so cast back.
+_PG_RAW_SUMS: Final = (
+    "COUNT(*)", "COUNT(*) FILTER (WHERE status >= 400)", "SUM(prompt_tokens)::bigint",
+    "SUM(completion_tokens)::bigint", "SUM(total_tokens)::bigint",
+    "SUM(cached_prompt_tokens)::bigint", "SUM(cache_write_tokens)::bigint",
+    "SUM(reasoning_tokens)::bigint", "COALESCE(SUM(cost_usd), 0)::float8",
+    "COUNT(*) FILTER (WHERE cost_usd IS NULL AND status < 400)",
+)  # fmt: skip
 _RAW_MODEL: Final = "COALESCE(target_model, model_alias)"
 
 
-def _raw_start(period: int) -> str:
+def _raw_start(period: int, pg: bool = False) -> str:
     """The start of the period holding a raw record: created_at is unix
     seconds >= 0, so truncation is floor and start <= created_at < start +
     period exactly."""
+    if pg:
+        return f"floor(created_at / {period}) * {period}"
     return f"CAST(created_at AS INTEGER) / {period} * {period}"
 
 
-def _ddl(table: str, column: str, indexed: bool) -> str:
+def numbered(sql: str) -> str:
+    """``sql`` with each ``?`` placeholder replaced by ``$1``, ``$2``, ... in
+    order (PostgreSQL's form). The statements here hold no literal ``?``."""
+    pieces = sql.split("?")
+    return pieces[0] + "".join(f"${n}{piece}" for n, piece in enumerate(pieces[1:], 1))
+
+
+def _ddl(table: str, column: str, indexed: bool, pg: bool = False) -> str:
+    start, real, integer = (
+        ("DOUBLE PRECISION", "DOUBLE PRECISION", "BIGINT") if pg else ("INTEGER", "REAL", "INTEGER")
+    )
     columns = ",\n".join(
-        [f"    {column} INTEGER NOT NULL"]
+        [f"    {column} {start} NOT NULL"]
         + [f"    {d} TEXT NOT NULL" for d in _DIMENSIONS]
-        + [f"    {m} {'REAL' if m == 'cost_usd' else 'INTEGER'} NOT NULL" for m in _MEASURES]
+        + [f"    {m} {real if m == 'cost_usd' else integer} NOT NULL" for m in _MEASURES]
     )
     indexes = "".join(
         f"CREATE INDEX {table}_{kind}_spend ON {table} ({kind}_id, {column}, cost_usd);\n"
@@ -63,15 +89,20 @@ def _ddl(table: str, column: str, indexed: bool) -> str:
     )
     return (
         f"CREATE TABLE {table} (\n{columns},\n"
-        f"    PRIMARY KEY ({column}, {', '.join(_DIMENSIONS)})\n) WITHOUT ROWID;\n{indexes}"
+        f"    PRIMARY KEY ({column}, {', '.join(_DIMENSIONS)})\n)"
+        f"{'' if pg else ' WITHOUT ROWID'};\n{indexes}"
     )
 
 
-def _rollup_select(period: int, where: str) -> str:
+def _rollup_select(period: int, where: str, pg: bool = False, source: str = "usage_records") -> str:
+    # PostgreSQL: in a fixed order, so two instances upserting the same groups
+    # take their row locks in the same order (no deadlock between writers).
+    order, null = (" ORDER BY 1, 2, 3, 4, 5, 6", "COALESCE") if pg else ("", "IFNULL")
     return (
-        f"SELECT {_raw_start(period)}, IFNULL(key_id, ''), IFNULL(team_id, ''), "
-        f"IFNULL(org_id, ''), {_RAW_MODEL}, IFNULL(provider, ''), {', '.join(_RAW_SUMS)} "
-        f"FROM usage_records WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6"
+        f"SELECT {_raw_start(period, pg)}, {null}(key_id, ''), {null}(team_id, ''), "
+        f"{null}(org_id, ''), {_RAW_MODEL}, {null}(provider, ''), "
+        f"{', '.join(_PG_RAW_SUMS if pg else _RAW_SUMS)} "
+        f"FROM {source} WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6{order}"
     )
 
 
@@ -79,11 +110,18 @@ def _insert(table: str, column: str) -> str:
     return f"INSERT INTO {table} ({', '.join((column, *_DIMENSIONS, *_MEASURES))}) "
 
 
-# Migration 7: the tables, filled from whatever raw rows exist.
-ROLLUP_SCHEMA: Final = "".join(
-    _ddl(table, column, indexed) + _insert(table, column) + _rollup_select(period, "true") + ";\n"
-    for table, column, period, indexed in _TABLES
-)
+def rollup_schema(pg: bool = False) -> str:
+    """Migration 7's rollup part: the tables, filled from whatever raw rows exist."""
+    return "".join(
+        _ddl(table, column, indexed, pg)
+        + _insert(table, column)
+        + _rollup_select(period, "true", pg)
+        + ";\n"
+        for table, column, period, indexed in _TABLES
+    )
+
+
+ROLLUP_SCHEMA: Final = rollup_schema()
 # The raw rows with id > ? (the batch just inserted) added into their hours
 # and days: one statement per table, each with the same one parameter.
 ROLLUP_UPSERTS: Final = tuple(
@@ -94,6 +132,20 @@ ROLLUP_UPSERTS: Final = tuple(
     for table, column, period, _ in _TABLES
 )
 MAX_USAGE_ID: Final = "SELECT IFNULL(MAX(id), 0) FROM usage_records"
+
+
+def pg_rollup_upserts(source: str) -> tuple[str, str]:
+    """PostgreSQL: the rows of ``source`` (the CTE of the batch just
+    inserted, so another instance's concurrent batch is never counted here)
+    added into their hours and days, one ``INSERT`` each."""
+    return tuple(  # type: ignore[return-value]
+        _insert(table, column)
+        + _rollup_select(period, "true", True, source)
+        + f" ON CONFLICT ({', '.join((column, *_DIMENSIONS))}) DO UPDATE SET "
+        + ", ".join(f"{m} = {table}.{m} + excluded.{m}" for m in _MEASURES)
+        for table, column, period, _ in _TABLES
+    )
+
 
 _Range = tuple[float, float]
 _EMPTY: Final[_Range] = (0.0, 0.0)
@@ -147,9 +199,13 @@ _NAMES: Final[Mapping[str | None, tuple[str, str, str]]] = {
 }
 BUCKETS: Final = ("hour", "day")
 _SUM: Final = ", ".join(f"{'TOTAL' if m == 'cost_usd' else 'SUM'}({m}) AS {m}" for m in _MEASURES)
+_PG_SUM: Final = ", ".join(
+    f"COALESCE(SUM({m}), 0)::float8 AS {m}" if m == "cost_usd" else f"SUM({m})::bigint AS {m}"
+    for m in _MEASURES
+)
 
 
-def summary_sql(by: str | None, bucket: str | None) -> str:
+def summary_sql(by: str | None, bucket: str | None, pg: bool = False) -> str:
     """The summary query for ``by`` and ``bucket``; its parameters: the five
     ranges of :func:`split` in order (each ``lo, hi``), then LIMIT and OFFSET.
     Rows: grp, name, prefix, bucket, then the measures in
@@ -157,9 +213,12 @@ def summary_sql(by: str | None, bucket: str | None) -> str:
     bucket, buckets oldest first); ties by requests, then group."""
     raw_group, rollup_group = _GROUPS[by]
     size = _BUCKETS[bucket]
+    total = _PG_SUM if pg else _SUM
     raw = (
-        f"SELECT {raw_group} AS grp, {'NULL' if size is None else _raw_start(size)} AS bucket, "
-        + ", ".join(f"{s} AS {m}" for s, m in zip(_RAW_SUMS, _MEASURES, strict=True))
+        f"SELECT {raw_group} AS grp, {'NULL' if size is None else _raw_start(size, pg)} AS bucket, "
+        + ", ".join(
+            f"{s} AS {m}" for s, m in zip(_PG_RAW_SUMS if pg else _RAW_SUMS, _MEASURES, strict=True)
+        )
         + " FROM usage_records WHERE created_at >= ? AND created_at < ? GROUP BY grp, bucket"
     )
 
@@ -168,29 +227,39 @@ def summary_sql(by: str | None, bucket: str | None) -> str:
             start = "NULL"
         elif size == period:  # already the bucket: lets GROUP BY follow the primary key
             start = column
+        elif pg:  # double precision there: floor explicitly
+            start = f"floor({column} / {size}) * {size}"
         else:
             start = f"{column} / {size} * {size}"
         return (
-            f"SELECT {rollup_group} AS grp, {start} AS bucket, {_SUM} FROM {table} "
+            f"SELECT {rollup_group} AS grp, {start} AS bucket, {total} FROM {table} "
             f"WHERE {column} >= ? AND {column} < ? GROUP BY grp, bucket"
         )
 
     hourly, daily = rolled("usage_hourly", "hour", HOUR), rolled("usage_daily", "day", DAY)
     parts = " UNION ALL ".join((raw, hourly, daily, hourly, raw))
-    inner = f"SELECT grp, bucket, {_SUM} FROM ({parts}) GROUP BY grp, bucket"
+    alias = " AS u" if pg else ""  # PostgreSQL requires one
+    inner = f"SELECT grp, bucket, {total} FROM ({parts}){alias} GROUP BY grp, bucket"
     join, name, prefix = _NAMES.get(by, ("", "NULL", "NULL"))
-    order = "g.cost_usd DESC, g.requests DESC, g.grp"
+    # PostgreSQL: ties in SQLite's order (bytes, NULL first), whatever the collation.
+    grp = 'g.grp COLLATE "C" NULLS FIRST' if pg else "g.grp"
+    order = f"g.cost_usd DESC, g.requests DESC, {grp}"
     if bucket is not None:
         order = "g.bucket, " + order
-    return (
+    sql = (
         f"SELECT g.grp, {name}, {prefix}, g.bucket, "
         + ", ".join(f"g.{m}" for m in _MEASURES)
         + f" FROM ({inner}) AS g {join} ORDER BY {order} LIMIT ? OFFSET ?"
     )
+    return numbered(sql) if pg else sql
 
 
 SUMMARY_SELECTS: Final[Mapping[tuple[str | None, str | None], str]] = {
     (by, bucket): summary_sql(by, bucket) for by in _GROUPS for bucket in _BUCKETS
+}
+# PostgreSQL: LIMIT NULL (not -1) means no limit.
+PG_SUMMARY_SELECTS: Final[Mapping[tuple[str | None, str | None], str]] = {
+    (by, bucket): summary_sql(by, bucket, pg=True) for by in _GROUPS for bucket in _BUCKETS
 }
 
 # A scope's spend since a time: the raw rows of the partial hour at the start,
@@ -207,6 +276,12 @@ SPEND_SELECTS: Final[Mapping[str, str]] = {
 }
 
 
+PG_SPEND_SELECTS: Final[Mapping[str, str]] = {
+    kind: numbered(sql.replace("TOTAL(cost_usd)", "COALESCE(SUM(cost_usd), 0)::float8"))
+    for kind, sql in SPEND_SELECTS.items()
+}
+
+
 def spend_params(id: str, since: float) -> tuple[object, ...]:
     """The parameters of a :data:`SPEND_SELECTS` query."""
     h1, d1 = _ceil(since, HOUR), _ceil(since, DAY)
@@ -218,3 +293,4 @@ PRUNE_USAGE: Final = (
     "DELETE FROM usage_records WHERE id IN "
     "(SELECT id FROM usage_records WHERE created_at < ? ORDER BY created_at LIMIT ?)"
 )
+PG_PRUNE_USAGE: Final = numbered(PRUNE_USAGE)

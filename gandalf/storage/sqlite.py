@@ -42,9 +42,10 @@ Rollups and retention
     bounded background passes; rollups are kept forever.
 
 Change log
-    Every write that changes keys, orgs, teams, routes or providers appends a
-    row to ``change_log`` inside its own transaction (``_changed(conn, kind,
-    id, now)``; kinds ``key`` with the key's hash, ``tenancy``, ``routes``),
+    Every write that changes keys, orgs, teams, routes, providers or JWT
+    issuers appends a row to ``change_log`` inside its own transaction
+    (``_changed(conn, kind, id, now)``; kinds ``key`` with the key's hash,
+    ``tenancy``, ``routes``, ``issuers``),
     only when it changed a row; every worker polls it (``changes_since``) and
     reloads what changed (app/live.py). A new write method that changes one of
     those MUST do the same, or workers see the change only at restart (keys:
@@ -82,8 +83,7 @@ import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from operator import attrgetter
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import aiosqlite
 import msgspec
@@ -92,20 +92,17 @@ from gandalf.domain import (
     USAGE_GROUPS,
     ApiKey,
     AuditEntry,
-    Budget,
     Change,
     JwtIssuer,
     Organization,
     ProviderConfig,
     Route,
     StoredResponse,
-    Target,
     Team,
     UsageRecord,
     UsageSummary,
     User,
 )
-from gandalf.errors import Clash, InUse
 from gandalf.storage._rollups import (
     BUCKETS,
     MAX_USAGE_ID,
@@ -117,8 +114,71 @@ from gandalf.storage._rollups import (
     spend_params,
     split,
 )
+from gandalf.storage._rows import (
+    _AUDIT_INSERT,
+    _AUDIT_SELECT,
+    _CHANGES_SELECT,
+    _ISSUER_DELETE,
+    _ISSUER_SELECT,
+    _ISSUER_UPSERT,
+    _KEY_INSERT,
+    _KEY_INSERT_IF_ABSENT,
+    _KEY_REVOKE,
+    _KEY_SELECT,
+    _KEY_UPDATE,
+    _KEY_UPDATE_FROM_CONFIG,
+    _LIVE_KEYS,
+    _ORG_INSERT,
+    _ORG_SELECT,
+    _ORG_UPDATE,
+    _ORG_UPSERT,
+    _PROVIDER_SELECT,
+    _PROVIDER_UPSERT,
+    _RESPONSE_DELETE,
+    _RESPONSE_PRUNE,
+    _RESPONSE_SELECT,
+    _ROUTE_SELECT,
+    _ROUTE_UPSERT,
+    _TEAM_INSERT,
+    _TEAM_SELECT,
+    _TEAM_UPDATE,
+    _TEAM_UPSERT,
+    _USAGE_FIELDS,
+    _USAGE_SELECT,
+    _USER_SELECT,
+    _USER_UPSERT,
+    _budget_columns,
+    _issuer_from_row,
+    _issuer_row,
+    _json,
+    _key_from_row,
+    _key_row,
+    _org_from_row,
+    _org_row,
+    _provider_from_row,
+    _provider_row,
+    _response_from_row,
+    _response_row,
+    _route_from_row,
+    _route_row,
+    _team_from_row,
+    _team_row,
+    _tenant_update,
+    _user_from_row,
+    _user_row,
+)
+from gandalf.storage._writer import (
+    RETENTION_BATCH,
+    RETENTION_EVERY,
+    RETRY_BASE,
+    RETRY_CAP,
+    BatchedWriter,
+    WriteOp,
+)
+from gandalf.storage.protocol import CHANGE_LOG_KEEP, CannotCreate, StorageError, TenantInUse
 
 __all__ = [
+    "CHANGE_LOG_KEEP",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "CannotCreate",
@@ -129,7 +189,6 @@ __all__ = [
 
 logger = logging.getLogger("gandalf.storage")
 
-_T = TypeVar("_T")
 
 # Migration 2: routing and resilience. Usage records count the upstream attempts
 # a request made (0: it shared a coalesced call); routes keep their retry and
@@ -250,19 +309,11 @@ CREATE TABLE responses (
 CREATE INDEX responses_expires_at ON responses (expires_at);
 """
 
-# The stored responses' statements (migration 8), in one place.
+# The stored responses' SQLite-only statements (migration 8; the shared ones
+# are in storage/_rows.py).
 _RESPONSE_INSERT: Final = (
     "INSERT OR REPLACE INTO responses (id, key_id, created_at, expires_at, input, response) "
     "VALUES (?, ?, ?, ?, ?, ?)"
-)
-_RESPONSE_SELECT: Final = (
-    "SELECT id, key_id, created_at, expires_at, input, response FROM responses "
-    "WHERE id = ? AND key_id = ? AND (expires_at IS NULL OR expires_at > ?)"
-)
-_RESPONSE_DELETE: Final = "DELETE FROM responses WHERE id = ? AND key_id = ?"
-# Expired rows go a bounded batch at a time, with each save.
-_RESPONSE_PRUNE: Final = (
-    "DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE expires_at <= ? LIMIT 100)"
 )
 
 # Migration 9: JWT / OIDC sign-in (auth/jwt.py). ``users``: everyone who signed
@@ -305,59 +356,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
-_ISSUER_DECODER: Final = msgspec.json.Decoder(JwtIssuer)
-_ISSUER_UPSERT: Final = """
-INSERT INTO jwt_issuers (issuer, settings, source, updated_at) VALUES (?, ?, ?, ?)
-ON CONFLICT (issuer) DO UPDATE SET settings = excluded.settings, source = excluded.source,
-    updated_at = excluded.updated_at
-WHERE jwt_issuers.settings IS NOT excluded.settings OR jwt_issuers.source IS NOT excluded.source
-"""
-_USER_FIELDS: Final = (
-    "id",
-    "issuer",
-    "subject",
-    "name",
-    "org_id",
-    "team_id",
-    "role",
-    "first_seen",
-    "last_seen",
-)
-_USER_COLUMNS: Final = ", ".join(_USER_FIELDS)
-_USER_UPSERT: Final = f"""
-INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET name = excluded.name, org_id = excluded.org_id,
-    team_id = excluded.team_id, role = excluded.role, last_seen = excluded.last_seen
-"""
-
 BUSY_TIMEOUT_MS: Final = 5000
-RETRY_BASE: Final = 0.1  # seconds: the first backoff after a busy/locked usage batch
-RETRY_CAP: Final = 5.0  # seconds: the longest backoff
 # SQLite primary result codes worth waiting out (sqlite3.Error.sqlite_errorcode & 0xFF):
 # another connection holds a lock, or the disk failed or filled up for now.
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13
 _TRANSIENT: Final = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL})
-_RETRY_LOG_EVERY: Final = 10  # log the first failed attempt of a batch, then every 10th
 PING_TIMEOUT: Final = 2.0  # seconds
-# Usage retention: a pass deletes at most RETENTION_BATCH raw records (a few
-# tens of ms of writer time), every RETENTION_EVERY seconds, or after
-# RETENTION_BACKLOG_PAUSE while older records remain.
-RETENTION_EVERY: Final = 60.0
-RETENTION_BATCH: Final = 5000
-RETENTION_BACKLOG_PAUSE: Final = 0.5
-_DROP_WARNING_INTERVAL: Final = 1.0  # seconds between "usage dropped" warnings
-
-
-class StorageError(Exception):
-    """The store cannot do what was asked (not open, constraint violated, SQLite error)."""
 
 
 # --------------------------------------------------------------------------- codecs
-
-_ENCODER: Final = msgspec.json.Encoder()
-_STRINGS: Final = msgspec.json.Decoder(tuple[str, ...])
-_TARGETS: Final = msgspec.json.Decoder(tuple[Target, ...])
-_BY_PRIORITY: Final = attrgetter("priority")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -399,29 +406,6 @@ def _private(path: str) -> None:
             logger.warning("cannot restrict the permissions of database file %s: %s", file, exc)
 
 
-def _json(value: object) -> str:
-    return _ENCODER.encode(value).decode()
-
-
-def _upsert_sql(table: str, columns: tuple[str, ...], key: str) -> str:
-    """INSERT ... ON CONFLICT(key) DO UPDATE, touching the row only if a value changed.
-
-    The last column is the ``updated_at`` stamp: it is written but not compared,
-    so re-applying identical values leaves the row (and its stamp) alone.
-    """
-    updated = [c for c in columns if c != key]
-    compared = updated[:-1]
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
-        f"ON CONFLICT ({key}) DO UPDATE SET "
-        + ", ".join(f"{c} = excluded.{c}" for c in updated)
-        + f" WHERE ({', '.join(f'{table}.{c}' for c in compared)})"
-        f" IS NOT ({', '.join(f'excluded.{c}' for c in compared)})"
-    )
-
-
-# usage_records: columns in UsageRecord field order, so a record's astuple() is its row.
-_USAGE_FIELDS: Final = UsageRecord.__struct_fields__
 # Usage batches go in as multi-row INSERTs of up to _ROWS_PER_INSERT rows: executemany
 # releases and retakes the GIL for every row, and under load each retake waits on the
 # event loop thread (measured: ~7 us of CPU per request at 64 concurrent requests,
@@ -437,42 +421,8 @@ def _usage_insert(rows: int) -> str:
     )
 
 
-_USAGE_SELECT: Final = (
-    f"SELECT {', '.join(_USAGE_FIELDS)} FROM "
-    "(SELECT * FROM usage_records ORDER BY id DESC LIMIT ?) ORDER BY id"
-)
 _as_row: Final = msgspec.structs.astuple
 
-# api_keys
-_KEY_COLUMNS: Final = (
-    "id", "name", "key_hash", "prefix", "org_id", "team_id", "role",
-    "allowed_models", "expires_at", "revoked", "created_at", "source",
-    "rpm", "tpm", "budget_usd", "budget_period", "blocked",
-)  # fmt: skip
-_KEY_SELECT: Final = f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys"
-_KEY_INSERT: Final = (
-    f"INSERT INTO api_keys ({', '.join(_KEY_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_KEY_COLUMNS))})"
-)
-_KEY_INSERT_IF_ABSENT: Final = _KEY_INSERT + " ON CONFLICT (key_hash) DO NOTHING"
-# Config may change what a bootstrap key is; never its identity or its revocation.
-# Only when something differs: an unchanged key logs no change (each worker's
-# start-up reconciles the config keys again).
-_KEY_CONFIG_COLUMNS: Final = (
-    "name", "prefix", "org_id", "team_id", "role", "allowed_models", "expires_at", "rpm", "tpm",
-    "budget_usd", "budget_period",
-)  # fmt: skip
-_KEY_UPDATE_FROM_CONFIG: Final = (
-    f"UPDATE api_keys SET {', '.join(f'{c} = ?{n}' for n, c in enumerate(_KEY_CONFIG_COLUMNS, 1))} "
-    f"WHERE key_hash = ?{len(_KEY_CONFIG_COLUMNS) + 1} AND ({', '.join(_KEY_CONFIG_COLUMNS)}) "
-    f"IS NOT ({', '.join(f'?{n}' for n in range(1, len(_KEY_CONFIG_COLUMNS) + 1))})"
-)
-
-_KEY_REVOKE: Final = "UPDATE api_keys SET revoked = 1 WHERE id = ? RETURNING key_hash"
-_KEY_UPDATE: Final = (
-    "UPDATE api_keys SET allowed_models = ?, expires_at = ?, rpm = ?, tpm = ?, "
-    "budget_usd = ?, budget_period = ?, blocked = ? WHERE id = ?"
-)
 
 # A config key that left the config is revoked (not deleted: usage keeps its key id).
 _KEY_REVOKE_CONFIG_EXCEPT: Final = (
@@ -481,272 +431,23 @@ _KEY_REVOKE_CONFIG_EXCEPT: Final = (
 )
 
 
-def _key_row(key: ApiKey, now: float) -> tuple[object, ...]:
-    allowed = key.allowed_models
-    return (
-        key.id, key.name, key.key_hash, key.prefix, key.org_id, key.team_id, key.role,
-        None if allowed is None else _json(allowed), key.expires_at, int(key.revoked),
-        key.created_at or now, key.source, key.rpm, key.tpm, *_budget_columns(key.budget),
-        int(key.blocked),
-    )  # fmt: skip
-
-
-def _budget_columns(budget: Budget | None) -> tuple[float | None, str | None]:
-    return (None, None) if budget is None else (budget.usd, budget.period)
-
-
-def _budget(usd: float | None, period: str | None) -> Budget | None:
-    return None if usd is None else Budget(usd=usd, period=period or "monthly")
-
-
-def _models(text: str | None) -> tuple[str, ...] | None:
-    return None if text is None else _STRINGS.decode(text)
-
-
-def _key_from_row(row: Sequence[Any]) -> ApiKey:
-    allowed = row[7]
-    return ApiKey(
-        id=row[0],
-        name=row[1],
-        key_hash=row[2],
-        prefix=row[3],
-        org_id=row[4],
-        team_id=row[5],
-        role=row[6],
-        allowed_models=None if allowed is None else _STRINGS.decode(allowed),
-        expires_at=row[8],
-        revoked=bool(row[9]),
-        created_at=row[10],
-        source=row[11],
-        rpm=row[12],
-        tpm=row[13],
-        budget=_budget(row[14], row[15]),
-        blocked=bool(row[16]),
-    )
-
-
-# providers
-_PROVIDER_COLUMNS: Final = (
-    "name", "type", "base_url", "api_key_ref", "models", "priority", "timeout_ms",
-    "enabled", "latency_ms", "source", "updated_at",
-)  # fmt: skip
-_PROVIDER_SELECT: Final = (
-    f"SELECT {', '.join(_PROVIDER_COLUMNS[:-1])} FROM providers ORDER BY priority, name"
-)
-_PROVIDER_UPSERT: Final = _upsert_sql("providers", _PROVIDER_COLUMNS, "name")
 _PROVIDER_PRUNE: Final = (
     "DELETE FROM providers WHERE source = 'config' AND name NOT IN (SELECT value FROM json_each(?))"
 )
 
 
-def _safe_key_ref(provider: ProviderConfig) -> str | None:
-    """The ``${ENV}`` reference to store, or None.
-
-    A reference that is not a ``${...}`` expansion, or that equals the resolved
-    key, would put a plaintext secret in the database: it is not stored.
-    """
-    ref = provider.api_key_ref
-    if ref is None or "${" not in ref or ref == provider.api_key:
-        return None
-    return ref
-
-
-def _provider_row(p: ProviderConfig, source: str, now: float) -> tuple[object, ...]:
-    # p.api_key is deliberately absent: the secret never reaches the database.
-    return (
-        p.name, p.type, p.base_url, _safe_key_ref(p), _json(p.models), p.priority,
-        p.timeout_ms, int(p.enabled), p.latency_ms, source, now,
-    )  # fmt: skip
-
-
-def _provider_from_row(row: Sequence[Any]) -> ProviderConfig:
-    return ProviderConfig(
-        name=row[0],
-        type=row[1],
-        base_url=row[2],
-        api_key_ref=row[3],
-        models=_STRINGS.decode(row[4]),
-        priority=row[5],
-        timeout_ms=row[6],
-        enabled=bool(row[7]),
-        latency_ms=row[8],
-        source=row[9],
-    )
-
-
-# routes
-_ROUTE_COLUMNS: Final = (
-    "model_alias", "targets", "strategy", "source", "max_attempts", "coalesce", "cache",
-    "cache_ttl", "updated_at",
-)  # fmt: skip
-_ROUTE_SELECT: Final = f"SELECT {', '.join(_ROUTE_COLUMNS[:-1])} FROM routes ORDER BY model_alias"
-_ROUTE_UPSERT: Final = _upsert_sql("routes", _ROUTE_COLUMNS, "model_alias")
 _ROUTE_PRUNE: Final = (
     "DELETE FROM routes WHERE source = 'config' "
     "AND model_alias NOT IN (SELECT value FROM json_each(?))"
 )
 
 
-def _route_row(r: Route, source: str, now: float) -> tuple[object, ...]:
-    return (
-        r.model_alias, _json(r.targets), r.strategy, source, r.max_attempts, int(r.coalesce),
-        None if r.cache is None else int(r.cache), r.cache_ttl, now,
-    )  # fmt: skip
-
-
-def _route_from_row(row: Sequence[Any]) -> Route:
-    targets = tuple(sorted(_TARGETS.decode(row[1]), key=_BY_PRIORITY))
-    return Route(
-        model_alias=row[0],
-        targets=targets,
-        strategy=row[2],
-        source=row[3],
-        max_attempts=row[4],
-        coalesce=bool(row[5]),
-        cache=None if row[6] is None else bool(row[6]),
-        cache_ttl=row[7],
-    )
-
-
-# organizations and teams: the columns after the first three (four) are the same
-_LIMIT_COLUMNS: Final = ("allowed_models", "rpm", "tpm", "budget_usd", "budget_period", "source")
-_ORG_COLUMNS: Final = ("id", "name", "created_at", *_LIMIT_COLUMNS)
-_TEAM_COLUMNS: Final = ("id", "org_id", "name", "created_at", *_LIMIT_COLUMNS)
-_ORG_INSERT: Final = (
-    f"INSERT INTO organizations ({', '.join(_ORG_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_ORG_COLUMNS))})"
-)
-_TEAM_INSERT: Final = (
-    f"INSERT INTO teams ({', '.join(_TEAM_COLUMNS)}) VALUES ({', '.join('?' * len(_TEAM_COLUMNS))})"
-)
-_ORG_SELECT: Final = f"SELECT {', '.join(_ORG_COLUMNS)} FROM organizations"
-_TEAM_SELECT: Final = f"SELECT {', '.join(_TEAM_COLUMNS)} FROM teams"
-# Config takes a row over whatever made it (created_at stays); same for teams.
-# ... touching (and logging) a row only when a value differs.
-_ORG_UPDATED: Final = ("name", *_LIMIT_COLUMNS)
-_TEAM_UPDATED: Final = ("org_id", "name", *_LIMIT_COLUMNS)
-_ORG_UPSERT: Final = (
-    _ORG_INSERT
-    + " ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _ORG_UPDATED)
-    + f" WHERE ({', '.join(f'organizations.{c}' for c in _ORG_UPDATED)})"
-    + f" IS NOT ({', '.join(f'excluded.{c}' for c in _ORG_UPDATED)})"
-)
-_TEAM_UPSERT: Final = (
-    _TEAM_INSERT
-    + " ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _TEAM_UPDATED)
-    + f" WHERE ({', '.join(f'teams.{c}' for c in _TEAM_UPDATED)})"
-    + f" IS NOT ({', '.join(f'excluded.{c}' for c in _TEAM_UPDATED)})"
-)
-_TENANT_SET: Final = (
-    "SET name = ?, allowed_models = ?, rpm = ?, tpm = ?, budget_usd = ?, budget_period = ? "
-    "WHERE id = ?"
-)
-_ORG_UPDATE: Final = "UPDATE organizations " + _TENANT_SET
-_TEAM_UPDATE: Final = "UPDATE teams " + _TENANT_SET
-
-
-def _tenant_update(t: Organization | Team, tenant_id: str) -> tuple[object, ...]:
-    allowed = t.allowed_models
-    return (
-        t.name, None if allowed is None else _json(allowed), t.rpm, t.tpm,
-        *_budget_columns(t.budget), tenant_id,
-    )  # fmt: skip
-
-
-# Live keys: neither revoked nor expired (at the given time).
-_LIVE_KEYS: Final = (
-    "SELECT count(*) FROM api_keys WHERE {column} = ? AND revoked = 0 "
-    "AND (expires_at IS NULL OR expires_at > ?)"
-)
-
-
-def _limit_values(
-    allowed: tuple[str, ...] | None, rpm: int, tpm: int, budget: Budget | None, source: str
-) -> tuple[object, ...]:
-    return (None if allowed is None else _json(allowed), rpm, tpm, *_budget_columns(budget), source)
-
-
-def _org_row(o: Organization, now: float) -> tuple[object, ...]:
-    limits = _limit_values(o.allowed_models, o.rpm, o.tpm, o.budget, o.source)
-    return (o.id, o.name, o.created_at or now, *limits)
-
-
-def _team_row(t: Team, now: float) -> tuple[object, ...]:
-    limits = _limit_values(t.allowed_models, t.rpm, t.tpm, t.budget, t.source)
-    return (t.id, t.org_id, t.name, t.created_at or now, *limits)
-
-
-def _org_from_row(r: Sequence[Any]) -> Organization:
-    return Organization(
-        id=r[0], name=r[1], created_at=r[2], allowed_models=_models(r[3]), rpm=r[4], tpm=r[5],
-        budget=_budget(r[6], r[7]), source=r[8],
-    )  # fmt: skip
-
-
-def _team_from_row(r: Sequence[Any]) -> Team:
-    return Team(
-        id=r[0], org_id=r[1], name=r[2], created_at=r[3], allowed_models=_models(r[4]),
-        rpm=r[5], tpm=r[6], budget=_budget(r[7], r[8]), source=r[9],
-    )  # fmt: skip
-
-
 # change_log
-CHANGE_LOG_KEEP: Final = 1000
 _CHANGE_INSERT: Final = "INSERT INTO change_log (kind, id, at) VALUES (?, ?, ?)"
 _CHANGE_PRUNE: Final = "DELETE FROM change_log WHERE version <= last_insert_rowid() - ?"
-_CHANGES_SELECT: Final = (
-    "SELECT version, kind, id FROM change_log WHERE version > ? ORDER BY version LIMIT ?"
-)
-
-
-# audit_log: columns in AuditEntry field order, so an entry's astuple() is its row.
-_AUDIT_FIELDS: Final = AuditEntry.__struct_fields__
-_AUDIT_INSERT: Final = (
-    f"INSERT INTO audit_log ({', '.join(_AUDIT_FIELDS)}) "
-    f"VALUES ({', '.join('?' * len(_AUDIT_FIELDS))})"
-)
-_AUDIT_SELECT: Final = (
-    f"SELECT {', '.join(_AUDIT_FIELDS)} FROM audit_log ORDER BY id DESC LIMIT ? OFFSET ?"
-)
-
-
-class CannotCreate(StorageError, Clash):
-    """An insert broke a constraint: the id exists (a concurrent create), or
-    what it refers to does not (a team's organization)."""
-
-
-class TenantInUse(StorageError, InUse):
-    """An organization or team cannot be deleted: keys (or teams) still belong to it."""
 
 
 # --------------------------------------------------------------------------- writer queue items
-
-
-class _WriteOp:
-    """One write: ``fn`` runs on the writer connection inside its own transaction."""
-
-    __slots__ = ("fn", "future")
-
-    def __init__(
-        self,
-        fn: Callable[[aiosqlite.Connection], Awaitable[Any]],
-        future: asyncio.Future[Any],
-    ) -> None:
-        self.fn = fn
-        self.future = future
-
-
-class _Stop:
-    """The shutdown sentinel: the writer exits once everything before it is done."""
-
-    __slots__ = ()
-
-
-_STOP: Final = _Stop()
-
-_Item = UsageRecord | _WriteOp | _Stop
 
 
 def _statements(script: str) -> list[str]:
@@ -771,14 +472,10 @@ async def _rollback_quietly(conn: aiosqlite.Connection) -> None:
         logger.warning("rollback failed", exc_info=True)
 
 
-async def _noop(conn: aiosqlite.Connection) -> None:
-    return None
-
-
 # --------------------------------------------------------------------------- the store
 
 
-class SqliteStore:
+class SqliteStore(BatchedWriter[aiosqlite.Connection]):
     """Gandalf's persistent state in one SQLite database.
 
     Lifecycle: construct, ``await open()``, use, ``await close()``. Each process
@@ -826,46 +523,31 @@ class SqliteStore:
             raise ValueError("readers, queue_size and batch_size must be at least 1")
         if busy_timeout_ms < 0 or retry_base <= 0 or retry_cap < retry_base:
             raise ValueError("busy_timeout_ms >= 0 and 0 < retry_base <= retry_cap are required")
-        if usage_retention < 0 or retention_every <= 0 or retention_batch < 1:
-            raise ValueError("usage_retention >= 0, retention_every > 0, retention_batch >= 1")
-        self._retention = usage_retention
-        self._retention_every = retention_every
-        self._retention_batch = retention_batch
-        self._retention_sleep = retention_sleep
-        self._retention_backlog_pause = min(RETENTION_BACKLOG_PAUSE, retention_every)
-        self._prune_task: asyncio.Task[None] | None = None
+        super().__init__(
+            queue_size=queue_size,
+            batch_size=batch_size,
+            usage_linger=usage_linger,
+            clock=clock,
+            retry_base=retry_base,
+            retry_cap=retry_cap,
+            retry_sleep=retry_sleep,
+            rng=rng,
+            usage_retention=usage_retention,
+            retention_every=retention_every,
+            retention_batch=retention_batch,
+            retention_sleep=retention_sleep,
+        )
         self._dsn = dsn
         self._memory = dsn == ":memory:"
         self._database = (
             f"file:gandalf-mem-{uuid.uuid4().hex}?mode=memory&cache=shared" if self._memory else dsn
         )
         self._reader_count = readers
-        self._queue_size = queue_size
-        self._batch_size = batch_size
-        self._linger = usage_linger
-        self._clock = clock
         self._migrations = tuple(migrations)
         self._busy_timeout_ms = int(busy_timeout_ms)
-        self._retry_base = retry_base
-        self._retry_cap = retry_cap
-        self._retry_sleep = retry_sleep
-        self._rng = rng if rng is not None else random.Random()
-        # The usage batch the writer holds (while it retries it): lost if the
-        # writer is stopped before it commits.
-        self._holding: list[UsageRecord] | None = None
-        # Unbounded on purpose: write operations and the stop sentinel must
-        # always get in; record_usage enforces queue_size for usage records.
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._writer_conn: aiosqlite.Connection | None = None
         self._reader_conns: list[aiosqlite.Connection] = []
         self._pool: asyncio.Queue[aiosqlite.Connection] | None = None
-        self._writer_task: asyncio.Task[None] | None = None
-        self._close_task: asyncio.Task[None] | None = None
-        self._accepting = True
-        self._dropped = 0
-        self._written = 0
-        self._failed = 0
-        self._last_drop_warning = float("-inf")
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -891,8 +573,7 @@ class SqliteStore:
         try:
             writer = await self._connect(opened)
             if not self._memory:
-                cur = await writer.execute("PRAGMA journal_mode=WAL")
-                mode = await cur.fetchone()
+                mode = await self._wal(writer)
                 if mode is None or str(mode[0]).lower() != "wal":
                     logger.warning("database %s is not in WAL mode (%s)", self._dsn, mode)
             await self._migrate(writer)
@@ -914,9 +595,25 @@ class SqliteStore:
         for reader in self._reader_conns:
             pool.put_nowait(reader)
         self._pool = pool
-        self._writer_task = asyncio.create_task(self._run_writer(writer), name="gandalf-storage")
-        if self._retention > 0:
-            self._prune_task = asyncio.create_task(self._prune_forever(), name="gandalf-retention")
+        self._start(writer)
+
+    async def _wal(self, conn: aiosqlite.Connection) -> Any:
+        """Switch to WAL; the pragma's row. Two processes opening a fresh file at
+        once: the switch can fail at once with "database is locked" (SQLite does
+        not wait on its busy handler there), so it is retried, for up to
+        ``busy_timeout_ms`` like any other lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout_ms / 1000
+        pause = 0.005
+        while True:
+            try:
+                cur = await conn.execute("PRAGMA journal_mode=WAL")
+                return await cur.fetchone()
+            except sqlite3.OperationalError as exc:
+                if not _transient(exc) or loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     async def _connect(self, opened: list[aiosqlite.Connection]) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self._database, uri=self._memory, isolation_level=None)
@@ -951,59 +648,6 @@ class SqliteStore:
         if current != target:
             logger.info("database %s migrated from version %d to %d", self._dsn, current, target)
 
-    async def close(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 bounds the drain
-        """Flush queued writes, stop the writer, close every connection. Idempotent.
-
-        Everything queued before the call is written, unless that takes longer
-        than ``timeout`` seconds: then the rest is abandoned (operations fail
-        with StorageError, usage records count as dropped) and logged.
-        """
-        if self._close_task is None:
-            self._close_task = asyncio.create_task(self._shutdown(drain_seconds=timeout))
-        await asyncio.shield(self._close_task)
-
-    async def _shutdown(self, drain_seconds: float) -> None:
-        self._accepting = False
-        prune = self._prune_task
-        if prune is not None:
-            prune.cancel()
-            await asyncio.wait({prune})
-        task = self._writer_task
-        if task is not None:
-            self._queue.put_nowait(_STOP)
-            done, _ = await asyncio.wait({task}, timeout=drain_seconds)
-            if not done:
-                logger.error(
-                    "storage writer did not drain within %.1fs; abandoning %d queued items",
-                    drain_seconds,
-                    self._queue.qsize(),
-                )
-                task.cancel()
-                await asyncio.wait({task})
-            elif not task.cancelled():
-                task.exception()  # already logged by the writer; retrieved here
-        self._abandon_queued()
-        conns = [c for c in (self._writer_conn, *self._reader_conns) if c is not None]
-        self._pool = None
-        for conn in conns:
-            try:
-                await conn.close()
-            except Exception:
-                logger.warning("closing a database connection failed", exc_info=True)
-
-    def _abandon_queued(self) -> None:
-        holding, self._holding = self._holding, None
-        lost = len(holding) if holding is not None else 0
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, UsageRecord):
-                lost += 1
-            elif isinstance(item, _WriteOp) and not item.future.done():
-                item.future.set_exception(StorageError("store closed before the write ran"))
-        if lost:
-            self._dropped += lost
-            logger.error("store closed with %d usage records unwritten", lost)
-
     async def ping(self) -> bool:
         """True if the store is open, its writer alive and a reader answers ``SELECT 1``.
 
@@ -1019,46 +663,6 @@ class SqliteStore:
         return rows == [(1,)]
 
     # ----------------------------------------------------------------- usage
-
-    def record_usage(self, rec: UsageRecord) -> None:
-        """Queue one usage record for the writer. Never blocks, never raises.
-
-        When ``queue_size`` items are already waiting (or the store is closing)
-        the record is dropped and counted in ``dropped_usage``.
-        """
-        queue = self._queue
-        if self._accepting and queue.qsize() < self._queue_size:
-            queue.put_nowait(rec)
-        else:
-            self._drop_usage()
-
-    def _drop_usage(self) -> None:
-        self._dropped += 1
-        now = self._clock()
-        if abs(now - self._last_drop_warning) >= _DROP_WARNING_INTERVAL:
-            self._last_drop_warning = now
-            logger.warning(
-                "usage queue full or closed: %d usage records dropped so far", self._dropped
-            )
-
-    @property
-    def dropped_usage(self) -> int:
-        """Usage records dropped because the queue was full or the store closed."""
-        return self._dropped
-
-    @property
-    def usage_written(self) -> int:
-        """Usage records committed to the database by this store."""
-        return self._written
-
-    @property
-    def usage_failed(self) -> int:
-        """Usage records lost because their batch failed to commit (each failure is logged)."""
-        return self._failed
-
-    async def flush(self) -> None:
-        """Return once everything queued before this call has been written (or failed)."""
-        await self._write(_noop)
 
     async def list_usage(self, limit: int = 1000) -> list[UsageRecord]:
         """The newest ``limit`` committed usage records, oldest first (newest last)."""
@@ -1148,23 +752,6 @@ class SqliteStore:
 
         return await self._write(op)
 
-    async def _prune_forever(self) -> None:
-        """The retention loop: a bounded prune every ``retention_every``
-        seconds, sooner while old records remain (each prune is one short
-        write among the others, so the writer never stalls on it)."""
-        pause = self._retention_every  # not at once: start-up has better things to do
-        while True:
-            await self._retention_sleep(pause)
-            try:
-                deleted = await self.prune_usage(self._retention_batch)
-            except StorageError as exc:
-                logger.warning("pruning old usage records failed: %s", exc)
-                deleted = 0
-            if deleted:
-                logger.info("deleted %d usage record(s) older than the retention", deleted)
-            backlog = deleted >= self._retention_batch
-            pause = self._retention_backlog_pause if backlog else self._retention_every
-
     # ----------------------------------------------------------------- live changes
 
     async def log_cache_purge(self) -> None:
@@ -1191,26 +778,21 @@ class SqliteStore:
 
     async def list_issuers(self) -> list[JwtIssuer]:
         """The trusted JWT issuers, by issuer URL."""
-        rows = await self._fetchall("SELECT settings, source FROM jwt_issuers ORDER BY issuer", ())
-        return [msgspec.structs.replace(_ISSUER_DECODER.decode(r[0]), source=r[1]) for r in rows]
+        return [_issuer_from_row(r) for r in await self._fetchall(_ISSUER_SELECT, ())]
 
     async def upsert_issuer(self, issuer: JwtIssuer) -> None:
         """Insert or replace an issuer by URL, keeping ``issuer.source``."""
-        await self._execute(
-            _ISSUER_UPSERT,
-            (issuer.issuer, msgspec.json.encode(issuer).decode(), issuer.source, self._clock()),
-            change="issuers",
-        )
+        row = _issuer_row(issuer, issuer.source, self._clock())
+        await self._execute(_ISSUER_UPSERT, row, change="issuers")
 
     async def delete_issuer(self, issuer: str) -> bool:
-        sql = "DELETE FROM jwt_issuers WHERE issuer = ?"
-        return await self._execute(sql, (issuer,), change="issuers") > 0
+        return await self._execute(_ISSUER_DELETE, (issuer,), change="issuers") > 0
 
     async def reconcile_issuers(self, issuers: Sequence[JwtIssuer]) -> None:
         """Make the config-sourced issuers exactly ``issuers`` (taking over an
         API-made one of the same URL); API-made ones are left alone."""
         now = self._clock()
-        rows = [(i.issuer, msgspec.json.encode(i).decode(), "config", now) for i in issuers]
+        rows = [_issuer_row(i, "config", now) for i in issuers]
         names = _json([i.issuer for i in issuers])
 
         async def op(conn: aiosqlite.Connection) -> None:
@@ -1228,29 +810,17 @@ class SqliteStore:
     async def record_user(self, user: User) -> None:
         """Insert a user seen for the first time, or update who they are now
         (name, org, team, role, last seen); ``first_seen`` is kept."""
-        await self._execute(
-            _USER_UPSERT,
-            (
-                user.id,
-                user.issuer,
-                user.subject,
-                user.name,
-                user.org_id,
-                user.team_id,
-                user.role,
-                user.first_seen or self._clock(),
-                user.last_seen or self._clock(),
-            ),
-        )
+        await self._execute(_USER_UPSERT, _user_row(user, self._clock()))
 
     async def list_users(self, org_id: str | None = None) -> list[User]:
-        sql = f"SELECT {_USER_COLUMNS} FROM users"
+        """Users by first sight (then id), of one org or all."""
+        sql = _USER_SELECT
         params: tuple[object, ...] = ()
         if org_id is not None:
             sql += " WHERE org_id = ?"
             params = (org_id,)
         rows = await self._fetchall(sql + " ORDER BY first_seen, id", params)
-        return [User(**dict(zip(_USER_FIELDS, r, strict=True))) for r in rows]
+        return [_user_from_row(r) for r in rows]
 
     # ----------------------------------------------------------------- keys
 
@@ -1557,10 +1127,7 @@ class SqliteStore:
         """Keep ``stored`` (replacing one with its id), committed before this
         returns (the client may continue from it at once); expired responses
         go too, a bounded batch per save."""
-        row = (
-            stored.id, stored.key_id, stored.created_at, stored.expires_at,
-            stored.input, stored.response,
-        )  # fmt: skip
+        row = _response_row(stored)
 
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.execute(_RESPONSE_PRUNE, (self._clock(),))
@@ -1572,13 +1139,7 @@ class SqliteStore:
         """The response ``response_id`` of key ``key_id``, unless it expired
         (another key's is None, as a missing one)."""
         rows = await self._fetchall(_RESPONSE_SELECT, (response_id, key_id, self._clock()))
-        if not rows:
-            return None
-        r = rows[0]
-        return StoredResponse(
-            id=r[0], key_id=r[1], created_at=r[2], expires_at=r[3],
-            input=bytes(r[4]), response=bytes(r[5]),
-        )  # fmt: skip
+        return _response_from_row(rows[0]) if rows else None
 
     async def delete_response(self, response_id: str, key_id: str) -> bool:
         """Delete key ``key_id``'s response ``response_id``; whether there was one."""
@@ -1654,14 +1215,6 @@ class SqliteStore:
 
     # ----------------------------------------------------------------- writes
 
-    async def _write(self, fn: Callable[[aiosqlite.Connection], Awaitable[_T]]) -> _T:
-        """Run ``fn`` on the writer connection in its own transaction; its result or error."""
-        if self._writer_task is None or not self._accepting:
-            raise StorageError("store is not open")
-        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_WriteOp(fn, future))
-        return await future
-
     async def _execute(
         self, sql: str, params: Iterable[object], *, change: str | None = None
     ) -> int:
@@ -1676,94 +1229,38 @@ class SqliteStore:
 
         return await self._write(op)
 
-    async def _run_writer(self, conn: aiosqlite.Connection) -> None:
-        """Drain the queue in order until the stop sentinel; survive every failing item."""
-        queue = self._queue
-        batch_size = self._batch_size
-        linger = self._linger
-        loop = asyncio.get_running_loop()
-        last_batch = float("-inf")
-        item: _Item | None = None
+    async def _commit_usage(self, conn: aiosqlite.Connection, batch: list[UsageRecord]) -> None:
+        """Insert ``batch`` and add it into the rollups in one transaction (the
+        writer retries a transient failure: see the module doc)."""
         try:
-            while True:
-                if item is None:
-                    item = await queue.get()
-                if isinstance(item, UsageRecord):
-                    # Each transaction costs several thread hand-offs: under load,
-                    # let records gather for up to `linger` since the last batch.
-                    wait = last_batch + linger - loop.time()
-                    if wait > 0 and queue.qsize() < batch_size:
-                        await asyncio.sleep(wait)
-                    batch = [item]
-                    item = None
-                    while len(batch) < batch_size and not queue.empty():
-                        following = queue.get_nowait()
-                        if isinstance(following, UsageRecord):
-                            batch.append(following)
-                        else:
-                            item = following  # keeps order: handled right after the batch
-                            break
-                    await self._write_usage(conn, batch)
-                    last_batch = loop.time()
-                elif isinstance(item, _WriteOp):
-                    await self._run_op(conn, item)
-                    item = None
-                else:
-                    return
+            await conn.execute("BEGIN IMMEDIATE")
+            cur = await conn.execute(MAX_USAGE_ID)
+            last = (await cur.fetchone() or (0,))[0]
+            for start in range(0, len(batch), _ROWS_PER_INSERT):
+                chunk = batch[start : start + _ROWS_PER_INSERT]
+                params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
+                await conn.execute(_usage_insert(len(chunk)), params)
+            # The batch's sums into their hours and days, in the same transaction.
+            for upsert in ROLLUP_UPSERTS:
+                await conn.execute(upsert, (last,))
+            await conn.commit()
         except Exception:
-            logger.exception("storage writer crashed")
+            await _rollback_quietly(conn)
             raise
-        finally:
-            if isinstance(item, _WriteOp) and not item.future.done():
-                item.future.set_exception(StorageError("store closed before the write ran"))
 
-    async def _write_usage(self, conn: aiosqlite.Connection, batch: list[UsageRecord]) -> None:
-        """Commit ``batch``, retrying while the database is busy (see the module doc)."""
-        self._holding = batch
-        retries = 0
-        while True:
+    def _transient(self, exc: BaseException) -> bool:
+        return _transient(exc)
+
+    async def _disconnect(self) -> None:
+        conns = [c for c in (self._writer_conn, *self._reader_conns) if c is not None]
+        self._pool = None
+        for conn in conns:
             try:
-                await conn.execute("BEGIN IMMEDIATE")
-                cur = await conn.execute(MAX_USAGE_ID)
-                last = (await cur.fetchone() or (0,))[0]
-                for start in range(0, len(batch), _ROWS_PER_INSERT):
-                    chunk = batch[start : start + _ROWS_PER_INSERT]
-                    params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
-                    await conn.execute(_usage_insert(len(chunk)), params)
-                # The batch's sums into their hours and days, in the same transaction.
-                for upsert in ROLLUP_UPSERTS:
-                    await conn.execute(upsert, (last,))
-                await conn.commit()
-            except Exception as exc:
-                await _rollback_quietly(conn)
-                if not _transient(exc):
-                    self._holding = None
-                    self._failed += len(batch)
-                    logger.exception("writing a batch of %d usage records failed", len(batch))
-                    return
-                span = min(self._retry_cap, self._retry_base * 2.0**retries)
-                delay = self._rng.uniform(span / 2, span)
-                if retries % _RETRY_LOG_EVERY == 0:
-                    logger.warning(
-                        "writing a batch of %d usage records failed (%s), attempt %d; "
-                        "retrying in %.2fs, keeping the records",
-                        len(batch),
-                        exc,
-                        retries + 1,
-                        delay,
-                    )
-                retries += 1
-                await self._retry_sleep(delay)
-            else:
-                self._holding = None
-                self._written += len(batch)
-                if retries:
-                    logger.warning(
-                        "wrote the batch of %d usage records after %d retries", len(batch), retries
-                    )
-                return
+                await conn.close()
+            except Exception:
+                logger.warning("closing a database connection failed", exc_info=True)
 
-    async def _run_op(self, conn: aiosqlite.Connection, op: _WriteOp) -> None:
+    async def _run_op(self, conn: aiosqlite.Connection, op: WriteOp[aiosqlite.Connection]) -> None:
         future = op.future
         if future.done():  # the caller was cancelled before its turn
             return
