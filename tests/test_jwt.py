@@ -681,14 +681,26 @@ auth:
                     json={"issuer": provider.url, "audience": ["gandalf"], "algorithms": ["HS256"]},
                 )
                 assert bad.status == 400 and "HMAC" in bad.json()["error"]["message"]
+                # Found by hand: an ESC in the issuer was accepted (it reaches logs).
+                for hostile in (provider.url + "/\x1b[31m", provider.url + "\x00"):
+                    refused = await call(
+                        app,
+                        "POST",
+                        "/admin/v1/auth/issuers",
+                        headers=admin,
+                        json={"issuer": hostile, "audience": "gandalf"},
+                    )
+                    assert refused.status == 400 and refused.json()["error"]["param"] == "issuer"
+                # One audience as a string, as gandalf.yaml takes it (a 400 before).
                 added = await call(
                     app,
                     "POST",
                     "/admin/v1/auth/issuers",
                     headers=admin,
-                    json={"issuer": provider.url, "audience": ["gandalf"]},
+                    json={"issuer": provider.url, "audience": "gandalf"},
                 )
                 assert added.status == 201, added.body
+                assert added.json()["audience"] == ["gandalf"]
                 assert added.json()["source"] == "api" and added.json()["jwks_url"] is None
                 assert (await chat()).status == 200  # discovery + keys at the unknown kid
                 listed = await call(app, "GET", "/admin/v1/auth/issuers", headers=admin)

@@ -73,6 +73,7 @@ def _config(mock: MockUpstream, claude: MockAnthropic, db: Path | str) -> Gandal
             _route("cached", ("up", "echo-model"), cache=True),
             _route("falls-over", ("up", "status-500"), ("fake", "fake-model")),
             _route("claude-breaks", ("claude", "claude-stream-error"), max_attempts=1),
+            _route("fake-model", ("fake", "fake-model")),
         ),
         keys=(
             KeyEntry(name="app", key=KEY, role="member"),
@@ -478,3 +479,72 @@ def test_a_stored_upstream_answer_of_any_shape_continues(stored: bytes, history:
         ]
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def _post(http: httpx.AsyncClient, body: dict[str, Any]) -> Awaitable[httpx.Response]:
+    return http.post("/v1/responses", json=body, headers={"authorization": f"Bearer {KEY}"})
+
+
+def test_a_function_call_output_without_its_call_is_a_400_on_a_translated_target(
+    run: Callable[[Scenario], Path],
+) -> None:
+    """Found by hand: an orphan function_call_output went to a chat target as a
+    tool message with no tool call before it (the fake answered 200 with an empty
+    output; Anthropic and most servers answer 400 without saying which item)."""
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        orphan = {"type": "function_call_output", "call_id": "call_9", "output": "42"}
+        reply = await _post(http, {"model": "fake-model", "input": [orphan]})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == "input[0].call_id"
+        assert "call_9" in error["message"]
+        call = {"type": "function_call", "call_id": "call_9", "name": "f", "arguments": "{}"}
+        reply = await _post(http, {"model": "fake-model", "input": [call, orphan]})
+        assert reply.status_code == 200, reply.text
+
+    run(scenario)
+
+
+def test_metadata_follows_openais_limits(run: Callable[[Scenario], Path]) -> None:
+    """Found by hand: 1,000 metadata pairs were accepted and stored with the
+    response. OpenAI's limits: 16 pairs, keys up to 64 characters, values up
+    to 512."""
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        for metadata in (
+            {str(i): "v" for i in range(17)},
+            {"k" * 65: "v"},
+            {"k": "v" * 513},
+        ):
+            reply = await _post(http, {"model": "fake-model", "input": "hi", "metadata": metadata})
+            assert reply.status_code == 400, reply.text
+            assert reply.json()["error"]["param"] == "metadata"
+        fine = {str(i): "v" * 512 for i in range(16)}
+        reply = await _post(http, {"model": "fake-model", "input": "hi", "metadata": fine})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["metadata"] == fine
+
+    run(scenario)
+
+
+def test_a_long_unknown_id_is_not_echoed_whole(run: Callable[[Scenario], Path]) -> None:
+    """Found by hand: a 100,000-character previous_response_id came back whole
+    in the 404's message (and a path's id likewise)."""
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        long_id = "resp_" + "x" * 100_000
+        reply = await _post(
+            http, {"model": "fake-model", "input": "hi", "previous_response_id": long_id}
+        )
+        assert reply.status_code == 404
+        assert len(reply.json()["error"]["message"]) < 300
+        headers = {"authorization": f"Bearer {KEY}"}
+        reply = await http.get("/v1/responses/" + "y" * 5000, headers=headers)
+        assert reply.status_code == 404
+        assert len(reply.json()["error"]["message"]) < 300
+
+    run(scenario)

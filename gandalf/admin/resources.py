@@ -939,7 +939,7 @@ async def create_issuer(call: Call) -> s.Issuer:
     c = b.claims
     issuer = JwtIssuer(
         issuer=b.issuer,
-        audience=tuple(b.audience),
+        audience=(b.audience,) if isinstance(b.audience, str) else tuple(b.audience),
         jwks_url=b.jwks_url or "",
         claims=JwtClaims(subject=c.subject, name=c.name, org=c.org, team=c.team, role=c.role),
         algorithms=tuple(b.algorithms),

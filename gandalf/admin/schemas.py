@@ -335,7 +335,10 @@ class Purged(msgspec.Struct, kw_only=True):
 
 # --------------------------------------------------------------------------- JWT issuers
 
-Url = Annotated[str, msgspec.Meta(min_length=8, max_length=500, pattern=r"^https?://[^\s]+$")]
+# No whitespace and no control characters: an issuer reaches logs and error messages.
+Url = Annotated[
+    str, msgspec.Meta(min_length=8, max_length=500, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
+]
 ClaimPathText = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
@@ -354,7 +357,8 @@ class IssuerCreate(_In):
     ``leeway`` / ``refresh`` in seconds. ``algorithms``: never none or HMAC."""
 
     issuer: Url
-    audience: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=20)]
+    # One name or a list, as in gandalf.yaml.
+    audience: Name | Annotated[list[Name], msgspec.Meta(min_length=1, max_length=20)]
     jwks_url: Url | None = None
     claims: IssuerClaims = msgspec.field(default_factory=IssuerClaims)
     algorithms: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=20)] = msgspec.field(

@@ -54,6 +54,7 @@ from gandalf.app.responses_wire import (
     from_completion,
     input_items,
     new_id,
+    shorten,
 )
 from gandalf.domain import (
     ChatCall,
@@ -306,7 +307,7 @@ class ResponsesService:
         stored = await self._load(previous, identity.key_id)
         if stored is None:
             raise NotFound(
-                f"Previous response with id '{previous}' not found.",
+                f"Previous response with id '{shorten(previous)}' not found.",
                 param="previous_response_id",
             )
         try:
@@ -468,4 +469,4 @@ def _unavailable() -> StoreUnavailable:
 
 
 def _not_found(response_id: str) -> NotFound:
-    return NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+    return NotFound(f"Response with id '{shorten(response_id)}' not found.", param="response_id")

@@ -39,6 +39,15 @@ __all__ = [
 ]
 
 MAX_ITEMS = 16_384  # input items per request (a gateway bound, as MAX_MESSAGES for chat)
+# OpenAI's limits on ``metadata`` (kept with a stored response).
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+# An id the caller sent is echoed in an error at most this long.
+_ECHO = 100
+
+
+def shorten(text: str) -> str:
+    """``text`` as an error message may quote it: at most ``_ECHO`` characters."""
+    return text if len(text) <= _ECHO else text[:_ECHO] + "..."
 
 
 def new_id(prefix: str) -> str:
@@ -190,6 +199,16 @@ def decode_request(body: bytes) -> ResponsesRequest:
                 "'text.format' of type json_schema needs a 'name' and a 'schema'.",
                 param="text.format",
             )
+    metadata = request.metadata
+    if metadata is not None and (
+        len(metadata) > METADATA_PAIRS
+        or any(len(k) > METADATA_KEY or len(v) > METADATA_VALUE for k, v in metadata.items())
+    ):
+        raise InvalidRequest(
+            f"'metadata' takes at most {METADATA_PAIRS} pairs, keys of at most {METADATA_KEY} "
+            f"characters and values of at most {METADATA_VALUE}.",
+            param="metadata",
+        )
     if request.background:
         raise InvalidRequest(
             "'background' responses are not supported by Gandalf.", param="background"
@@ -308,6 +327,7 @@ def _messages(items: list[msgspec.Raw], instructions: str | None) -> list[dict[s
     messages: list[dict[str, Any]] = []
     if instructions:
         messages.append({"role": "system", "content": instructions})
+    calls: set[str] = set()  # the call ids seen so far: an output answers one of them
     for i, raw in enumerate(items):
         item = _decode_item(raw, i)
         _check_item(item, i)
@@ -322,6 +342,8 @@ def _messages(items: list[msgspec.Raw], instructions: str | None) -> list[dict[s
             else:
                 messages.append({"role": role, "content": _user_content(item.content)})
         elif kind == "function_call":
+            assert item.call_id is not None  # _check_item
+            calls.add(item.call_id)
             call = {
                 "id": item.call_id,
                 "type": "function",
@@ -335,6 +357,14 @@ def _messages(items: list[msgspec.Raw], instructions: str | None) -> list[dict[s
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
+            if item.call_id not in calls:
+                # A chat target refuses a tool message that answers no tool call
+                # (or, like the fake, answers nothing): say which item it is.
+                raise InvalidRequest(
+                    f"No function_call with call_id '{shorten(item.call_id or '')}' comes "
+                    f"before 'input[{i}]' (function_call_output).",
+                    param=f"input[{i}].call_id",
+                )
             messages.append(
                 {"role": "tool", "tool_call_id": item.call_id, "content": _text_of(item.output)}
             )
