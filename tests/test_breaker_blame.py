@@ -56,6 +56,15 @@ def config(mock: MockUpstream, dead_port: int) -> GandalfConfig:
                 timeout_ms=10_000,
                 first_byte_timeout_ms=100,
             ),
+            ProviderConfig(  # the same mock, for answers that fail fast (500s)
+                name="erring",
+                type="openai",
+                base_url=mock.base_url,
+                api_key="k",
+                # Not "up"'s 150 ms: on a loaded machine (CI) 20 concurrent 500s took
+                # longer than that and were counted as timeouts (504), not 5xx.
+                timeout_ms=10_000,
+            ),
             ProviderConfig(
                 name="dark",
                 type="openai",
@@ -78,7 +87,8 @@ def config(mock: MockUpstream, dead_port: int) -> GandalfConfig:
                 max_attempts=2,
             ),
             route("silent", "up", "stream-silent"),
-            route("broken", "up", "status-500"),
+            route("broken", "erring", "status-500"),
+            route("fine-erring", "erring", "ok-1"),
             route("fine", "up", "ok-1"),
             route("dark", "dark", "ok-1"),
         ),
@@ -107,6 +117,8 @@ def run(mock: MockUpstream, dead_port: int, model: str, times: int) -> tuple[lis
             replies = await asyncio.gather(*(chat(app, MEMBER, model) for _ in range(times)))
             if model == "dark":
                 after = await chat(app, OTHER, "dark")
+            elif model == "broken":
+                after = await chat(app, OTHER, "fine-erring")
             elif model == "late-bounded":
                 after = await chat(app, OTHER, "late-bounded")
             else:
