@@ -150,8 +150,9 @@ def rollup_schema(pg: bool = False) -> str:
 
 def route_rollups(pg: bool = False) -> str:
     """Migration 10: the rollups again, with ``route`` (the model alias) in
-    their primary key. Each table is rebuilt from the raw rows still kept;
-    what its old rows counted beyond them (periods, or the older part of a
+    their primary key. Each table is rebuilt from the raw rows still kept
+    (one pass over them: the days are summed from the rebuilt hours); what
+    its old rows counted beyond them (periods, or the older part of a
     period, whose raw rows retention already deleted) is kept with route
     ``''`` (none). So every total stays what it was, and route is known
     wherever the raw rows still say it. Per old group, the remainder is its
@@ -160,17 +161,26 @@ def route_rollups(pg: bool = False) -> str:
     dropped."""
     null = "COALESCE" if pg else "IFNULL"
     old_dims = ", ".join(_V7_DIMENSIONS)
-    script = ""
-    for table, column, period, indexed in _TABLES:
+    dims = ", ".join(_DIMENSIONS)
+    (hourly, hour, hour_size, _), (daily, day, day_size, _) = _TABLES
+    assert hour_size == HOUR and day_size == DAY
+    day_of_hour = f"floor({hour} / {DAY}) * {DAY}" if pg else f"{hour} / {DAY} * {DAY}"
+    sums = ", ".join(f"SUM({m})" for m in _MEASURES)
+    script = (
+        _ddl(f"{hourly}_v10", hour, pg)
+        + _ddl(f"{daily}_v10", day, pg)
+        + _insert(f"{hourly}_v10", hour)
+        + _rollup_select(HOUR, "true", pg)
+        + ";\n"
+        + _insert(f"{daily}_v10", day)
+        + f"SELECT {day_of_hour}, {dims}, {sums} FROM {hourly}_v10 GROUP BY 1, {dims};\n"
+    )
+    for table, column, _, indexed in _TABLES:
         new = f"{table}_v10"
         rebuilt = ", ".join(f"SUM({m}) AS {m}" for m in _MEASURES)
         rest = ", ".join(f"o.{m} - {null}(n.{m}, 0)" for m in _MEASURES)
         script += (
-            _ddl(new, column, pg)
-            + _insert(new, column)
-            + _rollup_select(period, "true", pg)
-            + ";\n"
-            + _insert(new, column)
+            _insert(new, column)
             + f"SELECT o.{column}, "
             + ", ".join(f"o.{d}" for d in _V7_DIMENSIONS)
             + f", '', {rest} FROM {table} AS o LEFT JOIN (SELECT {column}, {old_dims}, "
