@@ -76,17 +76,17 @@ def pages(now: float) -> dict[str, list[str]]:
     return {
         "overview 24h": [
             f"/usage?limit=1000&since={h24}&bucket=hour",
-            f"/usage?limit=1000&since={h24}&bucket=hour&group_by=model",
+            f"/usage?limit=1000&since={h24}&bucket=hour&group_by=route",
             f"/usage?limit=1000&since={h24}&bucket=hour&group_by=provider",
         ],
         "overview 7d": [
             f"/usage?limit=1000&since={d7}&bucket=hour",
-            f"/usage?limit=1000&since={d7}&bucket=day&group_by=model",
+            f"/usage?limit=1000&since={d7}&bucket=day&group_by=route",
             f"/usage?limit=1000&since={d7}&bucket=day&group_by=provider",
         ],
         "overview 30d": [
             f"/usage?limit=1000&since={d30}&bucket=day",
-            f"/usage?limit=1000&since={d30}&bucket=day&group_by=model",
+            f"/usage?limit=1000&since={d30}&bucket=day&group_by=route",
             f"/usage?limit=1000&since={d30}&bucket=day&group_by=provider",
         ],
         "keys": [
@@ -102,6 +102,7 @@ def pages(now: float) -> dict[str, list[str]]:
         ],
         # The explorer shows one page (1,000 rows); only its CSV export reads them all.
         "usage: by model, 7d": [f"!/usage?limit=1000&group_by=model&since={d7}"],
+        "usage: by route per day, 7d": [f"!/usage?limit=1000&group_by=route&since={d7}&bucket=day"],
         "usage: by key per day, 30d": [f"!/usage?limit=1000&group_by=key&since={d30}&bucket=day"],
         "usage: by team per hour, 7d": [f"!/usage?limit=1000&group_by=team&since={d7}&bucket=hour"],
         "providers": [

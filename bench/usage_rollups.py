@@ -3,8 +3,8 @@
 Seeds ``--rows`` raw usage records spread over 30 days (100 keys, 10 teams,
 3 orgs, 6 models, 3 providers) into a database at the schema before the
 rollups (one ``INSERT ... WITH RECURSIVE`` statement), opens it with every
-migration (which backfills ``usage_hourly``), then times, ``--repeat`` times
-each (median and worst):
+migration (7 backfills the rollups, 10 rebuilds them per route), then times,
+``--repeat`` times each (median and worst):
 
 - ``usage_summary`` over the last 30 days (a window that does not start on
   an hour: both raw edges are read) per key, per model per day, and for every
@@ -99,7 +99,7 @@ async def measure(path: Path, now: float, repeat: int) -> None:
     since = now - 30 * DAY - 1234.5  # not on an hour: both edges come from raw rows
     start = time.perf_counter()
     store = SqliteStore(str(path), clock=lambda: now, usage_retention=7 * DAY)
-    await store.open()  # applies migration 7: the backfill
+    await store.open()  # applies migrations 7 and 10: the rollup backfills
     print(f"open (migrations, rollup backfill): {time.perf_counter() - start:.1f} s")
     try:
         rolled = (await store._fetchall("SELECT count(*) FROM usage_hourly", ()))[0][0]

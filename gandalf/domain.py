@@ -793,12 +793,13 @@ class UsageRecord(msgspec.Struct, array_like=True):
     saved_usd: float | None = None  # a cache hit: what the same answer cost upstream
 
 
-USAGE_GROUPS: tuple[str, ...] = ("key", "team", "org", "model", "provider")
+USAGE_GROUPS: tuple[str, ...] = ("key", "team", "org", "model", "provider", "route")
 
 
 class UsageSummary(msgspec.Struct, kw_only=True):
-    """Usage records of one group (a key, team, org, model or provider) over a
-    time range, summed. ``group`` is the id (a model's or provider's name),
+    """Usage records of one group (a key, team, org, model, provider or
+    route) over a time range, summed. ``group`` is the id (a model's,
+    provider's or route's name: a route is the model alias asked for),
     None for records without one (e.g. a request refused before routing);
     ``name``/``prefix`` describe a key, team or org when the store knows it.
     ``cost_usd`` sums the priced records; ``unpriced`` counts the successful

@@ -162,8 +162,10 @@ def test_the_openapi_document_is_served_without_a_key_and_lists_every_operation(
         post = paths["/admin/v1/keys"]["post"]
         assert {"201", "400", "401", "403"} <= set(post["responses"])
         assert "KeyCreate" in doc["components"]["schemas"]
-        usage = {p["name"] for p in paths["/admin/v1/usage"]["get"]["parameters"]}
-        assert {"group_by", "since", "until", "bucket", "limit", "offset"} <= usage
+        usage = {p["name"]: p for p in paths["/admin/v1/usage"]["get"]["parameters"]}
+        assert {"group_by", "since", "until", "bucket", "limit", "offset"} <= set(usage)
+        groups = {"key", "team", "org", "model", "provider", "route"}
+        assert set(usage["group_by"]["schema"]["enum"]) == groups
 
     run(scenario)
 
@@ -561,6 +563,43 @@ def test_usage_group_by_bucket_since_until_and_pages() -> None:
         q = f"since={since}&group_by=key&bucket=hour&limit=1"
         assert (await admin(app, "GET", "/usage", query=q)).json()["has_more"] is True
         assert_error(await admin(app, "GET", "/usage", query="since=1d&until=2d"), 400)
+
+    run(scenario)
+
+
+def test_usage_group_by_route_is_the_alias_asked_for() -> None:
+    """Two routes answered by the same upstream model: per model they are one
+    group, per route two (and a request that reached no target still has its
+    route); hour buckets per route come from the same rollups."""
+
+    async def scenario(app: GandalfApp) -> None:
+        base = (time.time() // 86400 - 1) * 86400  # yesterday, midnight UTC
+        asked = [("fast", "gpt-x", 0.0), ("smart", "gpt-x", 60.0), ("smart", "gpt-x", 4000.0),
+                 ("smart", None, 4100.0)]  # fmt: skip
+        sink = app_store(app)
+        for i, (alias, model, offset) in enumerate(asked):
+            sink.record_usage(
+                UsageRecord(f"r{i}", "k1", "default", alias, model, "fake",
+                            10, 5, 15, 1.0, 200 if model else 502, base + offset, cost_usd=0.5)
+            )  # fmt: skip
+        await sink.flush()
+        q = f"since={int(base)}&group_by=route"
+        rows = (await admin(app, "GET", "/usage", VIEWER, query=q)).json()
+        assert rows["group_by"] == "route"
+        assert [(r["group"], r["requests"], r["errors"]) for r in rows["data"]] == [
+            ("smart", 3, 1),
+            ("fast", 1, 0),
+        ]
+        q = f"since={int(base)}&group_by=model"
+        rows = (await admin(app, "GET", "/usage", VIEWER, query=q)).json()
+        assert [(r["group"], r["requests"]) for r in rows["data"]] == [("gpt-x", 3), ("smart", 1)]
+        q = f"since={int(base)}&group_by=route&bucket=hour"
+        rows = (await admin(app, "GET", "/usage", VIEWER, query=q)).json()
+        assert [(r["bucket"], r["group"], r["requests"]) for r in rows["data"]] == [
+            (base, "fast", 1),
+            (base, "smart", 1),
+            (base + 3600, "smart", 2),
+        ]
 
     run(scenario)
 

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import socket
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -596,3 +597,22 @@ def test_against_gandalf_injected_429s_are_counted(
     share = run["errors"]["429"] / run["requests"]
     assert run["requests"] >= 50, run  # enough draws for the share to mean something
     assert 0.15 < share < 0.45, run  # rate_429: 0.3
+
+
+def test_an_open_loop_request_is_never_sent_before_its_time() -> None:
+    """uvloop rounds a timer to whole milliseconds of a cached clock, so one
+    ``sleep(due - now)`` can wake before ``due`` (a negative lateness, seen
+    as a flaky ``p50 >= 0`` above): the wait repeats until ``due``."""
+    import uvloop
+
+    from gandalf.benchkit.engine import sleep_until
+
+    async def waits() -> list[float]:
+        early = []
+        for i in range(200):  # delays of 0 to 2 ms, the sub-millisecond ones included
+            due = time.perf_counter() + (i % 20) / 10_000
+            await sleep_until(due)
+            early.append(due - time.perf_counter())
+        return early
+
+    assert max(uvloop.run(waits())) <= 0

@@ -113,8 +113,16 @@ def test_bad_since_is_one_usage_line(
     assert "\x1b" not in err
 
 
+def test_by_route_is_the_alias_asked_for(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--config", config, "--by", "route")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[0] == "ROUTE"
+    assert lines[1].split()[:3] == ["alias", "4", "1"]  # both models' requests, one route
+
+
 def test_unknown_grouping_is_refused(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
-        cli.main(["usage", "--config", config, "--by", "route"])
+        cli.main(["usage", "--config", config, "--by", "endpoint"])
     assert caught.value.code == 2
-    assert "invalid choice: 'route'" in capsys.readouterr().err
+    assert "invalid choice: 'endpoint'" in capsys.readouterr().err

@@ -337,7 +337,7 @@ def test_postgres_queries_can_read_their_indexes() -> None:
     with postgres_database() as dsn:
         run(dsn, lambda store: store.flush())
 
-        async def plans() -> tuple[dict[str, str], str]:
+        async def plans() -> tuple[dict[str, str], list[str]]:
             conn = await asyncpg.connect(dsn)
             try:
                 await conn.execute("SET enable_seqscan = off")
@@ -346,18 +346,21 @@ def test_postgres_queries_can_read_their_indexes() -> None:
                     for kind, sql in PG_SPEND_SELECTS.items()
                     for params in [spend_params("x", 0.0)]
                 }
-                ranges = itertools.chain.from_iterable(split(10.0, 1e9))
-                sql = PG_SUMMARY_SELECTS[("key", None)]
-                rows = await conn.fetch("EXPLAIN " + sql, *ranges, None, 0)
-                return spend, " ".join(r[0] for r in rows)
+                ranges = tuple(itertools.chain.from_iterable(split(10.0, 1e9)))
+                summaries = []
+                for key in (("key", None), ("route", "day")):
+                    rows = await conn.fetch("EXPLAIN " + PG_SUMMARY_SELECTS[key], *ranges, None, 0)
+                    summaries.append(" ".join(r[0] for r in rows))
+                return spend, summaries
             finally:
                 await conn.close()
 
-        spend, summary = asyncio.run(plans())
+        spend, summaries = asyncio.run(plans())
     for kind, plan in spend.items():
         assert f"Index Only Scan using usage_records_{kind}_spend" in plan, plan
         assert f"Index Only Scan using usage_daily_{kind}_spend" in plan, plan
         assert "Index Scan using usage_hourly_pkey" in plan, plan
-    for index in ("usage_records_created_at", "usage_hourly_pkey", "usage_daily_pkey"):
-        assert f"Index Scan using {index}" in summary, summary
-    assert "Seq Scan" not in summary
+    for summary in summaries:
+        for index in ("usage_records_created_at", "usage_hourly_pkey", "usage_daily_pkey"):
+            assert f"Index Scan using {index}" in summary, summary
+        assert "Seq Scan" not in summary

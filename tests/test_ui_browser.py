@@ -127,12 +127,13 @@ def test_overview_charts_draw_the_requests_this_test_made(
         "#chart-tokens circle.point", "cs => cs.map(c => Number(c.dataset.value))"
     )
     assert sum(token_points) == tokens["prompt_tokens"] + tokens["completion_tokens"] > 0
-    per_model = page.eval_on_selector_all(
-        "#chart-models circle.point",
+    # Per route: the alias the requests asked for (its upstream model is fake-1).
+    per_route = page.eval_on_selector_all(
+        "#chart-routes circle.point",
         "cs => cs.map(c => [c.dataset.series, Number(c.dataset.value)])",
     )
-    assert per_model and {s for s, _ in per_model} == {"fake-1"}
-    assert sum(v for _, v in per_model) == made
+    assert per_route and {s for s, _ in per_route} == {"fake-model"}
+    assert sum(v for _, v in per_route) == made
     per_provider = page.eval_on_selector_all(
         "#chart-providers circle.point", "cs => cs.map(c => c.dataset.series)"
     )

@@ -64,7 +64,10 @@ RECORDS = [
     record(6, key="k1", team="t1", org="o1", model="gpt-4o", provider="oa", at=50.0),  # too old
 ]  # fmt: skip
 
-COLUMNS = {"key": "key_id", "team": "team_id", "org": "org_id", "provider": "provider"}
+COLUMNS = {
+    "key": "key_id", "team": "team_id", "org": "org_id", "provider": "provider",
+    "route": "model_alias",
+}  # fmt: skip
 
 
 def expected(by: str, since: float) -> dict[str | None, UsageSummary]:
@@ -128,8 +131,8 @@ def test_summary_until_and_unknown_grouping(store_dsn: str) -> None:
         [only] = await store.usage_summary("org", since=100.0, until=300.0)
         assert (only.group, only.requests) == ("o1", 2)
         assert await store.usage_summary("model", since=1000.0) == []
-        with pytest.raises(ValueError, match="cannot group usage by 'route'"):
-            await store.usage_summary("route", since=0.0)
+        with pytest.raises(ValueError, match="cannot group usage by 'endpoint'"):
+            await store.usage_summary("endpoint", since=0.0)
 
     run(store_dsn, test)
 

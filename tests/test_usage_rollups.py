@@ -21,12 +21,16 @@ import pytest
 from gandalf.domain import USAGE_GROUPS, UsageRecord, UsageSummary
 from gandalf.storage._rollups import HOUR, SUMMARY_SELECTS, split
 from gandalf.storage._rows import _USAGE_FIELDS
+from gandalf.storage.postgres import is_postgres_dsn
 from gandalf.storage.protocol import Store
 from gandalf.storage.sqlite import MIGRATIONS
-from tests.stores import execute, make_store
+from tests.stores import execute, make_store, migrations_of
 
 T0 = 1_800_000_000.0 - 1_800_000_000.0 % 86400  # a UTC midnight
-COLUMNS = {"key": "key_id", "team": "team_id", "org": "org_id", "provider": "provider"}
+COLUMNS = {
+    "key": "key_id", "team": "team_id", "org": "org_id", "provider": "provider",
+    "route": "model_alias",
+}  # fmt: skip
 MEASURES = (
     "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens",
     "cached_prompt_tokens", "cache_write_tokens", "reasoning_tokens", "cost_usd", "unpriced",
@@ -280,6 +284,126 @@ def test_migration_backfills_rollups_from_existing_rows(tmp_path: Path) -> None:
             assert rolled == len(records)
 
 
+def insert_raw(dsn: str, records: list[UsageRecord]) -> None:
+    """``records`` straight into ``usage_records`` (no rollup written), as an
+    older release's rows lie there when a migration starts."""
+    rows = [tuple(getattr(r, f) for f in _USAGE_FIELDS) for r in records]
+    if is_postgres_dsn(dsn):
+        import asyncpg
+
+        async def insert() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                marks = ", ".join(f"${n}" for n in range(1, len(_USAGE_FIELDS) + 1))
+                await conn.executemany(
+                    f"INSERT INTO usage_records ({', '.join(_USAGE_FIELDS)}) VALUES ({marks})",
+                    rows,
+                )
+            finally:
+                await conn.close()
+
+        asyncio.run(insert())
+        return
+    with contextlib.closing(sqlite3.connect(dsn)) as conn:
+        marks = ", ".join("?" * len(_USAGE_FIELDS))
+        conn.executemany(
+            f"INSERT INTO usage_records ({', '.join(_USAGE_FIELDS)}) VALUES ({marks})", rows
+        )
+        conn.commit()
+
+
+def test_rollups_answer_per_route_without_the_raw_rows(store_dsn: str) -> None:
+    """A route is the model alias asked for: two routes reaching the same
+    upstream model stay apart, and whole hours and days per route come from
+    the rollups alone (the raw rows are deleted behind the store's back)."""
+    rng = random.Random(10)
+    records = random_records(rng, 600, 2 * 86400.0)
+
+    async def write(store: Store) -> None:
+        for r in records:
+            store.record_usage(r)
+        await store.flush()
+
+    run(store_dsn, write)
+    execute(store_dsn, "DELETE FROM usage_records")
+
+    async def read(store: Store) -> None:
+        for bucket in (None, "hour", "day"):
+            got = await store.usage_summary("route", T0, T0 + 2 * 86400.0, bucket=bucket)
+            compare(got, reference(records, "route", T0, T0 + 2 * 86400.0, bucket))
+        assert {r.group for r in await store.usage_summary("route", T0)} == {"a1", "a2"}
+
+    run(store_dsn, read)
+
+
+def test_migration_10_rebuilds_the_rollups_per_route_and_keeps_pruned_totals(
+    store_dsn: str,
+) -> None:
+    """Rollups written before routes were a dimension: the migration rebuilds
+    them from the raw rows still kept (so their route is known) and keeps
+    what the old rollups counted beyond those (raw rows retention deleted,
+    here up to the middle of an hour) with no route. Every total per key,
+    team, org, model and provider, per hour and day, is what it was."""
+    rng = random.Random(11)
+    span = 3 * 86400.0
+    records = random_records(rng, 900, span)
+    migrations = migrations_of(store_dsn)
+    run(store_dsn, lambda store: store.flush(), migrations=migrations[:6])  # no rollups yet
+    insert_raw(store_dsn, records)
+    run(store_dsn, lambda store: store.flush(), migrations=migrations[:9])  # rollups, no route
+    cutoff = T0 + 36 * HOUR + 1234.5  # retention reached the middle of an hour
+    execute(store_dsn, f"DELETE FROM usage_records WHERE created_at < {cutoff}")
+    kept = [r for r in records if r.created_at >= cutoff]
+    pruned = [r for r in records if r.created_at < cutoff]
+    assert kept and pruned
+    # The route as the rollups can know it: the alias where a raw row was kept.
+    routed = {id(r): r.model_alias if r.created_at >= cutoff else None for r in records}
+
+    def per_route(bucket: str | None) -> dict[tuple[float | None, str | None], UsageSummary]:
+        out: dict[tuple[float | None, str | None], UsageSummary] = {}
+        for route in {routed[id(r)] for r in records}:
+            part = [r for r in records if routed[id(r)] == route]
+            for (start, _), s in reference(part, None, T0, T0 + span, bucket).items():
+                s.group = route
+                out[(start, route)] = s
+        return out
+
+    async def read(store: Store) -> None:
+        for bucket in (None, "hour", "day"):
+            for by in (None, "key", "team", "org", "model", "provider"):
+                got = await store.usage_summary(by, T0, T0 + span, bucket=bucket)
+                compare(got, reference(records, by, T0, T0 + span, bucket))
+            got = await store.usage_summary("route", T0, T0 + span, bucket=bucket)
+            compare(got, per_route(bucket))
+        # After the migration, new records are rolled up per route as usual.
+        late = UsageRecord("late", "k1", "o1", "a9", "m1", "p1", 1, 1, 2, 1.0, 200, T0 + span)
+        store.record_usage(late)
+        await store.flush()
+        [row] = await store.usage_summary("route", T0 + span, T0 + span + HOUR)
+        assert (row.group, row.requests) == ("a9", 1)
+
+    run(store_dsn, read)
+    for table in ("usage_hourly", "usage_daily"):
+        rows = rollup_rows(store_dsn, f"SELECT SUM(requests), COUNT(*) FROM {table}")
+        assert rows[0][0] == len(records) + 1
+
+
+def rollup_rows(dsn: str, sql: str) -> list[tuple[object, ...]]:
+    if is_postgres_dsn(dsn):
+        import asyncpg
+
+        async def fetch() -> list[tuple[object, ...]]:
+            conn = await asyncpg.connect(dsn)
+            try:
+                return [tuple(r) for r in await conn.fetch(sql)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(fetch())
+    with contextlib.closing(sqlite3.connect(dsn)) as conn:
+        return conn.execute(sql).fetchall()
+
+
 def test_paging_and_order(store_dsn: str) -> None:
     records = [
         UsageRecord(f"r{i}", f"k{i % 4}", "o", "a", "m", "p", 1, 1, 2, 1.0, 200,
@@ -301,7 +425,7 @@ def test_paging_and_order(store_dsn: str) -> None:
         with pytest.raises(ValueError, match="bucket"):
             await store.usage_summary("key", T0, bucket="week")
         with pytest.raises(ValueError, match="group"):
-            await store.usage_summary("route", T0)
+            await store.usage_summary("endpoint", T0)
 
     run(store_dsn, test)
 
@@ -419,12 +543,16 @@ WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < :rows -
 INSERT INTO usage_records (request_id, key_id, org_id, model_alias, target_model, provider,
     prompt_tokens, completion_tokens, total_tokens, latency_ms, status, created_at, team_id,
     cost_usd)
-SELECT 'req-' || i, 'key-' || (i * 7919 % 50), 'org-' || (i % 3), 'alias', 'm' || (i % 6),
+SELECT 'req-' || i, 'key-' || (i * 7919 % 50), 'org-' || (i % 3), 'r' || (i % 4), 'm' || (i % 6),
     'p' || (i % 3), i % 1000, i % 100, i % 1000 + i % 100, 1.0,
     CASE WHEN i % 50 = 0 THEN 502 ELSE 200 END, :start + i * :step, 'team-' || (i % 10),
     CASE WHEN i % 97 = 0 THEN NULL ELSE (i % 1000) / 1024.0 END
 FROM n
 """
+_RAW_BY_ROUTE = (
+    "SELECT model_alias, COUNT(*) FROM usage_records "
+    "WHERE created_at >= ? AND created_at < ? GROUP BY model_alias"
+)
 _RAW_BY_KEY = (
     "SELECT key_id, COUNT(*), SUM(status >= 400), SUM(prompt_tokens), SUM(completion_tokens), "
     "SUM(total_tokens), TOTAL(cost_usd), SUM(cost_usd IS NULL AND status < 400) "
@@ -436,8 +564,9 @@ def test_a_hundred_thousand_rows_answer_from_the_rollups_as_the_raw_table_does(
     tmp_path: Path,
 ) -> None:
     """Scale without timing: 100,000 records over 30 days, backfilled by the
-    migration; a 30-day report reads a few thousand daily rollup rows (the
-    plan searches their primary key) and equals the raw table's GROUP BY."""
+    migrations; a 30-day report per key or per route reads a few thousand
+    daily rollup rows (the plan searches their primary key) and equals the
+    raw table's GROUP BY."""
     db = tmp_path / "g.db"
     rows, span = 100_000, 30 * 86400.0
     run(db, lambda store: store.flush(), migrations=MIGRATIONS[:6])  # before rollups (migration 7)
@@ -448,15 +577,20 @@ def test_a_hundred_thousand_rows_answer_from_the_rollups_as_the_raw_table_does(
 
     async def read(store: Store) -> None:
         got = await store.usage_summary("key", since, until)
+        routes = await store.usage_summary("route", since, until, bucket="day")
         with contextlib.closing(sqlite3.connect(db)) as conn:
             raw = {r[0]: r[1:] for r in conn.execute(_RAW_BY_KEY, (since, until))}
-            plan = " ".join(
-                r[3]
-                for r in conn.execute(
-                    "EXPLAIN QUERY PLAN " + SUMMARY_SELECTS[("key", None)],
-                    (*itertools.chain.from_iterable(split(since, until)), -1, 0),
+            raw_routes = dict(conn.execute(_RAW_BY_ROUTE, (since, until)).fetchall())
+            plans = {
+                by: " ".join(
+                    r[3]
+                    for r in conn.execute(
+                        "EXPLAIN QUERY PLAN " + SUMMARY_SELECTS[(by, bucket)],
+                        (*itertools.chain.from_iterable(split(since, until)), -1, 0),
+                    )
                 )
-            )
+                for by, bucket in (("key", None), ("route", "day"))
+            }
             [(daily,)] = conn.execute(
                 "SELECT count(*) FROM usage_daily WHERE day >= ? AND day < ?", (since, until)
             ).fetchall()
@@ -466,7 +600,14 @@ def test_a_hundred_thousand_rows_answer_from_the_rollups_as_the_raw_table_does(
             assert (row.requests, row.errors, row.prompt_tokens, row.completion_tokens) == want[:4]
             assert row.total_tokens == want[4] and row.unpriced == want[6]
             assert row.cost_usd == pytest.approx(want[5], rel=1e-12)
-        assert "SEARCH usage_daily USING PRIMARY KEY (day>? AND day<?)" in plan, plan
-        assert daily < 30 * 300  # days x groups, against 100,000 raw rows
+        per_route: dict[str | None, int] = {}
+        for row in routes:
+            per_route[row.group] = per_route.get(row.group, 0) + row.requests
+        assert per_route == raw_routes and len(raw_routes) == 4
+        assert len({row.bucket for row in routes}) == 30  # a partial day at each end, 28 whole
+        for plan in plans.values():
+            assert "SEARCH usage_daily USING PRIMARY KEY (day>? AND day<?)" in plan, plan
+            assert "SEARCH usage_hourly USING PRIMARY KEY (hour>? AND hour<?)" in plan, plan
+        assert daily < 30 * 300 * 4  # days x groups x routes, against 100,000 raw rows
 
     run(db, read)

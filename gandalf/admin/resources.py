@@ -833,7 +833,7 @@ def _when(text: str, param: str, now: float) -> float:
 
 
 async def usage(call: Call) -> s.UsagePage:
-    """Usage summed per key, team, org, model or provider (or in total), per
+    """Usage summed per key, team, org, model, provider or route (or in total), per
     hour or day if asked, between ``since`` and ``until``."""
     q: s.UsageQuery = call.query
     now = call.services.clock()

@@ -280,7 +280,8 @@ class HealthList(msgspec.Struct, kw_only=True):
 
 # --------------------------------------------------------------------------- usage, audit, cache
 
-GroupBy = Literal["key", "team", "org", "model", "provider"]
+# route: the model alias the client asked for (model: the upstream model that answered).
+GroupBy = Literal["key", "team", "org", "model", "provider", "route"]
 
 
 class UsageQuery(PageQuery, kw_only=True):

@@ -382,6 +382,17 @@ async def run_closed(
     return rec
 
 
+async def sleep_until(due: float) -> None:
+    """Return at ``due`` (``time.perf_counter()``) or after it, never before.
+    uvloop rounds a timer to whole milliseconds of its cached clock, so one
+    sleep can end up to a millisecond early: sleep again for what is left
+    (bounded: every turn ends later, and ``due`` is fixed)."""
+    now = time.perf_counter()
+    while due > now:
+        await asyncio.sleep(due - now)
+        now = time.perf_counter()
+
+
 async def run_open(
     scenario: Scenario, rate: float, progress: Progress | None = None, every: float = 0.5
 ) -> Recorder:
@@ -399,10 +410,8 @@ async def run_open(
         cpu0 = time.process_time()
         for i in range(total):
             due = start + i / rate
+            await sleep_until(due)
             now = time.perf_counter()
-            if due > now:
-                await asyncio.sleep(due - now)
-                now = time.perf_counter()
             measured = i >= first
             rec.scheduled += measured
             if len(in_flight) >= scenario.max_in_flight:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from gandalf.storage._rollups import rollup_schema
+from gandalf.storage._rollups import rollup_schema, route_rollups
 
 # Version 1 (gandalf/schema.sql): the same tables and indexes.
 _SCHEMA: Final = """
@@ -205,6 +205,9 @@ CREATE TABLE jwt_issuers (
 );
 """
 
+# Version 10: the rollups per route too, rebuilt (storage/_rollups.py, route_rollups).
+_MIGRATION_10: Final = route_rollups(pg=True)
+
 # MIGRATIONS[i] brings a database from version i to i + 1, like SQLite's tuple
 # (same numbers, same meaning). Append only.
 MIGRATIONS: Final[tuple[str, ...]] = (
@@ -217,5 +220,6 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _MIGRATION_7,
     _MIGRATION_8,
     _MIGRATION_9,
+    _MIGRATION_10,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)

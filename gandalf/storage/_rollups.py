@@ -1,9 +1,10 @@
 """Usage rollups: the SQL that writes them and the queries that read them.
 
 ``usage_hourly`` and ``usage_daily`` hold, per UTC hour (day) and (key, team,
-org, model, provider), the sums of the raw ``usage_records`` of that hour
-(day). The writer upserts the sums of each batch in the transaction that
-inserts the batch (:data:`ROLLUP_UPSERTS`), so every rollup equals the sum of
+org, model, provider, route), the sums of the raw ``usage_records`` of that
+hour (day); ``route`` is the model alias the client asked for (migration 10).
+The writer upserts the sums of each batch in the transaction that inserts the
+batch (:data:`ROLLUP_UPSERTS`), so every rollup equals the sum of
 its raw rows for as long as those rows are kept; retention deletes only raw
 rows.
 
@@ -35,7 +36,10 @@ DAY: Final = 86400
 # on every upsert.
 _TABLES: Final = (("usage_hourly", "hour", HOUR, False), ("usage_daily", "day", DAY, True))
 
-_DIMENSIONS: Final = ("key_id", "team_id", "org_id", "model", "provider")
+# Migration 7's dimensions; migration 10 added ``route`` (the primary key's last
+# column: reads range over the time column first, whatever they group by).
+_V7_DIMENSIONS: Final = ("key_id", "team_id", "org_id", "model", "provider")
+_DIMENSIONS: Final = (*_V7_DIMENSIONS, "route")
 _MEASURES: Final = (
     "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens",
     "cached_prompt_tokens", "cache_write_tokens", "reasoning_tokens", "cost_usd", "unpriced",
@@ -55,6 +59,15 @@ _PG_RAW_SUMS: Final = (
     "COUNT(*) FILTER (WHERE cost_usd IS NULL AND status < 400)",
 )  # fmt: skip
 _RAW_MODEL: Final = "COALESCE(target_model, model_alias)"
+# Each dimension's value from a raw row ('' for none), in _DIMENSIONS order.
+_RAW_DIMENSIONS: Final = {
+    "key_id": "{null}(key_id, '')",
+    "team_id": "{null}(team_id, '')",
+    "org_id": "{null}(org_id, '')",
+    "model": _RAW_MODEL,
+    "provider": "{null}(provider, '')",
+    "route": "model_alias",  # NOT NULL in usage_records
+}
 
 
 def _raw_start(period: int, pg: bool = False) -> str:
@@ -73,55 +86,118 @@ def numbered(sql: str) -> str:
     return pieces[0] + "".join(f"${n}{piece}" for n, piece in enumerate(pieces[1:], 1))
 
 
-def _ddl(table: str, column: str, indexed: bool, pg: bool = False) -> str:
+def _ddl(
+    table: str, column: str, pg: bool = False, dimensions: tuple[str, ...] = _DIMENSIONS
+) -> str:
     start, real, integer = (
         ("DOUBLE PRECISION", "DOUBLE PRECISION", "BIGINT") if pg else ("INTEGER", "REAL", "INTEGER")
     )
     columns = ",\n".join(
         [f"    {column} {start} NOT NULL"]
-        + [f"    {d} TEXT NOT NULL" for d in _DIMENSIONS]
+        + [f"    {d} TEXT NOT NULL" for d in dimensions]
         + [f"    {m} {real if m == 'cost_usd' else integer} NOT NULL" for m in _MEASURES]
     )
-    indexes = "".join(
+    return (
+        f"CREATE TABLE {table} (\n{columns},\n"
+        f"    PRIMARY KEY ({column}, {', '.join(dimensions)})\n)"
+        f"{'' if pg else ' WITHOUT ROWID'};\n"
+    )
+
+
+def _indexes(table: str, column: str, indexed: bool) -> str:
+    return "".join(
         f"CREATE INDEX {table}_{kind}_spend ON {table} ({kind}_id, {column}, cost_usd);\n"
         for kind in ("key", "team", "org")
         if indexed
     )
-    return (
-        f"CREATE TABLE {table} (\n{columns},\n"
-        f"    PRIMARY KEY ({column}, {', '.join(_DIMENSIONS)})\n)"
-        f"{'' if pg else ' WITHOUT ROWID'};\n{indexes}"
-    )
 
 
-def _rollup_select(period: int, where: str, pg: bool = False, source: str = "usage_records") -> str:
+def _rollup_select(
+    period: int,
+    where: str,
+    pg: bool = False,
+    source: str = "usage_records",
+    dimensions: tuple[str, ...] = _DIMENSIONS,
+) -> str:
+    groups = ", ".join(str(n) for n in range(1, len(dimensions) + 2))
     # PostgreSQL: in a fixed order, so two instances upserting the same groups
     # take their row locks in the same order (no deadlock between writers).
-    order, null = (" ORDER BY 1, 2, 3, 4, 5, 6", "COALESCE") if pg else ("", "IFNULL")
+    order, null = (f" ORDER BY {groups}", "COALESCE") if pg else ("", "IFNULL")
     return (
-        f"SELECT {_raw_start(period, pg)}, {null}(key_id, ''), {null}(team_id, ''), "
-        f"{null}(org_id, ''), {_RAW_MODEL}, {null}(provider, ''), "
-        f"{', '.join(_PG_RAW_SUMS if pg else _RAW_SUMS)} "
-        f"FROM {source} WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6{order}"
+        f"SELECT {_raw_start(period, pg)}, "
+        + ", ".join(_RAW_DIMENSIONS[d].format(null=null) for d in dimensions)
+        + f", {', '.join(_PG_RAW_SUMS if pg else _RAW_SUMS)} "
+        f"FROM {source} WHERE {where} GROUP BY {groups}{order}"
     )
 
 
-def _insert(table: str, column: str) -> str:
-    return f"INSERT INTO {table} ({', '.join((column, *_DIMENSIONS, *_MEASURES))}) "
+def _insert(table: str, column: str, dimensions: tuple[str, ...] = _DIMENSIONS) -> str:
+    return f"INSERT INTO {table} ({', '.join((column, *dimensions, *_MEASURES))}) "
 
 
 def rollup_schema(pg: bool = False) -> str:
-    """Migration 7's rollup part: the tables, filled from whatever raw rows exist."""
+    """Migration 7's rollup part (released: its dimensions stay migration 7's):
+    the tables, filled from whatever raw rows exist."""
     return "".join(
-        _ddl(table, column, indexed, pg)
-        + _insert(table, column)
-        + _rollup_select(period, "true", pg)
+        _ddl(table, column, pg, _V7_DIMENSIONS)
+        + _indexes(table, column, indexed)
+        + _insert(table, column, _V7_DIMENSIONS)
+        + _rollup_select(period, "true", pg, dimensions=_V7_DIMENSIONS)
         + ";\n"
         for table, column, period, indexed in _TABLES
     )
 
 
+def route_rollups(pg: bool = False) -> str:
+    """Migration 10: the rollups again, with ``route`` (the model alias) in
+    their primary key. Each table is rebuilt from the raw rows still kept
+    (one pass over them: the days are summed from the rebuilt hours); what
+    its old rows counted beyond them (periods, or the older part of a
+    period, whose raw rows retention already deleted) is kept with route
+    ``''`` (none). So every total stays what it was, and route is known
+    wherever the raw rows still say it. Per old group, the remainder is its
+    old sums minus the rebuilt rows' (the rollup equalled its raw rows'
+    sums, so it is never negative); a group with no request left over is
+    dropped."""
+    null = "COALESCE" if pg else "IFNULL"
+    old_dims = ", ".join(_V7_DIMENSIONS)
+    dims = ", ".join(_DIMENSIONS)
+    (hourly, hour, hour_size, _), (daily, day, day_size, _) = _TABLES
+    assert hour_size == HOUR and day_size == DAY
+    day_of_hour = f"floor({hour} / {DAY}) * {DAY}" if pg else f"{hour} / {DAY} * {DAY}"
+    sums = ", ".join(f"SUM({m})" for m in _MEASURES)
+    script = (
+        _ddl(f"{hourly}_v10", hour, pg)
+        + _ddl(f"{daily}_v10", day, pg)
+        + _insert(f"{hourly}_v10", hour)
+        + _rollup_select(HOUR, "true", pg)
+        + ";\n"
+        + _insert(f"{daily}_v10", day)
+        + f"SELECT {day_of_hour}, {dims}, {sums} FROM {hourly}_v10 GROUP BY 1, {dims};\n"
+    )
+    for table, column, _, indexed in _TABLES:
+        new = f"{table}_v10"
+        rebuilt = ", ".join(f"SUM({m}) AS {m}" for m in _MEASURES)
+        rest = ", ".join(f"o.{m} - {null}(n.{m}, 0)" for m in _MEASURES)
+        script += (
+            _insert(new, column)
+            + f"SELECT o.{column}, "
+            + ", ".join(f"o.{d}" for d in _V7_DIMENSIONS)
+            + f", '', {rest} FROM {table} AS o LEFT JOIN (SELECT {column}, {old_dims}, "
+            f"{rebuilt} FROM {new} GROUP BY {column}, {old_dims}) AS n "
+            f"USING ({column}, {old_dims}) WHERE o.requests > {null}(n.requests, 0)"
+            f" ON CONFLICT ({', '.join((column, *_DIMENSIONS))}) DO UPDATE SET "
+            + ", ".join(f"{m} = {new}.{m} + excluded.{m}" for m in _MEASURES)
+            + f";\nDROP TABLE {table};\nALTER TABLE {new} RENAME TO {table};\n"
+            # PostgreSQL names the primary key's index after the table it was made for.
+            + (f"ALTER INDEX {new}_pkey RENAME TO {table}_pkey;\n" if pg else "")
+            + _indexes(table, column, indexed)
+        )
+    return script
+
+
 ROLLUP_SCHEMA: Final = rollup_schema()
+ROUTE_ROLLUPS: Final = route_rollups()
 # The raw rows with id > ? (the batch just inserted) added into their hours
 # and days: one statement per table, each with the same one parameter.
 ROLLUP_UPSERTS: Final = tuple(
@@ -184,6 +260,7 @@ _GROUPS: Final[Mapping[str | None, tuple[str, str]]] = {
     "org": ("NULLIF(org_id, '')", "NULLIF(org_id, '')"),
     "model": (_RAW_MODEL, "model"),
     "provider": ("NULLIF(provider, '')", "NULLIF(provider, '')"),
+    "route": ("NULLIF(model_alias, '')", "NULLIF(route, '')"),
 }
 _BUCKETS: Final[Mapping[str | None, int | None]] = {None: None, "hour": HOUR, "day": DAY}
 _NAMES: Final[Mapping[str | None, tuple[str, str, str]]] = {

@@ -109,6 +109,7 @@ from gandalf.storage._rollups import (
     PRUNE_USAGE,
     ROLLUP_SCHEMA,
     ROLLUP_UPSERTS,
+    ROUTE_ROLLUPS,
     SPEND_SELECTS,
     SUMMARY_SELECTS,
     spend_params,
@@ -343,6 +344,13 @@ CREATE TABLE jwt_issuers (
 );
 """
 
+# Migration 10: the rollups per route too (the model alias the client asked
+# for, ``usage_records.model_alias``): ``route`` joins their primary key. Both
+# tables are rebuilt from the raw rows still kept; what the old rows counted
+# beyond those (raw rows retention already deleted) stays with route '' (none),
+# so no total changes (storage/_rollups.py, ``route_rollups``).
+_MIGRATION_10: Final = ROUTE_ROLLUPS
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
     _MIGRATION_2,
@@ -353,6 +361,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _MIGRATION_7,
     _MIGRATION_8,
     _MIGRATION_9,
+    _MIGRATION_10,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
@@ -683,7 +692,8 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
         """Usage records with ``since <= created_at < until`` summed per ``by``
         (one of :data:`USAGE_GROUPS`, or None: one group of everything;
         ``model`` is the upstream model, or the alias when no target was
-        reached) and, with ``bucket`` ('hour' | 'day'), per UTC hour or day
+        reached; ``route`` is the alias the client asked for) and, with
+        ``bucket`` ('hour' | 'day'), per UTC hour or day
         (``UsageSummary.bucket``: its start). Only groups with records appear.
         Costliest first (within each bucket, oldest bucket first); ties by
         requests, then group. ``limit`` / ``offset`` page through the rows.

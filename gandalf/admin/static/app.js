@@ -173,8 +173,8 @@ function groupedSeries(rows, measure, n = 6) {
 }
 
 // ------------------------------------------------------------------ pages
-// range -> [since, bucket of the totals, bucket of the per-model/provider series]: a
-// week's totals per hour, its per-group series per day (8 models x 168 hours would be
+// range -> [since, bucket of the totals, bucket of the per-route/provider series]: a
+// week's totals per hour, its per-group series per day (8 routes x 168 hours would be
 // 1,344 rows to sum, send and draw for lines nobody can tell apart).
 const RANGES = { "24h": ["24h", "hour", "hour"], "7d": ["7d", "hour", "day"], "30d": ["30d", "day", "day"] };
 let overviewRange = "24h";
@@ -184,16 +184,18 @@ async function overview() {
   const picker = h("select", { id: "range", onchange: (e) => { overviewRange = e.target.value; overview(); } },
     Object.keys(RANGES).map((r) => h("option", { value: r, selected: r === overviewRange }, "Last " + r)));
   show(h("h1", {}, "Overview"), h("div", { class: "toolbar" }, picker, h("span", { class: "muted small" }, "UTC; per " + bucket)), h("p", { class: "muted" }, "Loading…"));
-  let total, byModel, byProvider;
+  // Per route (the model alias clients ask for) and per provider; per upstream
+  // model is in the usage explorer.
+  let total, byRoute, byProvider;
   try {
-    [total, byModel, byProvider] = await Promise.all([
+    [total, byRoute, byProvider] = await Promise.all([
       usageAll({ since, bucket }),
-      usageAll({ since, bucket: per, group_by: "model" }),
+      usageAll({ since, bucket: per, group_by: "route" }),
       usageAll({ since, bucket: per, group_by: "provider" }),
     ]);
   } catch (err) { show(h("h1", {}, "Overview"), errorBox(err)); return; }
   const times = bucketsBetween(total.since, total.until, bucket);
-  const perTimes = bucketsBetween(byModel.since, byModel.until, per);
+  const perTimes = bucketsBetween(byRoute.since, byRoute.until, per);
   const rows = total.data;
   const sum = (f) => rows.reduce((a, r) => a + f(r), 0);
   const requests = sum((r) => r.requests), errors = sum((r) => r.errors);
@@ -210,7 +212,8 @@ async function overview() {
       { name: "completion", values: seriesOf(rows, (r) => r.completion_tokens) }], { bucket, id: "chart-tokens" }),
     lineChart("Spend (USD)", times, [{ name: "Spend (USD)", values: seriesOf(rows, (r) => r.cost_usd) }], { bucket, format: (v) => "$" + compact(v), id: "chart-spend" }),
     lineChart("Error rate", times, [{ name: "Error rate", values: errRate }], { bucket, format: (v) => (100 * v).toFixed(0) + "%", id: "chart-errors" }),
-    lineChart("Requests per model", perTimes, groupedSeries(byModel.data, (r) => r.requests), { bucket: per, id: "chart-models" }),
+    lineChart("Requests per route", perTimes, groupedSeries(byRoute.data, (r) => r.requests), { bucket: per, id: "chart-routes" }),
+    lineChart("Spend per route", perTimes, groupedSeries(byRoute.data, (r) => r.cost_usd), { bucket: per, format: (v) => "$" + compact(v), id: "chart-route-spend" }),
     lineChart("Requests per provider", perTimes, groupedSeries(byProvider.data, (r) => r.requests), { bucket: per, id: "chart-providers" }),
     lineChart("Spend per provider", perTimes, groupedSeries(byProvider.data, (r) => r.cost_usd), { bucket: per, format: (v) => "$" + compact(v), id: "chart-provider-spend" }),
     lineChart("Errors per provider", perTimes, groupedSeries(byProvider.data, (r) => r.errors), { bucket: per, id: "chart-provider-errors" }),
@@ -397,7 +400,7 @@ let usageState = { group_by: "model", since: "7d", until: "", bucket: "" };
 async function usagePage() {
   const st = usageState;
   const form = h("form", { class: "inline", id: "usage-form", onsubmit: (e) => { e.preventDefault(); usageState = formValues(form); usagePage(); } },
-    h("label", {}, "Group by", h("select", { name: "group_by" }, [["", "(total)"], ["key", "key"], ["team", "team"], ["org", "org"], ["model", "model"], ["provider", "provider"]]
+    h("label", {}, "Group by", h("select", { name: "group_by" }, [["", "(total)"], ["key", "key"], ["team", "team"], ["org", "org"], ["route", "route"], ["model", "model"], ["provider", "provider"]]
       .map(([v, l]) => h("option", { value: v, selected: v === st.group_by }, l)))),
     field("Since", "since", { value: st.since, placeholder: "7d, ISO 8601 or epoch" }),
     field("Until", "until", { value: st.until, placeholder: "now" }),
