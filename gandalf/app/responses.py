@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import msgspec
 
@@ -56,6 +56,7 @@ from gandalf.app.responses_wire import (
     new_id,
     shorten,
 )
+from gandalf.app.router import RouteEntry
 from gandalf.domain import (
     ChatCall,
     ChatStream,
@@ -99,6 +100,9 @@ _output = msgspec.json.Decoder(_Output)
 _items = msgspec.json.Decoder(list[msgspec.Raw])
 _fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encoder = msgspec.json.Encoder()
+
+
+_T = TypeVar("_T")
 
 
 class _Job:
@@ -352,15 +356,19 @@ class ResponsesService:
         except Exception as exc:  # the store's failure must not turn a served answer into a 500
             logger.warning("storing response %s failed: %s", response_id, exc)
 
-    async def create(
+    async def _serve(
         self,
         identity: Identity,
         request: ResponsesRequest,
         body: bytes,
         request_id: str,
         started: float,
-    ) -> Outcome[ProviderReply]:
-        """Serve one non-streamed request; the Outcome's reply is the Response."""
+        attempt: Callable[[Slot, _Job], Awaitable[_T]],
+    ) -> tuple[RouteEntry, _Job, Ticket | None, Outcome[_T]]:
+        """The route, the job (history loaded), the governor's ticket and the
+        served attempt (``attempt``: :func:`_create` or :func:`_open`) of one
+        request. A failure is accounted for (its ticket given back) and raised,
+        marked as a cache bypass on a caching route."""
         alias = request.model
         proxy = self._proxy
         pipeline = proxy.pipeline
@@ -379,15 +387,29 @@ class ResponsesService:
                     if pipeline.local
                     else await pipeline.govern_shared(identity, entry, job.relay_body, limit)
                 )
-            outcome = await proxy.failover.serve(entry, _create, job, request_id, self.monotonic())
+            served = await proxy.failover.serve(entry, attempt, job, request_id, self.monotonic())
         except BaseException as exc:
             pipeline.failed(identity, alias, request_id, started, ENDPOINT, exc, ticket)
             if entry.cache is not None and isinstance(exc, GatewayError):
                 exc.relayed = (*exc.relayed, BYPASS)
             raise
+        return entry, job, ticket, served
+
+    async def create(
+        self,
+        identity: Identity,
+        request: ResponsesRequest,
+        body: bytes,
+        request_id: str,
+        started: float,
+    ) -> Outcome[ProviderReply]:
+        """Serve one non-streamed request; the Outcome's reply is the Response."""
+        entry, job, ticket, outcome = await self._serve(
+            identity, request, body, request_id, started, _create
+        )
         reply, slot = outcome.value, outcome.slot
-        pipeline.account(
-            identity, alias, request_id, started, ENDPOINT, slot.name, slot.target.model,
+        self._proxy.pipeline.account(
+            identity, request.model, request_id, started, ENDPOINT, slot.name, slot.target.model,
             reply.usage, reply.status, outcome.attempts, ticket,
         )  # fmt: skip
         if request.store:
@@ -412,30 +434,9 @@ class ResponsesService:
     ) -> Outcome[ResponsesStream]:
         """Open a streamed request: failures before the upstream accepted it
         fail over, then raise (accounted for); later ones end the stream."""
-        alias = request.model
-        proxy = self._proxy
-        pipeline = proxy.pipeline
-        ticket: Ticket | None = None
-        try:
-            entry = pipeline.route(proxy.routes, identity, alias)
-        except BaseException as exc:
-            pipeline.failed(identity, alias, request_id, started, ENDPOINT, exc, None)
-            raise
-        try:
-            job = await self._job(identity, request, body, request_id)
-            if identity.scopes:
-                limit = request.max_output_tokens
-                ticket = (
-                    pipeline.govern(identity, entry, job.relay_body, limit)
-                    if pipeline.local
-                    else await pipeline.govern_shared(identity, entry, job.relay_body, limit)
-                )
-            opened = await proxy.failover.serve(entry, _open, job, request_id, self.monotonic())
-        except BaseException as exc:
-            pipeline.failed(identity, alias, request_id, started, ENDPOINT, exc, ticket)
-            if entry.cache is not None and isinstance(exc, GatewayError):
-                exc.relayed = (*exc.relayed, BYPASS)
-            raise
+        entry, job, ticket, opened = await self._serve(
+            identity, request, body, request_id, started, _open
+        )
         slot, attempts = opened.slot, opened.attempts
         stream = ResponsesStream(
             opened.value, self, (identity, job, started, slot, attempts, ticket)

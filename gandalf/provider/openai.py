@@ -10,7 +10,8 @@ replaces the caller's). Answers come back as bytes; only ``usage`` is decoded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
 
 import aiohttp
 import msgspec
@@ -241,7 +242,30 @@ class OpenAIProvider(transport.UpstreamClient):
     def _status_error(self, status: int, body: bytes, retry_after: str | None) -> GatewayError:
         return transport.http_status_error(self.name, status, body, retry_after)
 
-    async def _post(self, url: str, body: bytes) -> ProviderReply:
+    async def _refuse_stream(self, resp: aiohttp.ClientResponse) -> NoReturn:
+        """A streaming request's answer that is an error or not an event stream:
+        read and released, then raised as the upstream's error (its
+        ``x-ratelimit-*`` relayed) or as an UpstreamError naming what came."""
+        status = resp.status
+        try:
+            data = await transport.read_body(resp, self._errors)
+            retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+        finally:
+            resp.release()
+        if status >= 300:
+            error = transport.http_status_error(self.name, status, data, retry_after)
+            error.relayed = relayed_headers(resp.raw_headers)
+            raise error
+        raise UpstreamError(
+            f"Upstream provider '{self.name}' answered a streaming request with "
+            f"'{resp.content_type}' instead of an event stream."
+        )
+
+    async def _post(
+        self, url: str, body: bytes, usage_of: Callable[[bytes], Usage | None] = extract_usage
+    ) -> ProviderReply:
+        """POST ``body`` to ``url``; the answer relayed with its usage
+        (``usage_of``: chat and embeddings by default, the Responses API's own)."""
         session = self._live_session()
         errors = self._errors
         with errors:
@@ -256,7 +280,7 @@ class OpenAIProvider(transport.UpstreamClient):
             error = transport.http_status_error(self.name, status, data, retry_after)
             error.relayed = relayed_headers(raw_headers)  # a 429's rate limits, above all
             raise error
-        usage = extract_usage(data)
+        usage = usage_of(data)
         if usage is None:
             raise UpstreamError(
                 f"Upstream provider '{self.name}' returned a response that is not a JSON object."
@@ -281,21 +305,8 @@ class OpenAIProvider(transport.UpstreamClient):
                 headers=self._headers,
                 timeout=self._stream_timeout,
             )
-            status = resp.status
-            if status >= 300 or not resp.content_type.startswith("text/event-stream"):
-                try:
-                    data = await transport.read_body(resp, self._errors)
-                    retry_after = resp.headers.get("Retry-After") if status >= 400 else None
-                finally:
-                    resp.release()
-                if status >= 300:
-                    error = transport.http_status_error(self.name, status, data, retry_after)
-                    error.relayed = relayed_headers(resp.raw_headers)
-                    raise error
-                raise UpstreamError(
-                    f"Upstream provider '{self.name}' answered a streaming request with "
-                    f"'{resp.content_type}' instead of an event stream."
-                )
+            if resp.status >= 300 or not resp.content_type.startswith("text/event-stream"):
+                await self._refuse_stream(resp)
         errors = self._errors
         if errors.first_byte_ms != errors.timeout_ms:
             # The stream started: from now on timeout_ms bounds each silence.
@@ -432,31 +443,9 @@ class ResponsesRelay:
         self._url = owner.config.base_url.rstrip("/") + "/responses"
 
     async def create(self, body: bytes, model: str | None) -> ProviderReply:
-        owner = self._owner
         if model is not None:
             body = rewrite_body(body, model=model)
-        session = owner._live_session()
-        errors = owner._errors
-        with errors:
-            async with session.post(self._url, data=body, headers=owner._headers) as resp:
-                if errors.lift_first_byte:
-                    transport.headers_arrived(resp, None)
-                data = await transport.read_body(resp, errors)
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After") if status >= 400 else None
-                raw_headers = resp.raw_headers
-        if status >= 300:
-            error = transport.http_status_error(owner.name, status, data, retry_after)
-            error.relayed = relayed_headers(raw_headers)
-            raise error
-        usage = response_usage(data)
-        if usage is None:
-            raise UpstreamError(
-                f"Upstream provider '{owner.name}' returned a response that is not a JSON object."
-            )
-        return ProviderReply(
-            body=data, usage=usage, status=status, headers=relayed_headers(raw_headers)
-        )
+        return await self._owner._post(self._url, body, response_usage)
 
     async def stream(self, body: bytes, model: str | None) -> ResponsesRelayStream:
         owner = self._owner
@@ -468,21 +457,8 @@ class ResponsesRelay:
             resp = await session.post(
                 self._url, data=body, headers=owner._headers, timeout=owner._stream_timeout
             )
-            status = resp.status
-            if status >= 300 or not resp.content_type.startswith("text/event-stream"):
-                try:
-                    data = await transport.read_body(resp, errors)
-                    retry_after = resp.headers.get("Retry-After") if status >= 400 else None
-                finally:
-                    resp.release()
-                if status >= 300:
-                    error = transport.http_status_error(owner.name, status, data, retry_after)
-                    error.relayed = relayed_headers(resp.raw_headers)
-                    raise error
-                raise UpstreamError(
-                    f"Upstream provider '{owner.name}' answered a streaming request with "
-                    f"'{resp.content_type}' instead of an event stream."
-                )
+            if resp.status >= 300 or not resp.content_type.startswith("text/event-stream"):
+                await owner._refuse_stream(resp)
         if errors.first_byte_ms != errors.timeout_ms:
             transport.headers_arrived(resp, errors.timeout_s)
         return ResponsesRelayStream(resp, errors.stream_body, owner.name)
