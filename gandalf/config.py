@@ -32,7 +32,7 @@ import fnmatch
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Final, Literal, NoReturn
 from urllib.parse import urlsplit
 
@@ -669,6 +669,15 @@ def parse_size(value: object) -> int:
     return size
 
 
+# Other scalar fields given in a unit of their own, parsed the same way in place.
+_PARSED_FIELDS: tuple[tuple[str, str, Callable[[object], float]], ...] = (
+    ("database", "usage_retention", parse_retention),
+    ("responses", "retention", parse_retention),
+    ("cache", "max_bytes", parse_size),
+    ("redis", "max_entry_bytes", parse_size),
+)
+
+
 def split_addr(addr: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ``ValueError`` if malformed."""
     hint = f"invalid address {addr!r} (expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080)"
@@ -822,29 +831,15 @@ class _Loader:
     def normalise(self, data: dict[str, Any]) -> None:
         """Turn durations and expiry times into float seconds, in place, where the shape
         allows (a wrong shape is left for msgspec to report)."""
-        for section, fields in _DURATION_FIELDS.items():
+        fields = [(s, f, parse_duration) for s, names in _DURATION_FIELDS.items() for f in names]
+        for section, field, parse in (*fields, *_PARSED_FIELDS):
             block = data.get(section)
-            if not isinstance(block, dict):
-                continue
-            for field in fields:
-                if field in block:
-                    try:
-                        block[field] = parse_duration(block[field])
-                    except ValueError as exc:
-                        raise self.error(f"{section}.{field}", str(exc)) from None
+            if isinstance(block, dict) and field in block:
+                try:
+                    block[field] = parse(block[field])
+                except ValueError as exc:
+                    raise self.error(f"{section}.{field}", str(exc)) from None
         self.normalise_jwt(data.get("auth"))
-        database = data.get("database")
-        if isinstance(database, dict) and "usage_retention" in database:
-            try:
-                database["usage_retention"] = parse_retention(database["usage_retention"])
-            except ValueError as exc:
-                raise self.error("database.usage_retention", str(exc)) from None
-        responses = data.get("responses")
-        if isinstance(responses, dict) and "retention" in responses:
-            try:
-                responses["retention"] = parse_retention(responses["retention"])
-            except ValueError as exc:
-                raise self.error("responses.retention", str(exc)) from None
         resilience = data.get("resilience")
         if isinstance(resilience, dict):
             self.normalise_breaker(resilience.get("breaker"), "resilience.breaker")
@@ -853,18 +848,6 @@ class _Loader:
             for i, entry in enumerate(providers):
                 if isinstance(entry, dict):
                     self.normalise_breaker(entry.get("breaker"), f"providers[{i}].breaker")
-        cache = data.get("cache")
-        if isinstance(cache, dict) and "max_bytes" in cache:
-            try:
-                cache["max_bytes"] = parse_size(cache["max_bytes"])
-            except ValueError as exc:
-                raise self.error("cache.max_bytes", str(exc)) from None
-        redis = data.get("redis")
-        if isinstance(redis, dict) and "max_entry_bytes" in redis:
-            try:
-                redis["max_entry_bytes"] = parse_size(redis["max_entry_bytes"])
-            except ValueError as exc:
-                raise self.error("redis.max_entry_bytes", str(exc)) from None
         routes = data.get("routes")
         if isinstance(routes, list):
             for i, entry in enumerate(routes):
