@@ -341,7 +341,9 @@ PG_SUMMARY_SELECTS: Final[Mapping[tuple[str | None, str | None], str]] = {
 
 # A scope's spend since a time: the raw rows of the partial hour at the start,
 # the hourly rollups up to the next day, the daily ones after it
-# (parameters: id, since, h1, id, h1, d1, id, d1).
+# (parameters: id, since, h1, id, h1, d1, id, d1). The raw part goes through
+# the created_at index (the raw rows carry no scope index since migration 11:
+# a budget's period starts on an hour, so its raw part is always empty).
 SPEND_SELECTS: Final[Mapping[str, str]] = {
     kind: (
         f"SELECT (SELECT TOTAL(cost_usd) FROM usage_records WHERE {column} = ? "
