@@ -2,12 +2,12 @@
 
 Opens a fresh database file (every migration), then commits ``--batches``
 batches of ``--size`` records each straight through the store's
-``_commit_usage`` (the transaction the writer runs per batch: ``MAX(id)``,
-the multi-row inserts, the two rollup upserts, the commit), timed per round.
-Records look like served traffic: 100 keys in 20 teams of 5 orgs, 6 models on
-3 providers, priced, one second apart per batch (so the rollups see new
-hours as the run goes on). Reported per record, median over ``--rounds``
-rounds (each on a new file):
+``_commit_usage`` (the transaction the writer runs per batch: the multi-row
+inserts, the rollups, the commit), timed per round. Records look like served
+traffic: ``--keys`` keys (100; 1 is what the served benches send) in up to 20
+teams of up to 5 orgs, one of 6 models on 3 providers per key, priced; a
+batch a second (so within one hour, as under load). Reported per record,
+median over ``--rounds`` rounds (each on a new file):
 
 - ``writer us``: CPU of the writer connection's thread (aiosqlite's, where
   SQLite runs: the figure a served worker pays on its writer thread);
@@ -18,7 +18,7 @@ rounds (each on a new file):
 Run it with ``PYTHONPATH`` pointing at another checkout for a before/after::
 
     PYTHONPATH=. python bench/usage_writer.py
-    PYTHONPATH=. python bench/usage_writer.py --batches 200 --size 256 --rounds 5
+    PYTHONPATH=. python bench/usage_writer.py --keys 1 --batches 200 --size 256 --rounds 5
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ MODELS = (
 )
 
 
-def _batch(n: int, size: int) -> list[UsageRecord]:
+def _batch(n: int, size: int, keys: int) -> list[UsageRecord]:
     records = []
     for i in range(size):
-        k = (n * size + i) * 7919 % 100
+        k = (n * size + i) * 7919 % keys
         alias, provider = MODELS[k % len(MODELS)]
         records.append(
             UsageRecord(
@@ -107,14 +107,17 @@ async def main() -> None:
     parser.add_argument("--batches", type=int, default=200, help="batches per round")
     parser.add_argument("--size", type=int, default=256, help="records per batch")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--keys", type=int, default=100, help="keys the records spread over (1: the served bench)"
+    )
     args = parser.parse_args()
-    batches = [_batch(n, args.size) for n in range(args.batches)]
+    batches = [_batch(n, args.size, args.keys) for n in range(args.batches)]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             results.append(await _round(str(Path(tmp) / f"usage-{r}.db"), batches))
     print(
-        f"{args.batches} batches x {args.size} records, {args.rounds} rounds "
+        f"{args.batches} batches x {args.size} records of {args.keys} key(s), {args.rounds} rounds "
         "(median [min-max], us per record)"
     )
     for name, values in zip(("writer", "process", "wall"), zip(*results, strict=True), strict=True):

@@ -457,6 +457,39 @@ def test_spend_reads_the_same_without_the_raw_spend_indexes(store_dsn: str) -> N
     assert after == pytest.approx(want)
 
 
+def test_a_failed_batch_leaves_nothing_behind_for_the_next(tmp_path: Path) -> None:
+    """SQLite sums a batch in a temporary table before adding it into the
+    rollups: a batch that fails after that (here: at the daily rollup) is
+    rolled back whole, and the next batch adds only its own sums."""
+    db = tmp_path / "g.db"
+    run(db, lambda store: store.flush())
+    execute(
+        str(db),
+        "CREATE TRIGGER poison BEFORE INSERT ON usage_daily WHEN NEW.key_id = 'poison' "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+    )
+
+    def record(i: int, key: str) -> UsageRecord:
+        return UsageRecord(f"r{i}", key, "o1", "a", "m", "p", 1, 2, 3, 1.0, 200, T0 + i,
+                           cost_usd=0.5)  # fmt: skip
+
+    async def test(store: Store) -> None:
+        store.record_usage(record(0, "k1"))
+        await store.flush()
+        store.record_usage(record(1, "k1"))
+        store.record_usage(record(2, "poison"))
+        await store.flush()
+        assert (store.usage_failed, store.usage_written) == (2, 1)
+        store.record_usage(record(3, "k1"))
+        await store.flush()
+        assert (store.usage_failed, store.usage_written) == (2, 2)
+
+    run(db, test)
+    for table in ("usage_records", "usage_hourly", "usage_daily"):
+        total = "COUNT(*)" if table == "usage_records" else "SUM(requests)"
+        assert rollup_rows(str(db), f"SELECT {total}, TOTAL(cost_usd) FROM {table}") == [(2, 1.0)]
+
+
 def test_paging_and_order(store_dsn: str) -> None:
     records = [
         UsageRecord(f"r{i}", f"k{i % 4}", "o", "a", "m", "p", 1, 1, 2, 1.0, 200,

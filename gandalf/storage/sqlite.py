@@ -104,11 +104,13 @@ from gandalf.domain import (
     User,
 )
 from gandalf.storage._rollups import (
+    BATCH_CLEAR,
+    BATCH_FILL,
+    BATCH_ROLLUPS,
+    BATCH_TABLE,
     BUCKETS,
-    MAX_USAGE_ID,
     PRUNE_USAGE,
     ROLLUP_SCHEMA,
-    ROLLUP_UPSERTS,
     ROUTE_ROLLUPS,
     SPEND_SELECTS,
     SUMMARY_SELECTS,
@@ -602,6 +604,7 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
                 if mode is None or str(mode[0]).lower() != "wal":
                     logger.warning("database %s is not in WAL mode (%s)", self._dsn, mode)
             await self._migrate(writer)
+            await writer.execute(BATCH_TABLE)  # the usage batch's sums (_commit_usage)
             for _ in range(self._reader_count):
                 reader = await self._connect(opened)
                 await reader.execute("PRAGMA query_only=ON")
@@ -1261,15 +1264,19 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
         writer retries a transient failure: see the module doc)."""
         try:
             await conn.execute("BEGIN IMMEDIATE")
-            cur = await conn.execute(MAX_USAGE_ID)
-            last = (await cur.fetchone() or (0,))[0]
+            last = None
             for start in range(0, len(batch), _ROWS_PER_INSERT):
                 chunk = batch[start : start + _ROWS_PER_INSERT]
                 params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
-                await conn.execute(_usage_insert(len(chunk)), params)
+                last = (await conn.execute(_usage_insert(len(chunk)), params)).lastrowid
+            assert last is not None  # the writer never commits an empty batch
             # The batch's sums into their hours and days, in the same transaction.
-            for upsert in ROLLUP_UPSERTS:
-                await conn.execute(upsert, (last,))
+            # Its ids are the table's largest id + 1, + 2, ... (rowids, under the
+            # write lock): the rows after ``last - len(batch)``.
+            await conn.execute(BATCH_FILL, (last - len(batch),))
+            for upsert in BATCH_ROLLUPS:
+                await conn.execute(upsert)
+            await conn.execute(BATCH_CLEAR)
             await conn.commit()
         except Exception:
             await _rollback_quietly(conn)
