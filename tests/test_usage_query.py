@@ -155,16 +155,18 @@ def test_spend_since_per_scope(store_dsn: str) -> None:
 
 
 def test_queries_read_indexes(tmp_path: Path) -> None:
-    """Spend reads one covering index (no table rows); summaries read the
-    time range through the created_at index, not the whole table."""
+    """Spend reads the daily rollups' covering index (no table rows) and its
+    partial first hour of raw rows through the created_at index (migration 11
+    dropped the raw scope indexes); summaries read the time range through the
+    created_at index, not the whole table."""
     db = tmp_path / "g.db"
     run(db, lambda store: store.flush())
     with sqlite3.connect(db) as conn:
         for kind, sql in SPEND_SELECTS.items():
             params = ("x", 0, 0, "x", 0, 0, "x", 0)
             plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
-            for table in ("usage_records", "usage_daily"):
-                assert f"COVERING INDEX {table}_{kind}_spend" in plan, plan
+            assert f"COVERING INDEX usage_daily_{kind}_spend" in plan, plan
+            assert "SEARCH usage_records USING INDEX usage_records_created_at" in plan, plan
             assert "SEARCH usage_hourly USING PRIMARY KEY (hour>? AND hour<?)" in plan, plan
         for sql in SUMMARY_SELECTS.values():
             bounds = (0, 1, 0, 3600, 0, 86400, 0, 3600, 2, 3, -1, 0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from gandalf.app.budget import period_bounds
 from gandalf.domain import USAGE_GROUPS, UsageRecord, UsageSummary
 from gandalf.storage._rollups import HOUR, SUMMARY_SELECTS, split
 from gandalf.storage._rows import _USAGE_FIELDS
@@ -402,6 +403,91 @@ def rollup_rows(dsn: str, sql: str) -> list[tuple[object, ...]]:
         return asyncio.run(fetch())
     with contextlib.closing(sqlite3.connect(dsn)) as conn:
         return conn.execute(sql).fetchall()
+
+
+def test_spend_reads_the_same_without_the_raw_spend_indexes(store_dsn: str) -> None:
+    """Migration 11 drops the raw rows' (scope, created_at, cost) indexes: a
+    database written at version 10 reads the same spend after it as before,
+    the plain sum of its records' costs, for every budget period's start (what
+    the governors read back at start-up) and for starts inside an hour (the
+    raw rows of that partial hour, now through the created_at index)."""
+    rng = random.Random(11)
+    records = random_records(rng, 600, 9 * 86400.0)
+    now = T0 + 8.5 * 86400.0 + 17.0  # records before and after the day's start
+    starts = [period_bounds(period, now)[0] for period in ("daily", "weekly", "monthly", "total")]
+    starts += [T0 + 1.5, T0 + 86400.0 * 3 + 1234.5, now - 86400.0 - 59.0]
+    scopes = [("key", "k1"), ("key", "k3"), ("team", "t1"), ("org", "o2"), ("org", "nobody")]
+    column = {"key": "key_id", "team": "team_id", "org": "org_id"}
+    want = {
+        (kind, id, since): sum(
+            r.cost_usd or 0.0
+            for r in records
+            if getattr(r, column[kind]) == id and r.created_at >= since
+        )
+        for kind, id in scopes
+        for since in starts
+    }
+    assert any(value > 0 for value in want.values())
+    read: list[dict[tuple[str, str, float], float]] = []
+
+    async def spend(store: Store) -> None:
+        read.append({k: await store.spend_since(*k) for k in want})
+
+    async def write(store: Store) -> None:
+        for r in records:
+            store.record_usage(r)
+        await store.flush()
+        await spend(store)
+
+    migrations = migrations_of(store_dsn)
+    assert len(migrations) == 11
+    run(store_dsn, write, migrations=migrations[:10], batch_size=64)
+    raw_spend = "tablename = 'usage_records' AND indexname LIKE '%spend'"
+    lite_spend = "type = 'index' AND tbl_name = 'usage_records' AND name LIKE '%spend'"
+    count = (
+        f"SELECT count(*) FROM pg_indexes WHERE {raw_spend}"
+        if is_postgres_dsn(store_dsn)
+        else f"SELECT count(*) FROM sqlite_master WHERE {lite_spend}"
+    )
+    assert rollup_rows(store_dsn, count) == [(3,)]
+    run(store_dsn, spend)
+    assert rollup_rows(store_dsn, count) == [(0,)]
+    before, after = read
+    assert after == before
+    assert after == pytest.approx(want)
+
+
+def test_a_failed_batch_leaves_nothing_behind_for_the_next(tmp_path: Path) -> None:
+    """SQLite sums a batch in a temporary table before adding it into the
+    rollups: a batch that fails after that (here: at the daily rollup) is
+    rolled back whole, and the next batch adds only its own sums."""
+    db = tmp_path / "g.db"
+    run(db, lambda store: store.flush())
+    execute(
+        str(db),
+        "CREATE TRIGGER poison BEFORE INSERT ON usage_daily WHEN NEW.key_id = 'poison' "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+    )
+
+    def record(i: int, key: str) -> UsageRecord:
+        return UsageRecord(f"r{i}", key, "o1", "a", "m", "p", 1, 2, 3, 1.0, 200, T0 + i,
+                           cost_usd=0.5)  # fmt: skip
+
+    async def test(store: Store) -> None:
+        store.record_usage(record(0, "k1"))
+        await store.flush()
+        store.record_usage(record(1, "k1"))
+        store.record_usage(record(2, "poison"))
+        await store.flush()
+        assert (store.usage_failed, store.usage_written) == (2, 1)
+        store.record_usage(record(3, "k1"))
+        await store.flush()
+        assert (store.usage_failed, store.usage_written) == (2, 2)
+
+    run(db, test)
+    for table in ("usage_records", "usage_hourly", "usage_daily"):
+        total = "COUNT(*)" if table == "usage_records" else "SUM(requests)"
+        assert rollup_rows(str(db), f"SELECT {total}, TOTAL(cost_usd) FROM {table}") == [(2, 1.0)]
 
 
 def test_paging_and_order(store_dsn: str) -> None:

@@ -208,6 +208,14 @@ CREATE TABLE jwt_issuers (
 # Version 10: the rollups per route too, rebuilt (storage/_rollups.py, route_rollups).
 _MIGRATION_10: Final = route_rollups(pg=True)
 
+# Version 11: the raw rows' spend indexes dropped (see SQLite's migration 11:
+# spend reads raw rows only for a partial first hour, budgets never).
+_MIGRATION_11: Final = """
+DROP INDEX IF EXISTS usage_records_key_spend;
+DROP INDEX IF EXISTS usage_records_team_spend;
+DROP INDEX IF EXISTS usage_records_org_spend;
+"""
+
 # MIGRATIONS[i] brings a database from version i to i + 1, like SQLite's tuple
 # (same numbers, same meaning). Append only.
 MIGRATIONS: Final[tuple[str, ...]] = (
@@ -221,5 +229,6 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _MIGRATION_8,
     _MIGRATION_9,
     _MIGRATION_10,
+    _MIGRATION_11,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)

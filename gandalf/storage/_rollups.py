@@ -207,7 +207,51 @@ ROLLUP_UPSERTS: Final = tuple(
     + ", ".join(f"{m} = {m} + excluded.{m}" for m in _MEASURES)
     for table, column, period, _ in _TABLES
 )
-MAX_USAGE_ID: Final = "SELECT IFNULL(MAX(id), 0) FROM usage_records"
+
+# SQLite's writer sums a batch once into a temporary table of the batch's hours
+# (the writer connection's own, empty between batches), then adds those few
+# rows into the hourly and the daily rollups: one pass over the raw rows
+# instead of one per table. Nothing groups with a sort: each raw row is
+# upserted into its hour's row of the temporary table, and each hour's row
+# into its day's (an upsert adds a row that meets one inserted earlier in the
+# same statement). Measured, writer-thread CPU per record (bench/usage_writer.py,
+# 200 batches of 256, against one upsert from the raw rows per table): 4.3 ->
+# 3.7 us with one key, 7.4 -> 5.9 us with 100. The sums are ROLLUP_UPSERTS'.
+_BATCH: Final = "temp.usage_batch"
+BATCH_TABLE: Final = _ddl(_BATCH, "hour")
+# Each raw row's contribution to _MEASURES, as _RAW_SUMS sums it.
+_RAW_TERMS: Final = (
+    "1", "status >= 400", "prompt_tokens", "completion_tokens", "total_tokens",
+    "cached_prompt_tokens", "cache_write_tokens", "reasoning_tokens", "IFNULL(cost_usd, 0.0)",
+    "cost_usd IS NULL AND status < 400",
+)  # fmt: skip
+
+
+def _add(column: str) -> str:
+    return f" ON CONFLICT ({', '.join((column, *_DIMENSIONS))}) DO UPDATE SET " + ", ".join(
+        f"{m} = {m} + excluded.{m}" for m in _MEASURES
+    )
+
+
+# The raw rows with id > ? (the batch just inserted) into their hours.
+BATCH_FILL: Final = (
+    _insert(_BATCH, "hour")
+    + f"SELECT {_raw_start(HOUR)}, "
+    + ", ".join(_RAW_DIMENSIONS[d].format(null="IFNULL") for d in _DIMENSIONS)
+    + f", {', '.join(_RAW_TERMS)} FROM usage_records WHERE id > ?"
+    + _add("hour")
+)
+_BATCH_COLUMNS: Final = ", ".join(_DIMENSIONS + _MEASURES)
+# The batch's hours into the hourly and the daily rollups (WHERE true: SQLite
+# reads the ON of an INSERT ... SELECT's upsert as a join's without it).
+BATCH_ROLLUPS: Final = tuple(
+    _insert(table, column)
+    + f"SELECT {'hour' if period == HOUR else f'hour / {period} * {period}'}, {_BATCH_COLUMNS} "
+    + f"FROM {_BATCH} WHERE true"
+    + _add(column)
+    for table, column, period, _ in _TABLES
+)
+BATCH_CLEAR: Final = f"DELETE FROM {_BATCH}"
 
 
 def pg_rollup_upserts(source: str) -> tuple[str, str]:
@@ -341,7 +385,9 @@ PG_SUMMARY_SELECTS: Final[Mapping[tuple[str | None, str | None], str]] = {
 
 # A scope's spend since a time: the raw rows of the partial hour at the start,
 # the hourly rollups up to the next day, the daily ones after it
-# (parameters: id, since, h1, id, h1, d1, id, d1).
+# (parameters: id, since, h1, id, h1, d1, id, d1). The raw part goes through
+# the created_at index (the raw rows carry no scope index since migration 11:
+# a budget's period starts on an hour, so its raw part is always empty).
 SPEND_SELECTS: Final[Mapping[str, str]] = {
     kind: (
         f"SELECT (SELECT TOTAL(cost_usd) FROM usage_records WHERE {column} = ? "

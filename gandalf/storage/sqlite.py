@@ -104,11 +104,13 @@ from gandalf.domain import (
     User,
 )
 from gandalf.storage._rollups import (
+    BATCH_CLEAR,
+    BATCH_FILL,
+    BATCH_ROLLUPS,
+    BATCH_TABLE,
     BUCKETS,
-    MAX_USAGE_ID,
     PRUNE_USAGE,
     ROLLUP_SCHEMA,
-    ROLLUP_UPSERTS,
     ROUTE_ROLLUPS,
     SPEND_SELECTS,
     SUMMARY_SELECTS,
@@ -233,7 +235,8 @@ ALTER TABLE teams ADD COLUMN source TEXT NOT NULL DEFAULT 'cli';
 # the index alone. Each (scope, created_at) index gains cost_usd, so a period's
 # spend is a range scan of one covering index: measured over 1,000,000 rows,
 # an org's 30-day spend 86 ms -> 30 ms, a key's 12 ms -> 1 ms. Still three
-# indexes: inserts pay for no more than before.
+# indexes: inserts pay for no more than before. (Migration 11 drops them: the
+# rollups answer spend since migration 7.)
 _MIGRATION_4: Final = """
 DROP INDEX IF EXISTS usage_records_key_id_created_at;
 DROP INDEX IF EXISTS usage_records_team_id_created_at;
@@ -351,6 +354,21 @@ CREATE TABLE jwt_issuers (
 # so no total changes (storage/_rollups.py, ``route_rollups``).
 _MIGRATION_10: Final = ROUTE_ROLLUPS
 
+# Migration 11: the raw rows lose migration 4's three spend indexes. Since the
+# rollups (migration 7) spend reads raw rows only for the partial hour at the
+# start of its range (``SPEND_SELECTS``), and a budget's period starts on a
+# UTC day (or at 0), so budgets read none; any other start reads at most an
+# hour of raw rows through ``usage_records_created_at``. Every inserted row
+# paid for the three (scope, time) indexes at a random place in each:
+# measured (bench/usage_writer.py, 200 batches of 256 records of 100 keys)
+# 19.5 -> 6.9 us of writer-thread CPU per record; with one key (the indexes
+# appended to) 5.7 -> 4.1 us.
+_MIGRATION_11: Final = """
+DROP INDEX IF EXISTS usage_records_key_spend;
+DROP INDEX IF EXISTS usage_records_team_spend;
+DROP INDEX IF EXISTS usage_records_org_spend;
+"""
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     importlib.resources.files("gandalf").joinpath("schema.sql").read_text(encoding="utf-8"),
     _MIGRATION_2,
@@ -362,6 +380,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     _MIGRATION_8,
     _MIGRATION_9,
     _MIGRATION_10,
+    _MIGRATION_11,
 )
 SCHEMA_VERSION: Final[int] = len(MIGRATIONS)
 
@@ -586,6 +605,7 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
                 if mode is None or str(mode[0]).lower() != "wal":
                     logger.warning("database %s is not in WAL mode (%s)", self._dsn, mode)
             await self._migrate(writer)
+            await writer.execute(BATCH_TABLE)  # the usage batch's sums (_commit_usage)
             for _ in range(self._reader_count):
                 reader = await self._connect(opened)
                 await reader.execute("PRAGMA query_only=ON")
@@ -740,8 +760,9 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
         """USD spent by a key, team or org (``kind``) in records created at or
         after ``since``: the sum of their known costs (0.0 when none). Whole
         hours and days come from the rollups (read through their (scope, time)
-        indexes), so spend outlives the raw records' retention; queued records
-        are not counted."""
+        indexes), so spend outlives the raw records' retention; a ``since``
+        inside an hour reads the rest of that hour's raw records (of every
+        scope: through the created_at index). Queued records are not counted."""
         sql = SPEND_SELECTS.get(kind)
         if sql is None:
             raise ValueError(f"unknown spend scope {kind!r} (key, team or org)")
@@ -1244,15 +1265,19 @@ class SqliteStore(BatchedWriter[aiosqlite.Connection]):
         writer retries a transient failure: see the module doc)."""
         try:
             await conn.execute("BEGIN IMMEDIATE")
-            cur = await conn.execute(MAX_USAGE_ID)
-            last = (await cur.fetchone() or (0,))[0]
+            last = None
             for start in range(0, len(batch), _ROWS_PER_INSERT):
                 chunk = batch[start : start + _ROWS_PER_INSERT]
                 params = list(itertools.chain.from_iterable(map(_as_row, chunk)))
-                await conn.execute(_usage_insert(len(chunk)), params)
+                last = (await conn.execute(_usage_insert(len(chunk)), params)).lastrowid
+            assert last is not None  # the writer never commits an empty batch
             # The batch's sums into their hours and days, in the same transaction.
-            for upsert in ROLLUP_UPSERTS:
-                await conn.execute(upsert, (last,))
+            # Its ids are the table's largest id + 1, + 2, ... (rowids, under the
+            # write lock): the rows after ``last - len(batch)``.
+            await conn.execute(BATCH_FILL, (last - len(batch),))
+            for upsert in BATCH_ROLLUPS:
+                await conn.execute(upsert)
+            await conn.execute(BATCH_CLEAR)
             await conn.commit()
         except Exception:
             await _rollback_quietly(conn)
