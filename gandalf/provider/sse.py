@@ -192,7 +192,7 @@ class EventRelay(_Pending):
             self.done = True
         last = self._last
         if last:
-            self._counted += _count_events(last)
+            self._counted += last.count(b"\ndata:") + last.startswith(b"data:")
         self._last = chunk
         return chunk
 
