@@ -4,10 +4,11 @@ Per stream, one watcher task waits on ``receive()``: granian answers it with
 ``http.disconnect`` the moment the client goes away, and the watcher cancels
 the relay (so the upstream read is abandoned and its connection closed at
 once). The same watcher sends a ``: keep-alive`` comment (or the response's
-own keep-alive event) whenever nothing was sent for ``keepalive`` seconds and
-the last chunk ended an event. After the headers went out, an error can only
-be told in-band: one ``data: {"error": {...}}`` event, then the end of the
-body. A stream never ends silently on an error.
+own keep-alive event) whenever nothing was sent for ``keepalive`` seconds (as
+its tick tells: up to one tick late) and the last chunk ended an event. After
+the headers went out, an error can only be told in-band: one
+``data: {"error": {...}}`` event, then the end of the body. A stream never
+ends silently on an error.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ class ASGIWriter:
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
-    async def _write(self, chunk: bytes) -> None:
-        await self.send({"type": _BODY, "body": chunk, "more_body": True})
+    def _write(self, chunk: bytes) -> Awaitable[None]:
+        # send's own awaitable: no coroutine frame of ours per chunk.
+        return self.send({"type": _BODY, "body": chunk, "more_body": True})
 
     async def end(self, last: bytes = b"") -> None:
         await self.send({"type": _BODY, "body": last, "more_body": False} if last else _END)
@@ -93,7 +95,6 @@ async def relay(
     if task is None:
         task = asyncio.current_task()
         assert task is not None
-    loop = asyncio.get_running_loop()
     watch = response.watch or streams.watch(receive, task)
     status = response.status
     closing = status
@@ -112,8 +113,7 @@ async def relay(
             if watch.sending is not None:  # a keep-alive is being written: let it finish
                 await watch.sending
             await write(chunk)
-            watch.last_sent = loop.time()
-            watch.last_chunk = chunk
+            watch.last_chunk = chunk  # the watcher's tick sees it and restarts the silence clock
             if first:  # time to first token (metrics)
                 first = False
                 first_chunk()
