@@ -688,6 +688,19 @@ def test_a_refund_without_a_refill_lands_where_refill_first_would() -> None:
             assert rate.tpm.level == pytest.approx(reference)
 
 
+def test_a_level_gaining_a_limit_keeps_one_bucket_for_old_and_new_scopes() -> None:
+    # A key gains a TPM limit while requests still carry its old scopes (an
+    # identity cached before the change): the old scopes' requests share the
+    # level's new bucket, and using them does not recreate (refill) it.
+    gov, _, _ = governor()
+    old, new = (key(rpm=100),), (key(rpm=100, tpm=100),)
+    gov.admit(old, est(1))
+    gov.admit(new, est(60))  # 40 tokens left
+    gov.admit(old, est(1))
+    with pytest.raises(RateLimited):
+        gov.admit(new, est(50))
+
+
 def test_successive_headers_follow_the_buckets() -> None:
     # The header values are formatted only when they change (limits.py keeps
     # the last one per bucket): each answer must still show its own state.

@@ -70,14 +70,26 @@ class Plan:
 
     def __init__(self, spends: list[Spend], rates: list[Rate], generation: int) -> None:
         self.spends = spends
-        self.rates = rates  # for a refusal's message (RateLimits.verify)
-        self.requests = tuple(r.rpm for r in rates if r.rpm is not None)
-        self.tokens = tuple(r.tpm for r in rates if r.tpm is not None)
+        self.rates = rates  # the levels (shared with RateLimits), for refusals
+        self.requests: tuple[Bucket, ...] = ()
+        self.tokens: tuple[Bucket, ...] = ()
         self.generation = generation
         # A plan with no TPM bucket and no budget has nothing to settle: its
         # tickets differ only by their headers, and one closed Grant is reused
         # while they repeat (see LocalGovernor.admit).
         self.grant: Grant | None = None
+        self.flatten(generation)
+
+    def flatten(self, generation: int) -> None:
+        """Lay the levels' current buckets out flat (again, when RateLimits
+        created or dropped a bucket of a level since: ``generation``). The
+        levels themselves are kept, as before flattening, so requests still
+        carrying a level's old scopes share its buckets with the new ones."""
+        rates = self.rates
+        self.requests = tuple(r.rpm for r in rates if r.rpm is not None)
+        self.tokens = tuple(r.tpm for r in rates if r.tpm is not None)
+        self.generation = generation
+        self.grant = None
 
 
 class Grant:
@@ -138,8 +150,10 @@ class LocalGovernor:
         and header work of RateLimits.admit / headers is written out here over
         the plan's flat buckets."""
         plan = self._plans.get(scopes)
-        if plan is None or plan.generation != self.limits.generation:
+        if plan is None:
             plan = self._plan(scopes)
+        elif plan.generation != self.limits.generation:
+            plan.flatten(self.limits.generation)
         spends = plan.spends
         usd = estimate.usd or 0.0
         if spends:
