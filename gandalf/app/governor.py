@@ -66,13 +66,14 @@ class Plan:
     their budget states and their buckets laid out flat, RPM and TPM apart,
     in the scopes' order (the order that picks the headers' level on a tie)."""
 
-    __slots__ = ("generation", "grant", "rates", "requests", "spends", "tokens")
+    __slots__ = ("generation", "grant", "rates", "requests", "single", "spends", "tokens")
 
     def __init__(self, spends: list[Spend], rates: list[Rate], generation: int) -> None:
         self.spends = spends
         self.rates = rates  # the levels (shared with RateLimits), for refusals
         self.requests: tuple[Bucket, ...] = ()
         self.tokens: tuple[Bucket, ...] = ()
+        self.single: Bucket | None = None
         self.generation = generation
         # A plan with no TPM bucket and no budget has nothing to settle: its
         # tickets differ only by their headers, and one closed Grant is reused
@@ -88,6 +89,9 @@ class Plan:
         rates = self.rates
         self.requests = tuple(r.rpm for r in rates if r.rpm is not None)
         self.tokens = tuple(r.tpm for r in rates if r.tpm is not None)
+        # The commonest limited caller, a key's own rpm alone, has its own path.
+        one = len(self.requests) == 1 and not self.tokens and not self.spends
+        self.single = self.requests[0] if one else None
         self.generation = generation
         self.grant = None
 
@@ -154,6 +158,23 @@ class LocalGovernor:
             plan = self._plan(scopes)
         elif plan.generation != self.limits.generation:
             plan.flatten(self.limits.generation)
+        single = plan.single
+        if single is not None:
+            # One RPM bucket, nothing else: the general path below, for it alone.
+            now = self._monotonic()
+            elapsed = now - single.stamp
+            if elapsed > 0:
+                level = single.level + elapsed * single.rate
+                single.level = level if level < single.full else single.full
+                single.stamp = now
+            if single.level < 1:
+                self.limits.verify(plan.rates, estimate.tokens)  # raises; nothing taken
+            single.level -= 1  # fits: so its capacity is at least 1
+            grant = plan.grant
+            if single.refresh() or grant is None or grant.headers[0] is not single.limit_header:
+                headers = [single.limit_header, single.left_header, single.reset_header]
+                grant = plan.grant = Grant(headers, plan, estimate.tokens, 0.0, False)
+            return grant
         spends = plan.spends
         usd = estimate.usd or 0.0
         if spends:
