@@ -172,8 +172,8 @@ class LocalGovernor:
             single.level -= 1  # fits: so its capacity is at least 1
             grant = plan.grant
             if single.refresh() or grant is None or grant.headers[0] is not single.limit_header:
-                headers = [single.limit_header, single.left_header, single.reset_header]
-                grant = plan.grant = Grant(headers, plan, estimate.tokens, 0.0, False)
+                pairs = [single.limit_header, single.left_header, single.reset_header]
+                grant = plan.grant = Grant(pairs, plan, estimate.tokens, 0.0, False)
             return grant
         spends = plan.spends
         usd = estimate.usd or 0.0
