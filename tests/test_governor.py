@@ -688,6 +688,47 @@ def test_a_refund_without_a_refill_lands_where_refill_first_would() -> None:
             assert rate.tpm.level == pytest.approx(reference)
 
 
+def test_a_level_gaining_a_limit_keeps_one_bucket_for_old_and_new_scopes() -> None:
+    # A key gains a TPM limit while requests still carry its old scopes (an
+    # identity cached before the change): the old scopes' requests share the
+    # level's new bucket, and using them does not recreate (refill) it.
+    gov, _, _ = governor()
+    old, new = (key(rpm=100),), (key(rpm=100, tpm=100),)
+    gov.admit(old, est(1))
+    gov.admit(new, est(60))  # 40 tokens left
+    gov.admit(old, est(1))
+    with pytest.raises(RateLimited):
+        gov.admit(new, est(50))
+
+
+def test_an_rpm_only_callers_headers_follow_its_bucket() -> None:
+    # A key's rpm alone has nothing to settle: its tickets are shared while
+    # their headers repeat, so each answer must still show its own state and
+    # an earlier ticket keeps the headers it was given.
+    gov, mono, _ = governor()
+    scopes = (key(rpm=60),)
+    tickets = []
+    for step in range(4):
+        tickets.append(gov.admit(scopes, est()))
+        if step == 1:
+            mono.t += 1.0  # one request refilled
+    seen = [
+        (
+            header(t.headers, b"x-ratelimit-remaining-requests"),
+            header(t.headers, b"x-ratelimit-reset-requests"),
+        )
+        for t in tickets
+    ]
+    assert seen == [(b"59", b"1s"), (b"58", b"2s"), (b"58", b"2s"), (b"57", b"3s")]
+    mono.t += 3.0  # full again: the same values as the third answer, a fresh ticket or not
+    ticket = gov.admit(scopes, est())
+    assert header(ticket.headers, b"x-ratelimit-remaining-requests") == b"59"
+    assert header(tickets[0].headers, b"x-ratelimit-remaining-requests") == b"59"
+    assert header(tickets[3].headers, b"x-ratelimit-remaining-requests") == b"57"
+    gov.settle(ticket, 10, None)  # nothing to settle: a no-op, as often as called
+    gov.release(ticket)
+
+
 def test_successive_headers_follow_the_buckets() -> None:
     # The header values are formatted only when they change (limits.py keeps
     # the last one per bucket): each answer must still show its own state.

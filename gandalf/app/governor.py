@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 
 from gandalf.app.budget import Budgets, Clock, Spend, SpendSource
 from gandalf.app.governance import Estimate, Ticket
-from gandalf.app.limits import Rate, RateLimits
+from gandalf.app.limits import Bucket, Rate, RateLimits
 from gandalf.domain import Scope
 
 ENV_WORKERS = "GANDALF_WORKERS"
@@ -61,27 +61,60 @@ def worst_case(
     return Estimate(tokens=prompt_tokens + output, usd=usd)
 
 
+class Plan:
+    """The levels of one scopes tuple, resolved once (:meth:`LocalGovernor.admit`):
+    their budget states and their buckets laid out flat, RPM and TPM apart,
+    in the scopes' order (the order that picks the headers' level on a tie)."""
+
+    __slots__ = ("generation", "grant", "rates", "requests", "single", "spends", "tokens")
+
+    def __init__(self, spends: list[Spend], rates: list[Rate], generation: int) -> None:
+        self.spends = spends
+        self.rates = rates  # the levels (shared with RateLimits), for refusals
+        self.requests: tuple[Bucket, ...] = ()
+        self.tokens: tuple[Bucket, ...] = ()
+        self.single: Bucket | None = None
+        self.generation = generation
+        # A plan with no TPM bucket and no budget has nothing to settle: its
+        # tickets differ only by their headers, and one closed Grant is reused
+        # while they repeat (see LocalGovernor.admit).
+        self.grant: Grant | None = None
+        self.flatten(generation)
+
+    def flatten(self, generation: int) -> None:
+        """Lay the levels' current buckets out flat (again, when RateLimits
+        created or dropped a bucket of a level since: ``generation``). The
+        levels themselves are kept, as before flattening, so requests still
+        carrying a level's old scopes share its buckets with the new ones."""
+        rates = self.rates
+        self.requests = tuple(r.rpm for r in rates if r.rpm is not None)
+        self.tokens = tuple(r.tpm for r in rates if r.tpm is not None)
+        # The commonest limited caller, a key's own rpm alone, has its own path.
+        one = len(self.requests) == 1 and not self.tokens and not self.spends
+        self.single = self.requests[0] if one else None
+        self.generation = generation
+        self.grant = None
+
+
 class Grant:
     """The Ticket: what admit took (so settle and release can correct it) and
-    the response's ``x-ratelimit-*`` headers. Settled or released once; a
-    second call does nothing."""
+    the response's ``x-ratelimit-*`` headers (read only: a plan with nothing
+    to settle hands the same Grant and headers to successive requests).
+    Settled or released once; a second call does nothing."""
 
-    __slots__ = ("headers", "open", "rates", "spends", "tokens", "usd")
+    __slots__ = ("headers", "open", "plan", "tokens", "usd")
 
     def __init__(
-        self,
-        headers: list[tuple[bytes, bytes]],
-        rates: list[Rate],
-        tokens: int,
-        spends: list[Spend],
-        usd: float,
+        self, headers: list[tuple[bytes, bytes]], plan: Plan, tokens: int, usd: float, open: bool
     ) -> None:
         self.headers = headers
-        self.rates = rates
+        self.plan = plan
         self.tokens = tokens
-        self.spends = spends
         self.usd = usd
-        self.open = True
+        self.open = open
+
+
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
 
 
 class LocalGovernor:
@@ -93,7 +126,7 @@ class LocalGovernor:
     budget periods (both injectable for tests).
     """
 
-    __slots__ = ("_plans", "budgets", "limits")
+    __slots__ = ("_monotonic", "_plans", "_wall", "budgets", "limits")
 
     def __init__(
         self,
@@ -104,24 +137,48 @@ class LocalGovernor:
     ) -> None:
         self.limits = RateLimits(clock=monotonic, share=share)
         self.budgets = Budgets(clock=wall, share=share)
-        # scopes -> their levels' budget and bucket states, resolved once: a
-        # caller's scopes tuple is built once per key-cache fill, and equal
-        # scopes carry equal limits, so the states (created, resized, rolled
-        # over by Budgets.spend / RateLimits.rate) stay the right ones. One
-        # entry per distinct tuple (about one per key).
-        self._plans: dict[tuple[Scope, ...], tuple[list[Spend], list[Rate]]] = {}
+        self._monotonic = monotonic
+        self._wall = wall
+        # scopes -> the Plan of their levels, resolved once: a caller's scopes
+        # tuple is built once per key-cache fill, and equal scopes carry equal
+        # limits, so the states (created, resized, rolled over by
+        # Budgets.spend / RateLimits.rate) stay the right ones; a plan whose
+        # level had a bucket created or dropped since is resolved again
+        # (RateLimits.generation). One entry per distinct tuple (about one per key).
+        self._plans: dict[tuple[Scope, ...], Plan] = {}
 
     def admit(self, scopes: tuple[Scope, ...], estimate: Estimate) -> Grant:
         """Reserve one request, ``estimate.tokens`` tokens and ``estimate.usd``
         at every level of ``scopes``, or raise QuotaExceeded / RateLimited
-        (and take nothing)."""
+        (and take nothing). This runs for every limited request: the bucket
+        and header work of RateLimits.admit / headers is written out here over
+        the plan's flat buckets."""
         plan = self._plans.get(scopes)
         if plan is None:
-            plan = self._plans[scopes] = self._plan(scopes)
-        spends, rates = plan
+            plan = self._plan(scopes)
+        elif plan.generation != self.limits.generation:
+            plan.flatten(self.limits.generation)
+        single = plan.single
+        if single is not None:
+            # One RPM bucket, nothing else: the general path below, for it alone.
+            now = self._monotonic()
+            elapsed = now - single.stamp
+            if elapsed > 0:
+                level = single.level + elapsed * single.rate
+                single.level = level if level < single.full else single.full
+                single.stamp = now
+            if single.level < 1:
+                self.limits.verify(plan.rates, estimate.tokens)  # raises; nothing taken
+            single.level -= 1  # fits: so its capacity is at least 1
+            grant = plan.grant
+            if single.refresh() or grant is None or grant.headers[0] is not single.limit_header:
+                pairs = [single.limit_header, single.left_header, single.reset_header]
+                grant = plan.grant = Grant(pairs, plan, estimate.tokens, 0.0, False)
+            return grant
+        spends = plan.spends
         usd = estimate.usd or 0.0
         if spends:
-            now = self.budgets.clock()
+            now = self._wall()
             for state in spends:
                 if now >= state.until:
                     state.roll(now)
@@ -129,22 +186,83 @@ class LocalGovernor:
                 if committed >= state.limit or committed + usd > state.limit:
                     raise state.refusal(usd)
         tokens = estimate.tokens
-        if rates:
-            headers = self.limits.admit(rates, tokens)  # may raise: nothing taken yet
+        requests, buckets = plan.requests, plan.tokens
+        if not requests and not buckets:
             if usd:
-                Budgets.take(spends, usd)
-            return Grant(headers, rates, tokens, spends, usd)
+                for state in spends:
+                    state.reserved += usd
+            return Grant(_NO_HEADERS, plan, tokens, usd, True)
+        now = self._monotonic()
+        fits = True
+        for bucket in requests:
+            elapsed = now - bucket.stamp
+            if elapsed > 0:
+                level = bucket.level + elapsed * bucket.rate
+                bucket.level = level if level < bucket.full else bucket.full
+                bucket.stamp = now
+            if bucket.level < 1:
+                fits = False
+        for bucket in buckets:
+            elapsed = now - bucket.stamp
+            if elapsed > 0:
+                level = bucket.level + elapsed * bucket.rate
+                bucket.level = level if level < bucket.full else bucket.full
+                bucket.stamp = now
+            if bucket.level < tokens:
+                fits = False
+        if not fits:
+            # Raises the refusal of the level that waits longest; nothing taken.
+            self.limits.verify(plan.rates, tokens)
+        # Take, and find the tightest bucket per dimension (the smallest
+        # remaining fraction of its capacity, the first on a tie).
+        tight: Bucket | None = None
+        least = 2.0
+        for bucket in requests:
+            bucket.level -= 1
+            if bucket.capacity:
+                fraction = bucket.level / bucket.full
+                if fraction < least:
+                    tight, least = bucket, fraction
+        headers: list[tuple[bytes, bytes]]
+        changed = False
+        if tight is not None:
+            changed = tight.refresh()
+            headers = [tight.limit_header, tight.left_header, tight.reset_header]
+        else:
+            headers = []
+        if buckets:
+            tight = None
+            least = 2.0
+            for bucket in buckets:
+                bucket.level -= tokens
+                if bucket.capacity:
+                    fraction = bucket.level / bucket.full
+                    if fraction < least:
+                        tight, least = bucket, fraction
+            if tight is not None:
+                tight.refresh()
+                headers += (tight.limit_header, tight.left_header, tight.reset_header)
+        elif not spends:
+            # Nothing to settle: the last Grant serves while its headers hold.
+            grant = plan.grant
+            if grant is not None and not changed and grant.headers == headers:
+                return grant
+            grant = plan.grant = Grant(headers, plan, tokens, 0.0, False)
+            return grant
         if usd:
-            Budgets.take(spends, usd)
-        return Grant([], rates, tokens, spends, usd)
+            for state in spends:
+                state.reserved += usd
+        return Grant(headers, plan, tokens, usd, True)
 
-    def _plan(self, scopes: tuple[Scope, ...]) -> tuple[list[Spend], list[Rate]]:
+    def _plan(self, scopes: tuple[Scope, ...]) -> Plan:
         """The states of ``scopes``' levels (created on first use)."""
         budgets, limits = self.budgets, self.limits
         wall, now = budgets.clock(), limits.clock()
         spends = [s for s in (budgets.spend(scope, wall) for scope in scopes) if s is not None]
         rates = [r for r in (limits.rate(scope, now) for scope in scopes) if r is not None]
-        return spends, rates
+        plan = Plan(spends, rates, limits.generation)
+        self._plans[scopes] = plan
+        return plan
 
     def settle(self, ticket: Ticket, tokens: int, usd: float | None) -> None:
         """The request was served: ``tokens`` (its real total) replace the
@@ -154,10 +272,36 @@ class LocalGovernor:
         if not grant.open:
             return
         grant.open = False
-        if grant.rates:
-            self.limits.correct(grant.rates, tokens - grant.tokens)
-        if grant.spends:
-            Budgets.settle(grant.spends, grant.usd, usd or 0.0)
+        plan = grant.plan
+        delta = tokens - grant.tokens
+        if delta and plan.tokens:
+            if delta < 0:
+                # A refund needs no refill first: clamping at the capacity now
+                # or after the next refill gives the same level, so the clock is
+                # not read (the usual case: the answer was shorter than its estimate).
+                for bucket in plan.tokens:
+                    level = bucket.level - delta
+                    bucket.level = level if level < bucket.full else bucket.full
+            else:
+                # A charge: refill first, so the refill it eats is clamped as it accrued.
+                now = self._monotonic()
+                for bucket in plan.tokens:
+                    elapsed = now - bucket.stamp
+                    level = bucket.level
+                    if elapsed > 0:
+                        level += elapsed * bucket.rate
+                        if level > bucket.full:
+                            level = bucket.full
+                        bucket.stamp = now
+                    bucket.level = level - delta
+        spends = plan.spends
+        if spends:
+            reserved = grant.usd
+            spent = usd or 0.0
+            for state in spends:
+                left = state.reserved - reserved
+                state.reserved = left if left > 0 else 0.0
+                state.spent += spent
 
     def release(self, ticket: Ticket) -> None:
         """The request failed: its tokens and its reservation are given back.
@@ -166,10 +310,11 @@ class LocalGovernor:
         if not grant.open:
             return
         grant.open = False
-        if grant.rates:
-            self.limits.correct(grant.rates, -grant.tokens)
-        if grant.spends:
-            Budgets.release(grant.spends, grant.usd)
+        plan = grant.plan
+        if plan.tokens:
+            self.limits.correct(plan.rates, -grant.tokens)
+        if plan.spends:
+            Budgets.release(plan.spends, grant.usd)
 
     async def rebuild(
         self, source: SpendSource, scopes: Iterable[Scope], now: float | None = None

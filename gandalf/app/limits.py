@@ -7,8 +7,10 @@ clock when it is looked at (no timer task, no sleeps). A full bucket lets a
 burst of up to the whole minute's limit through, then one request (or token)
 every 60/limit seconds: the same shape OpenAI's limits have.
 
-A request must fit every level of its scopes: :meth:`RateLimits.admit` looks
-at all of them first and raises :class:`~gandalf.errors.RateLimited` for the
+A request must fit every level of its scopes: the governor
+(:meth:`~gandalf.app.governor.LocalGovernor.admit`, which runs the bucket
+arithmetic over a caller's buckets laid out flat) looks at all of them first
+and raises :class:`~gandalf.errors.RateLimited` for the
 one that would make the caller wait longest (:meth:`RateLimits.verify`); only
 when all fit does it take from all (no level is charged for a request another
 level refused). TPM is charged the request's estimate up front and
@@ -63,6 +65,16 @@ def format_duration(seconds: float) -> bytes:
     return b"%dh%dm%b" % (hours, minutes, secs)
 
 
+_HEADER_NAMES = {
+    unit: (
+        b"x-ratelimit-limit-" + unit.encode(),
+        b"x-ratelimit-remaining-" + unit.encode(),
+        b"x-ratelimit-reset-" + unit.encode(),
+    )
+    for unit in ("requests", "tokens")
+}
+
+
 class Bucket:
     """A token bucket: ``level`` of ``capacity``, refilled at ``rate`` a second.
 
@@ -74,38 +86,48 @@ class Bucket:
 
     __slots__ = (
         "capacity",
-        "label",
+        "full",
         "left",
-        "left_value",
+        "left_header",
         "level",
         "limit",
+        "limit_header",
+        "names",
         "rate",
         "reset",
-        "reset_value",
+        "reset_header",
         "stamp",
     )
 
-    def __init__(self, limit: int, share: int, now: float) -> None:
+    def __init__(self, limit: int, share: int, now: float, unit: str = "requests") -> None:
         self.limit = limit
         self.capacity = share_of(limit, share)
-        self.label = b"%d" % self.capacity  # the x-ratelimit-limit-* value
+        # The capacity as a float, for the per-request arithmetic and
+        # comparisons with the (float) level: a large int (a TPM limit above
+        # 2**30) compared with a float takes CPython's slow exact path.
+        self.full = float(self.capacity)
         self.rate = self.capacity / 60.0
-        self.level = float(self.capacity)
+        self.level = self.full
         self.stamp = now
-        # The last x-ratelimit-remaining-* / reset-* values and what they were
-        # made from: a busy bucket's level and refill time often repeat, and
-        # formatting them is most of what a header costs (see headers()).
+        # The x-ratelimit-*-<unit> headers, each kept as the (name, value) pair
+        # an answer carries: the limit changes only on a resize, and the last
+        # remaining / reset pairs are reused while what they were made from
+        # (``left``, ``reset`` in milliseconds) repeats, as it often does on a
+        # busy bucket: formatting them and building the pairs is most of what
+        # a header costs (see refresh()).
+        self.names = _HEADER_NAMES[unit]
+        self.limit_header = (self.names[0], b"%d" % self.capacity)
         self.left = -1
-        self.left_value = b"0"
-        self.reset = -1  # milliseconds
-        self.reset_value = b"0s"
+        self.left_header = (self.names[1], b"0")
+        self.reset = -1
+        self.reset_header = (self.names[2], b"0s")
 
     def refill(self, now: float) -> float:
         """The level at ``now`` (stored), never above the capacity."""
         elapsed = now - self.stamp
         if elapsed > 0:
             level = self.level + elapsed * self.rate
-            self.level = level if level < self.capacity else float(self.capacity)
+            self.level = level if level < self.full else self.full
             self.stamp = now
         return self.level
 
@@ -113,14 +135,34 @@ class Bucket:
         """A changed limit: the new capacity, the level kept (clamped)."""
         self.limit = limit
         self.capacity = share_of(limit, share)
-        self.label = b"%d" % self.capacity
+        self.full = float(self.capacity)
+        self.limit_header = (self.names[0], b"%d" % self.capacity)
         self.rate = self.capacity / 60.0
-        if self.level > self.capacity:
-            self.level = float(self.capacity)
+        if self.level > self.full:
+            self.level = self.full
 
     def wait(self, need: float) -> float:
         """Seconds until ``need`` fits (the level refilled at ``now``)."""
         return (need - self.level) / self.rate
+
+    def refresh(self) -> bool:
+        """Bring ``left_header`` (the whole units left, 0 when overdrawn) and
+        ``reset_header`` (the time until the bucket is full, as
+        :func:`format_duration` writes it) up to the level; True when either
+        changed. Only for a bucket with a capacity (``rate`` > 0)."""
+        level = self.level
+        left = int(level) if level > 0 else 0
+        seconds = (self.full - level) / self.rate
+        ms = int(seconds * 1000 + 0.999)  # what format_duration shows
+        if left == self.left and ms == self.reset:
+            return False
+        if left != self.left:
+            self.left = left
+            self.left_header = (self.names[1], b"%d" % left)
+        if ms != self.reset:
+            self.reset = ms
+            self.reset_header = (self.names[2], format_duration(seconds))
+        return True
 
 
 class Rate:
@@ -171,12 +213,12 @@ def _refusal(rate: Rate, limit: str, bucket: Bucket, need: int, share: int) -> R
     )
 
 
-def _bucket(bucket: Bucket | None, limit: int, share: int, now: float) -> Bucket | None:
+def _bucket(bucket: Bucket | None, limit: int, share: int, now: float, unit: str) -> Bucket | None:
     """``bucket`` for a level whose limit is now ``limit`` (0: none), refilled."""
     if not limit:
         return None
     if bucket is None:
-        return Bucket(limit, share, now)
+        return Bucket(limit, share, now, unit)
     if bucket.limit != limit:
         bucket.resize(limit, share)
     bucket.refill(now)
@@ -190,7 +232,7 @@ class RateLimits:
     of worker processes enforcing the same limits independently.
     """
 
-    __slots__ = ("_levels", "clock", "share")
+    __slots__ = ("_levels", "clock", "generation", "share")
 
     def __init__(self, *, clock: Clock = time.monotonic, share: int = 1) -> None:
         if share < 1:
@@ -198,6 +240,8 @@ class RateLimits:
         self.clock = clock
         self.share = share
         self._levels: dict[tuple[str, str], Rate] = {}
+        # Counts the times rate() replaced a bucket of an existing level.
+        self.generation = 0
 
     def rate(self, scope: Scope, now: float) -> Rate | None:
         """The level's buckets, refilled to ``now`` and resized to the scope's
@@ -211,8 +255,13 @@ class RateLimits:
             rate = self._levels[key] = Rate(scope.kind, scope.id, scope.name)
         # Created, resized or dropped to the scope's limits (a caller's plan is
         # resolved here once: the per-request refill is RateLimits.refill).
-        rate.rpm = _bucket(rate.rpm, rpm, self.share, now)
-        rate.tpm = _bucket(rate.tpm, tpm, self.share, now)
+        before = rate.rpm, rate.tpm
+        rate.rpm = _bucket(rate.rpm, rpm, self.share, now, "requests")
+        rate.tpm = _bucket(rate.tpm, tpm, self.share, now, "tokens")
+        if (rate.rpm is not before[0] or rate.tpm is not before[1]) and before != (None, None):
+            # A bucket of a level already in use was created or dropped: plans
+            # holding the level's old buckets (LocalGovernor's) are stale.
+            self.generation += 1
         return rate
 
     def check(self, scopes: tuple[Scope, ...], tokens: int, now: float) -> list[Rate]:
@@ -259,7 +308,7 @@ class RateLimits:
                 bucket = rate.tpm
                 if bucket is not None:
                     level = bucket.level - delta
-                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
+                    bucket.level = level if level < bucket.full else bucket.full
             return
         # A charge: refill first, so the refill it eats is clamped as it accrued.
         now = self.clock()
@@ -268,42 +317,6 @@ class RateLimits:
             if bucket is not None:
                 bucket.refill(now)
                 bucket.level -= delta
-
-    def admit(self, rates: list[Rate], tokens: int) -> list[tuple[bytes, bytes]]:
-        """:meth:`refill`, :meth:`verify`, :meth:`take` and :meth:`headers` in
-        one pass: take one request and ``tokens`` tokens from every level of
-        ``rates`` if they fit all of them (else raise, taking nothing) and
-        return the ``x-ratelimit-*`` headers. This runs for every limited
-        request, so the loops are written out."""
-        now = self.clock()
-        fits = True
-        for rate in rates:
-            bucket = rate.rpm
-            if bucket is not None:
-                elapsed = now - bucket.stamp
-                if elapsed > 0:
-                    level = bucket.level + elapsed * bucket.rate
-                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
-                    bucket.stamp = now
-                if bucket.level < 1:
-                    fits = False
-            bucket = rate.tpm
-            if bucket is not None:
-                elapsed = now - bucket.stamp
-                if elapsed > 0:
-                    level = bucket.level + elapsed * bucket.rate
-                    bucket.level = level if level < bucket.capacity else float(bucket.capacity)
-                    bucket.stamp = now
-                if bucket.level < tokens:
-                    fits = False
-        if not fits:
-            self.verify(rates, tokens)  # raises the refusal of the level that waits longest
-        for rate in rates:
-            if rate.rpm is not None:
-                rate.rpm.level -= 1
-            if rate.tpm is not None:
-                rate.tpm.level -= tokens
-        return self.headers(rates)
 
     @staticmethod
     def headers(rates: list[Rate]) -> list[tuple[bytes, bytes]]:
@@ -316,53 +329,22 @@ class RateLimits:
         for rate in rates:
             bucket = rate.rpm
             if bucket is not None and bucket.capacity:
-                fraction = bucket.level / bucket.capacity
+                fraction = bucket.level / bucket.full
                 if fraction < least_requests:
                     requests, least_requests = bucket, fraction
             bucket = rate.tpm
             if bucket is not None and bucket.capacity:
-                fraction = bucket.level / bucket.capacity
+                fraction = bucket.level / bucket.full
                 if fraction < least_tokens:
                     tokens, least_tokens = bucket, fraction
         if requests is not None:
-            out = [
-                (b"x-ratelimit-limit-requests", requests.label),
-                (b"x-ratelimit-remaining-requests", _remaining(requests)),
-                (b"x-ratelimit-reset-requests", _reset(requests)),
-            ]
+            requests.refresh()
+            out = [requests.limit_header, requests.left_header, requests.reset_header]
             if tokens is not None:
-                out += (
-                    (b"x-ratelimit-limit-tokens", tokens.label),
-                    (b"x-ratelimit-remaining-tokens", _remaining(tokens)),
-                    (b"x-ratelimit-reset-tokens", _reset(tokens)),
-                )
+                tokens.refresh()
+                out += (tokens.limit_header, tokens.left_header, tokens.reset_header)
             return out
         if tokens is not None:
-            return [
-                (b"x-ratelimit-limit-tokens", tokens.label),
-                (b"x-ratelimit-remaining-tokens", _remaining(tokens)),
-                (b"x-ratelimit-reset-tokens", _reset(tokens)),
-            ]
+            tokens.refresh()
+            return [tokens.limit_header, tokens.left_header, tokens.reset_header]
         return []
-
-
-def _remaining(bucket: Bucket) -> bytes:
-    """``x-ratelimit-remaining-*``: the whole units left (0 when overdrawn),
-    formatted only when it changed since the bucket's last header."""
-    level = bucket.level
-    left = int(level) if level > 0 else 0
-    if left != bucket.left:
-        bucket.left = left
-        bucket.left_value = b"%d" % left
-    return bucket.left_value
-
-
-def _reset(bucket: Bucket) -> bytes:
-    """``x-ratelimit-reset-*``: the time until the bucket is full
-    (:func:`format_duration`), formatted only when it changed."""
-    seconds = (bucket.capacity - bucket.level) / bucket.rate
-    ms = int(seconds * 1000 + 0.999)  # what format_duration shows
-    if ms != bucket.reset:
-        bucket.reset = ms
-        bucket.reset_value = format_duration(seconds)
-    return bucket.reset_value

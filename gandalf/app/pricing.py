@@ -164,10 +164,18 @@ class Pricing:
         requests from callers with limits or budgets ask (the pipeline's
         ``price`` hook)."""
         worst: float | None = None
+        prices = self._rates
         for slot in entry.slots:
-            rates = self.rates(slot.name, slot.target.model)
+            models = prices.get(slot.name)
+            rates = None if models is None else models.get(slot.target.model)
             if rates is not None:
-                usd = rates.cost_of(tokens_in, tokens_out, 0, 0, 0)
+                # cost_of(tokens_in, tokens_out, 0, 0, 0) written out when
+                # untiered (the same sum: the zero terms add nothing).
+                usd = (
+                    rates.cost_of(tokens_in, tokens_out, 0, 0, 0)
+                    if rates.tiers
+                    else tokens_in * rates.input + tokens_out * rates.output
+                )
                 if worst is None or usd > worst:
                     worst = usd
         return worst
