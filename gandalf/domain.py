@@ -859,6 +859,9 @@ class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
 # accounts for the stream knows why it ended.
 CANCEL_DISCONNECT = "client disconnected"
 CANCEL_SHUTDOWN = "server shutting down"
+# A non-streamed upstream call's own total timeout (provider/transport.py
+# ``deadline``): turned into a 504 where the call is made, never seen above it.
+CANCEL_UPSTREAM_DEADLINE = "upstream call deadline"
 
 # What every upstream request carries so a provider's logs and traces meet the
 # gateway's (provider/transport.py adds it as ``x-request-id`` and ``traceparent``):

@@ -18,9 +18,10 @@ import aiohttp
 import msgspec
 import pytest
 
-from gandalf.domain import ChatCall, ChatRequest, ProviderConfig, Target
+from gandalf.domain import ChatCall, ChatRequest, NativeRequest, ProviderConfig, Target
 from gandalf.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gandalf.provider import transport
+from gandalf.provider.native import NativeClient
 from gandalf.provider.openai import OpenAIProvider
 from tests.upstream import MockUpstream
 
@@ -245,3 +246,136 @@ def test_transport_helpers_apply_the_same_timeouts(mock: MockUpstream) -> None:
         "Upstream provider 'p' timed out waiting for the stream to continue "
         "(timeout_ms=250 of silence).",
     ]
+
+
+def test_total_timeout_after_the_headers(mock: MockUpstream) -> None:
+    """The total runs out while the answer's body is coming: the answer's fault, named so."""
+    message = asyncio.run(failure(provider(mock.base_url, timeout_ms=300), "headers-then-hang"))
+    assert message == (
+        "Upstream provider 'p' timed out after timeout_ms=300 (total), while sending its answer."
+    )
+
+
+def test_post_json_total_timeout_after_the_headers(mock: MockUpstream) -> None:
+    config = ProviderConfig(name="p", type="openai", timeout_ms=250, api_key="k")
+    errors = transport.UpstreamErrors.for_config(config)
+
+    async def scenario() -> str:
+        session = transport.new_session(config)
+        try:
+            await transport.post_json(
+                session,
+                mock.base_url + "/chat/completions",
+                call("headers-then-hang").body,
+                {},
+                errors,
+                on_error,
+            )
+        except UpstreamTimeout as exc:
+            return exc.message
+        finally:
+            await session.close()
+        raise AssertionError("no timeout")
+
+    assert asyncio.run(scenario()) == (
+        "Upstream provider 'p' timed out after timeout_ms=250 (total), while sending its answer."
+    )
+
+
+def _armed_cancels(task: asyncio.Task[Any]) -> list[asyncio.TimerHandle]:
+    """Timers still scheduled on the running (default asyncio) loop that would cancel ``task``."""
+    loop: Any = asyncio.get_running_loop()
+    return [
+        handle
+        for handle in loop._scheduled
+        if not handle.cancelled() and getattr(handle._callback, "__self__", None) is task
+    ]
+
+
+def test_a_finished_call_leaves_no_deadline_armed(mock: MockUpstream) -> None:
+    """The total timeout is a timer per call; once the call ended (answered or
+    failed) nothing may cancel the request's task later."""
+
+    async def scenario() -> None:
+        adapter = provider(mock.base_url, timeout_ms=60_000)
+        await adapter.start()
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            await adapter.chat(call("gpt-x"))
+            assert _armed_cancels(task) == []
+            with pytest.raises(UpstreamError):
+                await adapter.chat(call("status-500"))
+            assert _armed_cancels(task) == []
+            assert task.cancelling() == 0
+        finally:
+            await adapter.close()
+
+    asyncio.run(scenario())
+
+
+def test_another_cancellation_passes_through_with_its_reason(mock: MockUpstream) -> None:
+    """A client leaving (the server cancels the task with its reason) is not
+    turned into a timeout, and the call's deadline is disarmed."""
+
+    async def scenario() -> None:
+        adapter = provider(mock.base_url, timeout_ms=60_000)
+        await adapter.start()
+        try:
+            # A first call leaves a pooled connection: the next is cancelled
+            # waiting for its answer, not halfway through opening a socket.
+            await adapter.chat(call("gpt-x"))
+            task = asyncio.create_task(adapter.chat(call("hang")))
+            for _ in range(5):
+                await asyncio.sleep(0)  # let it start and reach an await inside the call
+            task.cancel("client disconnected")
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await task
+            assert caught.value.args == ("client disconnected",)
+            assert _armed_cancels(task) == []
+        finally:
+            await adapter.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("hang", "Upstream provider 'p' timed out after timeout_ms=300 (total)."),
+        (
+            "headers-then-hang",
+            "Upstream provider 'p' timed out after timeout_ms=300 (total), "
+            "while sending its answer.",
+        ),
+    ],
+)
+def test_native_passthrough_total_timeout(mock: MockUpstream, model: str, expected: str) -> None:
+    """A non-streamed native call (Azure's path here) has the same total, in both phases."""
+    config = ProviderConfig(
+        name="p", type="azure", base_url=mock.base_url, timeout_ms=300, api_key="k"
+    )
+
+    async def scenario() -> str:
+        native = NativeClient(config)
+        await native.start()
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            await native.send(
+                NativeRequest(
+                    api="azure",
+                    method="POST",
+                    path="/v1/chat/completions",
+                    headers={"content-type": "application/json"},
+                    body=call(model).body,
+                )
+            )
+        except UpstreamTimeout as exc:
+            assert _armed_cancels(task) == [] and task.cancelling() == 0
+            return exc.message
+        finally:
+            await native.close()
+        raise AssertionError("no timeout")
+
+    assert asyncio.run(scenario()) == expected

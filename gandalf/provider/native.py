@@ -16,6 +16,7 @@ so a client cannot make its own usage go unrecorded.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -399,32 +400,54 @@ class NativeClient(transport.UpstreamClient):
         if request.stream and request.api == "azure":
             body, relay = _azure_stream(body)
         url = self.base + request.path
-        with self._errors:
-            if request.stream:
-                resp = await session.request(
-                    request.method, url, data=body, headers=headers, timeout=self._stream_timeout
-                )
-            else:
-                resp = await session.request(
-                    request.method, url, data=body or None, headers=headers
-                )
-            status = resp.status
-            # The headers came: from now on the first-byte bound no longer applies.
-            if request.stream:
-                transport.headers_arrived(resp, self._errors.timeout_s)
-            elif self._errors.lift_first_byte:
-                transport.headers_arrived(resp, None)
-            relayed = [
-                (lower.encode("latin-1"), value.encode("latin-1"))
-                for name, value in resp.headers.items()
-                if (lower := name.lower()) not in _DROPPED_RESPONSE_HEADERS
-            ]
-            streaming = request.stream and status < 300
-            if not streaming:
-                try:
-                    body = await transport.read_body(resp, self._errors)
-                finally:
-                    resp.release()
+        errors = self._errors
+        # A non-streamed call's total timeout is its own timer (transport.deadline).
+        timer = None if request.stream else transport.deadline(errors.timeout_s)
+        phase = errors
+        try:
+            with errors:
+                if request.stream:
+                    resp = await session.request(
+                        request.method,
+                        url,
+                        data=body,
+                        headers=headers,
+                        timeout=self._stream_timeout,
+                    )
+                else:
+                    resp = await session.request(
+                        request.method,
+                        url,
+                        data=body or None,
+                        headers=headers,
+                        timeout=errors.call_timeout,
+                    )
+                    phase = errors.body
+                status = resp.status
+                # The headers came: from now on the first-byte bound no longer applies.
+                if request.stream:
+                    transport.headers_arrived(resp, errors.timeout_s)
+                elif errors.lift_first_byte:
+                    transport.headers_arrived(resp, None)
+                relayed = [
+                    (lower.encode("latin-1"), value.encode("latin-1"))
+                    for name, value in resp.headers.items()
+                    if (lower := name.lower()) not in _DROPPED_RESPONSE_HEADERS
+                ]
+                streaming = request.stream and status < 300
+                if not streaming:
+                    try:
+                        body = await transport.read_body(resp, errors)
+                    finally:
+                        resp.release()
+        except asyncio.CancelledError as exc:
+            error = None if timer is None else transport.timed_out(exc, phase)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            if timer is not None:
+                timer.cancel()
         if status in (401, 403):
             raise UpstreamAuthError(
                 f"Upstream provider '{self.name}' rejected the gateway's credentials "

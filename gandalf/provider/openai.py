@@ -10,6 +10,7 @@ replaces the caller's). Answers come back as bytes; only ``usage`` is decoded.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
@@ -272,14 +273,27 @@ class OpenAIProvider(transport.UpstreamClient):
         (``usage_of``: chat and embeddings by default, the Responses API's own)."""
         session = self._live_session()
         errors = self._errors
-        with errors:
-            async with session.post(url, data=body, headers=self._headers) as resp:
-                if errors.lift_first_byte:
-                    transport.headers_arrived(resp, None)
-                data = await transport.read_body(resp, errors)
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After") if status >= 400 else None
-                raw_headers = resp.raw_headers
+        phase = errors
+        timer = transport.deadline(errors.timeout_s)
+        try:
+            with errors:
+                async with session.post(
+                    url, data=body, headers=self._headers, timeout=errors.call_timeout
+                ) as resp:
+                    phase = errors.body
+                    if errors.lift_first_byte:
+                        transport.headers_arrived(resp, None)
+                    data = await transport.read_body(resp, errors)
+                    status = resp.status
+                    retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+                    raw_headers = resp.raw_headers
+        except asyncio.CancelledError as exc:
+            expired = transport.timed_out(exc, phase)
+            if expired is None:
+                raise
+            raise expired from None
+        finally:
+            timer.cancel()
         if status >= 300:
             error = transport.http_status_error(self.name, status, data, retry_after)
             error.relayed = relayed_headers(raw_headers)  # a 429's rate limits, above all
