@@ -441,10 +441,9 @@ class NativeClient(transport.UpstreamClient):
                     finally:
                         resp.release()
         except asyncio.CancelledError as exc:
-            error = None if timer is None else transport.timed_out(exc, phase)
-            if error is None:
+            if timer is None:
                 raise
-            raise error from None
+            transport.timed_out(exc, phase)
         finally:
             if timer is not None:
                 timer.cancel()

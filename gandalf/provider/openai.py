@@ -288,10 +288,7 @@ class OpenAIProvider(transport.UpstreamClient):
                     retry_after = resp.headers.get("Retry-After") if status >= 400 else None
                     raw_headers = resp.raw_headers
         except asyncio.CancelledError as exc:
-            expired = transport.timed_out(exc, phase)
-            if expired is None:
-                raise
-            raise expired from None
+            transport.timed_out(exc, phase)
         finally:
             timer.cancel()
         if status >= 300:

@@ -52,7 +52,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import aiohttp
 import msgspec
@@ -387,16 +387,16 @@ def deadline(timeout_s: float) -> asyncio.TimerHandle:
     return loop.call_at(loop.time() + timeout_s, task.cancel, CANCEL_UPSTREAM_DEADLINE)
 
 
-def timed_out(exc: asyncio.CancelledError, errors: UpstreamErrors) -> UpstreamTimeout | None:
-    """The timeout error when ``exc`` is :func:`deadline`'s cancellation
-    (undone here), for the phase ``errors`` names; None when the task was
-    cancelled for another reason as well (that cancellation goes on)."""
-    if not exc.args or exc.args[0] != CANCEL_UPSTREAM_DEADLINE:
-        return None
-    task = asyncio.current_task()
-    if task is None or task.uncancel() > 0:
-        return None
-    return errors.total_timeout()
+def timed_out(exc: asyncio.CancelledError, errors: UpstreamErrors) -> NoReturn:
+    """Re-raise ``exc`` as the timeout error of the phase ``errors`` names when
+    it is :func:`deadline`'s cancellation (undone here); as it is when the task
+    was cancelled for another reason, or for another reason as well (that
+    cancellation goes on)."""
+    if exc.args and exc.args[0] == CANCEL_UPSTREAM_DEADLINE:
+        task = asyncio.current_task()
+        if task is not None and task.uncancel() == 0:
+            raise errors.total_timeout() from None
+    raise exc
 
 
 async def read_body(resp: aiohttp.ClientResponse, errors: UpstreamErrors) -> bytes:
@@ -454,10 +454,7 @@ async def post_json(
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After") if status >= 400 else None
     except asyncio.CancelledError as exc:
-        error = timed_out(exc, phase)
-        if error is None:
-            raise
-        raise error from None
+        timed_out(exc, phase)
     finally:
         timer.cancel()
     if status >= 300:
@@ -481,10 +478,7 @@ async def get_json(
                 data = await read_body(resp, errors)
                 status = resp.status
     except asyncio.CancelledError as exc:
-        error = timed_out(exc, phase)
-        if error is None:
-            raise
-        raise error from None
+        timed_out(exc, phase)
     finally:
         timer.cancel()
     if status >= 300:
