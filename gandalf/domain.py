@@ -874,13 +874,25 @@ UPSTREAM_IDS: ContextVar[tuple[str, str | None] | None] = ContextVar(
 )
 
 
+class LastChunk(bytes):
+    """A stream's final chunk, when its iterator knows it is the last one (the
+    upstream's body ended in the same read): the server sends it as the end of
+    the response body (one message, one write to the client) instead of
+    sending it and then an empty end. The iterator must have nothing left to
+    send after it (it is still iterated to its end, which releases the
+    upstream's connection)."""
+
+    __slots__ = ()
+
+
 class ChatStream(Protocol):
     """A streamed chat completion, already accepted by the upstream.
 
     Iterating yields OpenAI-format SSE bytes exactly as the client must see
-    them. ``usage`` is set once the upstream reported it; ``events`` counts
-    the data events relayed (an estimate of completion tokens when the stream
-    is cut short). ``aclose`` releases the upstream connection; idempotent.
+    them (the last may be a :class:`LastChunk`). ``usage`` is set once the
+    upstream reported it; ``events`` counts the data events relayed (an
+    estimate of completion tokens when the stream is cut short). ``aclose``
+    releases the upstream connection; idempotent.
     """
 
     @property

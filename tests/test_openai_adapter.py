@@ -9,7 +9,7 @@ import msgspec
 import orjson
 import pytest
 
-from gandalf.domain import ChatCall, ChatRequest, ProviderConfig, Target
+from gandalf.domain import ChatCall, ChatRequest, LastChunk, ProviderConfig, Target
 from gandalf.errors import (
     GatewayError,
     UpstreamAuthError,
@@ -151,3 +151,116 @@ def test_timeout_is_504(upstream: MockUpstream) -> None:
     # The total ran out before the headers: maybe only a long answer (app/health.py).
     assert type(reply) is UpstreamTotalTimeout and reply.status == 504
     assert reply.code == "upstream_timeout"
+
+
+# ------------------------------------------------- a stream's last chunk (LastChunk)
+
+_EVENTS = (
+    b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+)
+_USAGE_EVENT = (
+    b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}\n\n'
+)
+_DONE = b"data: [DONE]\n\n"
+
+
+def _chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+async def _raw_upstream(
+    gate: asyncio.Event, *, split: bool, connections: list[int]
+) -> asyncio.Server:
+    """An upstream answering every request on a connection with the same event
+    stream: in one write (head, events, the chunked body's end), or (``split``)
+    everything but the body's end, which waits for ``gate``."""
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    body = _chunked(_EVENTS, _USAGE_EVENT, _DONE)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                request_head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in request_head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                if split:
+                    writer.write(head + body)
+                    await writer.drain()
+                    await gate.wait()
+                    writer.write(b"0\r\n\r\n")
+                else:
+                    writer.write(head + body + b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def _stream_chunks(*, split: bool, streams: int = 1) -> tuple[list[list[bytes]], int, int]:
+    """Open ``streams`` streams one after another; their chunks, the upstream
+    connections made, and the total tokens of the last usage."""
+
+    async def main() -> tuple[list[list[bytes]], int, int]:
+        gate = asyncio.Event()
+        connections: list[int] = []
+        server = await _raw_upstream(gate, split=split, connections=connections)
+        port = server.sockets[0].getsockname()[1]
+        provider = OpenAIProvider(
+            ProviderConfig(name="up", type="openai", base_url=f"http://127.0.0.1:{port}/v1")
+        )
+        await provider.start()
+        body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}'
+        seen: list[list[bytes]] = []
+        total = 0
+        try:
+            for _ in range(streams):
+                gate.clear()
+                stream = await provider.stream(chat_call(body, "m"))
+                chunks: list[bytes] = []
+                async for chunk in stream:
+                    chunks.append(chunk)
+                    if split and _DONE in chunk:
+                        gate.set()  # the body ends only now, in a read of its own
+                await stream.aclose()
+                seen.append(chunks)
+                assert stream.usage is not None
+                total = stream.usage.total_tokens
+        finally:
+            await provider.close()
+            server.close()
+            await server.wait_closed()
+        return seen, len(connections), total
+
+    return asyncio.run(main())
+
+
+def test_a_stream_whose_body_ends_in_the_read_with_done_ends_with_a_last_chunk() -> None:
+    (chunks,), _, total = _stream_chunks(split=False)
+    # One read brought everything: one chunk, marked as the last, the
+    # usage-only event dropped (the client did not ask for it).
+    assert chunks == [_EVENTS + _DONE]
+    assert type(chunks[0]) is LastChunk
+    assert total == 3
+
+
+def test_a_last_chunk_still_returns_the_connection_to_the_pool() -> None:
+    seen, connections, _ = _stream_chunks(split=False, streams=3)
+    assert all(type(chunks[-1]) is LastChunk for chunks in seen)
+    assert connections == 1  # each stream released it for the next
+
+
+def test_a_body_that_ends_after_done_in_a_later_read_ends_as_before() -> None:
+    seen, connections, total = _stream_chunks(split=True, streams=2)
+    for chunks in seen:
+        assert b"".join(chunks) == _EVENTS + _DONE
+        assert all(type(chunk) is bytes for chunk in chunks)  # the end came on its own
+    assert connections == 1 and total == 3

@@ -545,3 +545,50 @@ def test_a_finished_stream_leaves_nothing_reachable_from_the_receive_future() ->
         assert held  # the stand-in for granian still holds its futures
 
     with_app(run)
+
+
+class _Chunks:
+    """A ByteStream of fixed chunks; records how it was closed."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = chunks
+        self.closed: list[int] = []
+        self.finished = False
+
+    async def __aiter__(self) -> Any:
+        for chunk in self.chunks:
+            yield chunk
+        self.finished = True  # iterated to its end: its upstream released
+
+    async def aclose(self, status: int) -> None:
+        self.closed.append(status)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_last_chunk_ends_the_body_with_it(last: bool) -> None:
+    from gandalf.domain import LastChunk
+    from gandalf.server.stream import ASGIWriter, relay
+    from gandalf.server.wire import Response, StreamWatcher
+
+    tail = LastChunk(b"data: [DONE]\n\n") if last else b"data: [DONE]\n\n"
+    stream = _Chunks(b"data: {}\n\n", tail)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return await asyncio.get_running_loop().create_future()
+
+    async def scenario() -> int:
+        response = Response(200, stream=stream)
+        return await relay(ASGIWriter(send), receive, response, b"rid", 15.0, StreamWatcher())
+
+    assert asyncio.run(scenario()) == 200
+    assert sent[0]["type"] == "http.response.start"
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    if last:  # one message fewer: the end goes with the last chunk
+        assert bodies == [(b"data: {}\n\n", True), (b"data: [DONE]\n\n", False)]
+    else:
+        assert bodies == [(b"data: {}\n\n", True), (b"data: [DONE]\n\n", True), (b"", False)]
+    assert stream.finished and stream.closed == [200]

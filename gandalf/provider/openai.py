@@ -20,6 +20,7 @@ import msgspec
 from gandalf.domain import (
     ChatCall,
     EmbeddingsCall,
+    LastChunk,
     ProviderConfig,
     ProviderReply,
     StreamOptions,
@@ -182,11 +183,24 @@ class OpenAIChatStream:
         # readany() directly rather than ``async for`` over iter_any(): one
         # coroutine less per read and no StopAsyncIteration raised at the end
         # (b"" is the end of the body either way).
-        readany = resp.content.readany
+        content = resp.content
+        readany = content.readany
         try:
             with self._errors:
                 while chunk := await readany():
                     out = relay.feed(chunk)
+                    if relay.done and content.at_eof():
+                        # [DONE] came and the body ended with this read (the
+                        # usual way a short answer arrives): hand the server
+                        # the last chunk as such, so that it ends the response
+                        # with it rather than with one more (empty) message.
+                        rest = relay.finish()
+                        if rest:
+                            out += rest
+                        complete = True
+                        if out:
+                            yield LastChunk(out)
+                        return
                     if out:
                         yield out
             rest = relay.finish()

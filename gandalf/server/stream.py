@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN
+from gandalf.domain import CANCEL_DISCONNECT, CANCEL_SHUTDOWN, LastChunk
 from gandalf.errors import GatewayError
 from gandalf.observability.facts import first_chunk
 from gandalf.server.types import Message, Receive, Send
@@ -52,9 +52,9 @@ class BodyWriter(Protocol):
     gone: tuple[type[BaseException], ...]
     write: Callable[[bytes], Awaitable[None]]  # valid once start() returned
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> Awaitable[None]: ...
 
-    async def end(self, last: bytes = b"") -> None: ...
+    def end(self, last: bytes = b"") -> Awaitable[None]: ...
 
 
 class ASGIWriter:
@@ -66,15 +66,15 @@ class ASGIWriter:
         self.send = send
         self.write: Callable[[bytes], Awaitable[None]] = self._write
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+    # Each returns send's own awaitable: no coroutine frame of ours per message.
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> Awaitable[None]:
+        return self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     def _write(self, chunk: bytes) -> Awaitable[None]:
-        # send's own awaitable: no coroutine frame of ours per chunk.
         return self.send({"type": _BODY, "body": chunk, "more_body": True})
 
-    async def end(self, last: bytes = b"") -> None:
-        await self.send({"type": _BODY, "body": last, "more_body": False} if last else _END)
+    def end(self, last: bytes = b"") -> Awaitable[None]:
+        return self.send({"type": _BODY, "body": last, "more_body": False} if last else _END)
 
 
 async def relay(
@@ -109,15 +109,21 @@ async def relay(
         else:
             watch.keep_alive(write, 0.0)
         first = True
+        ended = False
         async for chunk in stream:
             if watch.sending is not None:  # a keep-alive is being written: let it finish
                 await watch.sending
-            await write(chunk)
+            if chunk.__class__ is LastChunk:  # the end of the body goes with it
+                await writer.end(chunk)
+                ended = True
+            else:
+                await write(chunk)
             watch.last_chunk = chunk  # the watcher's tick sees it and restarts the silence clock
             if first:  # time to first token (metrics)
                 first = False
                 first_chunk()
-        await writer.end()
+        if not ended:
+            await writer.end()
     except asyncio.CancelledError as exc:
         reason = exc.args[0] if exc.args else None
         if reason not in (DISCONNECT, SHUTDOWN):
