@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
 import orjson
 import pytest
 
+from gandalf.domain import UsageRecord
 from gandalf.server import accesslog
 from gandalf.server.accesslog import FLUSH_BYTES, AccessLog, write_stderr
 from gandalf.server.asgi import GandalfApp, Runtime
@@ -163,3 +165,118 @@ def test_shutdown_writes_the_lines_still_buffered(started: bool) -> None:
         assert [e["path"] for e in lines(written)] == ["/last"]
 
     asyncio.run(main())
+
+
+def _reference_line(
+    now: float,
+    ms: float,
+    method: str,
+    path: str,
+    status: int,
+    request_id: str,
+    facts: UsageRecord | None,
+    trace_id: bytes,
+    cache: str | None,
+) -> bytes:
+    """The line as one %-format of every field (how it was written before the
+    templates): the templates must give the same bytes."""
+    dumps = orjson.dumps
+    head = b'{"ts":%.3f,"level":"%b","request_id":%b,"trace_id":%b,"method":%b,"path":%b,'
+    head += b'"status":%d,"ms":%.2f,' % (status, ms)
+    head %= (
+        now,
+        b"info" if status < 500 else b"error",
+        dumps(request_id),
+        trace_id,
+        dumps(method),
+        dumps(path),
+    )
+    if facts is None:
+        return head + (
+            b'"key_id":null,"org":null,"team":null,"route":null,"provider":null,"model":null,'
+            b'"attempts":0,"tokens":null,"cost_usd":null,"cache":%b}\n' % dumps(cache)
+        )
+    who = (
+        facts.key_id,
+        facts.org_id,
+        facts.team_id,
+        facts.model_alias,
+        facts.provider,
+        facts.target_model,
+    )
+    names = ("key_id", "org", "team", "route", "provider", "model")
+    return (
+        head
+        + b"".join(b'"%s":%b,' % (n.encode(), dumps(v)) for n, v in zip(names, who, strict=True))
+        + b'"attempts":%d,"tokens":{"prompt":%d,"completion":%d,"total":%d},"cost_usd":%b,'
+        % (
+            facts.attempts,
+            facts.prompt_tokens,
+            facts.completion_tokens,
+            facts.total_tokens,
+            dumps(facts.cost_usd),
+        )
+        + b'"cache":%b}\n' % dumps(cache)
+    )
+
+
+def test_templated_lines_are_the_bytes_of_one_format_of_every_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Templates keep the fields that repeat: a '%' in them stays a literal, the
+    level follows the status, a template serves every line with the same fields."""
+    now = [0.0]
+    perf = [0.0]
+    monkeypatch.setattr(accesslog, "_time", lambda: now[0])
+    monkeypatch.setattr(accesslog, "_perf_counter", lambda: perf[0])
+    texts = [None, "", "%", "%d%%s", 'q"\n\\', "k\u2028é", "key-1", "/x%20y"]
+    choose = random.Random(17).choice
+    written: list[bytes] = []
+    log = AccessLog(written.append)
+    expected: list[bytes] = []
+    for i in range(3000):
+        facts = None
+        if i % 4:
+            facts = UsageRecord(
+                "r",
+                choose(texts),
+                choose(texts),
+                choose(texts) or "alias",
+                choose(texts),
+                choose(texts),
+                choose([0, 12, 10**9]),
+                choose([0, 30]),
+                choose([0, 42, 2**40]),
+                1.0,
+                200,
+                0.0,
+                "chat",
+                choose([0, 1, 3]),
+                choose(texts),
+                cost_usd=choose([None, 0.0, 7.2e-05, 1e-300, 123.456, 1e22]),
+            )
+        method = choose(["GET", "POST", "X%d", "BR\x07EW"])
+        path = choose(texts) or "/"
+        status = choose([0, 200, 404, 499, 500, 503])
+        request_id = choose(["id", "req\n1", "%s"])
+        trace_id = choose([b"null", b'"4bf92f3577b34da6a3ce929d0e0e4736"'])
+        cache = choose([None, "hit", "%x"])
+        now[0] = choose([0.0, 1.0, 0.0005, 0.0625, 1733150000.1234999, 1e12, i * 1.0001])
+        perf[0] = 1000.0 + i
+        started = perf[0] - choose([0.0, 0.000005, 0.00125, 0.25, 99.999995])
+        log.record(method, path, status, started, request_id, facts, trace_id, cache)
+        expected.append(
+            _reference_line(
+                now[0],
+                (perf[0] - started) * 1000.0,
+                method,
+                path,
+                status,
+                request_id,
+                facts,
+                trace_id,
+                cache,
+            )
+        )
+    log.flush()
+    assert b"".join(written) == b"".join(expected)

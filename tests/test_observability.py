@@ -614,3 +614,24 @@ def test_the_caches_verdict_reaches_the_access_log_and_the_metrics(tmp_path: Pat
     ok = {"endpoint": "chat", "route": "m", "provider": "fake", "model": "fake-model"}
     prompt = _sample(families, "gandalf_tokens", "gandalf_tokens_total", **ok, type="prompt")
     assert prompt == miss["tokens"]["prompt"] + bypass["tokens"]["prompt"]
+
+
+def test_a_snapshot_writes_every_series_value_as_a_float() -> None:
+    """Token counts add as ints while recording; the snapshot (what other workers
+    merge) still holds floats only, summed exactly."""
+    metrics = Metrics(paths=("/health",))
+    for prompt in (12, 2**53 - 1):
+        record = UsageRecord(
+            "r", "k", "o", "alias", "m", "p", prompt, 30, prompt + 30, 1.0, 200, 0.0, "chat",
+            cached_prompt_tokens=2, reasoning_tokens=3, cost_usd=0.5,
+        )  # fmt: skip
+        metrics.request("/v1/chat/completions", 200, 0.2, record)
+    metrics.request("/health", 200, 0.001, None)
+    series = dict((tuple(k), v) for k, v in metrics.snapshot()["series"])  # type: ignore[attr-defined]
+    chat = series[("chat", "alias", "p", "m", "2xx")]
+    assert all(type(value) is float for values in series.values() for value in values)
+    assert chat[0] == 2.0 and chat[1] == 0.4
+    assert chat[2 + DURATION_BUCKETS.index(0.25)] == 2.0
+    tokens = 2 + len(DURATION_BUCKETS) + 1
+    assert chat[tokens : tokens + 5] == [float(12 + 2**53 - 1), 60.0, 4.0, 6.0, 1.0]
+    assert series[("/health", "", "", "", "2xx")][0] == 1.0

@@ -77,6 +77,10 @@ _NT = len(TTFT_BUCKETS) + 1
 _TOKENS = 2 + _NB
 _COST = _TOKENS + 4
 _SERIES_LEN = _COST + 1
+# The token slots one by one (an index computed per request is bytecode per request).
+_PROMPT, _COMPLETION, _CACHED, _REASONING = range(_TOKENS, _COST)
+# A status's class label; anything outside 0..599 counts as a 5xx.
+_CLASS_OF = {status: _CLASSES[status // 100] for status in range(600)}
 _LABELS = ("endpoint", "route", "provider", "model", "status")
 _KEY_LABELS = (*_LABELS, "key_id")
 _UPSTREAM_LABELS = ("provider", "model", "outcome")
@@ -84,6 +88,14 @@ _TTFT_LABELS = ("route", "provider", "model")
 _BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 Labels = tuple[str, ...]
+
+
+def _new_series() -> list[float]:
+    """A request series' zeros: floats, but ints where the token counts go (a
+    snapshot writes them all as floats)."""
+    series: list[float] = [0.0] * _SERIES_LEN
+    series[_TOKENS:_COST] = [0] * (_COST - _TOKENS)
+    return series
 
 
 class Metrics:
@@ -159,7 +171,7 @@ class Metrics:
     def request(self, path: str, status: int, seconds: float, record: UsageRecord | None) -> None:
         """One request ended with ``status`` after ``seconds``; ``record``: its
         model call's facts (None: it made none, e.g. a 401 or ``/health``)."""
-        cls = _CLASSES[status // 100] if 0 <= status < 600 else "5xx"
+        cls = _CLASS_OF.get(status, "5xx")
         if record is None:
             key: Labels = (path if path in self.paths else "other", "", "", "", cls)
             if self.key_id:
@@ -177,14 +189,17 @@ class Metrics:
         series = self._series.get(key)
         if series is None:
             series = self._new(key)
-        series[0] += 1
+        # Counts and durations are floats and add floats (a float plus an int takes
+        # the interpreter's slow path); token counts are ints and add ints until
+        # the snapshot (see _new).
+        series[0] += 1.0
         series[1] += seconds
-        series[2 + bisect_left(DURATION_BUCKETS, seconds)] += 1
+        series[2 + bisect_left(DURATION_BUCKETS, seconds)] += 1.0
         if record is not None and not record.cache_hit:  # a hit used no tokens upstream
-            series[_TOKENS] += record.prompt_tokens
-            series[_TOKENS + 1] += record.completion_tokens
-            series[_TOKENS + 2] += record.cached_prompt_tokens
-            series[_TOKENS + 3] += record.reasoning_tokens
+            series[_PROMPT] += record.prompt_tokens
+            series[_COMPLETION] += record.completion_tokens
+            series[_CACHED] += record.cached_prompt_tokens
+            series[_REASONING] += record.reasoning_tokens
             cost = record.cost_usd
             if cost:
                 series[_COST] += cost
@@ -199,7 +214,7 @@ class Metrics:
             series = self._series.get(key)
             if series is not None:
                 return series
-        series = [0.0] * _SERIES_LEN
+        series = _new_series()
         self._series[key] = series
         return series
 
@@ -246,7 +261,7 @@ class Metrics:
             "pid": self.pid,
             "ts": time.time(),
             "key_id": self.key_id,
-            "series": [[list(k), v] for k, v in self._series.items()],
+            "series": [[list(k), [float(x) for x in v]] for k, v in self._series.items()],
             "upstream": [[list(k), v] for k, v in self._upstream.items()],
             "ttft": [[list(k), v] for k, v in self._ttft.items()],
             "cache": [[list(k), v] for k, v in self._cache.items()],

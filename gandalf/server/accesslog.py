@@ -16,8 +16,9 @@ the ``error`` lines (the server core decides; this writer writes what it gets).
 
 Why not the ``logging`` module: a record per request (LogRecord, formatter,
 handler lock, a write and a flush per line) cost ~0.13 ms of CPU per request,
-~15 % of a worker's throughput. Here a line is one bytes template (~1 µs) added
-to a buffer; the buffer is written with one ``os.write`` when the event loop
+~15 % of a worker's throughput. Here a line is one bytes template (kept per method,
+path, status and facts' who-served-whom, so only what changes is formatted)
+added to a list; the lines are written with one ``os.write`` when the event loop
 comes round (``call_soon``), or at once when it passes :data:`FLUSH_BYTES`.
 :meth:`AccessLog.flush` writes what is left: the lifecycle calls it at
 shutdown (after the drain) and a server worker at exit, so no line is lost.
@@ -37,37 +38,36 @@ from gandalf.domain import UsageRecord
 # Past this many buffered bytes a line is written at once, not at the loop's next turn.
 FLUSH_BYTES = 64 * 1024
 
-_HEAD = (
-    b'{"ts":%.3f,"level":"%b","request_id":%b,"trace_id":%b,"method":%b,"path":%b,'
-    b'"status":%d,"ms":%.2f,'
-)
-# Who served whom: the same few combinations over and over, so each is encoded once.
-_WHO = b'"key_id":%b,"org":%b,"team":%b,"route":%b,"provider":%b,"model":%b,'
+# A line is one template per (method, path, status[, who served whom]): those fields
+# repeat request after request, so their JSON (and the level the status picks) is
+# encoded once into the template, and a line formats only what changes.
+_TS = b'{"ts":%.3f,"level":"'
+_IDS = b'","request_id":%b,"trace_id":%b,"method":'
+_MS = b',"ms":%.2f,'
 _FACTS = (
-    b'%b"attempts":%d,"tokens":{"prompt":%d,"completion":%d,"total":%d},"cost_usd":%b,"cache":%b}\n'
+    b'"attempts":%d,"tokens":{"prompt":%d,"completion":%d,"total":%d},"cost_usd":%b,"cache":%b}\n'
 )
-_LINE = _HEAD + _FACTS
 _NO_FACTS = (
     b'"key_id":null,"org":null,"team":null,"route":null,"provider":null,"model":null,'
     b'"attempts":0,"tokens":null,"cost_usd":null,"cache":%b}\n'
 )
-_BARE = _HEAD + _NO_FACTS
-_NULL = b"null"
+_WHO = (b"key_id", b"org", b"team", b"route", b"provider", b"model")
+NULL = b"null"  # JSON null; also what trace_id_of gives for no traceparent
 _dumps = orjson.dumps
-# The methods clients send, already encoded; anything else goes through orjson.
-_METHODS = {m: _dumps(m) for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
+_time = time.time
+_perf_counter = time.perf_counter
 
 
 _os_write = os.write  # tests replace it
 
-# Keys, tenants, routes, providers and models repeat: their JSON is kept, up to a bound.
-_ENCODED_MAX = 4096
+# Templates kept (a path comes from the client: past this many, they are built again).
+_TEMPLATES_MAX = 4096
 
 
 def valid_traceparent(traceparent: bytes | str) -> str | None:
     """``traceparent`` as a header value to forward, or None when it is not a
     valid W3C traceparent (see :func:`trace_id_of`)."""
-    if trace_id_of(traceparent) is _NULL:
+    if trace_id_of(traceparent) is NULL:
         return None
     if isinstance(traceparent, bytes):
         return traceparent.decode("latin-1")
@@ -79,7 +79,7 @@ def trace_id_of(traceparent: bytes | str | None) -> bytes:
     lower-case hex, trace id not all zeros), or ``null`` when there is none or it is
     malformed. A string is checked the same way (RSGI gives headers as ``str``)."""
     if traceparent is None:
-        return _NULL
+        return NULL
     if isinstance(traceparent, str):
         traceparent = traceparent.encode("latin-1", "replace")
     # Plain byte tests (a regex costs ~0.4 µs here): three dashes, where they belong,
@@ -93,10 +93,10 @@ def trace_id_of(traceparent: bytes | str | None) -> bytes:
         or (len(traceparent) > 55 and traceparent[55] != 45)
         or traceparent[:55].translate(None, _HEX_DASH)
     ):
-        return _NULL
+        return NULL
     trace_id = traceparent[3:35]
     if trace_id == _ZERO_TRACE:
-        return _NULL
+        return NULL
     return b'"' + trace_id + b'"'
 
 
@@ -125,22 +125,15 @@ class AccessLog:
     calls :meth:`flush`, which also forgets a flush scheduled on that loop.
     """
 
-    __slots__ = ("_buffer", "_encoded", "_pending", "_who", "write")
+    __slots__ = ("_lines", "_pending", "_size", "_templates", "write")
 
     def __init__(self, write: Callable[[bytes], object] = write_stderr) -> None:
         self.write = write
-        self._buffer = bytearray()
+        # Lines wait in a list, joined once at the flush: no buffer to grow and copy.
+        self._lines: list[bytes] = []
+        self._size = 0
         self._pending: asyncio.Handle | None = None  # the scheduled flush, if any
-        self._encoded: dict[str | None, bytes] = {None: _NULL}
-        self._who: dict[tuple[str | None, ...], bytes] = {}
-
-    def _encode(self, value: str | None) -> bytes:
-        encoded = self._encoded.get(value)
-        if encoded is None:
-            encoded = _dumps(value)
-            if len(self._encoded) < _ENCODED_MAX:
-                self._encoded[value] = encoded
-        return encoded
+        self._templates: dict[tuple[object, ...], bytes] = {}
 
     def record(
         self,
@@ -150,28 +143,19 @@ class AccessLog:
         started: float,
         request_id: str,
         facts: UsageRecord | None = None,
-        trace_id: bytes = _NULL,
+        trace_id: bytes = NULL,
         cache: str | None = None,
     ) -> None:
         """Buffer the line for one request (``started``: its ``time.perf_counter()``;
         ``facts``: its model call's, None when it made none; ``trace_id``: JSON, from
         :func:`trace_id_of`; ``cache``: the response cache's verdict)."""
-        buffer = self._buffer
-        _encode = self._encode
         if facts is None:
-            buffer += _BARE % (
-                time.time(),
-                b"info" if status < 500 else b"error",
-                _dumps(request_id),
-                trace_id,
-                _METHODS.get(method) or _dumps(method),
-                _dumps(path),
-                status,
-                (time.perf_counter() - started) * 1000.0,
-                _NULL if cache is None else _encode(cache),
-            )
+            key: tuple[object, ...] = (method, path, status)
         else:
             key = (
+                method,
+                path,
+                status,
                 facts.key_id,
                 facts.org_id,
                 facts.team_id,
@@ -179,27 +163,33 @@ class AccessLog:
                 facts.provider,
                 facts.target_model,
             )
-            who = self._who.get(key)
-            if who is None:
-                who = self._encode_who(key)
-            buffer += _LINE % (
-                time.time(),
-                b"info" if status < 500 else b"error",
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(key, method, path, status)
+        if facts is None:
+            line = template % (
+                _time(),
                 _dumps(request_id),
                 trace_id,
-                _METHODS.get(method) or _dumps(method),
-                _dumps(path),
-                status,
-                (time.perf_counter() - started) * 1000.0,
-                who,
+                (_perf_counter() - started) * 1000.0,
+                NULL if cache is None else _dumps(cache),
+            )
+        else:
+            line = template % (
+                _time(),
+                _dumps(request_id),
+                trace_id,
+                (_perf_counter() - started) * 1000.0,
                 facts.attempts,
                 facts.prompt_tokens,
                 facts.completion_tokens,
                 facts.total_tokens,
                 _dumps(facts.cost_usd),
-                _NULL if cache is None else _encode(cache),
+                NULL if cache is None else _dumps(cache),
             )
-        if len(buffer) >= FLUSH_BYTES:
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= FLUSH_BYTES:
             self.flush()
         elif self._pending is None:
             try:
@@ -207,11 +197,26 @@ class AccessLog:
             except RuntimeError:  # no loop running: nobody would flush later
                 self.flush()
 
-    def _encode_who(self, key: tuple[str | None, ...]) -> bytes:
-        who: bytes = _WHO % tuple(self._encode(value) for value in key)
-        if len(self._who) < _ENCODED_MAX:
-            self._who[key] = who
-        return who
+    def _template(self, key: tuple[object, ...], method: str, path: str, status: int) -> bytes:
+        """The line's template for ``key`` (see :meth:`record`; after the method, the
+        path and the status, the facts' who-served-whom, if any), kept for the next."""
+        fixed = b'%b,"path":%b,"status":%d' % (_dumps(method), _dumps(path), status)
+        if len(key) == 3:
+            tail = _NO_FACTS
+        else:
+            who = b"".join(
+                b'"%b":%b,' % (name, _dumps(value))
+                for name, value in zip(_WHO, key[3:], strict=True)
+            )
+            tail = who.replace(b"%", b"%%") + _FACTS
+        level = b"info" if status < 500 else b"error"
+        # A '%' in a path or a name is a literal in the template.
+        template = _TS + level + _IDS + fixed.replace(b"%", b"%%") + _MS + tail
+        templates = self._templates
+        if len(templates) >= _TEMPLATES_MAX:
+            templates.clear()  # start over: whatever repeats comes back at once
+        templates[key] = template
+        return template
 
     def _flush_soon(self) -> None:
         self._pending = None
@@ -223,12 +228,14 @@ class AccessLog:
         if pending is not None:
             self._pending = None
             pending.cancel()
-        if self._buffer:
-            data = bytes(self._buffer)
-            self._buffer.clear()
+        lines = self._lines
+        if lines:
+            data = b"".join(lines)
+            lines.clear()
+            self._size = 0
             self.write(data)
 
     @property
     def buffered(self) -> int:
         """Bytes waiting to be written."""
-        return len(self._buffer)
+        return self._size

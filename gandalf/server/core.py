@@ -36,7 +36,7 @@ from gandalf.errors import (
 )
 from gandalf.observability.facts import take
 from gandalf.observability.metrics import Metrics
-from gandalf.server.accesslog import AccessLog, trace_id_of, valid_traceparent
+from gandalf.server.accesslog import NULL, AccessLog, trace_id_of, valid_traceparent
 from gandalf.server.handlers import Endpoint
 from gandalf.server.wire import JSON_CT, JSON_HEADERS, Request, Response, StreamWatcher
 
@@ -294,7 +294,7 @@ class ServerCore:
                 started,
                 request_id,
                 facts,
-                trace_id_of(traceparent),
+                NULL if traceparent is None else trace_id_of(traceparent),
                 cache,
             )
         tracing = self.tracing
