@@ -593,3 +593,40 @@ def test_usage_batch_runs_on_the_writer_connection_thread(db_file: str) -> None:
             await store.close()
 
     asyncio.run(main())
+
+
+def test_none_and_bool_bind_as_null_and_integer(db_file: str) -> None:
+    """``open`` registers sqlite3 adapters for None and bool (a cheaper path
+    than sqlite3's failing adapter lookup): they must store what sqlite3
+    stored without them, NULL and the integers 0 / 1, typed so."""
+
+    async def main() -> None:
+        store = SqliteStore(db_file, readers=1)
+        await store.open()
+        try:
+            for hit in (True, False):
+                store.record_usage(
+                    UsageRecord(
+                        request_id=f"r-{hit}", key_id="k", org_id=None, model_alias="m",
+                        target_model=None, provider=None, prompt_tokens=1, completion_tokens=1,
+                        total_tokens=2, latency_ms=1.0, status=200, created_at=1.0,
+                        cache_hit=hit,
+                    )
+                )  # fmt: skip
+            await store.flush()
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    with sqlite3.connect(db_file) as conn:
+        rows = conn.execute(
+            "SELECT cache_hit, typeof(cache_hit), typeof(team_id), typeof(cost_usd), "
+            "typeof(saved_usd), typeof(org_id) FROM usage_records ORDER BY id"
+        ).fetchall()
+        assert conn.execute("SELECT ?, typeof(?), typeof(?)", (True, False, None)).fetchall() == [
+            (1, "integer", "null")
+        ]
+    assert rows == [
+        (1, "integer", "null", "null", "null", "null"),
+        (0, "integer", "null", "null", "null", "null"),
+    ]
