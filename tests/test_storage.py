@@ -548,3 +548,85 @@ def test_close_abandons_what_cannot_drain_in_time(dsn: str) -> None:
         assert store.dropped_usage == 1 and store.usage_written == 0
 
     asyncio.run(main())
+
+
+def test_usage_batch_runs_on_the_writer_connection_thread(db_file: str) -> None:
+    """The usage batch's transaction is one call on the writer connection's
+    thread through aiosqlite's private ``Connection._execute`` and ``_conn``
+    (storage/sqlite.py ``_on_thread``): this fails loudly if aiosqlite changes
+    either. A batch that fails is rolled back there, leaving no transaction."""
+    import threading
+
+    import aiosqlite
+    import msgspec
+
+    from gandalf.storage.sqlite import _on_thread
+
+    async def main() -> None:
+        store = SqliteStore(db_file, readers=1)
+        await store.open()
+        try:
+            conn = store._writer_conn
+            assert isinstance(conn, aiosqlite.Connection)
+            seen: list[tuple[object, object]] = []
+
+            def probe(db: sqlite3.Connection, batch: list[UsageRecord]) -> None:
+                seen.append((threading.current_thread(), db))
+                assert batch == []
+
+            await _on_thread(conn, probe, [])
+            assert seen == [(conn._thread, conn._conn)]
+            assert seen[0][0] is not threading.current_thread()
+
+            bad = UsageRecord(
+                request_id="r", key_id="k", org_id="o", model_alias="m", target_model="m",
+                provider="p", prompt_tokens=1, completion_tokens=1, total_tokens=2,
+                latency_ms=1.0, status=200, created_at=1.0, cost_usd=object(),  # type: ignore[arg-type]
+            )  # fmt: skip
+            with pytest.raises(sqlite3.ProgrammingError):
+                await store._commit_usage(conn, [bad])
+            assert not conn.in_transaction
+            store.record_usage(msgspec.structs.replace(bad, cost_usd=0.5))
+            await store.flush()
+            assert [r.cost_usd for r in await store.list_usage()] == [0.5]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_none_and_bool_bind_as_null_and_integer(db_file: str) -> None:
+    """``open`` registers sqlite3 adapters for None and bool (a cheaper path
+    than sqlite3's failing adapter lookup): they must store what sqlite3
+    stored without them, NULL and the integers 0 / 1, typed so."""
+
+    async def main() -> None:
+        store = SqliteStore(db_file, readers=1)
+        await store.open()
+        try:
+            for hit in (True, False):
+                store.record_usage(
+                    UsageRecord(
+                        request_id=f"r-{hit}", key_id="k", org_id=None, model_alias="m",
+                        target_model=None, provider=None, prompt_tokens=1, completion_tokens=1,
+                        total_tokens=2, latency_ms=1.0, status=200, created_at=1.0,
+                        cache_hit=hit,
+                    )
+                )  # fmt: skip
+            await store.flush()
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    with sqlite3.connect(db_file) as conn:
+        rows = conn.execute(
+            "SELECT cache_hit, typeof(cache_hit), typeof(team_id), typeof(cost_usd), "
+            "typeof(saved_usd), typeof(org_id) FROM usage_records ORDER BY id"
+        ).fetchall()
+        assert conn.execute("SELECT ?, typeof(?), typeof(?)", (True, False, None)).fetchall() == [
+            (1, "integer", "null")
+        ]
+    assert rows == [
+        (1, "integer", "null", "null", "null", "null"),
+        (0, "integer", "null", "null", "null", "null"),
+    ]
