@@ -68,7 +68,16 @@ class Plan:
     their budget states and their buckets laid out flat, RPM and TPM apart,
     in the scopes' order (the order that picks the headers' level on a tie)."""
 
-    __slots__ = ("generation", "grant", "rates", "requests", "single", "spends", "tokens")
+    __slots__ = (
+        "alone",
+        "generation",
+        "grant",
+        "rates",
+        "requests",
+        "single",
+        "spends",
+        "tokens",
+    )
 
     def __init__(self, spends: list[Spend], rates: list[Rate], generation: int) -> None:
         self.spends = spends
@@ -76,6 +85,7 @@ class Plan:
         self.requests: tuple[Bucket, ...] = ()
         self.tokens: tuple[Bucket, ...] = ()
         self.single: Bucket | None = None
+        self.alone: Bucket | None = None
         self.generation = generation
         # A plan with no TPM bucket and no budget has nothing to settle: its
         # tickets differ only by their headers, and one closed Grant is reused
@@ -91,9 +101,11 @@ class Plan:
         rates = self.rates
         self.requests = tuple(r.rpm for r in rates if r.rpm is not None)
         self.tokens = tuple(r.tpm for r in rates if r.tpm is not None)
-        # The commonest limited caller, a key's own rpm alone, has its own path.
-        one = len(self.requests) == 1 and not self.tokens and not self.spends
-        self.single = self.requests[0] if one else None
+        # The commonest limited callers, a key's own rpm or tpm alone, have
+        # their own paths (``single``: the RPM bucket, ``alone``: the TPM one).
+        one = len(self.requests) + len(self.tokens) == 1 and not self.spends
+        self.single = self.requests[0] if one and self.requests else None
+        self.alone = self.tokens[0] if one and self.tokens else None
         self.generation = generation
         self.grant = None
 
@@ -173,6 +185,24 @@ class LocalGovernor:
             if grant is None or grant.headers is not single.pairs:  # they changed
                 grant = plan.grant = Grant(single.pairs, plan, estimate.tokens, 0.0, False)
             return grant
+        alone = plan.alone
+        if alone is not None:
+            # One TPM bucket, nothing else: the general path below, for it alone.
+            tokens = estimate.tokens
+            need = tokens + 0.0
+            now = self._monotonic()
+            elapsed = now - alone.stamp
+            if elapsed > 0.0:
+                level = alone.level + elapsed * alone.rate
+                alone.level = level if level < alone.full else alone.full
+                alone.stamp = now
+            if alone.level < need:
+                self.limits.verify(plan.rates, tokens)  # raises; nothing taken
+            alone.level -= need
+            if not alone.capacity:  # fits only a request of 0 tokens: no headers
+                return Grant(_NO_HEADERS, plan, tokens, 0.0, True)
+            alone.refresh()
+            return Grant(alone.pairs, plan, tokens, 0.0, True)
         spends = plan.spends
         usd = estimate.usd or 0.0
         if spends:
