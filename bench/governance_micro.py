@@ -41,6 +41,9 @@ from gandalf.server.asgi import GandalfApp
 from gandalf.wiring import create_app
 
 CONFIGS = ("off", "price", "key", "tenant", "rates3", "budgets3", "all")
+# One piece at one level each (bench/governance_cg.py counts them too): the
+# key's tpm, the key's budget (priced), the team's rpm, the org's budget (priced).
+SINGLES = ("ktpm", "kbudget", "trpm", "obudget")
 _BIG = Budget(usd=1e9, period="monthly")
 _PRICE = (ModelPrice(provider="fake", model="fake-1", input=1.0, output=2.0),)
 
@@ -49,9 +52,20 @@ def config(name: str) -> GandalfConfig:
     key = KeyEntry(name="bench", key=KEY, role="service_account")
     orgs: tuple[Organization, ...] = ()
     teams: tuple[Team, ...] = ()
-    pricing: tuple[ModelPrice, ...] = _PRICE if name in ("price", "budgets3", "all") else ()
+    priced = ("price", "budgets3", "all", "kbudget", "obudget")
+    pricing: tuple[ModelPrice, ...] = _PRICE if name in priced else ()
     if name == "key":
         key = KeyEntry(name="bench", key=KEY, role="service_account", rpm=10**8)
+    elif name == "ktpm":
+        key = KeyEntry(name="bench", key=KEY, role="service_account", tpm=10**12)
+    elif name == "kbudget":
+        key = KeyEntry(name="bench", key=KEY, role="service_account", budget=_BIG)
+    elif name in ("trpm", "obudget"):
+        team_rpm = 10**8 if name == "trpm" else 0
+        org_budget = _BIG if name == "obudget" else None
+        orgs = (Organization(id="o", name="o", budget=org_budget),)
+        teams = (Team(id="t", org_id="o", name="t", rpm=team_rpm),)
+        key = KeyEntry(name="bench", key=KEY, role="service_account", org_id="o", team_id="t")
     elif name in ("tenant", "rates3", "budgets3"):
         rates = name == "rates3"
         budget = _BIG if name == "budgets3" else None

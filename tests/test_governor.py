@@ -756,3 +756,40 @@ def test_successive_headers_follow_the_buckets() -> None:
     gov.settle(ticket, 100, None)  # 900 refunded: the next answer shows them
     ticket = gov.admit(scopes, est(0))
     assert header(ticket.headers, b"x-ratelimit-remaining-tokens") == b"3000"
+
+
+def test_a_tpm_only_callers_headers_follow_its_bucket() -> None:
+    # A key's tpm alone has its own path in admit: each answer shows its own
+    # state, an earlier ticket keeps the headers it was given (they are shared
+    # while they repeat), settle corrects the charge and a refusal takes nothing.
+    gov, mono, _ = governor()
+    scopes = (key(tpm=6000),)  # 100 tokens a second
+    tickets = [gov.admit(scopes, est(1000)) for _ in range(2)]
+    mono.t += 1.0
+    tickets.append(gov.admit(scopes, est(1000)))
+    seen = [
+        (
+            header(t.headers, b"x-ratelimit-limit-tokens"),
+            header(t.headers, b"x-ratelimit-remaining-tokens"),
+            header(t.headers, b"x-ratelimit-reset-tokens"),
+        )
+        for t in tickets
+    ]
+    assert seen == [
+        (b"6000", b"5000", b"10s"),
+        (b"6000", b"4000", b"20s"),
+        (b"6000", b"3100", b"29s"),
+    ]
+    assert header(tickets[0].headers, b"x-ratelimit-limit-requests") is None
+    gov.settle(tickets[2], 100, None)  # 900 refunded
+    ticket = gov.admit(scopes, est(0))
+    assert header(ticket.headers, b"x-ratelimit-remaining-tokens") == b"4000"
+    assert header(tickets[1].headers, b"x-ratelimit-remaining-tokens") == b"4000"
+    with pytest.raises(RateLimited) as info:
+        gov.admit(scopes, est(4500))
+    assert info.value.type == "tokens" and info.value.retry_after == 5
+    ticket = gov.admit(scopes, est(4000))  # the refusal took nothing
+    assert header(ticket.headers, b"x-ratelimit-remaining-tokens") == b"0"
+    gov.release(ticket)
+    rate = gov.limits.rate(scopes[0], mono())
+    assert rate is not None and rate.tpm is not None and rate.tpm.level == 4000

@@ -18,6 +18,8 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 
+import msgspec
+
 from gandalf.app.budget import Budgets, Clock, Spend, SpendSource
 from gandalf.app.governance import Estimate, Ticket
 from gandalf.app.limits import Bucket, Rate, RateLimits
@@ -66,7 +68,16 @@ class Plan:
     their budget states and their buckets laid out flat, RPM and TPM apart,
     in the scopes' order (the order that picks the headers' level on a tie)."""
 
-    __slots__ = ("generation", "grant", "rates", "requests", "single", "spends", "tokens")
+    __slots__ = (
+        "alone",
+        "generation",
+        "grant",
+        "rates",
+        "requests",
+        "single",
+        "spends",
+        "tokens",
+    )
 
     def __init__(self, spends: list[Spend], rates: list[Rate], generation: int) -> None:
         self.spends = spends
@@ -74,6 +85,7 @@ class Plan:
         self.requests: tuple[Bucket, ...] = ()
         self.tokens: tuple[Bucket, ...] = ()
         self.single: Bucket | None = None
+        self.alone: Bucket | None = None
         self.generation = generation
         # A plan with no TPM bucket and no budget has nothing to settle: its
         # tickets differ only by their headers, and one closed Grant is reused
@@ -89,29 +101,27 @@ class Plan:
         rates = self.rates
         self.requests = tuple(r.rpm for r in rates if r.rpm is not None)
         self.tokens = tuple(r.tpm for r in rates if r.tpm is not None)
-        # The commonest limited caller, a key's own rpm alone, has its own path.
-        one = len(self.requests) == 1 and not self.tokens and not self.spends
-        self.single = self.requests[0] if one else None
+        # The commonest limited callers, a key's own rpm or tpm alone, have
+        # their own paths (``single``: the RPM bucket, ``alone``: the TPM one).
+        one = len(self.requests) + len(self.tokens) == 1 and not self.spends
+        self.single = self.requests[0] if one and self.requests else None
+        self.alone = self.tokens[0] if one and self.tokens else None
         self.generation = generation
         self.grant = None
 
 
-class Grant:
+class Grant(msgspec.Struct):
     """The Ticket: what admit took (so settle and release can correct it) and
     the response's ``x-ratelimit-*`` headers (read only: a plan with nothing
     to settle hands the same Grant and headers to successive requests).
-    Settled or released once; a second call does nothing."""
+    Settled or released once; a second call does nothing. A Struct: built by
+    msgspec's C constructor, a Python ``__init__`` less per limited request."""
 
-    __slots__ = ("headers", "open", "plan", "tokens", "usd")
-
-    def __init__(
-        self, headers: list[tuple[bytes, bytes]], plan: Plan, tokens: int, usd: float, open: bool
-    ) -> None:
-        self.headers = headers
-        self.plan = plan
-        self.tokens = tokens
-        self.usd = usd
-        self.open = open
+    headers: list[tuple[bytes, bytes]]
+    plan: Plan
+    tokens: int
+    usd: float
+    open: bool
 
 
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
@@ -163,18 +173,36 @@ class LocalGovernor:
             # One RPM bucket, nothing else: the general path below, for it alone.
             now = self._monotonic()
             elapsed = now - single.stamp
-            if elapsed > 0:
+            if elapsed > 0.0:
                 level = single.level + elapsed * single.rate
                 single.level = level if level < single.full else single.full
                 single.stamp = now
-            if single.level < 1:
+            if single.level < 1.0:
                 self.limits.verify(plan.rates, estimate.tokens)  # raises; nothing taken
-            single.level -= 1  # fits: so its capacity is at least 1
+            single.level -= 1.0  # fits: so its capacity is at least 1
+            single.refresh()
             grant = plan.grant
-            if single.refresh() or grant is None or grant.headers[0] is not single.limit_header:
-                pairs = [single.limit_header, single.left_header, single.reset_header]
-                grant = plan.grant = Grant(pairs, plan, estimate.tokens, 0.0, False)
+            if grant is None or grant.headers is not single.pairs:  # they changed
+                grant = plan.grant = Grant(single.pairs, plan, estimate.tokens, 0.0, False)
             return grant
+        alone = plan.alone
+        if alone is not None:
+            # One TPM bucket, nothing else: the general path below, for it alone.
+            tokens = estimate.tokens
+            need = tokens + 0.0
+            now = self._monotonic()
+            elapsed = now - alone.stamp
+            if elapsed > 0.0:
+                level = alone.level + elapsed * alone.rate
+                alone.level = level if level < alone.full else alone.full
+                alone.stamp = now
+            if alone.level < need:
+                self.limits.verify(plan.rates, tokens)  # raises; nothing taken
+            alone.level -= need
+            if not alone.capacity:  # fits only a request of 0 tokens: no headers
+                return Grant(_NO_HEADERS, plan, tokens, 0.0, True)
+            alone.refresh()
+            return Grant(alone.pairs, plan, tokens, 0.0, True)
         spends = plan.spends
         usd = estimate.usd or 0.0
         if spends:
@@ -193,22 +221,25 @@ class LocalGovernor:
                     state.reserved += usd
             return Grant(_NO_HEADERS, plan, tokens, usd, True)
         now = self._monotonic()
+        # Floats against floats: a float compared with (or less) an int takes
+        # CPython's slower mixed path, once per bucket.
+        need = tokens + 0.0
         fits = True
         for bucket in requests:
             elapsed = now - bucket.stamp
-            if elapsed > 0:
+            if elapsed > 0.0:
                 level = bucket.level + elapsed * bucket.rate
                 bucket.level = level if level < bucket.full else bucket.full
                 bucket.stamp = now
-            if bucket.level < 1:
+            if bucket.level < 1.0:
                 fits = False
         for bucket in buckets:
             elapsed = now - bucket.stamp
-            if elapsed > 0:
+            if elapsed > 0.0:
                 level = bucket.level + elapsed * bucket.rate
                 bucket.level = level if level < bucket.full else bucket.full
                 bucket.stamp = now
-            if bucket.level < tokens:
+            if bucket.level < need:
                 fits = False
         if not fits:
             # Raises the refusal of the level that waits longest; nothing taken.
@@ -218,34 +249,33 @@ class LocalGovernor:
         tight: Bucket | None = None
         least = 2.0
         for bucket in requests:
-            bucket.level -= 1
+            bucket.level -= 1.0
             if bucket.capacity:
                 fraction = bucket.level / bucket.full
                 if fraction < least:
                     tight, least = bucket, fraction
-        headers: list[tuple[bytes, bytes]]
-        changed = False
+        # A bucket's header pairs are one list, renewed when they change
+        # (Bucket.refresh): no list is built while they hold.
+        headers = _NO_HEADERS
         if tight is not None:
-            changed = tight.refresh()
-            headers = [tight.limit_header, tight.left_header, tight.reset_header]
-        else:
-            headers = []
+            tight.refresh()
+            headers = tight.pairs
         if buckets:
             tight = None
             least = 2.0
             for bucket in buckets:
-                bucket.level -= tokens
+                bucket.level -= need
                 if bucket.capacity:
                     fraction = bucket.level / bucket.full
                     if fraction < least:
                         tight, least = bucket, fraction
             if tight is not None:
                 tight.refresh()
-                headers += (tight.limit_header, tight.left_header, tight.reset_header)
+                headers = headers + tight.pairs if headers else tight.pairs
         elif not spends:
             # Nothing to settle: the last Grant serves while its headers hold.
             grant = plan.grant
-            if grant is not None and not changed and grant.headers == headers:
+            if grant is not None and grant.headers is headers:
                 return grant
             grant = plan.grant = Grant(headers, plan, tokens, 0.0, False)
             return grant
@@ -288,7 +318,7 @@ class LocalGovernor:
                 for bucket in plan.tokens:
                     elapsed = now - bucket.stamp
                     level = bucket.level
-                    if elapsed > 0:
+                    if elapsed > 0.0:
                         level += elapsed * bucket.rate
                         if level > bucket.full:
                             level = bucket.full
@@ -300,7 +330,7 @@ class LocalGovernor:
             spent = usd or 0.0
             for state in spends:
                 left = state.reserved - reserved
-                state.reserved = left if left > 0 else 0.0
+                state.reserved = left if left > 0.0 else 0.0
                 state.spent += spent
 
     def release(self, ticket: Ticket) -> None:

@@ -93,6 +93,7 @@ class Bucket:
         "limit",
         "limit_header",
         "names",
+        "pairs",
         "rate",
         "reset",
         "reset_header",
@@ -121,6 +122,9 @@ class Bucket:
         self.left_header = (self.names[1], b"0")
         self.reset = -1
         self.reset_header = (self.names[2], b"0s")
+        # The three pairs as the list a Ticket carries (read only: tickets of
+        # successive requests share it while it holds; a change makes a new one).
+        self.pairs = [self.limit_header, self.left_header, self.reset_header]
 
     def refill(self, now: float) -> float:
         """The level at ``now`` (stored), never above the capacity."""
@@ -137,6 +141,7 @@ class Bucket:
         self.capacity = share_of(limit, share)
         self.full = float(self.capacity)
         self.limit_header = (self.names[0], b"%d" % self.capacity)
+        self.pairs = [self.limit_header, self.left_header, self.reset_header]
         self.rate = self.capacity / 60.0
         if self.level > self.full:
             self.level = self.full
@@ -148,12 +153,13 @@ class Bucket:
     def refresh(self) -> bool:
         """Bring ``left_header`` (the whole units left, 0 when overdrawn) and
         ``reset_header`` (the time until the bucket is full, as
-        :func:`format_duration` writes it) up to the level; True when either
-        changed. Only for a bucket with a capacity (``rate`` > 0)."""
+        :func:`format_duration` writes it) up to the level, and ``pairs``
+        with them (a new list); True when either changed. Only for a bucket
+        with a capacity (``rate`` > 0)."""
         level = self.level
-        left = int(level) if level > 0 else 0
+        left = int(level) if level > 0.0 else 0
         seconds = (self.full - level) / self.rate
-        ms = int(seconds * 1000 + 0.999)  # what format_duration shows
+        ms = int(seconds * 1000.0 + 0.999)  # what format_duration shows
         if left == self.left and ms == self.reset:
             return False
         if left != self.left:
@@ -162,6 +168,7 @@ class Bucket:
         if ms != self.reset:
             self.reset = ms
             self.reset_header = (self.names[2], format_duration(seconds))
+        self.pairs = [self.limit_header, self.left_header, self.reset_header]
         return True
 
 
