@@ -186,7 +186,16 @@ class Pricing:
         if models is None or model is None:
             return None
         rates = models.get(model)
-        return None if rates is None else rates.cost(usage)
+        if rates is None:
+            return None
+        # rates.cost(usage), written out: a call fewer per served request.
+        return rates.cost_of(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_prompt_tokens,
+            usage.cache_write_tokens,
+            usage.reasoning_tokens,
+        )
 
     def items(self) -> list[tuple[str, str, Rates]]:
         return [(p, m, r) for p, models in self._rates.items() for m, r in models.items()]
