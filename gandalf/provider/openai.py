@@ -11,8 +11,8 @@ replaces the caller's). Answers come back as bytes; only ``usage`` is decoded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
 
 import aiohttp
 import msgspec
@@ -228,18 +228,15 @@ class OpenAIProvider(transport.UpstreamClient):
         relays = config.type == "openai" and config.responses is not False
         self.responses = ResponsesRelay(self) if relays else None
 
-    # chat and embeddings are plain functions that return _post's coroutine:
-    # awaiting it directly spares a coroutine frame per call (created, and
-    # passed through at every resume while the upstream answers).
-    def chat(self, call: ChatCall) -> Coroutine[Any, Any, ProviderReply]:
+    async def chat(self, call: ChatCall) -> ProviderReply:
         model = call.target.model
         body = call.body if model == call.request.model else rewrite_body(call.body, model=model)
-        return self._post(self._chat_url, body)
+        return await self._post(self._chat_url, body)
 
-    def embeddings(self, call: EmbeddingsCall) -> Coroutine[Any, Any, ProviderReply]:
+    async def embeddings(self, call: EmbeddingsCall) -> ProviderReply:
         model = call.target.model
         body = call.body if model == call.request.model else rewrite_body(call.body, model=model)
-        return self._post(self._embeddings_url, body)
+        return await self._post(self._embeddings_url, body)
 
     async def get(self, url: str) -> bytes:
         """GET ``url`` with the provider's credentials (model listings)."""
@@ -279,23 +276,19 @@ class OpenAIProvider(transport.UpstreamClient):
         phase = errors
         timer = transport.deadline(errors.timeout_s)
         try:
-            async with session.post(
-                url, data=body, headers=self._headers, timeout=errors.call_timeout
-            ) as resp:
-                phase = errors.body
-                if errors.lift_first_byte:
-                    transport.headers_arrived(resp, None)
-                data = await transport.read_body(resp, errors)
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After") if status >= 400 else None
-                raw_headers = resp.raw_headers
+            with errors:
+                async with session.post(
+                    url, data=body, headers=self._headers, timeout=errors.call_timeout
+                ) as resp:
+                    phase = errors.body
+                    if errors.lift_first_byte:
+                        transport.headers_arrived(resp, None)
+                    data = await transport.read_body(resp, errors)
+                    status = resp.status
+                    retry_after = resp.headers.get("Retry-After") if status >= 400 else None
+                    raw_headers = resp.raw_headers
         except asyncio.CancelledError as exc:
             transport.timed_out(exc, phase)
-        except Exception as exc:  # ``with errors:``, written out (UpstreamErrors.mapped)
-            error = errors.mapped(exc)
-            if error is None:
-                raise
-            raise error from None
         finally:
             timer.cancel()
         if status >= 300:

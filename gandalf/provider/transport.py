@@ -309,39 +309,27 @@ class UpstreamErrors:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        if exc is not None:
-            error = self.mapped(exc)
-            if error is not None:
-                raise error from None
-        return False
-
-    def mapped(self, exc: BaseException) -> GatewayError | None:
-        """The gateway error a client exception becomes; None for one that is
-        not mapped (a GatewayError, a cancellation, anything else: it goes on
-        as it is). The hot paths call this from ``except Exception`` rather
-        than enter ``with errors:``: a try block costs nothing until something
-        is raised, a ``with`` two Python calls per request."""
-        if isinstance(exc, (GatewayError, asyncio.CancelledError)):
-            return None
+        if exc is None or isinstance(exc, (GatewayError, asyncio.CancelledError)):
+            return False
         # TimeoutError first: in Python 3.11 it is also an OSError.
         if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
             if self.after_headers:
-                return UpstreamBodyTimeout(self.timeout_message(exc))
+                raise UpstreamBodyTimeout(self.timeout_message(exc)) from None
             if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.SocketTimeoutError):
                 # connect_timeout_ms or first_byte_timeout_ms: the provider did not
                 # connect or answer at all within a bound that is not about length.
-                return UpstreamTimeout(self.timeout_message(exc))
+                raise UpstreamTimeout(self.timeout_message(exc)) from None
             # The total ran out while the answer was being generated.
-            return UpstreamTotalTimeout(self.timeout_message(exc))
+            raise UpstreamTotalTimeout(self.timeout_message(exc)) from None
         if isinstance(exc, aiohttp.ClientConnectorError):
-            return UpstreamError(
+            raise UpstreamError(
                 f"Upstream provider '{self.provider}' is unreachable: connection failed."
-            )
+            ) from None
         if isinstance(exc, (aiohttp.ClientError, OSError)):
-            return UpstreamError(
+            raise UpstreamError(
                 f"Upstream provider '{self.provider}' failed: {type(exc).__name__}."
-            )
-        return None
+            ) from None
+        return False
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -396,9 +384,7 @@ def deadline(timeout_s: float) -> asyncio.TimerHandle:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task(loop)
     assert task is not None
-    # call_later, not call_at(loop.time() + ...): uvloop's call_at reads the
-    # clock again to turn the time back into a delay.
-    return loop.call_later(timeout_s, task.cancel, CANCEL_UPSTREAM_DEADLINE)
+    return loop.call_at(loop.time() + timeout_s, task.cancel, CANCEL_UPSTREAM_DEADLINE)
 
 
 def timed_out(exc: asyncio.CancelledError, errors: UpstreamErrors) -> NoReturn:
@@ -418,7 +404,7 @@ async def read_body(resp: aiohttp.ClientResponse, errors: UpstreamErrors) -> byt
     ``errors.body``: at most ``errors.max_bytes`` bytes, else UpstreamTooLarge
     (the connection is dropped; no more than the cap plus one read is held)."""
     cap = errors.max_bytes
-    try:  # ``with errors.body:``, written out (see UpstreamErrors.mapped)
+    with errors.body:
         length = resp.content_length
         if length is not None and length <= cap:
             return await resp.read()  # the common case: the parser stops at the length
@@ -434,11 +420,6 @@ async def read_body(resp: aiohttp.ClientResponse, errors: UpstreamErrors) -> byt
                 if size > cap:
                     break
                 pieces.append(piece)
-    except Exception as exc:
-        error = errors.body.mapped(exc)
-        if error is None:
-            raise
-        raise error from None
     resp.close()
     raise UpstreamTooLarge(
         f"Upstream provider '{errors.provider}' sent an answer larger than "
