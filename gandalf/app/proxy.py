@@ -253,7 +253,17 @@ def _call(slot: Slot, job: _Job) -> ChatCall:
 
 
 def _chat(slot: Slot, job: _Job) -> Awaitable[ProviderReply]:
-    return slot.provider.chat(_call(slot, job))
+    # _call written out: every chat completion passes here.
+    request, body, request_id = job
+    return slot.provider.chat(
+        ChatCall(
+            body=body,
+            request=request,
+            alias=request.model,
+            target=slot.target,
+            request_id=request_id,
+        )
+    )
 
 
 def _stream(slot: Slot, job: _Job) -> Awaitable[ChatStream]:
