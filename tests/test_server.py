@@ -592,3 +592,30 @@ def test_a_last_chunk_ends_the_body_with_it(last: bool) -> None:
     else:
         assert bodies == [(b"data: {}\n\n", True), (b"data: [DONE]\n\n", True), (b"", False)]
     assert stream.finished and stream.closed == [200]
+
+
+def test_uuid7_fields_and_uniqueness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Request ids are RFC 9562 version-7 UUIDs: the millisecond in the first
+    48 bits (formatted once per millisecond, so ids of one millisecond share
+    it and the next millisecond gets its own), version 7, variant 10, and 74
+    random bits that differ from id to id; the variant digit covers 8-b."""
+    from gandalf.server import wire
+
+    now = [1_767_225_600_123_456_789]  # ns
+    monkeypatch.setattr(wire, "_time_ns", lambda: now[0])
+    monkeypatch.setattr(wire, "_millis", wire._Millis())
+    seen: set[str] = set()
+    variants: set[str] = set()
+    for step in range(2000):
+        if step == 1000:
+            now[0] += 1_000_000  # the next millisecond
+        text = wire.uuid7()
+        value = uuid.UUID(text)
+        assert str(value) == text  # lower-case, canonical dashes
+        assert value.version == 7
+        assert value.variant == uuid.RFC_4122
+        assert value.int >> 80 == now[0] // 1_000_000
+        variants.add(text[19])
+        seen.add(text)
+    assert len(seen) == 2000
+    assert variants == {"8", "9", "a", "b"}

@@ -396,7 +396,23 @@ _random = random.Random(os.urandom(32))  # seeded once; ids need uniqueness, not
 _getrandbits = _random.getrandbits
 # Forked workers must not share one sequence.
 os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))
-_VERSION_VARIANT = 0x7 << 76 | 0b10 << 62
+_time_ns = time.time_ns
+# The variant's hex digit (binary 10xx) from any hex digit's low two bits.
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+
+class _Millis:
+    """The current millisecond and its id prefix ("tttttttt-tttt-7"), kept
+    because requests arriving in the same millisecond share it."""
+
+    __slots__ = ("ms", "prefix")
+
+    def __init__(self) -> None:
+        self.ms = -1
+        self.prefix = ""
+
+
+_millis = _Millis()
 
 
 def uuid7() -> str:
@@ -404,17 +420,19 @@ def uuid7() -> str:
 
     The random bits come from a PRNG seeded from os.urandom at import: a
     getrandom() syscall per request measured ~5 us on this VM, more than the
-    rest of the id.
+    rest of the id. The time prefix is formatted once per millisecond, and
+    76 random bits are formatted as 19 hex digits in one go: 3 for after
+    the version, 1 whose low 2 bits pick the variant digit, 3 more, then 12
+    (callgrind: 11.2k -> 7.2k instructions per id against one 128-bit int
+    formatted and sliced five times).
     """
-    rand = _getrandbits(74)
-    value = (
-        (time.time_ns() // 1_000_000) << 80
-        | _VERSION_VARIANT
-        | (rand >> 62) << 64
-        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
-    )
-    h = "%032x" % value  # noqa: UP031 - measurably faster than format() here
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    ms = _time_ns() // 1_000_000
+    millis = _millis
+    if ms != millis.ms:
+        millis.ms = ms
+        millis.prefix = "%08x-%04x-7" % (ms >> 16, ms & 0xFFFF)  # noqa: UP031 - faster
+    h = "%019x" % _getrandbits(76)  # noqa: UP031 - measurably faster than format() here
+    return f"{millis.prefix}{h[:3]}-{_VARIANT[h[3]]}{h[4:7]}-{h[7:]}"
 
 
 _RATELIMIT = b"x-ratelimit-"
