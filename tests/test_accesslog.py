@@ -12,7 +12,7 @@ import pytest
 
 from gandalf.domain import UsageRecord
 from gandalf.server import accesslog
-from gandalf.server.accesslog import FLUSH_BYTES, AccessLog, write_stderr
+from gandalf.server.accesslog import FLUSH_BYTES, FLUSH_INTERVAL, AccessLog, write_stderr
 from gandalf.server.asgi import GandalfApp, Runtime
 
 # The access line's fields, in the contract's order (CONTRACT.md, "Observability");
@@ -67,7 +67,7 @@ def test_a_line_is_json_with_the_fields_and_control_characters_escaped() -> None
 
 def test_lines_are_written_together_when_the_loop_comes_round() -> None:
     written: list[bytes] = []
-    log = AccessLog(written.append)
+    log = AccessLog(written.append, interval=0)
 
     async def main() -> None:
         for i in range(3):
@@ -79,6 +79,31 @@ def test_lines_are_written_together_when_the_loop_comes_round() -> None:
         log.record("POST", "/r3", 200, time.perf_counter(), "id3")
         await asyncio.sleep(0)
         assert len(written) == 2 and log.buffered == 0
+
+    asyncio.run(main())
+
+
+def test_lines_wait_for_the_flush_interval_then_go_in_one_write() -> None:
+    """By default the lines of many loop turns share one write: a timer armed by
+    the first line writes them all FLUSH_INTERVAL later (not at the next turn)."""
+    written: list[bytes] = []
+    log = AccessLog(written.append)
+    assert log.interval == FLUSH_INTERVAL > 0
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        armed = loop.time()
+        log.record("POST", "/r0", 200, time.perf_counter(), "id0")
+        pending = log._pending
+        assert isinstance(pending, asyncio.TimerHandle)
+        assert armed + FLUSH_INTERVAL <= pending.when() <= loop.time() + FLUSH_INTERVAL
+        for _ in range(3):  # later turns add to the same batch, no new timer
+            await asyncio.sleep(0)
+            log.record("POST", "/r1", 200, time.perf_counter(), "id1")
+        assert written == [] and log._pending is pending
+        pending._run()  # the timer fires (what the loop does at pending.when())
+        assert len(written) == 1 and log.buffered == 0 and log._pending is None
+        assert [e["path"] for e in lines(written)] == ["/r0", "/r1", "/r1", "/r1"]
 
     asyncio.run(main())
 

@@ -372,6 +372,7 @@ def test_access_log_level_error_keeps_only_5xx_lines(tmp_path: Path) -> None:
         # Not started any more: a 503, logged at "error".
         app.core.endpoints = None
         assert (await call(app, "GET", "/healthz")).status == 503
+        app.core.access.flush()  # what a server worker does at exit (wiring's atexit)
 
     asyncio.run(main())
     (line,) = _lines(written)

@@ -18,8 +18,11 @@ Why not the ``logging`` module: a record per request (LogRecord, formatter,
 handler lock, a write and a flush per line) cost ~0.13 ms of CPU per request,
 ~15 % of a worker's throughput. Here a line is one bytes template (kept per method,
 path, status and facts' who-served-whom, so only what changes is formatted)
-added to a list; the lines are written with one ``os.write`` when the event loop
-comes round (``call_soon``), or at once when it passes :data:`FLUSH_BYTES`.
+added to a list; the lines are written with one ``os.write`` at most
+:data:`FLUSH_INTERVAL` after the first of them (a loop timer), or at once when
+they pass :data:`FLUSH_BYTES` (nginx's ``buffer=`` / ``flush=``). Writing at
+every turn of the loop instead meant a ``write`` to the log file per one or two
+requests under load, whose kernel side cost more than building the lines.
 :meth:`AccessLog.flush` writes what is left: the lifecycle calls it at
 shutdown (after the drain) and a server worker at exit, so no line is lost.
 """
@@ -35,8 +38,10 @@ import orjson
 
 from gandalf.domain import UsageRecord
 
-# Past this many buffered bytes a line is written at once, not at the loop's next turn.
+# Past this many buffered bytes the lines are written at once, not at the timer.
 FLUSH_BYTES = 64 * 1024
+# Buffered lines are written at most this long (seconds) after the first of them.
+FLUSH_INTERVAL = 0.05
 
 # A line is one template per (method, path, status[, who served whom]): those fields
 # repeat request after request, so their JSON (and the level the status picks) is
@@ -125,10 +130,15 @@ class AccessLog:
     calls :meth:`flush`, which also forgets a flush scheduled on that loop.
     """
 
-    __slots__ = ("_lines", "_pending", "_size", "_templates", "write")
+    __slots__ = ("_lines", "_pending", "_size", "_templates", "interval", "write")
 
-    def __init__(self, write: Callable[[bytes], object] = write_stderr) -> None:
+    def __init__(
+        self, write: Callable[[bytes], object] = write_stderr, interval: float = FLUSH_INTERVAL
+    ) -> None:
+        """``interval``: buffered lines are written at most this many seconds after
+        the first of them (0: when the loop next comes round)."""
         self.write = write
+        self.interval = interval
         # Lines wait in a list, joined once at the flush: no buffer to grow and copy.
         self._lines: list[bytes] = []
         self._size = 0
@@ -193,7 +203,13 @@ class AccessLog:
             self.flush()
         elif self._pending is None:
             try:
-                self._pending = asyncio.get_running_loop().call_soon(self._flush_soon)
+                loop = asyncio.get_running_loop()
+                interval = self.interval
+                self._pending = (
+                    loop.call_later(interval, self._flush_soon)
+                    if interval > 0
+                    else loop.call_soon(self._flush_soon)
+                )
             except RuntimeError:  # no loop running: nobody would flush later
                 self.flush()
 
