@@ -253,17 +253,7 @@ def _call(slot: Slot, job: _Job) -> ChatCall:
 
 
 def _chat(slot: Slot, job: _Job) -> Awaitable[ProviderReply]:
-    # _call written out: every chat completion passes here.
-    request, body, request_id = job
-    return slot.provider.chat(
-        ChatCall(
-            body=body,
-            request=request,
-            alias=request.model,
-            target=slot.target,
-            request_id=request_id,
-        )
-    )
+    return slot.provider.chat(_call(slot, job))
 
 
 def _stream(slot: Slot, job: _Job) -> Awaitable[ChatStream]:
