@@ -322,18 +322,39 @@ def free_port() -> int:
 # ``governance``: "on": the bench key in a team of an org, every level with an
 # RPM and TPM limit and a budget far above what a bench can spend, and a price
 # for the mock's model: each request is admitted, priced and settled at three
-# levels. "key": the key's own RPM limit only (the common case). "off": none.
-_GOVERNANCE = (
-    "orgs: [{id: bench-org, rpm: 100000000, tpm: 1000000000000,"
-    " budget: {usd: 1000000000, period: monthly}}]\n"
-    "teams: [{id: bench-team, org: bench-org, rpm: 100000000, tpm: 1000000000000,"
-    " budget: {usd: 1000000000, period: monthly}}]\n"
-    "pricing: [{provider: mock, model: %s, input: 1.0, output: 2.0}]\n"
-)
-_GOVERNED_KEY = (
-    ", team: bench-team, rpm: 100000000, tpm: 1000000000000,"
-    " budget: {usd: 1000000000, period: monthly}"
-)
+# levels. "rates": the same three levels with their RPM and TPM limits only
+# (no budget, no price); "budgets": their budgets and the price only (no
+# rate limit). "key": the key's own RPM limit only (the common case). "off": none.
+_RATES = "rpm: 100000000, tpm: 1000000000000"
+_BUDGET = "budget: {usd: 1000000000, period: monthly}"
+_PRICING = "pricing: [{provider: mock, model: %s, input: 1.0, output: 2.0}]\n"
+GOVERNANCE = ("on", "rates", "budgets", "key", "off")
+
+
+def _levels(governance: str) -> str:
+    """What each of the three levels sets under ``governance`` ("on",
+    "rates" or "budgets")."""
+    parts = {"on": (_RATES, _BUDGET), "rates": (_RATES,), "budgets": (_BUDGET,)}[governance]
+    return ", ".join(parts)
+
+
+def _tenancy(governance: str, model: str) -> str:
+    """The orgs:, teams: (and pricing:) lines of a three-level ``governance``."""
+    levels = _levels(governance)
+    return (
+        f"orgs: [{{id: bench-org, {levels}}}]\n"
+        f"teams: [{{id: bench-team, org: bench-org, {levels}}}]\n"
+        + (_PRICING % model if governance != "rates" else "")
+    )
+
+
+def _key_limits(governance: str) -> str:
+    """What the bench key's entry adds under ``governance``."""
+    if governance == "key":
+        return ", rpm: 100000000"
+    if governance == "off":
+        return ""
+    return ", team: bench-team, " + _levels(governance)
 
 
 def write_gandalf_config(
@@ -368,16 +389,10 @@ def write_gandalf_config(
         'api_key: "sk-bench"}\n'
         "routes:\n"
         f"  - {{model_alias: {MODEL_ALIAS}, targets: [{{provider: mock, model: {MODEL_ALIAS}}}]}}\n"
-        + (_GOVERNANCE % MODEL_ALIAS if governance == "on" else "")
+        + (_tenancy(governance, MODEL_ALIAS) if governance not in ("key", "off") else "")
         + "keys:\n"
         f'  - {{name: bench, key: "{BENCH_KEY}", role: service_account'
-        + (
-            _GOVERNED_KEY
-            if governance == "on"
-            else ", rpm: 100000000"
-            if governance == "key"
-            else ""
-        )
+        + _key_limits(governance)
         + "}\n"
     )
     return path

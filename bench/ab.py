@@ -29,6 +29,7 @@ from pathlib import Path
 
 from _procs import (
     CHAT_BODY,
+    GOVERNANCE,
     REPO_DIR,
     STREAM_BODY,
     ProcGroup,
@@ -68,15 +69,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--governance",
-        choices=("on", "key", "off"),
+        choices=GOVERNANCE,
         default="off",
         help="on: this checkout's bench key limited and budgeted at key, team and org level, "
         "with a priced model (every request admitted, priced and settled three times); "
-        "key: the key's own rpm only",
+        "rates: the three levels' rpm and tpm only; budgets: their budgets and the price "
+        "only; key: the key's own rpm only",
     )
     parser.add_argument(
         "--base-governance",
-        choices=("on", "key", "off"),
+        choices=GOVERNANCE,
         help="the base's (default: as --governance; on needs a base that knows orgs:); "
         "--base HEAD --governance on --base-governance off measures what limits cost",
     )
@@ -217,6 +219,17 @@ def compare(
         f"\nA/B = {a / b:.3f} (req/s), {cpu_a / cpu_b:.3f} (CPU per request); "
         f"spread between rounds of one version up to {spread:.1%}"
     )
+    # Each round measures A and B back to back: their ratio within a round
+    # drops the drift between rounds (the machine's load, its clock), so
+    # the median of the rounds' ratios and their middle half are the
+    # tighter statement of a small difference.
+    paired = sorted(x / y for x, y in zip(*cpu_ms.values(), strict=True))
+    if len(paired) > 1:
+        low, high = paired[(len(paired) - 1) // 4], paired[len(paired) * 3 // 4]
+        print(
+            f"CPU per request A/B within each round: median {statistics.median(paired):.3f}, "
+            f"middle half {low:.3f}..{high:.3f} ({len(paired)} rounds)"
+        )
     return 0
 
 
