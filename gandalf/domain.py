@@ -82,7 +82,7 @@ class Budget(msgspec.Struct, frozen=True, kw_only=True):
     period: str = "monthly"  # one of BUDGET_PERIODS
 
 
-class Scope(msgspec.Struct, frozen=True, kw_only=True):
+class Scope(msgspec.Struct, frozen=True, kw_only=True, cache_hash=True):
     """One level a request must fit: the key itself, its team or its org.
 
     Limits on a team or org are shared totals across all their keys; the

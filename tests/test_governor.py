@@ -6,8 +6,10 @@ Driven with injected clocks (a list holding the time): no sleeps, no timers.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from datetime import UTC, datetime
+from fractions import Fraction
 
 import orjson
 import pytest
@@ -793,3 +795,116 @@ def test_a_tpm_only_callers_headers_follow_its_bucket() -> None:
     gov.release(ticket)
     rate = gov.limits.rate(scopes[0], mono())
     assert rate is not None and rate.tpm is not None and rate.tpm.level == 4000
+
+
+class _ExactBucket:
+    """The reference token bucket: the level as an exact fraction, refilled at
+    capacity/60 a second, clamped at the capacity (what Bucket's times mean)."""
+
+    def __init__(self, capacity: int, now: Fraction) -> None:
+        self.capacity = capacity
+        self.level = Fraction(capacity)
+        self.stamp = now
+
+    def refill(self, now: Fraction) -> None:
+        refilled = self.level + (now - self.stamp) * self.capacity / 60
+        self.level = min(Fraction(self.capacity), refilled)
+        self.stamp = now
+
+    def pairs(self, unit: str) -> list[tuple[bytes, bytes]]:
+        seconds = (self.capacity - self.level) * 60 / self.capacity
+        return [
+            (b"x-ratelimit-limit-" + unit.encode(), b"%d" % self.capacity),
+            (b"x-ratelimit-remaining-" + unit.encode(), b"%d" % max(0, math.floor(self.level))),
+            (b"x-ratelimit-reset-" + unit.encode(), format_duration(float(seconds))),
+        ]
+
+
+def _tightest(buckets: list[_ExactBucket], unit: str) -> list[list[tuple[bytes, bytes]]]:
+    """The header pairs of every bucket tied for the smallest remaining fraction."""
+    least = min(b.level / b.capacity for b in buckets)
+    return [b.pairs(unit) for b in buckets if b.level / b.capacity == least]
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        [(30, 0)],  # a key's rpm alone (its own path)
+        [(0, 600)],  # a key's tpm alone (its own path)
+        [(30, 600), (40, 900), (50, 0)],  # key, team, org: the general path
+        [(7, 0), (0, 70)],  # capacities whose refill times are not exact floats
+    ],
+)
+def test_admissions_and_headers_follow_an_exact_bucket_model(
+    limits: list[tuple[int, int]],
+) -> None:
+    # Random arrivals, sizes and answers against the same buckets kept as exact
+    # fractions: every request is admitted or refused as the model says, and its
+    # x-ratelimit-* headers are the model's tightest level (remaining rounded
+    # down, reset rounded up to the millisecond), whichever path (a full
+    # bucket's kept headers included) produced them.
+    rng = random.Random(sum(r + t for r, t in limits))
+    gov, mono, _ = governor()
+    kinds = ("key", "team", "org")
+    scopes = tuple(
+        Scope(kind=kinds[n], id=f"l{n}", rpm=rpm, tpm=tpm) for n, (rpm, tpm) in enumerate(limits)
+    )
+    start = Fraction(mono.t)
+    rpm = [_ExactBucket(r, start) for r, _ in limits if r]
+    tpm = [_ExactBucket(t, start) for _, t in limits if t]
+    served = refused = 0
+    for _ in range(400):
+        mono.t += rng.choice((0.0, 0.0, 0.0, 0.25, 0.5, 1.0, 1.5))
+        if rng.random() < 0.02:
+            mono.t += 45.0  # long enough to refill most of a bucket
+        now = Fraction(mono.t)
+        tokens = rng.choice((1, 5, 40, 40, 40, 120))
+        for b in rpm + tpm:
+            b.refill(now)
+        fits = all(b.level >= 1 for b in rpm) and all(b.level >= tokens for b in tpm)
+        try:
+            ticket = gov.admit(scopes, est(tokens))
+        except RateLimited:
+            assert not fits, f"refused what fits at {mono.t}"
+            refused += 1
+            continue
+        assert fits, f"admitted what does not fit at {mono.t}"
+        served += 1
+        for b in rpm:
+            b.level -= 1
+        for b in tpm:
+            b.level -= tokens
+        headers = list(ticket.headers)
+        expected_requests = _tightest(rpm, "requests") if rpm else [[]]
+        expected_tokens = _tightest(tpm, "tokens") if tpm else [[]]
+        assert any(headers == r + t for r in expected_requests for t in expected_tokens), (
+            f"at {mono.t}: {headers} not in {expected_requests} x {expected_tokens}"
+        )
+        if tpm and rng.random() < 0.7:
+            mono.t += rng.choice((0.0, 0.25, 3.0))
+            now = Fraction(mono.t)
+            used = rng.choice((0, tokens // 2, tokens, tokens + 30))
+            for b in tpm:
+                if used > tokens:  # a further charge: refilled first
+                    b.refill(now)
+                b.level = min(Fraction(b.capacity), b.level - (used - tokens))
+            gov.settle(ticket, used, None)
+    assert served > 50 and refused > 50  # both outcomes were exercised
+
+
+def test_a_resize_to_and_from_a_zero_share_reaches_every_plan_of_the_level() -> None:
+    # A key's limit drops below the worker count while requests still carry
+    # its old scopes, then rises again: both scopes tuples follow the level's
+    # one bucket (refused while it holds none, served again after).
+    gov, mono, _ = governor(share=4)
+    old, low, high = (key(rpm=400),), (key(rpm=3),), (key(rpm=40),)
+    gov.admit(old, est())
+    with pytest.raises(RateLimited, match="smaller than the 4 worker processes"):
+        gov.admit(low, est())
+    with pytest.raises(RateLimited, match="smaller than the 4 worker processes"):
+        gov.admit(old, est())  # the old scopes' plan sees the resized bucket
+    mono.t += 60.0
+    ticket = gov.admit(high, est())
+    assert header(ticket.headers, b"x-ratelimit-limit-requests") == b"10"
+    ticket = gov.admit(old, est())
+    assert header(ticket.headers, b"x-ratelimit-remaining-requests") == b"8"

@@ -2,9 +2,10 @@
 (app/budget.py) behind the one seam the pipeline calls (app/governance.py).
 
 :meth:`LocalGovernor.admit` is synchronous: it checks every level of both
-(budgets first: an exhausted budget is the answer a retry cannot change),
-then takes from all of them, with no ``await`` in between, so on one event
-loop no two requests can both pass a check only one of them fits.
+(budgets first: an exhausted budget is the answer a retry cannot change) and
+takes from all of them (buckets taken from are given back when one of them is
+overdrawn), with no ``await`` in between, so on one event loop no two requests
+can both pass a check only one of them fits.
 
 State lives in this process. With ``gandalf serve --workers N`` each worker
 process has its own governor enforcing a 1/N share of every limit and budget
@@ -14,6 +15,7 @@ serve`` sets), so the workers together never exceed a limit.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -22,7 +24,7 @@ import msgspec
 
 from gandalf.app.budget import Budgets, Clock, Spend, SpendSource
 from gandalf.app.governance import Estimate, Ticket
-from gandalf.app.limits import Bucket, Rate, RateLimits
+from gandalf.app.limits import SLACK, WINDOW, Bucket, Rate, RateLimits
 from gandalf.domain import Scope
 
 ENV_WORKERS = "GANDALF_WORKERS"
@@ -70,6 +72,7 @@ class Plan:
 
     __slots__ = (
         "alone",
+        "closed",
         "generation",
         "grant",
         "rates",
@@ -86,6 +89,7 @@ class Plan:
         self.tokens: tuple[Bucket, ...] = ()
         self.single: Bucket | None = None
         self.alone: Bucket | None = None
+        self.closed = False
         self.generation = generation
         # A plan with no TPM bucket and no budget has nothing to settle: its
         # tickets differ only by their headers, and one closed Grant is reused
@@ -101,6 +105,12 @@ class Plan:
         rates = self.rates
         self.requests = tuple(r.rpm for r in rates if r.rpm is not None)
         self.tokens = tuple(r.tpm for r in rates if r.tpm is not None)
+        # A bucket of capacity 0 (a limit smaller than the worker count)
+        # refuses every request: such a plan lays out no buckets and admit
+        # refuses it before taking anything (``closed``).
+        self.closed = any(not b.capacity for b in (*self.requests, *self.tokens))
+        if self.closed:
+            self.requests = self.tokens = ()
         # The commonest limited callers, a key's own rpm or tpm alone, have
         # their own paths (``single``: the RPM bucket, ``alone``: the TPM one).
         one = len(self.requests) + len(self.tokens) == 1 and not self.spends
@@ -125,6 +135,10 @@ class Grant(msgspec.Struct):
 
 
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
+# A take fits when its bucket is full again at most this long after now.
+_ROOM = WINDOW + SLACK
+# Below any time: where the search for the bucket full latest starts.
+_NEVER = -math.inf
 
 
 class LocalGovernor:
@@ -161,8 +175,8 @@ class LocalGovernor:
         """Reserve one request, ``estimate.tokens`` tokens and ``estimate.usd``
         at every level of ``scopes``, or raise QuotaExceeded / RateLimited
         (and take nothing). This runs for every limited request: the bucket
-        and header work of RateLimits.admit / headers is written out here over
-        the plan's flat buckets."""
+        arithmetic (Bucket.take, Bucket.fits) and the headers are written out
+        here over the plan's flat buckets."""
         plan = self._plans.get(scopes)
         if plan is None:
             plan = self._plan(scopes)
@@ -172,18 +186,20 @@ class LocalGovernor:
         if single is not None:
             # One RPM bucket, nothing else: the general path below, for it alone.
             now = self._monotonic()
-            elapsed = now - single.stamp
-            if elapsed > 0.0:
-                level = single.level + elapsed * single.rate
-                single.level = level if level < single.full else single.full
-                single.stamp = now
-            if single.level < 1.0:
-                self.limits.verify(plan.rates, estimate.tokens)  # raises; nothing taken
-            single.level -= 1.0  # fits: so its capacity is at least 1
-            single.refresh()
+            tat = single.tat
+            if tat <= now:  # full: one fits (a single bucket has a capacity)
+                single.tat = now + single.step
+                headers = single.fresh
+            else:
+                tat += single.step
+                if tat > now + _ROOM:
+                    single.stamp = now
+                    self.limits.verify(plan.rates, estimate.tokens)  # raises
+                single.tat = tat
+                headers = single.show(tat, now)
             grant = plan.grant
-            if grant is None or grant.headers is not single.pairs:  # they changed
-                grant = plan.grant = Grant(single.pairs, plan, estimate.tokens, 0.0, False)
+            if grant is None or grant.headers is not headers:  # they changed
+                grant = plan.grant = Grant(headers, plan, estimate.tokens, 0.0, False)
             return grant
         alone = plan.alone
         if alone is not None:
@@ -191,18 +207,24 @@ class LocalGovernor:
             tokens = estimate.tokens
             need = tokens + 0.0
             now = self._monotonic()
-            elapsed = now - alone.stamp
-            if elapsed > 0.0:
-                level = alone.level + elapsed * alone.rate
-                alone.level = level if level < alone.full else alone.full
+            tat = alone.tat
+            if tat <= now:
+                tat = now + need * alone.step
+                if tat > now + _ROOM:
+                    alone.stamp = now
+                    self.limits.verify(plan.rates, tokens)  # raises: too large
+                alone.tat = tat
+                if alone.fresh_need == need:
+                    return Grant(alone.fresh, plan, tokens, 0.0, True)
+                alone.fresh_need = need
+                alone.fresh = headers = alone.show(tat, now)
+                return Grant(headers, plan, tokens, 0.0, True)
+            tat += need * alone.step
+            if tat > now + _ROOM:
                 alone.stamp = now
-            if alone.level < need:
                 self.limits.verify(plan.rates, tokens)  # raises; nothing taken
-            alone.level -= need
-            if not alone.capacity:  # fits only a request of 0 tokens: no headers
-                return Grant(_NO_HEADERS, plan, tokens, 0.0, True)
-            alone.refresh()
-            return Grant(alone.pairs, plan, tokens, 0.0, True)
+            alone.tat = tat
+            return Grant(alone.show(tat, now), plan, tokens, 0.0, True)
         spends = plan.spends
         usd = estimate.usd or 0.0
         if spends:
@@ -216,62 +238,57 @@ class LocalGovernor:
         tokens = estimate.tokens
         requests, buckets = plan.requests, plan.tokens
         if not requests and not buckets:
+            if plan.closed:  # a level's limit is smaller than the worker count
+                self.limits.verify(plan.rates, tokens)  # raises
             if usd:
                 for state in spends:
                     state.reserved += usd
             return Grant(_NO_HEADERS, plan, tokens, usd, True)
+        # Take from every bucket (GCRA: the time it is full again moves on by
+        # the units' refill time, from now if it was full) and find the bucket
+        # full latest per dimension: the tightest (every window is 60 s), the
+        # first on a tie. A request that does not fit is taken back.
         now = self._monotonic()
-        # Floats against floats: a float compared with (or less) an int takes
-        # CPython's slower mixed path, once per bucket.
         need = tokens + 0.0
-        fits = True
-        for bucket in requests:
-            elapsed = now - bucket.stamp
-            if elapsed > 0.0:
-                level = bucket.level + elapsed * bucket.rate
-                bucket.level = level if level < bucket.full else bucket.full
-                bucket.stamp = now
-            if bucket.level < 1.0:
-                fits = False
-        for bucket in buckets:
-            elapsed = now - bucket.stamp
-            if elapsed > 0.0:
-                level = bucket.level + elapsed * bucket.rate
-                bucket.level = level if level < bucket.full else bucket.full
-                bucket.stamp = now
-            if bucket.level < need:
-                fits = False
-        if not fits:
-            # Raises the refusal of the level that waits longest; nothing taken.
-            self.limits.verify(plan.rates, tokens)
-        # Take, and find the tightest bucket per dimension (the smallest
-        # remaining fraction of its capacity, the first on a tie).
+        top = top_tokens = _NEVER
         tight: Bucket | None = None
-        least = 2.0
         for bucket in requests:
-            bucket.level -= 1.0
-            if bucket.capacity:
-                fraction = bucket.level / bucket.full
-                if fraction < least:
-                    tight, least = bucket, fraction
-        # A bucket's header pairs are one list, renewed when they change
-        # (Bucket.refresh): no list is built while they hold.
+            tat = bucket.tat
+            if tat < now:
+                tat = now
+            tat += bucket.step
+            bucket.tat = tat
+            if tat > top:
+                top = tat
+                tight = bucket
+        tight_tokens: Bucket | None = None
+        for bucket in buckets:
+            tat = bucket.tat
+            if tat < now:
+                tat = now
+            tat += need * bucket.step
+            bucket.tat = tat
+            if tat > top_tokens:
+                top_tokens = tat
+                tight_tokens = bucket
+        if top > now + _ROOM or top_tokens > now + _ROOM:
+            self._untake(plan, now, tokens)  # raises the refusal; nothing taken
+        # The tightest buckets' header pairs: those after a take from a full
+        # bucket (full at now + the take's refill time) are kept as ``fresh``
+        # (a bucket with room to spare is full at every request); else
+        # Bucket.show (which reuses the pairs while they hold).
         headers = _NO_HEADERS
         if tight is not None:
-            tight.refresh()
-            headers = tight.pairs
-        if buckets:
-            tight = None
-            least = 2.0
-            for bucket in buckets:
-                bucket.level -= need
-                if bucket.capacity:
-                    fraction = bucket.level / bucket.full
-                    if fraction < least:
-                        tight, least = bucket, fraction
-            if tight is not None:
-                tight.refresh()
-                headers = headers + tight.pairs if headers else tight.pairs
+            headers = tight.fresh if top == now + tight.step else tight.show(top, now)
+        if tight_tokens is not None:
+            if top_tokens != now + need * tight_tokens.step:
+                pairs = tight_tokens.show(top_tokens, now)
+            elif tight_tokens.fresh_need == need:
+                pairs = tight_tokens.fresh
+            else:
+                tight_tokens.fresh_need = need
+                tight_tokens.fresh = pairs = tight_tokens.show(top_tokens, now)
+            headers = headers + pairs if headers else pairs
         elif not spends:
             # Nothing to settle: the last Grant serves while its headers hold.
             grant = plan.grant
@@ -283,6 +300,21 @@ class LocalGovernor:
             for state in spends:
                 state.reserved += usd
         return Grant(headers, plan, tokens, usd, True)
+
+    def _untake(self, plan: Plan, now: float, tokens: int) -> None:
+        """Give back what admit's general path took from ``plan``'s buckets
+        (each is then full at the same time as before, or at ``now`` if it was
+        full before: the same level), then raise the refusal of the level
+        that makes the request wait longest."""
+        for bucket in plan.requests:
+            bucket.tat -= bucket.step
+            bucket.stamp = now
+        need = tokens + 0.0
+        for bucket in plan.tokens:
+            bucket.tat -= need * bucket.step
+            bucket.stamp = now
+        self.limits.verify(plan.rates, tokens)
+        raise AssertionError("a request over a bucket fits every level")  # pragma: no cover
 
     def _plan(self, scopes: tuple[Scope, ...]) -> Plan:
         """The states of ``scopes``' levels (created on first use)."""
@@ -306,24 +338,16 @@ class LocalGovernor:
         delta = tokens - grant.tokens
         if delta and plan.tokens:
             if delta < 0:
-                # A refund needs no refill first: clamping at the capacity now
-                # or after the next refill gives the same level, so the clock is
-                # not read (the usual case: the answer was shorter than its estimate).
+                # A refund moves the time each bucket is full earlier; one
+                # already past is full (read as its capacity): no clock needed.
                 for bucket in plan.tokens:
-                    level = bucket.level - delta
-                    bucket.level = level if level < bucket.full else bucket.full
+                    bucket.tat += delta * bucket.step
             else:
-                # A charge: refill first, so the refill it eats is clamped as it accrued.
+                # A charge: from now, or from when the bucket is full if later.
                 now = self._monotonic()
                 for bucket in plan.tokens:
-                    elapsed = now - bucket.stamp
-                    level = bucket.level
-                    if elapsed > 0.0:
-                        level += elapsed * bucket.rate
-                        if level > bucket.full:
-                            level = bucket.full
-                        bucket.stamp = now
-                    bucket.level = level - delta
+                    tat = bucket.tat
+                    bucket.tat = (tat if tat > now else now) + delta * bucket.step
         spends = plan.spends
         if spends:
             reserved = grant.usd

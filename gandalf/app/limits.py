@@ -2,21 +2,23 @@
 
 One :class:`Rate` per ``(kind, id)`` level (a key, a team, an org) holds up to
 two buckets, RPM and TPM. A bucket's capacity is the limit per minute and it
-refills at limit/60 per second, computed lazily from an injectable monotonic
-clock when it is looked at (no timer task, no sleeps). A full bucket lets a
-burst of up to the whole minute's limit through, then one request (or token)
-every 60/limit seconds: the same shape OpenAI's limits have.
+refills at limit/60 per second. It is kept as a single time, when it will be
+full again (GCRA's form of a token bucket), so the refill is computed lazily
+from an injectable monotonic clock when the bucket is used (no timer task, no
+sleeps). A full bucket lets a burst of up to the whole minute's limit through,
+then one request (or token) every 60/limit seconds: the same shape OpenAI's
+limits have.
 
 A request must fit every level of its scopes: the governor
 (:meth:`~gandalf.app.governor.LocalGovernor.admit`, which runs the bucket
-arithmetic over a caller's buckets laid out flat) looks at all of them first
-and raises :class:`~gandalf.errors.RateLimited` for the
-one that would make the caller wait longest (:meth:`RateLimits.verify`); only
-when all fit does it take from all (no level is charged for a request another
-level refused). TPM is charged the request's estimate up front and
-corrected with the real total when it is known (:meth:`RateLimits.correct`):
-a refund, or a further charge that may take the bucket below zero, so the
-requests after it wait until the overshoot has refilled.
+arithmetic over a caller's buckets laid out flat) takes from all of them and,
+if any is overdrawn, gives everything back (no level is charged for a request
+another level refused) and raises :class:`~gandalf.errors.RateLimited` for the
+one that would make the caller wait longest (:meth:`RateLimits.verify`). TPM is
+charged the request's estimate up front and corrected with the real total when
+it is known (:meth:`RateLimits.correct`): a refund, or a further charge that may
+take the bucket below zero, so the requests after it wait until the overshoot
+has refilled.
 
 With several worker processes each enforces ``limit // share`` (see
 :func:`share_of`): the shares never add up to more than the limit.
@@ -75,21 +77,36 @@ _HEADER_NAMES = {
 }
 
 
-class Bucket:
-    """A token bucket: ``level`` of ``capacity``, refilled at ``rate`` a second.
+# The bucket arithmetic's slack, in seconds of refill: a request fits when its
+# bucket holds enough within this much time. It absorbs the float rounding of
+# the times (a bucket of 7 per minute holds 7 after 7 additions of 60/7 s, not
+# 6.999999999999999) and lets through at most a microsecond's refill more.
+SLACK = 1e-6
+# A bucket is full again this long after the time it was last drawn to 0.
+WINDOW = 60.0
 
-    ``limit`` is the configured per-minute limit (to notice a change);
-    ``capacity`` is this worker's share of it. A capacity of 0 (a limit
-    smaller than the worker count) refuses everything. ``level`` may be
-    negative after a correction charged more tokens than were left.
+
+class Bucket:
+    """A token bucket of ``capacity`` (this worker's share of the per-minute
+    ``limit``), refilled at capacity/60 a second, kept as one time: ``tat``,
+    when the bucket will be full again (GCRA's theoretical arrival time). A
+    take of n units moves it to ``max(tat, now) + n * step`` (``step`` =
+    60/capacity seconds a unit), and fits when that is at most a window
+    (60 s) after now: one comparison and one addition a bucket, and since
+    every bucket's window is the same the tightest bucket is simply the one
+    full latest. The level at a time is ``capacity - (tat - time) / step``
+    (``level``, at ``stamp``, the time the bucket was last looked at). It may
+    be negative after a correction charged more tokens than were left. A
+    capacity of 0 (a limit smaller than the worker count) refuses everything.
     """
 
     __slots__ = (
         "capacity",
+        "fresh",
+        "fresh_need",
         "full",
         "left",
         "left_header",
-        "level",
         "limit",
         "limit_header",
         "names",
@@ -98,78 +115,107 @@ class Bucket:
         "reset",
         "reset_header",
         "stamp",
+        "step",
+        "tat",
     )
 
     def __init__(self, limit: int, share: int, now: float, unit: str = "requests") -> None:
-        self.limit = limit
-        self.capacity = share_of(limit, share)
-        # The capacity as a float, for the per-request arithmetic and
-        # comparisons with the (float) level: a large int (a TPM limit above
-        # 2**30) compared with a float takes CPython's slow exact path.
-        self.full = float(self.capacity)
-        self.rate = self.capacity / 60.0
-        self.level = self.full
-        self.stamp = now
-        # The x-ratelimit-*-<unit> headers, each kept as the (name, value) pair
-        # an answer carries: the limit changes only on a resize, and the last
-        # remaining / reset pairs are reused while what they were made from
-        # (``left``, ``reset`` in milliseconds) repeats, as it often does on a
-        # busy bucket: formatting them and building the pairs is most of what
-        # a header costs (see refresh()).
         self.names = _HEADER_NAMES[unit]
-        self.limit_header = (self.names[0], b"%d" % self.capacity)
-        self.left = -1
+        self.tat = self.stamp = now  # full
+        self._size(limit, share)
+
+    def _size(self, limit: int, share: int) -> None:
+        self.limit = limit
+        self.capacity = capacity = share_of(limit, share)
+        # Floats for the per-request arithmetic: a large int (a TPM limit above
+        # 2**30) mixed with a float takes CPython's slow exact path.
+        self.full = float(capacity)
+        self.rate = capacity / WINDOW
+        self.step = WINDOW / capacity if capacity else math.inf
+        # The x-ratelimit-*-<unit> headers, each kept as the (name, value) pair
+        # an answer carries: the limit changes only on a resize; remaining and
+        # reset are rebuilt when they change (see show()), and the pairs after
+        # a take of ``fresh_need`` from a full bucket are kept as ``fresh``:
+        # a bucket with room to spare is full at every request.
+        self.limit_header = (self.names[0], b"%d" % capacity)
+        self.left = self.reset = -1
         self.left_header = (self.names[1], b"0")
-        self.reset = -1
         self.reset_header = (self.names[2], b"0s")
-        # The three pairs as the list a Ticket carries (read only: tickets of
-        # successive requests share it while it holds; a change makes a new one).
         self.pairs = [self.limit_header, self.left_header, self.reset_header]
+        self.fresh_need = 1.0
+        self.fresh = [
+            self.limit_header,
+            (self.names[1], b"%d" % max(capacity - 1, 0)),
+            (self.names[2], format_duration(self.step if capacity else 0.0)),
+        ]
+
+    @property
+    def level(self) -> float:
+        """The units held at ``stamp`` (rounded to a millionth of a unit: the
+        float noise of the times is not a level)."""
+        ahead = self.tat - self.stamp
+        if ahead <= 0.0:
+            return self.full
+        return round(self.full - ahead / self.step, 6)
+
+    @level.setter
+    def level(self, level: float) -> None:
+        """Hold ``level`` units at ``stamp``."""
+        if self.capacity:
+            self.tat = self.stamp + (self.full - level) * self.step
 
     def refill(self, now: float) -> float:
-        """The level at ``now`` (stored), never above the capacity."""
-        elapsed = now - self.stamp
-        if elapsed > 0:
-            level = self.level + elapsed * self.rate
-            self.level = level if level < self.full else self.full
+        """Look at the bucket at ``now`` (``stamp``): its level then."""
+        if now > self.stamp:
             self.stamp = now
         return self.level
 
     def resize(self, limit: int, share: int) -> None:
         """A changed limit: the new capacity, the level kept (clamped)."""
-        self.limit = limit
-        self.capacity = share_of(limit, share)
-        self.full = float(self.capacity)
-        self.limit_header = (self.names[0], b"%d" % self.capacity)
-        self.pairs = [self.limit_header, self.left_header, self.reset_header]
-        self.rate = self.capacity / 60.0
-        if self.level > self.full:
-            self.level = self.full
+        level = self.level
+        self._size(limit, share)
+        self.level = level if level < self.full else self.full
+
+    def fits(self, need: float) -> bool:
+        """Whether ``need`` units fit at ``stamp`` (never, at a capacity of 0)."""
+        if not self.capacity:
+            return False
+        tat = self.tat if self.tat > self.stamp else self.stamp
+        return tat + need * self.step <= self.stamp + (WINDOW + SLACK)
 
     def wait(self, need: float) -> float:
-        """Seconds until ``need`` fits (the level refilled at ``now``)."""
-        return (need - self.level) / self.rate
+        """Seconds after ``stamp`` until ``need`` fits (:meth:`fits`)."""
+        tat = self.tat if self.tat > self.stamp else self.stamp
+        return tat + need * self.step - (self.stamp + (WINDOW + SLACK))
 
-    def refresh(self) -> bool:
-        """Bring ``left_header`` (the whole units left, 0 when overdrawn) and
-        ``reset_header`` (the time until the bucket is full, as
-        :func:`format_duration` writes it) up to the level, and ``pairs``
-        with them (a new list); True when either changed. Only for a bucket
-        with a capacity (``rate`` > 0)."""
-        level = self.level
-        left = int(level) if level > 0.0 else 0
-        seconds = (self.full - level) / self.rate
+    def take(self, need: float, now: float) -> None:
+        """Draw ``need`` units at ``now``, fitting or not (a correction)."""
+        tat = self.tat
+        self.tat = (tat if tat > now else now) + need * self.step
+
+    def show(self, tat: float, now: float) -> list[tuple[bytes, bytes]]:
+        """The header pairs of the bucket full at ``tat``, seen at ``now``:
+        whole units left (0 when overdrawn, never above the capacity) and the
+        time until full, as :func:`format_duration` writes it; the last pairs
+        are reused while they hold. Only for a bucket with a capacity."""
+        level = (now + (WINDOW + SLACK) - tat) / self.step
+        left = (int(level) if level < self.full else self.capacity) if level > 0.0 else 0
+        seconds = tat - now
         ms = int(seconds * 1000.0 + 0.999)  # what format_duration shows
-        if left == self.left and ms == self.reset:
-            return False
-        if left != self.left:
-            self.left = left
-            self.left_header = (self.names[1], b"%d" % left)
-        if ms != self.reset:
-            self.reset = ms
-            self.reset_header = (self.names[2], format_duration(seconds))
-        self.pairs = [self.limit_header, self.left_header, self.reset_header]
-        return True
+        if left != self.left or ms != self.reset:
+            if left != self.left:
+                self.left = left
+                self.left_header = (self.names[1], b"%d" % left)
+            if ms != self.reset:
+                self.reset = ms
+                self.reset_header = (self.names[2], format_duration(seconds))
+            self.pairs = [self.limit_header, self.left_header, self.reset_header]
+        return self.pairs
+
+    def refresh(self) -> list[tuple[bytes, bytes]]:
+        """:meth:`show` for the level at ``stamp`` (as another store, Redis,
+        sets it)."""
+        return self.show(self.tat if self.tat > self.stamp else self.stamp, self.stamp)
 
 
 class Rate:
@@ -221,7 +267,8 @@ def _refusal(rate: Rate, limit: str, bucket: Bucket, need: int, share: int) -> R
 
 
 def _bucket(bucket: Bucket | None, limit: int, share: int, now: float, unit: str) -> Bucket | None:
-    """``bucket`` for a level whose limit is now ``limit`` (0: none), refilled."""
+    """``bucket`` for a level whose limit is now ``limit`` (0: none), looked
+    at ``now``; resized in place when the limit changed."""
     if not limit:
         return None
     if bucket is None:
@@ -247,7 +294,8 @@ class RateLimits:
         self.clock = clock
         self.share = share
         self._levels: dict[tuple[str, str], Rate] = {}
-        # Counts the times rate() replaced a bucket of an existing level.
+        # Counts the times rate() created, dropped or resized a bucket of an
+        # existing level.
         self.generation = 0
 
     def rate(self, scope: Scope, now: float) -> Rate | None:
@@ -263,11 +311,15 @@ class RateLimits:
         # Created, resized or dropped to the scope's limits (a caller's plan is
         # resolved here once: the per-request refill is RateLimits.refill).
         before = rate.rpm, rate.tpm
+        sizes = [b.limit if b is not None else 0 for b in before]
         rate.rpm = _bucket(rate.rpm, rpm, self.share, now, "requests")
         rate.tpm = _bucket(rate.tpm, tpm, self.share, now, "tokens")
-        if (rate.rpm is not before[0] or rate.tpm is not before[1]) and before != (None, None):
-            # A bucket of a level already in use was created or dropped: plans
-            # holding the level's old buckets (LocalGovernor's) are stale.
+        if before != (None, None) and (
+            rate.rpm is not before[0] or rate.tpm is not before[1] or sizes != [rpm, tpm]
+        ):
+            # A bucket of a level already in use was created, dropped or
+            # resized: plans holding the level's buckets (LocalGovernor's) are
+            # stale (their layout, or which buckets refuse everything).
             self.generation += 1
         return rate
 
@@ -285,18 +337,19 @@ class RateLimits:
 
     def verify(self, rates: list[Rate], tokens: int) -> None:
         """Nothing, if one request of ``tokens`` tokens fits every level of
-        ``rates`` (refilled); else raise the RateLimited of the level that
-        makes it wait longest (or that it can never fit)."""
+        ``rates`` (each looked at its ``stamp``); else raise the RateLimited
+        of the level that makes it wait longest (or that it can never fit)."""
         worst: tuple[float, Rate, str, Bucket, int] | None = None
         for rate in rates:
             bucket = rate.rpm
-            if bucket is not None and bucket.level < 1:
-                wait = bucket.wait(1) if bucket.capacity >= 1 else math.inf
+            if bucket is not None and not bucket.fits(1.0):
+                wait = bucket.wait(1.0) if bucket.capacity >= 1 else math.inf
                 if worst is None or wait > worst[0]:
                     worst = (wait, rate, "requests", bucket, 1)
             bucket = rate.tpm
-            if bucket is not None and bucket.level < tokens:
-                wait = bucket.wait(tokens) if bucket.capacity >= tokens else math.inf
+            if bucket is not None and not bucket.fits(tokens):
+                capacity = bucket.capacity
+                wait = bucket.wait(tokens) if capacity and capacity >= tokens else math.inf
                 if worst is None or wait > worst[0]:
                     worst = (wait, rate, "tokens", bucket, tokens)
         if worst is not None:
@@ -304,32 +357,30 @@ class RateLimits:
 
     def correct(self, rates: list[Rate], delta: int) -> None:
         """Charge ``delta`` more tokens to every TPM bucket of ``rates`` (a
-        negative delta refunds; the level never rises above the capacity)."""
+        negative delta refunds; a bucket never holds more than its capacity)."""
         if not delta:
             return
         if delta < 0:
-            # A refund needs no refill first: clamping at the capacity now or
-            # after the next refill gives the same level, so the clock is not
-            # read (the usual case: the answer was shorter than its estimate).
+            # A refund moves the time the bucket is full earlier; one already
+            # past is full (its level read as the capacity): no clock needed.
             for rate in rates:
                 bucket = rate.tpm
-                if bucket is not None:
-                    level = bucket.level - delta
-                    bucket.level = level if level < bucket.full else bucket.full
+                if bucket is not None and bucket.capacity:
+                    bucket.tat += delta * bucket.step
             return
-        # A charge: refill first, so the refill it eats is clamped as it accrued.
+        # A charge: from now, or from when the bucket is full if later.
         now = self.clock()
         for rate in rates:
             bucket = rate.tpm
-            if bucket is not None:
-                bucket.refill(now)
-                bucket.level -= delta
+            if bucket is not None and bucket.capacity:
+                bucket.take(delta, now)
 
     @staticmethod
     def headers(rates: list[Rate]) -> list[tuple[bytes, bytes]]:
         """OpenAI's ``x-ratelimit-*`` headers for the tightest level per
-        dimension (the smallest remaining fraction of its capacity), after the
-        take; only for dimensions some level limits."""
+        dimension (the smallest remaining fraction of its capacity, each
+        bucket seen at its ``stamp``), after the take; only for dimensions
+        some level limits. (LocalGovernor.admit does this over its own take.)"""
         requests: Bucket | None = None
         tokens: Bucket | None = None
         least_requests = least_tokens = 2.0
@@ -344,14 +395,9 @@ class RateLimits:
                 fraction = bucket.level / bucket.full
                 if fraction < least_tokens:
                     tokens, least_tokens = bucket, fraction
+        out: list[tuple[bytes, bytes]] = []
         if requests is not None:
-            requests.refresh()
-            out = [requests.limit_header, requests.left_header, requests.reset_header]
-            if tokens is not None:
-                tokens.refresh()
-                out += (tokens.limit_header, tokens.left_header, tokens.reset_header)
-            return out
+            out += requests.refresh()
         if tokens is not None:
-            tokens.refresh()
-            return [tokens.limit_header, tokens.left_header, tokens.reset_header]
-        return []
+            out += tokens.refresh()
+        return out
