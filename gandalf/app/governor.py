@@ -24,7 +24,7 @@ import msgspec
 
 from gandalf.app.budget import Budgets, Clock, Spend, SpendSource
 from gandalf.app.governance import Estimate, Ticket
-from gandalf.app.limits import SLACK, WINDOW, Bucket, Rate, RateLimits
+from gandalf.app.limits import ROOM, Bucket, Rate, RateLimits
 from gandalf.domain import Scope
 
 ENV_WORKERS = "GANDALF_WORKERS"
@@ -135,8 +135,6 @@ class Grant(msgspec.Struct):
 
 
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
-# A take fits when its bucket is full again at most this long after now.
-_ROOM = WINDOW + SLACK
 # Below any time: where the search for the bucket full latest starts.
 _NEVER = -math.inf
 
@@ -192,7 +190,7 @@ class LocalGovernor:
                 headers = single.fresh
             else:
                 tat += single.step
-                if tat > now + _ROOM:
+                if tat > now + ROOM:
                     single.stamp = now
                     self.limits.verify(plan.rates, estimate.tokens)  # raises
                 single.tat = tat
@@ -208,23 +206,14 @@ class LocalGovernor:
             need = tokens + 0.0
             now = self._monotonic()
             tat = alone.tat
-            if tat <= now:
-                tat = now + need * alone.step
-                if tat > now + _ROOM:
-                    alone.stamp = now
-                    self.limits.verify(plan.rates, tokens)  # raises: too large
-                alone.tat = tat
-                if alone.fresh_need == need:
-                    return Grant(alone.fresh, plan, tokens, 0.0, True)
-                alone.fresh_need = need
-                alone.fresh = headers = alone.show(tat, now)
-                return Grant(headers, plan, tokens, 0.0, True)
-            tat += need * alone.step
-            if tat > now + _ROOM:
+            tat = (tat if tat > now else now) + need * alone.step
+            if tat > now + ROOM:
                 alone.stamp = now
                 self.limits.verify(plan.rates, tokens)  # raises; nothing taken
             alone.tat = tat
-            return Grant(alone.show(tat, now), plan, tokens, 0.0, True)
+            if alone.fresh_need == need and tat == now + need * alone.step:
+                return Grant(alone.fresh, plan, tokens, 0.0, True)  # full before
+            return Grant(alone.after(tat, now, need), plan, tokens, 0.0, True)
         spends = plan.spends
         usd = estimate.usd or 0.0
         if spends:
@@ -271,7 +260,7 @@ class LocalGovernor:
             if tat > top_tokens:
                 top_tokens = tat
                 tight_tokens = bucket
-        if top > now + _ROOM or top_tokens > now + _ROOM:
+        if top > now + ROOM or top_tokens > now + ROOM:
             self._untake(plan, now, tokens)  # raises the refusal; nothing taken
         # The tightest buckets' header pairs: those after a take from a full
         # bucket (full at now + the take's refill time) are kept as ``fresh``
@@ -281,13 +270,10 @@ class LocalGovernor:
         if tight is not None:
             headers = tight.fresh if top == now + tight.step else tight.show(top, now)
         if tight_tokens is not None:
-            if top_tokens != now + need * tight_tokens.step:
-                pairs = tight_tokens.show(top_tokens, now)
-            elif tight_tokens.fresh_need == need:
+            if tight_tokens.fresh_need == need and top_tokens == now + need * tight_tokens.step:
                 pairs = tight_tokens.fresh
             else:
-                tight_tokens.fresh_need = need
-                tight_tokens.fresh = pairs = tight_tokens.show(top_tokens, now)
+                pairs = tight_tokens.after(top_tokens, now, need)
             headers = headers + pairs if headers else pairs
         elif not spends:
             # Nothing to settle: the last Grant serves while its headers hold.
@@ -346,8 +332,7 @@ class LocalGovernor:
                 # A charge: from now, or from when the bucket is full if later.
                 now = self._monotonic()
                 for bucket in plan.tokens:
-                    tat = bucket.tat
-                    bucket.tat = (tat if tat > now else now) + delta * bucket.step
+                    bucket.take(delta, now)
         spends = plan.spends
         if spends:
             reserved = grant.usd

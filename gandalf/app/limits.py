@@ -84,6 +84,8 @@ _HEADER_NAMES = {
 SLACK = 1e-6
 # A bucket is full again this long after the time it was last drawn to 0.
 WINDOW = 60.0
+# A take fits when its bucket is full again at most this long after now.
+ROOM = WINDOW + SLACK
 
 
 class Bucket:
@@ -111,7 +113,6 @@ class Bucket:
         "limit_header",
         "names",
         "pairs",
-        "rate",
         "reset",
         "reset_header",
         "stamp",
@@ -130,7 +131,6 @@ class Bucket:
         # Floats for the per-request arithmetic: a large int (a TPM limit above
         # 2**30) mixed with a float takes CPython's slow exact path.
         self.full = float(capacity)
-        self.rate = capacity / WINDOW
         self.step = WINDOW / capacity if capacity else math.inf
         # The x-ratelimit-*-<unit> headers, each kept as the (name, value) pair
         # an answer carries: the limit changes only on a resize; remaining and
@@ -181,12 +181,12 @@ class Bucket:
         if not self.capacity:
             return False
         tat = self.tat if self.tat > self.stamp else self.stamp
-        return tat + need * self.step <= self.stamp + (WINDOW + SLACK)
+        return tat + need * self.step <= self.stamp + ROOM
 
     def wait(self, need: float) -> float:
         """Seconds after ``stamp`` until ``need`` fits (:meth:`fits`)."""
         tat = self.tat if self.tat > self.stamp else self.stamp
-        return tat + need * self.step - (self.stamp + (WINDOW + SLACK))
+        return tat + need * self.step - (self.stamp + ROOM)
 
     def take(self, need: float, now: float) -> None:
         """Draw ``need`` units at ``now``, fitting or not (a correction)."""
@@ -198,7 +198,7 @@ class Bucket:
         whole units left (0 when overdrawn, never above the capacity) and the
         time until full, as :func:`format_duration` writes it; the last pairs
         are reused while they hold. Only for a bucket with a capacity."""
-        level = (now + (WINDOW + SLACK) - tat) / self.step
+        level = (now + ROOM - tat) / self.step
         left = (int(level) if level < self.full else self.capacity) if level > 0.0 else 0
         seconds = tat - now
         ms = int(seconds * 1000.0 + 0.999)  # what format_duration shows
@@ -211,6 +211,17 @@ class Bucket:
                 self.reset_header = (self.names[2], format_duration(seconds))
             self.pairs = [self.limit_header, self.left_header, self.reset_header]
         return self.pairs
+
+    def after(self, tat: float, now: float, need: float) -> list[tuple[bytes, bytes]]:
+        """:meth:`show` after a take of ``need`` that left the bucket full at
+        ``tat``; when the bucket was full before it (``tat`` is ``now`` plus
+        the take's refill time) the pairs are also kept as ``fresh``, for the
+        next take of that size from a full bucket."""
+        pairs = self.show(tat, now)
+        if tat == now + need * self.step:
+            self.fresh_need = need
+            self.fresh = pairs
+        return pairs
 
     def refresh(self) -> list[tuple[bytes, bytes]]:
         """:meth:`show` for the level at ``stamp`` (as another store, Redis,
@@ -309,7 +320,7 @@ class RateLimits:
         if rate is None:
             rate = self._levels[key] = Rate(scope.kind, scope.id, scope.name)
         # Created, resized or dropped to the scope's limits (a caller's plan is
-        # resolved here once: the per-request refill is RateLimits.refill).
+        # resolved here once: the per-request take is LocalGovernor.admit's).
         before = rate.rpm, rate.tpm
         sizes = [b.limit if b is not None else 0 for b in before]
         rate.rpm = _bucket(rate.rpm, rpm, self.share, now, "requests")
