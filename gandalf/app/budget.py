@@ -77,9 +77,15 @@ _PERIODS = {
 
 class Spend:
     """One level's budget: this worker's ``limit`` (USD), ``spent`` in the
-    current period (which ends at ``until``) and ``reserved`` in flight."""
+    current period (which ends at ``until``) and ``reserved`` in flight.
 
-    __slots__ = ("budget", "id", "kind", "limit", "name", "reserved", "spent", "until")
+    Kept as ``paid`` (what ``spent`` reads) and ``room``, the USD left to
+    commit (``limit - spent - reserved``): a request fits when its worst case
+    is at most ``room`` (and ``room`` is above 0), one comparison, and taking
+    and settling it are one addition each. ``spent`` and ``reserved`` read
+    and write through them (``reserved`` never reads below 0)."""
+
+    __slots__ = ("budget", "id", "kind", "limit", "name", "paid", "room", "until")
 
     def __init__(
         self, kind: str, id: str, budget: Budget, share: int, now: float, name: str = ""
@@ -89,9 +95,37 @@ class Spend:
         self.name = name or id  # what a refusal calls the level
         self.budget = budget
         self.limit = budget.usd / share
-        self.spent = 0.0
-        self.reserved = 0.0
+        self.paid = 0.0
+        self.room = self.limit
         self.until = period_bounds(budget.period, now)[1]
+
+    @property
+    def spent(self) -> float:
+        """USD spent in the current period."""
+        return self.paid
+
+    @spent.setter
+    def spent(self, usd: float) -> None:
+        """Spent ``usd`` in the period (what is reserved kept)."""
+        reserved = self.reserved
+        self.paid = usd
+        self.room = self.limit - usd - reserved
+
+    @property
+    def reserved(self) -> float:
+        """USD reserved by requests in flight."""
+        left = self.limit - self.paid - self.room
+        return left if left > 0.0 else 0.0
+
+    @reserved.setter
+    def reserved(self, usd: float) -> None:
+        self.room = self.limit - self.paid - usd
+
+    def resize(self, limit: float) -> None:
+        """A changed budget: the new ``limit``, spent and reserved kept."""
+        reserved = self.reserved
+        self.limit = limit
+        self.room = limit - self.paid - reserved
 
     def roll(self, now: float) -> None:
         """A new period began: nothing spent in it yet."""
@@ -156,7 +190,7 @@ class Budgets:
                 state.spent = loaded[0] / self.share
         elif state.budget is not budget:
             if state.budget != budget:
-                state.limit = budget.usd / self.share
+                state.resize(budget.usd / self.share)
                 if state.budget.period != budget.period:
                     # What was spent belongs to another period: only a rebuild knows.
                     state.until = period_bounds(budget.period, now)[1]
@@ -173,8 +207,8 @@ class Budgets:
             state = self.spend(scope, now)
             if state is None:
                 continue
-            committed = state.spent + state.reserved
-            if committed >= state.limit or committed + usd > state.limit:
+            room = state.room
+            if usd > room or room <= 0.0:
                 raise state.refusal(usd)
             spends.append(state)
         return spends
@@ -184,23 +218,22 @@ class Budgets:
         """Reserve ``usd`` at every level (after :meth:`check`, no ``await`` between)."""
         if usd:
             for state in spends:
-                state.reserved += usd
+                state.room -= usd
 
     @staticmethod
     def settle(spends: list[Spend], reserved: float, usd: float) -> None:
         """The reservation replaced by the actual cost ``usd``."""
+        back = reserved - usd
         for state in spends:
-            left = state.reserved - reserved
-            state.reserved = left if left > 0 else 0.0
-            state.spent += usd
+            state.room += back
+            state.paid += usd
 
     @staticmethod
     def release(spends: list[Spend], reserved: float) -> None:
         """The reservation dropped (the request failed: nothing to pay)."""
         if reserved:
             for state in spends:
-                left = state.reserved - reserved
-                state.reserved = left if left > 0 else 0.0
+                state.room += reserved
 
     def load(self, spent: Mapping[tuple[str, str], float], now: float | None = None) -> None:
         """Spend already recorded in each level's current period (all workers

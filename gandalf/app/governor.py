@@ -221,8 +221,8 @@ class LocalGovernor:
             for state in spends:
                 if now >= state.until:
                     state.roll(now)
-                committed = state.spent + state.reserved
-                if committed >= state.limit or committed + usd > state.limit:
+                room = state.room
+                if usd > room or room <= 0.0:  # over, or used up (an unpriced request)
                     raise state.refusal(usd)
         tokens = estimate.tokens
         requests, buckets = plan.requests, plan.tokens
@@ -231,7 +231,7 @@ class LocalGovernor:
                 self.limits.verify(plan.rates, tokens)  # raises
             if usd:
                 for state in spends:
-                    state.reserved += usd
+                    state.room -= usd
             return Grant(_NO_HEADERS, plan, tokens, usd, True)
         # Take from every bucket (GCRA: the time it is full again moves on by
         # the units' refill time, from now if it was full) and find the bucket
@@ -284,7 +284,7 @@ class LocalGovernor:
             return grant
         if usd:
             for state in spends:
-                state.reserved += usd
+                state.room -= usd
         return Grant(headers, plan, tokens, usd, True)
 
     def _untake(self, plan: Plan, now: float, tokens: int) -> None:
@@ -335,12 +335,11 @@ class LocalGovernor:
                     bucket.take(delta, now)
         spends = plan.spends
         if spends:
-            reserved = grant.usd
             spent = usd or 0.0
+            back = grant.usd - spent  # the reservation, less what it cost
             for state in spends:
-                left = state.reserved - reserved
-                state.reserved = left if left > 0.0 else 0.0
-                state.spent += spent
+                state.room += back
+                state.paid += spent
 
     def release(self, ticket: Ticket) -> None:
         """The request failed: its tokens and its reservation are given back.
