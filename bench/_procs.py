@@ -324,11 +324,14 @@ def free_port() -> int:
 # for the mock's model: each request is admitted, priced and settled at three
 # levels. "rates": the same three levels with their RPM and TPM limits only
 # (no budget, no price); "budgets": their budgets and the price only (no
-# rate limit). "key": the key's own RPM limit only (the common case). "off": none.
+# rate limit). "key": the key's own RPM limit only (the common case); "key-tpm":
+# its TPM limit only; "key-budget": its budget and the price only. "off": none.
 _RATES = "rpm: 100000000, tpm: 1000000000000"
 _BUDGET = "budget: {usd: 1000000000, period: monthly}"
 _PRICING = "pricing: [{provider: mock, model: %s, input: 1.0, output: 2.0}]\n"
-GOVERNANCE = ("on", "rates", "budgets", "key", "off")
+GOVERNANCE = ("on", "rates", "budgets", "key", "key-tpm", "key-budget", "off")
+# The choices that limit the bench key alone (no team, no org).
+KEY_ONLY = ("key", "key-tpm", "key-budget", "off")
 
 
 def _levels(governance: str) -> str:
@@ -352,6 +355,10 @@ def _key_limits(governance: str) -> str:
     """What the bench key's entry adds under ``governance``."""
     if governance == "key":
         return ", rpm: 100000000"
+    if governance == "key-tpm":
+        return ", tpm: 1000000000000"
+    if governance == "key-budget":
+        return ", " + _BUDGET
     if governance == "off":
         return ""
     return ", team: bench-team, " + _levels(governance)
@@ -389,7 +396,8 @@ def write_gandalf_config(
         'api_key: "sk-bench"}\n'
         "routes:\n"
         f"  - {{model_alias: {MODEL_ALIAS}, targets: [{{provider: mock, model: {MODEL_ALIAS}}}]}}\n"
-        + (_tenancy(governance, MODEL_ALIAS) if governance not in ("key", "off") else "")
+        + (_tenancy(governance, MODEL_ALIAS) if governance not in KEY_ONLY else "")
+        + (_PRICING % MODEL_ALIAS if governance == "key-budget" else "")
         + "keys:\n"
         f'  - {{name: bench, key: "{BENCH_KEY}", role: service_account'
         + _key_limits(governance)

@@ -74,7 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="on: this checkout's bench key limited and budgeted at key, team and org level, "
         "with a priced model (every request admitted, priced and settled three times); "
         "rates: the three levels' rpm and tpm only; budgets: their budgets and the price "
-        "only; key: the key's own rpm only",
+        "only; key: the key's own rpm only; key-tpm: its tpm only; key-budget: its budget "
+        "and the price only",
     )
     parser.add_argument(
         "--base-governance",

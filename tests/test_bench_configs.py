@@ -19,6 +19,7 @@ from _procs import GOVERNANCE, write_gandalf_config
 
 BUDGETED = ("on", "budgets")
 RATED = ("on", "rates")
+KEY_ONLY = {"key": "rpm", "key-tpm": "tpm", "key-budget": "budget", "off": None}
 
 
 @pytest.mark.parametrize("governance", GOVERNANCE)
@@ -26,17 +27,18 @@ def test_each_governance_choice_limits_what_it_names(governance: str, tmp_path: 
     path = write_gandalf_config(tmp_path, 18000, 18001, governance=governance)
     config = load_config(path, env={})
     (key,) = config.keys
-    three = governance not in ("key", "off")
+    three = governance not in KEY_ONLY
     levels: list[KeyEntry | Team | Organization] = [key, *config.teams, *config.orgs]
     assert len(levels) == (3 if three else 1)
     if three:
         assert key.team_id == "bench-team" and config.teams[0].org_id == "bench-org"
+    alone = KEY_ONLY.get(governance)
     for level in levels:
-        rated = governance in RATED or (governance == "key" and level is key)
-        assert bool(level.rpm) == rated, level
-        assert bool(level.tpm) == (governance in RATED), level
-        assert (level.budget is not None) == (governance in BUDGETED), level
+        assert bool(level.rpm) == (governance in RATED or alone == "rpm"), level
+        assert bool(level.tpm) == (governance in RATED or alone == "tpm"), level
+        budgeted = governance in BUDGETED or alone == "budget"
+        assert (level.budget is not None) == budgeted, level
     # A price for the mock's model exactly when a budget has to be reserved against.
     assert [(p.provider, p.model) for p in config.pricing] == (
-        [("mock", "bench-model")] if governance in BUDGETED else []
+        [("mock", "bench-model")] if governance in BUDGETED or alone == "budget" else []
     )
