@@ -10,6 +10,7 @@ import math
 import random
 from datetime import UTC, datetime
 from fractions import Fraction
+from typing import Any
 
 import orjson
 import pytest
@@ -24,7 +25,7 @@ from gandalf.app.governor import (
     worst_case,
 )
 from gandalf.app.limits import format_duration, share_of
-from gandalf.domain import BUDGET_PERIODS, Budget, Scope
+from gandalf.domain import BUDGET_PERIODS, Budget, Identity, Scope
 from gandalf.errors import QuotaExceeded, RateLimited
 from gandalf.server.core import ServerCore
 from gandalf.server.handlers import Endpoint
@@ -58,6 +59,23 @@ def key(rpm: int = 0, tpm: int = 0, budget: Budget | None = None, id: str = "k1"
 
 def est(tokens: int = 10, usd: float | None = None) -> Estimate:
     return Estimate(tokens=tokens, usd=usd)
+
+
+def caller(*scopes: Scope) -> Identity:
+    """An identity limited by ``scopes`` (what LocalGovernor.govern reads)."""
+    return Identity(
+        key_id="k1", key_hash="h", name="k1", org_id="o", team_id=None, role="member",
+        permissions=0, allowed_models=None, expires_at=None, scopes=scopes,
+        budgeted=any(scope.budget is not None for scope in scopes),
+    )  # fmt: skip
+
+
+# The route a request is on: LocalGovernor.govern hands it to the price hook only.
+ENTRY: Any = object()
+
+
+def unpriced(entry: Any, tokens_in: int, tokens_out: int) -> float | None:
+    return None
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -826,17 +844,18 @@ def _tightest(buckets: list[_ExactBucket], unit: str) -> list[list[tuple[bytes, 
     return [b.pairs(unit) for b in buckets if b.level / b.capacity == least]
 
 
+@pytest.mark.parametrize("through", ["admit", "govern"])
 @pytest.mark.parametrize(
     "limits",
     [
-        [(30, 0)],  # a key's rpm alone (its own path)
-        [(0, 600)],  # a key's tpm alone (its own path)
+        [(30, 0)],  # a key's rpm alone (govern's own path)
+        [(0, 600)],  # a key's tpm alone (govern's own path)
         [(30, 600), (40, 900), (50, 0)],  # key, team, org: the general path
         [(7, 0), (0, 70)],  # capacities whose refill times are not exact floats
     ],
 )
 def test_admissions_and_headers_follow_an_exact_bucket_model(
-    limits: list[tuple[int, int]],
+    limits: list[tuple[int, int]], through: str
 ) -> None:
     # Random arrivals, sizes and answers against the same buckets kept as exact
     # fractions: every request is admitted or refused as the model says, and its
@@ -849,6 +868,7 @@ def test_admissions_and_headers_follow_an_exact_bucket_model(
     scopes = tuple(
         Scope(kind=kinds[n], id=f"l{n}", rpm=rpm, tpm=tpm) for n, (rpm, tpm) in enumerate(limits)
     )
+    who = caller(*scopes)
     start = Fraction(mono.t)
     rpm = [_ExactBucket(r, start) for r, _ in limits if r]
     tpm = [_ExactBucket(t, start) for _, t in limits if t]
@@ -863,7 +883,10 @@ def test_admissions_and_headers_follow_an_exact_bucket_model(
             b.refill(now)
         fits = all(b.level >= 1 for b in rpm) and all(b.level >= tokens for b in tpm)
         try:
-            ticket = gov.admit(scopes, est(tokens))
+            if through == "admit":
+                ticket = gov.admit(scopes, est(tokens))
+            else:  # the pipeline's way in: a body of 4 bytes a token, no max_tokens
+                ticket = gov.govern(unpriced, who, ENTRY, b"x" * (4 * tokens), None)
         except RateLimited:
             assert not fits, f"refused what fits at {mono.t}"
             refused += 1
@@ -890,6 +913,104 @@ def test_admissions_and_headers_follow_an_exact_bucket_model(
                 b.level = min(Fraction(b.capacity), b.level - (used - tokens))
             gov.settle(ticket, used, None)
     assert served > 50 and refused > 50  # both outcomes were exercised
+
+
+def test_govern_estimates_a_request_as_the_pipeline_does() -> None:
+    # The prompt is a quarter of the body; max_tokens is added to the tokens;
+    # a budget reserves the price of max_tokens, or of the allowance when the
+    # request sets none; the price is asked only when a level sets a budget.
+    gov, _, _ = governor()
+    asked: list[tuple[int, int]] = []
+
+    def price(entry: Any, tokens_in: int, tokens_out: int) -> float | None:
+        assert entry is ENTRY
+        asked.append((tokens_in, tokens_out))
+        return 0.25
+
+    funded = caller(key(tpm=100_000, budget=Budget(usd=10.0, period="daily")))
+    ticket = gov.govern(price, funded, ENTRY, b"x" * 400, 50)
+    assert (ticket.tokens, ticket.usd) == (150, 0.25) and asked == [(100, 50)]
+    ticket = gov.govern(price, funded, ENTRY, b"x" * 400, None)
+    assert (ticket.tokens, ticket.usd) == (100, 0.25)
+    assert asked[-1] == (100, DEFAULT_OUTPUT_ALLOWANCE)
+    # A key's tpm alone: laid out by admit on the first request, then govern's
+    # own path; both charge the same tokens, and neither asks for a price.
+    metered = caller(key(tpm=6000, id="k2"))
+    for n in (1, 2):
+        ticket = gov.govern(price, metered, ENTRY, b"x" * 400, 50)
+        assert ticket.tokens == 150
+        assert header(ticket.headers, b"x-ratelimit-remaining-tokens") == b"%d" % (6000 - 150 * n)
+    requests = caller(key(rpm=10, id="k3"))
+    for n in (1, 2):
+        ticket = gov.govern(price, requests, ENTRY, b"x" * 400, 50)
+        assert header(ticket.headers, b"x-ratelimit-remaining-requests") == b"%d" % (10 - n)
+    assert len(asked) == 2
+
+
+def test_a_budget_alone_through_govern_matches_admit() -> None:
+    # A key's own budget has its own path in govern: random requests (sizes,
+    # max_tokens, prices, unpriced ones, answers dearer or cheaper than
+    # reserved, failures, a new day) through govern and, on a twin governor,
+    # through admit with pipeline.estimate's estimate; same answers, same
+    # refusals, same spend.
+    from gandalf.app.pipeline import estimate
+
+    rng = random.Random(7)
+    a, _, day_a = governor()
+    b, _, day_b = governor()
+    who = caller(key(budget=Budget(usd=0.05, period="daily")))
+    rate = {"p": 1e-5}
+
+    def price(entry: Any, tokens_in: int, tokens_out: int) -> float | None:
+        usd = rate["p"]
+        return None if usd is None else tokens_in * usd + tokens_out * 2 * usd
+
+    outcomes: list[object] = []
+    for n in range(300):
+        if n == 150:
+            day_a.t += 86_400.0
+            day_b.t += 86_400.0
+        rate["p"] = rng.choice((1e-5, 1e-5, 3e-6, None))  # type: ignore[assignment]
+        body = b"x" * rng.choice((40, 400, 4000))
+        limit = rng.choice((None, 16, 512))
+        fails, paid = rng.random() < 0.2, rng.choice((0.5, 1.0))
+        seen: list[tuple[object, ...]] = []
+        for gov in (a, b):
+            try:
+                if gov is a:
+                    ticket = gov.govern(price, who, ENTRY, body, limit)
+                else:
+                    ticket = gov.admit(who.scopes, estimate(ENTRY, body, limit, price))
+            except QuotaExceeded as exc:
+                seen.append(("refused", str(exc)))
+                continue
+            seen.append(("served", ticket.tokens, ticket.usd))
+            if fails:
+                gov.release(ticket)
+            else:
+                gov.settle(ticket, ticket.tokens, ticket.usd * paid)
+        assert seen[0] == seen[1], n
+        outcomes.append(seen[0][0])
+        (spend_a,), (spend_b,) = a._plans[who.scopes].spends, b._plans[who.scopes].spends
+        assert (spend_a.paid, spend_a.room) == (spend_b.paid, spend_b.room)
+    assert outcomes.count("served") > 50 and outcomes.count("refused") > 50
+
+
+def test_a_resized_rpm_alone_gives_the_new_headers_from_a_full_bucket() -> None:
+    # RPM alone hands out one prebuilt answer while its bucket is full at every
+    # request; a resize must replace it, for the new scopes and the old ones.
+    gov, mono, _ = governor()
+    old, new = caller(key(rpm=10)), caller(key(rpm=20))
+    for left in (b"9", b"8"):  # the second is govern's own path
+        ticket = gov.govern(unpriced, old, ENTRY, b"{}", None)
+        assert header(ticket.headers, b"x-ratelimit-remaining-requests") == left
+    mono.t += 60.0
+    for who in (new, old, new, old):  # each scopes tuple: laid out again, then its own path
+        ticket = gov.govern(unpriced, who, ENTRY, b"{}", None)
+        assert header(ticket.headers, b"x-ratelimit-limit-requests") == b"20"
+        assert header(ticket.headers, b"x-ratelimit-remaining-requests") == b"19"
+        assert header(ticket.headers, b"x-ratelimit-reset-requests") == b"3s"
+        mono.t += 60.0
 
 
 def test_a_resize_to_and_from_a_zero_share_reaches_every_plan_of_the_level() -> None:

@@ -66,6 +66,7 @@ class FakeTicket:
     def __init__(self, number: int) -> None:
         self.number = number
         self.headers = list(LIMITS)
+        self.open = True
 
 
 class FakeGovernor:
@@ -147,6 +148,27 @@ def test_only_a_budget_gets_a_worst_case_price() -> None:
     funded = msgspec.structs.replace(SCOPED, scopes=(*SCOPES, budget), budgeted=True)
     pipeline.govern(funded, entry, b"x" * 40, 8)
     assert priced == ["m"] and governor.calls[-1][2] == Estimate(tokens=18, usd=0.5)
+
+
+def test_without_a_governor_a_limited_caller_is_not_governed() -> None:
+    h = harness()
+    pipeline = Pipeline(h.sink)
+    assert pipeline.govern(SCOPED, h.service.routes.resolve("m"), b"x" * 40, 8) is None
+
+
+def test_a_closed_ticket_is_neither_settled_nor_released() -> None:
+    """A ticket with nothing to settle (rpm alone: ``open`` False) costs the
+    pipeline no governor call when the request ends, served or failed."""
+    governor = FakeGovernor()
+    h = harness(governor=governor)
+    pipeline = Pipeline(h.sink, governor=governor)
+    closed = FakeTicket(1)
+    closed.open = False
+    pipeline.account(SCOPED, "m", "r1", 0.0, "chat", "p", "m", DETAILED, 200, 1, closed)
+    pipeline.account(SCOPED, "m", "r2", 0.0, "chat", "p", "m", None, 502, 1, closed)
+    assert governor.ends() == []
+    pipeline.account(SCOPED, "m", "r3", 0.0, "chat", "p", "m", DETAILED, 200, 1, FakeTicket(2))
+    assert governor.ends() == [("settle", 2, 30, None)]
 
 
 # ---------------------------------------------------------------------------- chat

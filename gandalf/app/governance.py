@@ -43,6 +43,11 @@ class Ticket(Protocol):
     @property
     def headers(self) -> list[tuple[bytes, bytes]]: ...
 
+    # False once settled or released, or when admit took nothing to settle
+    # (rpm alone): the pipeline then calls neither.
+    @property
+    def open(self) -> bool: ...
+
 
 class Governor(Protocol):
     def admit(self, scopes: tuple[Scope, ...], estimate: Estimate) -> Ticket: ...

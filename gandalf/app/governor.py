@@ -1,11 +1,13 @@
 """The in-process Governor: rate limits (app/limits.py) and budgets
 (app/budget.py) behind the one seam the pipeline calls (app/governance.py).
 
-:meth:`LocalGovernor.admit` is synchronous: it checks every level of both
-(budgets first: an exhausted budget is the answer a retry cannot change) and
-takes from all of them (buckets taken from are given back when one of them is
-overdrawn), with no ``await`` in between, so on one event loop no two requests
-can both pass a check only one of them fits.
+:meth:`LocalGovernor.govern` (the pipeline's way in: the request's estimate,
+then what ``admit`` does) and :meth:`LocalGovernor.admit` are synchronous:
+they check every level of both (budgets first: an exhausted budget is the
+answer a retry cannot change) and take from all of them (buckets taken from
+are given back when one of them is overdrawn), with no ``await`` in between,
+so on one event loop no two requests can both pass a check only one of them
+fits.
 
 State lives in this process. With ``gandalf serve --workers N`` each worker
 process has its own governor enforcing a 1/N share of every limit and budget
@@ -18,14 +20,18 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from gandalf.app.budget import Budgets, Clock, Spend, SpendSource
 from gandalf.app.governance import Estimate, Ticket
 from gandalf.app.limits import ROOM, Bucket, Rate, RateLimits
-from gandalf.domain import Scope
+from gandalf.domain import Identity, Scope
+
+if TYPE_CHECKING:
+    from gandalf.app.router import RouteEntry
 
 ENV_WORKERS = "GANDALF_WORKERS"
 # Output tokens assumed for a request without max_tokens (its worst case is
@@ -72,7 +78,9 @@ class Plan:
 
     __slots__ = (
         "alone",
+        "budget",
         "closed",
+        "fresh",
         "generation",
         "grant",
         "rates",
@@ -89,12 +97,14 @@ class Plan:
         self.tokens: tuple[Bucket, ...] = ()
         self.single: Bucket | None = None
         self.alone: Bucket | None = None
+        self.budget: Spend | None = None
         self.closed = False
         self.generation = generation
         # A plan with no TPM bucket and no budget has nothing to settle: its
         # tickets differ only by their headers, and one closed Grant is reused
-        # while they repeat (see LocalGovernor.admit).
+        # while they repeat (see LocalGovernor.govern and _take).
         self.grant: Grant | None = None
+        self.fresh: Grant | None = None
         self.flatten(generation)
 
     def flatten(self, generation: int) -> None:
@@ -112,12 +122,19 @@ class Plan:
         if self.closed:
             self.requests = self.tokens = ()
         # The commonest limited callers, a key's own rpm or tpm alone, have
-        # their own paths (``single``: the RPM bucket, ``alone``: the TPM one).
+        # their own paths in govern (``single``: the RPM bucket, ``alone``:
+        # the TPM one).
         one = len(self.requests) + len(self.tokens) == 1 and not self.spends
-        self.single = self.requests[0] if one and self.requests else None
+        self.single = single = self.requests[0] if one and self.requests else None
         self.alone = self.tokens[0] if one and self.tokens else None
+        # A single budget and no rate bucket (its own path too).
+        alone_budget = len(self.spends) == 1 and not (self.closed or self.requests or self.tokens)
+        self.budget = self.spends[0] if alone_budget else None
         self.generation = generation
         self.grant = None
+        # ``single``'s Grant after a take from a full bucket (its ``fresh``
+        # pairs; a resize lays the plan out again).
+        self.fresh = None if single is None else Grant(single.fresh, self, 0, 0.0, False)
 
 
 class Grant(msgspec.Struct):
@@ -169,53 +186,100 @@ class LocalGovernor:
         # (RateLimits.generation). One entry per distinct tuple (about one per key).
         self._plans: dict[tuple[Scope, ...], Plan] = {}
 
+    def govern(
+        self,
+        price: Callable[[RouteEntry, int, int], float | None],
+        identity: Identity,
+        entry: RouteEntry,
+        body: bytes,
+        max_output: int | None,
+    ) -> Grant:
+        """The pipeline's ``govern`` on this governor: :meth:`admit` a
+        request of ``identity`` (which has limits) with its estimate, as
+        ``pipeline.estimate`` makes it (``price``: the worst-case price hook,
+        asked only when a level sets a budget). The commonest limited callers,
+        a key's own rpm, tpm or budget alone (``Plan.single``, ``Plan.alone``,
+        ``Plan.budget``), are admitted here with no Estimate and no further
+        call: this runs for every limited request."""
+        plan = self._plans.get(identity.scopes)
+        if plan is None:
+            plan = self._plan(identity.scopes)
+        elif plan.generation != self.limits.generation:
+            plan.flatten(self.limits.generation)
+        single = plan.single
+        if single is not None:  # _take for one RPM bucket
+            now = self._monotonic()
+            tat = single.tat
+            if tat <= now:  # full: one fits (a single bucket has a capacity)
+                single.tat = now + single.step
+                return plan.fresh  # type: ignore[return-value]  # set with single
+            tat += single.step
+            if tat > now + ROOM:
+                single.stamp = now
+                self.limits.verify(plan.rates, 0)  # raises (no level counts tokens)
+            single.tat = tat
+            headers = single.show(tat, now)
+            grant = plan.grant
+            if grant is None or grant.headers is not headers:  # they changed
+                grant = plan.grant = Grant(headers, plan, 0, 0.0, False)
+            return grant
+        alone = plan.alone
+        if alone is not None:  # _take for one TPM bucket
+            tokens = len(body) // 4
+            if max_output:
+                tokens += max_output
+            need = tokens + 0.0
+            now = self._monotonic()
+            tat = alone.tat
+            full = tat <= now
+            tat = (now if full else tat) + need * alone.step
+            if tat > now + ROOM:
+                alone.stamp = now
+                self.limits.verify(plan.rates, tokens)  # raises; nothing taken
+            alone.tat = tat
+            if full and alone.fresh_need == need:
+                return Grant(alone.fresh, plan, tokens, 0.0, True)
+            return Grant(alone.after(tat, now, need), plan, tokens, 0.0, True)
+        # pipeline.estimate(), written out (a call saved).
+        tokens = len(body) // 4
+        budget = plan.budget
+        if budget is not None:  # _take for one budget
+            if max_output:
+                usd = price(entry, tokens, max_output) or 0.0
+                tokens += max_output
+            else:
+                usd = price(entry, tokens, DEFAULT_OUTPUT_ALLOWANCE) or 0.0
+            now = self._wall()
+            if now >= budget.until:
+                budget.roll(now)
+            room = budget.room
+            if usd > room or room <= 0.0:  # over, or used up (an unpriced request)
+                raise budget.refusal(usd)
+            budget.room = room - usd
+            return Grant(_NO_HEADERS, plan, tokens, usd, True)
+        if not identity.budgeted:  # the worst-case cost only matters to a budget
+            return self._take(plan, tokens + max_output if max_output else tokens, 0.0)
+        if max_output:
+            return self._take(plan, tokens + max_output, price(entry, tokens, max_output) or 0.0)
+        return self._take(plan, tokens, price(entry, tokens, DEFAULT_OUTPUT_ALLOWANCE) or 0.0)
+
     def admit(self, scopes: tuple[Scope, ...], estimate: Estimate) -> Grant:
         """Reserve one request, ``estimate.tokens`` tokens and ``estimate.usd``
         at every level of ``scopes``, or raise QuotaExceeded / RateLimited
-        (and take nothing). This runs for every limited request: the bucket
-        arithmetic (Bucket.take, Bucket.fits) and the headers are written out
-        here over the plan's flat buckets."""
+        (and take nothing). Any plan's shape (:meth:`govern` takes the
+        commonest two itself); the bucket arithmetic (Bucket.take, Bucket.fits)
+        and the headers are written out over the plan's flat buckets."""
         plan = self._plans.get(scopes)
         if plan is None:
             plan = self._plan(scopes)
         elif plan.generation != self.limits.generation:
             plan.flatten(self.limits.generation)
-        single = plan.single
-        if single is not None:
-            # One RPM bucket, nothing else: the general path below, for it alone.
-            now = self._monotonic()
-            tat = single.tat
-            if tat <= now:  # full: one fits (a single bucket has a capacity)
-                single.tat = now + single.step
-                headers = single.fresh
-            else:
-                tat += single.step
-                if tat > now + ROOM:
-                    single.stamp = now
-                    self.limits.verify(plan.rates, estimate.tokens)  # raises
-                single.tat = tat
-                headers = single.show(tat, now)
-            grant = plan.grant
-            if grant is None or grant.headers is not headers:  # they changed
-                grant = plan.grant = Grant(headers, plan, estimate.tokens, 0.0, False)
-            return grant
-        alone = plan.alone
-        if alone is not None:
-            # One TPM bucket, nothing else: the general path below, for it alone.
-            tokens = estimate.tokens
-            need = tokens + 0.0
-            now = self._monotonic()
-            tat = alone.tat
-            tat = (tat if tat > now else now) + need * alone.step
-            if tat > now + ROOM:
-                alone.stamp = now
-                self.limits.verify(plan.rates, tokens)  # raises; nothing taken
-            alone.tat = tat
-            if alone.fresh_need == need and tat == now + need * alone.step:
-                return Grant(alone.fresh, plan, tokens, 0.0, True)  # full before
-            return Grant(alone.after(tat, now, need), plan, tokens, 0.0, True)
+        return self._take(plan, estimate.tokens, estimate.usd or 0.0)
+
+    def _take(self, plan: Plan, tokens: int, usd: float) -> Grant:
+        """:meth:`admit` on ``plan``, laid out: a request of ``tokens`` tokens
+        and ``usd`` (0.0: unpriced) at each of its levels, whatever its shape."""
         spends = plan.spends
-        usd = estimate.usd or 0.0
         if spends:
             now = self._wall()
             for state in spends:
@@ -224,7 +288,6 @@ class LocalGovernor:
                 room = state.room
                 if usd > room or room <= 0.0:  # over, or used up (an unpriced request)
                     raise state.refusal(usd)
-        tokens = estimate.tokens
         requests, buckets = plan.requests, plan.tokens
         if not requests and not buckets:
             if plan.closed:  # a level's limit is smaller than the worker count
@@ -322,6 +385,15 @@ class LocalGovernor:
         grant.open = False
         plan = grant.plan
         delta = tokens - grant.tokens
+        alone = plan.alone
+        if alone is not None:  # one TPM bucket, nothing else: the loops below, for it
+            if delta < 0:
+                alone.tat += delta * alone.step
+            elif delta:
+                now = self._monotonic()
+                tat = alone.tat
+                alone.tat = (tat if tat > now else now) + delta * alone.step
+            return
         if delta and plan.tokens:
             if delta < 0:
                 # A refund moves the time each bucket is full earlier; one
@@ -331,8 +403,9 @@ class LocalGovernor:
             else:
                 # A charge: from now, or from when the bucket is full if later.
                 now = self._monotonic()
-                for bucket in plan.tokens:
-                    bucket.take(delta, now)
+                for bucket in plan.tokens:  # Bucket.take, written out
+                    tat = bucket.tat
+                    bucket.tat = (tat if tat > now else now) + delta * bucket.step
         spends = plan.spends
         if spends:
             spent = usd or 0.0

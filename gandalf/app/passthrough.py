@@ -312,11 +312,12 @@ class PassthroughService:
         ticket: Ticket | None = None
         try:
             entry, narrowed = self._serving(identity, alias, api)
-            ticket = (
-                pipeline.govern(identity, entry, body, max_output)
-                if pipeline.local
-                else await pipeline.govern_shared(identity, entry, body, max_output)
-            )
+            if identity.scopes:
+                ticket = (
+                    pipeline.govern(identity, entry, body, max_output)
+                    if pipeline.local
+                    else await pipeline.govern_shared(identity, entry, body, max_output)
+                )
             outcome = await self._failover.serve(
                 narrowed, _send, (self._natives, build), request_id, self._monotonic()
             )

@@ -41,11 +41,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from gandalf.app.failover import failure_of
 from gandalf.app.governance import Estimate, Governor, SharedGovernor, Ticket
-from gandalf.app.governor import DEFAULT_OUTPUT_ALLOWANCE
+from gandalf.app.governor import DEFAULT_OUTPUT_ALLOWANCE, LocalGovernor
 from gandalf.app.router import RouteEntry, RouteTable
 from gandalf.domain import CANCEL_SHUTDOWN, Identity, Usage, UsageRecord
 from gandalf.errors import GatewayError, PermissionDenied
@@ -72,6 +73,7 @@ PriceWorstCase = Callable[[RouteEntry, int, int], "float | None"]
 CostOf = Callable[[str, str, Usage], "float | None"]
 Observe = Callable[[UsageRecord], object]
 Verdict = Callable[[str], object]  # the response cache's verdict: hit | miss | bypass
+Govern = Callable[[Identity, RouteEntry, bytes, "int | None"], "Ticket | None"]
 
 
 _NOTHING = Usage()  # the counts of a request nothing served (read only)
@@ -136,6 +138,7 @@ class Pipeline:
         "_shared",
         "_sink",
         "_verdict",
+        "govern",
         "local",
     )
 
@@ -162,6 +165,18 @@ class Pipeline:
         self._price = price
         # The default hook is not called at all: a call per request for a None.
         self._cost: CostOf | None = None if cost is no_cost else cost
+        # govern(identity, entry, body, max_output) -> Ticket | None: the
+        # governor's ticket for a request on ``entry`` (raising its 429s), for
+        # a caller with limits (``identity.scopes``) on a local governor
+        # (:attr:`local`). The in-process governor's own LocalGovernor.govern
+        # (the estimate and the admission in one call: a Python frame less
+        # per limited request); any other governor's admit with
+        # :func:`estimate`; None without a governor.
+        self.govern: Govern = (
+            partial(governor.govern, price)
+            if isinstance(governor, LocalGovernor)
+            else self._estimate_and_admit
+        )
 
     # ------------------------------------------------------------------ admit
 
@@ -177,30 +192,20 @@ class Pipeline:
             )
         return routes.resolve(alias)
 
-    def govern(
+    def _estimate_and_admit(
         self, identity: Identity, entry: RouteEntry, body: bytes, max_output: int | None
     ) -> Ticket | None:
-        """The governor's ticket for a request on ``entry`` (raises its 429s),
-        or None when the caller has no limits or no governor is configured."""
+        """:attr:`govern` for a governor other than the in-process one."""
         governor = self._governor
-        scopes = identity.scopes
-        if not scopes or governor is None:
+        if governor is None:
             return None
-        # estimate(), written out (a call per limited request saved).
-        tokens = len(body) // 4
-        if not identity.budgeted:  # the worst-case cost only matters to a budget
-            limit = tokens + max_output if max_output else tokens
-            return governor.admit(scopes, Estimate(limit, None))
-        if max_output:
-            usd = self._price(entry, tokens, max_output)
-            return governor.admit(scopes, Estimate(tokens + max_output, usd))
-        usd = self._price(entry, tokens, DEFAULT_OUTPUT_ALLOWANCE)
-        return governor.admit(scopes, Estimate(tokens, usd))
+        price = self._price if identity.budgeted else None
+        return governor.admit(identity.scopes, estimate(entry, body, max_output, price))
 
     async def govern_shared(
         self, identity: Identity, entry: RouteEntry, body: bytes, max_output: int | None
     ) -> Ticket | None:
-        """:meth:`govern` through the shared governor (one round trip to it);
+        """:attr:`govern` through the shared governor (one round trip to it);
         call only when :attr:`local` is False."""
         shared = self._shared
         if not identity.scopes or shared is None:
@@ -216,7 +221,7 @@ class Pipeline:
         body: bytes,
         max_output: int | None,
     ) -> tuple[RouteEntry, Ticket | None]:
-        """:meth:`route`, then :meth:`govern`: the route and the ticket (None
+        """:meth:`route`, then :attr:`govern`: the route and the ticket (None
         when nothing limits the caller)."""
         entry = self.route(routes, identity, alias)
         if not identity.scopes:  # the common case: no limits, no governor call
@@ -281,11 +286,11 @@ class Pipeline:
         observe = self._observe
         if observe is not None:
             observe(record)
-        if ticket is not None:
+        if ticket is not None and ticket.open:  # a closed one has nothing to settle
             governor = self._governor
             assert governor is not None  # a ticket comes from it
-            if status < 400 or (usage is not None and usage.total_tokens):
-                governor.settle(ticket, usage.total_tokens if usage is not None else 0, cost)
+            if status < 400 or counts.total_tokens:
+                governor.settle(ticket, counts.total_tokens, cost)
             else:
                 governor.release(ticket)
 
