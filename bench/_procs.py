@@ -325,13 +325,15 @@ def free_port() -> int:
 # levels. "rates": the same three levels with their RPM and TPM limits only
 # (no budget, no price); "budgets": their budgets and the price only (no
 # rate limit). "key": the key's own RPM limit only (the common case); "key-tpm":
-# its TPM limit only; "key-budget": its budget and the price only. "off": none.
+# its TPM limit only; "key-budget": its budget and the price only. "price": the
+# price alone, no limit (every record priced: what "key-budget" adds to it is
+# the budget). "off": none.
 _RATES = "rpm: 100000000, tpm: 1000000000000"
 _BUDGET = "budget: {usd: 1000000000, period: monthly}"
 _PRICING = "pricing: [{provider: mock, model: %s, input: 1.0, output: 2.0}]\n"
-GOVERNANCE = ("on", "rates", "budgets", "key", "key-tpm", "key-budget", "off")
-# The choices that limit the bench key alone (no team, no org).
-KEY_ONLY = ("key", "key-tpm", "key-budget", "off")
+GOVERNANCE = ("on", "rates", "budgets", "key", "key-tpm", "key-budget", "price", "off")
+# The choices that limit the bench key alone (no team, no org), or nothing.
+KEY_ONLY = ("key", "key-tpm", "key-budget", "price", "off")
 
 
 def _levels(governance: str) -> str:
@@ -359,7 +361,7 @@ def _key_limits(governance: str) -> str:
         return ", tpm: 1000000000000"
     if governance == "key-budget":
         return ", " + _BUDGET
-    if governance == "off":
+    if governance in ("off", "price"):
         return ""
     return ", team: bench-team, " + _levels(governance)
 
@@ -397,7 +399,7 @@ def write_gandalf_config(
         "routes:\n"
         f"  - {{model_alias: {MODEL_ALIAS}, targets: [{{provider: mock, model: {MODEL_ALIAS}}}]}}\n"
         + (_tenancy(governance, MODEL_ALIAS) if governance not in KEY_ONLY else "")
-        + (_PRICING % MODEL_ALIAS if governance == "key-budget" else "")
+        + (_PRICING % MODEL_ALIAS if governance in ("key-budget", "price") else "")
         + "keys:\n"
         f'  - {{name: bench, key: "{BENCH_KEY}", role: service_account'
         + _key_limits(governance)

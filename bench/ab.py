@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "with a priced model (every request admitted, priced and settled three times); "
         "rates: the three levels' rpm and tpm only; budgets: their budgets and the price "
         "only; key: the key's own rpm only; key-tpm: its tpm only; key-budget: its budget "
-        "and the price only",
+        "and the price only; price: the model priced, nothing limited",
     )
     parser.add_argument(
         "--base-governance",

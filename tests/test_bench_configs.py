@@ -19,7 +19,7 @@ from _procs import GOVERNANCE, write_gandalf_config
 
 BUDGETED = ("on", "budgets")
 RATED = ("on", "rates")
-KEY_ONLY = {"key": "rpm", "key-tpm": "tpm", "key-budget": "budget", "off": None}
+KEY_ONLY = {"key": "rpm", "key-tpm": "tpm", "key-budget": "budget", "price": None, "off": None}
 
 
 @pytest.mark.parametrize("governance", GOVERNANCE)
@@ -38,7 +38,44 @@ def test_each_governance_choice_limits_what_it_names(governance: str, tmp_path: 
         assert bool(level.tpm) == (governance in RATED or alone == "tpm"), level
         budgeted = governance in BUDGETED or alone == "budget"
         assert (level.budget is not None) == budgeted, level
-    # A price for the mock's model exactly when a budget has to be reserved against.
+    # A price for the mock's model exactly when a budget has to be reserved
+    # against, or when the price alone is measured.
+    priced = governance in BUDGETED or alone == "budget" or governance == "price"
     assert [(p.provider, p.model) for p in config.pricing] == (
-        [("mock", "bench-model")] if governance in BUDGETED or alone == "budget" else []
+        [("mock", "bench-model")] if priced else []
     )
+
+
+# A callgrind output file as valgrind 3.19 writes it (names compressed to
+# "(n)" after their first use; "calls=" lines followed by inclusive costs).
+_CALLGRIND = """# callgrind format
+version: 1
+events: Ir
+ob=(1) /usr/lib/libpython3.11.so.1.0
+fl=(1) ???
+fn=(1) _PyEval_EvalFrameDefault
+0 500
++3 20
+cob=(2) /venv/granian/_granian.cpython-311-x86_64-linux-gnu.so
+cfn=(2) 0x00000000001f3818
+calls=2 0
+0 9000
+0 7
+ob=(2)
+fn=(2)
+0 300
+ob=(3) /usr/lib/x86_64-linux-gnu/libmimalloc.so
+fn=(3) mi_free
+0 11
+totals: 838
+"""
+
+
+def test_served_callgrind_counts_self_costs_per_object(tmp_path: Path) -> None:
+    from served_cg import by_object, totals
+
+    path = tmp_path / "cg.1.1"
+    path.write_text(_CALLGRIND)
+    assert totals(path) == 838
+    # The call's inclusive 9000 is the callee's, counted where it is spent.
+    assert by_object(path) == {"python": 527, "granian": 300, "other": 11}

@@ -1,0 +1,306 @@
+"""Served instructions: what one chat request costs the whole gateway process
+(granian, Python, aiohttp, SQLite, libc; not the kernel), counted by
+callgrind while the server answers exactly N requests at 64 concurrent
+connections.
+
+``bench/ab.py`` measures CPU time, which on this shared 2-core machine moves
+by 2 % between identical runs: a 2 % budget cannot be told from noise that
+way. Instructions per served request repeat within ~0.2 % (two runs of one
+configuration), and they include what in-process counts
+(``governance_cg.py``) miss: granian turning each response header into
+Rust, the ASGI messages, the event loop.
+
+    python bench/served_cg.py                           # governance off and key
+    python bench/served_cg.py --governance off key key-tpm key-budget rates budgets on
+    python bench/served_cg.py --base HEAD~1 --governance off key   # both revisions
+    python bench/served_cg.py --interface rsgi
+
+Each configuration starts its own server under ``valgrind --tool=callgrind``
+(pinned to CPU 0 with two cores; the mock upstream and this client on CPU 1),
+sends ``--warmup`` requests, zeroes the counters, sends ``--requests``
+requests, waits a second for the usage writer's batch and the access log's
+flush, and dumps the counters (``callgrind_control``). Shipped defaults
+(access log and metrics on) unless said otherwise. Each line gives the
+instructions per request, their difference from the first configuration,
+and where the difference is (the shared objects: ``libpython`` is Python
+code, ``_granian`` the server's Rust side).
+
+Exit status: 0, or 2 when valgrind is missing or a server did not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+from _procs import (
+    BENCH_KEY,
+    CHAT_BODY,
+    GOVERNANCE,
+    REPO_DIR,
+    ProcGroup,
+    Server,
+    free_port,
+    install_signal_handlers,
+    launch_mock,
+    tree_pids,
+    usable_cpus,
+    wait_http_ok,
+    write_gandalf_config,
+)
+
+CHAT_PATH = "/v1/chat/completions"
+# A name per shared object, the rest summed as "other".
+_OBJECTS = (
+    ("libpython", "python"),
+    ("_granian", "granian"),
+    ("libsqlite3", "sqlite"),
+    ("libc.so", "libc"),
+    ("_multidict", "multidict"),
+    ("_http_parser", "aiohttp-parser"),
+    ("loop.cpython", "uvloop"),
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--governance",
+        nargs="+",
+        choices=GOVERNANCE,
+        default=["off", "key"],
+        help="configurations, in order; the first is the reference (default: off key); "
+        "see bench/ab.py --help for what each limits",
+    )
+    parser.add_argument("--requests", type=int, default=3000, help="counted requests per run")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=64,
+        help="concurrent connections (1 repeats best: the loop's turns are the same each run)",
+    )
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=1, help="runs per configuration")
+    parser.add_argument("--base", help="also count this git revision (in a worktree)")
+    parser.add_argument("--interface", choices=("asgi", "rsgi"), default="asgi")
+    parser.add_argument("--access-log", choices=("on", "off"), default="on")
+    return parser.parse_args(argv)
+
+
+async def _send(port: int, count: int, connections: int = 64) -> int:
+    """``count`` chat requests over ``connections`` connections; the number
+    that did not get a 200."""
+    url = f"http://127.0.0.1:{port}{CHAT_PATH}"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}"}
+    left = count
+    failed = 0
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one_connection() -> None:
+            nonlocal left, failed
+            while left > 0:
+                left -= 1
+                async with session.post(url, data=CHAT_BODY, headers=headers) as resp:
+                    await resp.read()
+                    failed += resp.status != 200
+
+        await asyncio.gather(*(one_connection() for _ in range(connections)))
+    return failed
+
+
+def _control(pids: list[int], arg: str) -> None:
+    for pid in pids:
+        subprocess.run(["callgrind_control", arg, str(pid)], capture_output=True, timeout=300)
+
+
+def by_object(path: Path) -> Counter[str]:
+    """Self instructions per shared object in one callgrind output file
+    (costs of ``calls=`` lines are inclusive and skipped)."""
+    names: dict[str, str] = {}
+    out: Counter[str] = Counter()
+    current = "?"
+    after_call = False
+    spec = re.compile(r"^(ob|cob)=\((\d+)\)(?: (.*))?$")
+    with open(path) as fh:
+        for line in fh:
+            match = spec.match(line)
+            if match:
+                kind, number, name = match.groups()
+                if name:
+                    names[number] = name.strip()
+                if kind == "ob":
+                    current = names.get(number, "?")
+                continue
+            if line.startswith("calls="):
+                after_call = True
+                continue
+            if line[:1].isdigit() or line[:1] in "+-*":
+                if after_call:
+                    after_call = False
+                    continue
+                parts = line.split()
+                if len(parts) >= 2:
+                    out[_object_name(current)] += int(parts[1])
+    return out
+
+
+def _object_name(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    for needle, name in _OBJECTS:
+        if needle in base:
+            return name
+    return "other"
+
+
+def totals(path: Path) -> int:
+    """The ``totals:`` line of a callgrind output file."""
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+    raise ValueError(f"{path}: no totals line")
+
+
+def count(
+    repo: Path, governance: str, args: argparse.Namespace, server_cpus: str | None
+) -> tuple[float, Counter[str]]:
+    """Instructions per request of one run, and per shared object."""
+    with tempfile.TemporaryDirectory(prefix="gandalf-scg-") as tmp, ProcGroup() as group:
+        tmpdir = Path(tmp)
+        client_cpus = "1" if server_cpus else None
+        mock = launch_mock(group, chunks=20, cpus=client_cpus)
+        port = free_port()
+        config = write_gandalf_config(
+            tmpdir, port, mock.port, "g", access_log=args.access_log == "on", governance=governance
+        )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+        out = tmpdir / "cg"
+        out.mkdir()
+        cmd = [
+            *(["taskset", "-c", server_cpus] if server_cpus else []),
+            "valgrind",
+            "--tool=callgrind",
+            "--trace-children=yes",
+            f"--callgrind-out-file={out}/cg.%p",
+            sys.executable,
+            "-m",
+            "gandalf",
+            "serve",
+            "--config",
+            str(config),
+            "--workers",
+            "1",
+            "--interface",
+            args.interface,
+        ]
+        log_path = tmpdir / "server.log"
+        with open(log_path, "wb") as log:
+            proc = group.add(
+                subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmpdir, env=env,
+                    start_new_session=True,
+                )
+            )  # fmt: skip
+        wait_http_ok(Server("gandalf", proc, port, log_path), "/healthz", 600.0)
+        failed = asyncio.run(_send(port, args.warmup, args.connections))
+        time.sleep(1.0)  # the warm-up's usage batch and log flush land before zeroing
+        pids = tree_pids(proc.pid)
+        _control(pids, "-z")
+        failed += asyncio.run(_send(port, args.requests, args.connections))
+        time.sleep(1.0)  # this run's usage batch and log flush are counted
+        _control(pids, "--dump=counted")
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=300)
+        if failed:
+            raise RuntimeError(f"{failed} requests did not get a 200 ({governance})")
+        dumps = sorted(out.glob("cg.*.1"))
+        if not dumps:
+            raise RuntimeError(f"no callgrind dump in {out}: see {log_path}")
+        objects: Counter[str] = Counter()
+        total = 0
+        for dump in dumps:
+            total += totals(dump)
+            objects.update(by_object(dump))
+        n = args.requests
+        return total / n, Counter({k: round(v / n) for k, v in objects.items()})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("served_cg.py needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    server_cpus = "0" if usable_cpus() >= 2 else None
+    revisions: list[tuple[str, Path]] = [("this checkout", REPO_DIR)]
+    with tempfile.TemporaryDirectory(prefix="gandalf-scg-base-") as tmp:
+        if args.base:
+            base_dir = Path(tmp) / "base"
+            subprocess.run(
+                ["git", "-C", str(REPO_DIR), "worktree", "add", "--detach", str(base_dir),
+                 args.base],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            revisions.append((args.base, base_dir))
+        try:
+            return _report(args, revisions, server_cpus)
+        finally:
+            if args.base:
+                subprocess.run(
+                    ["git", "-C", str(REPO_DIR), "worktree", "remove", "--force",
+                     str(Path(tmp) / "base")],
+                    check=False, capture_output=True,
+                )  # fmt: skip
+
+
+def _report(
+    args: argparse.Namespace, revisions: list[tuple[str, Path]], server_cpus: str | None
+) -> int:
+    print(
+        f"instructions per served chat request, {args.requests} requests at "
+        f"c{args.connections} after "
+        f"{args.warmup}, {args.interface}, access log {args.access_log}"
+    )
+    for label, repo in revisions:
+        reference: tuple[float, Counter[str]] | None = None
+        for governance in args.governance:
+            runs = [count(repo, governance, args, server_cpus) for _ in range(args.runs)]
+            per_request = sum(r[0] for r in runs) / len(runs)
+            objects: Counter[str] = Counter()
+            for _, by in runs:
+                objects.update(by)
+            objects = Counter({k: round(v / len(runs)) for k, v in objects.items()})
+            spread = max(r[0] for r in runs) / min(r[0] for r in runs) - 1
+            line = f"{label}, governance {governance}: {per_request:,.0f}"
+            if len(runs) > 1:
+                line += f" (runs {', '.join(f'{r[0]:,.0f}' for r in runs)}; spread {spread:.2%})"
+            if reference is None:
+                reference = (per_request, objects)
+            else:
+                delta = per_request - reference[0]
+                where = sorted(
+                    ((objects[k] - reference[1][k], k) for k in set(objects) | set(reference[1])),
+                    key=lambda item: -abs(item[0]),
+                )
+                parts = ", ".join(f"{name} {d:+,}" for d, name in where[:4] if abs(d) >= 100)
+                line += f"; {delta:+,.0f} ({delta / reference[0]:+.2%}): {parts}"
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
