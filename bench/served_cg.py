@@ -1,29 +1,31 @@
 """Served instructions: what one chat request costs the whole gateway process
 (granian, Python, aiohttp, SQLite, libc; not the kernel), counted by
-callgrind while the server answers exactly N requests at 64 concurrent
-connections.
+callgrind while the server answers exactly N requests (64 concurrent
+connections by default).
 
 ``bench/ab.py`` measures CPU time, which on this shared 2-core machine moves
 by 2 % between identical runs: a 2 % budget cannot be told from noise that
-way. Instructions per served request repeat within ~0.2 % (two runs of one
-configuration), and they include what in-process counts
-(``governance_cg.py``) miss: granian turning each response header into
-Rust, the ASGI messages, the event loop.
+way. Instructions per served request at ``--connections 1`` repeat within
+~0.2 % between runs (at 64 the loop's turns vary with timing: ~1 %), and they
+include what in-process counts (``governance_cg.py``) miss: granian turning
+each response header into Rust, the ASGI messages, the event loop.
 
     python bench/served_cg.py                           # governance off and key
     python bench/served_cg.py --governance off key key-tpm key-budget rates budgets on
     python bench/served_cg.py --base HEAD~1 --governance off key   # both revisions
     python bench/served_cg.py --interface rsgi
+    python bench/served_cg.py --connections 1 --runs 2 --governance off price key
 
 Each configuration starts its own server under ``valgrind --tool=callgrind``
-(pinned to CPU 0 with two cores; the mock upstream and this client on CPU 1),
+(pinned to CPU 0 with two cores; the mock upstream on CPU 1),
 sends ``--warmup`` requests, zeroes the counters, sends ``--requests``
 requests, waits a second for the usage writer's batch and the access log's
 flush, and dumps the counters (``callgrind_control``). Shipped defaults
 (access log and metrics on) unless said otherwise. Each line gives the
 instructions per request, their difference from the first configuration,
 and where the difference is (the shared objects: ``libpython`` is Python
-code, ``_granian`` the server's Rust side).
+code and the C API calls granian makes through PyO3, ``_granian`` the
+server's Rust side).
 
 Exit status: 0, or 2 when valgrind is missing or a server did not start.
 """
