@@ -408,6 +408,29 @@ def write_gandalf_config(
     return path
 
 
+def serve_command(config: Path, workers: int, interface: str) -> list[str]:
+    """``python -m gandalf serve`` on ``config`` (run it with :func:`repo_env`)."""
+    return [
+        sys.executable,
+        "-m",
+        "gandalf",
+        "serve",
+        "--config",
+        str(config),
+        "--workers",
+        str(workers),
+        "--interface",
+        interface,
+    ]
+
+
+def repo_env(repo: Path) -> dict[str, str]:
+    """This environment, importing the ``gandalf`` package from ``repo``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    return env
+
+
 def launch_gandalf(
     group: ProcGroup,
     tmpdir: Path,
@@ -441,21 +464,8 @@ def launch_gandalf(
         dsn=dsn,
     )
     log_path = tmpdir / f"{name}.log"
-    cmd = [
-        *taskset(cpus),
-        sys.executable,
-        "-m",
-        "gandalf",
-        "serve",
-        "--config",
-        str(config),
-        "--workers",
-        str(workers),
-        "--interface",
-        interface,
-    ]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    cmd = [*taskset(cpus), *serve_command(config, workers, interface)]
+    env = repo_env(repo)
     with open(log_path, "wb") as log:
         proc = group.add(
             subprocess.Popen(

@@ -57,6 +57,9 @@ from _procs import (
     free_port,
     install_signal_handlers,
     launch_mock,
+    repo_env,
+    serve_command,
+    taskset,
     tree_pids,
     usable_cpus,
     wait_http_ok,
@@ -188,26 +191,16 @@ def count(
         config = write_gandalf_config(
             tmpdir, port, mock.port, "g", access_log=args.access_log == "on", governance=governance
         )
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+        env = repo_env(repo)
         out = tmpdir / "cg"
         out.mkdir()
         cmd = [
-            *(["taskset", "-c", server_cpus] if server_cpus else []),
+            *taskset(server_cpus),
             "valgrind",
             "--tool=callgrind",
             "--trace-children=yes",
             f"--callgrind-out-file={out}/cg.%p",
-            sys.executable,
-            "-m",
-            "gandalf",
-            "serve",
-            "--config",
-            str(config),
-            "--workers",
-            "1",
-            "--interface",
-            args.interface,
+            *serve_command(config, 1, args.interface),
         ]
         log_path = tmpdir / "server.log"
         with open(log_path, "wb") as log:
