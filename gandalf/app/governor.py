@@ -223,9 +223,9 @@ class LocalGovernor:
             if grant is None or grant.headers is not headers:  # they changed
                 grant = plan.grant = Grant(headers, plan, 0, 0.0, False)
             return grant
+        tokens = len(body) // 4  # the prompt, as pipeline.estimate() counts it
         alone = plan.alone
         if alone is not None:  # _take for one TPM bucket
-            tokens = len(body) // 4
             if max_output:
                 tokens += max_output
             need = tokens + 0.0
@@ -240,8 +240,7 @@ class LocalGovernor:
             if full and alone.fresh_need == need:
                 return Grant(alone.fresh, plan, tokens, 0.0, True)
             return Grant(alone.after(tat, now, need), plan, tokens, 0.0, True)
-        # pipeline.estimate(), written out (a call saved).
-        tokens = len(body) // 4
+        # The rest of pipeline.estimate(), written out (a call saved).
         budget = plan.budget
         if budget is not None:  # _take for one budget
             if max_output:

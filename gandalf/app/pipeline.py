@@ -199,8 +199,13 @@ class Pipeline:
         governor = self._governor
         if governor is None:
             return None
-        price = self._price if identity.budgeted else None
-        return governor.admit(identity.scopes, estimate(entry, body, max_output, price))
+        return governor.admit(identity.scopes, self._estimate(identity, entry, body, max_output))
+
+    def _estimate(
+        self, identity: Identity, entry: RouteEntry, body: bytes, max_output: int | None
+    ) -> Estimate:
+        """:func:`estimate`, priced only when a level of ``identity`` sets a budget."""
+        return estimate(entry, body, max_output, self._price if identity.budgeted else None)
 
     async def govern_shared(
         self, identity: Identity, entry: RouteEntry, body: bytes, max_output: int | None
@@ -210,8 +215,8 @@ class Pipeline:
         shared = self._shared
         if not identity.scopes or shared is None:
             return None
-        price = self._price if identity.budgeted else None
-        return await shared.admit_shared(identity.scopes, estimate(entry, body, max_output, price))
+        estimated = self._estimate(identity, entry, body, max_output)
+        return await shared.admit_shared(identity.scopes, estimated)
 
     def admit(
         self,
