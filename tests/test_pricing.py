@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 
@@ -30,6 +33,7 @@ from gandalf.app.pricing import (
     library_in_subprocess,
     library_rates,
 )
+from gandalf.app.router import RouteEntry
 from gandalf.config import DatabaseConfig, GandalfConfig, KeyEntry, ServerConfig, parse_config
 from gandalf.domain import ModelPrice, ProviderConfig, Route, Target, Usage
 from gandalf.errors import ConfigError
@@ -249,9 +253,8 @@ def test_cost_and_worst_case_of_a_route() -> None:
     assert pricing.cost("oa", "gpt-4o", usage) == pytest.approx((600 * 2 + 400 * 0.5 + 800) / 1e6)
     assert pricing.cost("oa", "other", usage) is None and pricing.cost(None, None, usage) is None
 
-    def entry(*pairs: tuple[str, str]) -> Any:
-        slots = [SimpleNamespace(name=p, target=Target(provider=p, model=m)) for p, m in pairs]
-        return SimpleNamespace(slots=slots)
+    def entry(*pairs: tuple[str, str]) -> RouteEntry:
+        return route_entry(pairs)
 
     both = entry(("oa", "gpt-4o"), ("ob", "big"))
     assert pricing.worst_case(both, 100, 10) == pytest.approx((100 * 10 + 10 * 30) / 1e6)
@@ -259,6 +262,55 @@ def test_cost_and_worst_case_of_a_route() -> None:
         (100 * 2 + 10 * 8) / 1e6
     )
     assert pricing.worst_case(entry(("x", "y")), 100, 10) is None
+
+
+def route_entry(pairs: Sequence[tuple[str, str]]) -> RouteEntry:
+    """A route over (provider name, model) targets (only what pricing reads)."""
+    slots: Any = tuple(
+        SimpleNamespace(name=p, target=Target(provider=p, model=m)) for p, m in pairs
+    )
+    return RouteEntry("a", (), None, slots=slots)
+
+
+def test_worst_case_agrees_with_every_target_priced_each_time() -> None:
+    """worst_case() keeps a route's dominant rates on the entry; whatever the
+    route (dominant target or crossing prices, tiers, unpriced targets), it
+    returns exactly the largest cost_of over its priced targets, on the first
+    call and the later ones."""
+    rng = random.Random(7)
+    for _ in range(300):
+        table: dict[tuple[str, str], Rates] = {}
+        pairs = []
+        for i in range(rng.randint(1, 4)):
+            name = f"p{i}"
+            pairs.append((name, "m"))
+            if rng.random() < 0.2:
+                continue  # unpriced
+            base = rates(rng.choice((0.1, 1.0, 2.5, 3.0)), rng.choice((0.4, 5.0, 10.0)), 0.1, 1.0)
+            if rng.random() < 0.15:
+                high = rates(base.input * 2e6, base.output * 2e6, 0.1, 1.0)
+                base = msgspec.structs.replace(base, tiers=((1000, high),))
+            table[(name, "m")] = base
+        pricing = Pricing(table)
+        entry = route_entry(pairs)
+        for _ in range(5):
+            tokens_in, tokens_out = rng.randint(0, 5000), rng.randint(0, 5000)
+            costs = [table[p].cost_of(tokens_in, tokens_out, 0, 0, 0) for p in pairs if p in table]
+            assert pricing.worst_case(entry, tokens_in, tokens_out) == (
+                max(costs) if costs else None
+            )
+
+
+def test_worst_case_follows_adopted_prices() -> None:
+    """A route's kept rates are those of the prices in force: after adopt()
+    (a route added at run time) the same entry is priced anew."""
+    pricing = Pricing({("oa", "gpt-4o"): rates(2.0, 8.0, 0.5, 2.0)})
+    entry = route_entry([("oa", "gpt-4o")])
+    assert pricing.worst_case(entry, 100, 10) == pytest.approx((100 * 2 + 10 * 8) / 1e6)
+    pricing.adopt(Pricing({("oa", "gpt-4o"): rates(4.0, 16.0, 0.5, 2.0)}))
+    assert pricing.worst_case(entry, 100, 10) == pytest.approx((100 * 4 + 10 * 16) / 1e6)
+    pricing.adopt(Pricing({}))
+    assert pricing.worst_case(entry, 100, 10) is None
 
 
 def test_the_gateway_never_imports_the_library() -> None:

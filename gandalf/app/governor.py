@@ -383,6 +383,12 @@ class LocalGovernor:
             return
         grant.open = False
         plan = grant.plan
+        budget = plan.budget
+        if budget is not None:  # one budget, nothing else: the spends loop below, for it
+            spent = usd or 0.0
+            budget.room += grant.usd - spent
+            budget.paid += spent
+            return
         delta = tokens - grant.tokens
         alone = plan.alone
         if alone is not None:  # one TPM bucket, nothing else: the loops below, for it

@@ -161,21 +161,45 @@ class Pricing:
         """The most a call of ``tokens_in`` prompt and ``tokens_out`` output
         tokens may cost on ``entry`` (any target may serve it, failover
         included): the dearest priced target; None when none is priced. Only
-        requests from callers with limits or budgets ask (the pipeline's
-        ``price`` hook)."""
-        worst: float | None = None
-        prices = self._rates
+        requests from callers with budgets ask (the pipeline's ``price``
+        hook), so the route's rates are looked up once and kept on the entry
+        (``RouteEntry.priced``, for these rates: :meth:`adopt` replaces
+        them)."""
+        memo = entry.priced
+        if memo is None or memo[0] is not self._rates:
+            memo = entry.priced = self._dominant(entry)
+        rate_in = memo[1]
+        if rate_in is not None:
+            return tokens_in * rate_in + tokens_out * memo[2]
+        return self._dearest(entry, tokens_in, tokens_out)
+
+    def _dominant(self, entry: RouteEntry) -> tuple[object, float | None, float]:
+        """``entry``'s memo for :meth:`worst_case`: (these rates, input,
+        output) when one untiered priced target is at least as dear as every
+        other on both rates (its cost is then the largest whatever the
+        counts: floating-point rounding keeps the order), else (these rates,
+        None, 0.0): no such target (tiers, crossing prices, or none priced),
+        the dearest found per request."""
+        found: list[Rates] = []
         for slot in entry.slots:
-            models = prices.get(slot.name)
-            rates = None if models is None else models.get(slot.target.model)
+            rates = self.rates(slot.name, slot.target.model)
             if rates is not None:
-                # cost_of(tokens_in, tokens_out, 0, 0, 0) written out when
-                # untiered (the same sum: the zero terms add nothing).
-                usd = (
-                    rates.cost_of(tokens_in, tokens_out, 0, 0, 0)
-                    if rates.tiers
-                    else tokens_in * rates.input + tokens_out * rates.output
-                )
+                if rates.tiers:
+                    return (self._rates, None, 0.0)
+                found.append(rates)
+        for top in found:
+            if all(top.input >= r.input and top.output >= r.output for r in found):
+                return (self._rates, top.input, top.output)
+        return (self._rates, None, 0.0)
+
+    def _dearest(self, entry: RouteEntry, tokens_in: int, tokens_out: int) -> float | None:
+        """:meth:`worst_case` with no dominant target: every priced target's
+        cost of the counts, the largest."""
+        worst: float | None = None
+        for slot in entry.slots:
+            rates = self.rates(slot.name, slot.target.model)
+            if rates is not None:
+                usd = rates.cost_of(tokens_in, tokens_out, 0, 0, 0)
                 if worst is None or usd > worst:
                     worst = usd
         return worst

@@ -74,6 +74,7 @@ class RouteEntry:
         "fast",
         "max_attempts",
         "order",
+        "priced",
         "slots",
         "strategy",
         "targets",
@@ -102,6 +103,8 @@ class RouteEntry:
         self.unavailable = unavailable
         self.slots = slots
         self.tiers = tiers_of(slots)
+        # Pricing.worst_case's memo of this route's rates (app/pricing.py).
+        self.priced: tuple[object, float | None, float] | None = None
         # Config validates these; a route stored by other means falls back to safe values.
         strategy = strategy if strategy in STRATEGIES else "priority"
         self.strategy = strategy
