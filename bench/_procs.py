@@ -267,8 +267,11 @@ def wait_port(server: Server, timeout: float) -> None:
 # -- starting things -----------------------------------------------------------------------
 
 
-def launch_mock(group: ProcGroup, *, chunks: int, cpus: str | None) -> Server:
-    proc, port = start_mock(0, chunks=chunks, cpus=cpus)
+def launch_mock(
+    group: ProcGroup, *, chunks: int, cpus: str | None, openai_headers: bool = False
+) -> Server:
+    """The mock upstream (``openai_headers``: its chat answers carry OpenAI's headers)."""
+    proc, port = start_mock(0, chunks=chunks, cpus=cpus, openai_headers=openai_headers)
     group.add(proc)
     server = Server("mock", proc, port)
     wait_port(server, 10.0)

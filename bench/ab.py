@@ -101,6 +101,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "postgresql://host/db; the base keeps SQLite unless --base-dsn says otherwise",
     )
     parser.add_argument("--base-dsn", help="the base's database.dsn (default: SQLite)")
+    parser.add_argument(
+        "--upstream-headers",
+        choices=("none", "openai"),
+        default="none",
+        help="openai: the mock's chat answers carry OpenAI's own headers (its x-ratelimit-*, "
+        "x-request-id, openai-*), relayed by the gateway, as in production (default none)",
+    )
     return parser.parse_args(argv)
 
 
@@ -153,7 +160,9 @@ def compare(
     }
     cpu_ms: dict[str, list[float]] = {label: [] for label in results}
     with ProcGroup() as group:
-        mock = launch_mock(group, chunks=20, cpus=client_cpus)
+        mock = launch_mock(
+            group, chunks=20, cpus=client_cpus, openai_headers=args.upstream_headers == "openai"
+        )
         versions = ((next(iter(results)), REPO_DIR), (list(results)[1], base_dir))
         for round_no in range(args.rounds):
             for label, repo in versions if round_no % 2 == 0 else versions[::-1]:
@@ -202,7 +211,8 @@ def compare(
     a, b = (statistics.median(v) for v in results.values())
     print()
     print(
-        f"| {args.mode} c={args.connections} {args.interface} | median req/s "
+        f"| {args.mode} c={args.connections} {args.interface}, upstream headers "
+        f"{args.upstream_headers} | median req/s "
         "| median CPU ms/req | rounds (req/s) |"
     )
     print("|---|---|---|---|")

@@ -13,6 +13,11 @@ Endpoints:
   ``dimensions`` and ``encoding_format: base64``.
 - ``GET /v1/models``: an OpenAI list of a few model ids.
 
+With ``--openai-headers`` chat answers also carry the headers OpenAI's own answers do
+(``openai-organization``, ``openai-processing-ms``, ``openai-version``, ``x-request-id`` and
+the six ``x-ratelimit-*``), which the gateway relays: a load closer to production than the
+default's lone ``content-type`` (the gateway's own ``x-ratelimit-*`` replace the upstream's).
+
 Run: ``python bench/mock_upstream.py --port 0`` prints exactly one stdout line,
 ``mock_upstream listening on http://127.0.0.1:PORT``, once the socket is bound.
 Other scripts use :func:`start_mock` to run it as a subprocess.
@@ -46,6 +51,19 @@ _JSON_HEADERS = [("content-type", "application/json")]
 _SSE_HEADERS = [
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache"),
+]
+# What OpenAI's answers carry besides content-type (values fixed: the gateway relays them).
+_OPENAI_HEADERS = [
+    ("openai-organization", "org-mock"),
+    ("openai-processing-ms", "212"),
+    ("openai-version", "2020-10-01"),
+    ("x-ratelimit-limit-requests", "10000"),
+    ("x-ratelimit-limit-tokens", "30000000"),
+    ("x-ratelimit-remaining-requests", "9999"),
+    ("x-ratelimit-remaining-tokens", "29999975"),
+    ("x-ratelimit-reset-requests", "6ms"),
+    ("x-ratelimit-reset-tokens", "0s"),
+    ("x-request-id", "req_0123456789abcdef0123456789abcdef"),
 ]
 _DONE = b"data: [DONE]\n\n"
 _REPLY_WORDS = (
@@ -101,12 +119,21 @@ class MockApp:
         "chunk_delay",
         "chunks",
         "created",
+        "json_headers",
         "latency",
+        "sse_headers",
     )
 
     def __init__(
-        self, chunks: int = 20, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0
+        self,
+        chunks: int = 20,
+        latency_ms: float = 0.0,
+        chunk_delay_ms: float = 0.0,
+        openai_headers: bool = False,
     ) -> None:
+        extra = _OPENAI_HEADERS if openai_headers else []
+        self.json_headers = [*_JSON_HEADERS, *extra]  # chat answers
+        self.sse_headers = [*_SSE_HEADERS, *extra]
         self.chunks = chunks
         self.latency = latency_ms / 1000.0
         self.chunk_delay = chunk_delay_ms / 1000.0
@@ -239,12 +266,12 @@ class MockApp:
         if self.latency:
             await asyncio.sleep(self.latency)
         if req.get("stream") is not True:
-            proto.response_bytes(200, _JSON_HEADERS, self.plain_body(model, prompt_tokens))
+            proto.response_bytes(200, self.json_headers, self.plain_body(model, prompt_tokens))
             return
         opts = req.get("stream_options")
         include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         events = self.stream_events(model, include_usage, prompt_tokens)
-        transport = proto.response_stream(200, _SSE_HEADERS)
+        transport = proto.response_stream(200, self.sse_headers)
         delay = self.chunk_delay
         last = len(events) - 1
         for i, event in enumerate(events):
@@ -329,10 +356,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--chunk-delay-ms", type=float, default=0.0, help="delay between stream chunks"
     )
+    parser.add_argument(
+        "--openai-headers",
+        action="store_true",
+        help="chat answers carry OpenAI's own headers (x-ratelimit-*, x-request-id, openai-*)",
+    )
     args = parser.parse_args(argv)
     port = args.port or free_port(args.host)
     app = MockApp(
-        chunks=args.chunks, latency_ms=args.latency_ms, chunk_delay_ms=args.chunk_delay_ms
+        chunks=args.chunks,
+        latency_ms=args.latency_ms,
+        chunk_delay_ms=args.chunk_delay_ms,
+        openai_headers=args.openai_headers,
     )
     try:
         import uvloop
@@ -375,9 +410,11 @@ def start_mock(
     chunk_delay_ms: float = 0.0,
     cpus: str | None = None,
     timeout: float = 15.0,
+    openai_headers: bool = False,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start the mock as a subprocess in its own session; return ``(process, port)``.
 
+    ``openai_headers``: chat answers carry OpenAI's headers (``--openai-headers``).
     ``cpus`` (e.g. ``"1"``) pins it with ``taskset -c``. The caller stops it with
     ``proc.terminate()`` (or ``os.killpg(proc.pid, ...)``: it leads its process group).
     Its stderr goes to an anonymous temp file, quoted in the error if it fails to start.
@@ -395,6 +432,7 @@ def start_mock(
         str(latency_ms),
         "--chunk-delay-ms",
         str(chunk_delay_ms),
+        *(["--openai-headers"] if openai_headers else []),
     ]
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]

@@ -101,6 +101,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", help="also count this git revision (in a worktree)")
     parser.add_argument("--interface", choices=("asgi", "rsgi"), default="asgi")
     parser.add_argument("--access-log", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--upstream-headers",
+        choices=("none", "openai"),
+        default="none",
+        help="openai: the mock's chat answers carry OpenAI's own headers (its x-ratelimit-*, "
+        "x-request-id, openai-*), relayed by the gateway, as in production (default none)",
+    )
     return parser.parse_args(argv)
 
 
@@ -186,7 +193,9 @@ def count(
     with tempfile.TemporaryDirectory(prefix="gandalf-scg-") as tmp, ProcGroup() as group:
         tmpdir = Path(tmp)
         client_cpus = "1" if server_cpus else None
-        mock = launch_mock(group, chunks=20, cpus=client_cpus)
+        mock = launch_mock(
+            group, chunks=20, cpus=client_cpus, openai_headers=args.upstream_headers == "openai"
+        )
         port = free_port()
         config = write_gandalf_config(
             tmpdir, port, mock.port, "g", access_log=args.access_log == "on", governance=governance
@@ -268,7 +277,8 @@ def _report(
     print(
         f"instructions per served chat request, {args.requests} requests at "
         f"c{args.connections} after "
-        f"{args.warmup}, {args.interface}, access log {args.access_log}"
+        f"{args.warmup}, {args.interface}, access log {args.access_log}, "
+        f"upstream headers {args.upstream_headers}"
     )
     for label, repo in revisions:
         reference: tuple[float, Counter[str]] | None = None

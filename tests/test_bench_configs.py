@@ -79,3 +79,41 @@ def test_served_callgrind_counts_self_costs_per_object(tmp_path: Path) -> None:
     assert totals(path) == 838
     # The call's inclusive 9000 is the callee's, counted where it is spent.
     assert by_object(path) == {"python": 527, "granian": 300, "other": 11}
+
+
+@pytest.mark.parametrize("openai_headers", [False, True])
+def test_the_mock_sends_openais_headers_when_asked(openai_headers: bool) -> None:
+    """``--upstream-headers openai`` (ab.py, served_cg.py): the mock's chat
+    answers, plain and streamed, carry OpenAI's own headers, which the gateway
+    relays (its x-ratelimit-* then replace the upstream's); by default only
+    content-type, as before."""
+    import httpx
+    from mock_upstream import start_mock
+
+    proc, port = start_mock(0, chunks=2, openai_headers=openai_headers)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(timeout=10.0) as client:
+            plain = client.post(url, json=body)
+            streamed = client.post(url, json={**body, "stream": True})
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    for answer in (plain, streamed):
+        assert answer.status_code == 200
+        names = {name for name in answer.headers if name.startswith(("x-", "openai-"))}
+        expected = {
+            "openai-organization",
+            "openai-processing-ms",
+            "openai-version",
+            "x-request-id",
+            *(
+                f"x-ratelimit-{w}-{u}"
+                for w in ("limit", "remaining", "reset")
+                for u in ("requests", "tokens")
+            ),
+        }
+        assert names == (expected if openai_headers else set())
