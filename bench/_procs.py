@@ -8,6 +8,7 @@ process and all its descendants (granian workers are child processes), and VmHWM
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import os
@@ -265,6 +266,17 @@ def wait_port(server: Server, timeout: float) -> None:
 
 
 # -- starting things -----------------------------------------------------------------------
+
+
+def add_upstream_headers(parser: argparse.ArgumentParser) -> None:
+    """``--upstream-headers none|openai`` (what :func:`launch_mock` is given)."""
+    parser.add_argument(
+        "--upstream-headers",
+        choices=("none", "openai"),
+        default="none",
+        help="openai: the mock's chat answers carry OpenAI's own headers (its x-ratelimit-*, "
+        "x-request-id, openai-*), relayed by the gateway, as in production (default none)",
+    )
 
 
 def launch_mock(

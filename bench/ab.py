@@ -33,6 +33,7 @@ from _procs import (
     REPO_DIR,
     STREAM_BODY,
     ProcGroup,
+    add_upstream_headers,
     chat_headers,
     cpu_seconds,
     install_signal_handlers,
@@ -101,13 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "postgresql://host/db; the base keeps SQLite unless --base-dsn says otherwise",
     )
     parser.add_argument("--base-dsn", help="the base's database.dsn (default: SQLite)")
-    parser.add_argument(
-        "--upstream-headers",
-        choices=("none", "openai"),
-        default="none",
-        help="openai: the mock's chat answers carry OpenAI's own headers (its x-ratelimit-*, "
-        "x-request-id, openai-*), relayed by the gateway, as in production (default none)",
-    )
+    add_upstream_headers(parser)
     return parser.parse_args(argv)
 
 

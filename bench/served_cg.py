@@ -54,6 +54,7 @@ from _procs import (
     REPO_DIR,
     ProcGroup,
     Server,
+    add_upstream_headers,
     free_port,
     install_signal_handlers,
     launch_mock,
@@ -101,13 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", help="also count this git revision (in a worktree)")
     parser.add_argument("--interface", choices=("asgi", "rsgi"), default="asgi")
     parser.add_argument("--access-log", choices=("on", "off"), default="on")
-    parser.add_argument(
-        "--upstream-headers",
-        choices=("none", "openai"),
-        default="none",
-        help="openai: the mock's chat answers carry OpenAI's own headers (its x-ratelimit-*, "
-        "x-request-id, openai-*), relayed by the gateway, as in production (default none)",
-    )
+    add_upstream_headers(parser)
     return parser.parse_args(argv)
 
 
