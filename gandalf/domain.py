@@ -765,6 +765,10 @@ class ProviderReply(msgspec.Struct, kw_only=True):
     # Upstream response headers the client may read (rate limits, processing
     # time, the upstream's request id), already named as relayed.
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    # How many of ``headers`` come before the upstream's own x-ratelimit-*,
+    # which are then last (provider/openai.py's relayed): a limited caller's
+    # answer drops them by slicing. -1: not known (dropped by name).
+    limits_at: int = -1
 
 
 class UsageRecord(msgspec.Struct, array_like=True):

@@ -425,6 +425,34 @@ def test_the_gateways_rate_limit_headers_replace_the_upstreams(
     run(scenario)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_responses_answer_carries_the_gateways_rate_limits_not_the_upstreams(
+    run: Callable[[Scenario], None], stream: bool
+) -> None:
+    """The same on the Responses API (relayed to the upstream's /v1/responses):
+    the limited caller reads the gateway's x-ratelimit-* once, the upstream's
+    are dropped and its other headers relayed."""
+
+    async def scenario(app: GandalfApp, http: httpx.AsyncClient) -> None:
+        async with openai_client(http, key=GOVERNED, max_retries=0) as client:
+            raw = await client.responses.with_raw_response.create(
+                model="gpt-headers", input="hi", stream=stream
+            )
+            if stream:
+                parsed: Any = raw.parse()
+                async for _ in parsed:
+                    pass
+        headers = raw.headers
+        assert raw.http_response.status_code == 200
+        assert headers.get_list("x-ratelimit-limit-requests") == ["100"]
+        assert headers.get_list("x-ratelimit-remaining-requests") == ["99"]
+        assert "x-ratelimit-reset-tokens" not in headers  # the upstream's, dropped
+        assert headers.get("openai-processing-ms") == "42"  # the rest still relayed
+        assert headers.get("x-upstream-request-id") == "req_upstream_123"
+
+    run(scenario)
+
+
 # ---------------------------------------------------------------------------- json_schema streams
 
 SCHEMA: Any = {

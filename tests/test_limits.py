@@ -8,6 +8,7 @@ own work. Driven in process through the ASGI app.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -238,3 +239,36 @@ def test_relayed_rate_limit_headers_give_way_to_the_gateways() -> None:
         (b"x-ratelimit-limit-requests", b"5"),
     )
     assert relay_with_limits(upstream, []) == upstream  # no limits: relayed as is
+
+
+def test_the_upstreams_rate_limit_headers_come_last_and_are_cut_by_position() -> None:
+    """provider/openai.py's relayed() puts the upstream's x-ratelimit-* last
+    and says where they start; cutting there (a limited caller's answer)
+    gives exactly what dropping them by name gives, for any mix and spelling
+    of names, and the headers relayed are relayed_headers'."""
+    from gandalf.provider.openai import relayed, relayed_headers
+    from gandalf.server.wire import relay_with_limits
+
+    names = [
+        b"X-RateLimit-Limit-Requests",
+        b"x-ratelimit-remaining-tokens",
+        b"x-ratelimit-reset-requests",
+        b"openai-processing-ms",
+        b"OpenAI-Version",
+        b"x-request-id",
+        b"X-Request-ID",
+        b"content-type",
+        b"date",
+        b"openai-organization",
+        b"x-other",
+    ]
+    ours = [(b"x-ratelimit-limit-requests", b"5"), (b"x-ratelimit-remaining-requests", b"4")]
+    rng = random.Random(3)
+    for _ in range(500):
+        raw = tuple((rng.choice(names), b"%d" % i) for i in range(rng.randint(0, 12)))
+        headers, at = relayed(raw)
+        assert headers == relayed_headers(raw)
+        assert all(not n.startswith(b"x-ratelimit-") for n, _ in headers[:at])
+        assert all(n.startswith(b"x-ratelimit-") for n, _ in headers[at:])
+        assert relay_with_limits(headers, ours, at) == relay_with_limits(headers, ours)
+        assert relay_with_limits(headers, [], at) == headers

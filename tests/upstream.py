@@ -445,9 +445,12 @@ class MockUpstream(BackgroundServer):
             status = int(model.split("-", 1)[1])
             return web.json_response(_error_body(status), status=status)
         response = mock_responses.answer(payload, len(self.received))
+        extra = UPSTREAM_HEADERS if model == "with-headers" else {}
         if payload.get("stream") is not True:
-            return web.json_response(response)
-        resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream"})
+            return web.json_response(response, headers=extra)
+        resp = web.StreamResponse(
+            status=200, headers={"content-type": "text/event-stream", **extra}
+        )
         await resp.prepare(request)
         for event in mock_responses.events(response):
             await resp.write(event)

@@ -131,6 +131,7 @@ class RecordedStream:
         "_stream",
         "_ticket",
         "headers",
+        "limits_at",
     )
 
     def __init__(
@@ -161,6 +162,7 @@ class RecordedStream:
         self._ticket = ticket
         self._monotonic = monotonic
         self.headers: tuple[tuple[bytes, bytes], ...] = getattr(stream, "headers", ())
+        self.limits_at: int = getattr(stream, "limits_at", -1)  # see ProviderReply
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -229,11 +231,12 @@ class ReplayStream:
     """A streamed request answered from the response cache: the cached answer's
     SSE events, in one chunk. Accounted for when it was made (Pipeline.hit)."""
 
-    __slots__ = ("_events", "headers")
+    __slots__ = ("_events", "headers", "limits_at")
 
     def __init__(self, events: bytes) -> None:
         self._events = events
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.limits_at = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         yield self._events

@@ -178,19 +178,24 @@ async def _create(slot: Slot, job: _Job) -> ProviderReply:
     reply = await slot.provider.chat(job.chat(slot))
     response = from_completion(job.request, job.response_id, reply.body, reply.usage)
     return ProviderReply(
-        body=encode(response), usage=reply.usage, status=reply.status, headers=reply.headers
+        body=encode(response),
+        usage=reply.usage,
+        status=reply.status,
+        headers=reply.headers,
+        limits_at=reply.limits_at,
     )
 
 
 class _Translated:
     """A chat stream's events turned into the Responses API's (EventWriter)."""
 
-    __slots__ = ("_stream", "_writer", "headers", "response")
+    __slots__ = ("_stream", "_writer", "headers", "limits_at", "response")
 
     def __init__(self, stream: ChatStream, writer: EventWriter) -> None:
         self._stream = stream
         self._writer = writer
         self.headers: tuple[tuple[bytes, bytes], ...] = getattr(stream, "headers", ())
+        self.limits_at: int = getattr(stream, "limits_at", -1)  # see ProviderReply
         self.response: bytes | None = None
 
     @property
@@ -231,7 +236,7 @@ class ResponsesStream:
     """An opened Responses stream, accounted for once when the server closes
     it (as app/proxy.py's RecordedStream), and stored when it completed."""
 
-    __slots__ = ("_done", "_facts", "_owner", "_stream", "headers")
+    __slots__ = ("_done", "_facts", "_owner", "_stream", "headers", "limits_at")
 
     def __init__(
         self,
@@ -244,6 +249,7 @@ class ResponsesStream:
         self._facts = facts
         self._done = False
         self.headers: tuple[tuple[bytes, bytes], ...] = getattr(stream, "headers", ())
+        self.limits_at: int = getattr(stream, "limits_at", -1)  # see ProviderReply
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._stream.__aiter__()

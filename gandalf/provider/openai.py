@@ -114,8 +114,18 @@ _FIRST_BYTES = frozenset(b"oOxX")  # the first byte of every relayed name, eithe
 
 def relayed_headers(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
     """The headers of an upstream answer (aiohttp's ``raw_headers``) that the
-    client gets too (:data:`_RELAYED_HEADERS`, ``x-ratelimit-*``), as relayed."""
+    client gets too (:data:`_RELAYED_HEADERS`, ``x-ratelimit-*``), as relayed
+    (:func:`relayed`'s headers)."""
+    return relayed(raw)[0]
+
+
+def relayed(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[tuple[bytes, bytes], ...], int]:
+    """:func:`relayed_headers`, the upstream's ``x-ratelimit-*`` last, and how
+    many come before them: a limited caller's answer swaps them for the
+    gateway's own by slicing (``ProviderReply.limits_at``), with no look at
+    the names per request (server/wire.py's relay_with_limits)."""
     out: list[tuple[bytes, bytes]] | None = None
+    limits: list[tuple[bytes, bytes]] | None = None
     get = _RELAYED_HEADERS.get
     first = _FIRST_BYTES
     for name, value in raw:
@@ -124,13 +134,19 @@ def relayed_headers(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, 
         lower = name.lower()
         renamed = get(lower)
         if renamed is None:
-            if not lower.startswith(_RATELIMIT):
-                continue
-            renamed = lower
+            if lower.startswith(_RATELIMIT):
+                if limits is None:
+                    limits = []
+                limits.append((lower, value))
+            continue
         if out is None:
             out = []
         out.append((renamed, value))
-    return () if out is None else tuple(out)
+    if limits is None:
+        return ((), 0) if out is None else (tuple(out), len(out))
+    if out is None:
+        return tuple(limits), 0
+    return (*out, *limits), len(out)
 
 
 def replace_model(body: bytes, model: str) -> bytes:
@@ -150,7 +166,7 @@ def extract_usage(body: bytes) -> Usage | None:
 class OpenAIChatStream:
     """An accepted upstream stream, relayed event by event (see provider/sse.py)."""
 
-    __slots__ = ("_errors", "_name", "_relay", "_resp", "headers")
+    __slots__ = ("_errors", "_name", "_relay", "_resp", "headers", "limits_at")
 
     def __init__(
         self,
@@ -163,7 +179,8 @@ class OpenAIChatStream:
         self._relay = relay
         self._errors = errors
         self._name = name
-        self.headers = relayed_headers(resp.raw_headers)  # relayed to the client
+        # Relayed to the client (limits_at: see ProviderReply).
+        self.headers, self.limits_at = relayed(resp.raw_headers)
 
     @property
     def usage(self) -> Usage | None:
@@ -314,8 +331,9 @@ class OpenAIProvider(transport.UpstreamClient):
             raise UpstreamError(
                 f"Upstream provider '{self.name}' returned a response that is not a JSON object."
             )
+        headers, limits_at = relayed(raw_headers)
         return ProviderReply(
-            body=data, usage=usage, status=status, headers=relayed_headers(raw_headers)
+            body=data, usage=usage, status=status, headers=headers, limits_at=limits_at
         )
 
     async def stream(self, call: ChatCall, url: str | None = None) -> OpenAIChatStream:
@@ -404,7 +422,17 @@ class ResponsesRelayStream:
     (:attr:`response`, raw JSON) the gateway stores. The upstream closing
     before a terminal event is an UpstreamError."""
 
-    __slots__ = ("_errors", "_name", "_parser", "_resp", "events", "headers", "response", "usage")
+    __slots__ = (
+        "_errors",
+        "_name",
+        "_parser",
+        "_resp",
+        "events",
+        "headers",
+        "limits_at",
+        "response",
+        "usage",
+    )
 
     def __init__(
         self, resp: aiohttp.ClientResponse, errors: transport.UpstreamErrors, name: str
@@ -413,7 +441,7 @@ class ResponsesRelayStream:
         self._errors = errors
         self._name = name
         self._parser = EventParser()
-        self.headers = relayed_headers(resp.raw_headers)
+        self.headers, self.limits_at = relayed(resp.raw_headers)
         self.usage: Usage | None = None
         self.response: bytes | None = None  # the terminal event's Response
         self.events = 0

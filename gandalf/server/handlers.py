@@ -234,7 +234,8 @@ def _served(served: ServedHeaders, outcome: Outcome[ProviderReply]) -> Response:
         headers = served.build(outcome.slot.name, attempts)
     if outcome.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
         if reply.headers:
-            headers = (*headers, *relay_with_limits(reply.headers, outcome.headers))
+            limits = relay_with_limits(reply.headers, outcome.headers, reply.limits_at)
+            headers = (*headers, *limits)
         else:
             headers = (*headers, *outcome.headers)
     elif reply.headers:  # the upstream's rate limits and request id (openai.py)
@@ -337,7 +338,8 @@ class Api:
             stream = opened.value
             headers = self._sse_served.of(opened.slot.name, opened.attempts)
             if opened.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
-                headers = (*headers, *relay_with_limits(stream.headers, opened.headers))
+                limits = relay_with_limits(stream.headers, opened.headers, stream.limits_at)
+                headers = (*headers, *limits)
             elif stream.headers:  # the upstream's rate limits and request id (openai.py)
                 headers = (*headers, *stream.headers)
             return Response(200, headers=headers, stream=stream, watch=watch)

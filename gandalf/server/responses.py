@@ -82,7 +82,8 @@ class ResponsesApi:
             stream = opened.value
             headers = self._sse_served.of(opened.slot.name, opened.attempts)
             if opened.headers:
-                headers = (*headers, *relay_with_limits(stream.headers, opened.headers))
+                limits = relay_with_limits(stream.headers, opened.headers, stream.limits_at)
+                headers = (*headers, *limits)
             elif stream.headers:
                 headers = (*headers, *stream.headers)
             return Response(
@@ -98,7 +99,8 @@ class ResponsesApi:
         reply = outcome.value
         headers = self._json_served.of(outcome.slot.name, outcome.attempts)
         if outcome.headers:
-            headers = (*headers, *relay_with_limits(reply.headers, outcome.headers))
+            limits = relay_with_limits(reply.headers, outcome.headers, reply.limits_at)
+            headers = (*headers, *limits)
         elif reply.headers:
             headers = (*headers, *reply.headers)
         return Response(200, reply.body, headers)

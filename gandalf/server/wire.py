@@ -439,13 +439,19 @@ _RATELIMIT = b"x-ratelimit-"
 
 
 def relay_with_limits(
-    upstream: Sequence[tuple[bytes, bytes]], limits: Sequence[tuple[bytes, bytes]]
+    upstream: Sequence[tuple[bytes, bytes]],
+    limits: Sequence[tuple[bytes, bytes]],
+    limits_at: int = -1,
 ) -> Headers:
     """The upstream's relayed headers, then the gateway's ``x-ratelimit-*``
     (the governor's, for a caller it limits). The upstream's own
     ``x-ratelimit-*`` describe the gateway's account with the provider, not
     the caller's: they are dropped when the gateway sends its own, so a
-    client never reads two values for one header."""
+    client never reads two values for one header. ``limits_at`` (0 or more):
+    the upstream's are the headers from there on (``ProviderReply.limits_at``),
+    cut off with a slice; -1: found by name."""
     if not limits:
         return tuple(upstream)
+    if limits_at >= 0:
+        return (*upstream[:limits_at], *limits)
     return (*(h for h in upstream if h[0][:12].lower() != _RATELIMIT), *limits)
