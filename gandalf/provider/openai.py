@@ -110,6 +110,7 @@ _RELAYED_HEADERS: dict[bytes, bytes] = {
 }
 _RATELIMIT = b"x-ratelimit-"
 _FIRST_BYTES = frozenset(b"oOxX")  # the first byte of every relayed name, either case
+_NOTHING_RELAYED: tuple[tuple[tuple[bytes, bytes], ...], int] = ((), 0)
 
 
 def relayed_headers(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
@@ -133,20 +134,20 @@ def relayed(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[tuple[bytes, by
             continue
         lower = name.lower()
         renamed = get(lower)
-        if renamed is None:
-            if lower.startswith(_RATELIMIT):
-                if limits is None:
-                    limits = []
-                limits.append((lower, value))
-            continue
-        if out is None:
-            out = []
-        out.append((renamed, value))
-    if limits is None:
-        return ((), 0) if out is None else (tuple(out), len(out))
+        if renamed is not None:
+            if out is None:
+                out = []
+            out.append((renamed, value))
+        elif lower.startswith(_RATELIMIT):
+            if limits is None:
+                limits = []
+            limits.append((lower, value))
     if out is None:
-        return tuple(limits), 0
-    return (*out, *limits), len(out)
+        return _NOTHING_RELAYED if limits is None else (tuple(limits), 0)
+    at = len(out)
+    if limits is not None:
+        out += limits  # one list, one tuple: no more than relaying them unsorted
+    return tuple(out), at
 
 
 def replace_model(body: bytes, model: str) -> bytes:
