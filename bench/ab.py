@@ -40,6 +40,8 @@ from _procs import (
     launch_gandalf,
     launch_mock,
     stop_process,
+    thread_delta,
+    thread_times,
     tree_pids,
     usable_cpus,
 )
@@ -153,7 +155,12 @@ def compare(
         f"metrics {args.metrics}, {db_a})": [],
         f"B ({args.base}, log {base_log}, limits {base_gov}, metrics {base_metrics}, {db_b})": [],
     }
+    # CPU per request from the scheduler's nanoseconds (the 10 ms ticks of
+    # utime/stime quantise a 4 s round to ~0.3 %), and the context switches
+    # per request: the server's threads share one core, and a switch costs
+    # CPU (and cache) that no instruction count shows.
     cpu_ms: dict[str, list[float]] = {label: [] for label in results}
+    switch_counts: dict[str, list[float]] = {label: [] for label in results}
     with ProcGroup() as group:
         mock = launch_mock(
             group, chunks=20, cpus=client_cpus, openai_headers=args.upstream_headers == "openai"
@@ -186,6 +193,7 @@ def compare(
                 )
                 pids = tree_pids(server.proc.pid)
                 cpu0 = cpu_seconds(pids)
+                times0, switches0 = thread_times(pids)
                 res = run_wrk(
                     url,
                     script,
@@ -194,13 +202,19 @@ def compare(
                     duration_s=args.duration,
                     cpus=client_cpus,
                 )
-                per_request = (cpu_seconds(pids) - cpu0) * 1000 / max(res.requests, 1)
+                ticks = cpu_seconds(pids) - cpu0
+                times1, switches1 = thread_times(pids)
+                served = max(res.requests, 1)
+                per_request = thread_delta(times0, times1) * 1000 / served
+                switches = (switches1 - switches0) / served
                 stop_process(server.proc)
                 results[label].append(res.rps)
                 cpu_ms[label].append(per_request)
+                switch_counts[label].append(switches)
                 print(
                     f"round {round_no + 1} {label}: {res.rps:,.0f} req/s, "
-                    f"{per_request:.3f} CPU ms/req",
+                    f"{per_request:.4f} CPU ms/req ({ticks * 1000 / served:.3f} in ticks), "
+                    f"{switches:.2f} context switches/req",
                     flush=True,
                 )
     a, b = (statistics.median(v) for v in results.values())
@@ -208,13 +222,17 @@ def compare(
     print(
         f"| {args.mode} c={args.connections} {args.interface}, upstream headers "
         f"{args.upstream_headers} | median req/s "
-        "| median CPU ms/req | rounds (req/s) |"
+        "| median CPU ms/req | context switches/req | rounds (req/s) |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     for label, values in results.items():
         rounds = ", ".join(f"{v:,.0f}" for v in values)
         cpu = statistics.median(cpu_ms[label])
-        print(f"| {label} | {statistics.median(values):,.0f} | {cpu:.3f} | {rounds} |")
+        switched = statistics.median(switch_counts[label])
+        print(
+            f"| {label} | {statistics.median(values):,.0f} | {cpu:.4f} | {switched:.2f} "
+            f"| {rounds} |"
+        )
     cpu_a, cpu_b = (statistics.median(v) for v in cpu_ms.values())
     spread = (
         max((max(v) - min(v)) / statistics.median(v) for v in results.values() if len(v) > 1)

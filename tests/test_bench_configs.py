@@ -5,7 +5,9 @@ an A/B of one choice against ``off`` measures that piece alone."""
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from gandalf.domain import Organization, Team
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from _procs import GOVERNANCE, write_gandalf_config
+from _procs import GOVERNANCE, thread_delta, thread_times, write_gandalf_config
 
 BUDGETED = ("on", "budgets")
 RATED = ("on", "rates")
@@ -117,3 +119,27 @@ def test_the_mock_sends_openais_headers_when_asked(openai_headers: bool) -> None
             ),
         }
         assert names == (expected if openai_headers else set())
+
+
+def test_thread_times_count_this_threads_cpu_and_switches() -> None:
+    """ab.py's CPU per request: the scheduler's nanoseconds per thread (a
+    thread of this process that burns CPU is counted, in full nanoseconds,
+    not 10 ms ticks) and the context switches."""
+    before, switches = thread_times([os.getpid()])
+    assert threading.get_native_id() in before
+    assert switches > 0  # pytest's own threads have been switched in and out by now
+    total = 0
+    for i in range(200_000):  # a bounded spin: a few ms of CPU
+        total += i * i
+    after, later = thread_times([os.getpid()])
+    spent = thread_delta(before, after)
+    assert total > 0
+    assert 0 < spent < 5  # seconds: counted, and not in ticks of 10 ms
+    assert later >= switches
+    assert thread_times([2**22 + 12345])[0] == {}  # a process that is gone counts nothing
+
+
+def test_thread_delta_counts_a_new_thread_from_zero_and_drops_a_gone_one() -> None:
+    before = {1: 1_000_000_000, 2: 500_000_000}
+    after = {1: 1_250_000_000, 3: 100_000_000}  # 2 ended, 3 began in between
+    assert thread_delta(before, after) == pytest.approx(0.35)
