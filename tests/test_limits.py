@@ -272,3 +272,62 @@ def test_the_upstreams_rate_limit_headers_come_last_and_are_cut_by_position() ->
         assert all(n.startswith(b"x-ratelimit-") for n, _ in headers[at:])
         assert relay_with_limits(headers, ours, at) == relay_with_limits(headers, ours)
         assert relay_with_limits(headers, [], at) == headers
+
+
+def test_chat_reserves_max_completion_tokens_over_max_tokens_on_every_path() -> None:
+    """A chat request's output allowance in the TPM estimate is
+    ``max_completion_tokens`` (the current name) when it is sent, else
+    ``max_tokens``: plain and streamed, on a route without and with the
+    response cache (four call sites in app/proxy.py). Each request has its own
+    key, so its x-ratelimit-remaining-tokens is a fresh bucket less its
+    estimate (a quarter of its body plus the allowance)."""
+    paths = [(model, stream) for model in ("fake-model", "cached") for stream in (False, True)]
+    cases = [(model, stream, both) for model, stream in paths for both in (True, False)]
+    keys = ["gnd_" + format(n, "x") * 43 for n in range(len(cases))]
+    cfg = GandalfConfig(
+        server=ServerConfig(access_log=False),
+        database=DatabaseConfig(dsn=":memory:"),
+        providers=(ProviderConfig(name="fake", type="fake"),),
+        routes=(
+            Route(model_alias="fake-model", targets=(Target(provider="fake", model="fake-1"),)),
+            Route(
+                model_alias="cached", targets=(Target(provider="fake", model="fake-1"),), cache=True
+            ),
+        ),
+        keys=tuple(
+            KeyEntry(name=f"tpm-{n}", key=key, role="member", tpm=1_000_000)
+            for n, key in enumerate(keys)
+        ),
+    )
+
+    async def main() -> None:
+        app = create_app(cfg, access_log=False)
+        await app.startup()
+        try:
+            for key, (model, stream, both) in zip(keys, cases, strict=True):
+                request: dict[str, Any] = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 9,
+                    "stream": stream,
+                    "temperature": 0,
+                }
+                if both:
+                    request["max_completion_tokens"] = 7
+                body = orjson.dumps(request)
+                reply = await call(
+                    app,
+                    "POST",
+                    CHAT,
+                    headers=[("authorization", f"Bearer {key}")],
+                    body=body,
+                    stay=stream,
+                )
+                assert reply.status == 200, (model, stream, reply.body[:200])
+                left = int(reply.header("x-ratelimit-remaining-tokens") or -1)
+                allowance = 7 if both else 9
+                assert left == 1_000_000 - (len(body) // 4 + allowance), (model, stream, both)
+        finally:
+            await app.shutdown()
+
+    asyncio.run(main())
