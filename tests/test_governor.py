@@ -74,10 +74,6 @@ def caller(*scopes: Scope) -> Identity:
 ENTRY: Any = object()
 
 
-def unpriced(entry: Any, tokens_in: int, tokens_out: int) -> float | None:
-    return None
-
-
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     found = [v for n, v in headers if n == name]
     assert len(found) <= 1
@@ -886,7 +882,7 @@ def test_admissions_and_headers_follow_an_exact_bucket_model(
             if through == "admit":
                 ticket = gov.admit(scopes, est(tokens))
             else:  # the pipeline's way in: a body of 4 bytes a token, no max_tokens
-                ticket = gov.govern(unpriced, who, ENTRY, b"x" * (4 * tokens), None)
+                ticket = gov.govern(who, ENTRY, b"x" * (4 * tokens), None)
         except RateLimited:
             assert not fits, f"refused what fits at {mono.t}"
             refused += 1
@@ -927,22 +923,23 @@ def test_govern_estimates_a_request_as_the_pipeline_does() -> None:
         asked.append((tokens_in, tokens_out))
         return 0.25
 
+    gov.price = price
     funded = caller(key(tpm=100_000, budget=Budget(usd=10.0, period="daily")))
-    ticket = gov.govern(price, funded, ENTRY, b"x" * 400, 50)
+    ticket = gov.govern(funded, ENTRY, b"x" * 400, 50)
     assert (ticket.tokens, ticket.usd) == (150, 0.25) and asked == [(100, 50)]
-    ticket = gov.govern(price, funded, ENTRY, b"x" * 400, None)
+    ticket = gov.govern(funded, ENTRY, b"x" * 400, None)
     assert (ticket.tokens, ticket.usd) == (100, 0.25)
     assert asked[-1] == (100, DEFAULT_OUTPUT_ALLOWANCE)
     # A key's tpm alone: laid out by admit on the first request, then govern's
     # own path; both charge the same tokens, and neither asks for a price.
     metered = caller(key(tpm=6000, id="k2"))
     for n in (1, 2):
-        ticket = gov.govern(price, metered, ENTRY, b"x" * 400, 50)
+        ticket = gov.govern(metered, ENTRY, b"x" * 400, 50)
         assert ticket.tokens == 150
         assert header(ticket.headers, b"x-ratelimit-remaining-tokens") == b"%d" % (6000 - 150 * n)
     requests = caller(key(rpm=10, id="k3"))
     for n in (1, 2):
-        ticket = gov.govern(price, requests, ENTRY, b"x" * 400, 50)
+        ticket = gov.govern(requests, ENTRY, b"x" * 400, 50)
         assert header(ticket.headers, b"x-ratelimit-remaining-requests") == b"%d" % (10 - n)
     assert len(asked) == 2
 
@@ -965,6 +962,7 @@ def test_a_budget_alone_through_govern_matches_admit() -> None:
         usd = rate["p"]
         return None if usd is None else tokens_in * usd + tokens_out * 2 * usd
 
+    a.price = price
     outcomes: list[object] = []
     for n in range(300):
         if n == 150:
@@ -978,7 +976,7 @@ def test_a_budget_alone_through_govern_matches_admit() -> None:
         for gov in (a, b):
             try:
                 if gov is a:
-                    ticket = gov.govern(price, who, ENTRY, body, limit)
+                    ticket = gov.govern(who, ENTRY, body, limit)
                 else:
                     ticket = gov.admit(who.scopes, estimate(ENTRY, body, limit, price))
             except QuotaExceeded as exc:
@@ -1002,15 +1000,38 @@ def test_a_resized_rpm_alone_gives_the_new_headers_from_a_full_bucket() -> None:
     gov, mono, _ = governor()
     old, new = caller(key(rpm=10)), caller(key(rpm=20))
     for left in (b"9", b"8"):  # the second is govern's own path
-        ticket = gov.govern(unpriced, old, ENTRY, b"{}", None)
+        ticket = gov.govern(old, ENTRY, b"{}", None)
         assert header(ticket.headers, b"x-ratelimit-remaining-requests") == left
     mono.t += 60.0
     for who in (new, old, new, old):  # each scopes tuple: laid out again, then its own path
-        ticket = gov.govern(unpriced, who, ENTRY, b"{}", None)
+        ticket = gov.govern(who, ENTRY, b"{}", None)
         assert header(ticket.headers, b"x-ratelimit-limit-requests") == b"20"
         assert header(ticket.headers, b"x-ratelimit-remaining-requests") == b"19"
         assert header(ticket.headers, b"x-ratelimit-reset-requests") == b"3s"
         mono.t += 60.0
+
+
+def test_a_bucket_added_to_a_level_reaches_the_plans_of_its_old_scopes() -> None:
+    # A key's tpm alone, then the same key with an rpm as well (its config
+    # changed while requests still carry the old scopes): the old scopes'
+    # plan, on govern's own path for a tpm alone, is laid out again with the
+    # level's new RPM bucket, and every request counts in both buckets.
+    gov, _, _ = governor()
+    old, new = caller(key(tpm=6000)), caller(key(rpm=10, tpm=6000))
+    for n in (1, 2):
+        ticket = gov.govern(old, ENTRY, b"x" * 400, None)
+        assert header(ticket.headers, b"x-ratelimit-remaining-tokens") == b"%d" % (6000 - 100 * n)
+        assert header(ticket.headers, b"x-ratelimit-remaining-requests") is None
+    ticket = gov.govern(new, ENTRY, b"x" * 400, None)
+    assert header(ticket.headers, b"x-ratelimit-remaining-requests") == b"9"
+    for who, left in ((old, b"8"), (new, b"7"), (old, b"6")):
+        ticket = gov.govern(who, ENTRY, b"x" * 400, None)
+        assert header(ticket.headers, b"x-ratelimit-remaining-requests") == left
+    assert header(ticket.headers, b"x-ratelimit-remaining-tokens") == b"%d" % (6000 - 600)
+    # Settled at its real count, from the old scopes: the one TPM bucket is corrected.
+    gov.settle(ticket, 40, None)
+    ticket = gov.govern(old, ENTRY, b"x" * 400, None)
+    assert header(ticket.headers, b"x-ratelimit-remaining-tokens") == b"%d" % (6000 - 640)
 
 
 def test_a_resize_to_and_from_a_zero_share_reaches_every_plan_of_the_level() -> None:

@@ -682,3 +682,34 @@ def test_a_native_stream_the_upstream_broke_counts_against_its_breaker() -> None
     assert failures() == before
     asyncio.run(stream(502))
     assert failures() == before + 1
+
+
+def test_a_limited_answer_carries_the_gateways_rate_limits_instead_of_the_upstreams() -> None:
+    # handlers._served: the governor's x-ratelimit-* replace the upstream's,
+    # whether the reply says where the upstream's begin (limits_at, the
+    # OpenAI adapter's slice) or not (-1: dropped by name); with no relayed
+    # headers they are simply added, and without limits the relayed ones stay.
+    from types import SimpleNamespace
+
+    from gandalf.app.failover import Outcome
+    from gandalf.server.handlers import ServedHeaders, _served
+
+    served = ServedHeaders(((b"content-type", b"application/json"),))
+    slot: Any = SimpleNamespace(name="p")
+    ours = [(b"x-ratelimit-limit-tokens", b"100"), (b"x-ratelimit-remaining-tokens", b"90")]
+    upstream = ((b"x-request-id", b"r1"), (b"x-ratelimit-limit-tokens", b"9999"))
+    base = [
+        (b"content-type", b"application/json"),
+        (b"x-gandalf-provider", b"p"),
+        (b"x-gandalf-attempts", b"1"),
+    ]
+
+    def answer(headers: Any, limits_at: int, limits: Any) -> list[tuple[bytes, bytes]]:
+        reply = ProviderReply(body=b"{}", usage=Usage(), headers=headers, limits_at=limits_at)
+        return list(_served(served, Outcome(reply, slot, 1, limits)).headers)
+
+    expected = [*base, (b"x-request-id", b"r1"), *ours]
+    assert answer(upstream, 1, ours) == expected  # sliced
+    assert answer(upstream, -1, ours) == expected  # by name
+    assert answer((), -1, ours) == [*base, *ours]
+    assert answer(upstream, 1, ()) == [*base, *upstream]

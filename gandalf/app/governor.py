@@ -81,7 +81,6 @@ class Plan:
         "budget",
         "closed",
         "fresh",
-        "generation",
         "grant",
         "rates",
         "requests",
@@ -90,7 +89,7 @@ class Plan:
         "tokens",
     )
 
-    def __init__(self, spends: list[Spend], rates: list[Rate], generation: int) -> None:
+    def __init__(self, spends: list[Spend], rates: list[Rate]) -> None:
         self.spends = spends
         self.rates = rates  # the levels (shared with RateLimits), for refusals
         self.requests: tuple[Bucket, ...] = ()
@@ -99,19 +98,19 @@ class Plan:
         self.alone: Bucket | None = None
         self.budget: Spend | None = None
         self.closed = False
-        self.generation = generation
         # A plan with no TPM bucket and no budget has nothing to settle: its
         # tickets differ only by their headers, and one closed Grant is reused
         # while they repeat (see LocalGovernor.govern and _take).
         self.grant: Grant | None = None
         self.fresh: Grant | None = None
-        self.flatten(generation)
+        self.flatten()
 
-    def flatten(self, generation: int) -> None:
+    def flatten(self) -> None:
         """Lay the levels' current buckets out flat (again, when RateLimits
-        created or dropped a bucket of a level since: ``generation``). The
-        levels themselves are kept, as before flattening, so requests still
-        carrying a level's old scopes share its buckets with the new ones."""
+        created, dropped or resized a bucket of a level: its ``changed``
+        hook). The levels themselves are kept, as before flattening, so
+        requests still carrying a level's old scopes share its buckets with
+        the new ones."""
         rates = self.rates
         self.requests = tuple(r.rpm for r in rates if r.rpm is not None)
         self.tokens = tuple(r.tpm for r in rates if r.tpm is not None)
@@ -130,28 +129,38 @@ class Plan:
         # A single budget and no rate bucket (its own path too).
         alone_budget = len(self.spends) == 1 and not (self.closed or self.requests or self.tokens)
         self.budget = self.spends[0] if alone_budget else None
-        self.generation = generation
         self.grant = None
         # ``single``'s Grant after a take from a full bucket (its ``fresh``
         # pairs; a resize lays the plan out again).
         self.fresh = None if single is None else Grant(single.fresh, self, 0, 0.0, False)
 
 
-class Grant(msgspec.Struct):
+class Grant(msgspec.Struct, gc=False):
     """The Ticket: what admit took (so settle and release can correct it) and
     the response's ``x-ratelimit-*`` headers (read only: a plan with nothing
     to settle hands the same Grant and headers to successive requests).
     Settled or released once; a second call does nothing. A Struct: built by
-    msgspec's C constructor, a Python ``__init__`` less per limited request."""
+    msgspec's C constructor, a Python ``__init__`` less per limited request.
+    Not tracked by the cycle collector (``gc=False``: a limited request's
+    allocation less towards the next young collection); the one cycle through
+    a Grant, a plan's reused Grant pointing back at its plan, lives as long
+    as the governor's plans, which are never dropped."""
 
     headers: list[tuple[bytes, bytes]]
     plan: Plan
     tokens: int
-    usd: float
-    open: bool
+    usd: float = 0.0
+    open: bool = True
 
 
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
+
+
+def _unpriced(entry: RouteEntry, tokens_in: int, tokens_out: int) -> float | None:
+    """The default worst-case price hook: nothing is priced."""
+    return None
+
+
 # Below any time: where the search for the bucket full latest starts.
 _NEVER = -math.inf
 
@@ -162,10 +171,12 @@ class LocalGovernor:
     ``share``: worker processes enforcing the same limits (each gets
     ``limit // share`` rpm/tpm and ``usd / share`` of a budget).
     ``monotonic``: the clock of the token buckets; ``wall``: the clock of the
-    budget periods (both injectable for tests).
+    budget periods (both injectable for tests). ``price``: the worst-case
+    price hook :meth:`govern` asks for a level with a budget (the pipeline
+    sets its own: ``Pipeline``'s ``price``).
     """
 
-    __slots__ = ("_monotonic", "_plans", "_wall", "budgets", "limits")
+    __slots__ = ("_monotonic", "_plans", "_wall", "budgets", "limits", "price")
 
     def __init__(
         self,
@@ -175,37 +186,38 @@ class LocalGovernor:
         wall: Clock = time.time,
     ) -> None:
         self.limits = RateLimits(clock=monotonic, share=share)
+        self.limits.changed = self._relayout
         self.budgets = Budgets(clock=wall, share=share)
         self._monotonic = monotonic
         self._wall = wall
+        self.price: Callable[[RouteEntry, int, int], float | None] = _unpriced
         # scopes -> the Plan of their levels, resolved once: a caller's scopes
         # tuple is built once per key-cache fill, and equal scopes carry equal
         # limits, so the states (created, resized, rolled over by
-        # Budgets.spend / RateLimits.rate) stay the right ones; a plan whose
-        # level had a bucket created or dropped since is resolved again
-        # (RateLimits.generation). One entry per distinct tuple (about one per key).
+        # Budgets.spend / RateLimits.rate) stay the right ones; every plan is
+        # laid out again when a level had a bucket created, dropped or resized
+        # (RateLimits.changed). One entry per distinct tuple (about one per key).
         self._plans: dict[tuple[Scope, ...], Plan] = {}
 
+    def _relayout(self) -> None:
+        """RateLimits.changed: lay every plan's buckets out again (rare: a
+        level's limits changed), so :meth:`govern` never checks for it."""
+        for plan in self._plans.values():
+            plan.flatten()
+
     def govern(
-        self,
-        price: Callable[[RouteEntry, int, int], float | None],
-        identity: Identity,
-        entry: RouteEntry,
-        body: bytes,
-        max_output: int | None,
+        self, identity: Identity, entry: RouteEntry, body: bytes, max_output: int | None
     ) -> Grant:
         """The pipeline's ``govern`` on this governor: :meth:`admit` a
         request of ``identity`` (which has limits) with its estimate, as
-        ``pipeline.estimate`` makes it (``price``: the worst-case price hook,
-        asked only when a level sets a budget). The commonest limited callers,
-        a key's own rpm, tpm or budget alone (``Plan.single``, ``Plan.alone``,
-        ``Plan.budget``), are admitted here with no Estimate and no further
-        call: this runs for every limited request."""
+        ``pipeline.estimate`` makes it (priced by :attr:`price` only when a
+        level sets a budget). The commonest limited callers, a key's own rpm,
+        tpm or budget alone (``Plan.single``, ``Plan.alone``, ``Plan.budget``),
+        are admitted here with no Estimate and no further call: this runs for
+        every limited request, and each bytecode counts."""
         plan = self._plans.get(identity.scopes)
         if plan is None:
             plan = self._plan(identity.scopes)
-        elif plan.generation != self.limits.generation:
-            plan.flatten(self.limits.generation)
         single = plan.single
         if single is not None:  # _take for one RPM bucket
             now = self._monotonic()
@@ -228,26 +240,31 @@ class LocalGovernor:
         if alone is not None:  # _take for one TPM bucket
             if max_output:
                 tokens += max_output
-            need = tokens + 0.0
             now = self._monotonic()
             tat = alone.tat
-            full = tat <= now
-            tat = (now if full else tat) + need * alone.step
+            if tat <= now:  # full: from now (the pairs of a take this size kept)
+                tat = now + tokens * alone.step
+                if tat > now + ROOM:
+                    alone.stamp = now
+                    self.limits.verify(plan.rates, tokens)  # raises; nothing taken
+                alone.tat = tat
+                if alone.fresh_need == tokens:
+                    return Grant(alone.fresh, plan, tokens)
+                return Grant(alone.after(tat, now, tokens), plan, tokens)
+            tat += tokens * alone.step
             if tat > now + ROOM:
                 alone.stamp = now
                 self.limits.verify(plan.rates, tokens)  # raises; nothing taken
             alone.tat = tat
-            if full and alone.fresh_need == need:
-                return Grant(alone.fresh, plan, tokens, 0.0, True)
-            return Grant(alone.after(tat, now, need), plan, tokens, 0.0, True)
+            return Grant(alone.show(tat, now), plan, tokens)
         # The rest of pipeline.estimate(), written out (a call saved).
         budget = plan.budget
         if budget is not None:  # _take for one budget
             if max_output:
-                usd = price(entry, tokens, max_output) or 0.0
+                usd = self.price(entry, tokens, max_output) or 0.0
                 tokens += max_output
             else:
-                usd = price(entry, tokens, DEFAULT_OUTPUT_ALLOWANCE) or 0.0
+                usd = self.price(entry, tokens, DEFAULT_OUTPUT_ALLOWANCE) or 0.0
             now = self._wall()
             if now >= budget.until:
                 budget.roll(now)
@@ -255,9 +272,10 @@ class LocalGovernor:
             if usd > room or room <= 0.0:  # over, or used up (an unpriced request)
                 raise budget.refusal(usd)
             budget.room = room - usd
-            return Grant(_NO_HEADERS, plan, tokens, usd, True)
+            return Grant(_NO_HEADERS, plan, tokens, usd)
         if not identity.budgeted:  # the worst-case cost only matters to a budget
             return self._take(plan, tokens + max_output if max_output else tokens, 0.0)
+        price = self.price
         if max_output:
             return self._take(plan, tokens + max_output, price(entry, tokens, max_output) or 0.0)
         return self._take(plan, tokens, price(entry, tokens, DEFAULT_OUTPUT_ALLOWANCE) or 0.0)
@@ -271,8 +289,6 @@ class LocalGovernor:
         plan = self._plans.get(scopes)
         if plan is None:
             plan = self._plan(scopes)
-        elif plan.generation != self.limits.generation:
-            plan.flatten(self.limits.generation)
         return self._take(plan, estimate.tokens, estimate.usd or 0.0)
 
     def _take(self, plan: Plan, tokens: int, usd: float) -> Grant:
@@ -294,7 +310,7 @@ class LocalGovernor:
             if usd:
                 for state in spends:
                     state.room -= usd
-            return Grant(_NO_HEADERS, plan, tokens, usd, True)
+            return Grant(_NO_HEADERS, plan, tokens, usd)
         # Take from every bucket (GCRA: the time it is full again moves on by
         # the units' refill time, from now if it was full) and find the bucket
         # full latest per dimension: the tightest (every window is 60 s), the
@@ -347,7 +363,7 @@ class LocalGovernor:
         if usd:
             for state in spends:
                 state.room -= usd
-        return Grant(headers, plan, tokens, usd, True)
+        return Grant(headers, plan, tokens, usd)
 
     def _untake(self, plan: Plan, now: float, tokens: int) -> None:
         """Give back what admit's general path took from ``plan``'s buckets
@@ -370,7 +386,7 @@ class LocalGovernor:
         wall, now = budgets.clock(), limits.clock()
         spends = [s for s in (budgets.spend(scope, wall) for scope in scopes) if s is not None]
         rates = [r for r in (limits.rate(scope, now) for scope in scopes) if r is not None]
-        plan = Plan(spends, rates, limits.generation)
+        plan = Plan(spends, rates)
         self._plans[scopes] = plan
         return plan
 
@@ -383,15 +399,9 @@ class LocalGovernor:
             return
         grant.open = False
         plan = grant.plan
-        budget = plan.budget
-        if budget is not None:  # one budget, nothing else: the spends loop below, for it
-            spent = usd or 0.0
-            budget.room += grant.usd - spent
-            budget.paid += spent
-            return
-        delta = tokens - grant.tokens
         alone = plan.alone
         if alone is not None:  # one TPM bucket, nothing else: the loops below, for it
+            delta = tokens - grant.tokens
             if delta < 0:
                 alone.tat += delta * alone.step
             elif delta:
@@ -399,6 +409,13 @@ class LocalGovernor:
                 tat = alone.tat
                 alone.tat = (tat if tat > now else now) + delta * alone.step
             return
+        budget = plan.budget
+        if budget is not None:  # one budget, nothing else: the spends loop below, for it
+            spent = usd or 0.0
+            budget.room += grant.usd - spent
+            budget.paid += spent
+            return
+        delta = tokens - grant.tokens
         if delta and plan.tokens:
             if delta < 0:
                 # A refund moves the time each bucket is full earlier; one

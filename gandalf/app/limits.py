@@ -297,7 +297,7 @@ class RateLimits:
     of worker processes enforcing the same limits independently.
     """
 
-    __slots__ = ("_levels", "clock", "generation", "share")
+    __slots__ = ("_levels", "changed", "clock", "share")
 
     def __init__(self, *, clock: Clock = time.monotonic, share: int = 1) -> None:
         if share < 1:
@@ -305,9 +305,10 @@ class RateLimits:
         self.clock = clock
         self.share = share
         self._levels: dict[tuple[str, str], Rate] = {}
-        # Counts the times rate() created, dropped or resized a bucket of an
-        # existing level.
-        self.generation = 0
+        # Called when rate() created, dropped or resized a bucket of a level
+        # already in use (LocalGovernor lays its plans out again then, so its
+        # per-request path never checks whether they are stale).
+        self.changed: Callable[[], None] | None = None
 
     def rate(self, scope: Scope, now: float) -> Rate | None:
         """The level's buckets, refilled to ``now`` and resized to the scope's
@@ -331,7 +332,9 @@ class RateLimits:
             # A bucket of a level already in use was created, dropped or
             # resized: plans holding the level's buckets (LocalGovernor's) are
             # stale (their layout, or which buckets refuse everything).
-            self.generation += 1
+            changed = self.changed
+            if changed is not None:
+                changed()
         return rate
 
     def check(self, scopes: tuple[Scope, ...], tokens: int, now: float) -> list[Rate]:

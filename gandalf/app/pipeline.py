@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Protocol
 
 from gandalf.app.failover import failure_of
@@ -82,6 +81,11 @@ _NOTHING = Usage()  # the counts of a request nothing served (read only)
 def no_price(entry: RouteEntry, tokens_in: int, tokens_out: int) -> float | None:
     """The default ``price`` hook: nothing is priced."""
     return None
+
+
+def _no_ticket(ticket: Ticket, tokens: int, usd: float | None) -> None:
+    """``Pipeline._settle`` without a governor: no request has a ticket."""
+    raise AssertionError("a ticket without a governor")
 
 
 def no_cost(provider: str, model: str, usage: Usage) -> float | None:
@@ -135,6 +139,7 @@ class Pipeline:
         "_governor",
         "_observe",
         "_price",
+        "_settle",
         "_shared",
         "_sink",
         "_verdict",
@@ -170,12 +175,19 @@ class Pipeline:
         # a caller with limits (``identity.scopes``) on a local governor
         # (:attr:`local`). The in-process governor's own LocalGovernor.govern
         # (the estimate and the admission in one call: a Python frame less
-        # per limited request); any other governor's admit with
+        # per limited request), handed this pipeline's price hook (a bound
+        # method: a functools.partial would cost a C-level call into a new
+        # interpreter frame); any other governor's admit with
         # :func:`estimate`; None without a governor.
-        self.govern: Govern = (
-            partial(governor.govern, price)
-            if isinstance(governor, LocalGovernor)
-            else self._estimate_and_admit
+        if isinstance(governor, LocalGovernor):
+            governor.price = price
+            self.govern: Govern = governor.govern
+        else:
+            self.govern = self._estimate_and_admit
+        # settle(ticket, tokens, usd): the governor's, for account (a ticket
+        # comes only from a governor).
+        self._settle: Callable[[Ticket, int, float | None], None] = (
+            _no_ticket if governor is None else governor.settle
         )
 
     # ------------------------------------------------------------------ admit
@@ -292,11 +304,11 @@ class Pipeline:
         if observe is not None:
             observe(record)
         if ticket is not None and ticket.open:  # a closed one has nothing to settle
-            governor = self._governor
-            assert governor is not None  # a ticket comes from it
             if status < 400 or counts.total_tokens:
-                governor.settle(ticket, counts.total_tokens, cost)
+                self._settle(ticket, counts.total_tokens, cost)
             else:
+                governor = self._governor
+                assert governor is not None  # a ticket comes from it
                 governor.release(ticket)
 
     def hit(

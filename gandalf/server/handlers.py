@@ -233,11 +233,14 @@ def _served(served: ServedHeaders, outcome: Outcome[ProviderReply]) -> Response:
     if headers is None:
         headers = served.build(outcome.slot.name, attempts)
     if outcome.headers:  # the governor's x-ratelimit-* (app/pipeline.py)
-        if reply.headers:
-            limits = relay_with_limits(reply.headers, outcome.headers, reply.limits_at)
+        limits = outcome.headers
+        relayed = reply.headers
+        if not relayed:
             headers = (*headers, *limits)
+        elif reply.limits_at >= 0:  # relay_with_limits, written out for its commonest case
+            headers = (*headers, *relayed[: reply.limits_at], *limits)
         else:
-            headers = (*headers, *outcome.headers)
+            headers = (*headers, *relay_with_limits(relayed, limits))
     elif reply.headers:  # the upstream's rate limits and request id (openai.py)
         headers = (*headers, *reply.headers)
     return Response(200, reply.body, headers)
