@@ -12,6 +12,15 @@ between rounds of one version is the noise to compare against.
     python bench/ab.py --base HEAD --access-log on --base-access-log off   # its cost
     python bench/ab.py --base HEAD --dsn postgresql://127.0.0.1/bench  # PostgreSQL vs SQLite
 
+``--together`` serves A and B at the same time instead, both pinned to the
+same core and each loaded by its own wrk at ``--connections``: whatever else
+the machine does then slows both alike, so their CPU per request, compared
+within each round, moves far less than between back-to-back runs (their
+req/s only say how they shared the core). Use it for differences of a few
+percent, such as a feature's budget:
+
+    python bench/ab.py --base HEAD --together --governance key-tpm --base-governance off
+
 The other revision is checked out with ``git worktree`` into a temporary
 directory (removed afterwards); both import their own ``gandalf`` package.
 Exit status: 0, or 2 when wrk is missing or a server did not start.
@@ -25,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _procs import (
@@ -33,6 +43,7 @@ from _procs import (
     REPO_DIR,
     STREAM_BODY,
     ProcGroup,
+    Server,
     add_upstream_headers,
     chat_headers,
     cpu_seconds,
@@ -45,7 +56,7 @@ from _procs import (
     tree_pids,
     usable_cpus,
 )
-from _wrk import INSTALL_HINT, have_wrk, run_wrk, write_script
+from _wrk import INSTALL_HINT, WrkResult, have_wrk, run_wrk, write_script
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -104,6 +115,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "postgresql://host/db; the base keeps SQLite unless --base-dsn says otherwise",
     )
     parser.add_argument("--base-dsn", help="the base's database.dsn (default: SQLite)")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="serve A and B at the same time on one core, each under its own wrk "
+        "(compares CPU per request with the machine's drift shared; see above)",
+    )
     add_upstream_headers(parser)
     return parser.parse_args(argv)
 
@@ -161,67 +178,95 @@ def compare(
     # CPU (and cache) that no instruction count shows.
     cpu_ms: dict[str, list[float]] = {label: [] for label in results}
     switch_counts: dict[str, list[float]] = {label: [] for label in results}
+
+    def record(
+        label: str,
+        round_no: int,
+        rps: float,
+        per_request: float,
+        switches: float,
+        ticked: float | None,
+    ) -> None:
+        results[label].append(rps)
+        cpu_ms[label].append(per_request)
+        switch_counts[label].append(switches)
+        ticks = "" if ticked is None else f" ({ticked:.3f} in ticks)"
+        print(
+            f"round {round_no + 1} {label}: {rps:,.0f} req/s, "
+            f"{per_request:.4f} CPU ms/req{ticks}, {switches:.2f} context switches/req",
+            flush=True,
+        )
+
     with ProcGroup() as group:
         mock = launch_mock(
             group, chunks=20, cpus=client_cpus, openai_headers=args.upstream_headers == "openai"
         )
         versions = ((next(iter(results)), REPO_DIR), (list(results)[1], base_dir))
+
+        def launch(round_no: int, repo: Path) -> Server:
+            return launch_gandalf(
+                group,
+                tmpdir,
+                mock.port,
+                workers=1,
+                cpus=server_cpus,
+                interface=args.interface,
+                repo=repo,
+                name=f"ab-{round_no}-{'a' if repo == REPO_DIR else 'b'}",
+                access_log=(args.access_log if repo == REPO_DIR else base_log) == "on",
+                governance=args.governance if repo == REPO_DIR else base_gov,
+                metrics=(args.metrics if repo == REPO_DIR else base_metrics) == "on",
+                dsn=args.dsn if repo == REPO_DIR else args.base_dsn,
+            )
+
+        def load(server: Server, duration_s: int) -> WrkResult:
+            return run_wrk(
+                server.url + CHAT_PATH,
+                script,
+                connections=args.connections,
+                threads=threads,
+                duration_s=duration_s,
+                cpus=client_cpus,
+            )
+
         for round_no in range(args.rounds):
-            for label, repo in versions if round_no % 2 == 0 else versions[::-1]:
-                server = launch_gandalf(
-                    group,
-                    tmpdir,
-                    mock.port,
-                    workers=1,
-                    cpus=server_cpus,
-                    interface=args.interface,
-                    repo=repo,
-                    name=f"ab-{round_no}-{'a' if repo == REPO_DIR else 'b'}",
-                    access_log=(args.access_log if repo == REPO_DIR else base_log) == "on",
-                    governance=args.governance if repo == REPO_DIR else base_gov,
-                    metrics=(args.metrics if repo == REPO_DIR else base_metrics) == "on",
-                    dsn=args.dsn if repo == REPO_DIR else args.base_dsn,
-                )
-                url = server.url + CHAT_PATH
-                run_wrk(
-                    url,
-                    script,
-                    connections=args.connections,
-                    threads=threads,
-                    duration_s=1,
-                    cpus=client_cpus,
-                )
+            order = versions if round_no % 2 == 0 else versions[::-1]
+            if args.together:
+                servers = [(label, launch(round_no, repo)) for label, repo in order]
+                for _, server in servers:
+                    load(server, 1)
+                pids = [tree_pids(server.proc.pid) for _, server in servers]
+                before = [thread_times(p) for p in pids]
+                with ThreadPoolExecutor(len(servers)) as pool:
+                    loads = [pool.submit(load, server, args.duration) for _, server in servers]
+                    done = [f.result() for f in loads]
+                after = [thread_times(p) for p in pids]
+                for (label, server), res, (t0, s0), (t1, s1) in zip(
+                    servers, done, before, after, strict=True
+                ):
+                    stop_process(server.proc)
+                    served = max(res.requests, 1)
+                    record(label, round_no, res.rps, thread_delta(t0, t1) * 1000 / served,
+                           (s1 - s0) / served, None)  # fmt: skip
+                continue
+            for label, repo in order:
+                server = launch(round_no, repo)
+                load(server, 1)
                 pids = tree_pids(server.proc.pid)
                 cpu0 = cpu_seconds(pids)
                 times0, switches0 = thread_times(pids)
-                res = run_wrk(
-                    url,
-                    script,
-                    connections=args.connections,
-                    threads=threads,
-                    duration_s=args.duration,
-                    cpus=client_cpus,
-                )
+                res = load(server, args.duration)
                 ticks = cpu_seconds(pids) - cpu0
                 times1, switches1 = thread_times(pids)
                 served = max(res.requests, 1)
-                per_request = thread_delta(times0, times1) * 1000 / served
-                switches = (switches1 - switches0) / served
                 stop_process(server.proc)
-                results[label].append(res.rps)
-                cpu_ms[label].append(per_request)
-                switch_counts[label].append(switches)
-                print(
-                    f"round {round_no + 1} {label}: {res.rps:,.0f} req/s, "
-                    f"{per_request:.4f} CPU ms/req ({ticks * 1000 / served:.3f} in ticks), "
-                    f"{switches:.2f} context switches/req",
-                    flush=True,
-                )
+                record(label, round_no, res.rps, thread_delta(times0, times1) * 1000 / served,
+                       (switches1 - switches0) / served, ticks * 1000 / served)  # fmt: skip
     a, b = (statistics.median(v) for v in results.values())
     print()
     print(
         f"| {args.mode} c={args.connections} {args.interface}, upstream headers "
-        f"{args.upstream_headers} | median req/s "
+        f"{args.upstream_headers}{', together' if args.together else ''} | median req/s "
         "| median CPU ms/req | context switches/req | rounds (req/s) |"
     )
     print("|---|---|---|---|---|")
