@@ -235,12 +235,12 @@ def compare(
                 servers = [(label, launch(round_no, repo)) for label, repo in order]
                 for _, server in servers:
                     load(server, 1)
-                pids = [tree_pids(server.proc.pid) for _, server in servers]
-                before = [thread_times(p) for p in pids]
+                trees = [tree_pids(server.proc.pid) for _, server in servers]
+                before = [thread_times(p) for p in trees]
                 with ThreadPoolExecutor(len(servers)) as pool:
                     loads = [pool.submit(load, server, args.duration) for _, server in servers]
                     done = [f.result() for f in loads]
-                after = [thread_times(p) for p in pids]
+                after = [thread_times(p) for p in trees]
                 for (label, server), res, (t0, s0), (t1, s1) in zip(
                     servers, done, before, after, strict=True
                 ):
