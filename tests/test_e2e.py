@@ -380,6 +380,57 @@ def test_body_over_the_limit_is_413(http: httpx.Client) -> None:
     assert_error(response, 413, "invalid_request_error")
 
 
+def _exchange(sock: socket.socket, request: bytes) -> tuple[int, bytes]:
+    """Send one HTTP/1.1 request on ``sock`` and read its answer (which
+    carries a content-length): (status, body)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next(
+        int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed mid-answer"
+        body += chunk
+    return int(lines[0].split()[1]), body
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_oversized_body_is_read_before_the_413_and_the_connection_stays_usable(
+    gateway: GandalfServer, chunked: bool
+) -> None:
+    # Answered with the body unread, the connection would be closed after the
+    # 413, and a pooled client's next request could race into it ("server
+    # disconnected": test_body_over_the_limit_is_413 failed that way once under
+    # load). A body up to four times the limit (65536 here) is read and dropped
+    # first: the 413 arrives, and the same connection serves the next request.
+    body = b'{"model":"fake-model","messages":"' + b"x" * 150_000 + b'"}'
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gandalf\r\n"
+        b"authorization: Bearer " + MEMBER.encode() + b"\r\ncontent-type: application/json\r\n"
+    )
+    if chunked:
+        request = (
+            head + b"transfer-encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n%b\r\n" % (len(body[i : i + 8192]), body[i : i + 8192])
+                       for i in range(0, len(body), 8192))
+            + b"0\r\n\r\n"
+        )  # fmt: skip
+    else:
+        request = head + b"content-length: %d\r\n\r\n" % len(body) + body
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10.0) as sock:
+        status, answer = _exchange(sock, request)
+        assert status == 413 and b"65536" in answer
+        status, answer = _exchange(sock, b"GET /healthz HTTP/1.1\r\nhost: gandalf\r\n\r\n")
+        assert status == 200, answer
+
+
 def test_unknown_path_is_404_and_wrong_method_405(http: httpx.Client) -> None:
     assert_error(http.get("/v1/nope", headers=auth(MEMBER)), 404, "invalid_request_error")
     assert_error(

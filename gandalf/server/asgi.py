@@ -17,15 +17,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from gandalf.errors import GatewayError, IncompleteBody
+from gandalf.errors import BodyTooLarge, GatewayError, IncompleteBody
 from gandalf.observability.metrics import Metrics
 from gandalf.server.core import (
+    DRAIN_FACTOR,
     DUPLICATE_CREDENTIALS,
     NOT_READY_BODY,
     RequestTracer,
     Runtime,
     ServerCore,
     declared_length,
+    drains,
     too_large,
 )
 from gandalf.server.lifecycle import Lifecycle
@@ -43,10 +45,20 @@ _INCOMPLETE = "The request body ended before the announced Content-Length arrive
 
 
 async def read_asgi_body(request: Request, length: bytes | None, limit: int) -> bytes:
-    """The body from ASGI ``http.request`` messages, capped at ``limit`` bytes."""
-    declared_length(length, limit)
+    """The body from ASGI ``http.request`` messages, capped at ``limit`` bytes
+    (a larger one is read and dropped first, up to ``DRAIN_FACTOR`` times the
+    limit: see core.DRAIN_FACTOR)."""
     receive = request.receive
     assert receive is not None
+    try:
+        declared_length(length, limit)
+    except BodyTooLarge:
+        if drains(length, limit):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
+        raise
     message = await receive()
     if message["type"] != "http.request":
         raise IncompleteBody(_INCOMPLETE)
@@ -57,16 +69,20 @@ async def read_asgi_body(request: Request, length: bytes | None, limit: int) -> 
         return body
     chunks = [body]
     size = len(body)
+    most = limit * DRAIN_FACTOR
     while True:
         message = await receive()
         if message["type"] != "http.request":
             raise IncompleteBody(_INCOMPLETE)
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > most:
             raise too_large(limit)
-        chunks.append(chunk)
         if not message.get("more_body", False):
+            if size > limit:
+                raise too_large(limit)
             return b"".join(chunks)
 
 

@@ -22,13 +22,15 @@ from typing import Any
 
 from granian import rsgi as granian_rsgi
 
-from gandalf.errors import GatewayError, IncompleteBody
+from gandalf.errors import BodyTooLarge, GatewayError, IncompleteBody
 from gandalf.server.asgi import GandalfApp
 from gandalf.server.core import (
+    DRAIN_FACTOR,
     DUPLICATE_CREDENTIALS,
     NOT_READY_BODY,
     ServerCore,
     declared_length,
+    drains,
     too_large,
 )
 from gandalf.server.lifecycle import Lifecycle
@@ -112,18 +114,30 @@ async def read_rsgi_body(request: Request, length: bytes | None, limit: int) -> 
     assert isinstance(request, RSGIRequest)
     protocol = request.protocol
     try:
-        if declared_length(length, limit) is not None:
+        try:
+            declared = declared_length(length, limit)
+        except BodyTooLarge:
+            if drains(length, limit):  # read and dropped (core.DRAIN_FACTOR)
+                async for _ in protocol:
+                    pass
+            raise
+        if declared is not None:
             body: bytes = await protocol()
             if len(body) > limit:
                 raise too_large(limit)
             return body
+        # Chunked: kept up to the limit, then read and dropped up to the drain's.
         chunks = []
         size = 0
+        most = limit * DRAIN_FACTOR
         async for chunk in protocol:
             size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > most:
+                break
+        if size > limit:
+            raise too_large(limit)
         return b"".join(chunks)
     except (_CLOSED, OSError):
         raise IncompleteBody(_INCOMPLETE) from None
