@@ -15,6 +15,15 @@ each response header into Rust, the ASGI messages, the event loop.
     python bench/served_cg.py --base HEAD~1 --governance off key   # both revisions
     python bench/served_cg.py --interface rsgi
     python bench/served_cg.py --connections 1 --runs 2 --governance off price key
+    python bench/served_cg.py --simulate --governance off key-tpm --upstream-headers openai
+
+``--simulate`` turns on callgrind's cache and branch simulation (about twice
+as slow) and adds, per request, the simulated first-level instruction and
+data cache misses and the mispredicted conditional and indirect branches.
+The simulated predictor is simpler than a real core's, but where the CPU of
+two configurations differs more than their instructions do (a bytecode costs
+the interpreter an indirect jump, however few instructions it runs), these
+counts show it on a machine without hardware counters.
 
 Each configuration starts its own server under ``valgrind --tool=callgrind``
 (pinned to CPU 0 with two cores; the mock upstream on CPU 1),
@@ -102,6 +111,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", help="also count this git revision (in a worktree)")
     parser.add_argument("--interface", choices=("asgi", "rsgi"), default="asgi")
     parser.add_argument("--access-log", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="callgrind's cache and branch simulation: misses and mispredictions per request",
+    )
     add_upstream_headers(parser)
     return parser.parse_args(argv)
 
@@ -173,18 +187,39 @@ def _object_name(path: str) -> str:
 
 
 def totals(path: Path) -> int:
-    """The ``totals:`` line of a callgrind output file."""
+    """The ``totals:`` line of a callgrind output file (its first event: instructions)."""
+    return events(path)["Ir"]
+
+
+def events(path: Path) -> Counter[str]:
+    """Every event of the ``totals:`` line by its name in the ``events:`` line
+    (Ir alone, or with ``--simulate`` the misses and mispredictions too)."""
+    names: list[str] = ["Ir"]
     with open(path) as fh:
         for line in fh:
-            if line.startswith("totals:"):
-                return int(line.split()[1])
+            if line.startswith("events:"):
+                names = line.split()[1:]
+            elif line.startswith("totals:"):
+                values = [int(v) for v in line.split()[1:]]
+                return Counter(dict(zip(names, values, strict=True)))
     raise ValueError(f"{path}: no totals line")
+
+
+# The simulated events worth a line, and what to call them.
+_SIMULATED = (
+    ("I1mr", "I1 misses"),
+    ("D1mr", "D1 read misses"),
+    ("D1mw", "D1 write misses"),
+    ("Bcm", "conditional mispredicted"),
+    ("Bim", "indirect mispredicted"),
+)
 
 
 def count(
     repo: Path, governance: str, args: argparse.Namespace, server_cpus: str | None
-) -> tuple[float, Counter[str]]:
-    """Instructions per request of one run, and per shared object."""
+) -> tuple[float, Counter[str], dict[str, float]]:
+    """Instructions per request of one run, per shared object, and the
+    simulated events per request (empty without ``--simulate``)."""
     with tempfile.TemporaryDirectory(prefix="gandalf-scg-") as tmp, ProcGroup() as group:
         tmpdir = Path(tmp)
         client_cpus = "1" if server_cpus else None
@@ -202,6 +237,7 @@ def count(
             *taskset(server_cpus),
             "valgrind",
             "--tool=callgrind",
+            *(("--cache-sim=yes", "--branch-sim=yes") if args.simulate else ()),
             "--trace-children=yes",
             f"--callgrind-out-file={out}/cg.%p",
             *serve_command(config, 1, args.interface),
@@ -230,12 +266,13 @@ def count(
         if not dumps:
             raise RuntimeError(f"no callgrind dump in {out}: see {log_path}")
         objects: Counter[str] = Counter()
-        total = 0
+        counted: Counter[str] = Counter()
         for dump in dumps:
-            total += totals(dump)
+            counted.update(events(dump))
             objects.update(by_object(dump))
         n = args.requests
-        return total / n, Counter({k: round(v / n) for k, v in objects.items()})
+        simulated = {k: counted[k] / n for k, _ in _SIMULATED if k in counted}
+        return counted["Ir"] / n, Counter({k: round(v / n) for k, v in objects.items()}), simulated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,12 +314,16 @@ def _report(
     )
     for label, repo in revisions:
         reference: tuple[float, Counter[str]] | None = None
+        simulated_reference: dict[str, float] | None = None
         for governance in args.governance:
             runs = [count(repo, governance, args, server_cpus) for _ in range(args.runs)]
             per_request = sum(r[0] for r in runs) / len(runs)
             objects: Counter[str] = Counter()
-            for _, by in runs:
+            simulated: dict[str, float] = {}
+            for _, by, sim in runs:
                 objects.update(by)
+                for k, v in sim.items():
+                    simulated[k] = simulated.get(k, 0.0) + v / len(runs)
             objects = Counter({k: round(v / len(runs)) for k, v in objects.items()})
             spread = max(r[0] for r in runs) / min(r[0] for r in runs) - 1
             line = f"{label}, governance {governance}: {per_request:,.0f}"
@@ -299,7 +340,26 @@ def _report(
                 parts = ", ".join(f"{name} {d:+,}" for d, name in where[:4] if abs(d) >= 100)
                 line += f"; {delta:+,.0f} ({delta / reference[0]:+.2%}): {parts}"
             print(line, flush=True)
+            if simulated:
+                print("  simulated per request: " + _simulated_line(simulated, simulated_reference))
+                if simulated_reference is None:
+                    simulated_reference = simulated
     return 0
+
+
+def _simulated_line(simulated: dict[str, float], reference: dict[str, float] | None) -> str:
+    """The simulated events of one configuration (and their difference from
+    the reference's, when there is one)."""
+    parts = []
+    for key, name in _SIMULATED:
+        if key not in simulated:
+            continue
+        part = f"{name} {simulated[key]:,.0f}"
+        if reference is not None and reference.get(key):
+            delta = simulated[key] - reference[key]
+            part += f" ({delta:+,.0f}, {delta / reference[key]:+.1%})"
+        parts.append(part)
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

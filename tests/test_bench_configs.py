@@ -83,6 +83,28 @@ def test_served_callgrind_counts_self_costs_per_object(tmp_path: Path) -> None:
     assert by_object(path) == {"python": 527, "granian": 300, "other": 11}
 
 
+def test_served_callgrind_reads_the_simulated_events_by_name(tmp_path: Path) -> None:
+    # --simulate: the totals line carries every event of the events line;
+    # instructions are still the first, and by_object still counts them only.
+    from served_cg import _simulated_line, by_object, events, totals
+
+    text = _CALLGRIND
+    for old, new in (
+        ("events: Ir\n", "events: Ir I1mr D1mr Bcm Bim\n"),
+        ("0 500\n", "0 500 5 7 9 11\n"),
+        ("totals: 838\n", "totals: 838 50 70 90 110\n"),
+    ):
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+    path = tmp_path / "cg.1.1"
+    path.write_text(text)
+    assert totals(path) == 838
+    assert events(path) == {"Ir": 838, "I1mr": 50, "D1mr": 70, "Bcm": 90, "Bim": 110}
+    assert by_object(path)["python"] == 527
+    line = _simulated_line({"I1mr": 55.0, "Bim": 100.0}, {"I1mr": 50.0, "Bim": 110.0})
+    assert line == "I1 misses 55 (+5, +10.0%); indirect mispredicted 100 (-10, -9.1%)"
+
+
 @pytest.mark.parametrize("openai_headers", [False, True])
 def test_the_mock_sends_openais_headers_when_asked(openai_headers: bool) -> None:
     """``--upstream-headers openai`` (ab.py, served_cg.py): the mock's chat
