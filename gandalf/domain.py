@@ -771,6 +771,19 @@ class ProviderReply(msgspec.Struct, kw_only=True):
     limits_at: int = -1
 
 
+RATELIMIT_PREFIX = b"x-ratelimit-"
+
+
+def replace_ratelimits(
+    upstream: Sequence[tuple[bytes, bytes]], limits: Sequence[tuple[bytes, bytes]]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """``upstream``'s relayed headers without their ``x-ratelimit-*`` (found
+    by name, any case), then ``limits``: the gateway's own for a caller it
+    limits. The upstream's describe the gateway's account with the provider,
+    not the caller's, so a client never reads two values for one header."""
+    return (*(h for h in upstream if h[0][:12].lower() != RATELIMIT_PREFIX), *limits)
+
+
 class UsageRecord(msgspec.Struct, array_like=True):
     """One finished request. ``array_like`` keeps it cheap to build and queue."""
 

@@ -30,6 +30,7 @@ TEAM_B = generate_key()
 KEY_TPM = generate_key()  # tpm 400
 KEY_BUDGET = generate_key()  # $0.20 a day
 KEY_FREE = generate_key()  # no limit at all
+KEY_BUSY = generate_key()  # rpm 100, for an upstream that answers 429
 CHAT = "/v1/chat/completions"
 PER_TOKEN = 0.001  # USD: 1,000 per million
 
@@ -40,7 +41,11 @@ def _config(mock: MockUpstream, **extra: Any) -> dict[str, Any]:
             {"name": "fake", "type": "fake", "models": ["fake-model"]},
             {"name": "up", "type": "openai", "base_url": mock.base_url, "api_key": "sk-up"},
         ],
-        "routes": [route("up-ok", "up", "ok-model"), route("up-gate", "up", "gate")],
+        "routes": [
+            route("up-ok", "up", "ok-model"),
+            route("up-gate", "up", "gate"),
+            route("up-busy", "up", "busy"),
+        ],
         "orgs": [{"id": "acme", "name": "Acme"}],
         "teams": [{"id": "backend", "org": "acme", "rpm": 3}],
         "keys": [
@@ -55,6 +60,7 @@ def _config(mock: MockUpstream, **extra: Any) -> dict[str, Any]:
                 "budget": {"usd": 0.2, "period": "daily"},
             },
             {"name": "free", "key": KEY_FREE, "role": "member"},
+            {"name": "busy", "key": KEY_BUSY, "role": "member", "rpm": 100},
         ],
         "pricing": [
             {"provider": "fake", "model": "fake-model", "input": 1000, "output": 1000},
@@ -122,6 +128,27 @@ def test_key_rpm_limit_with_openai_sdk(gateway: GandalfServer) -> None:
     assert int(error.response.headers["retry-after"]) >= 1
     # The SDK's own retry advice is not "never": a rate limit passes.
     assert error.response.headers.get("x-should-retry") != "false"
+    # The refusal is a model call's answer too: it says where the limit stands.
+    assert error.response.headers["x-ratelimit-limit-requests"] == "2"
+    assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_an_upstream_429_to_a_limited_caller_carries_the_gateways_limits_only(
+    gateway: GandalfServer,
+) -> None:
+    # The upstream's own x-ratelimit-* (its account with the gateway) would
+    # otherwise come next to the caller's: two values for one header.
+    with _client(gateway, KEY_BUSY) as client, pytest.raises(openai.RateLimitError) as refused:
+        _ask(client, model="up-busy")
+    headers = refused.value.response.headers
+    limits = [(n, v) for n, v in headers.multi_items() if n.startswith("x-ratelimit-")]
+    assert sorted(n for n, _ in limits) == [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ]
+    assert headers["x-ratelimit-limit-requests"] == "100"
+    assert headers["x-ratelimit-remaining-requests"] == "99"
 
 
 def test_team_limit_is_shared_by_its_keys(gateway: GandalfServer) -> None:

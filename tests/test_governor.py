@@ -182,6 +182,82 @@ def test_a_budget_refusal_takes_no_rate() -> None:
     assert (rate.rpm.level, rate.tpm.level) == (10.0, 1000.0)
 
 
+def _ratelimits(exc: RateLimited | QuotaExceeded) -> dict[bytes, bytes]:
+    """The x-ratelimit-* headers a refusal answers with (each name once)."""
+    pairs = [(n, v) for n, v in exc.headers() if n.startswith(b"x-ratelimit-")]
+    assert len(pairs) == len(dict(pairs)), pairs
+    return dict(pairs)
+
+
+def test_a_rate_limit_refusal_carries_the_tightest_levels_headers() -> None:
+    # A refusal is a model call's answer too: OpenAI's 429s carry x-ratelimit-*.
+    # Every admission path: a key's rpm alone and tpm alone (govern's own
+    # paths) and several levels (admit's general path).
+    gov, mono, _ = governor()
+    rpm = caller(key(rpm=2, id="r"))
+    for _ in range(2):
+        gov.govern(rpm, ENTRY, b"", None)
+    mono.t += 3.0  # a tenth of a request refilled: still none whole
+    with pytest.raises(RateLimited) as info:
+        gov.govern(rpm, ENTRY, b"", None)
+    assert info.value.headers()[0] == (b"retry-after", b"27")
+    assert _ratelimits(info.value) == {
+        b"x-ratelimit-limit-requests": b"2",
+        b"x-ratelimit-remaining-requests": b"0",
+        b"x-ratelimit-reset-requests": b"57s",
+    }
+
+    tpm = caller(key(tpm=600, id="t"))
+    gov.govern(tpm, ENTRY, b"x" * 400, 400)  # 500 of 600 tokens
+    with pytest.raises(RateLimited) as info:
+        gov.govern(tpm, ENTRY, b"x" * 400, 400)
+    assert _ratelimits(info.value) == {
+        b"x-ratelimit-limit-tokens": b"600",
+        b"x-ratelimit-remaining-tokens": b"100",
+        b"x-ratelimit-reset-tokens": b"50s",
+    }
+
+    # The org refuses (1 left of 3) while the key has 9 of 10 left: the headers
+    # are the tightest level's per dimension, as on an answer, and the tokens'
+    # are there too; nothing was taken for the refused request.
+    org = Scope(kind="org", id="acme", rpm=3, tpm=1000)
+    scopes = (key(rpm=10, id="k"), org)
+    for _ in range(3):
+        gov.admit(scopes, est(10))
+    with pytest.raises(RateLimited) as info:
+        gov.admit(scopes, est(10))
+    limits = _ratelimits(info.value)
+    assert limits[b"x-ratelimit-limit-requests"] == b"3"
+    assert limits[b"x-ratelimit-remaining-requests"] == b"0"
+    assert limits[b"x-ratelimit-limit-tokens"] == b"1000"
+    assert limits[b"x-ratelimit-remaining-tokens"] == b"970"
+
+
+def test_a_budget_refusal_carries_the_rate_limits_headers_when_there_are_some() -> None:
+    gov, mono, _ = governor()
+    spent = Budget(usd=1.0, period="total")
+    scopes = (key(rpm=10, tpm=1000, budget=spent),)
+    gov.admit(scopes, est(100))
+    mono.t += 3.0  # the buckets as they stand at the refusal: half refilled
+    with pytest.raises(QuotaExceeded) as info:
+        gov.admit(scopes, est(100, usd=2.0))
+    assert _ratelimits(info.value) == {
+        b"x-ratelimit-limit-requests": b"10",
+        b"x-ratelimit-remaining-requests": b"9",
+        b"x-ratelimit-reset-requests": b"3s",
+        b"x-ratelimit-limit-tokens": b"1000",
+        b"x-ratelimit-remaining-tokens": b"950",
+        b"x-ratelimit-reset-tokens": b"3s",
+    }
+    assert info.value.headers()[-1] == NO_RETRY
+    # A budget alone (govern's own path) has no rate limit to show.
+    alone = caller(key(budget=spent, id="b"))
+    gov.price = lambda entry, tokens_in, tokens_out: 2.0  # over the whole budget
+    with pytest.raises(QuotaExceeded) as info:
+        gov.govern(alone, ENTRY, b"", None)
+    assert info.value.headers() == (NO_RETRY,)
+
+
 def test_the_level_that_waits_longest_is_named() -> None:
     gov, _, _ = governor()
     scopes = (key(rpm=1), Scope(kind="org", id="acme", rpm=600))

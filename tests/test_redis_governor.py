@@ -114,6 +114,50 @@ def test_rpm_headers_and_refusal_match_the_local_governor(url: str, prefix: str)
             assert shared_refusal.value.type == "requests"
             assert shared_refusal.value.retry_after == local_refusal.value.retry_after == 20
             assert shared_refusal.value.body() == local_refusal.value.body()
+            # The refusal carries the same x-ratelimit-* as the local one's.
+            local_limits = _limits(local_refusal.value)
+            shared_limits = _limits(shared_refusal.value)
+            assert shared_limits.keys() == local_limits.keys()
+            for name in (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests"):
+                assert shared_limits[name] == local_limits[name], name
+            assert shared_limits[b"x-ratelimit-remaining-requests"] == b"0"
+
+    run(main)
+
+
+def _limits(exc: RateLimited | QuotaExceeded) -> dict[bytes, bytes]:
+    """The x-ratelimit-* headers a refusal answers with (each name once)."""
+    pairs = [(n, v) for n, v in exc.headers() if n.startswith(b"x-ratelimit-")]
+    assert len(pairs) == len(dict(pairs)), pairs
+    return dict(pairs)
+
+
+def test_a_budget_refusal_carries_the_rate_limits_headers_as_the_local_one_does(
+    url: str, prefix: str
+) -> None:
+    scopes = (key(rpm=5, tpm=1000, budget=Budget(usd=1.0, period="total")),)
+
+    async def main() -> None:
+        local = LocalGovernor()
+        # Another instance took from the buckets: the levels come from Redis.
+        async with governors(url, prefix, 2) as (other, gov):
+            local.admit(scopes, Estimate(tokens=100, usd=0.6))
+            await other.admit_shared(scopes, Estimate(tokens=100, usd=0.6))
+            with pytest.raises(QuotaExceeded) as local_refusal:
+                local.admit(scopes, Estimate(tokens=100, usd=0.6))
+            with pytest.raises(QuotaExceeded) as shared_refusal:
+                await gov.admit_shared(scopes, Estimate(tokens=100, usd=0.6))
+            mine, theirs = _limits(local_refusal.value), _limits(shared_refusal.value)
+            assert theirs.keys() == mine.keys() and len(mine) == 6
+            for name in (
+                b"x-ratelimit-limit-requests",
+                b"x-ratelimit-remaining-requests",
+                b"x-ratelimit-limit-tokens",
+                b"x-ratelimit-remaining-tokens",
+            ):
+                assert theirs[name] == mine[name], name
+            assert theirs[b"x-ratelimit-remaining-requests"] == b"4"
+            assert shared_refusal.value.headers()[-1] == (b"x-should-retry", b"false")
 
     run(main)
 

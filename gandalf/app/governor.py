@@ -29,6 +29,7 @@ from gandalf.app.budget import Budgets, Clock, Spend, SpendSource
 from gandalf.app.governance import Estimate, Ticket
 from gandalf.app.limits import ROOM, Bucket, Rate, RateLimits
 from gandalf.domain import Identity, Scope
+from gandalf.errors import QuotaExceeded
 
 if TYPE_CHECKING:
     from gandalf.app.router import RouteEntry
@@ -302,7 +303,7 @@ class LocalGovernor:
                     state.roll(now)
                 room = state.room
                 if usd > room or room <= 0.0:  # over, or used up (an unpriced request)
-                    raise state.refusal(usd)
+                    raise self._with_rates(plan, state.refusal(usd))
         requests, buckets = plan.requests, plan.tokens
         if not requests and not buckets:
             if plan.closed:  # a level's limit is smaller than the worker count
@@ -364,6 +365,19 @@ class LocalGovernor:
             for state in spends:
                 state.room -= usd
         return Grant(headers, plan, tokens, usd)
+
+    def _with_rates(self, plan: Plan, refused: QuotaExceeded) -> QuotaExceeded:
+        """``refused`` (a budget's) carrying the ``x-ratelimit-*`` headers of
+        ``plan``'s rate limits, if it has any, as they stand now (nothing was
+        taken): a refusal is a model call's answer too."""
+        if plan.rates:
+            now = self._monotonic()
+            for rate in plan.rates:
+                for bucket in (rate.rpm, rate.tpm):
+                    if bucket is not None:
+                        bucket.refill(now)
+            refused.relayed = tuple(RateLimits.headers(plan.rates))
+        return refused
 
     def _untake(self, plan: Plan, now: float, tokens: int) -> None:
         """Give back what admit's general path took from ``plan``'s buckets

@@ -352,7 +352,9 @@ class RateLimits:
     def verify(self, rates: list[Rate], tokens: int) -> None:
         """Nothing, if one request of ``tokens`` tokens fits every level of
         ``rates`` (each looked at its ``stamp``); else raise the RateLimited
-        of the level that makes it wait longest (or that it can never fit)."""
+        of the level that makes it wait longest (or that it can never fit),
+        carrying the levels' ``x-ratelimit-*`` headers as they stand (a
+        refusal is a model call's answer too, and OpenAI's 429s carry them)."""
         worst: tuple[float, Rate, str, Bucket, int] | None = None
         for rate in rates:
             bucket = rate.rpm
@@ -367,7 +369,9 @@ class RateLimits:
                 if worst is None or wait > worst[0]:
                     worst = (wait, rate, "tokens", bucket, tokens)
         if worst is not None:
-            raise _refusal(worst[1], worst[2], worst[3], worst[4], self.share)
+            refused = _refusal(worst[1], worst[2], worst[3], worst[4], self.share)
+            refused.relayed = tuple(self.headers(rates))
+            raise refused
 
     def correct(self, rates: list[Rate], delta: int) -> None:
         """Charge ``delta`` more tokens to every TPM bucket of ``rates`` (a

@@ -47,7 +47,7 @@ from gandalf.app.failover import failure_of
 from gandalf.app.governance import Estimate, Governor, SharedGovernor, Ticket
 from gandalf.app.governor import DEFAULT_OUTPUT_ALLOWANCE, LocalGovernor
 from gandalf.app.router import RouteEntry, RouteTable
-from gandalf.domain import CANCEL_SHUTDOWN, Identity, Usage, UsageRecord
+from gandalf.domain import CANCEL_SHUTDOWN, Identity, Usage, UsageRecord, replace_ratelimits
 from gandalf.errors import GatewayError, PermissionDenied
 
 __all__ = [
@@ -412,7 +412,9 @@ class Pipeline:
 
 def tell(exc: BaseException, ticket: Ticket) -> None:
     """Add the ticket's ``x-ratelimit-*`` headers to the error response
-    ``exc`` becomes (a model call's answer carries them, failed or not).
+    ``exc`` becomes (a model call's answer carries them, failed or not), in
+    place of the upstream's own (an upstream 429 relays its
+    ``x-ratelimit-*``: a client must not read two values for one header).
     Only for an exception this request alone raises."""
     if isinstance(exc, GatewayError) and ticket.headers:
-        exc.relayed = (*exc.relayed, *ticket.headers)
+        exc.relayed = replace_ratelimits(exc.relayed, ticket.headers)

@@ -66,24 +66,14 @@ _INF = float("inf")
 # ARGV: R, B, tokens, usd, then per rate level rpm and tpm limits (0: none), then
 # per budget level its limit (USD) and the unix time its key expires (0: never).
 # Reply: {1, level...} taken (2 per rate level, after the take; "" where no bucket);
-# {0, level...} a bucket refused (levels before any take); {2, j, spent, reserved}
-# budget level j refused.
+# {0, level...} a bucket refused (levels before any take); {2, j, spent, reserved,
+# level...} budget level j refused (the levels as they stand: nothing taken).
 ADMIT = """
 local R = tonumber(ARGV[1])
 local B = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3])
 local usd = tonumber(ARGV[4])
 local base = 4 + 2 * R
-for j = 1, B do
-  local limit = tonumber(ARGV[base + 2 * j - 1])
-  local v = redis.call('HMGET', KEYS[2 * R + j], 'spent', 'reserved')
-  local spent = tonumber(v[1]) or 0
-  local reserved = tonumber(v[2]) or 0
-  local committed = spent + reserved
-  if committed >= limit or committed + usd > limit then
-    return {2, j, tostring(spent), tostring(reserved)}
-  end
-end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local levels = {}
@@ -106,6 +96,20 @@ for n = 1, 2 * R do
     levels[n] = level
   else
     levels[n] = false
+  end
+end
+for j = 1, B do
+  local limit = tonumber(ARGV[base + 2 * j - 1])
+  local v = redis.call('HMGET', KEYS[2 * R + j], 'spent', 'reserved')
+  local spent = tonumber(v[1]) or 0
+  local reserved = tonumber(v[2]) or 0
+  local committed = spent + reserved
+  if committed >= limit or committed + usd > limit then
+    local refused = {2, j, tostring(spent), tostring(reserved)}
+    for n = 1, 2 * R do
+      refused[n + 4] = levels[n] and tostring(levels[n]) or ''
+    end
+    return refused
   end
 end
 local out = {fits and 1 or 0}
@@ -268,6 +272,18 @@ def budget_key(prefix: str, spend: Spend, now: float) -> tuple[str, float, int, 
     return key, budget.usd, expires, end
 
 
+def _read_levels(rates: list[Rate], reply: Any, first: int) -> None:
+    """Set each bucket of ``rates`` to its level in ``reply`` (ADMIT's: two
+    per rate level from ``first``, rpm then tpm)."""
+    n = first
+    for rate in rates:
+        if rate.rpm is not None:
+            rate.rpm.level = float(reply[n])
+        if rate.tpm is not None:
+            rate.tpm.level = float(reply[n + 1])
+        n += 2
+
+
 class RedisTicket:
     """What admit took (for settle / release) and the response's headers."""
 
@@ -378,19 +394,17 @@ class RedisGovernor:
         if link.down:
             link.succeeded()
         status = reply[0]
+        rates = plan.rates
         if status == 2:
             spend = plan.spends[int(reply[1]) - 1]
             spend.spent = float(reply[2])
             spend.reserved = float(reply[3])
-            raise spend.refusal(usd)
-        rates = plan.rates
-        n = 1
-        for rate in rates:
-            if rate.rpm is not None:
-                rate.rpm.level = float(reply[n])
-            if rate.tpm is not None:
-                rate.tpm.level = float(reply[n + 1])
-            n += 2
+            refused = spend.refusal(usd)
+            if rates:  # the rate limits' headers as they stand (a model call's answer)
+                _read_levels(rates, reply, 4)
+                refused.relayed = tuple(RateLimits.headers(rates))
+            raise refused
+        _read_levels(rates, reply, 1)
         if status == 0:
             self.limits.verify(rates, tokens)  # raises the level that waits longest
             raise AssertionError("Redis refused a request that fits every bucket")

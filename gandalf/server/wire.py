@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from gandalf.domain import CANCEL_DISCONNECT, Identity
+from gandalf.domain import CANCEL_DISCONNECT, Identity, replace_ratelimits
 from gandalf.errors import GatewayError
 from gandalf.server.types import Message, Receive
 
@@ -435,9 +435,6 @@ def uuid7() -> str:
     return f"{millis.prefix}{h[:3]}-{_VARIANT[h[3]]}{h[4:7]}-{h[7:]}"
 
 
-_RATELIMIT = b"x-ratelimit-"
-
-
 def relay_with_limits(
     upstream: Sequence[tuple[bytes, bytes]],
     limits: Sequence[tuple[bytes, bytes]],
@@ -454,4 +451,4 @@ def relay_with_limits(
         return tuple(upstream)
     if limits_at >= 0:
         return (*upstream[:limits_at], *limits)
-    return (*(h for h in upstream if h[0][:12].lower() != _RATELIMIT), *limits)
+    return replace_ratelimits(upstream, limits)
