@@ -642,6 +642,12 @@ async def _keys(args: argparse.Namespace) -> int:
                         f"not {_shown(org)}",
                         EXIT_USAGE,
                     )
+            elif org is not None and org != "default" and await store.get_org(org) is None:
+                # Never a new unlimited tenant from a typo (as for the config's keys).
+                raise CliError(
+                    f"--org: no org {_shown(org)}; create it with `gandalf orgs create`",
+                    EXIT_USAGE,
+                )
             try:
                 key, plaintext = await manager.create(
                     name=args.name,

@@ -309,6 +309,13 @@ def test_key_creation_checks_the_team_and_org() -> None:
         assert error["param"] == "team"
         body = {"name": "a", "team": "backend", "org": "default"}
         assert assert_error(await admin(app, "POST", "/keys", json=body), 400)["param"] == "team"
+        # A typo must not make a new tenant with no limits.
+        typo_org = {"name": "a", "org": "acmee"}
+        error = assert_error(await admin(app, "POST", "/keys", json=typo_org), 400)
+        assert error["param"] == "org" and "acmee" in error["message"]
+        assert (await admin(app, "GET", "/orgs/acmee")).status == 404
+        named = {"name": "a", "org": "default"}
+        assert (await admin(app, "POST", "/keys", json=named)).status == 201
         typo = {"name": "a", "allowed_models": ["fake-model", "fake-modle"]}
         error = assert_error(await admin(app, "POST", "/keys", json=typo), 400)
         assert error["param"] == "allowed_models[1]"

@@ -213,6 +213,7 @@ def test_keys_create_refuses_a_duplicate_active_name(
     assert _create(config, "--name", "ci") == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert "An active key named 'ci' already exists" in err and key_id in err
+    assert cli.main(["orgs", "create", "other", "--config", config]) == 0
     assert _create(config, "--name", "ci", "--org", "other") == 0  # names are per organization
     # Once the old key is revoked, its name can be reused.
     assert cli.main(["keys", "revoke", "--config", config, key_id]) == 0

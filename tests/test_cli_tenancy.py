@@ -117,6 +117,8 @@ def test_orgs_and_teams_create_list_delete(config: str, capsys: pytest.CaptureFi
         (["orgs", "delete", "default"], "the default org cannot be deleted"),
         (["orgs", "delete", "declared"], "org 'declared' is declared in"),
         (["keys", "create", "--name", "k", "--team", "nope"], "--team: no team 'nope'"),
+        # A typo must not make a new tenant with no limits.
+        (["keys", "create", "--name", "k", "--org", "nope"], "--org: no org 'nope'"),
         (["keys", "create", "--name", "k", "--rpm", "1.5"], "--rpm must be a whole number"),
         (["keys", "create", "--name", "k", "--models", "gemini-*"], "--models: no route"),
     ],

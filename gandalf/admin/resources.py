@@ -430,6 +430,9 @@ async def create_key(call: Call) -> s.KeyCreated:
             raise InvalidRequest(
                 f"Team {team.id!r} belongs to org {team.org_id!r}, not {org!r}.", param="team"
             )
+    elif org is not None and org != "default" and await services.store.get_org(org) is None:
+        # Never a new unlimited tenant from a typo.
+        raise InvalidRequest(f"No org {org!r}; create it first.", param="org")
     await _check_models(services, b.allowed_models)
     key, plaintext = await services.keys.create(
         name=b.name,
