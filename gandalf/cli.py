@@ -947,7 +947,8 @@ async def _usage(args: argparse.Namespace) -> int:
     header = ["REQUESTS", "ERRORS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "COST USD"]
     table = [[args.by.upper(), *header]]
     for row, label in [*((r, _group_label(args.by, r)) for r in rows), (total, "TOTAL")]:
-        cost = f"{row.cost_usd:.4f}" + ("*" if row.unpriced else "")
+        # To the millionth of a dollar: one request of a small model costs that.
+        cost = f"{row.cost_usd:.6f}" + ("*" if row.unpriced else "")
         counts = (
             row.requests,
             row.errors,

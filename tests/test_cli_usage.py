@@ -44,7 +44,7 @@ def config(tmp_path: Path) -> str:
             )
             for r in (
                 rec(1, "k-svc", "gpt-4o", 1, 0.25),
-                rec(2, "k-svc", "gpt-4o", 2, 0.25),
+                rec(2, "k-svc", "gpt-4o", 2, 0.000015),  # a cheap request still shows
                 rec(3, "k-other", "mini", 3, None),
                 rec(4, "k-other", "mini", 4, None, status=500),
                 rec(5, "k-svc", "gpt-4o", 24 * 10, 1.0),  # older than 7 days
@@ -73,11 +73,11 @@ def test_default_is_per_model_over_seven_days(
     assert lines[0].split() == [
         "MODEL", "REQUESTS", "ERRORS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "COST", "USD",
     ]  # fmt: skip
-    assert lines[1].split() == ["gpt-4o", "2", "0", "200", "80", "20", "10", "0.5000"]
+    assert lines[1].split() == ["gpt-4o", "2", "0", "200", "80", "20", "10", "0.250015"]
     # A successful request without a price is flagged.
-    assert lines[2].split() == ["mini", "2", "1", "200", "80", "20", "10", "0.0000*"]
+    assert lines[2].split() == ["mini", "2", "1", "200", "80", "20", "10", "0.000000*"]
     assert set(lines[3]) <= {"-", " "}
-    assert lines[4].split() == ["TOTAL", "4", "1", "400", "160", "40", "20", "0.5000*"]
+    assert lines[4].split() == ["TOTAL", "4", "1", "400", "160", "40", "20", "0.250015*"]
     # Aligned: every row as wide as the header up to its last column.
     assert len({len(line) for line in lines if not line.startswith("-")}) == 1
     assert "2 group(s), since " in err and "1 successful request(s) without a known price" in err
@@ -98,7 +98,7 @@ def test_json_and_since(config: str, capsys: pytest.CaptureFixture[str]) -> None
     [row] = json.loads(out)
     assert row["group"] == "acme" and row["name"] == "Acme Corp"
     assert row["requests"] == 2  # 1 h and 2 h old; 3 h is outside 150 minutes
-    assert row["cost_usd"] == pytest.approx(0.5)
+    assert row["cost_usd"] == pytest.approx(0.250015)
     assert row["cached_prompt_tokens"] == 80 and row["reasoning_tokens"] == 10
     assert set(row) >= {"prompt_tokens", "completion_tokens", "total_tokens", "errors", "unpriced"}
 
