@@ -282,14 +282,15 @@ def test_ollama_errors_are_in_ollamas_shape(upstream: MockUpstream) -> None:
 def test_native_output_limits_count_in_the_governors_estimate(upstream: MockUpstream) -> None:
     """Each native API's own output-token limit (Azure max_completion_tokens,
     Ollama options.num_predict, Gemini generationConfig.maxOutputTokens) is
-    charged up front with the prompt estimate (a quarter of the body's bytes)."""
+    charged up front with the prompt estimate (a quarter of the body's bytes),
+    once per choice asked for (Azure's n, Gemini's candidateCount)."""
 
     def remaining(reply: Any) -> int:
         return int(reply.header("x-ratelimit-remaining-tokens"))
 
     async def scenario(app: GandalfApp) -> None:
         azure = orjson.dumps(
-            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 700}
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 700, "n": 2}
         )
         reply = await call(
             app,
@@ -299,7 +300,7 @@ def test_native_output_limits_count_in_the_governors_estimate(upstream: MockUpst
             body=azure,
             query=VERSION,
         )
-        assert remaining(reply) == 1_000_000 - (len(azure) // 4 + 700), reply.body
+        assert remaining(reply) == 1_000_000 - (len(azure) // 4 + 1400), reply.body
         ollama = orjson.dumps(
             {"model": "ol-echo", "messages": [], "stream": False, "options": {"num_predict": 900}}
         )
@@ -312,7 +313,10 @@ def test_native_output_limits_count_in_the_governors_estimate(upstream: MockUpst
         )
         assert remaining(reply) == 1_000_000 - (len(ollama) // 4 + 900), reply.body
         gemini = orjson.dumps(
-            {"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": 300}}
+            {
+                "contents": [{"parts": [{"text": "x"}]}],
+                "generationConfig": {"maxOutputTokens": 300, "candidateCount": 3},
+            }
         )
         reply = await call(
             app,
@@ -321,7 +325,7 @@ def test_native_output_limits_count_in_the_governors_estimate(upstream: MockUpst
             headers=[("x-goog-api-key", TPM_KEYS["gem"])],
             body=gemini,
         )
-        assert remaining(reply) == 1_000_000 - (len(gemini) // 4 + 300), reply.body
+        assert remaining(reply) == 1_000_000 - (len(gemini) // 4 + 900), reply.body
 
     run(upstream, scenario)
 

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from gandalf.app.cache import InProcessCache
 from gandalf.app.governance import Estimate, Ticket
 from gandalf.app.passthrough import PassthroughService
 from gandalf.app.pipeline import Pipeline, estimate
@@ -184,6 +185,46 @@ def test_chat_admits_with_the_scopes_and_settles_with_the_usage() -> None:
     assert list(outcome.headers) == LIMITS
     (record,) = h.sink.records
     assert (record.team_id, record.cost_usd, record.total_tokens) == ("team-1", 0.07, 7)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["route", "caching-route"])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize(
+    ("fields", "output"),
+    [
+        ({"max_tokens": 40, "n": 3}, 120),
+        ({"max_completion_tokens": 40, "max_tokens": 999, "n": 2}, 80),
+        ({"max_tokens": 40, "n": 1}, 40),
+        ({"max_tokens": 40}, 40),
+        ({"n": 4}, None),  # no limit: the allowance (README: the bound without max_tokens)
+    ],
+)
+def test_the_output_limit_counts_once_per_choice(
+    fields: dict[str, Any], output: int | None, stream: bool, cached: bool
+) -> None:
+    # max_tokens bounds each of the n choices: a budget reserving it once
+    # would be overshot by a request asking for many choices.
+    governor = FakeGovernor()
+    table = RouteTable.build(
+        [route("m", ("a", 1))],
+        {"a": FakeProvider("a")},
+        {},
+        cache=InProcessCache(clock=time.monotonic) if cached else None,
+        cache_all=cached,
+    )
+    service = ProxyService(table, ListSink(), governor=governor)
+    request, body = chat_body(temperature=0, stream=stream, **fields)
+
+    async def scenario() -> None:
+        if stream:
+            opened = await service.chat_stream(SCOPED, request, body, "s", 0.0)
+            await opened.value.aclose(200)
+        else:
+            await service.chat(SCOPED, request, body, "c", 0.0)
+
+    asyncio.run(scenario())
+    tokens = len(body) // 4 + (output or 0)
+    assert governor.calls[0] == ("admit", SCOPES, Estimate(tokens=tokens, usd=None))
 
 
 def test_no_scopes_no_governor_call_and_no_headers() -> None:

@@ -102,7 +102,8 @@ def estimate(
 
     Prompt tokens are estimated as ``len(body) // 4`` (about four bytes of
     JSON per token; no tokenizer on the hot path). Output tokens are the
-    request's own limit (``max_completion_tokens`` / ``max_tokens``).
+    request's own limit (``max_completion_tokens`` / ``max_tokens``, times
+    the choices asked for: the callers multiply it by ``n``).
 
     Without a limit the output is unknown. TPM (a rate) is charged the prompt
     only up front and the real count when the request settles. Budgets (a hard

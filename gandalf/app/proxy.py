@@ -401,6 +401,8 @@ class ProxyService:
                 limit = request.max_completion_tokens
                 if limit is None:
                     limit = request.max_tokens
+                if request.n is not None and limit is not None:
+                    limit *= request.n  # a limit per choice: n choices may write n times it
                 ticket = (
                     pipeline.govern(identity, entry, body, limit)
                     if pipeline.local
@@ -460,6 +462,8 @@ class ProxyService:
                 limit = request.max_completion_tokens  # request.output_limit (see chat)
                 if limit is None:
                     limit = request.max_tokens
+                if request.n is not None and limit is not None:
+                    limit *= request.n  # per choice (see chat)
                 ticket = (
                     pipeline.govern(identity, entry, body, limit)
                     if pipeline.local
@@ -574,6 +578,8 @@ class ProxyService:
                 limit = request.max_completion_tokens  # request.output_limit (see chat)
                 if limit is None:
                     limit = request.max_tokens
+                if request.n is not None and limit is not None:
+                    limit *= request.n  # per choice (see chat)
                 ticket = (
                     pipeline.govern(identity, entry, body, limit)
                     if pipeline.local
@@ -617,6 +623,8 @@ class ProxyService:
                 limit = request.max_completion_tokens  # request.output_limit (see chat)
                 if limit is None:
                     limit = request.max_tokens
+                if request.n is not None and limit is not None:
+                    limit *= request.n  # per choice (see chat)
                 ticket = (
                     pipeline.govern(identity, entry, body, limit)
                     if pipeline.local

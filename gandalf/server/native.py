@@ -424,6 +424,9 @@ class NativeApi:
             )
 
         limit = _option(config, "maxOutputTokens")
+        candidates = _option(config, "candidateCount")
+        if limit is not None and candidates is not None:
+            limit *= candidates  # each candidate may write up to the limit
         return await self._relay(request, "gemini", f"gemini.{method}", alias, build, stream, limit)
 
     async def gemini_models(self, request: Request) -> Response:
@@ -467,6 +470,9 @@ class NativeApi:
             )
 
         limit = _limit(flags.max_completion_tokens) or _limit(flags.max_tokens)
+        choices = _limit(flags.n)
+        if limit is not None and choices is not None:
+            limit *= choices  # each choice may write up to the limit
         return await self._relay(request, "azure", endpoint, alias, build, stream, limit)
 
     # ------------------------------------------------------------ ollama
@@ -570,6 +576,7 @@ class _AzureBody(msgspec.Struct):
     # Output-token limits, for the governor's estimate only (any JSON value).
     max_tokens: object = None
     max_completion_tokens: object = None
+    n: object = None  # choices: the limits are per choice
 
 
 _azure_body = msgspec.json.Decoder(_AzureBody)
