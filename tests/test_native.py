@@ -420,14 +420,55 @@ def test_native_endpoints_check_the_key_before_the_body(upstream: MockUpstream) 
     run(upstream, scenario)
 
 
-def test_unconfigured_apis_are_not_mounted(upstream: MockUpstream) -> None:
+def test_unconfigured_apis_are_not_mounted_and_their_paths_say_why(upstream: MockUpstream) -> None:
+    # No anthropic provider here: Claude Code pointed at Gandalf must learn why
+    # /v1/messages is a 404, in the error shape it reads.
     async def scenario(app: GandalfApp) -> None:
         auth = [("authorization", f"Bearer {KEY}")]
-        for path in ("/v1/messages",):
+        for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/messages/batches"):
             reply: Reply = await call(app, "POST", path, headers=auth, json={"model": "gpt"})
-            assert reply.status == 404 and reply.json()["error"]["code"] == "not_found"
+            assert reply.status == 404, reply.body
+            body = reply.json()
+            assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
+            assert "no enabled provider of type 'anthropic'" in body["error"]["message"]
+            assert reply.header("request-id") == reply.header("x-request-id")
+        # Keyless too (as any unknown path): nothing about keys is told.
+        reply = await call(app, "POST", "/v1/messages", json={"model": "gpt"})
+        assert reply.status == 404
 
     run(upstream, scenario)
+
+
+def test_every_native_api_without_a_provider_answers_404_in_its_shape() -> None:
+    config = GandalfConfig(
+        database=DatabaseConfig(dsn=":memory:"),
+        providers=(ProviderConfig(name="f", type="fake"),),
+        routes=(Route(model_alias="m", targets=(Target(provider="f", model="fake-model"),)),),
+    )
+    probes: dict[str, Callable[[Any], bool]] = {
+        "/v1/messages": lambda b: b["error"]["type"] == "not_found_error",
+        "/v1beta/models/g:generateContent": lambda b: b["error"]["status"] == "NOT_FOUND",
+        "/openai/deployments/d/chat/completions": lambda b: b["error"]["code"] == "not_found",
+        "/api/chat": lambda b: set(b) == {"error"} and isinstance(b["error"], str),
+    }
+    kinds = ["anthropic", "gemini", "azure", "ollama"]
+
+    async def main() -> None:
+        app = create_app(config, access_log=False)
+        await app.startup()
+        try:
+            for (path, shaped), kind in zip(probes.items(), kinds, strict=True):
+                reply = await call(app, "POST", path, json={"model": "m"})
+                assert reply.status == 404, (path, reply.body)
+                assert shaped(reply.json()), (path, reply.body)
+                assert f"no enabled provider of type '{kind}'" in reply.body.decode(), path
+            # OpenAI's own API is unchanged.
+            reply = await call(app, "POST", "/v1/nothing", json={})
+            assert reply.status == 404 and "provider of type" not in reply.body.decode()
+        finally:
+            await app.shutdown()
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------------------- usage readers

@@ -277,6 +277,18 @@ class NativeApi:
                 {"GET": self.ollama_version}, reads_body=False, render=ollama_error
             )
             fallbacks.append(("/api/", unknown("ollama")))
+        # An API no enabled provider speaks: its paths answer a 404 in its own
+        # shape that says why (a client pointed here, e.g. Claude Code, shows it).
+        if "anthropic" not in apis:
+            closed = unserved("anthropic")
+            exact["/v1/messages"] = exact["/v1/messages/count_tokens"] = closed
+            fallbacks.append(("/v1/messages/", closed))
+        if "gemini" not in apis:
+            fallbacks.append(("/v1beta/", unserved("gemini")))
+        if "azure" not in apis:
+            fallbacks.append(("/openai/", unserved("azure")))
+        if "ollama" not in apis:
+            fallbacks.append(("/api/", unserved("ollama")))
         return exact, [*prefixed, *fallbacks]
 
     @staticmethod
@@ -547,6 +559,35 @@ _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 async def _unknown_path(request: Request) -> Response:
     raise NotFound(f"Unknown path: {printable(request.path)}")
+
+
+# The provider type serving each native API, and the API's name in messages.
+_API_NAMES = {
+    "anthropic": "Anthropic's Messages API",
+    "gemini": "Google's Gemini API",
+    "azure": "the Azure OpenAI API",
+    "ollama": "Ollama's API",
+}
+
+
+def unserved(api: str) -> Endpoint:
+    """The paths of a native API that no enabled provider speaks: a 404 in
+    that API's shape naming the provider type that would serve it (before
+    any key check, as for any unknown path)."""
+    message = (
+        f"{_API_NAMES[api]} is not served here: no enabled provider of type {api!r} is "
+        f"configured (one whose API key is unset is disabled)."
+    )
+
+    async def refuse(request: Request) -> Response:
+        raise NotFound(f"Unknown path: {printable(request.path)}. {message}")
+
+    return Endpoint(
+        dict.fromkeys(_METHODS, refuse),
+        reads_body=False,
+        render=ERROR_BODIES[api],
+        id_header=_ID_HEADERS.get(api),
+    )
 
 
 def _batch_for(body: bytes, model: str) -> bytes:
