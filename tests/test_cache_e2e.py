@@ -83,6 +83,7 @@ def _config(
             _route("tools", "claude", "claude-tools"),
             _route("embed", "up", "embed-model"),
             _route("embed-off", "up", "embed-model", cache=False),
+            _route("gpt-headers", "up", "with-headers"),  # OpenAI's x-ratelimit-* and more
         ),
         keys=(
             KeyEntry(name="app", key=KEY, role="member"),
@@ -501,6 +502,42 @@ def test_errors_are_never_cached_and_say_miss(run: Callable[..., None]) -> None:
         assert streamed.value.response.headers["x-gandalf-cache"] == "miss"
         assert len(gw.cache) == 0
         assert gw.calls(text) == 4
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("temperature", [0, 1], ids=["miss", "bypass"])
+def test_the_upstreams_rate_limits_reach_an_unlimited_caller_on_a_caching_route(
+    run: Callable[..., None], stream: bool, temperature: int
+) -> None:
+    # The cache's label travels with the pipeline's headers; on its own it must
+    # not drop the upstream's x-ratelimit-*, which only the gateway's replace.
+    async def scenario(gw: Gateway) -> None:
+        for key, limited in ((KEY, False), (LIMITED, True)):
+            raw = await gw.client(key).chat.completions.with_raw_response.create(
+                model="gpt-headers",
+                messages=user(unique("relayed")),
+                temperature=temperature,
+                stream=stream,
+            )
+            if stream:
+                parsed: Any = raw.parse()
+                assert [chunk async for chunk in parsed]
+            pairs = raw.headers.multi_items()
+            limits = {n: v for n, v in pairs if n.startswith("x-ratelimit-")}
+            assert len(limits) == len([n for n, _ in pairs if n.startswith("x-ratelimit-")])
+            assert raw.headers["x-gandalf-cache"] == ("miss" if temperature == 0 else "bypass")
+            assert raw.headers["x-upstream-request-id"] == "req_upstream_123"
+            if limited:  # the gateway's own, in place of the upstream's
+                assert limits["x-ratelimit-limit-requests"] == str(RPM)
+                assert limits["x-ratelimit-limit-tokens"] == str(TPM)
+            else:
+                assert limits == {
+                    "x-ratelimit-limit-requests": "10000",
+                    "x-ratelimit-remaining-requests": "9999",
+                    "x-ratelimit-reset-tokens": "6ms",
+                }
 
     run(scenario)
 

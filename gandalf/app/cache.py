@@ -89,9 +89,10 @@ FLOAT_FIELDS: Final = ("temperature", "top_p", "frequency_penalty", "presence_pe
 NO_CACHE: Final = 1
 NO_STORE: Final = 2
 
-HIT: Final = (b"x-gandalf-cache", b"hit")
-MISS: Final = (b"x-gandalf-cache", b"miss")
-BYPASS: Final = (b"x-gandalf-cache", b"bypass")
+CACHE_HEADER: Final = b"x-gandalf-cache"
+HIT: Final = (CACHE_HEADER, b"hit")
+MISS: Final = (CACHE_HEADER, b"miss")
+BYPASS: Final = (CACHE_HEADER, b"bypass")
 
 # What an entry costs beyond its body: the node, the answer struct, the key.
 ENTRY_OVERHEAD: Final = 256

@@ -14,7 +14,7 @@ from typing import Protocol
 import msgspec
 import orjson
 
-from gandalf.app.cache import cache_control
+from gandalf.app.cache import CACHE_HEADER, cache_control
 from gandalf.app.failover import Outcome
 from gandalf.app.proxy import ProxyService
 from gandalf.app.requests import decode_chat, decode_embeddings
@@ -237,6 +237,8 @@ def _served(served: ServedHeaders, outcome: Outcome[ProviderReply]) -> Response:
         relayed = reply.headers
         if not relayed:
             headers = (*headers, *limits)
+        elif limits[0][0] == CACHE_HEADER:  # the cache's label alone: the upstream's stay
+            headers = (*headers, *relayed, *limits)
         elif reply.limits_at >= 0:  # relay_with_limits, written out for its commonest case
             headers = (*headers, *relayed[: reply.limits_at], *limits)
         else:

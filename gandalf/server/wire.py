@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from gandalf.app.cache import CACHE_HEADER
 from gandalf.domain import CANCEL_DISCONNECT, Identity, replace_ratelimits
 from gandalf.errors import GatewayError
 from gandalf.server.types import Message, Receive
@@ -446,9 +447,13 @@ def relay_with_limits(
     the caller's: they are dropped when the gateway sends its own, so a
     client never reads two values for one header. ``limits_at`` (0 or more):
     the upstream's are the headers from there on (``ProviderReply.limits_at``),
-    cut off with a slice; -1: found by name."""
+    cut off with a slice; -1: found by name. ``limits`` may end with the
+    response cache's ``x-gandalf-cache``; when it is all there is (the
+    caller has no limits), the upstream's stay."""
     if not limits:
         return tuple(upstream)
+    if limits[0][0] == CACHE_HEADER:  # the cache's label alone
+        return (*upstream, *limits)
     if limits_at >= 0:
         return (*upstream[:limits_at], *limits)
     return replace_ratelimits(upstream, limits)
