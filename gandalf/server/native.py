@@ -237,14 +237,8 @@ class NativeApi:
             )
 
         def unknown(api: str) -> Endpoint:
-            # A path under a mounted API that is none of its endpoints: a 404 in
-            # that API's shape (and before any key check, as for any unknown path).
-            return Endpoint(
-                dict.fromkeys(_METHODS, _unknown_path),
-                reads_body=False,
-                render=ERROR_BODIES[api],
-                id_header=_ID_HEADERS.get(api),
-            )
+            # A path under a mounted API that is none of its endpoints.
+            return _not_found(api, _unknown_path)
 
         fallbacks: list[tuple[str, Endpoint]] = []
         if "anthropic" in apis:
@@ -281,8 +275,8 @@ class NativeApi:
         # shape that says why (a client pointed here, e.g. Claude Code, shows it).
         if "anthropic" not in apis:
             closed = unserved("anthropic")
-            exact["/v1/messages"] = exact["/v1/messages/count_tokens"] = closed
-            fallbacks.append(("/v1/messages/", closed))
+            exact["/v1/messages"] = closed
+            fallbacks.append(("/v1/messages/", closed))  # count_tokens and the rest
         if "gemini" not in apis:
             fallbacks.append(("/v1beta/", unserved("gemini")))
         if "azure" not in apis:
@@ -565,7 +559,7 @@ async def _unknown_path(request: Request) -> Response:
 _API_NAMES = {
     "anthropic": "Anthropic's Messages API",
     "gemini": "Google's Gemini API",
-    "azure": "the Azure OpenAI API",
+    "azure": "The Azure OpenAI API",
     "ollama": "Ollama's API",
 }
 
@@ -582,8 +576,15 @@ def unserved(api: str) -> Endpoint:
     async def refuse(request: Request) -> Response:
         raise NotFound(f"Unknown path: {printable(request.path)}. {message}")
 
+    return _not_found(api, refuse)
+
+
+def _not_found(api: str, handler: Handler) -> Endpoint:
+    """Every method of a path answered by ``handler`` (a 404) in ``api``'s
+    error shape, with no body read and before any key check, as for any
+    unknown path."""
     return Endpoint(
-        dict.fromkeys(_METHODS, refuse),
+        dict.fromkeys(_METHODS, handler),
         reads_body=False,
         render=ERROR_BODIES[api],
         id_header=_ID_HEADERS.get(api),
